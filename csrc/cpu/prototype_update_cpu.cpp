@@ -1,0 +1,128 @@
+// CPU kernels of `prototype_sums` and `prototype_ema`.
+//
+// prototype_sums: sums[s] = sum of feats[n] over rows with slot[n] == s (and a
+// finite feature row), counts[s] = how many. Parallel over column chunks of D:
+// every (slot, column) is accumulated by one thread in row order, in float64,
+// so the result is bitwise the same for any thread count and needs no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../protoseg_math.h"
+
+namespace protoseg {
+
+namespace {
+constexpr int64_t kColChunk = 64;  // columns of D per task (one cache line run per row)
+}
+
+std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, const at::Tensor& slot,
+                                                      int64_t num_slots) {
+  check_dim(feats, 2, "feats", "(N, D)");
+  check_floating(feats, "feats");
+  check_dim(slot, 1, "slot", "(N,)");
+  check_integer(slot, "slot");
+  TORCH_CHECK_VALUE(slot.size(0) == feats.size(0), "slot must have N = ", feats.size(0), " entries, got ",
+                    slot.size(0));
+  TORCH_CHECK_VALUE(num_slots >= 0, "num_slots must be >= 0, got ", num_slots);
+  check_same_device(feats, slot, "feats", "slot");
+  const int64_t N = feats.size(0), D = feats.size(1);
+  const auto acc = acc_type(feats.scalar_type());
+  at::Tensor sums = at::zeros({num_slots, D}, feats.options().dtype(acc));
+  at::Tensor counts = at::zeros({num_slots}, feats.options().dtype(acc));
+  if (N == 0 || num_slots == 0) return {sums, counts};
+  at::Tensor f = feats.contiguous();
+  at::Tensor sl = slot.to(at::kLong).contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(sp[n] < num_slots, "slot[", n, "] = ", sp[n], " is >= num_slots (", num_slots, ")");
+  }
+  std::vector<uint8_t> ok(N, 0);
+  std::vector<double> acc_sums(num_slots * D, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "prototype_sums_cpu", [&] {
+    const scalar_t* fp = f.data_ptr<scalar_t>();
+    // which rows contribute: an assigned slot and an all-finite feature row
+    at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        if (sp[n] < 0) continue;
+        bool finite = true;
+        for (int64_t d = 0; d < D; ++d) finite = finite && is_finite(float(fp[n * D + d]));
+        ok[n] = finite;
+      }
+    });
+    const int64_t nchunks = (D + kColChunk - 1) / kColChunk;
+    at::parallel_for(0, nchunks, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t d0 = j * kColChunk, d1 = std::min(D, d0 + kColChunk);
+        for (int64_t n = 0; n < N; ++n) {
+          if (!ok[n]) continue;
+          double* dst = acc_sums.data() + sp[n] * D;
+          const scalar_t* src = fp + n * D;
+          for (int64_t d = d0; d < d1; ++d) dst[d] += double(src[d]);
+        }
+      }
+    });
+  });
+  std::vector<double> acc_counts(num_slots, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    if (ok[n]) acc_counts[sp[n]] += 1.0;
+  sums.copy_(at::from_blob(acc_sums.data(), {num_slots, D}, at::kDouble));
+  counts.copy_(at::from_blob(acc_counts.data(), {num_slots}, at::kDouble));
+  return {sums, counts};
+}
+
+at::Tensor prototype_ema_cpu(const at::Tensor& protos, const at::Tensor& sums, const at::Tensor& counts,
+                             double gamma) {
+  check_dim(protos, 3, "protos", "(C, K, D)");
+  check_floating(protos, "protos");
+  const int64_t C = protos.size(0), K = protos.size(1), D = protos.size(2), CK = C * K;
+  TORCH_CHECK_VALUE(sums.numel() == CK * D, "sums must have C*K*D = ", CK * D, " elements, got shape ", sums.sizes());
+  TORCH_CHECK_VALUE(counts.numel() == CK, "counts must have C*K = ", CK, " elements, got shape ", counts.sizes());
+  TORCH_CHECK_VALUE(gamma >= 0 && gamma <= 1, "gamma must be in [0, 1], got ", gamma);
+  check_same_device(protos, sums, "protos", "sums");
+  check_same_device(protos, counts, "protos", "counts");
+  const auto acc = acc_type(protos.scalar_type());
+  at::Tensor p = protos.reshape({CK, D}).to(acc).contiguous();
+  at::Tensor s = sums.reshape({CK, D}).to(acc).contiguous();
+  at::Tensor cnt = counts.reshape({CK}).to(acc).contiguous();
+  at::Tensor out = at::empty({CK, D}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "prototype_ema_cpu", [&] {
+    using T = scalar_t;
+    const T* pp = p.data_ptr<T>();
+    const T* sp = s.data_ptr<T>();
+    const T* cp = cnt.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const T g = T(gamma);
+    at::parallel_for(0, CK, 16, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const T* pr = pp + j * D;
+        T* o = op + j * D;
+        if (cp[j] > 0) {
+          // f = sums / ||sums||; p = gamma * p + (1 - gamma) * f
+          T sq = 0;
+          for (int64_t d = 0; d < D; ++d) sq += sp[j * D + d] * sp[j * D + d];
+          const T inv = inv_norm(sq);
+          for (int64_t d = 0; d < D; ++d) o[d] = ema(pr[d], sp[j * D + d] * inv, g);
+        } else {
+          std::copy(pr, pr + D, o);
+        }
+        T sq = 0;  // every prototype is L2-normalised afterwards
+        for (int64_t d = 0; d < D; ++d) sq += o[d] * o[d];
+        const T inv = inv_norm(sq);
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      }
+    });
+  });
+  return out.view({C, K, D}).to(protos.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
+  m.impl("prototype_sums", &prototype_sums_cpu);
+  m.impl("prototype_ema", &prototype_ema_cpu);
+}
+
+}  // namespace protoseg

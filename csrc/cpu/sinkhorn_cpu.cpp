@@ -1,0 +1,138 @@
+// CPU kernel of `sinkhorn`: Sinkhorn-Knopp for every class in one call.
+//
+// The per-class problems are segments of the (N, K) own-class score matrix,
+// keyed by label; there is no loop over classes and no copy of a class's rows.
+// Each pass runs over fixed blocks of rows (independent of the thread count);
+// per-block partial column sums (C, K) are accumulated in float64 and merged
+// in block order, so the result is the same for any number of threads.
+// Passes: column max, then exp + column sums, then one pass per iteration
+// (column scale, row scale, next iteration's column sums).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../protoseg_math.h"
+
+namespace protoseg {
+
+namespace {
+constexpr int64_t kBlockRows = 4096;
+}
+
+at::Tensor sinkhorn_cpu(const at::Tensor& own, const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
+                        int64_t iters, double eps) {
+  check_dim(own, 2, "own", "(N, K)");
+  check_floating(own, "own");
+  check_dim(labels, 1, "labels", "(N,)");
+  check_integer(labels, "labels");
+  TORCH_CHECK_VALUE(labels.size(0) == own.size(0), "labels must have N = ", own.size(0), " entries, got ",
+                    labels.size(0));
+  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(iters >= 1, "sinkhorn_iters must be >= 1, got ", iters);
+  TORCH_CHECK_VALUE(eps > 0, "sinkhorn_eps must be > 0, got ", eps);
+  check_same_device(own, labels, "own", "labels");
+  const int64_t N = own.size(0), K = own.size(1), C = num_classes;
+  const auto acc = acc_type(own.scalar_type());
+  at::Tensor Q = at::zeros({N, K}, own.options().dtype(acc));
+  if (N == 0 || K == 0) return Q;
+  at::Tensor S = own.to(acc).contiguous();
+  at::Tensor lab = labels.to(at::kLong).contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+
+  // Pixel counts per class (and the label check); a row takes part when its
+  // label is a class and its scores are finite.
+  std::vector<int64_t> count(C, 0);
+  std::vector<uint8_t> ok(N, 0);
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "sinkhorn_cpu", [&] {
+    using T = scalar_t;
+    const T* s = S.data_ptr<T>();
+    T* q = Q.data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t c = lp[n];
+      TORCH_CHECK_VALUE(label_in_range(c, C) || c == ignore_index, "labels[", n, "] = ", c, " is outside [0, ", C,
+                        ") and is not ignore_index (", ignore_index, ")");
+      if (!label_in_range(c, C)) continue;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) finite = finite && is_finite(s[n * K + k]);
+      if (!finite) continue;
+      ok[n] = 1;
+      count[c] += 1;
+    }
+    const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+    const T teps = T(eps);
+
+    // Column max per (class, prototype): the shift that keeps exp() in range.
+    std::vector<T> part_max(nblocks * C * K, -INFINITY);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* pm = part_max.data() + b * C * K;
+        for (int64_t n = b * kBlockRows, e = std::min(N, n + kBlockRows); n < e; ++n) {
+          if (!ok[n]) continue;
+          for (int64_t k = 0; k < K; ++k) pm[lp[n] * K + k] = std::max(pm[lp[n] * K + k], s[n * K + k]);
+        }
+      }
+    });
+    std::vector<T> colmax(C * K, -INFINITY);
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t j = 0; j < C * K; ++j) colmax[j] = std::max(colmax[j], part_max[b * C * K + j]);
+
+    // L = exp((S - colmax) / eps) and its column sums. The official global
+    // normalisation L /= sum(L) is a no-op for the result (column scaling).
+    std::vector<double> part_sum(nblocks * C * K, 0.0);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double* ps = part_sum.data() + b * C * K;
+        for (int64_t n = b * kBlockRows, e = std::min(N, n + kBlockRows); n < e; ++n) {
+          if (!ok[n]) continue;
+          const int64_t c = lp[n];
+          for (int64_t k = 0; k < K; ++k) {
+            T v = sinkhorn_init(s[n * K + k], colmax[c * K + k], teps);
+            q[n * K + k] = v;
+            ps[c * K + k] += double(v);
+          }
+        }
+      }
+    });
+
+    std::vector<T> colscale(C * K);
+    for (int64_t it = 0; it < iters; ++it) {
+      const bool last = it + 1 == iters;
+      // merge the partial column sums in block order (deterministic)
+      for (int64_t j = 0; j < C * K; ++j) {
+        double sum = 0.0;
+        for (int64_t b = 0; b < nblocks; ++b) sum += part_sum[b * C * K + j];
+        colscale[j] = sinkhorn_col_scale<T>(sum, K);
+      }
+      std::fill(part_sum.begin(), part_sum.end(), 0.0);
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          double* ps = part_sum.data() + b * C * K;
+          for (int64_t n = b * kBlockRows, e = std::min(N, n + kBlockRows); n < e; ++n) {
+            if (!ok[n]) continue;
+            const int64_t c = lp[n];
+            T* row = q + n * K;
+            T rowsum = T(0);
+            for (int64_t k = 0; k < K; ++k) {
+              row[k] *= colscale[c * K + k];  // each prototype column sums to 1/K
+              rowsum += row[k];
+            }
+            const T rs = sinkhorn_row_scale(rowsum, count[c], last);  // each pixel row to 1/n_c
+            for (int64_t k = 0; k < K; ++k) {
+              row[k] *= rs;
+              if (!last) ps[c * K + k] += double(row[k]);
+            }
+          }
+        }
+      });
+    }
+  });
+  return Q;
+}
+
+TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) { m.impl("sinkhorn", &sinkhorn_cpu); }
+
+}  // namespace protoseg

@@ -1,0 +1,188 @@
+"""ProtoSegHead: the official ProtoSeg prototype head as a module.
+
+Prototypes are a buffer ``(C, K, D)`` (saved in the state_dict, never given a
+gradient). A forward with labels in training mode runs the fused step: one
+pass over the similarity gives the seg logits, the row log-sum-exp and the
+own-class scores; Sinkhorn, the targets, the momentum update and the PPC/PPD
+losses are computed from those, so ``(N, C*K)`` is never materialised.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends, functional, reference
+
+__all__ = ["ProtoSegHead", "ProtoSegOutput"]
+
+
+class ProtoSegOutput(NamedTuple):
+    seg: torch.Tensor  # (B, C, H, W) logits after mask_norm
+    loss_ppc: Optional[torch.Tensor]  # scalar, None without gt
+    loss_ppd: Optional[torch.Tensor]  # scalar, None without gt
+    target: Optional[torch.Tensor]  # (B*H*W,) int64, None without gt
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ProtoSegHead(nn.Module):
+    """Nearest-prototype segmentation head of ProtoSeg (official mode).
+
+    Args:
+        dim: embedding size D of the input features ``(B, D, H, W)``.
+        num_classes: C. num_prototype: K prototypes per class (official 10).
+        gamma: momentum of the prototype update (official 0.999).
+        ignore_index: label of unlabeled pixels in ``gt``. ``out.target`` uses
+            it too, unless it lies in ``[0, C*K)`` (where it would be a valid
+            target): then ``out.target`` marks ignored pixels with -1.
+        assign: ``"gumbel"`` (official) or ``"argmax"`` (deterministic).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+        feat_norm: apply the official LayerNorm over D before L2 normalisation.
+        sync: with torch.distributed initialised, ``"official"`` averages the
+            updated prototypes across ranks, ``"exact"`` all-reduces the
+            per-prototype sums and counts before the update (every rank
+            applies the global mean), ``"none"`` keeps them per rank.
+        temperature: PPC temperature (official 1.0: raw cosine similarities).
+        sinkhorn_iters, sinkhorn_eps: Sinkhorn settings (official 3, 0.05).
+        update_prototype: update the prototypes in training mode (official True).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_prototype: int = 10,
+        gamma: float = 0.999,
+        ignore_index: int = -1,
+        assign: str = "gumbel",
+        backend: str = "auto",
+        feat_norm: bool = True,
+        sync: str = "official",
+        temperature: float = 1.0,
+        sinkhorn_iters: int = 3,
+        sinkhorn_eps: float = 0.05,
+        update_prototype: bool = True,
+    ):
+        super().__init__()
+        if dim < 1 or num_classes < 1 or not 1 <= num_prototype <= 256:
+            raise ValueError(
+                f"need dim >= 1, num_classes >= 1 and 1 <= num_prototype <= 256, got {dim}, {num_classes}, {num_prototype}"
+            )
+        if assign not in ("gumbel", "argmax"):
+            raise ValueError(f"assign must be 'gumbel' or 'argmax', got {assign!r}")
+        if sync not in ("official", "exact", "none"):
+            raise ValueError(f"sync must be 'official', 'exact' or 'none', got {sync!r}")
+        if backend != "auto":
+            backends.get_backend(backend)  # unknown names fail here, not at the first forward
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.dim, self.num_classes, self.num_prototype = dim, num_classes, num_prototype
+        self.gamma, self.ignore_index, self.assign, self.backend = gamma, ignore_index, assign, backend
+        self.sync, self.temperature, self.update_prototype = sync, temperature, update_prototype
+        self.sinkhorn_iters, self.sinkhorn_eps = sinkhorn_iters, sinkhorn_eps
+        # ignore value of the targets: ignore_index unless it is a valid target
+        CK = num_classes * num_prototype
+        self.target_ignore = -1 if 0 <= ignore_index < CK else ignore_index
+        protos = torch.empty(num_classes, num_prototype, dim)
+        nn.init.trunc_normal_(protos, std=0.02)  # official initialisation
+        self.register_buffer("prototypes", F.normalize(protos, dim=-1))
+        self.feat_norm = nn.LayerNorm(dim) if feat_norm else nn.Identity()
+        self.mask_norm = nn.LayerNorm(num_classes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_classes={self.num_classes}, num_prototype={self.num_prototype}, "
+            f"gamma={self.gamma}, ignore_index={self.ignore_index}, assign={self.assign!r}, "
+            f"backend={self.backend!r}, sync={self.sync!r}"
+        )
+
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(B, D, H, W)`` -> ``(B*H*W, D)``: LayerNorm over D, then L2 normalisation."""
+        B, D, H, W = feats.shape
+        x = feats.permute(0, 2, 3, 1).reshape(B * H * W, D)
+        return F.normalize(self.feat_norm(x), p=2, dim=-1)
+
+    def forward(self, feats: torch.Tensor, gt: Optional[torch.Tensor] = None) -> ProtoSegOutput:
+        if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[1] != self.dim:
+            shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+            raise ValueError(f"feats must be (B, {self.dim}, H, W), got {shape}")
+        B, D, H, W = feats.shape
+        C, K = self.num_classes, self.num_prototype
+        x = self.embed(feats)  # (N, D)
+        # official: the prototypes are re-normalised at every forward
+        protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)
+        be = backends.resolve(self.backend, x.device)
+        if gt is None:
+            seg = functional.proto_seg_logits(x, protos, backend=be.name)
+            return ProtoSegOutput(self._to_bchw(self.mask_norm(seg), B, H, W), None, None, None)
+
+        gt = self._labels_at(gt, B, H, W)  # (N,)
+        ign = self.target_ignore
+        if ign != self.ignore_index:
+            gt = torch.where(gt == self.ignore_index, torch.full_like(gt, ign), gt)
+        functional._check_labels(gt, "gt", gt.shape[0], x.device, (0, C), ign)
+        update = self.training and self.update_prototype
+        if be.name == "reference":
+            seg = self.mask_norm(reference.proto_seg_logits(x, protos))
+            with torch.no_grad():
+                target, new, sums, counts = reference.prototype_learning(
+                    x.detach(), protos, gt, seg.detach(), self.gamma, self.assign, None, ign,
+                    self.sinkhorn_iters, self.sinkhorn_eps, update=update, return_sums=True,
+                )
+            ppc, ppd = reference.proto_losses(x, protos, target, ign, self.temperature)
+            if update:
+                self._apply_update(protos, sums, counts, new, reference.prototype_ema)
+        else:
+            # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
+            seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True)
+            seg = self.mask_norm(seg_raw)
+            with torch.no_grad():
+                target, sums, counts = functional.assign_and_sums(
+                    be, x.detach(), protos, gt, seg.detach(), own.detach(), self.assign, None, ign,
+                    self.sinkhorn_iters, self.sinkhorn_eps,
+                )
+                if update:
+                    self._apply_update(protos, sums, counts, None, be.prototype_ema)
+            ppc, ppd = functional.losses_from_scores(lse, own, target, K, ign, self.temperature)
+        return ProtoSegOutput(self._to_bchw(seg, B, H, W), ppc, ppd, target)
+
+    @torch.no_grad()
+    def _apply_update(self, protos, sums, counts, new, ema):
+        """Momentum update of the buffer, synchronised across ranks as ``sync`` says."""
+        distributed = _dist_on() and self.sync != "none"
+        if distributed and self.sync == "exact":
+            sums, counts = sums.clone(), counts.clone()
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+            new = None
+        if new is None:
+            new = ema(protos, sums, counts, self.gamma)
+        if distributed and self.sync == "official":
+            new = new.clone()
+            dist.all_reduce(new.div_(dist.get_world_size()))
+        self.prototypes.copy_(new.to(self.prototypes.dtype))
+
+    def _labels_at(self, gt: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+        """``gt (B, H', W')`` -> ``(B*H*W,)`` int64, nearest-downsampled as the official code."""
+        if not isinstance(gt, torch.Tensor) or gt.dim() != 3 or gt.shape[0] != B:
+            shape = tuple(gt.shape) if isinstance(gt, torch.Tensor) else type(gt).__name__
+            raise ValueError(f"gt must be (B={B}, H, W) integer labels, got {shape}")
+        if gt.dtype.is_floating_point or gt.dtype == torch.bool:
+            raise ValueError(f"gt must be an integer tensor, got {gt.dtype}")
+        if gt.device != self.prototypes.device:
+            raise ValueError(f"gt is on {gt.device} but the head is on {self.prototypes.device}")
+        if gt.shape[1:] != (H, W):
+            gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0]
+        return gt.reshape(-1).long()
+
+    def _to_bchw(self, seg: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+        return seg.reshape(B, H, W, self.num_classes).permute(0, 3, 1, 2)

@@ -1,0 +1,86 @@
+"""Fake kernels and autograd of the compiled ops (``torch.ops.protoseg_ext``).
+
+The schemas are defined once, in ``csrc/protoseg.cpp``; the CPU and CUDA
+implementations are registered there by ``csrc/cpu`` and ``csrc/cuda``. This
+module adds what Python owns: shape inference for ``torch.compile`` and the
+autograd formula, whose backward calls another registered op so that it is
+dispatched by device too. The Triton backend registers ops with the same
+schemas under ``torch.ops.protoseg_triton`` and reuses the helpers here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["register_fakes", "register_similarity_autograd"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Working dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own):
+    N = feats.shape[0]
+    C, K = protos.shape[0], protos.shape[1]
+    acc = _acc_dtype(feats.dtype)
+    seg = feats.new_empty((N, C) if compute_seg else (0,))
+    argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
+    lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
+    own = feats.new_empty((N, K) if compute_own else (0,), dtype=acc)
+    return seg, argk, lse, own
+
+
+def _fake_similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index, temperature):
+    return torch.empty_like(feats, memory_format=torch.contiguous_format)
+
+
+def _fake_sinkhorn(own, labels, num_classes, ignore_index, iters, eps):
+    return own.new_empty(own.shape, dtype=_acc_dtype(own.dtype))
+
+
+def _fake_prototype_sums(feats, slot, num_slots):
+    acc = _acc_dtype(feats.dtype)
+    return feats.new_empty((num_slots, feats.shape[1]), dtype=acc), feats.new_empty((num_slots,), dtype=acc)
+
+
+def _fake_prototype_ema(protos, sums, counts, gamma):
+    return torch.empty_like(protos, memory_format=torch.contiguous_format)
+
+
+def register_fakes(ns: str) -> None:
+    """Register the fake (meta) kernels of the five ops of namespace ``ns``."""
+    torch.library.register_fake(f"{ns}::similarity")(_fake_similarity)
+    torch.library.register_fake(f"{ns}::similarity_backward")(_fake_similarity_backward)
+    torch.library.register_fake(f"{ns}::sinkhorn")(_fake_sinkhorn)
+    torch.library.register_fake(f"{ns}::prototype_sums")(_fake_prototype_sums)
+    torch.library.register_fake(f"{ns}::prototype_ema")(_fake_prototype_ema)
+
+
+def register_similarity_autograd(ns: str) -> None:
+    """Autograd of ``{ns}::similarity`` through ``{ns}::similarity_backward``.
+
+    Only ``feats`` receives a gradient: prototypes are buffers (SPEC 3), and
+    ``argk`` is an index. Gradients of unused outputs arrive as None, so a
+    step that does not use ``lse`` never recomputes S in the backward.
+    """
+    backward_op = getattr(getattr(torch.ops, ns), "similarity_backward").default
+
+    def setup_context(ctx, inputs, output):
+        feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own = inputs
+        _, argk, lse, _ = output
+        ctx.save_for_backward(feats, protos, labels, argk, lse)
+        ctx.ignore_index = ignore_index
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(argk)
+
+    def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own):
+        feats, protos, labels, argk, lse = ctx.saved_tensors
+        grads = [None if g is None or g.numel() == 0 else g for g in (grad_seg, grad_lse, grad_own)]
+        grad_feats = None
+        if ctx.needs_input_grad[0] and any(g is not None for g in grads):
+            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature)
+        return grad_feats, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)
