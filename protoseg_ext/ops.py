@@ -72,12 +72,14 @@ def register_similarity_autograd(ns: str) -> None:
         ctx.save_for_backward(feats, protos, labels, argk, lse)
         ctx.ignore_index = ignore_index
         ctx.temperature = temperature
+        ctx.computed = (compute_seg, compute_lse, compute_own)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(argk)
 
     def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own):
         feats, protos, labels, argk, lse = ctx.saved_tensors
-        grads = [None if g is None or g.numel() == 0 else g for g in (grad_seg, grad_lse, grad_own)]
+        # outputs that were not computed are (0,) placeholders: no gradient
+        grads = [g if on else None for g, on in zip((grad_seg, grad_lse, grad_own), ctx.computed)]
         grad_feats = None
         if ctx.needs_input_grad[0] and any(g is not None for g in grads):
             grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature)
