@@ -56,7 +56,7 @@ def load_extension():
         )
         warnings.warn(_ext_error, RuntimeWarning, stacklevel=3)
         return None
-    ops.register_fakes("protoseg_ext")
+    ops.register_fakes("protoseg_ext", cache=True)
     ops.register_similarity_autograd("protoseg_ext")
     _ext = _C
     return _ext
@@ -78,15 +78,20 @@ class _OpsBackend(Backend):
     """A backend whose ops live in a ``torch.ops`` namespace."""
 
     namespace = "?"
+    supports_cache = False  # similarity can keep softmax(S) for the backward within a byte budget
 
     @property
     def _ops(self):
         return getattr(torch.ops, self.namespace)
 
-    def similarity(self, feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own):
-        return self._ops.similarity(
-            feats, protos, labels, int(ignore_index), float(temperature), compute_seg, compute_lse, compute_own
-        )
+    def similarity(self, feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
+                   cache_bytes=0):
+        """``(seg, argk, lse, own)``; see csrc/protoseg.cpp. ``cache_bytes`` > 0 lets
+        the backward reuse softmax(S) instead of recomputing S, if it fits."""
+        args = (feats, protos, labels, int(ignore_index), float(temperature), compute_seg, compute_lse, compute_own)
+        if self.supports_cache:
+            return self._ops.similarity(*args, int(cache_bytes))[:4]
+        return self._ops.similarity(*args)
 
     def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps):
         return self._ops.sinkhorn(own, labels, int(num_classes), int(ignore_index), int(iters), float(eps))
@@ -101,6 +106,7 @@ class _OpsBackend(Backend):
 class CpuBackend(_OpsBackend):
     name = "cpu"
     namespace = "protoseg_ext"
+    supports_cache = True
 
     def not_supported_reasons(self, device):
         reasons = []
@@ -114,6 +120,7 @@ class CpuBackend(_OpsBackend):
 class CudaBackend(_OpsBackend):
     name = "cuda"
     namespace = "protoseg_ext"
+    supports_cache = True  # same schema as "cpu"; the CUDA kernel recomputes (returns no cache)
 
     def not_supported_reasons(self, device):
         ext = load_extension()
@@ -178,6 +185,15 @@ _INSTANCES = {
     "triton": TritonBackend(),
     "reference": ReferenceBackend(),
 }
+
+
+def default_cache_bytes() -> int:
+    """Memory the head may spend keeping softmax(S) (N x C*K) for the backward.
+
+    ``PROTOSEG_CACHE_MB`` (default 1024 MiB; 0 disables). Within the budget a
+    training step costs two GEMMs; beyond it the backward recomputes S.
+    """
+    return int(float(os.environ.get("PROTOSEG_CACHE_MB", "1024")) * (1 << 20))
 
 
 def get_backend(name: str) -> Backend:

@@ -52,6 +52,9 @@ class ProtoSegHead(nn.Module):
         temperature: PPC temperature (official 1.0: raw cosine similarities).
         sinkhorn_iters, sinkhorn_eps: Sinkhorn settings (official 3, 0.05).
         update_prototype: update the prototypes in training mode (official True).
+        cache_mb: memory (MiB) a training step may spend keeping softmax(S)
+            (N x C*K, float32) for the backward instead of recomputing S;
+            None reads ``PROTOSEG_CACHE_MB`` (default 1024), 0 always recomputes.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ProtoSegHead(nn.Module):
         sinkhorn_iters: int = 3,
         sinkhorn_eps: float = 0.05,
         update_prototype: bool = True,
+        cache_mb: Optional[float] = None,
     ):
         super().__init__()
         if dim < 1 or num_classes < 1 or not 1 <= num_prototype <= 256:
@@ -89,6 +93,7 @@ class ProtoSegHead(nn.Module):
         self.gamma, self.ignore_index, self.assign, self.backend = gamma, ignore_index, assign, backend
         self.sync, self.temperature, self.update_prototype = sync, temperature, update_prototype
         self.sinkhorn_iters, self.sinkhorn_eps = sinkhorn_iters, sinkhorn_eps
+        self.cache_mb = cache_mb
         # ignore value of the targets: ignore_index unless it is a valid target
         CK = num_classes * num_prototype
         self.target_ignore = -1 if 0 <= ignore_index < CK else ignore_index
@@ -143,7 +148,9 @@ class ProtoSegHead(nn.Module):
                 self._apply_update(protos, sums, counts, new, reference.prototype_ema)
         else:
             # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
-            seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True)
+            cache = backends.default_cache_bytes() if self.cache_mb is None else int(self.cache_mb * (1 << 20))
+            cache = cache if torch.is_grad_enabled() and x.requires_grad else 0  # no backward, no cache
+            seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True, cache)
             seg = self.mask_norm(seg_raw)
             with torch.no_grad():
                 target, sums, counts = functional.assign_and_sums(

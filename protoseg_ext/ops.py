@@ -20,7 +20,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own):
+def cache_fits(N, CK, dtype, cache_bytes) -> bool:
+    """Whether ``similarity`` keeps ``probs (N, C*K)`` for the backward (CPU kernel's rule)."""
+    return cache_bytes > 0 and N * CK * torch.empty((), dtype=_acc_dtype(dtype)).element_size() <= cache_bytes
+
+
+def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
+                     cache_bytes=0):
     N = feats.shape[0]
     C, K = protos.shape[0], protos.shape[1]
     acc = _acc_dtype(feats.dtype)
@@ -28,10 +34,13 @@ def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_s
     argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
     lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
     own = feats.new_empty((N, K) if compute_own else (0,), dtype=acc)
-    return seg, argk, lse, own
+    cached = compute_lse and cache_fits(N, C * K, feats.dtype, cache_bytes)
+    probs = feats.new_empty((N, C * K) if cached else (0,), dtype=acc)
+    return seg, argk, lse, own, probs
 
 
-def _fake_similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index, temperature):
+def _fake_similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index, temperature,
+                              probs=None):
     return torch.empty_like(feats, memory_format=torch.contiguous_format)
 
 
@@ -48,10 +57,27 @@ def _fake_prototype_ema(protos, sums, counts, gamma):
     return torch.empty_like(protos, memory_format=torch.contiguous_format)
 
 
-def register_fakes(ns: str) -> None:
-    """Register the fake (meta) kernels of the five ops of namespace ``ns``."""
-    torch.library.register_fake(f"{ns}::similarity")(_fake_similarity)
-    torch.library.register_fake(f"{ns}::similarity_backward")(_fake_similarity_backward)
+def _fake_similarity_nocache(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own):
+    return _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own)[:4]
+
+
+def _fake_similarity_backward_nocache(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index,
+                                      temperature):
+    return torch.empty_like(feats, memory_format=torch.contiguous_format)
+
+
+def register_fakes(ns: str, cache: bool = False) -> None:
+    """Register the fake (meta) kernels of the five ops of namespace ``ns``.
+
+    ``cache``: the namespace's ``similarity`` has the ``cache_bytes`` argument
+    and the ``probs`` output (``protoseg_ext``); otherwise it has four outputs.
+    """
+    sim, sim_bwd = (
+        (_fake_similarity, _fake_similarity_backward) if cache
+        else (_fake_similarity_nocache, _fake_similarity_backward_nocache)
+    )
+    torch.library.register_fake(f"{ns}::similarity")(sim)
+    torch.library.register_fake(f"{ns}::similarity_backward")(sim_bwd)
     torch.library.register_fake(f"{ns}::sinkhorn")(_fake_sinkhorn)
     torch.library.register_fake(f"{ns}::prototype_sums")(_fake_prototype_sums)
     torch.library.register_fake(f"{ns}::prototype_ema")(_fake_prototype_ema)
@@ -67,22 +93,25 @@ def register_similarity_autograd(ns: str) -> None:
     backward_op = getattr(getattr(torch.ops, ns), "similarity_backward").default
 
     def setup_context(ctx, inputs, output):
-        feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own = inputs
-        _, argk, lse, _ = output
-        ctx.save_for_backward(feats, protos, labels, argk, lse)
+        feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own = inputs[:8]
+        argk, lse = output[1], output[2]
+        # a 5th output is the cached softmax (N, C*K) or a (0,) placeholder
+        probs = output[4] if len(output) > 4 else None
+        ctx.has_probs = probs is not None
+        ctx.save_for_backward(feats, protos, labels, argk, lse, *([probs] if ctx.has_probs else []))
+        ctx.mark_non_differentiable(*([argk, probs] if ctx.has_probs else [argk]))
         ctx.ignore_index = ignore_index
         ctx.temperature = temperature
         ctx.computed = (compute_seg, compute_lse, compute_own)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(argk)
 
-    def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own):
-        feats, protos, labels, argk, lse = ctx.saved_tensors
+    def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own, *grad_probs):
+        feats, protos, labels, argk, lse, *probs = ctx.saved_tensors
         # outputs that were not computed are (0,) placeholders: no gradient
         grads = [g if on else None for g, on in zip((grad_seg, grad_lse, grad_own), ctx.computed)]
         grad_feats = None
         if ctx.needs_input_grad[0] and any(g is not None for g in grads):
-            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature)
-        return grad_feats, None, None, None, None, None, None, None
+            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature, *probs)
+        return (grad_feats,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)

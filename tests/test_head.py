@@ -152,3 +152,17 @@ def test_compile_fullgraph_training_step():
 def test_available_backends_lists_cpu_and_reference():
     names = protoseg_ext.available_backends()
     assert "cpu" in names and "reference" in names
+
+
+def test_cached_and_recomputed_backward_agree():
+    """cache_mb=0 recomputes S in the backward; the default keeps softmax(S): same gradients."""
+    x, gt = _data()
+    grads = []
+    for cache_mb in (0, 64):
+        torch.manual_seed(0)
+        head = ProtoSegHead(16, 5, num_prototype=3, assign="argmax", backend="cpu", cache_mb=cache_mb, temperature=0.3)
+        xi = x.clone().requires_grad_()
+        out = head(xi, gt)
+        (F.cross_entropy(out.seg, gt, ignore_index=-1) + 0.5 * out.loss_ppc + 0.2 * out.loss_ppd).backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

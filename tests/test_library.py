@@ -18,14 +18,19 @@ def _cases(device):
     counts = torch.tensor([0.0, 2, 1, 0, 5, 1], device=device)
     N = f.shape[0]
     gs, gl, go = torch.randn(N, 3, device=device), torch.randn(N, device=device), torch.randn(N, 2, device=device)
-    _, argk, lse, _ = OPS.similarity(f, p, gt, -1, 1.0, True, True, True)
+    _, argk, lse, _, _ = OPS.similarity(f, p, gt, -1, 1.0, True, True, True)
+    probs = OPS.similarity(f, p, gt, -1, 1.0, False, True, False, 1 << 20)[4]
+    assert probs.shape == (N, 6)
     return [
         (OPS.similarity, (fg, p, gt, -1, 1.0, True, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 0.5, False, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 1.0, True, False, False)),
         (OPS.similarity, (f.half(), p.half(), gt, -1, 1.0, True, True, True)),
+        (OPS.similarity, (fg, p, gt, -1, 0.5, True, True, True, 1 << 20)),  # softmax kept for the backward
+        (OPS.similarity, (fg, p, gt, -1, 0.5, True, True, True, 100)),  # budget too small: recompute
         (OPS.similarity_backward, (gs, gl, go, f, p, gt, argk, lse, -1, 1.0)),
         (OPS.similarity_backward, (gs, None, None, f, p, gt, argk, lse, -1, 1.0)),
+        (OPS.similarity_backward, (gs, gl, go, f, p, gt, argk, lse, -1, 1.0, probs)),
         (OPS.sinkhorn, (own, gt, 3, -1, 3, 0.05)),
         (OPS.prototype_sums, (f, slot, 6)),
         (OPS.prototype_ema, (p, sums, counts, 0.9)),
