@@ -108,19 +108,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
           }
           if (feats.scalar_type() != acc) seg.narrow(0, r0, rows).copy_(seg_t);
         }
-        if (compute_lse) {
-          // row log-sum-exp of S / tau (vectorised ATen kernels on the cached tile)
-          at::Tensor St = temperature == 1.0 ? S : S / temperature;
-          at::Tensor m = std::get<0>(St.max(1, /*keepdim=*/true));
-          m.masked_fill_(m.isinf(), 0);  // all -inf/+inf rows: keep exp() finite
-          at::Tensor e = at::exp(St - m);
-          at::Tensor z = e.sum(1, /*keepdim=*/true);
-          lse.narrow(0, r0, rows).copy_((z.log() + m).squeeze(1));
-          if (cache) {  // softmax rows for the backward
-            at::Tensor out = probs.narrow(0, r0, rows);
-            at::div_out(out, e, z);
-          }
-        }
         if (compute_own) {
           acc_t* o = own.data_ptr<acc_t>() + r0 * K;
           const int64_t* l = lab.data_ptr<int64_t>() + r0;
@@ -128,6 +115,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
             if (!label_in_range(l[i], C)) continue;  // ignored pixel: row stays 0
             std::copy(s + i * CK + l[i] * K, s + i * CK + (l[i] + 1) * K, o + i * K);
           }
+        }
+        if (compute_lse) {
+          // row log-sum-exp of S / tau, with ATen's vectorised kernels on the
+          // cached tile and no temporaries but the exp tile (the softmax cache
+          // itself when it is kept)
+          at::Tensor St = temperature == 1.0 ? S : S.div_(temperature);  // seg and own are done with S
+          at::Tensor m = at::amax(St, {1}, /*keepdim=*/true);
+          m.masked_fill_(m.isinf(), 0);  // all -inf/+inf rows: keep exp() finite
+          at::Tensor e = cache ? probs.narrow(0, r0, rows) : at::empty_like(St);
+          at::sub_out(e, St, m);
+          e.exp_();
+          at::Tensor z = e.sum(1, /*keepdim=*/true);
+          lse.narrow(0, r0, rows).copy_((z.log() + m).squeeze(1));
+          if (cache) e.div_(z);  // softmax rows for the backward
         }
       }
     });
