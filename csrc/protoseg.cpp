@@ -33,9 +33,12 @@ TORCH_LIBRARY(protoseg_ext, m) {
   //                  compute_lse and it fits in cache_bytes (else (0,)); a
   //                  backend may always return (0,) and recompute instead.
   // lse, own and probs are float32 (float64 for float64 feats); seg has feats' dtype.
+  // normalize=True: feats are raw embeddings, L2-normalised row by row inside
+  // the kernel (F.normalize semantics), so the normalised (N, D) copy and its
+  // gradient are never stored; the backward then returns d loss / d raw feats.
   m.def(
       "similarity(Tensor feats, Tensor protos, Tensor labels, int ignore_index, float temperature, "
-      "bool compute_seg, bool compute_lse, bool compute_own, int cache_bytes=0) "
+      "bool compute_seg, bool compute_lse, bool compute_own, int cache_bytes=0, bool normalize=False) "
       "-> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs)");
   // d feats = dS @ protos.view(C*K, D), dS from probs when given, else
   // recomputed tile by tile from the saved lse (never stored); any of the
@@ -43,14 +46,15 @@ TORCH_LIBRARY(protoseg_ext, m) {
   m.def(
       "similarity_backward(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, "
       "Tensor protos, Tensor labels, Tensor argk, Tensor lse, int ignore_index, float temperature, "
-      "Tensor? probs=None) -> Tensor");
+      "Tensor? probs=None, bool normalize=False) -> Tensor");
   // Sinkhorn-Knopp of every class at once, segmented by labels; own (N, K) as
   // from `similarity`. Returns Q (N, K) (rows sum to 1; zero rows for ignored
   // or non-finite pixels).
   m.def("sinkhorn(Tensor own, Tensor labels, int num_classes, int ignore_index, int iters, float eps) -> Tensor");
   // Per-prototype feature sums (num_slots, D) and pixel counts (num_slots,) of
-  // the rows with slot[n] >= 0 and finite features; deterministic.
-  m.def("prototype_sums(Tensor feats, Tensor slot, int num_slots) -> (Tensor sums, Tensor counts)");
+  // the rows with slot[n] >= 0 and finite features (each row L2-normalised
+  // first if normalize); deterministic.
+  m.def("prototype_sums(Tensor feats, Tensor slot, int num_slots, bool normalize=False) -> (Tensor sums, Tensor counts)");
   // protos (C, K, D) -> L2-normalise(EMA(protos, normalise(sums))) where counts > 0.
   m.def("prototype_ema(Tensor protos, Tensor sums, Tensor counts, float gamma) -> Tensor");
 }

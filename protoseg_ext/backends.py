@@ -19,6 +19,7 @@ import warnings
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 
@@ -78,25 +79,34 @@ class _OpsBackend(Backend):
     """A backend whose ops live in a ``torch.ops`` namespace."""
 
     namespace = "?"
-    supports_cache = False  # similarity can keep softmax(S) for the backward within a byte budget
+    # the protoseg_ext schemas: similarity takes cache_bytes (keep softmax(S) for
+    # the backward within a byte budget) and normalize; prototype_sums normalize
+    supports_cache = False
 
     @property
     def _ops(self):
         return getattr(torch.ops, self.namespace)
 
     def similarity(self, feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                   cache_bytes=0):
+                   cache_bytes=0, normalize=False):
         """``(seg, argk, lse, own)``; see csrc/protoseg.cpp. ``cache_bytes`` > 0 lets
-        the backward reuse softmax(S) instead of recomputing S, if it fits."""
+        the backward reuse softmax(S) instead of recomputing S, if it fits;
+        ``normalize`` L2-normalises the rows of ``feats`` inside the kernel."""
         args = (feats, protos, labels, int(ignore_index), float(temperature), compute_seg, compute_lse, compute_own)
         if self.supports_cache:
-            return self._ops.similarity(*args, int(cache_bytes))[:4]
+            return self._ops.similarity(*args, int(cache_bytes), bool(normalize))[:4]
+        if normalize:
+            args = (F.normalize(feats, p=2, dim=-1),) + args[1:]
         return self._ops.similarity(*args)
 
     def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps):
         return self._ops.sinkhorn(own, labels, int(num_classes), int(ignore_index), int(iters), float(eps))
 
-    def prototype_sums(self, feats, slot, num_slots):
+    def prototype_sums(self, feats, slot, num_slots, normalize=False):
+        if self.supports_cache:
+            return self._ops.prototype_sums(feats, slot, int(num_slots), bool(normalize))
+        if normalize:
+            feats = F.normalize(feats, p=2, dim=-1)
         return self._ops.prototype_sums(feats, slot, int(num_slots))
 
     def prototype_ema(self, protos, sums, counts, gamma):

@@ -110,11 +110,13 @@ def _check_learning_args(gamma, assign, gumbel_noise, sinkhorn_iters, sinkhorn_e
             raise ValueError(f"gumbel_noise is on {gumbel_noise.device} but feats is on {device}")
 
 
-def assign_and_sums(be, feats, protos, gt, seg, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps):
+def assign_and_sums(be, feats, protos, gt, seg, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps,
+                    normalize=False):
     """Fused steps 2a-2d of SPEC 2 from the own-class scores ``own (N, K)``.
 
     Returns ``target (N,)`` and the per-prototype ``sums (C*K, D)`` and
-    ``counts (C*K,)`` of the correctly predicted pixels.
+    ``counts (C*K,)`` of the correctly predicted pixels (``feats`` rows
+    L2-normalised first when ``normalize``).
     """
     C, K = protos.shape[0], protos.shape[1]
     gt = gt.long()
@@ -131,7 +133,7 @@ def assign_and_sums(be, feats, protos, gt, seg, own, assign, gumbel_noise, ignor
         hard = idx
     correct = seg.argmax(dim=1) == gt
     slot = torch.where(valid & correct, base + hard, torch.full_like(gt, -1))
-    sums, counts = be.prototype_sums(feats, slot, C * K)
+    sums, counts = be.prototype_sums(feats, slot, C * K, normalize)
     return target, sums, counts
 
 

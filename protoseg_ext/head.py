@@ -28,6 +28,11 @@ class ProtoSegOutput(NamedTuple):
     target: Optional[torch.Tensor]  # (B*H*W,) int64, None without gt
 
 
+def gt_none(x: torch.Tensor) -> torch.Tensor:
+    """The empty label tensor of a similarity call that needs no labels."""
+    return torch.empty(0, dtype=torch.long, device=x.device)
+
+
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -110,11 +115,15 @@ class ProtoSegHead(nn.Module):
             f"backend={self.backend!r}, sync={self.sync!r}"
         )
 
-    def embed(self, feats: torch.Tensor) -> torch.Tensor:
-        """``(B, D, H, W)`` -> ``(B*H*W, D)``: LayerNorm over D, then L2 normalisation."""
+    def embed(self, feats: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """``(B, D, H, W)`` -> ``(B*H*W, D)``: LayerNorm over D, then L2 normalisation.
+
+        ``normalize=False`` stops before the L2 normalisation (the fused
+        kernels normalise the rows themselves, never storing the copy).
+        """
         B, D, H, W = feats.shape
-        x = feats.permute(0, 2, 3, 1).reshape(B * H * W, D)
-        return F.normalize(self.feat_norm(x), p=2, dim=-1)
+        x = self.feat_norm(feats.permute(0, 2, 3, 1).reshape(B * H * W, D))
+        return F.normalize(x, p=2, dim=-1) if normalize else x
 
     def forward(self, feats: torch.Tensor, gt: Optional[torch.Tensor] = None) -> ProtoSegOutput:
         if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[1] != self.dim:
@@ -122,12 +131,16 @@ class ProtoSegHead(nn.Module):
             raise ValueError(f"feats must be (B, {self.dim}, H, W), got {shape}")
         B, D, H, W = feats.shape
         C, K = self.num_classes, self.num_prototype
-        x = self.embed(feats)  # (N, D)
+        be = backends.resolve(self.backend, feats.device)
+        fused_norm = be.name != "reference"  # the kernels L2-normalise the rows themselves
+        x = self.embed(feats, normalize=not fused_norm)  # (N, D)
         # official: the prototypes are re-normalised at every forward
         protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)
-        be = backends.resolve(self.backend, x.device)
         if gt is None:
-            seg = functional.proto_seg_logits(x, protos, backend=be.name)
+            if fused_norm:
+                seg = be.similarity(x, protos, gt_none(x), -1, 1.0, True, False, False, 0, True)[0]
+            else:
+                seg = reference.proto_seg_logits(x, protos)
             return ProtoSegOutput(self._to_bchw(self.mask_norm(seg), B, H, W), None, None, None)
 
         gt = self._labels_at(gt, B, H, W)  # (N,)
@@ -150,12 +163,12 @@ class ProtoSegHead(nn.Module):
             # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
             cache = backends.default_cache_bytes() if self.cache_mb is None else int(self.cache_mb * (1 << 20))
             cache = cache if torch.is_grad_enabled() and x.requires_grad else 0  # no backward, no cache
-            seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True, cache)
+            seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True, cache, True)
             seg = self.mask_norm(seg_raw)
             with torch.no_grad():
                 target, sums, counts = functional.assign_and_sums(
                     be, x.detach(), protos, gt, seg.detach(), own.detach(), self.assign, None, ign,
-                    self.sinkhorn_iters, self.sinkhorn_eps,
+                    self.sinkhorn_iters, self.sinkhorn_eps, normalize=True,
                 )
                 if update:
                     self._apply_update(protos, sums, counts, None, be.prototype_ema)

@@ -26,7 +26,7 @@ def cache_fits(N, CK, dtype, cache_bytes) -> bool:
 
 
 def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                     cache_bytes=0):
+                     cache_bytes=0, normalize=False):
     N = feats.shape[0]
     C, K = protos.shape[0], protos.shape[1]
     acc = _acc_dtype(feats.dtype)
@@ -40,7 +40,7 @@ def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_s
 
 
 def _fake_similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index, temperature,
-                              probs=None):
+                              probs=None, normalize=False):
     return torch.empty_like(feats, memory_format=torch.contiguous_format)
 
 
@@ -48,7 +48,7 @@ def _fake_sinkhorn(own, labels, num_classes, ignore_index, iters, eps):
     return own.new_empty(own.shape, dtype=_acc_dtype(own.dtype))
 
 
-def _fake_prototype_sums(feats, slot, num_slots):
+def _fake_prototype_sums(feats, slot, num_slots, normalize=False):
     acc = _acc_dtype(feats.dtype)
     return feats.new_empty((num_slots, feats.shape[1]), dtype=acc), feats.new_empty((num_slots,), dtype=acc)
 
@@ -98,6 +98,7 @@ def register_similarity_autograd(ns: str) -> None:
         # a 5th output is the cached softmax (N, C*K) or a (0,) placeholder
         probs = output[4] if len(output) > 4 else None
         ctx.has_probs = probs is not None
+        ctx.normalize = bool(inputs[9]) if len(inputs) > 9 else False  # feats are raw: grad w.r.t. them
         ctx.save_for_backward(feats, protos, labels, argk, lse, *([probs] if ctx.has_probs else []))
         ctx.mark_non_differentiable(*([argk, probs] if ctx.has_probs else [argk]))
         ctx.ignore_index = ignore_index
@@ -111,7 +112,8 @@ def register_similarity_autograd(ns: str) -> None:
         grads = [g if on else None for g, on in zip((grad_seg, grad_lse, grad_own), ctx.computed)]
         grad_feats = None
         if ctx.needs_input_grad[0] and any(g is not None for g in grads):
-            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature, *probs)
+            extra = (*probs, ctx.normalize) if ctx.has_probs else ()
+            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature, *extra)
         return (grad_feats,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)

@@ -28,11 +28,14 @@ def _cases(device):
         (OPS.similarity, (f.half(), p.half(), gt, -1, 1.0, True, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 0.5, True, True, True, 1 << 20)),  # softmax kept for the backward
         (OPS.similarity, (fg, p, gt, -1, 0.5, True, True, True, 100)),  # budget too small: recompute
+        (OPS.similarity, (fg * 2, p, gt, -1, 0.5, True, True, True, 1 << 20, True)),  # rows normalised inside
         (OPS.similarity_backward, (gs, gl, go, f, p, gt, argk, lse, -1, 1.0)),
         (OPS.similarity_backward, (gs, None, None, f, p, gt, argk, lse, -1, 1.0)),
         (OPS.similarity_backward, (gs, gl, go, f, p, gt, argk, lse, -1, 1.0, probs)),
+        (OPS.similarity_backward, (gs, gl, go, f * 2, p, gt, argk, lse, -1, 1.0, None, True)),
         (OPS.sinkhorn, (own, gt, 3, -1, 3, 0.05)),
         (OPS.prototype_sums, (f, slot, 6)),
+        (OPS.prototype_sums, (f * 3, slot, 6, True)),
         (OPS.prototype_ema, (p, sums, counts, 0.9)),
     ]
 

@@ -226,3 +226,46 @@ def test_non_contiguous_inputs(device_backend):
     a = fT.clone().requires_grad_()
     ppc, ppd = PF.proto_losses(a, pT, tr, backend=backend)
     torch.testing.assert_close(torch.stack([ppc, ppd]), torch.stack(R.proto_losses(f, p, tr)), **TOL)
+
+
+# ---------------------------------------------------------------- fused L2 normalisation
+
+
+def test_similarity_normalize_flag_matches_normalize_then_similarity(device_backend):
+    """normalize=True (the head's path) == F.normalize first, values and gradients."""
+    from protoseg_ext import backends
+
+    (f, p, gt, _), backend = _args(device_backend, N=300, D=16, C=5, K=4)
+    be = backends.get_backend(backend)
+    x = f * torch.rand(f.shape[0], 1, device=f.device) * 3 + 0.0  # raw rows of any length
+    x[3] = 0  # a zero row: F.normalize leaves it zero
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    oa = be.similarity(a, p, gt, -1, 0.5, True, True, True, 1 << 20, True)
+    ob = be.similarity(F.normalize(b, dim=-1), p, gt, -1, 0.5, True, True, True, 1 << 20, False)
+    for u, v in zip(oa, ob):
+        torch.testing.assert_close(u, v, **TOL)
+    w = [torch.randn_like(oa[0]), torch.randn_like(oa[2]), torch.randn_like(oa[3])]
+    ga = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip((oa[0], oa[2], oa[3]), w)), a)[0]
+    gb = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip((ob[0], ob[2], ob[3]), w)), b)[0]
+    torch.testing.assert_close(ga, gb, **TOL)
+    slot = torch.randint(-1, 20, (300,), device=f.device)
+    sa, ca = be.prototype_sums(x, slot, 20, True)
+    sb, cb = be.prototype_sums(F.normalize(x, dim=-1), slot, 20, False)
+    torch.testing.assert_close(sa, sb, **TOL)
+    assert torch.equal(ca, cb)
+
+
+@pytest.mark.parametrize("cache", [0, 1 << 20])
+def test_similarity_normalize_gradcheck(device_backend, cache):
+    from protoseg_ext import backends
+
+    (f, p, gt, _), backend = _args(device_backend, N=20, D=5, C=3, K=2, dtype=torch.float64)
+    be = backends.get_backend(backend)
+    x = (f * 2.5).requires_grad_()
+
+    def fn(x):
+        seg, _, lse, own = be.similarity(x, p, gt, -1, 0.7, True, True, True, cache, True)
+        return seg, lse, own
+
+    assert torch.autograd.gradcheck(fn, (x,))

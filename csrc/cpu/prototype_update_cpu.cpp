@@ -41,7 +41,7 @@ bool row_is_finite<float>(const float* x, int64_t D) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, const at::Tensor& slot,
-                                                      int64_t num_slots) {
+                                                      int64_t num_slots, bool normalize) {
   check_dim(feats, 2, "feats", "(N, D)");
   check_floating(feats, "feats");
   check_dim(slot, 1, "slot", "(N,)");
@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
     TORCH_CHECK_VALUE(sp[n] < num_slots, "slot[", n, "] = ", sp[n], " is >= num_slots (", num_slots, ")");
   }
   std::vector<uint8_t> ok(N, 0);
+  std::vector<double> scale(N, 1.0);  // 1 / max(||x_n||, eps) when normalize
   std::vector<double> acc_sums(num_slots * D, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "prototype_sums_cpu", [&] {
     const scalar_t* fp = f.data_ptr<scalar_t>();
@@ -70,6 +71,11 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
       for (int64_t n = n0; n < n1; ++n) {
         if (sp[n] < 0) continue;
         ok[n] = row_is_finite(fp + n * D, D);
+        if (normalize && ok[n]) {
+          double sq = 0.0;
+          for (int64_t d = 0; d < D; ++d) sq += double(fp[n * D + d]) * double(fp[n * D + d]);
+          scale[n] = inv_norm(sq);
+        }
       }
     });
     const int64_t nchunks = (D + kColChunk - 1) / kColChunk;
@@ -80,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
           if (!ok[n]) continue;
           double* dst = acc_sums.data() + sp[n] * D;
           const scalar_t* src = fp + n * D;
-          for (int64_t d = d0; d < d1; ++d) dst[d] += double(src[d]);
+          const double w = scale[n];
+          for (int64_t d = d0; d < d1; ++d) dst[d] += double(src[d]) * w;
         }
       }
     });

@@ -57,6 +57,21 @@ at::Tensor checked_labels(const at::Tensor& labels, int64_t C, int64_t ignore_in
   return lab;
 }
 
+// (rows, 1): 1 / max(||x_n||, 1e-12), the F.normalize scale of each row.
+at::Tensor inv_row_norms(const at::Tensor& x) {
+  return at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true).clamp_min_(kNormEps).reciprocal_();
+}
+
+// d/dx of f = x / max(||x||, eps), applied to g = d loss / d f in place:
+// (g - f (f . g)) / ||x|| where ||x|| > eps, g / eps elsewhere.
+void normalize_backward_(at::Tensor& g, const at::Tensor& x) {
+  at::Tensor norm = at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true);
+  at::Tensor r = norm.clamp_min(kNormEps).reciprocal_();
+  at::Tensor f = x * r;
+  at::Tensor proj = (f * g).sum(1, /*keepdim=*/true).masked_fill_(norm <= kNormEps, 0);
+  g.sub_(f * proj).mul_(r);
+}
+
 bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) {
   return cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
 }
@@ -65,7 +80,7 @@ bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cpu(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index,
-    double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
+    double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
   check_similarity_args(feats, protos, labels, compute_own);
   at::NoGradGuard no_grad;  // autograd is handled in Python; inner ATen calls record nothing
   TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
@@ -92,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
-        at::Tensor S = at::mm(feats.narrow(0, r0, rows).to(acc), Pt);  // (rows, C*K), in cache
+        at::Tensor xt = feats.narrow(0, r0, rows).to(acc);
+        at::Tensor S = at::mm(xt, Pt);  // (rows, C*K), in cache
+        if (normalize) S.mul_(inv_row_norms(xt));  // rows of S scale like the rows of feats
         const acc_t* s = S.data_ptr<acc_t>();
         if (compute_seg) {
           // nearest prototype of each class: max and arg-max over K
@@ -141,7 +158,7 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
                                    const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats,
                                    const at::Tensor& protos, const at::Tensor& labels, const at::Tensor& argk,
                                    const at::Tensor& lse, int64_t ignore_index, double temperature,
-                                   const c10::optional<at::Tensor>& probs_opt) {
+                                   const c10::optional<at::Tensor>& probs_opt, bool normalize) {
   const bool has_seg = grad_seg.has_value() && grad_seg->defined();
   const bool has_lse = grad_lse.has_value() && grad_lse->defined();
   const bool has_own = grad_own.has_value() && grad_own->defined();
@@ -184,7 +201,9 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
           if (cached) {
             dS = probs.narrow(0, r0, rows) * glse.narrow(0, r0, rows).unsqueeze(1);
           } else {  // S recomputed from the saved lse (flash-attention style)
-            at::Tensor S = at::mm(feats.narrow(0, r0, rows).to(acc), P.t());
+            at::Tensor xt = feats.narrow(0, r0, rows).to(acc);
+            at::Tensor S = at::mm(xt, P.t());
+            if (normalize) S.mul_(inv_row_norms(xt));
             at::Tensor St = temperature == 1.0 ? S : S / temperature;
             dS = at::exp(St - l.narrow(0, r0, rows).unsqueeze(1)).mul_(glse.narrow(0, r0, rows).unsqueeze(1));
           }
@@ -228,6 +247,10 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
               }
             }
           }
+        }
+        if (normalize) {  // d loss / d f  ->  d loss / d raw feats, on the tile in cache
+          at::Tensor gt = grad.narrow(0, r0, rows);
+          normalize_backward_(gt, feats.narrow(0, r0, rows).to(acc));
         }
       }
     });
