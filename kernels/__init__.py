@@ -1,4 +1,12 @@
 """Triton kernels of protoseg_ext (installed as ``protoseg_ext.kernels``).
 
-Imported lazily by the ``"triton"`` backend (``protoseg_ext.triton_ops``).
+Imported lazily by the ``"triton"`` backend (``protoseg_ext.triton_ops``);
+nothing here imports triton until a kernel module is imported.
+
+* ``similarity``: the fused similarity forward (seg, arg-max k, row
+  log-sum-exp, own-class scores) and its flash-attention-style backward;
+* ``sinkhorn``: Sinkhorn-Knopp of every class, segmented by label;
+* ``prototype_update``: per-prototype sums (deterministic sorted reduction or
+  atomics) and the momentum update;
+* ``roofline``: H100 roofline estimates of every op (no triton needed).
 """

@@ -1,0 +1,1 @@
+"""Benchmarks of protoseg_ext: ``python bench/run.py --help``."""

@@ -1,0 +1,312 @@
+"""Benchmark the ProtoSeg head step: providers x sizes x modes, with the GEMM floor.
+
+    python bench/run.py --quick                         # CI sizes, < 2 minutes
+    python bench/run.py --sizes cityscapes,ade20k --providers official,vectorized,cpu --modes full
+    python bench/run.py --list                          # sizes, providers, modes
+
+Every (provider, size, labels) runs in a process of its own (bench/worker.py),
+so peak memory is that provider's alone and an out-of-memory death is reported
+as ``OOM`` rather than ending the run; sizes whose estimated memory exceeds the
+machine are reported as ``skipped: needs ~X GB``. The GEMM floor of each size is
+timed in the same run. Rows are appended to ``bench/results/bench.csv`` (with
+machine, torch, commit and time); this run's table goes to ``bench.md`` and its
+chart to ``bench.png`` (``python bench/plot.py`` redraws both from the CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import plot as report  # noqa: E402
+from bench.providers import (  # noqa: E402
+    GiB,
+    LABELS,
+    MODES,
+    PROVIDERS,
+    SIZES,
+    estimate_bytes,
+    total_memory_bytes,
+    unavailable_reason,
+)
+
+WORKER = os.path.join(HERE, "worker.py")
+MODE_RUN_ORDER = ("update", "forward", "backward", "full")  # increasing memory: see worker.py
+QUICK = dict(sizes="tiny,small", providers="official,vectorized,cpu", modes=",".join(MODES), labels="uniform",
+             repeats=3, warmup=1, max_seconds=3.0)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI run: sizes {QUICK['sizes']}, providers {QUICK['providers']}, all modes, "
+                        f"{QUICK['repeats']} repeats (explicit options still win)")
+    p.add_argument("--sizes", help=f"comma list of {','.join(SIZES)} (default: all but tiny,small)")
+    p.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)} (default: all that run here)")
+    p.add_argument("--modes", help=f"comma list of {','.join(MODES)} (default: all)")
+    p.add_argument("--labels", help="uniform, skewed or both (default: uniform,skewed)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--repeats", type=int, help="timed repeats per mode (default 5)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 1; the first is reported as first_ms)")
+    p.add_argument("--max-seconds", type=float, help="stop repeating a mode after this many seconds, "
+                                                     "once 3 repeats are in (default 60)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker process may take")
+    p.add_argument("--mem-fraction", type=float, default=0.9,
+                   help="skip a run whose estimated memory exceeds this fraction of the machine's (CPU) or GPU's")
+    p.add_argument("--no-floor", action="store_true", help="do not time the GEMM floor")
+    p.add_argument("--no-ops", action="store_true", help="do not count ops (saves one step per mode)")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list", action="store_true", help="print the sizes, providers and modes and exit")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    defaults = dict(sizes="cityscapes,ade20k,cocostuff,d256,fullres,fullres-ade20k", providers=None,
+                    modes=",".join(MODES), labels=",".join(LABELS), repeats=5, warmup=1, max_seconds=60.0)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, QUICK[k] if args.quick else v)
+    return args
+
+
+# ----------------------------------------------------------------------------- run metadata
+
+
+def machine_info(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        flags = "AVX-512" if " avx512f" in text else ("AVX2" if " avx2" in text else "")
+    except OSError:
+        pass
+    desc = f"{cpu}{' ' + flags if flags else ''}, {os.cpu_count()} cores, {total_memory_bytes('cpu') / GiB:.0f} GiB"
+    if device == "cuda":
+        import torch
+
+        desc += f"; {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_worker(provider, size, labels, modes, args, log):
+    """Run ``modes`` of one provider in its own process(es); returns ``{mode: result dict}``.
+
+    A worker that dies mid-mode (OOM killer, crash, timeout) costs that mode
+    only: the mode is reported and a fresh worker takes the remaining ones.
+    """
+    results = {}
+    todo = [m for m in MODE_RUN_ORDER if m in modes]
+    # address-space cap of a CPU worker: its share of RAM plus the ~3 GB of address space torch maps
+    # without using it; an allocation past it raises (reported as OOM) before the kernel's OOM killer
+    # picks a victim on a shared machine
+    mem_limit = total_memory_bytes("cpu") * args.mem_fraction / GiB + 3 if args.device == "cpu" else 0
+    # torch.compile: a process per mode, so that each mode's first call is a cold compile
+    per_process = 1 if provider.endswith("+compile") else len(todo)
+    while todo:
+        batch = todo[:per_process]
+        cmd = [sys.executable, WORKER, "--provider", provider, "--size", size, "--labels", labels,
+               "--modes", ",".join(batch), "--device", args.device, "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds), "--seed", str(args.seed),
+               "--mem-limit-gb", f"{mem_limit:.1f}"]
+        if args.no_ops:
+            cmd.append("--no-ops")
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err, rc = "", "timeout"
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                r = json.loads(line[len("RESULT "):])
+                results[r.pop("mode")] = r
+        missing = [m for m in batch if m not in results]
+        todo = [m for m in todo if m not in results]
+        if not missing:
+            continue
+        if rc == "timeout":
+            status = f"timeout after {args.timeout:.0f} s"
+        elif rc in (-9, 137):
+            status = "OOM (killed)"
+        else:
+            tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or [f"exit code {rc}"]
+            status = f"error: {tail[0][:200]}"
+        results[missing[0]] = {"status": status}
+        todo.remove(missing[0])
+        log(f"    {provider} {size} {missing[0]}: {status} ({time.perf_counter() - t0:.0f} s)")
+    return results
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.list:
+        for name, s in SIZES.items():
+            print(f"size {name:16s} N={s.N:>9,} D={s.D:>4} C={s.C:>3} K={s.K:>2}  {s.about}")
+        print("providers:", ", ".join(PROVIDERS))
+        print("modes:", ", ".join(MODES))
+        print("labels:", ", ".join(LABELS))
+        return 0
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    sizes = [s for s in args.sizes.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    labels_list = [lab for lab in args.labels.split(",") if lab]
+    for s in sizes:
+        if s not in SIZES:
+            raise SystemExit(f"unknown size {s!r}; known: {', '.join(SIZES)}")
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+    for lab in labels_list:
+        if lab not in LABELS:
+            raise SystemExit(f"unknown labels {lab!r}; known: {', '.join(LABELS)}")
+    if args.providers is not None:
+        providers = [p for p in args.providers.split(",") if p]
+        for p in providers:
+            if p not in PROVIDERS:
+                raise SystemExit(f"unknown provider {p!r}; known: {', '.join(PROVIDERS)}")
+        providers = sorted(set(providers), key=PROVIDERS.index)  # official first: the others compare with it
+    else:  # all that can run here; an explicitly named one that cannot gets an "unavailable" row
+        providers = [p for p in PROVIDERS if unavailable_reason(p, args.device) is None]
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    csv_path = os.path.join(args.out_dir, "bench.csv")
+    meta = dict(
+        run_id=datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
+        machine=machine_info(args.device),
+        device=args.device,
+        torch=torch.__version__,
+        commit=git_commit(),
+    )
+    log(f"run {meta['run_id']}: {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}")
+    new_file = not os.path.exists(csv_path)
+    if not new_file:
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != report.FIELDS:  # written by an older harness: rewrite it with today's columns
+            old = report.read_csv(csv_path)
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=report.FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
+    rows = []
+    capacity = total_memory_bytes(args.device) * args.mem_fraction
+    t_start = time.perf_counter()
+
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=report.FIELDS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+
+        def emit(row):
+            rows.append(row)
+            writer.writerow(row)
+            f.flush()
+
+        for size_name in sizes:
+            size = SIZES[size_name]
+            shape = dict(size=size_name, N=size.N, D=size.D, C=size.C, K=size.K)
+            floor = {}
+            floor_modes = [m for m in modes if m != "update"]
+            if not args.no_floor and floor_modes:
+                need = estimate_bytes("floor", size)
+                if need > capacity:
+                    res = {m: {"status": f"skipped: needs ~{need / GiB:.0f} GB of {capacity / GiB:.0f}"}
+                           for m in floor_modes}
+                else:
+                    load = os.getloadavg()[0]
+                    res = run_worker("floor", size_name, labels_list[0], floor_modes, args, log)
+                    for r in res.values():
+                        r.setdefault("load1", round(load, 2))
+                for m in floor_modes:
+                    r = res.get(m, {"status": "not run"})
+                    if r.get("status") == "ok":
+                        floor[m] = r["median_ms"]
+                    emit({**meta, **shape, "labels": labels_list[0], "provider": "floor", "mode": m, **r})
+                log(f"  {size_name}: floor " + ", ".join(f"{m} {v:.1f} ms" for m, v in floor.items()))
+            for labels in labels_list:
+                official = {}
+                for prov in providers:
+                    reason = unavailable_reason(prov, args.device)
+                    need = estimate_bytes(prov, size)
+                    if reason is not None:
+                        res = {m: {"status": f"unavailable: {reason}"} for m in modes}
+                    elif need > capacity:
+                        res = {m: {"status": f"skipped: needs ~{need / GiB:.0f} GB of {capacity / GiB:.0f}"}
+                               for m in modes}
+                    else:
+                        t0 = time.perf_counter()
+                        load = os.getloadavg()[0]
+                        res = run_worker(prov, size_name, labels, modes, args, log)
+                        for r in res.values():
+                            r.setdefault("load1", round(load, 2))
+                        log(f"  {size_name} {labels} {prov}: {time.perf_counter() - t0:.0f} s")
+                    for m in modes:
+                        r = dict(res.get(m, {"status": "not run"}))
+                        if r.get("status") == "ok":
+                            if prov == "official":
+                                official[m] = r["median_ms"]
+                            if m in floor:
+                                r["floor_ms"] = floor[m]
+                                r["x_floor"] = r["median_ms"] / floor[m]
+                            if m in official:
+                                r["vs_official"] = official[m] / r["median_ms"]
+                            log(f"    {m:8s} {prov:16s} {r['median_ms']:10.1f} ms  "
+                                f"[{r['p20_ms']:.1f}-{r['p80_ms']:.1f}]  peak {r['peak_mem_mb']:.0f} MB"
+                                + (f"  ops {r['ops']} syncs {r['syncs']}" if "ops" in r else ""))
+                        else:
+                            log(f"    {m:8s} {prov:16s} {r['status']}")
+                        emit({**meta, **shape, "labels": labels, "provider": prov, "mode": m, **r})
+
+    md_path = os.path.join(args.out_dir, "bench.md")
+    png_path = os.path.join(args.out_dir, "bench.png")
+    report.write_markdown(rows, md_path)
+    try:
+        report.plot(rows, png_path)
+    except ImportError:
+        png_path = "(no PNG: matplotlib is not installed)"
+    log(f"done in {time.perf_counter() - t_start:.0f} s: {csv_path}, {md_path}, {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

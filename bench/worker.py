@@ -1,0 +1,344 @@
+"""Measure one provider at one size, mode after mode, in a process of its own.
+
+``bench/run.py`` starts one worker per (provider, size, labels) so that each
+peak-memory figure belongs to that provider alone. The worker prints one line
+``RESULT {json}`` per mode as soon as it is measured; if the process dies (out
+of memory) the parent knows which mode killed it and carries on.
+
+Modes run in the order the parent gives (it sends update, forward, backward,
+full: increasing memory), and the RSS high-water mark is reset before each, so
+memory a mode freed but the allocator kept rarely inflates the next one's peak.
+``peak_mem_mb`` is the process's peak (torch runtime and inputs included);
+``extra_mem_mb`` that peak less the process's memory just before the first
+mode (the memory the step needs beyond its inputs).
+
+Also ``--provider floor``: the GEMM floor of the size, ``feats @ P.T``
+(N x D x CK, forward) and ``dS @ P`` (its transpose-shaped counterpart, backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+if __package__ in (None, ""):  # `python bench/worker.py`: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--provider", required=True)
+    p.add_argument("--size", required=True)
+    p.add_argument("--labels", default="uniform")
+    p.add_argument("--modes", default="forward,backward,full,update")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a mode after this (>= 3 repeats)")
+    p.add_argument("--no-ops", action="store_true", help="skip the op count")
+    p.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space limit (CPU), 0 = none")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of this process during a block: RSS high-water mark (CPU) or max_memory_allocated (GPU).
+
+    On Linux the RSS high-water mark is reset between modes through
+    ``/proc/self/clear_refs``; where that is not allowed, ``ru_maxrss`` (the
+    process's lifetime peak) is reported instead and ``kind`` says so.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device == "cuda" else "rss"
+
+    def reset(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        self.base = _proc_status_kb("VmRSS") * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            self.kind = "rss_lifetime"
+
+    def peak(self) -> int:
+        import torch
+
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated()
+        if self.kind == "rss":
+            return _proc_status_kb("VmHWM") * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e).lower()
+    return any(s in msg for s in ("out of memory", "can't allocate memory", "not enough memory", "bad_alloc",
+                                  "cannot allocate memory"))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _timer(device):
+    import torch
+
+    if device == "cuda":
+        def now():
+            torch.cuda.synchronize()
+            return time.perf_counter()
+    else:
+        now = time.perf_counter
+    return now
+
+
+def time_repeats(body, *, repeats, warmup, max_seconds, device):
+    """Run ``body()`` (which returns its own elapsed seconds) warmup + repeats times.
+
+    Returns ``(first_s, [seconds of each timed repeat])``; the first warm-up call
+    is reported apart (for torch.compile it is the compilation).
+    """
+    first = body()
+    for _ in range(max(0, warmup - 1)):
+        body()
+    times, spent = [], 0.0
+    for i in range(repeats):
+        t = body()
+        times.append(t)
+        spent += t
+        if i + 1 >= min(3, repeats) and spent > max_seconds:
+            break
+    return first, times
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarise(times):
+    ms = [t * 1e3 for t in times]
+    return {
+        "median_ms": statistics.median(ms),
+        "p20_ms": _quantile(ms, 0.2),
+        "p80_ms": _quantile(ms, 0.8),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "repeats": len(ms),
+    }
+
+
+# ----------------------------------------------------------------------------- the modes
+
+
+FLOOR_CHUNK = 1 << 18  # rows per GEMM of the floor: full-resolution S would not fit in memory
+
+
+def measure_floor(size, mode, inputs, args):
+    """The GEMM floor: ``feats @ P.T`` (N x D x CK, forward), ``dS @ P`` (backward), both (full).
+
+    Sizes above ``FLOOR_CHUNK`` rows run as GEMMs of that many rows (the time of
+    a GEMM that large is its flops; only the memory differs).
+    """
+    import torch
+
+    feats, protos, gt, _ = inputs
+    N, D, C, K, _ = size
+    P = protos.reshape(C * K, D)
+    now = _timer(args.device)
+    rows = min(N, FLOOR_CHUNK)
+    dS = torch.randn(rows, C * K, device=feats.device, dtype=feats.dtype) if mode != "forward" else None
+
+    def body():
+        t0 = now()
+        for lo in range(0, N, rows):
+            hi = min(N, lo + rows)
+            if mode in ("forward", "full", "update"):
+                s = feats[lo:hi] @ P.t()
+                del s
+            if mode in ("backward", "full"):
+                g = dS[: hi - lo] @ P
+                del g
+        return now() - t0
+
+    return time_repeats(body, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
+                        device=args.device), None
+
+
+def measure_provider(prov, size, mode, inputs, args):
+    """Time ``mode`` of provider ``prov``; returns ``((first, times), op counter or None)``."""
+    from bench.opcount import OpCounter
+
+    feats, protos, gt, seg = inputs
+    now = _timer(args.device)
+    x = feats.detach().requires_grad_(True)
+
+    if mode == "update":
+        def run():
+            return prov.update(feats, protos, gt, seg)
+
+        def body():
+            t0 = now()
+            run()
+            return now() - t0
+
+        count = run
+    elif mode == "forward":
+        def run():
+            return prov.forward(x, gt)
+
+        def body():
+            t0 = now()
+            loss = run()
+            t = now() - t0
+            del loss
+            return t
+
+        count = run
+    elif mode == "full":
+        def run():
+            x.grad = None
+            prov.forward(x, gt).backward()
+
+        def body():
+            t0 = now()
+            run()
+            return now() - t0
+
+        count = run
+    elif mode == "backward":
+        def body():
+            x.grad = None
+            loss = prov.forward(x, gt)
+            t0 = now()
+            loss.backward()
+            return now() - t0
+
+        count = None
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+    timing = time_repeats(body, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
+                          device=args.device)
+    counter = None
+    if not args.no_ops and not prov.compiled:  # compiled code runs fused kernels, not aten ops
+        counter = OpCounter()
+        if mode == "backward":
+            x.grad = None
+            loss = prov.forward(x, gt)
+            with counter:
+                loss.backward()
+        else:
+            with counter:
+                count()
+    return timing, counter
+
+
+def main():
+    args = _parse()
+    if args.mem_limit_gb > 0 and args.device == "cpu":
+        lim = int(args.mem_limit_gb * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))  # an allocation past it raises, not the OOM killer
+    warnings.filterwarnings("ignore")  # Dynamo's graph-break advice; the counts are reported instead
+    if args.provider.endswith("+compile"):
+        # a cold compile every run, so that the first-call time means what it says
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="protoseg_bench_inductor_")
+
+    import torch
+
+    from bench.providers import SIZES, Provider, make_inputs, official_seg
+
+    size = SIZES[args.size]
+    modes = [m for m in args.modes.split(",") if m]
+    mem = PeakMemory(args.device)
+
+    def emit(mode, **kw):
+        print("RESULT " + json.dumps({"mode": mode, **kw}), flush=True)
+
+    try:
+        feats, protos, gt = make_inputs(size, args.labels, device=args.device, seed=args.seed)
+        seg = None
+        if "update" in modes and args.provider != "floor":  # the update mode's input, made before it is measured
+            seg = official_seg(feats, protos, torch.nn.LayerNorm(size.C).to(feats.device))
+        inputs = (feats, protos, gt, seg)
+        prov = None
+        if args.provider != "floor":
+            prov = Provider(args.provider, size, args.device)
+            prov.set_prototypes(inputs[1])
+    except Exception as e:  # noqa: BLE001 - reported per mode
+        status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
+        for m in modes:
+            emit(m, status=status)
+        return
+    gc.collect()
+    mem.reset()
+    base0 = mem.base  # the process with its inputs, before any step
+    for mode in modes:
+        gc.collect()
+        mem.reset()
+        extra = {}
+        try:
+            if prov is None:
+                (first, times), counter = measure_floor(size, mode, inputs, args)
+            else:
+                if prov.compiled:
+                    import torch._dynamo
+
+                    torch._dynamo.reset()
+                    torch._dynamo.utils.counters.clear()
+                (first, times), counter = measure_provider(prov, size, mode, inputs, args)
+                if prov.compiled:
+                    c = torch._dynamo.utils.counters
+                    extra["graph_breaks"] = sum(c["graph_break"].values())
+                    extra["graphs"] = c["stats"]["unique_graphs"]
+        except Exception as e:  # noqa: BLE001
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            emit(mode, status="OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        peak = mem.peak()
+        row = dict(status="ok", first_ms=first * 1e3, **summarise(times), peak_mem_mb=peak / 2**20,
+                   extra_mem_mb=max(0, peak - base0) / 2**20, mem_kind=mem.kind, **extra)
+        if counter is not None:
+            row.update(ops=counter.ops, views=counter.views, syncs=counter.syncs, sync_detail=counter.sync_detail())
+        emit(mode, **row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Triton kernels of ``prototype_sums`` and ``prototype_ema``.
+
+prototype_sums: ``sums[s] = sum of feats[n]`` over the rows with ``slot[n] == s``
+and an all-finite feature row, ``counts[s]`` how many. Two implementations:
+
+* deterministic (sorted segmented reduction): a first kernel turns each row's
+  slot into a sort key (``num_slots`` for rows that take no part, so they sort
+  last); a stable ``torch.sort`` makes every slot a contiguous segment of a
+  permutation; then program ``(s, d-block, j)`` sums the j-th of SPLIT chunks
+  of slot s's rows for BLOCK_D columns, in a fixed order. No float atomics;
+  the SPLIT partials (if any) are summed by ``torch.sum`` (fixed order too).
+  Counts are segment lengths, exact.
+* atomic: each program checks BLOCK_N rows for finiteness and adds them to
+  ``sums[slot]`` with float atomics: one pass, no sort, but the order of the
+  additions (so the last bits of the sums) varies from run to run.
+
+prototype_ema: one program per prototype: normalise its sum, momentum update,
+L2-normalise, all in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, TL_DTYPE, acc_dtype, pow2
+
+
+@triton.jit
+def prototype_slot_key_kernel(
+    X_ptr,  # feats (N, D), any strides
+    X_stride_n,
+    X_stride_d,
+    SLOT_ptr,  # (N,) integer: prototype slot of each row, < 0 for none
+    SLOT_stride,
+    KEY_ptr,  # out (N,) int64: slot, or num_slots when the row takes no part
+    N,
+    D,
+    num_slots,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Sort key of BLOCK_N rows: a row takes part when its slot is valid and
+    # its whole feature row is finite (a NaN pixel must never reach the
+    # prototypes). Rows without a slot are not read at all (masked loads).
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(SLOT_ptr + rows * SLOT_stride, mask=rows < N, other=-1).to(tl.int64)
+    take = (rows < N) & (slot >= 0) & (slot < num_slots)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = take[:, None] & (d < D)[None, :]
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
+        finite = tl.abs(x) < float("inf")  # False for NaN and +-inf
+        take = take & (tl.min(finite.to(tl.int32), axis=1) > 0)
+    tl.store(KEY_ptr + rows, tl.where(take, slot, num_slots), mask=rows < N)
+
+
+@triton.jit
+def prototype_sums_segmented_kernel(
+    X_ptr,  # feats (N, D), any strides
+    X_stride_n,
+    X_stride_d,
+    PERM_ptr,  # (N,) int64: rows sorted by slot
+    OFFS_ptr,  # (num_slots + 1,) int64: slot segments of the sorted order
+    SUMS_ptr,  # out (SPLIT, num_slots, D) acc dtype: partial sums of chunk j
+    D,
+    num_slots,
+    SPLIT,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Program (s, d-block, j): sum of feats[perm[i], d-block] over the j-th
+    # chunk of slot s's segment, BLOCK_N rows at a time into a BLOCK_N x
+    # BLOCK_D accumulator that is reduced once at the end. Each row of feats
+    # is read once (gathered through perm); the fixed chunking and order make
+    # the sums bitwise reproducible without atomics.
+    s = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2).to(tl.int64)
+    start = tl.load(OFFS_ptr + s)
+    end = tl.load(OFFS_ptr + s + 1)
+    chunk = tl.cdiv(end - start, SPLIT)
+    lo = start + j * chunk
+    hi = tl.minimum(lo + chunk, end)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    for i0 in range(lo, hi, BLOCK_N):
+        i = i0 + tl.arange(0, BLOCK_N)
+        i_ok = i < hi
+        r = tl.load(PERM_ptr + i, mask=i_ok, other=0)
+        m = i_ok[:, None] & d_ok[None, :]
+        x = tl.load(X_ptr + r[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0)
+        acc += x.to(ACC_DTYPE)
+    tl.store(SUMS_ptr + (j * num_slots + s) * D + d, tl.sum(acc, axis=0), mask=d_ok)
+
+
+@triton.jit
+def prototype_sums_atomic_kernel(
+    X_ptr,  # feats (N, D), any strides
+    X_stride_n,
+    X_stride_d,
+    SLOT_ptr,  # (N,) integer slot, < 0 for none
+    SLOT_stride,
+    SUMS_ptr,  # out (num_slots, D) acc dtype, zero-initialised
+    COUNTS_ptr,  # out (num_slots,) acc dtype, zero-initialised
+    N,
+    D,
+    num_slots,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # BLOCK_N rows: first pass over D checks that each row is finite, second
+    # pass adds the finite rows into sums[slot] with float atomics (the tile
+    # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(SLOT_ptr + rows * SLOT_stride, mask=rows < N, other=-1).to(tl.int64)
+    take = (rows < N) & (slot >= 0) & (slot < num_slots)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = take[:, None] & (d < D)[None, :]
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
+        take = take & (tl.min((tl.abs(x) < float("inf")).to(tl.int32), axis=1) > 0)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = take[:, None] & (d < D)[None, :]
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0)
+        tl.atomic_add(SUMS_ptr + slot[:, None] * D + d[None, :], x.to(ACC_DTYPE), mask=m, sem="relaxed")
+    one = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
+    tl.atomic_add(COUNTS_ptr + slot, one, mask=take, sem="relaxed")  # integers: exact in any order
+
+
+@triton.jit
+def prototype_ema_kernel(
+    P_ptr,  # protos (C*K, D) contiguous
+    SUMS_ptr,  # (C*K, D) contiguous
+    COUNTS_ptr,  # (C*K,)
+    OUT_ptr,  # out (C*K, D) acc dtype
+    D,
+    gamma: tl.float64,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Prototype j: f = sums[j] / ||sums[j]||; p = gamma * p + (1 - gamma) * f
+    # when counts[j] > 0; then p / ||p||. Three sweeps over D (norm of f,
+    # updated p and its norm, scaled store); a row of D fits in one BLOCK_D
+    # for every practical D, so the sweeps re-read registers/L1 only.
+    j = tl.program_id(0).to(tl.int64)
+    g = tl.full((), gamma, ACC_DTYPE)
+    hit = tl.load(COUNTS_ptr + j).to(ACC_DTYPE) > 0
+    D_f = tl.where(hit, D, 0)  # columns of sums[j] to read: none when the prototype got no pixel
+    sq_f = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
+        sq_f += f * f
+    inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_f, axis=0)), 1e-12)
+    sq_p = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        p = tl.load(P_ptr + j * D + d, mask=d < D, other=0.0).to(ACC_DTYPE)
+        f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
+        p = tl.where(hit, g * p + (1.0 - g) * (f * inv_f), p)
+        sq_p += p * p
+    inv_p = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_p, axis=0)), 1e-12)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        p = tl.load(P_ptr + j * D + d, mask=d < D, other=0.0).to(ACC_DTYPE)
+        f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
+        p = tl.where(hit, g * p + (1.0 - g) * (f * inv_f), p)
+        tl.store(OUT_ptr + j * D + d, p * inv_p, mask=d < D)
+
+
+# ----------------------------------------------------------------- launchers
+
+
+def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block_n=None, block_d=None):
+    """Launch the per-prototype sums; arguments already checked.
+
+    Returns ``sums (num_slots, D)`` and ``counts (num_slots,)`` in the
+    accumulation dtype. ``deterministic=False`` uses float atomics.
+    ``split`` (programs per slot in the deterministic path) defaults to one per
+    8192 rows of N (capped at 64); it depends on the shape only.
+    ``block_n`` / ``block_d`` override the tile (tests).
+    """
+    N, D = feats.shape
+    S = int(num_slots)
+    dev = feats.device
+    acc = acc_dtype(feats.dtype)
+    if N == 0 or S == 0:
+        return torch.zeros((S, D), dtype=acc, device=dev), torch.zeros((S,), dtype=acc, device=dev)
+    BLOCK_N = block_n or (pow2(N, 16, 256) if INTERPRET else 32)
+    BLOCK_D = block_d or (pow2(D, 16, 256) if INTERPRET else 128)
+    if not deterministic:
+        sums = torch.zeros((S, D), dtype=acc, device=dev)
+        counts = torch.zeros((S,), dtype=acc, device=dev)
+        prototype_sums_atomic_kernel[(triton.cdiv(N, BLOCK_N),)](
+            feats, feats.stride(0), feats.stride(1), slot, slot.stride(0), sums, counts, N, D, S,
+            ACC_DTYPE=TL_DTYPE[acc], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
+        )
+        return sums, counts
+    key = torch.empty((N,), dtype=torch.int64, device=dev)
+    prototype_slot_key_kernel[(triton.cdiv(N, BLOCK_N),)](
+        feats, feats.stride(0), feats.stride(1), slot, slot.stride(0), key, N, D, S,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    sorted_key, perm = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(sorted_key, torch.arange(S + 1, device=dev, dtype=torch.int64))
+    counts = (offsets[1:] - offsets[:-1]).to(acc)
+    if split is None:
+        split = 1 if INTERPRET else min(64, triton.cdiv(N, 8192))
+    if D == 0:
+        return torch.zeros((S, D), dtype=acc, device=dev), counts
+    partial = torch.empty((split, S, D), dtype=acc, device=dev)
+    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET else 64)
+    grid = (S, triton.cdiv(D, BLOCK_D), split)
+    prototype_sums_segmented_kernel[grid](
+        feats, feats.stride(0), feats.stride(1), perm, offsets, partial, D, S, split,
+        ACC_DTYPE=TL_DTYPE[acc], BLOCK_N=BLOCK_N_SEG, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    sums = partial[0] if split == 1 else partial.sum(dim=0)
+    return sums, counts
+
+
+def prototype_ema(protos, sums, counts, gamma):
+    """Launch the momentum update; arguments already checked. Returns ``(C, K, D)`` in protos' dtype."""
+    C, K, D = protos.shape
+    acc = acc_dtype(protos.dtype)
+    CK = C * K
+    if CK == 0 or D == 0:
+        return torch.empty_like(protos, memory_format=torch.contiguous_format)
+    P = protos.reshape(CK, D).contiguous()
+    Sm = sums.reshape(CK, D).contiguous()
+    cnt = counts.reshape(CK).contiguous()
+    out = torch.empty((CK, D), dtype=acc, device=protos.device)
+    prototype_ema_kernel[(CK,)](
+        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc], BLOCK_D=pow2(D, 16, 4096), num_warps=4,
+    )
+    return out.view(C, K, D).to(protos.dtype)

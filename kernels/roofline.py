@@ -1,0 +1,163 @@
+"""Roofline estimates of the protoseg_ext ops on an H100 SXM, from the shapes alone.
+
+``h100_roofline(op, N, D, C, K, dtype)`` returns the FLOPs and the compulsory
+HBM bytes of one call (every input read once, every output written once: what
+a perfectly fused kernel must move), the time each would take at the H100's
+published peak, and which bound applies. A measured time can be judged as a
+fraction of ``max(t_compute_s, t_memory_s)``. Extra keys: ``t_roofline_s``,
+``bytes_impl`` (the traffic of the kernels as written here, e.g. Sinkhorn's
+2 + iters passes) and, for the GEMM ops, ``flops_impl`` (the tensor-core work
+as tiled here: K padded to a power of two, the last class block padded, and
+S recomputed once per D slice in the backward).
+
+Peaks (NVIDIA H100 datasheet, H100 SXM column; the tensor-core figures there
+are quoted "with sparsity", the dense rate is half):
+  FP64 67 TFLOPS (tensor core) / 34 TFLOPS (CUDA cores)
+  FP32 67 TFLOPS (CUDA cores)
+  TF32 tensor core 989 TFLOPS sparse -> 494.5 dense
+  BF16 / FP16 tensor core 1979 TFLOPS sparse -> 989.5 dense
+  HBM3 bandwidth 3.35 TB/s
+float32 GEMMs run as tf32x3 (three TF32 products, about fp32-accurate), so
+their compute peak is 494.5 / 3 TFLOPS.
+"""
+
+from __future__ import annotations
+
+__all__ = ["h100_roofline", "H100_PEAKS", "OPS"]
+
+H100_PEAKS = {
+    "fp64_tensor": 67e12,
+    "fp64": 34e12,
+    "fp32": 67e12,
+    "tf32_tensor": 494.5e12,
+    "half_tensor": 989.5e12,
+    "hbm_bytes_per_s": 3.35e12,
+}
+
+OPS = (
+    "similarity",  # forward with seg, lse and own (the head's training step)
+    "seg_logits",  # forward with seg (and argk) only: inference
+    "own_scores",  # own-class scores only (gathered, no full S)
+    "proto_losses",  # forward with lse and own: PPC / PPD
+    "similarity_backward",  # d feats from the seg, lse and own gradients
+    "sinkhorn",
+    "prototype_sums",
+    "prototype_ema",
+    "prototype_learning",  # own_scores + sinkhorn + prototype_sums + prototype_ema
+)
+
+
+def _dtype_name(dtype) -> str:
+    s = str(dtype).replace("torch.", "").lower()
+    aliases = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+               "fp64": "float64", "double": "float64"}
+    s = aliases.get(s, s)
+    if s not in ("float32", "float16", "bfloat16", "float64"):
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+    return s
+
+
+def _peaks(dtype: str):
+    """(GEMM peak, element-wise peak) in FLOP/s for inputs of ``dtype``."""
+    if dtype == "float64":
+        return H100_PEAKS["fp64_tensor"], H100_PEAKS["fp64"]
+    if dtype == "float32":
+        return H100_PEAKS["tf32_tensor"] / 3, H100_PEAKS["fp32"]
+    return H100_PEAKS["half_tensor"], H100_PEAKS["fp32"]
+
+
+def _padding(C: int, K: int, dtype: str, pass_: str) -> float:
+    """Columns the GEMM tiles compute per real column of S (mirrors similarity.tile_config on a GPU).
+
+    A tile holds BLOCK_C whole classes of next_pow2(K) prototypes, so K and
+    the last class block are padded.
+    """
+    max_j = {("fwd", "float64"): 64, ("bwd", "float64"): 16}.get((pass_, dtype))
+    if max_j is None:
+        max_j = 256 if (pass_ == "fwd" and dtype in ("float16", "bfloat16")) else 128
+    bk = 1 << (K - 1).bit_length()
+    bc = max(1, min(1 << (C - 1).bit_length(), max_j // bk))
+    while bc * bk < 16:
+        bc *= 2
+    return (-(-C // bc) * bc * bk) / (C * K)
+
+
+def _result(flops_gemm, flops_elem, nbytes, bytes_impl, dtype):
+    gemm_peak, elem_peak = _peaks(dtype)
+    t_compute = flops_gemm / gemm_peak + flops_elem / elem_peak
+    t_memory = nbytes / H100_PEAKS["hbm_bytes_per_s"]
+    return {
+        "flops": float(flops_gemm + flops_elem),
+        "bytes": float(nbytes),
+        "t_compute_s": t_compute,
+        "t_memory_s": t_memory,
+        "bound": "compute" if t_compute >= t_memory else "memory",
+        "bytes_impl": float(bytes_impl),
+        "t_roofline_s": max(t_compute, t_memory),
+    }
+
+
+def h100_roofline(op: str, N: int, D: int, C: int, K: int, dtype="float32", iters: int = 3) -> dict:
+    """Roofline of ``op`` for ``feats (N, D)``, ``protos (C, K, D)`` of ``dtype`` on an H100 SXM.
+
+    Returns ``dict(flops, bytes, t_compute_s, t_memory_s, bound, bytes_impl,
+    t_roofline_s)``. ``op`` is one of :data:`OPS`; ``iters`` is the number of
+    Sinkhorn iterations.
+    """
+    dt = _dtype_name(dtype)
+    e = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[dt]  # input element
+    a = 8 if dt == "float64" else 4  # accumulation dtype (lse, own, Q, sums)
+    CK = C * K
+    feats, protos, labels = N * D * e, CK * D * e, N * 8
+    gemm = 2.0 * N * D * CK  # S = feats @ protos^T
+
+    if op in ("similarity", "seg_logits", "proto_losses"):
+        seg = op in ("similarity", "seg_logits")
+        lse = op in ("similarity", "proto_losses")
+        out = (N * C * (e + 1) if seg else 0) + (N * a if lse else 0) + (N * K * a if lse else 0)
+        # epilogue per S element: max/compare (seg), scale + exp + add (lse), select (own)
+        elem = N * CK * ((2 if seg else 0) + (4 if lse else 0))
+        nbytes = feats + protos + (labels if lse else 0) + out
+        res = _result(gemm, elem, nbytes, nbytes, dt)
+        res["flops_impl"] = gemm * _padding(C, K, dt, "fwd")
+        return res
+    if op == "own_scores":
+        nbytes = feats + protos + labels + N * K * a
+        return _result(0.0, 2.0 * N * K * D, nbytes, nbytes, dt)
+    if op == "similarity_backward":
+        # recompute S, then dS @ protos: two GEMMs; softmax weights per S element
+        nbytes = feats + protos + labels + N * C * (e + 1) + 2 * N * a + N * K * a + N * D * e
+        # as written: S is recomputed (and feats re-read) once per BLOCK_DO slice of D
+        slices = -(-D // (32 if dt == "float64" else 256))
+        res = _result(2 * gemm, 4.0 * N * CK, nbytes, nbytes + (slices - 1) * feats, dt)
+        res["flops_impl"] = gemm * _padding(C, K, dt, "bwd") * (slices + 1)
+        return res
+    if op == "sinkhorn":
+        own = N * K * a
+        nbytes = own + labels + own  # read own, write Q
+        # as written: sort (read labels, write key/perm ~3 N*8), pass 0 reads own,
+        # pass 1 reads own and writes the work buffer, each iteration reads and writes it
+        bytes_impl = 4 * labels + 2 * own + own + iters * 2 * own + N * 8
+        return _result(0.0, (2 + 4 * iters) * N * K, nbytes, bytes_impl, dt)
+    if op == "prototype_sums":
+        nbytes = feats + labels + CK * D * a + CK * a
+        bytes_impl = nbytes + feats + 4 * labels  # finiteness check, then the sorted sum
+        return _result(0.0, 2.0 * N * D, nbytes, bytes_impl, dt)
+    if op == "prototype_ema":
+        nbytes = protos + CK * D * a + CK * a + protos
+        return _result(0.0, 10.0 * CK * D, nbytes, nbytes, dt)
+    if op == "prototype_learning":
+        parts = [h100_roofline(p, N, D, C, K, dtype, iters)
+                 for p in ("own_scores", "sinkhorn", "prototype_sums", "prototype_ema")]
+        tc = sum(p["t_compute_s"] for p in parts)
+        tm = sum(p["t_memory_s"] for p in parts)
+        return {
+            "flops": sum(p["flops"] for p in parts),
+            "bytes": sum(p["bytes"] for p in parts),
+            "t_compute_s": tc,
+            "t_memory_s": tm,
+            "bound": "compute" if tc >= tm else "memory",
+            "bytes_impl": sum(p["bytes_impl"] for p in parts),
+            "t_roofline_s": sum(p["t_roofline_s"] for p in parts),
+        }
+    raise ValueError(f"op must be one of {OPS}, got {op!r}")

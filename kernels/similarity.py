@@ -1,0 +1,389 @@
+"""Triton kernels of ``similarity`` and ``similarity_backward``.
+
+``S = feats @ protos.view(C*K, D).T`` is never written to memory. Both kernels
+tile S as (BLOCK_N pixels) x (BLOCK_C classes x BLOCK_K prototypes): a tile
+holds every prototype of its classes, so the per-class max over K, the
+own-class scores and the softmax weights are all formed in the tile's epilogue,
+while it is still in registers. Column ``j`` of a tile is class
+``c0 + j // BLOCK_K``, prototype ``j % BLOCK_K`` (K padded to a power of two,
+padded columns masked); the tile is reshaped to (BLOCK_N, BLOCK_C, BLOCK_K) for
+the per-class reductions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
+
+
+@triton.jit
+def similarity_fwd_kernel(
+    X_ptr,  # feats (N, D), any strides
+    X_stride_n,
+    X_stride_d,
+    P_ptr,  # protos (C*K, D) contiguous; row c*K + k is prototype k of class c
+    LAB_ptr,  # labels (N,) integer (read if COMPUTE_OWN)
+    LAB_stride,
+    SEG_ptr,  # out (N, C) feats dtype: max_k S[n, c*K + k]
+    ARGK_ptr,  # out (N, C) uint8: its arg-max k
+    LSE_ptr,  # out (N,) acc dtype: logsumexp_j S[n, j] / temperature
+    OWN_ptr,  # out (N, K) acc dtype, zero-initialised: S[n, labels[n]*K + k]
+    N,
+    D,
+    C,
+    K,
+    temperature: tl.float64,
+    ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    COMPUTE_SEG: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr,
+    COMPUTE_OWN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program: BLOCK_N pixels against all C*K prototypes, BLOCK_C classes
+    # at a time. Each (BLOCK_N, BLOCK_C*BLOCK_K) tile of S is a GEMM over D in
+    # BLOCK_D chunks; its epilogue writes seg/argk for its classes, folds the
+    # tile into the running (max, sum) of the row log-sum-exp (online softmax),
+    # and writes the K scores of the pixel's own class when the tile holds it.
+    # Fused so that S costs registers only: N*(C + C + 1 + K) values leave the
+    # chip instead of N*C*K.
+    BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_n cannot overflow
+    row_ok = rows < N
+    jj = tl.arange(0, BLOCK_J)
+    j_cls = jj // BLOCK_K  # class of column j within the tile
+    j_k = jj % BLOCK_K  # prototype of column j
+    kk = tl.arange(0, BLOCK_K)
+    t = tl.full((), temperature, ACC_DTYPE)
+    if COMPUTE_OWN:
+        lab = tl.load(LAB_ptr + rows * LAB_stride, mask=row_ok, other=-1).to(tl.int64)
+    m_i = tl.full((BLOCK_N,), float("-inf"), ACC_DTYPE)  # running row max of S / t
+    l_i = tl.zeros((BLOCK_N,), ACC_DTYPE)  # running sum of exp(S / t - m_i)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + j_cls
+        col_ok = (cls < C) & (j_k < K)
+        prow = cls.to(tl.int64) * K + j_k  # row of protos (C*K, D)
+        acc = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # S tile, BLOCK_N x BLOCK_C*BLOCK_K
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            x = tl.load(
+                X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            p = tl.load(P_ptr + prow[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            acc = tl.dot(x.to(DOT_DTYPE), p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if COMPUTE_LSE:
+            z = tl.where(col_ok[None, :], acc / t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m_i = m_new
+        cc = c0 + tl.arange(0, BLOCK_C)
+        if COMPUTE_SEG:
+            s3 = tl.reshape(acc, (BLOCK_N, BLOCK_C, BLOCK_K))
+            s3 = tl.where((kk < K)[None, None, :], s3, float("-inf"))
+            best = tl.max(s3, axis=2)  # (BLOCK_N, BLOCK_C): nearest prototype of each class
+            best_k = tl.argmax(s3, axis=2)  # first k on ties
+            has_nan = tl.max(tl.where(s3 != s3, 1, 0), axis=2) > 0
+            best = tl.where(has_nan, float("nan"), best)  # a NaN row gives NaN, as torch.max
+            out_ok = row_ok[:, None] & (cc < C)[None, :]
+            off = rows[:, None] * C + cc[None, :]
+            tl.store(SEG_ptr + off, best.to(SEG_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(ARGK_ptr + off, best_k.to(tl.uint8), mask=out_ok)
+        if COMPUTE_OWN:
+            s3o = tl.reshape(acc, (BLOCK_N, BLOCK_C, BLOCK_K))
+            hit = cc[None, :, None] == lab[:, None, None]
+            own = tl.sum(tl.where(hit, s3o, 0.0), axis=1)  # (BLOCK_N, BLOCK_K)
+            mine = row_ok & (lab >= c0) & (lab < c0 + BLOCK_C) & (lab < C)
+            tl.store(OWN_ptr + rows[:, None] * K + kk[None, :], own, mask=mine[:, None] & (kk < K)[None, :])
+    if COMPUTE_LSE:
+        tl.store(LSE_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def own_class_scores_kernel(
+    X_ptr,  # feats (N, D), any strides
+    X_stride_n,
+    X_stride_d,
+    P_ptr,  # protos (C*K, D) contiguous
+    LAB_ptr,  # labels (N,) integer
+    LAB_stride,
+    OWN_ptr,  # out (N, K) acc dtype, zero-initialised
+    N,
+    D,
+    C,
+    K,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # own[n, k] = feats[n] . protos[labels[n], k] for BLOCK_N pixels: only the
+    # K columns of S that Sinkhorn needs, gathered by label (N*K*D FLOPs
+    # instead of N*C*K*D). Used when neither seg nor lse is asked for
+    # (prototype learning outside the head's fused step). The feats tile is
+    # read once per D chunk and dotted with the K gathered prototype rows.
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    lab = tl.load(LAB_ptr + rows * LAB_stride, mask=rows < N, other=-1).to(tl.int64)
+    take = (rows < N) & (lab >= 0) & (lab < C)
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = take[:, None] & (d < D)[None, :]
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+        for k in range(0, K):
+            p = tl.load(P_ptr + (lab * K + k)[:, None] * D + d[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+            v = tl.sum(x * p, axis=1)
+            acc = tl.where(kk[None, :] == k, acc + v[:, None], acc)
+    tl.store(OWN_ptr + rows[:, None] * K + kk[None, :], acc, mask=take[:, None] & (kk < K)[None, :])
+
+
+@triton.jit
+def similarity_bwd_kernel(
+    GSEG_ptr,  # d loss / d seg (N, C), any strides (if HAS_SEG)
+    GSEG_stride_n,
+    GSEG_stride_c,
+    GLSE_ptr,  # d loss / d lse (N,) (if HAS_LSE)
+    GLSE_stride,
+    GOWN_ptr,  # d loss / d own (N, K), any strides (if HAS_OWN)
+    GOWN_stride_n,
+    GOWN_stride_k,
+    X_ptr,  # feats (N, D), any strides
+    X_stride_n,
+    X_stride_d,
+    P_ptr,  # protos (C*K, D) contiguous
+    LAB_ptr,  # labels (N,) (if HAS_OWN)
+    LAB_stride,
+    ARGK_ptr,  # saved arg-max k (N, C) uint8 (if HAS_SEG)
+    ARGK_stride_n,
+    ARGK_stride_c,
+    LSE_ptr,  # saved row log-sum-exp (N,) (if HAS_LSE)
+    LSE_stride,
+    DX_ptr,  # out d feats (N, D) contiguous, feats dtype
+    N,
+    D,
+    C,
+    K,
+    temperature: tl.float64,
+    ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    HAS_OWN: tl.constexpr,
+    FMA_SECOND_GEMM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    # d feats[rows, dout] = dS @ protos[:, dout] for BLOCK_N pixels and a
+    # BLOCK_DO slice of D (grid: row blocks x D slices), where
+    #   dS[n, j] = softmax_j(S[n] / t) * grad_lse[n] / t            (PPC)
+    #            + grad_seg[n, c]  if j == c*K + argk[n, c]          (max over K)
+    #            + grad_own[n, k]  if j == labels[n]*K + k           (PPD, Sinkhorn)
+    # As in the flash-attention backward, each (BLOCK_N, BLOCK_C*BLOCK_K) tile
+    # of S is recomputed from feats and protos (full D), turned into dS with
+    # the saved lse, and consumed at once by the second GEMM; neither S nor dS
+    # is ever stored. The D slice keeps the d feats accumulator in registers
+    # (BLOCK_N x BLOCK_DO); S is recomputed once per slice when HAS_LSE (the
+    # seg and own terms need no S at all).
+    BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = dout < D
+    jj = tl.arange(0, BLOCK_J)
+    j_cls = jj // BLOCK_K
+    j_k = jj % BLOCK_K
+    kk = tl.arange(0, BLOCK_K)
+    t = tl.full((), temperature, ACC_DTYPE)
+    if HAS_LSE:
+        lse = tl.load(LSE_ptr + rows * LSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        g_lse = tl.load(GLSE_ptr + rows * GLSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE) / t
+    if HAS_OWN:
+        lab = tl.load(LAB_ptr + rows * LAB_stride, mask=row_ok, other=-1).to(tl.int64)
+        g_own = tl.load(
+            GOWN_ptr + rows[:, None] * GOWN_stride_n + kk[None, :] * GOWN_stride_k,
+            mask=row_ok[:, None] & (kk < K)[None, :],
+            other=0.0,
+        ).to(ACC_DTYPE)
+    dx = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + j_cls
+        col_ok = (cls < C) & (j_k < K)
+        prow = cls.to(tl.int64) * K + j_k
+        cc = c0 + tl.arange(0, BLOCK_C)
+        ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # dS tile
+        if HAS_LSE:
+            s = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # S tile, recomputed
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                x = tl.load(
+                    X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d,
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                p = tl.load(P_ptr + prow[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                s = tl.dot(x.to(DOT_DTYPE), p.to(DOT_DTYPE), s, input_precision=DOT_PRECISION)
+            ds = tl.where(col_ok[None, :], tl.exp(s / t - lse[:, None]) * g_lse[:, None], 0.0)
+        if HAS_SEG:
+            seg_ok = row_ok[:, None] & (cc < C)[None, :]
+            g_seg = tl.load(
+                GSEG_ptr + rows[:, None] * GSEG_stride_n + cc[None, :] * GSEG_stride_c, mask=seg_ok, other=0.0
+            ).to(ACC_DTYPE)
+            arg_k = tl.load(
+                ARGK_ptr + rows[:, None] * ARGK_stride_n + cc[None, :] * ARGK_stride_c, mask=seg_ok, other=0
+            ).to(tl.int32)
+            g3 = tl.where(kk[None, None, :] == arg_k[:, :, None], g_seg[:, :, None], 0.0)
+            ds += tl.reshape(g3, (BLOCK_N, BLOCK_J))
+        if HAS_OWN:
+            o3 = tl.where(cc[None, :, None] == lab[:, None, None], g_own[:, None, :], 0.0)
+            ds += tl.reshape(o3, (BLOCK_N, BLOCK_J))
+        p_out = tl.load(P_ptr + prow[:, None] * D + dout[None, :], mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
+        if FMA_SECOND_GEMM:
+            # float64: Triton's fp64 MMA cannot take an operand from registers
+            dx += tl.sum(ds[:, :, None] * p_out.to(ACC_DTYPE)[None, :, :], axis=1)
+        else:
+            dx = tl.dot(ds.to(DOT_DTYPE), p_out.to(DOT_DTYPE), dx, input_precision=DOT_PRECISION)
+    tl.store(
+        DX_ptr + rows[:, None] * D + dout[None, :],
+        dx.to(DX_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dout_ok[None, :],
+    )
+
+
+# ----------------------------------------------------------------- launchers
+
+# GPU tiles per pass and GEMM dtype: (BLOCK_N, max columns BLOCK_C*BLOCK_K,
+# BLOCK_D, BLOCK_DO, num_warps, num_stages). Chosen so the S tile, the
+# pipelined operand stages (at most about 160 KB of shared memory: sm_80's
+# limit) and, in the backward, the d feats slice fit; tensor-core dims >= 16.
+# float32 runs tf32x3 (three MMAs per product), hence its smaller tiles. The
+# backward recomputes S once per BLOCK_DO slice of D (3 slices for D = 720):
+# a wide slice over few rows keeps that factor low. Untuned: first guesses
+# for an H100, to be swept on one (see kernels/roofline.py).
+_GPU_TILES = {
+    ("fwd", "half"): (64, 256, 64, None, 8, 3),
+    ("fwd", "fp32"): (64, 128, 32, None, 8, 3),
+    ("fwd", "fp64"): (32, 64, 32, None, 4, 2),
+    ("bwd", "half"): (32, 128, 64, 256, 8, 2),
+    ("bwd", "fp32"): (32, 128, 32, 256, 8, 2),
+    ("bwd", "fp64"): (16, 16, 32, 32, 4, 2),
+}
+
+
+def tile_config(pass_: str, dot_dtype, N: int, C: int, K: int, D: int) -> dict:
+    """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) kernel.
+
+    A tile holds BLOCK_C whole classes of BLOCK_K = next_pow2(K) prototypes.
+    The interpreter runs one program at a time, so it takes the largest tiles.
+    """
+    kind = "fp64" if dot_dtype == tl.float64 else "fp32" if dot_dtype == tl.float32 else "half"
+    if INTERPRET:
+        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = (
+            pow2(N, 16, 256), 1024, pow2(D, 16, 256), pow2(D, 16, 1024), 4, 1)
+    else:
+        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = _GPU_TILES[(pass_, kind)]
+    BLOCK_K = pow2(K)
+    BLOCK_C = max(1, min(pow2(C), max_j // BLOCK_K))
+    while BLOCK_C * BLOCK_K < 16:
+        BLOCK_C *= 2
+    cfg = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+               num_warps=num_warps, num_stages=num_stages)
+    if pass_ == "bwd":
+        cfg["BLOCK_DO"] = min(BLOCK_DO, pow2(D, 16))
+    return cfg
+
+
+def _dummy(dtype, device):
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_lse, compute_own, tiles=None):
+    """Launch the forward; arguments already checked. Returns ``(seg, argk, lse, own)``.
+
+    ``tiles`` overrides entries of :func:`tile_config` (tests use small tiles
+    to run several row, class and D blocks).
+    """
+    N, D = feats.shape
+    C, K = protos.shape[0], protos.shape[1]
+    dev = feats.device
+    acc = acc_dtype(feats.dtype)
+    seg = feats.new_empty((N, C) if compute_seg else (0,))
+    argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
+    lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
+    own = feats.new_zeros((N, K) if compute_own else (0,), dtype=acc)
+    if N == 0:
+        return seg, argk, lse, own
+    P = protos.reshape(C * K, D).contiguous()
+    lab = labels if compute_own else _dummy(torch.int64, dev)
+    if compute_own and not (compute_seg or compute_lse):
+        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET else 32, BLOCK_D=pow2(D, 16, 256) if INTERPRET else 64)
+        cfg.update({k: v for k, v in (tiles or {}).items() if k in cfg})
+        own_class_scores_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0), own, N, D, C, K,
+            ACC_DTYPE=TL_DTYPE[acc], BLOCK_K=pow2(K), num_warps=4, **cfg,
+        )
+        return seg, argk, lse, own
+    dot_dtype, precision = dot_config(feats.dtype, protos.dtype)
+    cfg = tile_config("fwd", dot_dtype, N, C, K, D)
+    cfg.update(tiles or {})
+    similarity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
+        seg if compute_seg else _dummy(feats.dtype, dev),
+        argk if compute_seg else _dummy(torch.uint8, dev),
+        lse if compute_lse else _dummy(acc, dev),
+        own if compute_own else _dummy(acc, dev),
+        N, D, C, K, float(temperature),
+        ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        COMPUTE_SEG=compute_seg, COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
+    )
+    return seg, argk, lse, own
+
+
+def similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, temperature, tiles=None):
+    """Launch the backward; arguments already checked (a None gradient is skipped). Returns d feats (N, D)."""
+    N, D = feats.shape
+    C, K = protos.shape[0], protos.shape[1]
+    dev = feats.device
+    acc = acc_dtype(feats.dtype)
+    has_seg, has_lse, has_own = grad_seg is not None, grad_lse is not None, grad_own is not None
+    if N == 0 or D == 0 or not (has_seg or has_lse or has_own):
+        return feats.new_zeros((N, D))
+    dx = feats.new_empty((N, D))
+    P = protos.reshape(C * K, D).contiguous()
+    dot_dtype, precision = dot_config(feats.dtype, protos.dtype)
+    cfg = tile_config("bwd", dot_dtype, N, C, K, D)
+    cfg.update(tiles or {})
+    gs = grad_seg if has_seg else _dummy(acc, dev).view(1, 1)
+    ak = argk if has_seg else _dummy(torch.uint8, dev).view(1, 1)
+    gl = grad_lse if has_lse else _dummy(acc, dev)
+    ls = lse if has_lse else _dummy(acc, dev)
+    go = grad_own if has_own else _dummy(acc, dev).view(1, 1)
+    lab = labels if has_own else _dummy(torch.int64, dev)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    similarity_bwd_kernel[grid](
+        gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
+        feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
+        ak, ak.stride(0), ak.stride(1), ls, ls.stride(0), dx,
+        N, D, C, K, float(temperature),
+        ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, FMA_SECOND_GEMM=acc == torch.float64, **cfg,
+    )
+    return dx

@@ -1,0 +1,142 @@
+"""The benchmark harness: its plain-PyTorch baseline is honest and a tiny run writes its outputs."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import protoseg_ext
+from protoseg_ext import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import plot as bench_plot  # noqa: E402
+from bench.opcount import OpCounter  # noqa: E402
+from bench.providers import (  # noqa: E402
+    IGNORE,
+    SIZES,
+    Provider,
+    Size,
+    estimate_bytes,
+    make_inputs,
+    official_seg,
+    vectorized_losses,
+    vectorized_prototype_learning,
+)
+
+SMALL = Size(3000, 32, 6, 5, "test")
+
+
+@pytest.mark.parametrize("labels", ["uniform", "skewed"])
+def test_vectorized_update_matches_reference(labels):
+    feats, protos, gt = make_inputs(SMALL, labels, seed=1)
+    seg = official_seg(feats, protos, torch.nn.LayerNorm(SMALL.C))
+    t_ref, p_ref = reference.prototype_learning(feats, protos, gt, seg, assign="argmax")
+    t_vec, p_vec = vectorized_prototype_learning(feats, protos, gt, seg)
+    assert torch.equal(t_vec, t_ref)  # argmax mode: the targets agree exactly
+    torch.testing.assert_close(p_vec, p_ref, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(p_ref, protos)  # the update did move prototypes
+
+    ppc_ref, ppd_ref = reference.proto_losses(feats, protos, t_ref)
+    S = feats @ protos.reshape(-1, SMALL.D).t()
+    ppc, ppd = vectorized_losses(S, t_ref)
+    torch.testing.assert_close(ppc, ppc_ref)
+    torch.testing.assert_close(ppd, ppd_ref)
+
+
+@pytest.mark.parametrize("labels", ["uniform", "skewed"])
+def test_vectorized_step_matches_official_step(labels):
+    """The whole step: same loss, same gradient to feats, same prototypes afterwards."""
+    feats, protos, gt = make_inputs(SMALL, labels, seed=2)
+    out = {}
+    for name in ("official", "vectorized"):
+        prov = Provider(name, SMALL, "cpu")
+        prov.set_prototypes(protos)
+        x = feats.clone().requires_grad_(True)
+        loss = prov.forward(x, gt)
+        loss.backward()
+        out[name] = (loss.detach(), x.grad, prov.head.prototypes.clone())
+    (l0, g0, p0), (l1, g1, p1) = out["official"], out["vectorized"]
+    torch.testing.assert_close(l1, l0)
+    torch.testing.assert_close(g1, g0, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(p1, p0, atol=1e-6, rtol=1e-5)
+
+
+def test_vectorized_edge_cases():
+    feats, protos, gt = make_inputs(SMALL, "uniform", seed=3)
+    seg = official_seg(feats, protos, torch.nn.LayerNorm(SMALL.C))
+    # classes 0 and 1 absent, one class with a single pixel
+    gt = torch.where(gt < 2, torch.full_like(gt, IGNORE), gt)
+    gt[gt == 2] = 3
+    gt[0] = 2
+    t_ref, p_ref = reference.prototype_learning(feats, protos, gt, seg, assign="argmax")
+    t_vec, p_vec = vectorized_prototype_learning(feats, protos, gt, seg)
+    assert torch.equal(t_vec, t_ref)
+    torch.testing.assert_close(p_vec, p_ref, atol=1e-6, rtol=1e-5)
+    # only ignored pixels: nothing moves, losses are 0 and finite
+    none = torch.full_like(gt, IGNORE)
+    t, p = vectorized_prototype_learning(feats, protos, none, seg)
+    assert (t == IGNORE).all()
+    torch.testing.assert_close(p, protos)
+    S = (feats @ protos.reshape(-1, SMALL.D).t()).requires_grad_(True)
+    ppc, ppd = vectorized_losses(S, t)
+    (ppc + ppd).backward()
+    assert ppc.item() == 0 and ppd.item() == 0 and torch.isfinite(S.grad).all()
+
+
+def test_op_counter_sees_host_syncs():
+    feats, protos, gt = make_inputs(SMALL, "uniform", seed=4)
+    counts = {}
+    for name in ("official", "vectorized"):
+        prov = Provider(name, SMALL, "cpu")
+        prov.set_prototypes(protos)
+        x = feats.clone().requires_grad_(True)
+        with OpCounter() as c:
+            prov.forward(x, gt).backward()
+        counts[name] = c
+    # the per-class loop: a bool(any), boolean gathers and scatters for each class present
+    assert counts["official"].syncs >= 3 * SMALL.C
+    assert counts["vectorized"].syncs == 0
+    assert counts["vectorized"].ops < counts["official"].ops
+
+
+def test_memory_estimate_skips_the_hopeless():
+    full = SIZES["fullres-ade20k"]
+    assert estimate_bytes("official", full) > 90 * 2**30  # S alone is 25 GB there
+    assert estimate_bytes("cpu", full) < estimate_bytes("official", full) / 3
+    assert estimate_bytes("floor", full) < 20 * 2**30  # the floor runs in row chunks
+    assert estimate_bytes("official", SIZES["tiny"]) < 2**30
+
+
+def test_harness_tiny_run(tmp_path):
+    """`bench/run.py` at the CI size writes CSV rows, a markdown table and a PNG; plot.py redraws them."""
+    providers = ["official", "vectorized"] + (["cpu"] if "cpu" in protoseg_ext.available_backends() else [])
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--sizes", "tiny", "--labels", "uniform",
+           "--providers", ",".join(providers + ["cuda"]), "--modes", "full,update", "--repeats", "1",
+           "--out-dir", str(tmp_path), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for prov in providers:
+        for mode in ("full", "update"):
+            r = by[(prov, mode)]
+            assert r["status"] == "ok", r
+            assert float(r["median_ms"]) > 0 and float(r["peak_mem_mb"]) > 0
+            assert int(r["ops"]) > 0 and r["torch"] == torch.__version__ and r["machine"]
+    assert int(by[("official", "full")]["syncs"]) > 0
+    assert int(by[("vectorized", "full")]["syncs"]) == 0
+    assert float(by[("vectorized", "full")]["x_floor"]) > 0  # the floor was timed in the same run
+    if not torch.cuda.is_available():
+        assert by[("cuda", "full")]["status"].startswith("unavailable")
+    md = (tmp_path / "bench.md").read_text()
+    assert "| full | official |" in md and "GEMM floor" in md
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    os.remove(tmp_path / "bench.png")
+    bench_plot.main(["--csv", str(tmp_path / "bench.csv")])
+    assert (tmp_path / "bench.png").exists()
