@@ -43,6 +43,18 @@ PSE_HD bool label_in_range(int64_t label, int64_t num_classes) {
   return label >= 0 && label < num_classes;
 }
 
+// ---- nearest prototype of a class (seg head) ----
+// Running max over the K similarities of one class, keeping its index: the
+// first maximum wins and NaN counts as the largest value (torch.max(dim)
+// semantics). Start from best = -INFINITY, arg = 0.
+template <typename T>
+PSE_HD void max_push(T& best, int64_t& arg, T v, int64_t k) {
+  if (v > best || (v != v && best == best)) {
+    best = v;
+    arg = k;
+  }
+}
+
 // ---- log-sum-exp over the C*K similarities of a pixel (PPC) ----
 // A running (max, sum) pair: the value it stands for is log(sum) + max.
 template <typename T>
@@ -96,6 +108,27 @@ template <typename T>
 PSE_HD T lse_grad(T s, T lse, T temperature, T grad_lse) {
   return fexp(s / temperature - lse) * (grad_lse / temperature);
 }
+// softmax_j(S / tau) from the row's log-sum-exp (the cached softmax rows).
+template <typename T>
+PSE_HD T softmax_prob(T s, T lse, T temperature) {
+  return fexp(s / temperature - lse);
+}
+// d lse(S/tau) / d S_j from the cached softmax row p_j = softmax_j(S / tau).
+template <typename T>
+PSE_HD T softmax_grad(T p, T temperature, T grad_lse) {
+  return p * (grad_lse / temperature);
+}
+// Entry of d loss / d S[n, c*K + k] (similarity backward), the three terms
+// added in this order: the softmax term (lse_grad or softmax_grad; 0 without
+// grad_lse), the seg term (the max over K routes grad_seg[n, c] to k ==
+// argk[n, c]) and the own-class term (if c == labels[n]).
+template <typename T>
+PSE_HD T similarity_grad_entry(T softmax_term, bool is_argmax, T grad_seg, bool is_own, T grad_own) {
+  T g = softmax_term;
+  if (is_argmax) g += grad_seg;
+  if (is_own) g += grad_own;
+  return g;
+}
 
 // ---- Sinkhorn-Knopp, one class at a time, as a segmented reduction ----
 // The kernels work on L[n, k] = exp((S[n, k] - colmax[c, k]) / eps). Scaling a
@@ -119,12 +152,29 @@ PSE_HD T sinkhorn_row_scale(T rowsum, int64_t n_c, bool last) {
   return last ? T(1) / rowsum : T(1) / (rowsum * T(n_c));
 }
 
+// Sinkhorn: start/end of part g of G of the segment [begin, end) (rows in
+// sorted order); parts are contiguous, cover the segment and depend only on
+// its bounds, so a reduction over them in part order is deterministic.
+PSE_HD void segment_part(int64_t begin, int64_t end, int64_t g, int64_t G, int64_t& part_begin, int64_t& part_end) {
+  const int64_t len = end - begin;
+  part_begin = begin + len * g / G;
+  part_end = begin + len * (g + 1) / G;
+}
+
 // ---- Prototype update ----
 // 1 / max(||x||, 1e-12) from the squared norm (F.normalize semantics).
 template <typename T>
 PSE_HD T inv_norm(T sqnorm) {
   T n = fsqrt(sqnorm);
   return T(1) / (n > T(kNormEps) ? n : T(kNormEps));
+}
+// Backward of f = x / max(||x||, eps) (F.normalize) for entry d, given
+// inv = 1 / max(||x||, eps) and f_dot_g = (f . g), taken as 0 where ||x|| <= eps
+// (there f = x / eps is not a unit vector and the scale is a constant):
+// d loss / d x_d = (g_d - f_d (f . g)) * inv.
+template <typename T>
+PSE_HD T normalize_grad(T g, T x, T inv, T f_dot_g) {
+  return (g - (x * inv) * f_dot_g) * inv;
 }
 // Official momentum update.
 template <typename T>
