@@ -130,7 +130,7 @@ class CpuBackend(_OpsBackend):
 class CudaBackend(_OpsBackend):
     name = "cuda"
     namespace = "protoseg_ext"
-    supports_cache = True  # same schema as "cpu"; the CUDA kernel recomputes (returns no cache)
+    supports_cache = True  # same schema as "cpu" (cache_bytes, normalize)
 
     def not_supported_reasons(self, device):
         ext = load_extension()

@@ -1,0 +1,518 @@
+// CUDA kernels of `similarity` and `similarity_backward` (mirrors
+// csrc/cpu/similarity_cpu.cpp).
+//
+// S = feats @ protos.view(C*K, D).T is never materialised whole. Rows go in
+// tiles of at most ~16 MiB of S (so a tile stays in the H100's 50 MB L2 between
+// the GEMM that writes it and the epilogue that reads it); each tile is one
+// cuBLAS GEMM through ATen (at::mm_out, on the current stream) followed by one
+// fused epilogue kernel that keeps only what the contract asks for.
+//
+// Why cuBLAS per tile rather than a custom tiled kernel (H100 SXM: 989 TFLOPS
+// bf16 dense, ~67 TFLOPS fp32 without tensor cores, 3.35 TB/s HBM). Example:
+// N = 65,536 pixels, D = 720, C*K = 190 (Cityscapes) -> 2*N*D*CK = 17.9 GFLOP.
+//   - bf16 in, fp32 out (mm.dtype_out): reads feats 94 MB (28 us at HBM speed)
+//     for 17.9 GFLOP (18 us at tensor-core peak); 190 FLOP/B is below the
+//     bf16 ridge (295 FLOP/B), so the tile GEMM is memory-bound and cuBLAS
+//     reaches that bound; the fp32 tile of S (50 MB in all) round-trips through
+//     L2, adding at most ~30 us of HBM write-back.
+//   - fp32: 95 FLOP/B against a CUDA-core ridge of 20 FLOP/B: compute-bound,
+//     0.27 ms at 67 TFLOPS (TF32 tensor cores, if the user allows them via
+//     torch.backends.cuda.matmul.allow_tf32, take it to the memory bound).
+//   - C*K = 1,710 (COCO-Stuff): 161 GFLOP, 0.16 ms at bf16 peak, 2.4 ms fp32.
+// A hand-written tiled kernel without tensor cores is capped at the fp32 rate
+// (~15x slower than bf16 cuBLAS here), and a wgmma/TMA kernel that matches
+// cuBLAS is a large, per-architecture piece of code to keep correct. The
+// cost of not fusing is the fp32 tile of S that the GEMM writes and the
+// epilogue reads back: 8*C*K bytes per pixel (1,520 B at C*K = 190, next to
+// the 1,440 B of a bf16 feature row). The read mostly hits L2, the write-back
+// reaches HBM, so the bf16 forward moves ~1.5x the bytes of a fully fused
+// kernel (~45 us instead of ~28 us) and the compute-bound fp32 one does not
+// notice. At C*K = 1,710 in bf16, writing S back (448 MB, ~0.13 ms) costs
+// about as much as the GEMM (0.16 ms at peak): that is where a fused tensor-
+// core kernel would pay off. The one case where the GEMM itself is wasteful
+// has its own kernel: own-class scores alone (prototype learning) are K dot
+// products per pixel, 1/C of the GEMM, done by `similarity_own_kernel`
+// straight from feats (memory-bound: one read of feats).
+//
+// Backward: d feats = dS @ P per tile, dS formed in place by one epilogue
+// kernel. Its softmax term reads the softmax rows cached by the forward when
+// they fit the caller's cache_bytes (N*C*K*4 bytes: 50 MB for the example,
+// 15 us of reads against a 17.9 GFLOP GEMM), else recomputes the tile of S
+// with a GEMM. Without grad_lse, dS has only C + K nonzeros per row, but a
+// gather of C + K prototype rows per pixel streams (C+K)*D*4 bytes per pixel
+// from L2 (5.4 GB for the example, ~1 ms) where the dense GEMM takes
+// ~0.3 ms in fp32, so the GPU keeps the GEMM (the CPU gathers).
+//
+// Precision: 16-bit feats with protos of the same dtype use the tensor-core
+// GEMM with fp32 accumulation and output (exact products, no rounding of any
+// input). Otherwise both operands are converted to the working dtype (fp32,
+// or fp64 for fp64 feats) first, so fp32 prototypes are never rounded to 16
+// bits. The backward's second GEMM (dS @ P) always runs in the working dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "../checks.h"
+#include "../protoseg_math.h"
+#include "cuda_common.cuh"
+
+namespace protoseg {
+namespace {
+
+using cuda::ceil_div;
+using cuda::kWarp;
+
+constexpr int kRowThreads = 256;                   // warp-per-row kernels: 8 rows per block
+constexpr int kRowsPerBlock = kRowThreads / kWarp;
+constexpr int kGradThreads = 256;                  // backward epilogue: at most this many threads per block
+constexpr int64_t kTileBytes = int64_t(16) << 20;  // bytes of S per tile
+constexpr int64_t kMaxTileRows = 32768;            // <= 65535: rows are gridDim.y of the backward epilogue
+
+// Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
+int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
+  int64_t rows = kTileBytes / std::max<int64_t>(1, CK * elem_size);
+  rows = std::min<int64_t>(kMaxTileRows, std::max<int64_t>(128, rows / 128 * 128));
+  return std::min<int64_t>(rows, N);
+}
+
+void check_similarity_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels,
+                           bool need_labels) {
+  check_dim(feats, 2, "feats", "(N, D)");
+  check_dim(protos, 3, "protos", "(C, K, D)");
+  check_floating(feats, "feats");
+  check_floating(protos, "protos");
+  TORCH_CHECK_VALUE(protos.size(2) == feats.size(1), "protos must be (C, K, D) with D = feats.shape[1] = ",
+                    feats.size(1), ", got shape ", protos.sizes());
+  TORCH_CHECK_VALUE(protos.size(0) >= 1, "protos: C (classes) must be >= 1, got ", protos.size(0));
+  TORCH_CHECK_VALUE(protos.size(1) >= 1 && protos.size(1) <= 256,
+                    "protos: K (prototypes per class) must be in [1, 256], got ", protos.size(1));
+  TORCH_CHECK_VALUE(protos.size(0) * protos.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "protos: C*K must fit in int32, got ", protos.size(0) * protos.size(1));
+  check_same_device(feats, protos, "feats", "protos");
+  if (need_labels) {
+    check_dim(labels, 1, "labels", "(N,)");
+    check_integer(labels, "labels");
+    TORCH_CHECK_VALUE(labels.size(0) == feats.size(0), "labels must have N = ", feats.size(0),
+                      " entries, got ", labels.size(0));
+    check_same_device(feats, labels, "feats", "labels");
+  }
+}
+
+// The prototypes as GEMM operands: (C*K, D) in the working dtype, plus the
+// 16-bit copy when the tensor-core path applies (see the file comment).
+struct ProtoOperands {
+  at::Tensor acc;  // (C*K, D), working dtype
+  at::Tensor low;  // (C*K, D), feats' 16-bit dtype, or undefined
+};
+
+ProtoOperands proto_operands(const at::Tensor& feats, const at::Tensor& protos) {
+  const int64_t CK = protos.size(0) * protos.size(1), D = protos.size(2);
+  const auto st = feats.scalar_type();
+  ProtoOperands p;
+  p.acc = protos.reshape({CK, D}).to(acc_type(st)).contiguous();
+  if ((st == at::kHalf || st == at::kBFloat16) && protos.scalar_type() == st)
+    p.low = protos.reshape({CK, D}).contiguous();
+  return p;
+}
+
+// Set once if this torch cannot run the 16-bit GEMM with fp32 output.
+std::atomic<bool> g_lowp_gemm_unsupported{false};
+
+// S_tile (rows, C*K) = feats_tile (rows, D) @ P.T, in the working dtype.
+void similarity_tile_gemm(at::Tensor& S_tile, const at::Tensor& feats_tile, const ProtoOperands& P) {
+  if (P.low.defined() && !g_lowp_gemm_unsupported.load(std::memory_order_relaxed)) {
+    try {
+      at::mm_out(S_tile, feats_tile, P.low.t(), at::kFloat);  // tensor cores, fp32 accumulate + output
+      return;
+    } catch (const c10::Error&) {
+      g_lowp_gemm_unsupported.store(true);  // rejected before any launch: fall back below
+    }
+  }
+  at::mm_out(S_tile, feats_tile.to(S_tile.scalar_type()), P.acc.t());
+}
+
+// own (N, K) = S[n, labels[n]*K + k] straight from feats: K dot products per
+// pixel with its own class's prototypes (no GEMM over all C*K columns); with
+// normalize, the first pass over the row also sums its squares and every dot
+// product is scaled by 1 / max(||x_n||, eps).
+// Launch: kRowThreads threads (8 warps), one warp per row, grid ceil(N / 8).
+// Bounds: n < N checked (warp-uniform early return); lanes read d < D of row
+// n and of prototype rows labels[n]*K + k with k < K (the clamped index of an
+// unused accumulator is still < K); the label is asserted in [0, C) or
+// ignore_index before it indexes P. Sync: each warp owns its row of own;
+// only warp shuffles with all 32 lanes present (the return is per warp).
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads, 4) similarity_own_kernel(
+    const scalar_t* __restrict__ feats, const acc_t* __restrict__ P, const int64_t* __restrict__ labels, int64_t N,
+    int64_t D, int64_t C, int64_t K, int64_t ignore_index, bool normalize, acc_t* __restrict__ own) {
+  const int64_t n = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (n >= N) return;
+  const int64_t c = labels[n];
+  CUDA_KERNEL_ASSERT_MSG(label_in_range(c, C) || c == ignore_index,
+                         "labels: a label is outside [0, C) and is not ignore_index");
+  acc_t* o = own + n * K;
+  if (!label_in_range(c, C)) {  // ignored pixel: its row of own is zero
+    for (int64_t k = lane; k < K; k += kWarp) o[k] = acc_t(0);
+    return;
+  }
+  const scalar_t* f = feats + n * D;
+  const acc_t* p = P + c * K * D;
+  acc_t inv = acc_t(1);                    // row scale (normalize)
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {  // four prototypes per pass over the feature row
+    const acc_t* p0 = p + k0 * D;
+    const acc_t* p1 = p + (k0 + 1 < K ? k0 + 1 : K - 1) * D;
+    const acc_t* p2 = p + (k0 + 2 < K ? k0 + 2 : K - 1) * D;
+    const acc_t* p3 = p + (k0 + 3 < K ? k0 + 3 : K - 1) * D;
+    const bool norm_pass = normalize && k0 == 0;  // warp-uniform
+    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, sq = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t x = static_cast<acc_t>(f[d]);
+      a0 += x * p0[d];
+      a1 += x * p1[d];
+      a2 += x * p2[d];
+      a3 += x * p3[d];
+      if (norm_pass) sq += x * x;
+    }
+    if (norm_pass) inv = inv_norm(cuda::warp_sum(sq));
+    a0 = cuda::warp_sum(a0) * inv;
+    a1 = cuda::warp_sum(a1) * inv;
+    a2 = cuda::warp_sum(a2) * inv;
+    a3 = cuda::warp_sum(a3) * inv;
+    if (lane == 0) {
+      o[k0] = a0;
+      if (k0 + 1 < K) o[k0 + 1] = a1;
+      if (k0 + 2 < K) o[k0 + 2] = a2;
+      if (k0 + 3 < K) o[k0 + 3] = a3;
+    }
+  }
+}
+
+// inv[i] = 1 / max(||feats[row0 + i]||, eps) for the rows of a tile (normalize:
+// the rows of S scale like the rows of feats).
+// Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
+// Bounds: i < rows (warp-uniform return), d < D, row0 + i < N (host passes
+// rows <= N - row0). Sync: lane 0 of the row's warp is the one writer.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads, 4)
+    row_inv_norm_kernel(const scalar_t* __restrict__ feats, int64_t row0, int64_t rows, int64_t D,
+                        acc_t* __restrict__ inv) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (i >= rows) return;
+  const scalar_t* x = feats + (row0 + i) * D;
+  acc_t sq = 0;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const acc_t v = static_cast<acc_t>(x[d]);
+    sq += v * v;
+  }
+  sq = cuda::warp_sum(sq);
+  if (lane == 0) inv[i] = inv_norm(sq);
+}
+
+// d loss / d raw feats from g = d loss / d normalised feats, for the rows of
+// a tile (normalize_grad): out[i] = (g[i] - f (f . g[i])) / max(||x||, eps).
+// g (rows, D) is the working-dtype tile; out may alias g (same dtype): each
+// lane reads g[i, d] and then writes out[i, d] for the same d, after the warp
+// reductions that read the whole row, so no entry is written before it is read.
+// Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
+// Bounds: i < rows (warp-uniform return), d < D; feats row row0 + i < N.
+// Sync: each warp owns row i; shuffles with all 32 lanes present.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads, 4)
+    normalize_backward_kernel(const scalar_t* __restrict__ feats, int64_t row0, int64_t rows, int64_t D,
+                              const acc_t* g, scalar_t* out) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (i >= rows) return;
+  const scalar_t* x = feats + (row0 + i) * D;
+  const acc_t* gi = g + i * D;
+  scalar_t* o = out + i * D;
+  acc_t sq = 0, xg = 0;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const acc_t v = static_cast<acc_t>(x[d]);
+    sq += v * v;
+    xg += v * gi[d];
+  }
+  sq = cuda::warp_sum(sq);
+  xg = cuda::warp_sum(xg);
+  const acc_t inv = inv_norm(sq);
+  const acc_t f_dot_g = fsqrt(sq) > acc_t(kNormEps) ? xg * inv : acc_t(0);
+  for (int64_t d = lane; d < D; d += kWarp)
+    o[d] = static_cast<scalar_t>(normalize_grad(gi[d], static_cast<acc_t>(x[d]), inv, f_dot_g));
+}
+
+// Forward epilogue of one tile of S (rows, C*K), rows row0 .. row0 + rows - 1:
+// seg/argk (max over K per class), lse (online log-sum-exp of S / temperature
+// over all C*K columns), own (the K scores of the pixel's class) and, when
+// probs is given, the softmax row of S / temperature (second, coalesced pass
+// over the row, which is in L1/L2 by then). With row_scale given (normalize),
+// row i of S is first scaled by row_scale[i].
+// Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8);
+// lane l takes classes c = l, l + 32, ..., reads their K contiguous scores
+// once for both the max and the log-sum-exp; the 32 lane states merge by an
+// xor butterfly (fixed order, deterministic).
+// Bounds: i < rows checked (warp-uniform return); columns c*K + k and j are
+// < C*K; output rows n = row0 + i < N because the host passes rows <= N - row0;
+// labels asserted before indexing. Sync: each warp owns row i of the tile and
+// row n of every output; shuffles only, all lanes present.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
+    const acc_t* __restrict__ S, const acc_t* __restrict__ row_scale, int64_t rows, int64_t row0, int64_t C,
+    int64_t K, acc_t temperature, const int64_t* __restrict__ labels, int64_t ignore_index, bool compute_seg,
+    bool compute_lse, bool compute_own, scalar_t* __restrict__ seg, uint8_t* __restrict__ argk,
+    acc_t* __restrict__ lse, acc_t* __restrict__ own, acc_t* __restrict__ probs) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (i >= rows) return;
+  const int64_t n = row0 + i, CK = C * K;
+  const acc_t* s = S + i * CK;
+  const acc_t r = row_scale != nullptr ? row_scale[i] : acc_t(1);  // x * 1 == x exactly
+  if (compute_seg || compute_lse) {
+    LseState<acc_t> st = lse_init<acc_t>();
+    for (int64_t c = lane; c < C; c += kWarp) {
+      acc_t best = -INFINITY;
+      int64_t arg = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t v = s[c * K + k] * r;
+        max_push(best, arg, v, k);
+        if (compute_lse) lse_push(st, v / temperature);
+      }
+      if (compute_seg) {
+        seg[n * C + c] = static_cast<scalar_t>(best);
+        argk[n * C + c] = static_cast<uint8_t>(arg);  // K <= 256
+      }
+    }
+    if (compute_lse) {
+      st = cuda::warp_lse_merge(st);  // every lane holds the same merged state
+      const acc_t l = lse_value(st);
+      if (lane == 0) lse[n] = l;
+      if (probs != nullptr)
+        for (int64_t j = lane; j < CK; j += kWarp) probs[n * CK + j] = softmax_prob(s[j] * r, l, temperature);
+    }
+  }
+  if (compute_own) {
+    const int64_t c = labels[n];
+    CUDA_KERNEL_ASSERT_MSG(label_in_range(c, C) || c == ignore_index,
+                           "labels: a label is outside [0, C) and is not ignore_index");
+    const bool in = label_in_range(c, C);
+    for (int64_t k = lane; k < K; k += kWarp) own[n * K + k] = in ? s[c * K + k] * r : acc_t(0);
+  }
+}
+
+// Backward epilogue: overwrite the tile dS (rows, C*K) by d loss / d S
+// (similarity_grad_entry). The softmax term comes from the cached softmax
+// rows `probs` (N, C*K) when given, else from S, which the tile then holds
+// (recomputed by the GEMM; its row i scaled by row_scale[i] when given);
+// without has_lse the tile holds nothing yet.
+// Launch: grid (ceil(C*K / threads), rows), threads = min(kGradThreads, C*K
+// rounded up to 32); one thread per entry j of row i = blockIdx.y (rows <=
+// 32768 < 65536). Bounds: j < C*K checked; c = j / K < C, k < K; n = row0 +
+// i < N (host passes rows <= N - row0), so probs[n*CK + j] is in bounds;
+// labels asserted before use. Sync: each thread reads and writes only its own entry;
+// per-row inputs are read-only.
+// Hot kernel: must not spill.
+template <typename acc_t>
+__global__ void __launch_bounds__(kGradThreads, 4) similarity_grad_epilogue_kernel(
+    acc_t* __restrict__ dS, const acc_t* __restrict__ row_scale, int64_t row0, int64_t C, int64_t K,
+    acc_t temperature, bool has_lse, const acc_t* __restrict__ probs, const acc_t* __restrict__ lse,
+    const acc_t* __restrict__ grad_lse, bool has_seg, const uint8_t* __restrict__ argk,
+    const acc_t* __restrict__ grad_seg, bool has_own, const int64_t* __restrict__ labels, int64_t ignore_index,
+    const acc_t* __restrict__ grad_own) {
+  const int64_t CK = C * K;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= CK) return;
+  const int64_t i = blockIdx.y, n = row0 + i;
+  const int64_t c = j / K, k = j - c * K;
+  acc_t* e = dS + i * CK + j;
+  acc_t soft = acc_t(0);
+  if (has_lse && probs != nullptr) {
+    soft = softmax_grad(probs[n * CK + j], temperature, grad_lse[n]);
+  } else if (has_lse) {
+    const acc_t s = row_scale != nullptr ? *e * row_scale[i] : *e;
+    soft = lse_grad(s, lse[n], temperature, grad_lse[n]);
+  }
+  const bool is_arg = has_seg && int64_t(argk[n * C + c]) == k;
+  const acc_t gs = is_arg ? grad_seg[n * C + c] : acc_t(0);
+  bool is_own = false;
+  if (has_own) {
+    const int64_t lab = labels[n];
+    CUDA_KERNEL_ASSERT_MSG(label_in_range(lab, C) || lab == ignore_index,
+                           "labels: a label is outside [0, C) and is not ignore_index");
+    is_own = lab == c;
+  }
+  const acc_t go = is_own ? grad_own[n * K + k] : acc_t(0);
+  *e = similarity_grad_entry(soft, is_arg, gs, is_own, go);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cuda(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index,
+    double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
+  check_similarity_args(feats, protos, labels, compute_own);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = acc_type(feats.scalar_type());
+  auto fopt = feats.options();
+  auto aopt = fopt.dtype(acc);
+  at::Tensor seg = compute_seg ? at::empty({N, C}, fopt) : at::empty({0}, fopt);
+  at::Tensor argk = compute_seg ? at::empty({N, C}, fopt.dtype(at::kByte)) : at::empty({0}, fopt.dtype(at::kByte));
+  at::Tensor lse = compute_lse ? at::empty({N}, aopt) : at::empty({0}, aopt);
+  at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
+  // softmax rows for the backward (one GEMM saved there) when they fit the budget
+  const bool cache = compute_lse && cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
+  at::Tensor probs = cache ? at::empty({N, CK}, aopt) : at::empty({0}, aopt);
+  if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor f = feats.contiguous();
+  at::Tensor lab = compute_own ? labels.to(at::kLong).contiguous() : at::Tensor();
+  const ProtoOperands P = proto_operands(f, protos);
+
+  if (compute_own && !compute_seg && !compute_lse) {  // prototype learning: K dot products per pixel
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_own_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      similarity_own_kernel<scalar_t, acc_t><<<ceil_div(N, kRowsPerBlock), kRowThreads, 0, stream>>>(
+          f.data_ptr<scalar_t>(), P.acc.data_ptr<acc_t>(), lab.data_ptr<int64_t>(), N, D, C, K, ignore_index,
+          normalize, own.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {seg, argk, lse, own, probs};
+  }
+
+  const int64_t T = tile_rows(N, CK, at::elementSize(acc));
+  at::Tensor S = at::empty({T, CK}, aopt);  // one tile buffer, reused in stream order
+  at::Tensor scale = normalize ? at::empty({T}, aopt) : at::Tensor();  // 1 / ||x|| of the tile's rows
+  for (int64_t r0 = 0; r0 < N; r0 += T) {
+    const int64_t rows = std::min(T, N - r0);
+    at::Tensor S_tile = S.narrow(0, 0, rows);
+    similarity_tile_gemm(S_tile, f.narrow(0, r0, rows), P);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const int64_t blocks = ceil_div(rows, kRowsPerBlock);
+      if (normalize) {
+        row_inv_norm_kernel<scalar_t, acc_t><<<blocks, kRowThreads, 0, stream>>>(f.data_ptr<scalar_t>(), r0, rows, D,
+                                                                                 scale.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      similarity_epilogue_kernel<scalar_t, acc_t><<<blocks, kRowThreads, 0, stream>>>(
+          S_tile.data_ptr<acc_t>(), normalize ? scale.data_ptr<acc_t>() : nullptr, rows, r0, C, K, acc_t(temperature),
+          compute_own ? lab.data_ptr<int64_t>() : nullptr, ignore_index, compute_seg, compute_lse, compute_own,
+          compute_seg ? seg.data_ptr<scalar_t>() : nullptr, compute_seg ? argk.data_ptr<uint8_t>() : nullptr,
+          compute_lse ? lse.data_ptr<acc_t>() : nullptr, compute_own ? own.data_ptr<acc_t>() : nullptr,
+          cache ? probs.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {seg, argk, lse, own, probs};
+}
+
+at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
+                                    const c10::optional<at::Tensor>& grad_lse,
+                                    const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats,
+                                    const at::Tensor& protos, const at::Tensor& labels, const at::Tensor& argk,
+                                    const at::Tensor& lse, int64_t ignore_index, double temperature,
+                                    const c10::optional<at::Tensor>& probs_opt, bool normalize) {
+  const bool has_seg = grad_seg.has_value() && grad_seg->defined();
+  const bool has_lse = grad_lse.has_value() && grad_lse->defined();
+  const bool has_own = grad_own.has_value() && grad_own->defined();
+  check_similarity_args(feats, protos, labels, has_own);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = acc_type(feats.scalar_type());
+  if (N == 0 || (!has_seg && !has_lse && !has_own)) return at::zeros({N, D}, feats.options());
+  if (has_seg) {
+    TORCH_CHECK_VALUE(grad_seg->sizes() == at::IntArrayRef({N, C}), "grad_seg must be (N, C)");
+    TORCH_CHECK_VALUE(argk.sizes() == at::IntArrayRef({N, C}), "argk must be (N, C)");
+    check_same_device(feats, *grad_seg, "feats", "grad_seg");
+    check_same_device(feats, argk, "feats", "argk");
+  }
+  if (has_lse) {
+    TORCH_CHECK_VALUE(grad_lse->numel() == N && lse.numel() == N, "grad_lse and lse must be (N,)");
+    check_same_device(feats, *grad_lse, "feats", "grad_lse");
+    check_same_device(feats, lse, "feats", "lse");
+  }
+  if (has_own) {
+    TORCH_CHECK_VALUE(grad_own->sizes() == at::IntArrayRef({N, K}), "grad_own must be (N, K)");
+    check_same_device(feats, *grad_own, "feats", "grad_own");
+  }
+  const bool cached = has_lse && probs_opt.has_value() && probs_opt->defined() && probs_opt->numel() > 0;
+  if (cached) {
+    TORCH_CHECK_VALUE(probs_opt->sizes() == at::IntArrayRef({N, CK}), "probs must be (N, C*K) or (0,)");
+    check_same_device(feats, *probs_opt, "feats", "probs");
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto aopt = feats.options().dtype(acc);
+  at::Tensor f = feats.contiguous();
+  at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
+  at::Tensor ak = has_seg ? argk.to(at::kByte).contiguous() : at::Tensor();
+  at::Tensor glse = has_lse ? grad_lse->reshape({N}).to(acc).contiguous() : at::Tensor();
+  at::Tensor l = has_lse ? lse.reshape({N}).to(acc).contiguous() : at::Tensor();
+  at::Tensor gown = has_own ? grad_own->to(acc).contiguous() : at::Tensor();
+  at::Tensor lab = has_own ? labels.to(at::kLong).contiguous() : at::Tensor();
+  at::Tensor pr = cached ? probs_opt->to(acc).contiguous() : at::Tensor();
+  const ProtoOperands P = proto_operands(f, protos);
+
+  // Per tile: dS (rows, C*K) -> d feats = dS @ P (rows, D) -> (normalize) d raw feats.
+  at::Tensor grad = at::empty({N, D}, feats.options());
+  const bool direct = grad.scalar_type() == acc;  // else the tile GEMM goes through a working-dtype buffer
+  const bool recompute = has_lse && !cached;
+  const int64_t T = tile_rows(N, CK, at::elementSize(acc));
+  at::Tensor dS = at::empty({T, CK}, aopt);
+  at::Tensor G = direct ? at::Tensor() : at::empty({T, D}, aopt);
+  at::Tensor scale = normalize && recompute ? at::empty({T}, aopt) : at::Tensor();
+  const int threads = int(std::min<int64_t>(kGradThreads, ceil_div(CK, kWarp) * kWarp));
+  for (int64_t r0 = 0; r0 < N; r0 += T) {
+    const int64_t rows = std::min(T, N - r0);
+    const int64_t row_blocks = ceil_div(rows, kRowsPerBlock);
+    at::Tensor dS_tile = dS.narrow(0, 0, rows);
+    if (recompute) similarity_tile_gemm(dS_tile, f.narrow(0, r0, rows), P);  // S again (flash-attention style)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (scale.defined()) {
+        row_inv_norm_kernel<scalar_t, acc_t><<<row_blocks, kRowThreads, 0, stream>>>(f.data_ptr<scalar_t>(), r0, rows,
+                                                                                     D, scale.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      const dim3 grid(static_cast<unsigned>(ceil_div(CK, threads)), static_cast<unsigned>(rows));
+      similarity_grad_epilogue_kernel<acc_t><<<grid, threads, 0, stream>>>(
+          dS_tile.data_ptr<acc_t>(), scale.defined() ? scale.data_ptr<acc_t>() : nullptr, r0, C, K,
+          acc_t(temperature), has_lse, cached ? pr.data_ptr<acc_t>() : nullptr,
+          has_lse ? l.data_ptr<acc_t>() : nullptr, has_lse ? glse.data_ptr<acc_t>() : nullptr, has_seg,
+          has_seg ? ak.data_ptr<uint8_t>() : nullptr, has_seg ? gseg.data_ptr<acc_t>() : nullptr, has_own,
+          has_own ? lab.data_ptr<int64_t>() : nullptr, ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor grad_tile = grad.narrow(0, r0, rows);
+      at::Tensor G_tile = direct ? grad_tile : G.narrow(0, 0, rows);
+      at::mm_out(G_tile, dS_tile, P.acc);  // (rows, D): d loss / d (normalised) feats
+      if (normalize) {
+        normalize_backward_kernel<scalar_t, acc_t><<<row_blocks, kRowThreads, 0, stream>>>(
+            f.data_ptr<scalar_t>(), r0, rows, D, G_tile.data_ptr<acc_t>(), grad_tile.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else if (!direct) {
+        grad_tile.copy_(G_tile);
+      }
+    });
+  }
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(protoseg_ext, CUDA, m) {
+  m.impl("similarity", &similarity_cuda);
+  m.impl("similarity_backward", &similarity_backward_cuda);
+}
+
+}  // namespace protoseg
