@@ -1,0 +1,562 @@
+"""Datasets for the training script: Cityscapes, ADE20K and procedural scenes.
+
+Every dataset exposes the same small interface: ``len(ds)``, ``ds.load(i)`` ->
+``(image (H, W, 3) uint8, label (H, W) uint8)``, ``ds.name(i)``,
+``ds.class_names``, ``ds.palette`` and ``ds.num_classes``. Labels are train ids
+in ``[0, C)`` with :data:`IGNORE_INDEX` (255) for unlabeled pixels.
+
+:class:`TrainView` and :class:`EvalView` turn a dataset into tensors for a
+``DataLoader``; the training view draws its augmentation (random scale, crop,
+flip) from a generator seeded by ``(seed, epoch, index)``, so a batch depends
+on nothing but its position in the schedule: not on the number of workers, not
+on the process's random state, and the same after a resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DatasetError",
+    "CityscapesDataset",
+    "ADE20KDataset",
+    "SyntheticScenes",
+    "build_dataset",
+    "default_crop",
+    "TrainView",
+    "EvalView",
+    "ScheduleSampler",
+    "colorize",
+]
+
+IGNORE_INDEX = 255
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255  # ImageNet statistics
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+
+
+class DatasetError(Exception):
+    """A dataset on disk is missing, incomplete or unreadable; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- class tables
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug",
+    "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub",
+    "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter",
+    "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs",
+    "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench",
+    "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
+    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track",
+    "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
+    "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
+    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave",
+    "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood",
+    "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate",
+    "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+assert len(CITYSCAPES_CLASSES) == 19 and len(ADE20K_CLASSES) == 150
+SYNTHETIC_CLASSES = ("sky", "ground", "building", "tree", "fence", "car", "sign", "ball")
+SYNTHETIC_PALETTE = (
+    (70, 130, 180), (152, 121, 82), (70, 70, 70), (107, 142, 35), (190, 153, 153),
+    (0, 0, 142), (220, 220, 0), (220, 20, 60),
+)  # fmt: skip
+
+
+def generated_palette(n: int) -> Tuple[Tuple[int, int, int], ...]:
+    """The PASCAL VOC colour map: distinct colours from the bits of the class id."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i + 1  # skip black, which reads as "unlabeled"
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+def colorize(label: np.ndarray, palette: Sequence[Tuple[int, int, int]]) -> np.ndarray:
+    """``(H, W)`` class ids -> ``(H, W, 3)`` uint8 colours; ignored pixels are black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return table[label.astype(np.int64).clip(0, 255)]
+
+
+# ----------------------------------------------------------------------------- files on disk
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - the train extra installs it
+        raise ImportError("reading image files needs pillow: pip install 'protoseg_ext[train]'") from e
+    return Image
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB image file as ``(H, W, 3)`` uint8; an unreadable file raises :class:`DatasetError`."""
+    Image = _pil()
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from None
+
+
+def read_label(path: Path, num_classes: int, shift: bool = False) -> np.ndarray:
+    """A single-channel label file as ``(H, W)`` uint8 train ids.
+
+    ``shift`` (ADE20K): file value 0 is "other" and becomes IGNORE_INDEX, value
+    v > 0 becomes class v - 1. Values outside ``[0, C)`` that are not ignored
+    raise :class:`DatasetError`, naming the file.
+    """
+    Image = _pil()
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(f"label {path} has mode {im.mode}: expected a single-channel image of class ids")
+            label = np.asarray(im).astype(np.int64)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot read label {path}: {e}") from None
+    if shift:
+        label = np.where(label == 0, IGNORE_INDEX + 1, label) - 1
+    bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
+    if bad.any():
+        raise DatasetError(
+            f"label {path} holds value {int(label[bad][0]) + int(shift)}: expected train ids in [0, {num_classes}) "
+            f"or {IGNORE_INDEX} (ignored)"
+        )
+    return label.astype(np.uint8)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise DatasetError(f"missing directory {path} ({what})")
+
+
+class _FileDataset:
+    """Pairs of image and label files, checked when the dataset is built."""
+
+    num_classes: int
+    class_names: Tuple[str, ...]
+    palette: Tuple[Tuple[int, int, int], ...]
+    shift_labels = False
+
+    def __init__(self, pairs: List[Tuple[Path, Path]], where: Path):
+        if not pairs:
+            raise DatasetError(f"no images found in {where}")
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def name(self, i: int) -> str:
+        return self.pairs[i][0].stem
+
+    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        img_path, lbl_path = self.pairs[i]
+        image = read_image(img_path)
+        label = read_label(lbl_path, self.num_classes, self.shift_labels)
+        if image.shape[:2] != label.shape:
+            raise DatasetError(
+                f"image {img_path} is {image.shape[1]}x{image.shape[0]} but its label {lbl_path} is "
+                f"{label.shape[1]}x{label.shape[0]}"
+            )
+        return image, label
+
+
+class CityscapesDataset(_FileDataset):
+    """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
+    ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (19 classes, 255 ignored)."""
+
+    num_classes = 19
+    class_names = CITYSCAPES_CLASSES
+    palette = CITYSCAPES_PALETTE
+
+    def __init__(self, root, split: str = "train"):
+        root = Path(root)
+        img_dir, lbl_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        _require_dir(img_dir, "Cityscapes images: leftImg8bit/<split>/<city>/*_leftImg8bit.png")
+        _require_dir(lbl_dir, "Cityscapes labels: gtFine/<split>/<city>/*_gtFine_labelTrainIds.png")
+        pairs = []
+        for img in sorted(img_dir.glob("*/*_leftImg8bit.png")):
+            stem = img.name[: -len("_leftImg8bit.png")]
+            lbl = lbl_dir / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+            if not lbl.is_file():
+                raise DatasetError(f"image {img} has no label: expected {lbl}")
+            pairs.append((img, lbl))
+        super().__init__(pairs, img_dir)
+
+    def name(self, i: int) -> str:
+        return self.pairs[i][0].name[: -len("_leftImg8bit.png")]
+
+
+class ADE20KDataset(_FileDataset):
+    """ADE20K (SceneParsing): ``ADEChallengeData2016/images/<split>/*.jpg`` with
+    ``annotations/<split>/*.png`` (150 classes; file value 0 is ignored, v becomes v - 1)."""
+
+    num_classes = 150
+    class_names = ADE20K_CLASSES
+    palette = generated_palette(150)
+    shift_labels = True
+
+    def __init__(self, root, split: str = "training"):
+        root = Path(root)
+        if (root / "ADEChallengeData2016").is_dir():
+            root = root / "ADEChallengeData2016"
+        img_dir, lbl_dir = root / "images" / split, root / "annotations" / split
+        _require_dir(img_dir, "ADE20K images: ADEChallengeData2016/images/<split>/*.jpg")
+        _require_dir(lbl_dir, "ADE20K labels: ADEChallengeData2016/annotations/<split>/*.png")
+        pairs = []
+        for img in sorted(img_dir.glob("*.jpg")):
+            lbl = lbl_dir / f"{img.stem}.png"
+            if not lbl.is_file():
+                raise DatasetError(f"image {img} has no label: expected {lbl}")
+            pairs.append((img, lbl))
+        super().__init__(pairs, img_dir)
+
+
+# ----------------------------------------------------------------------------- procedural scenes
+
+
+class SyntheticScenes:
+    """Procedural street-like scenes: 8 classes, each with its own shape and texture.
+
+    Sky (vertical gradient) over ground (grainy, low-frequency noise) split at a
+    random horizon; buildings (grey boxes with a grid of windows) standing on
+    it; trees (clusters of discs, speckled green); a fence (band of vertical
+    slats); cars (dark-wheeled boxes of random colour); signs (triangles with a
+    border); balls (shaded discs). Colours, sizes and positions are jittered, so
+    no single cue gives the class away. Image ``i`` of a split depends only on
+    ``(seed, split, i)``.
+    """
+
+    num_classes = len(SYNTHETIC_CLASSES)
+    class_names = SYNTHETIC_CLASSES
+    palette = SYNTHETIC_PALETTE
+
+    def __init__(self, split: str = "train", size: Tuple[int, int] = (128, 256), count: int = 256, seed: int = 0):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.split, self.size, self.count, self.seed = split, tuple(size), count, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return f"synthetic_{self.split}_{i:05d}"
+
+    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
+        return render_scene(rng, *self.size)
+
+
+def _noise(rng: np.random.Generator, H: int, W: int, cell: int) -> np.ndarray:
+    """Smooth value noise in [0, 1]: a random grid of ``cell`` pixels, bilinearly upsampled."""
+    gh, gw = H // cell + 2, W // cell + 2
+    grid = rng.random((gh, gw), dtype=np.float32)
+    y = np.arange(H, dtype=np.float32) / cell
+    x = np.arange(W, dtype=np.float32) / cell
+    y0, x0 = y.astype(np.int64), x.astype(np.int64)
+    fy, fx = (y - y0)[:, None], (x - x0)[None, :]
+    a = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    b = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return a * (1 - fy) + b * fy
+
+
+def render_scene(rng: np.random.Generator, H: int, W: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One scene: ``(image (H, W, 3) uint8, label (H, W) uint8)``."""
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    img = np.zeros((H, W, 3), np.float32)
+    lbl = np.zeros((H, W), np.uint8)
+    s = min(H, W)  # the unit of object sizes
+
+    def paint(mask, colour, c):
+        img[mask] = colour[mask] if colour.ndim == 3 else colour
+        lbl[mask] = c
+
+    def jitter(rgb, amount=25.0):
+        return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
+
+    horizon = rng.uniform(0.35, 0.6) * H
+    # sky: vertical gradient from a jittered blue to a paler one
+    top, bottom = jitter((60, 110, 190)), jitter((170, 200, 235))
+    t = (yy / max(horizon, 1.0)).clip(0, 1)[..., None]
+    paint(yy < horizon, top * (1 - t) + bottom * t, 0)
+    # ground: brown, grainy, with low-frequency blotches
+    grain = rng.normal(0, 12, (H, W, 1)).astype(np.float32)
+    blotch = _noise(rng, H, W, max(4, s // 6))[..., None]
+    paint(yy >= horizon, jitter((140, 115, 80)) * (0.75 + 0.5 * blotch) + grain, 1)
+    # buildings: grey boxes on the horizon with a grid of dark windows
+    for _ in range(rng.integers(1, 4)):
+        w, h = rng.uniform(0.15, 0.4) * W, rng.uniform(0.2, 0.5) * H
+        x0 = rng.uniform(-0.1, 0.9) * W
+        y1 = horizon + rng.uniform(0, 0.05) * H
+        box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - h) & (yy < y1)
+        pitch = rng.uniform(0.06, 0.12) * s
+        window = ((xx - x0) % pitch < 0.55 * pitch) & ((yy - y1) % pitch < 0.5 * pitch)
+        grey = jitter((110, 110, 115), 30)
+        wall = np.where(window[..., None], grey * 0.35, grey)
+        paint(box, wall, 2)
+    # trees: clusters of discs, speckled green
+    for _ in range(rng.integers(0, 4)):
+        cx, cy = rng.uniform(0, W), horizon - rng.uniform(0, 0.15) * H
+        r = rng.uniform(0.08, 0.18) * s
+        blob = np.zeros((H, W), bool)
+        for _ in range(4):
+            ox, oy = rng.normal(0, 0.6 * r, 2)
+            blob |= (xx - cx - ox) ** 2 + (yy - cy - oy) ** 2 < (r * rng.uniform(0.6, 1.0)) ** 2
+        leaves = jitter((60, 120, 40), 20) * (0.6 + 0.6 * rng.random((H, W, 1), dtype=np.float32))
+        paint(blob, leaves, 3)
+    # fence: a band of light vertical slats across the horizon
+    if rng.random() < 0.6:
+        y1 = horizon + rng.uniform(0.02, 0.12) * H
+        h = rng.uniform(0.06, 0.15) * H
+        x0, x1 = sorted(rng.uniform(0, W, 2))
+        pitch = rng.uniform(0.03, 0.06) * s
+        slats = ((xx - x0) % pitch < 0.5 * pitch) & (yy >= y1 - h) & (yy < y1) & (xx >= x0) & (xx < x1 + 0.2 * W)
+        rail = (np.abs(yy - (y1 - 0.7 * h)) < 0.1 * h) & (xx >= x0) & (xx < x1 + 0.2 * W)
+        paint(slats | rail, jitter((200, 170, 150), 20), 4)
+    # cars: a body of random colour with two dark wheels
+    for _ in range(rng.integers(0, 3)):
+        w = rng.uniform(0.12, 0.25) * W
+        h = w * rng.uniform(0.35, 0.5)
+        x0 = rng.uniform(-0.05, 0.95) * W - w / 2
+        y1 = rng.uniform(horizon + 0.1 * (H - horizon), H)
+        body = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - h) & (yy < y1 - 0.2 * h)
+        cabin = (xx >= x0 + 0.2 * w) & (xx < x0 + 0.75 * w) & (yy >= y1 - 1.45 * h) & (yy < y1 - h)
+        r = 0.22 * h
+        wheels = ((xx - x0 - 0.22 * w) ** 2 + (yy - y1 + r) ** 2 < r**2) | (
+            (xx - x0 - 0.78 * w) ** 2 + (yy - y1 + r) ** 2 < r**2
+        )
+        colour = rng.uniform(30, 230, 3).astype(np.float32)
+        shade = np.where(cabin[..., None], colour * 0.6 + 60, colour)
+        paint(body | cabin, shade, 5)
+        paint(wheels, np.float32([25, 25, 25]) + np.zeros((H, W, 3), np.float32), 5)
+    # signs: yellow or red triangles with a dark border, on the ground
+    for _ in range(rng.integers(0, 3)):
+        cx, cy = rng.uniform(0, W), rng.uniform(horizon - 0.1 * H, H)
+        r = rng.uniform(0.07, 0.13) * s
+        up = (yy - cy) / r + 0.5  # 0 at the apex, 1.5 at the base
+        inside = (up >= 0) & (up <= 1.5) & (np.abs(xx - cx) <= up * r * 0.7)
+        inner = (up >= 0.3) & (up <= 1.3) & (np.abs(xx - cx) <= (up - 0.15) * r * 0.55)
+        face = jitter((230, 200, 30) if rng.random() < 0.5 else (210, 40, 40), 15)
+        colour = np.where(inner[..., None], face, np.float32([30, 30, 30]))
+        paint(inside, colour, 6)
+    # balls: discs lit from the top left
+    for _ in range(rng.integers(0, 4)):
+        cx, cy = rng.uniform(0, W), rng.uniform(0, H)
+        r = rng.uniform(0.05, 0.11) * s
+        d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
+        light = 1.3 - 0.8 * np.sqrt((((xx - cx + 0.4 * r) ** 2 + (yy - cy + 0.4 * r) ** 2) / r**2).clip(0, 4)) / 2
+        colour = rng.uniform(60, 255, 3).astype(np.float32) * light[..., None]
+        paint(d2 < 1, colour, 7)
+    # global brightness, contrast and sensor noise
+    img = img * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20) + rng.normal(0, 4, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8), lbl
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+DEFAULT_CROPS = {"cityscapes": (256, 512), "ade20k": (256, 256)}
+
+
+def build_dataset(name: str, split: str, root: Optional[str] = None, synthetic_size=(128, 256), synthetic_count=None, seed=0):
+    """The ``train`` or ``val`` split of ``name`` ("synthetic", "cityscapes" or "ade20k")."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "synthetic":
+        count = (synthetic_count or (256, 32))[0 if split == "train" else 1]
+        return SyntheticScenes(split, synthetic_size, count, seed)
+    if root is None:
+        raise DatasetError(f"--dataset {name} needs --data-root")
+    if name == "cityscapes":
+        return CityscapesDataset(root, split)
+    if name == "ade20k":
+        return ADE20KDataset(root, "training" if split == "train" else "validation")
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def default_crop(name: str, synthetic_size=(128, 256)) -> Tuple[int, int]:
+    """Training crop ``(H, W)``: the image size for synthetic scenes, else a CPU-friendly crop."""
+    return tuple(synthetic_size) if name == "synthetic" else DEFAULT_CROPS[name]
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(H, W, 3)`` uint8, ``(H, W)`` uint8 -> normalised ``(3, H, W)`` float32, ``(H, W)`` int64."""
+    x = (image.astype(np.float32) - MEAN) / STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(label.astype(np.int64))
+
+
+def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip=True):
+    """Official augmentation: resize by a random factor, pad to the crop (label: ignored),
+    take a random crop, flip horizontally with probability 1/2."""
+    Image = _pil()
+    ch, cw = crop
+    s = rng.uniform(*scale_range)
+    h, w = label.shape
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+    ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+    if ph or pw:  # pad with the mean colour (0 after normalisation) and ignored labels
+        image = np.concatenate([image, np.broadcast_to(MEAN.astype(np.uint8), (nh, pw, 3))], 1) if pw else image
+        image = np.concatenate([image, np.broadcast_to(MEAN.astype(np.uint8), (ph, nw + pw, 3))], 0) if ph else image
+        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+    y = int(rng.integers(0, label.shape[0] - ch + 1))
+    x = int(rng.integers(0, label.shape[1] - cw + 1))
+    image, label = image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
+    if flip and rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return image, label
+
+
+class TrainView(Dataset):
+    """Augmented training samples. Indexed by ``(i, epoch)`` (see :class:`ScheduleSampler`):
+    the augmentation of image ``i`` in ``epoch`` comes from a generator seeded by
+    ``(seed, epoch, i)``."""
+
+    def __init__(self, base, crop, scale_range=(0.5, 2.0), flip=True, seed=0):
+        self.base, self.crop, self.scale_range, self.flip, self.seed = base, tuple(crop), scale_range, flip, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        image, label = self.base.load(i)
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip)
+        return to_tensors(image, label)
+
+
+class EvalView(Dataset):
+    """Whole images for evaluation: ``(image (3, H, W), label (H, W), index)``."""
+
+    def __init__(self, base, indices: Optional[Sequence[int]] = None):
+        self.base = base
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        image, label = to_tensors(*self.base.load(i))
+        return image, label, i
+
+
+class ScheduleSampler(Sampler):
+    """Endless ``(index, epoch)`` keys for one rank, starting ``start`` samples into the schedule.
+
+    Epoch ``e`` is the shard of ``DistributedSampler(shuffle=True, seed, drop_last=True)``
+    at ``set_epoch(e)``; every rank sees ``len(dataset) // world_size`` images per epoch.
+    Resuming at iteration ``it`` with batch size ``B`` is ``start = it * B``.
+    """
+
+    def __init__(self, dataset, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0):
+        self.dataset, self.rank, self.world_size, self.seed, self.start = dataset, rank, world_size, seed, start
+        self.per_epoch = len(dataset) // world_size
+        if self.per_epoch == 0:
+            raise DatasetError(f"{len(dataset)} training images cannot be shared by {world_size} processes")
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, skip = divmod(self.start, self.per_epoch)
+        while True:
+            shard = DistributedSampler(
+                self.dataset, self.world_size, self.rank, shuffle=True, seed=self.seed, drop_last=True
+            )
+            shard.set_epoch(epoch)
+            for i in list(shard)[skip:]:
+                yield i, epoch
+            epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- export to disk
+
+# synthetic class -> the class of the same name (or role) in each file layout
+_EXPORT_NAMES = {
+    "cityscapes": ("sky", "road", "building", "vegetation", "fence", "car", "traffic sign", "person"),
+    "ade20k": ("sky", "earth", "building", "tree", "fence", "car", "signboard", "ball"),
+}
+
+
+def export_synthetic(root, layout: str, train: int = 24, val: int = 8, size=(256, 512), seed: int = 0) -> Path:
+    """Write synthetic scenes to ``root`` in the Cityscapes or ADE20K file layout.
+
+    A stand-in for the real datasets (to try the file readers, or to time
+    training on files of a known size): labels are remapped to the train ids
+    of the classes named in ``_EXPORT_NAMES``. Returns the ``--data-root`` to use.
+    """
+    Image = _pil()
+    root = Path(root)
+    if layout == "cityscapes":
+        ids = np.array([CITYSCAPES_CLASSES.index(n) for n in _EXPORT_NAMES[layout]], np.uint8)
+    elif layout == "ade20k":
+        ids = np.array([ADE20K_CLASSES.index(n) + 1 for n in _EXPORT_NAMES[layout]], np.uint8)  # 0 = other
+    else:
+        raise ValueError(f"layout must be 'cityscapes' or 'ade20k', got {layout!r}")
+    for split, count in (("train", train), ("val", val)):
+        scenes = SyntheticScenes(split, size, count, seed)
+        for i in range(count):
+            image, label = scenes.load(i)
+            if layout == "cityscapes":
+                stem = f"synth_{i:06d}_000019"
+                img = root / "leftImg8bit" / split / "synth" / f"{stem}_leftImg8bit.png"
+                lbl = root / "gtFine" / split / "synth" / f"{stem}_gtFine_labelTrainIds.png"
+            else:
+                sub = "training" if split == "train" else "validation"
+                stem = f"ADE_{split}_{i + 1:08d}"
+                img = root / "ADEChallengeData2016" / "images" / sub / f"{stem}.jpg"
+                lbl = root / "ADEChallengeData2016" / "annotations" / sub / f"{stem}.png"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            lbl.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(img, **({"quality": 95} if img.suffix == ".jpg" else {}))
+            Image.fromarray(ids[label]).save(lbl)
+    return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m protoseg_ext.data",
+        description="Write synthetic scenes to disk in the Cityscapes or ADE20K layout.",
+    )
+    p.add_argument("layout", choices=["cityscapes", "ade20k"])
+    p.add_argument("root", help="directory to write (becomes --data-root)")
+    p.add_argument("--train", type=int, default=24, help="training images (default 24)")
+    p.add_argument("--val", type=int, default=8, help="validation images (default 8)")
+    p.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    export_synthetic(a.root, a.layout, a.train, a.val, a.size, a.seed)
+    print(f"wrote {a.train} + {a.val} {a.layout} images to {a.root}")

@@ -1,0 +1,147 @@
+"""Datasets of the training script: file readers on generated fixtures, synthetic scenes, augmentation."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+
+from protoseg_ext.data import (  # noqa: E402
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    IGNORE_INDEX,
+    ADE20KDataset,
+    CityscapesDataset,
+    DatasetError,
+    ScheduleSampler,
+    SyntheticScenes,
+    TrainView,
+    build_dataset,
+    export_synthetic,
+)
+
+SIZE = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def cityscapes_root(tmp_path_factory):
+    return export_synthetic(tmp_path_factory.mktemp("cs"), "cityscapes", train=3, val=2, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory):
+    return export_synthetic(tmp_path_factory.mktemp("ade"), "ade20k", train=3, val=2, size=SIZE)
+
+
+def test_synthetic_scenes_are_deterministic_and_varied():
+    a, b = SyntheticScenes("train", SIZE, 4, seed=0), SyntheticScenes("train", SIZE, 4, seed=0)
+    img0, lbl0 = a.load(0)
+    assert img0.shape == (*SIZE, 3) and img0.dtype == np.uint8 and lbl0.shape == SIZE
+    np.testing.assert_array_equal(img0, b.load(0)[0])
+    np.testing.assert_array_equal(lbl0, b.load(0)[1])
+    assert not np.array_equal(img0, a.load(1)[0])
+    assert not np.array_equal(img0, SyntheticScenes("val", SIZE, 4, seed=0).load(0)[0])
+    assert not np.array_equal(img0, SyntheticScenes("train", SIZE, 4, seed=1).load(0)[0])
+    labels = np.concatenate([a.load(i)[1].ravel() for i in range(4)])
+    assert labels.max() < a.num_classes and len(np.unique(labels)) >= 4  # several classes per few scenes
+
+
+def test_cityscapes_reader(cityscapes_root):
+    train, val = CityscapesDataset(cityscapes_root, "train"), CityscapesDataset(cityscapes_root, "val")
+    assert len(train) == 3 and len(val) == 2 and train.num_classes == 19
+    image, label = train.load(0)
+    assert image.shape == (*SIZE, 3) and label.shape == SIZE
+    # synthetic sky and ground become Cityscapes "sky" and "road"
+    expected = SyntheticScenes("train", SIZE, 3).load(0)[1]
+    np.testing.assert_array_equal(label == CITYSCAPES_CLASSES.index("sky"), expected == 0)
+    np.testing.assert_array_equal(label == CITYSCAPES_CLASSES.index("road"), expected == 1)
+    assert train.name(0) == "synth_000000_000019"
+
+
+def test_ade20k_reader_shifts_labels(ade_root):
+    train = build_dataset("ade20k", "train", root=str(ade_root))
+    assert isinstance(train, ADE20KDataset) and len(train) == 3 and train.num_classes == 150
+    _, label = train.load(0)
+    expected = SyntheticScenes("train", SIZE, 3).load(0)[1]
+    np.testing.assert_array_equal(label == ADE20K_CLASSES.index("sky"), expected == 0)
+    # file value 0 ("other") is ignored, v > 0 becomes v - 1
+    from PIL import Image
+
+    path = train.pairs[0][1]
+    raw = np.asarray(Image.open(path)).copy()
+    raw[0, :5] = 0
+    Image.fromarray(raw).save(path)
+    _, label = train.load(0)
+    assert (label[0, :5] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(label[1:], raw[1:].astype(np.int64) - 1)
+
+
+def test_missing_directory_names_it(tmp_path):
+    with pytest.raises(DatasetError, match=str(tmp_path / "leftImg8bit" / "train")):
+        CityscapesDataset(tmp_path, "train")
+    with pytest.raises(DatasetError, match="images"):
+        ADE20KDataset(tmp_path, "training")
+
+
+def test_image_without_label_names_the_image(tmp_path):
+    root = export_synthetic(tmp_path, "cityscapes", train=2, val=1, size=SIZE)
+    label = next((root / "gtFine" / "train").glob("*/*_labelTrainIds.png"))
+    label.unlink()
+    image_name = label.name.replace("_gtFine_labelTrainIds", "_leftImg8bit")
+    with pytest.raises(DatasetError, match=image_name):
+        CityscapesDataset(root, "train")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    root = export_synthetic(tmp_path, "ade20k", train=2, val=1, size=SIZE)
+    ds = ADE20KDataset(root, "training")
+    ds.pairs[0][0].write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=ds.pairs[0][0].name):
+        ds.load(0)
+    ds.pairs[1][1].write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match=ds.pairs[1][1].name):
+        ds.load(1)
+
+
+def test_label_values_outside_the_classes_are_named(tmp_path):
+    from PIL import Image
+
+    root = export_synthetic(tmp_path, "cityscapes", train=1, val=1, size=SIZE)
+    ds = CityscapesDataset(root, "train")
+    Image.fromarray(np.full(SIZE, 33, np.uint8)).save(ds.pairs[0][1])  # a labelIds file, not train ids
+    with pytest.raises(DatasetError, match="holds value 33"):
+        ds.load(0)
+
+
+def test_augmentation_is_keyed_by_epoch_and_index():
+    view = TrainView(SyntheticScenes("train", SIZE, 4), crop=(24, 40), scale_range=(0.5, 2.0))
+    x, y = view[(1, 0)]
+    assert x.shape == (3, 24, 40) and x.dtype == torch.float32 and y.shape == (24, 40) and y.dtype == torch.int64
+    assert ((y >= 0) & (y < 8) | (y == IGNORE_INDEX)).all()
+    x2, y2 = view[(1, 0)]
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, view[(1, 1)][0])
+
+
+def test_crop_larger_than_image_pads_with_ignore():
+    view = TrainView(SyntheticScenes("train", SIZE, 1), crop=(64, 128), scale_range=(1.0, 1.0), flip=False)
+    x, y = view[(0, 0)]
+    assert (y[SIZE[0] :] == IGNORE_INDEX).all() and (y[:, SIZE[1] :] == IGNORE_INDEX).all()
+    assert (y[: SIZE[0], : SIZE[1]] != IGNORE_INDEX).all()
+    assert x[:, SIZE[0] :].abs().max() < 0.02  # the mean colour: zero after normalisation
+
+
+def test_schedule_sampler_resumes_mid_epoch_and_shards():
+    ds = SyntheticScenes("train", SIZE, 10)
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    full = take(ScheduleSampler(ds, seed=3), 25)
+    assert sorted(i for i, e in full[:10]) == list(range(10)) and {e for _, e in full[:10]} == {0}
+    assert take(ScheduleSampler(ds, seed=3, start=7), 18) == full[7:]
+    r0, r1 = take(ScheduleSampler(ds, 0, 2, seed=3), 5), take(ScheduleSampler(ds, 1, 2, seed=3), 5)
+    assert sorted(i for i, _ in r0 + r1) == list(range(10))
+    with pytest.raises(DatasetError):
+        ScheduleSampler(SyntheticScenes("train", SIZE, 1), 0, 2)
