@@ -140,3 +140,14 @@ def test_harness_tiny_run(tmp_path):
     os.remove(tmp_path / "bench.png")
     bench_plot.main(["--csv", str(tmp_path / "bench.csv")])
     assert (tmp_path / "bench.png").exists()
+
+
+def test_roofline_report_covers_every_op():
+    from bench.roofline import table
+    from protoseg_ext.kernels.roofline import OPS, h100_roofline
+
+    md = table(["cityscapes"], "bfloat16")
+    for op in OPS:
+        assert f"| cityscapes | {op} |" in md
+    r = h100_roofline("similarity", 65536, 720, 19, 10, "bfloat16")
+    assert r["flops"] >= 2 * 65536 * 720 * 190 and r["bound"] in ("memory", "compute")
