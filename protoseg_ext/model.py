@@ -130,6 +130,8 @@ class ProtoSegNet(nn.Module):
         size = images.shape[-2:] if labels is None else labels.shape[-2:]
         emb = self.embed(images)
         if self.head_stride == 1:  # full resolution: one embedding per labeled pixel
+            # channels-last, so the head's (B, D, H, W) -> (N, D) is a view, not a copy
+            emb = emb.contiguous(memory_format=torch.channels_last)
             emb = F.interpolate(emb, size=size, mode="bilinear", align_corners=True)
         out = self.head(emb, labels)
         seg = out.seg
