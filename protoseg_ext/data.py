@@ -33,6 +33,7 @@ __all__ = [
     "EvalView",
     "ScheduleSampler",
     "colorize",
+    "export_synthetic",
 ]
 
 IGNORE_INDEX = 255

@@ -6,8 +6,9 @@
 
 Loss ``CE(seg) + 0.01 PPC + 0.001 PPD``, SGD with poly learning-rate decay.
 ``OUT`` holds ``checkpoint.pt`` (the latest, replaced atomically), ``log.csv``,
-``curves.png``, ``metrics.json`` and ``predictions/``; ``--resume`` continues
-the same schedule from the checkpoint, bit for bit with ``--assign argmax``.
+``curves.png``, ``metrics.json`` and ``predictions/``. ``--resume`` continues
+the same schedule from the checkpoint: on CPU, n iterations, a resume and n
+more equal 2n iterations bit for bit.
 The model is in :mod:`protoseg_ext.model`, the datasets in :mod:`protoseg_ext.data`.
 """
 
@@ -17,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -50,58 +50,57 @@ LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="protoseg-train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["synthetic", "cityscapes", "ade20k"], default="synthetic")
-    g.add_argument("--data-root", help="dataset directory (cityscapes, ade20k)")
-    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
-                   help="training crop (default: the image size for synthetic, 256 512 cityscapes, 256 256 ade20k)")  # fmt: skip
-    g.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"))
-    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
-    g.add_argument("--synthetic-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
-    g.add_argument("--synthetic-count", type=int, nargs=2, default=(256, 32), metavar=("TRAIN", "VAL"))
-    g.add_argument("--workers", type=int, default=1, help="data loading processes per rank (0: in the main process)")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=32, help="backbone width w (branches of w, 2w, 4w channels)")
-    g.add_argument("--proj-dim", type=int, default=64, help="embedding size D")
-    g.add_argument("--num-prototype", type=int, default=10, help="prototypes per class K")
-    g.add_argument("--head-stride", type=int, choices=[1, 4], default=1,
-                   help="1: prototype head on every pixel (default); 4: official 1/4 resolution")  # fmt: skip
-    g.add_argument("--gamma", type=float, default=0.999, help="prototype momentum")
-    g.add_argument("--assign", choices=["gumbel", "argmax"], default="gumbel",
-                   help="prototype assignment for the update (argmax: deterministic)")  # fmt: skip
-    g.add_argument("--proto-sync", choices=["official", "exact"], default="official",
-                   help="multi-process prototype update: average the prototypes, or sum the statistics")  # fmt: skip
-    g.add_argument("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
-                   help="prototype kernels (auto: the fastest for the device; PROTOSEG_BACKEND overrides it)")  # fmt: skip
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=300)
-    g.add_argument("--batch-size", type=int, default=2, help="images per process and step")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--poly-power", type=float, default=0.9)
-    g.add_argument("--ppc-weight", type=float, default=0.01)
-    g.add_argument("--ppd-weight", type=float, default=0.001)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/protoseg", help="checkpoint, log, curves, metrics, predictions")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
-    g.add_argument("--stop-at", type=int, help="stop after this iteration (checkpoint written); --resume continues")
-    g.add_argument("--eval-every", type=int, default=100, help="evaluate and checkpoint every N iterations (and at the end)")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--val-limit", type=int, help="evaluate on the first N validation images only")
-    g.add_argument("--num-preds", type=int, default=4, help="validation predictions saved as PNG")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--threads", type=int, help="CPU threads per process (default: torch's; 1 is faster on a busy machine)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = argparse.ArgumentParser(prog="protoseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arg = p.add_argument_group("data").add_argument
+    arg("--dataset", choices=["synthetic", "cityscapes", "ade20k"], default="synthetic", help="default: synthetic")
+    arg("--data-root", metavar="DIR", help="dataset directory (cityscapes, ade20k)")
+    arg("--crop", type=int, nargs=2, metavar=("H", "W"),
+        help="training crop (default: the image size for synthetic, 256 512 cityscapes, 256 256 ade20k)")  # fmt: skip
+    arg("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"), help="default: 0.5 2.0")
+    arg("--no-flip", action="store_true", help="no random horizontal flip")
+    arg("--synthetic-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"), help="default: 128 256")
+    arg("--synthetic-count", type=int, nargs=2, default=(256, 32), metavar=("TRAIN", "VAL"), help="default: 256 32")
+    arg("--workers", type=int, default=1, help="data loading processes per rank, 0: none (default: 1)")
+    arg = p.add_argument_group("model").add_argument
+    arg("--width", type=int, default=32, help="backbone width w: branches of w, 2w, 4w channels (default: 32)")
+    arg("--proj-dim", type=int, default=64, help="embedding size D (default: 64)")
+    arg("--num-prototype", type=int, default=10, help="prototypes per class K (default: 10)")
+    arg("--head-stride", type=int, choices=[1, 4], default=1,
+        help="1: prototype head on every pixel (default); 4: official 1/4 resolution")  # fmt: skip
+    arg("--gamma", type=float, default=0.999, help="prototype momentum (default: 0.999)")
+    arg("--assign", choices=["gumbel", "argmax"], default="gumbel",
+        help="assignment for the prototype update: gumbel (official, default) or argmax (deterministic)")  # fmt: skip
+    arg("--proto-sync", choices=["official", "exact"], default="official",
+        help="with several processes: average the updated prototypes (official, default) or sum the statistics")  # fmt: skip
+    arg("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
+        help="prototype kernels (default: auto, the fastest for the device; PROTOSEG_BACKEND overrides it)")  # fmt: skip
+    arg = p.add_argument_group("optimisation").add_argument
+    arg("--iters", type=int, default=400, help="default: 400")
+    arg("--batch-size", type=int, default=2, help="images per process and step (default: 2)")
+    arg("--lr", type=float, default=0.01, help="default: 0.01")
+    arg("--momentum", type=float, default=0.9, help="default: 0.9")
+    arg("--weight-decay", type=float, default=5e-4, help="default: 5e-4")
+    arg("--poly-power", type=float, default=0.9, help="lr = LR * (1 - iter / ITERS) ** POWER (default: 0.9)")
+    arg("--ppc-weight", type=float, default=0.01, help="default: 0.01")
+    arg("--ppd-weight", type=float, default=0.001, help="default: 0.001")
+    arg("--seed", type=int, default=0, help="weights, prototypes, data order, augmentation (default: 0)")
+    arg = p.add_argument_group("run").add_argument
+    arg("--out", default="runs/protoseg", metavar="DIR", help="checkpoint, log, curves, metrics (default: runs/protoseg)")
+    arg("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
+    arg("--stop-at", type=int, metavar="ITER", help="stop after this iteration (checkpoint written); --resume continues")
+    arg("--eval-every", type=int, default=100, help="evaluate and checkpoint every N iterations, and at the end (default: 100)")
+    arg("--log-every", type=int, default=10, help="default: 10")
+    arg("--val-limit", type=int, metavar="N", help="evaluate on the first N validation images only")
+    arg("--num-preds", type=int, default=4, help="validation predictions saved as PNG (default: 4)")
+    arg("--device", help="cpu or cuda (default: cuda when available)")
+    arg("--threads", type=int, help="CPU threads per process (default: torch's; 1 is faster on a busy machine)")
+    arg("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.dataset != "synthetic" and not args.data_root:
         p.error(f"--dataset {args.dataset} needs --data-root")
     if args.crop is None:
         args.crop = default_crop(args.dataset, args.synthetic_size)
+    # lists, as they come back from a checkpoint, so the resume check compares like with like
     args.crop, args.scale_range = list(args.crop), list(args.scale_range)
     args.synthetic_size, args.synthetic_count = list(args.synthetic_size), list(args.synthetic_count)
     return args
@@ -269,18 +268,52 @@ def save_prediction(folder: Path, dataset, index: int, label: np.ndarray, pred: 
 
 
 def iou_table(metrics: dict, it: int) -> str:
+    """The per-class IoU of the classes present in the ground truth, and the mIoU over them."""
+    present = {n: v for n, v in metrics["per_class_iou"].items() if v is not None}
     lines = [f"iter {it}: mIoU {100 * metrics['miou']:.2f}  (pixel accuracy {100 * metrics['pixel_accuracy']:.2f})"]
-    width = max(len(n) for n in metrics["per_class_iou"])
+    width = max(len(n) for n in present) if present else 5
     lines.append(f"  {'class':<{width}}  IoU (%)")
-    for name, v in metrics["per_class_iou"].items():
-        lines.append(f"  {name:<{width}}  {'-' if v is None else f'{100 * v:6.2f}'}")
+    lines += [f"  {name:<{width}}  {100 * v:6.2f}" for name, v in present.items()]
+    absent = len(metrics["per_class_iou"]) - len(present)
+    if absent:
+        lines.append(f"  ({absent} classes absent from the ground truth, left out of the mean)")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- training
 
 
+def fail(message: str):
+    raise SystemExit(f"protoseg-train: error: {message}")
+
+
+def build_model(args, num_classes: int, device):
+    """The network, SGD and the poly schedule; the same initial weights and prototypes on every rank."""
+    torch.manual_seed(args.seed)
+    net = ProtoSegNet(
+        num_classes, proj_dim=args.proj_dim, width=args.width, num_prototype=args.num_prototype,
+        head_stride=args.head_stride, ignore_index=IGNORE_INDEX, ppc_weight=args.ppc_weight,
+        ppd_weight=args.ppd_weight, gamma=args.gamma, assign=args.assign, backend=args.backend,
+        sync=args.proto_sync,
+    ).to(device)  # fmt: skip
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(args.iters, args.poly_power))
+    return net, opt, sched
+
+
+def train_batches(train_set, args, rank: int, world: int, start: int):
+    """Endless augmented batches for this rank, from iteration ``start`` of the schedule."""
+    sampler = ScheduleSampler(train_set, rank, world, args.seed, start=start * args.batch_size)
+    view = TrainView(train_set, args.crop, args.scale_range, not args.no_flip, args.seed)
+    loader = DataLoader(
+        view, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        generator=torch.Generator(),  # leaves the global RNG (prototype init, Gumbel noise) alone
+    )  # fmt: skip
+    return iter(loader)
+
+
 def train(args) -> dict:
+    """Train (or resume) as ``args`` say; returns the last evaluation's metrics."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -289,41 +322,23 @@ def train(args) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    try:
+        backend = resolve_backend(args.backend, device).name
+    except (RuntimeError, ValueError) as e:
+        fail(str(e))
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    try:
-        backend = resolve_backend(args.backend, device).name
-    except (RuntimeError, ValueError) as e:
-        raise SystemExit(f"protoseg-train: error: {e}") from None
     data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count, seed=args.seed)
     train_set, val_set = build_dataset(args.dataset, "train", **data_kw), build_dataset(args.dataset, "val", **data_kw)
-
-    torch.manual_seed(args.seed)  # same initial weights and prototypes on every rank
-    net = ProtoSegNet(
-        train_set.num_classes, proj_dim=args.proj_dim, width=args.width, num_prototype=args.num_prototype,
-        head_stride=args.head_stride, ignore_index=IGNORE_INDEX, ppc_weight=args.ppc_weight,
-        ppd_weight=args.ppd_weight, gamma=args.gamma, assign=args.assign, backend=args.backend,
-        sync=args.proto_sync,
-    ).to(device)  # fmt: skip
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(args.iters, args.poly_power))
-
-    start = 0
-    ckpt_path = out / "checkpoint.pt"
-    if args.resume and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, args, net, opt, sched, device)
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    net, opt, sched = build_model(args, train_set.num_classes, device)
+    start, ckpt = 0, out / "checkpoint.pt"
+    if args.resume and ckpt.exists():
+        start = load_checkpoint(ckpt, args, net, opt, sched, device)
     stop = min(args.iters, args.stop_at or args.iters)
-
-    sampler = ScheduleSampler(train_set, rank, world, args.seed, start=start * args.batch_size)
-    view = TrainView(train_set, args.crop, args.scale_range, not args.no_flip, args.seed)
-    loader = DataLoader(
-        view, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        generator=torch.Generator(),  # leaves the global RNG (prototype init, Gumbel noise) alone
-    )  # fmt: skip
-    batches = iter(loader)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    batches = train_batches(train_set, args, rank, world, start)
 
     log = CsvLog(out / "log.csv", start) if rank == 0 else None
     bar = progress(args.iters, start, rank == 0 and not args.no_progress)
@@ -331,11 +346,11 @@ def train(args) -> dict:
         say(bar, f"protoseg-train: {args.dataset}, {len(train_set)} train / {len(val_set)} val images, "
                  f"{train_set.num_classes} classes, {world} process(es) on {device.type}, "
                  f"{backend} kernels, iterations {start} to {stop}")  # fmt: skip
-    metrics, meter = None, Meter(args.batch_size * world)
+    metrics, meter = {}, Meter(args.batch_size * world)
     net.train()
     for it in range(start + 1, stop + 1):
         images, labels = (t.to(device, non_blocking=True) for t in next(batches))
-        _, losses = model(images, labels)
+        _, losses = model(images, labels)  # CE + 0.01 PPC + 0.001 PPD; updates the prototypes
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
@@ -345,9 +360,9 @@ def train(args) -> dict:
         if bar is not None:
             bar.set_postfix({"loss": f"{meter.mean('loss'):.3f}", "img/s": f"{meter.images_per_s():.1f}"}, refresh=False)
             bar.update(1)
+        if log is not None and (it % args.log_every == 0 or it == stop):
+            log.write(iter=it, lr=opt.param_groups[0]["lr"], **meter.summary())
         if it % args.log_every == 0 or it == stop:
-            if log is not None:
-                log.write(iter=it, lr=opt.param_groups[0]["lr"], **meter.summary())
             meter.reset()
         evaluating = it % args.eval_every == 0 or it == args.iters
         if evaluating:
@@ -358,7 +373,7 @@ def train(args) -> dict:
                              "pixel_accuracy": metrics["pixel_accuracy"]}, out / "metrics.json")  # fmt: skip
                 log.write(iter=it, miou=metrics["miou"])
         if rank == 0 and (evaluating or it == stop):
-            save_checkpoint(ckpt_path, it, args, net, opt, sched)
+            save_checkpoint(ckpt, it, args, net, opt, sched)
             log.plot(out / "curves.png")
         if evaluating:
             meter.restart_clock()  # throughput counts training only
@@ -366,10 +381,11 @@ def train(args) -> dict:
         bar.close()
     if world > 1:
         dist.barrier()
-    return metrics or {}
+    return metrics
 
 
 def save_checkpoint(path: Path, it: int, args, net, opt, sched) -> None:
+    """Everything the next step depends on: weights and prototypes, optimizer, schedule, RNG."""
     state = {
         "iter": it,
         "args": dict(vars(args)),
@@ -382,13 +398,13 @@ def save_checkpoint(path: Path, it: int, args, net, opt, sched) -> None:
 
 
 def load_checkpoint(path: Path, args, net, opt, sched, device) -> int:
-    """Restore everything a step depends on; returns the iteration to continue from."""
+    """Restore a checkpoint of the same schedule; returns the iteration to continue from."""
     state = torch.load(path, map_location=device, weights_only=True)
     saved = state["args"]
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
             for k in SCHEDULE_KEYS if saved.get(k) != getattr(args, k)]  # fmt: skip
     if diff:
-        raise SystemExit(f"protoseg-train: cannot resume {path}: it was trained with " + ", ".join(diff))
+        fail(f"cannot resume {path}: it was trained with " + ", ".join(diff))
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -410,8 +426,7 @@ def main(argv=None) -> dict:
     try:
         return train(args)
     except DatasetError as e:
-        print(f"protoseg-train: error: {_dataset_error_text(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(_dataset_error_text(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
