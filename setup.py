@@ -62,7 +62,9 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is inline OpenMP: without -fopenmp it runs serially.
     # The soname libgomp.so.1 resolves to the copy torch has already loaded.
-    extra = {"cxx": ["-O3", "-fopenmp"]}
+    # -fno-trapping-math: no kernel reads the floating-point exception flags, and
+    # without it GCC keeps compare-and-select loops (arg-max, clamps) scalar.
+    extra = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

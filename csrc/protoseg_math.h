@@ -48,8 +48,12 @@ PSE_HD bool label_in_range(int64_t label, int64_t num_classes) {
 // first maximum wins and NaN counts as the largest value (torch.max(dim)
 // semantics). Start from best = -INFINITY, arg = 0.
 template <typename T>
+PSE_HD bool max_takes(T v, T best) {
+  return v > best || (v != v && best == best);
+}
+template <typename T>
 PSE_HD void max_push(T& best, int64_t& arg, T v, int64_t k) {
-  if (v > best || (v != v && best == best)) {
+  if (max_takes(v, best)) {
     best = v;
     arg = k;
   }

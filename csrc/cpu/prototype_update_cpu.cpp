@@ -1,9 +1,11 @@
 // CPU kernels of `prototype_sums` and `prototype_ema`.
 //
 // prototype_sums: sums[s] = sum of feats[n] over rows with slot[n] == s (and a
-// finite feature row), counts[s] = how many. Parallel over column chunks of D:
-// every (slot, column) is accumulated by one thread in row order, in float64,
-// so the result is bitwise the same for any thread count and needs no atomics.
+// finite feature row), counts[s] = how many. Rows are split into a fixed number
+// of blocks (a function of N, slots and D, never of the thread count); each
+// block accumulates its rows in order into its own float64 partial sums, in one
+// pass over each row (finite check, norm and sum), and the partials are merged
+// in block order. The result is bitwise the same for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,29 +16,36 @@
 
 #include "../checks.h"
 #include "../protoseg_math.h"
+#include "rows.h"
 
 namespace protoseg {
 
 namespace {
-constexpr int64_t kColChunk = 64;  // columns of D per task (one cache line run per row)
+constexpr int64_t kMinBlockRows = 8192;            // rows per block, at least
+constexpr int64_t kMaxBlocks = 64;                 // blocks, at most
+constexpr int64_t kPartialBytes = int64_t(128) << 20;  // float64 partial sums of all blocks, at most
 
-// All D entries finite? Branch-free, so the compiler vectorises it.
+// Number of row blocks: enough for parallelism, within the partials' memory cap.
+int64_t sum_blocks(int64_t N, int64_t num_slots, int64_t D) {
+  const int64_t per_block = std::max<int64_t>(1, num_slots * D * int64_t(sizeof(double)));
+  int64_t nb = std::min<int64_t>({kMaxBlocks, (N + kMinBlockRows - 1) / kMinBlockRows, kPartialBytes / per_block});
+  return std::max<int64_t>(1, nb);
+}
+
+// Squared norm of a row in float64 (NaN or inf iff an entry is: float,
+// half and bfloat16 squares cannot overflow a double sum); float64 rows are
+// checked entry by entry.
 template <typename T>
-bool row_is_finite(const T* x, int64_t D) {
-  bool bad = false;
-  for (int64_t d = 0; d < D; ++d) bad |= !is_finite(float(x[d]));
-  return !bad;
+bool row_sumsq(const T* x, int64_t D, double& sq) {
+  sq = rows::sumsq<double>(x, D);
+  return is_finite(sq);
 }
 template <>
-bool row_is_finite<float>(const float* x, int64_t D) {
-  // exponent bits all set <=> inf or NaN; an integer OR-reduction vectorises
-  uint32_t bad = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    uint32_t bits;
-    std::memcpy(&bits, x + d, sizeof bits);
-    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
+bool row_sumsq<double>(const double* x, int64_t D, double& sq) {
+  bool bad = false;
+  for (int64_t d = 0; d < D; ++d) bad |= !is_finite(x[d]);
+  sq = rows::sumsq<double>(x, D);
+  return !bad;
 }
 }  // namespace
 
@@ -62,35 +71,30 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
     TORCH_CHECK_VALUE(sp[n] < num_slots, "slot[", n, "] = ", sp[n], " is >= num_slots (", num_slots, ")");
   }
   std::vector<uint8_t> ok(N, 0);
-  std::vector<double> scale(N, 1.0);  // 1 / max(||x_n||, eps) when normalize
-  std::vector<double> acc_sums(num_slots * D, 0.0);
+  const int64_t nb = sum_blocks(N, num_slots, D), SD = num_slots * D;
+  std::vector<double> partial(nb * SD, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "prototype_sums_cpu", [&] {
     const scalar_t* fp = f.data_ptr<scalar_t>();
-    // which rows contribute: an assigned slot and an all-finite feature row
-    at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        if (sp[n] < 0) continue;
-        ok[n] = row_is_finite(fp + n * D, D);
-        if (normalize && ok[n]) {
-          double sq = 0.0;
-          for (int64_t d = 0; d < D; ++d) sq += double(fp[n * D + d]) * double(fp[n * D + d]);
-          scale[n] = inv_norm(sq);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double* acc_b = partial.data() + b * SD;
+        for (int64_t n = N * b / nb, n1 = N * (b + 1) / nb; n < n1; ++n) {
+          if (sp[n] < 0) continue;
+          const scalar_t* x = fp + n * D;
+          double sq;
+          ok[n] = row_sumsq(x, D, sq);
+          if (ok[n]) rows::axpy(acc_b + sp[n] * D, x, normalize ? inv_norm(sq) : 1.0, D);
         }
       }
     });
-    const int64_t nchunks = (D + kColChunk - 1) / kColChunk;
-    at::parallel_for(0, nchunks, 1, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t d0 = j * kColChunk, d1 = std::min(D, d0 + kColChunk);
-        for (int64_t n = 0; n < N; ++n) {
-          if (!ok[n]) continue;
-          double* dst = acc_sums.data() + sp[n] * D;
-          const scalar_t* src = fp + n * D;
-          const double w = scale[n];
-          for (int64_t d = d0; d < d1; ++d) dst[d] += double(src[d]) * w;
-        }
-      }
-    });
+  });
+  // merge the partials in block order, parallel over entries
+  std::vector<double> acc_sums(SD, 0.0);
+  at::parallel_for(0, SD, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const double* pb = partial.data() + b * SD;
+      for (int64_t j = j0; j < j1; ++j) acc_sums[j] += pb[j];
+    }
   });
   std::vector<double> acc_counts(num_slots, 0.0);
   for (int64_t n = 0; n < N; ++n)

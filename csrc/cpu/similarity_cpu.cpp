@@ -13,9 +13,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../checks.h"
 #include "../protoseg_math.h"
+#include "rows.h"
 
 namespace protoseg {
 namespace {
@@ -57,19 +59,11 @@ at::Tensor checked_labels(const at::Tensor& labels, int64_t C, int64_t ignore_in
   return lab;
 }
 
-// (rows, 1): 1 / max(||x_n||, 1e-12), the F.normalize scale of each row.
-at::Tensor inv_row_norms(const at::Tensor& x) {
-  return at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true).clamp_min_(kNormEps).reciprocal_();
-}
-
-// d/dx of f = x / max(||x||, eps), applied to g = d loss / d f in place:
-// (g - f (f . g)) / ||x|| where ||x|| > eps, g / eps elsewhere.
-void normalize_backward_(at::Tensor& g, const at::Tensor& x) {
-  at::Tensor norm = at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true);
-  at::Tensor r = norm.clamp_min(kNormEps).reciprocal_();
-  at::Tensor f = x * r;
-  at::Tensor proj = (f * g).sum(1, /*keepdim=*/true).masked_fill_(norm <= kNormEps, 0);
-  g.sub_(f * proj).mul_(r);
+// Scales each row of S (rows, CK) by 1 / max(||x_n||, eps), the F.normalize
+// scale of its feature row x (rows, D), contiguous.
+template <typename T>
+void scale_rows_by_inv_norm(T* S, const T* x, int64_t rows, int64_t CK, int64_t D) {
+  for (int64_t i = 0; i < rows; ++i) rows::scale(S + i * CK, inv_norm(rows::sumsq<T>(x + i * D, D)), CK);
 }
 
 bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) {
@@ -105,23 +99,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
     using acc_t = scalar_t;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
+      at::Tensor S_buf = at::empty({T, CK}, aopt), e_buf;  // this task's tiles, reused
+      std::vector<acc_t> tbuf(compute_seg ? CK : 0);      // one row, k-major
+      std::vector<int32_t> abuf(compute_seg ? C : 0);     // its arg-max k per class
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
-        at::Tensor xt = feats.narrow(0, r0, rows).to(acc);
-        at::Tensor S = at::mm(xt, Pt);  // (rows, C*K), in cache
-        if (normalize) S.mul_(inv_row_norms(xt));  // rows of S scale like the rows of feats
-        const acc_t* s = S.data_ptr<acc_t>();
+        at::Tensor xt = feats.narrow(0, r0, rows).to(acc).contiguous();
+        at::Tensor S = S_buf.narrow(0, 0, rows);
+        at::mm_out(S, xt, Pt);  // (rows, C*K), in cache
+        acc_t* s = S.data_ptr<acc_t>();
+        // rows of S scale like the rows of feats
+        if (normalize) scale_rows_by_inv_norm(s, xt.data_ptr<acc_t>(), rows, CK, D);
+        at::Tensor seg_t;  // this tile's seg rows, in acc_t
         if (compute_seg) {
           // nearest prototype of each class: max and arg-max over K
-          at::Tensor seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
+          seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
           acc_t* sv = seg_t.data_ptr<acc_t>();
           uint8_t* ak = argk.data_ptr<uint8_t>() + r0 * C;
-          for (int64_t i = 0; i < rows * C; ++i) {
-            acc_t best = -INFINITY;
-            int64_t arg = 0;
-            for (int64_t k = 0; k < K; ++k) max_push(best, arg, s[i * K + k], k);
-            sv[i] = best;
-            ak[i] = static_cast<uint8_t>(arg);
+          for (int64_t i = 0; i < rows; ++i) {
+            rows::class_max(s + i * CK, C, K, tbuf.data(), sv + i * C, abuf.data());
+            for (int64_t c = 0; c < C; ++c) ak[i * C + c] = static_cast<uint8_t>(abuf[c]);
           }
           if (feats.scalar_type() != acc) seg.narrow(0, r0, rows).copy_(seg_t);
         }
@@ -134,18 +131,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
           }
         }
         if (compute_lse) {
-          // row log-sum-exp of S / tau, with ATen's vectorised kernels on the
-          // cached tile and no temporaries but the exp tile (the softmax cache
-          // itself when it is kept)
-          at::Tensor St = temperature == 1.0 ? S : S.div_(temperature);  // seg and own are done with S
-          at::Tensor m = at::amax(St, {1}, /*keepdim=*/true);
-          m.masked_fill_(m.isinf(), 0);  // all -inf/+inf rows: keep exp() finite
-          at::Tensor e = cache ? probs.narrow(0, r0, rows) : at::empty_like(St);
-          at::sub_out(e, St, m);
+          // row log-sum-exp of S / tau on the tile in cache: the row max (from
+          // seg when it is there), e = S / tau - max, ATen's vectorised exp
+          // (faster here than any loop the compiler vectorises for the
+          // baseline ISA), then row sums; e is the softmax cache itself when
+          // it is kept
+          if (!cache && !e_buf.defined()) e_buf = at::empty({T, CK}, aopt);
+          at::Tensor e = cache ? probs.narrow(0, r0, rows) : e_buf.narrow(0, 0, rows);
+          acc_t* ep = e.data_ptr<acc_t>();
+          const acc_t tau = static_cast<acc_t>(temperature);
+          const acc_t* sv = compute_seg ? seg_t.data_ptr<acc_t>() : nullptr;
+          acc_t* lp = lse.data_ptr<acc_t>() + r0;
+          for (int64_t i = 0; i < rows; ++i) {
+            const acc_t* si = s + i * CK;
+            acc_t m = sv ? rows::max_nan(sv + i * C, C) : rows::max_nan(si, CK);
+            m = m / tau;
+            if (std::isinf(m)) m = 0;  // all -inf/+inf rows: keep exp() finite
+            lp[i] = m;  // the max, until the sum is known
+            rows::div_sub(ep + i * CK, si, tau, m, CK);
+          }
           e.exp_();
-          at::Tensor z = e.sum(1, /*keepdim=*/true);
-          lse.narrow(0, r0, rows).copy_((z.log() + m).squeeze(1));
-          if (cache) e.div_(z);  // softmax rows for the backward
+          for (int64_t i = 0; i < rows; ++i) {
+            acc_t* ei = ep + i * CK;
+            const acc_t z = rows::sum(ei, CK);
+            lp[i] += std::log(z);
+            if (cache) rows::div(ei, z, CK);  // softmax rows for the backward
+          }
         }
       }
     });
@@ -166,7 +177,8 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
   at::NoGradGuard no_grad;
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
-  at::Tensor grad = at::zeros({N, D}, feats.options().dtype(acc));
+  // the dense path writes every row of grad with a GEMM; the sparse one adds into it
+  at::Tensor grad = has_lse ? at::empty({N, D}, feats.options().dtype(acc)) : at::zeros({N, D}, feats.options().dtype(acc));
   if (N == 0 || (!has_seg && !has_lse && !has_own)) return grad.to(feats.scalar_type());
   if (has_seg) {
     TORCH_CHECK_VALUE(grad_seg->sizes() == at::IntArrayRef({N, C}), "grad_seg must be (N, C)");
@@ -192,20 +204,22 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
     const acc_t* pp = P.data_ptr<acc_t>();
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
+      at::Tensor dS_buf = has_lse ? at::empty({T, CK}, P.options()) : at::Tensor();  // reused across tiles
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
         acc_t* g = grad.data_ptr<acc_t>() + r0 * D;
+        at::Tensor xt = normalize || (has_lse && !cached) ? feats.narrow(0, r0, rows).to(acc).contiguous() : at::Tensor();
         if (has_lse) {
           // dS = softmax(S / tau) * grad_lse / tau + the sparse terms; d feats = dS @ P
-          at::Tensor dS;
+          at::Tensor dS = dS_buf.narrow(0, 0, rows);
+          at::Tensor gl = glse.narrow(0, r0, rows).unsqueeze(1);
           if (cached) {
-            dS = probs.narrow(0, r0, rows) * glse.narrow(0, r0, rows).unsqueeze(1);
+            at::mul_out(dS, probs.narrow(0, r0, rows), gl);
           } else {  // S recomputed from the saved lse (flash-attention style)
-            at::Tensor xt = feats.narrow(0, r0, rows).to(acc);
-            at::Tensor S = at::mm(xt, P.t());
-            if (normalize) S.mul_(inv_row_norms(xt));
-            at::Tensor St = temperature == 1.0 ? S : S / temperature;
-            dS = at::exp(St - l.narrow(0, r0, rows).unsqueeze(1)).mul_(glse.narrow(0, r0, rows).unsqueeze(1));
+            at::mm_out(dS, xt, P.t());
+            if (normalize) scale_rows_by_inv_norm(dS.data_ptr<acc_t>(), xt.data_ptr<acc_t>(), rows, CK, D);
+            if (temperature != 1.0) dS.div_(temperature);
+            dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(gl);
           }
           acc_t* d = dS.data_ptr<acc_t>();
           for (int64_t i = 0; i < rows; ++i) {
@@ -249,8 +263,8 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
           }
         }
         if (normalize) {  // d loss / d f  ->  d loss / d raw feats, on the tile in cache
-          at::Tensor gt = grad.narrow(0, r0, rows);
-          normalize_backward_(gt, feats.narrow(0, r0, rows).to(acc));
+          const acc_t* x = xt.data_ptr<acc_t>();
+          for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(g + i * D, x + i * D, D);
         }
       }
     });
