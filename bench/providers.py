@@ -345,19 +345,25 @@ def estimate_bytes(provider: str, size: Size, mode: str = "full") -> int:
     """The approximate peak memory of one training step (bytes), to skip hopeless runs.
 
     Counted in fp32 copies of ``feats (N, D)``, ``S (N, C*K)`` and ``seg (N, C)``,
-    fitted to measured peaks (Cityscapes and ADE20K sizes, CPU): every provider
-    holds about 3.5 copies of feats (input, the head's normalised copy, their
-    gradients); the official and vectorized paths about 3 copies of S (similarity,
-    log-softmax, gradient) at their peak, the fused ones none but about 6 of seg
-    (seg, mask_norm, cross-entropy and their gradients).
+    fitted to measured peaks on CPU (Cityscapes, ADE20K, N=262,144 and N=1M
+    sizes, within 3%). The official and vectorized paths hold about 3.5 copies
+    of feats (input, the normalised copy, their gradients) and 3 of S
+    (similarity, log-softmax, gradient) at their peak. The fused ones hold 2 of
+    feats (input and gradient: normalisation happens inside the kernels), about
+    3.5 of seg (seg, mask_norm, cross-entropy and their gradients), and the
+    softmax cache of S when it fits the head's budget (``PROTOSEG_CACHE_MB``).
     """
     N, D, C, K, _ = size
     nd, ns, nc = 4 * N * D, 4 * N * C * K, 4 * N * C
     process = 600 * (1 << 20)  # torch runtime, allocator slack
     if provider == "floor":  # feats, the GEMM output, and S / dS of at most 2**18 rows (worker.FLOOR_CHUNK)
         return process + 2 * nd + 2 * ns * min(N, 1 << 18) // N
-    per_s = 3 if provider in ("official", "official+compile", "vectorized") else 0
-    return process + int(3.5 * nd) + per_s * ns + 6 * nc + 3 * 4 * N * K
+    if provider in ("official", "official+compile", "vectorized"):
+        return process + int(3.5 * nd) + 3 * ns + 6 * nc + 3 * 4 * N * K
+    from protoseg_ext.backends import default_cache_bytes
+
+    cache = ns if ns <= default_cache_bytes() else 0
+    return process + 2 * nd + int(3.5 * nc) + cache + 3 * 4 * N * K
 
 
 @functools.lru_cache(maxsize=None)
