@@ -33,9 +33,10 @@ FLOOR = "floor"
 COLUMN_HELP = """\
 Columns: **median** and **p20-p80**: wall time of one step over the timed repeats
 (milliseconds; the first call is timed apart as *first*). **x floor**: median / the
-GEMM floor of the same size and mode, timed in the same run (forward: `feats @ P.T`,
-N x D x CK; backward: `dS @ P`; full: both; update has none: the fused update needs
-only the K own-class columns). **vs official**: official median / this median.
+GEMM floor of the same size and mode (forward: `feats @ P.T`, N x D x CK; backward:
+`dS @ P`; full: both; update has none: the fused update needs only the K own-class
+columns), timed in the provider's process after each of its repeats (up to 262,144
+pixels: a shared machine's speed drifts over minutes), else once per size in the run. **vs official**: official median / this median.
 **peak MB**: the provider's own process, RSS high-water mark (CPU) or
 `max_memory_allocated` (GPU); **+step MB**: that peak less the process with its
 inputs, i.e. what the step itself needs (on CPU it includes some 150 MB of one-time
@@ -133,8 +134,10 @@ def summary(rows, mode="full") -> list:
             def ratio(a, b):
                 return f"{a / b:.2f}x" if a is not None and b else ""
 
+            best_row = next((r for r in grp if r["provider"] in fused and _num(r.get("median_ms")) == best), {})
+            x_floor = _num(best_row.get("x_floor"))  # against the floor timed beside it
             cells += [ratio(med.get("official"), best), ratio(med.get("vectorized"), best),
-                      ratio(best, med.get(FLOOR))]
+                      f"{x_floor:.2f}x" if x_floor is not None else ratio(best, med.get(FLOOR))]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out

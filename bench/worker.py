@@ -44,6 +44,8 @@ def _parse():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a mode after this (>= 3 repeats)")
     p.add_argument("--no-ops", action="store_true", help="skip the op count")
+    p.add_argument("--interleave-floor", action="store_true",
+                   help="time the GEMM floor after each timed repeat, in this process (reported as floor_ms)")
     p.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space limit (CPU), 0 = none")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -123,18 +125,24 @@ def _timer(device):
     return now
 
 
-def time_repeats(body, *, repeats, warmup, max_seconds, device):
+def time_repeats(body, *, repeats, warmup, max_seconds, device, after_first=None, between=None):
     """Run ``body()`` (which returns its own elapsed seconds) warmup + repeats times.
 
     Returns ``(first_s, [seconds of each timed repeat])``; the first warm-up call
-    is reported apart (for torch.compile it is the compilation).
+    is reported apart (for torch.compile it is the compilation). ``after_first()``
+    runs once after the first call, ``between()`` after each timed repeat;
+    neither is timed.
     """
     first = body()
+    if after_first is not None:
+        after_first()
     for _ in range(max(0, warmup - 1)):
         body()
     times, spent = [], 0.0
     for i in range(repeats):
         t = body()
+        if between is not None:
+            between()
         times.append(t)
         spent += t
         if i + 1 >= min(3, repeats) and spent > max_seconds:
@@ -170,11 +178,12 @@ def summarise(times):
 FLOOR_CHUNK = 1 << 18  # rows per GEMM of the floor: full-resolution S would not fit in memory
 
 
-def measure_floor(size, mode, inputs, args):
+def floor_body(size, mode, inputs, args):
     """The GEMM floor: ``feats @ P.T`` (N x D x CK, forward), ``dS @ P`` (backward), both (full).
 
-    Sizes above ``FLOOR_CHUNK`` rows run as GEMMs of that many rows (the time of
-    a GEMM that large is its flops; only the memory differs).
+    Returns a ``body()`` that runs it once and returns its seconds. Sizes above
+    ``FLOOR_CHUNK`` rows run as GEMMs of that many rows (the time of a GEMM that
+    large is its flops; only the memory differs).
     """
     import torch
 
@@ -197,12 +206,22 @@ def measure_floor(size, mode, inputs, args):
                 del g
         return now() - t0
 
+    return body
+
+
+def measure_floor(size, mode, inputs, args):
+    body = floor_body(size, mode, inputs, args)
     return time_repeats(body, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
                         device=args.device), None
 
 
-def measure_provider(prov, size, mode, inputs, args):
-    """Time ``mode`` of provider ``prov``; returns ``((first, times), op counter or None)``."""
+def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_times=None):
+    """Time ``mode`` of provider ``prov``; returns ``((first, times), op counter or None)``.
+
+    With ``floor_times`` (a list), the GEMM floor of the mode is timed after
+    each timed repeat and appended to it: provider and floor then see the same
+    machine state, which on a shared machine drifts over minutes.
+    """
     from bench.opcount import OpCounter
 
     feats, protos, gt, seg = inputs
@@ -254,8 +273,12 @@ def measure_provider(prov, size, mode, inputs, args):
     else:
         raise ValueError(f"unknown mode {mode!r}")
 
+    between = None
+    if floor_times is not None and mode != "update":
+        fbody = floor_body(size, mode, inputs, args)
+        between = lambda: floor_times.append(fbody())  # noqa: E731
     timing = time_repeats(body, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
-                          device=args.device)
+                          device=args.device, after_first=after_first, between=between)
     counter = None
     if not args.no_ops and not prov.compiled:  # compiled code runs fused kernels, not aten ops
         counter = OpCounter()
@@ -322,7 +345,14 @@ def main():
 
                     torch._dynamo.reset()
                     torch._dynamo.utils.counters.clear()
-                (first, times), counter = measure_provider(prov, size, mode, inputs, args)
+                floor_times = [] if args.interleave_floor else None
+                # the step's peak is read after its first call, before any floor GEMM allocates
+                peak_box = []
+                (first, times), counter = measure_provider(prov, size, mode, inputs, args,
+                                                           after_first=lambda: peak_box.append(mem.peak()),
+                                                           floor_times=floor_times)
+                if floor_times:
+                    extra["floor_ms"] = statistics.median(floor_times) * 1e3
                 if prov.compiled:
                     c = torch._dynamo.utils.counters
                     extra["graph_breaks"] = sum(c["graph_break"].values())
@@ -332,7 +362,7 @@ def main():
                 torch.cuda.empty_cache()
             emit(mode, status="OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
-        peak = mem.peak()
+        peak = peak_box[0] if prov is not None and peak_box else mem.peak()
         row = dict(status="ok", first_ms=first * 1e3, **summarise(times), peak_mem_mb=peak / 2**20,
                    extra_mem_mb=max(0, peak - base0) / 2**20, mem_kind=mem.kind, **extra)
         if counter is not None:

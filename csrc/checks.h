@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <limits>
+
 namespace protoseg {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -27,5 +30,112 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 // Working (accumulation) dtype: float64 for float64 inputs, else float32.
 inline at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---- One function per op: what every backend requires of its arguments.
+// Limits of one backend's kernels (launch dimensions, block sizes) stay with it.
+
+// similarity, similarity_backward: feats (N, D), protos (C, K, D), labels (N,)
+// when the own-class scores are involved.
+inline void check_similarity_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels,
+                                  bool need_labels, double temperature) {
+  check_dim(feats, 2, "feats", "(N, D)");
+  check_dim(protos, 3, "protos", "(C, K, D)");
+  check_floating(feats, "feats");
+  check_floating(protos, "protos");
+  TORCH_CHECK_VALUE(protos.size(2) == feats.size(1), "protos must be (C, K, D) with D = feats.shape[1] = ",
+                    feats.size(1), ", got shape ", protos.sizes());
+  TORCH_CHECK_VALUE(protos.size(0) >= 1, "protos: C (classes) must be >= 1, got ", protos.size(0));
+  TORCH_CHECK_VALUE(protos.size(1) >= 1 && protos.size(1) <= 256,
+                    "protos: K (prototypes per class) must be in [1, 256], got ", protos.size(1));
+  TORCH_CHECK_VALUE(protos.size(0) * protos.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "protos: C*K must fit in int32, got ", protos.size(0) * protos.size(1));
+  check_same_device(feats, protos, "feats", "protos");
+  if (need_labels) {
+    check_dim(labels, 1, "labels", "(N,)");
+    check_integer(labels, "labels");
+    TORCH_CHECK_VALUE(labels.size(0) == feats.size(0), "labels must have N = ", feats.size(0), " entries, got ",
+                      labels.size(0));
+    check_same_device(feats, labels, "feats", "labels");
+  }
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+// similarity_backward: the upstream gradients that are given, and the saved
+// tensors they need. Returns whether the softmax cache `probs` is used.
+inline bool check_similarity_backward_args(const at::Tensor& feats, const at::Tensor& protos,
+                                           const c10::optional<at::Tensor>& grad_seg,
+                                           const c10::optional<at::Tensor>& grad_lse,
+                                           const c10::optional<at::Tensor>& grad_own, const at::Tensor& argk,
+                                           const at::Tensor& lse, const c10::optional<at::Tensor>& probs) {
+  const int64_t N = feats.size(0), C = protos.size(0), K = protos.size(1);
+  const bool has_lse = grad_lse.has_value() && grad_lse->defined();
+  if (grad_seg.has_value() && grad_seg->defined()) {
+    TORCH_CHECK_VALUE(grad_seg->sizes() == at::IntArrayRef({N, C}), "grad_seg must be (N, C), got shape ",
+                      grad_seg->sizes());
+    TORCH_CHECK_VALUE(argk.sizes() == at::IntArrayRef({N, C}), "argk must be (N, C), got shape ", argk.sizes());
+    check_same_device(feats, *grad_seg, "feats", "grad_seg");
+    check_same_device(feats, argk, "feats", "argk");
+  }
+  if (has_lse) {
+    TORCH_CHECK_VALUE(grad_lse->numel() == N && lse.numel() == N, "grad_lse and lse must be (N,)");
+    check_same_device(feats, *grad_lse, "feats", "grad_lse");
+    check_same_device(feats, lse, "feats", "lse");
+  }
+  if (grad_own.has_value() && grad_own->defined()) {
+    TORCH_CHECK_VALUE(grad_own->sizes() == at::IntArrayRef({N, K}), "grad_own must be (N, K), got shape ",
+                      grad_own->sizes());
+    check_same_device(feats, *grad_own, "feats", "grad_own");
+  }
+  const bool cached = has_lse && probs.has_value() && probs->defined() && probs->numel() > 0;
+  if (cached) {
+    TORCH_CHECK_VALUE(probs->sizes() == at::IntArrayRef({N, C * K}), "probs must be (N, C*K) or (0,), got shape ",
+                      probs->sizes());
+    check_same_device(feats, *probs, "feats", "probs");
+  }
+  return cached;
+}
+
+// sinkhorn: own (N, K), labels (N,)
+inline void check_sinkhorn_args(const at::Tensor& own, const at::Tensor& labels, int64_t num_classes, int64_t iters,
+                                double eps) {
+  check_dim(own, 2, "own", "(N, K)");
+  check_floating(own, "own");
+  check_dim(labels, 1, "labels", "(N,)");
+  check_integer(labels, "labels");
+  TORCH_CHECK_VALUE(labels.size(0) == own.size(0), "labels must have N = ", own.size(0), " entries, got ",
+                    labels.size(0));
+  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes < std::numeric_limits<int32_t>::max(), "num_classes must fit in int32, got ",
+                    num_classes);
+  TORCH_CHECK_VALUE(iters >= 1, "sinkhorn_iters must be >= 1, got ", iters);
+  TORCH_CHECK_VALUE(eps > 0, "sinkhorn_eps must be > 0, got ", eps);
+  check_same_device(own, labels, "own", "labels");
+}
+
+// prototype_sums: feats (N, D), slot (N,) in [-1, num_slots)
+inline void check_prototype_sums_args(const at::Tensor& feats, const at::Tensor& slot, int64_t num_slots) {
+  check_dim(feats, 2, "feats", "(N, D)");
+  check_floating(feats, "feats");
+  check_dim(slot, 1, "slot", "(N,)");
+  check_integer(slot, "slot");
+  TORCH_CHECK_VALUE(slot.size(0) == feats.size(0), "slot must have N = ", feats.size(0), " entries, got ",
+                    slot.size(0));
+  TORCH_CHECK_VALUE(num_slots >= 0, "num_slots must be >= 0, got ", num_slots);
+  TORCH_CHECK_VALUE(num_slots < std::numeric_limits<int32_t>::max(), "num_slots must fit in int32, got ", num_slots);
+  check_same_device(feats, slot, "feats", "slot");
+}
+
+// prototype_ema: protos (C, K, D), sums (C*K, D), counts (C*K,)
+inline void check_prototype_ema_args(const at::Tensor& protos, const at::Tensor& sums, const at::Tensor& counts,
+                                     double gamma) {
+  check_dim(protos, 3, "protos", "(C, K, D)");
+  check_floating(protos, "protos");
+  const int64_t CK = protos.size(0) * protos.size(1), D = protos.size(2);
+  TORCH_CHECK_VALUE(sums.numel() == CK * D, "sums must have C*K*D = ", CK * D, " elements, got shape ", sums.sizes());
+  TORCH_CHECK_VALUE(counts.numel() == CK, "counts must have C*K = ", CK, " elements, got shape ", counts.sizes());
+  TORCH_CHECK_VALUE(gamma >= 0 && gamma <= 1, "gamma must be in [0, 1], got ", gamma);
+  check_same_device(protos, sums, "protos", "sums");
+  check_same_device(protos, counts, "protos", "counts");
+}
 
 }  // namespace protoseg

@@ -51,14 +51,7 @@ bool row_sumsq<double>(const double* x, int64_t D, double& sq) {
 
 std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, const at::Tensor& slot,
                                                       int64_t num_slots, bool normalize) {
-  check_dim(feats, 2, "feats", "(N, D)");
-  check_floating(feats, "feats");
-  check_dim(slot, 1, "slot", "(N,)");
-  check_integer(slot, "slot");
-  TORCH_CHECK_VALUE(slot.size(0) == feats.size(0), "slot must have N = ", feats.size(0), " entries, got ",
-                    slot.size(0));
-  TORCH_CHECK_VALUE(num_slots >= 0, "num_slots must be >= 0, got ", num_slots);
-  check_same_device(feats, slot, "feats", "slot");
+  check_prototype_sums_args(feats, slot, num_slots);
   const int64_t N = feats.size(0), D = feats.size(1);
   const auto acc = acc_type(feats.scalar_type());
   at::Tensor sums = at::zeros({num_slots, D}, feats.options().dtype(acc));
@@ -106,14 +99,8 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
 
 at::Tensor prototype_ema_cpu(const at::Tensor& protos, const at::Tensor& sums, const at::Tensor& counts,
                              double gamma) {
-  check_dim(protos, 3, "protos", "(C, K, D)");
-  check_floating(protos, "protos");
+  check_prototype_ema_args(protos, sums, counts, gamma);
   const int64_t C = protos.size(0), K = protos.size(1), D = protos.size(2), CK = C * K;
-  TORCH_CHECK_VALUE(sums.numel() == CK * D, "sums must have C*K*D = ", CK * D, " elements, got shape ", sums.sizes());
-  TORCH_CHECK_VALUE(counts.numel() == CK, "counts must have C*K = ", CK, " elements, got shape ", counts.sizes());
-  TORCH_CHECK_VALUE(gamma >= 0 && gamma <= 1, "gamma must be in [0, 1], got ", gamma);
-  check_same_device(protos, sums, "protos", "sums");
-  check_same_device(protos, counts, "protos", "counts");
   const auto acc = acc_type(protos.scalar_type());
   at::Tensor p = protos.reshape({CK, D}).to(acc).contiguous();
   at::Tensor s = sums.reshape({CK, D}).to(acc).contiguous();

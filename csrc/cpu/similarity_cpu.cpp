@@ -28,26 +28,6 @@ int64_t tile_rows(int64_t CK, int64_t elem_size) {
   return std::min<int64_t>(1024, std::max<int64_t>(16, rows));
 }
 
-void check_similarity_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels,
-                           bool need_labels) {
-  check_dim(feats, 2, "feats", "(N, D)");
-  check_dim(protos, 3, "protos", "(C, K, D)");
-  check_floating(feats, "feats");
-  check_floating(protos, "protos");
-  TORCH_CHECK_VALUE(protos.size(2) == feats.size(1), "protos must be (C, K, D) with D = feats.shape[1] = ",
-                    feats.size(1), ", got shape ", protos.sizes());
-  TORCH_CHECK_VALUE(protos.size(1) >= 1 && protos.size(1) <= 256,
-                    "protos: K (prototypes per class) must be in [1, 256], got ", protos.size(1));
-  check_same_device(feats, protos, "feats", "protos");
-  if (need_labels) {
-    check_dim(labels, 1, "labels", "(N,)");
-    check_integer(labels, "labels");
-    TORCH_CHECK_VALUE(labels.size(0) == feats.size(0), "labels must have N = ", feats.size(0), " entries, got ",
-                      labels.size(0));
-    check_same_device(feats, labels, "feats", "labels");
-  }
-}
-
 // Labels as int64, checked: each in [0, C) or equal to ignore_index.
 at::Tensor checked_labels(const at::Tensor& labels, int64_t C, int64_t ignore_index) {
   at::Tensor lab = labels.to(at::kLong).contiguous();
@@ -75,9 +55,8 @@ bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cpu(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index,
     double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
-  check_similarity_args(feats, protos, labels, compute_own);
+  check_similarity_args(feats, protos, labels, compute_own, temperature);
   at::NoGradGuard no_grad;  // autograd is handled in Python; inner ATen calls record nothing
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
   const bool cache = compute_lse && cache_fits(N, CK, acc, cache_bytes);
@@ -173,22 +152,15 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
   const bool has_seg = grad_seg.has_value() && grad_seg->defined();
   const bool has_lse = grad_lse.has_value() && grad_lse->defined();
   const bool has_own = grad_own.has_value() && grad_own->defined();
-  check_similarity_args(feats, protos, labels, has_own);
+  check_similarity_args(feats, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(feats, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
   at::NoGradGuard no_grad;
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
   // the dense path writes every row of grad with a GEMM; the sparse one adds into it
   at::Tensor grad = has_lse ? at::empty({N, D}, feats.options().dtype(acc)) : at::zeros({N, D}, feats.options().dtype(acc));
   if (N == 0 || (!has_seg && !has_lse && !has_own)) return grad.to(feats.scalar_type());
-  if (has_seg) {
-    TORCH_CHECK_VALUE(grad_seg->sizes() == at::IntArrayRef({N, C}), "grad_seg must be (N, C)");
-    TORCH_CHECK_VALUE(argk.sizes() == at::IntArrayRef({N, C}), "argk must be (N, C)");
-  }
-  if (has_lse) TORCH_CHECK_VALUE(grad_lse->numel() == N && lse.numel() == N, "grad_lse and lse must be (N,)");
-  if (has_own) TORCH_CHECK_VALUE(grad_own->sizes() == at::IntArrayRef({N, K}), "grad_own must be (N, K)");
-  at::Tensor probs = probs_opt.has_value() && probs_opt->defined() ? *probs_opt : at::Tensor();
-  const bool cached = has_lse && probs.defined() && probs.numel() > 0;
-  if (cached) TORCH_CHECK_VALUE(probs.sizes() == at::IntArrayRef({N, CK}), "probs must be (N, C*K)");
+  at::Tensor probs = cached ? *probs_opt : at::Tensor();
   at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
   at::Tensor ak = has_seg ? argk.contiguous() : at::Tensor();
   at::Tensor glse = has_lse ? (*grad_lse / temperature).to(acc).contiguous() : at::Tensor();

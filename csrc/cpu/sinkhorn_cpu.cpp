@@ -25,16 +25,7 @@ constexpr int64_t kBlockRows = 4096;
 
 at::Tensor sinkhorn_cpu(const at::Tensor& own, const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
                         int64_t iters, double eps) {
-  check_dim(own, 2, "own", "(N, K)");
-  check_floating(own, "own");
-  check_dim(labels, 1, "labels", "(N,)");
-  check_integer(labels, "labels");
-  TORCH_CHECK_VALUE(labels.size(0) == own.size(0), "labels must have N = ", own.size(0), " entries, got ",
-                    labels.size(0));
-  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
-  TORCH_CHECK_VALUE(iters >= 1, "sinkhorn_iters must be >= 1, got ", iters);
-  TORCH_CHECK_VALUE(eps > 0, "sinkhorn_eps must be > 0, got ", eps);
-  check_same_device(own, labels, "own", "labels");
+  check_sinkhorn_args(own, labels, num_classes, iters, eps);
   const int64_t N = own.size(0), K = own.size(1), C = num_classes;
   const auto acc = acc_type(own.scalar_type());
   at::Tensor Q = at::zeros({N, K}, own.options().dtype(acc));

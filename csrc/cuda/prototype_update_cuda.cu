@@ -209,15 +209,7 @@ __global__ void __launch_bounds__(kEmaThreads, 8)
 
 std::tuple<at::Tensor, at::Tensor> prototype_sums_cuda(const at::Tensor& feats, const at::Tensor& slot,
                                                        int64_t num_slots, bool normalize) {
-  check_dim(feats, 2, "feats", "(N, D)");
-  check_floating(feats, "feats");
-  check_dim(slot, 1, "slot", "(N,)");
-  check_integer(slot, "slot");
-  TORCH_CHECK_VALUE(slot.size(0) == feats.size(0), "slot must have N = ", feats.size(0), " entries, got ",
-                    slot.size(0));
-  TORCH_CHECK_VALUE(num_slots >= 0, "num_slots must be >= 0, got ", num_slots);
-  TORCH_CHECK_VALUE(num_slots < std::numeric_limits<int32_t>::max(), "num_slots must fit in int32, got ", num_slots);
-  check_same_device(feats, slot, "feats", "slot");
+  check_prototype_sums_args(feats, slot, num_slots);
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = feats.size(0), D = feats.size(1);
   TORCH_CHECK_VALUE(ceil_div(D, kWarp) <= 65535, "feats: D must be <= ", 65535 * kWarp, ", got ", D);
@@ -271,14 +263,8 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cuda(const at::Tensor& feats, 
 
 at::Tensor prototype_ema_cuda(const at::Tensor& protos, const at::Tensor& sums, const at::Tensor& counts,
                               double gamma) {
-  check_dim(protos, 3, "protos", "(C, K, D)");
-  check_floating(protos, "protos");
+  check_prototype_ema_args(protos, sums, counts, gamma);
   const int64_t C = protos.size(0), K = protos.size(1), D = protos.size(2), CK = C * K;
-  TORCH_CHECK_VALUE(sums.numel() == CK * D, "sums must have C*K*D = ", CK * D, " elements, got shape ", sums.sizes());
-  TORCH_CHECK_VALUE(counts.numel() == CK, "counts must have C*K = ", CK, " elements, got shape ", counts.sizes());
-  TORCH_CHECK_VALUE(gamma >= 0 && gamma <= 1, "gamma must be in [0, 1], got ", gamma);
-  check_same_device(protos, sums, "protos", "sums");
-  check_same_device(protos, counts, "protos", "counts");
   c10::cuda::CUDAGuard guard(protos.device());
   const auto acc = acc_type(protos.scalar_type());
   at::Tensor p = protos.reshape({CK, D}).to(acc).contiguous();

@@ -82,29 +82,6 @@ int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
   return std::min<int64_t>(rows, N);
 }
 
-void check_similarity_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels,
-                           bool need_labels) {
-  check_dim(feats, 2, "feats", "(N, D)");
-  check_dim(protos, 3, "protos", "(C, K, D)");
-  check_floating(feats, "feats");
-  check_floating(protos, "protos");
-  TORCH_CHECK_VALUE(protos.size(2) == feats.size(1), "protos must be (C, K, D) with D = feats.shape[1] = ",
-                    feats.size(1), ", got shape ", protos.sizes());
-  TORCH_CHECK_VALUE(protos.size(0) >= 1, "protos: C (classes) must be >= 1, got ", protos.size(0));
-  TORCH_CHECK_VALUE(protos.size(1) >= 1 && protos.size(1) <= 256,
-                    "protos: K (prototypes per class) must be in [1, 256], got ", protos.size(1));
-  TORCH_CHECK_VALUE(protos.size(0) * protos.size(1) <= std::numeric_limits<int32_t>::max(),
-                    "protos: C*K must fit in int32, got ", protos.size(0) * protos.size(1));
-  check_same_device(feats, protos, "feats", "protos");
-  if (need_labels) {
-    check_dim(labels, 1, "labels", "(N,)");
-    check_integer(labels, "labels");
-    TORCH_CHECK_VALUE(labels.size(0) == feats.size(0), "labels must have N = ", feats.size(0),
-                      " entries, got ", labels.size(0));
-    check_same_device(feats, labels, "feats", "labels");
-  }
-}
-
 // The prototypes as GEMM operands: (C*K, D) in the working dtype, plus the
 // 16-bit copy when the tensor-core path applies (see the file comment).
 struct ProtoOperands {
@@ -361,8 +338,7 @@ __global__ void __launch_bounds__(kGradThreads, 4) similarity_grad_epilogue_kern
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cuda(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index,
     double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
-  check_similarity_args(feats, protos, labels, compute_own);
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_similarity_args(feats, protos, labels, compute_own, temperature);
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
@@ -428,32 +404,12 @@ at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
   const bool has_seg = grad_seg.has_value() && grad_seg->defined();
   const bool has_lse = grad_lse.has_value() && grad_lse->defined();
   const bool has_own = grad_own.has_value() && grad_own->defined();
-  check_similarity_args(feats, protos, labels, has_own);
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_similarity_args(feats, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(feats, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
   if (N == 0 || (!has_seg && !has_lse && !has_own)) return at::zeros({N, D}, feats.options());
-  if (has_seg) {
-    TORCH_CHECK_VALUE(grad_seg->sizes() == at::IntArrayRef({N, C}), "grad_seg must be (N, C)");
-    TORCH_CHECK_VALUE(argk.sizes() == at::IntArrayRef({N, C}), "argk must be (N, C)");
-    check_same_device(feats, *grad_seg, "feats", "grad_seg");
-    check_same_device(feats, argk, "feats", "argk");
-  }
-  if (has_lse) {
-    TORCH_CHECK_VALUE(grad_lse->numel() == N && lse.numel() == N, "grad_lse and lse must be (N,)");
-    check_same_device(feats, *grad_lse, "feats", "grad_lse");
-    check_same_device(feats, lse, "feats", "lse");
-  }
-  if (has_own) {
-    TORCH_CHECK_VALUE(grad_own->sizes() == at::IntArrayRef({N, K}), "grad_own must be (N, K)");
-    check_same_device(feats, *grad_own, "feats", "grad_own");
-  }
-  const bool cached = has_lse && probs_opt.has_value() && probs_opt->defined() && probs_opt->numel() > 0;
-  if (cached) {
-    TORCH_CHECK_VALUE(probs_opt->sizes() == at::IntArrayRef({N, CK}), "probs must be (N, C*K) or (0,)");
-    check_same_device(feats, *probs_opt, "feats", "probs");
-  }
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto aopt = feats.options().dtype(acc);
   at::Tensor f = feats.contiguous();

@@ -231,20 +231,9 @@ __global__ void __launch_bounds__(kThreads, 4) sinkhorn_iterate_kernel(
 
 at::Tensor sinkhorn_cuda(const at::Tensor& own, const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
                          int64_t iters, double eps) {
-  check_dim(own, 2, "own", "(N, K)");
-  check_floating(own, "own");
-  check_dim(labels, 1, "labels", "(N,)");
-  check_integer(labels, "labels");
-  TORCH_CHECK_VALUE(labels.size(0) == own.size(0), "labels must have N = ", own.size(0), " entries, got ",
-                    labels.size(0));
-  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes must be >= 1, got ", num_classes);
-  TORCH_CHECK_VALUE(num_classes < std::numeric_limits<int32_t>::max(), "num_classes must fit in int32, got ",
-                    num_classes);
+  check_sinkhorn_args(own, labels, num_classes, iters, eps);
   TORCH_CHECK_VALUE(own.size(1) <= kThreads, "own: K (prototypes per class) must be <= ", kThreads, ", got ",
                     own.size(1));
-  TORCH_CHECK_VALUE(iters >= 1, "sinkhorn_iters must be >= 1, got ", iters);
-  TORCH_CHECK_VALUE(eps > 0, "sinkhorn_eps must be > 0, got ", eps);
-  check_same_device(own, labels, "own", "labels");
   c10::cuda::CUDAGuard guard(own.device());
   const int64_t N = own.size(0), K = own.size(1), C = num_classes, CK = C * K;
   const auto acc = acc_type(own.scalar_type());
