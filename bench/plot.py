@@ -156,7 +156,9 @@ def markdown(rows) -> str:
     if loads:
         cores = r0["machine"].split(" cores")[0].rsplit(" ", 1)[-1]
         out += [f"Load average (1 min) before each measurement: {min(loads):.1f} to {max(loads):.1f} "
-                f"on {cores} cores{'' if max(loads) < 1.0 else ' (other work was running: timings are noisy)'}.", ""]
+                f"on {cores} cores (a 1-minute average: it still counts the previous measurement's own threads"
+                f"{'' if max(loads) <= (_num(cores) or 1.0) + 0.5 else '; above that, other work was running and timings are noisy'}).",
+                ""]
     out += summary(rows, "full")
     for (size, labels), rs in _groups(rows).items():
         a = rs[0]
