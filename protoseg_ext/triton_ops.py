@@ -85,6 +85,15 @@ def _check_labels_range(labels: Tensor, C: int, ignore_index: int, name: str = "
         raise ValueError(f"{name}[{i}] = {int(lab[i])} is outside [0, {C}) and is not ignore_index ({ignore_index})")
 
 
+def _check_row_index(idx: Tensor, name: str, rows: Tensor, rows_name: str) -> None:
+    """``idx`` is an integer ``(N,)`` tensor, one entry per row of ``rows``, on its device."""
+    _check_dim(idx, 1, name, "(N,)")
+    _check_integer(idx, name)
+    if idx.shape[0] != rows.shape[0]:
+        raise ValueError(f"{name} must have N = {rows.shape[0]} entries, got {idx.shape[0]}")
+    _check_same_device(rows, idx, rows_name, name)
+
+
 def _check_similarity_args(feats: Tensor, protos: Tensor, labels: Tensor, need_labels: bool) -> None:
     _check_dim(feats, 2, "feats", "(N, D)")
     _check_dim(protos, 3, "protos", "(C, K, D)")
@@ -99,11 +108,7 @@ def _check_similarity_args(feats: Tensor, protos: Tensor, labels: Tensor, need_l
     _check_same_device(feats, protos, "feats", "protos")
     _check_device(feats, "feats")
     if need_labels:
-        _check_dim(labels, 1, "labels", "(N,)")
-        _check_integer(labels, "labels")
-        if labels.shape[0] != feats.shape[0]:
-            raise ValueError(f"labels must have N = {feats.shape[0]} entries, got {labels.shape[0]}")
-        _check_same_device(feats, labels, "feats", "labels")
+        _check_row_index(labels, "labels", feats, "feats")
 
 
 # ------------------------------------------------------------------ ops
@@ -180,17 +185,13 @@ def sinkhorn(own: Tensor, labels: Tensor, num_classes: int, ignore_index: int, i
     """Sinkhorn-Knopp of every class at once, segmented by label: ``Q (N, K)``, zero rows for ignored pixels."""
     _check_dim(own, 2, "own", "(N, K)")
     _check_floating(own, "own")
-    _check_dim(labels, 1, "labels", "(N,)")
-    _check_integer(labels, "labels")
-    if labels.shape[0] != own.shape[0]:
-        raise ValueError(f"labels must have N = {own.shape[0]} entries, got {labels.shape[0]}")
+    _check_row_index(labels, "labels", own, "own")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if iters < 1:
         raise ValueError(f"sinkhorn_iters must be >= 1, got {iters}")
     if not eps > 0:
         raise ValueError(f"sinkhorn_eps must be > 0, got {eps}")
-    _check_same_device(own, labels, "own", "labels")
     _check_device(own, "own")
     _check_labels_range(labels, num_classes, ignore_index)
     return _sinkhorn.sinkhorn(own, labels, num_classes, iters, eps)
@@ -209,13 +210,9 @@ def prototype_sums(feats: Tensor, slot: Tensor, num_slots: int) -> Tuple[Tensor,
     """
     _check_dim(feats, 2, "feats", "(N, D)")
     _check_floating(feats, "feats")
-    _check_dim(slot, 1, "slot", "(N,)")
-    _check_integer(slot, "slot")
-    if slot.shape[0] != feats.shape[0]:
-        raise ValueError(f"slot must have N = {feats.shape[0]} entries, got {slot.shape[0]}")
+    _check_row_index(slot, "slot", feats, "feats")
     if num_slots < 0:
         raise ValueError(f"num_slots must be >= 0, got {num_slots}")
-    _check_same_device(feats, slot, "feats", "slot")
     _check_device(feats, "feats")
     if slot.device.type == "cpu" and slot.numel() and num_slots > 0:
         big = slot.long() >= num_slots
