@@ -28,6 +28,24 @@ from .common import INTERPRET, TL_DTYPE, acc_dtype, pow2
 
 
 @triton.jit
+def _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows, N, D, num_slots,
+                      BLOCK_D: tl.constexpr):
+    # (slot, take) of the rows `rows`: a row takes part when its slot is in
+    # [0, num_slots) and its whole feature row is finite (a NaN pixel must
+    # never reach the prototypes). Rows without a slot are not read at all
+    # (masked loads).
+    slot = tl.load(SLOT_ptr + rows * SLOT_stride, mask=rows < N, other=-1).to(tl.int64)
+    take = (rows < N) & (slot >= 0) & (slot < num_slots)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = take[:, None] & (d < D)[None, :]
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
+        finite = tl.abs(x) < float("inf")  # False for NaN and +-inf
+        take = take & (tl.min(finite.to(tl.int32), axis=1) > 0)
+    return slot, take
+
+
+@triton.jit
 def prototype_slot_key_kernel(
     X_ptr,  # feats (N, D), any strides
     X_stride_n,
@@ -41,19 +59,11 @@ def prototype_slot_key_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Sort key of BLOCK_N rows: a row takes part when its slot is valid and
-    # its whole feature row is finite (a NaN pixel must never reach the
-    # prototypes). Rows without a slot are not read at all (masked loads).
+    # Sort key of BLOCK_N rows: their slot where they take part, else num_slots.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(SLOT_ptr + rows * SLOT_stride, mask=rows < N, other=-1).to(tl.int64)
-    take = (rows < N) & (slot >= 0) & (slot < num_slots)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        m = take[:, None] & (d < D)[None, :]
-        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
-        finite = tl.abs(x) < float("inf")  # False for NaN and +-inf
-        take = take & (tl.min(finite.to(tl.int32), axis=1) > 0)
+    slot, take = _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows, N, D, num_slots,
+                                   BLOCK_D)
     tl.store(KEY_ptr + rows, tl.where(take, slot, num_slots), mask=rows < N)
 
 
@@ -119,13 +129,8 @@ def prototype_sums_atomic_kernel(
     # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(SLOT_ptr + rows * SLOT_stride, mask=rows < N, other=-1).to(tl.int64)
-    take = (rows < N) & (slot >= 0) & (slot < num_slots)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        m = take[:, None] & (d < D)[None, :]
-        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
-        take = take & (tl.min((tl.abs(x) < float("inf")).to(tl.int32), axis=1) > 0)
+    slot, take = _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows, N, D, num_slots,
+                                   BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = take[:, None] & (d < D)[None, :]

@@ -6,8 +6,8 @@ problems; each kernel launch they make is recorded instead of run, turned into
 a ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` call
 with the same constexprs, integer specialisations, ``num_warps`` and
 ``num_stages``, and compiled to a cubin. Prints a first JSON line
-``{"all_kernels": [...]}`` (every ``@triton.jit`` function of the kernel
-modules), then one per (kernel specialisation, arch): ``{"kernel", "variant",
+``{"all_kernels": [...]}`` (every launched ``@triton.jit`` function of the
+kernel modules), then one per (kernel specialisation, arch): ``{"kernel", "variant",
 "arch", "num_warps", "num_stages", "ok", "error", "shared", "seconds"}``.
 
 Usage: python tests/compile_kernels.py [--full] 90 80
@@ -46,8 +46,13 @@ MODULES = (similarity, sinkhorn, prototype_update)
 
 
 def all_kernels():
-    """``(module, name)`` of every ``@triton.jit`` function of the kernel modules."""
-    return [(m, n) for m in MODULES for n, v in vars(m).items() if isinstance(v, triton.runtime.jit.JITFunction)]
+    """``(module, name)`` of every launched ``@triton.jit`` function of the kernel modules.
+
+    Device helpers (``_``-prefixed ``@triton.jit`` functions, called from
+    kernels) are compiled inside each kernel that calls them.
+    """
+    return [(m, n) for m in MODULES for n, v in vars(m).items()
+            if isinstance(v, triton.runtime.jit.JITFunction) and not n.startswith("_")]
 
 
 class _Recorder:
