@@ -112,11 +112,13 @@ def test_prototype_learning_no_update_and_input_untouched(device_backend):
     torch.testing.assert_close(new, F.normalize(p, dim=-1), **TOL)
 
 
-def test_prototype_learning_update_sums(device_backend):
+# 20,000 rows: the CPU kernel sums them in 3 row blocks and merges the partials
+@pytest.mark.parametrize("N", [400, 20000])
+def test_prototype_learning_update_sums(device_backend, N):
     """The per-prototype sums/counts, checked directly against the reference."""
     from protoseg_ext import backends, functional
 
-    (f, p, gt, seg), backend = _args(device_backend, N=400, C=5, K=4)
+    (f, p, gt, seg), backend = _args(device_backend, N=N, C=5, K=4)
     be = backends.get_backend(backend)
     _, _, _, own = be.similarity(f, p, gt, -1, 1.0, False, False, True)
     t, sums, counts = functional.assign_and_sums(be, f, p, gt, seg, own, "argmax", None, -1, 3, 0.05)
