@@ -30,7 +30,9 @@ TORCH_LIBRARY(protoseg_ext, m) {
   //   own   (N, K)   S[n, labels[n]*K + k], zero where labels[n] is ignore_index
   //                  (if compute_own, else (0,))
   //   probs (N, C*K) softmax(S / temperature), kept for the backward only if
-  //                  compute_lse and it fits in cache_bytes (else (0,)); a
+  //                  compute_lse and it fits in cache_bytes (else (0,)); its
+  //                  column order is the backend's own (the CPU kernel keeps
+  //                  k-major columns), read only by that backend's backward; a
   //                  backend may always return (0,) and recompute instead.
   // lse, own and probs are float32 (float64 for float64 feats); seg has feats' dtype.
   // normalize=True: feats are raw embeddings, L2-normalised row by row inside
@@ -57,4 +59,16 @@ TORCH_LIBRARY(protoseg_ext, m) {
   m.def("prototype_sums(Tensor feats, Tensor slot, int num_slots, bool normalize=False) -> (Tensor sums, Tensor counts)");
   // protos (C, K, D) -> L2-normalise(EMA(protos, normalise(sums))) where counts > 0.
   m.def("prototype_ema(Tensor protos, Tensor sums, Tensor counts, float gamma) -> Tensor");
+  // The head's mask_norm: LayerNorm over the C columns of seg (N, C) (float32
+  // or float64; weight and bias (C,) of the same dtype), written as the image
+  // out (batch, C, N / batch): out[b, c, p] = (seg[n, c] - mean[n]) * rstd[n]
+  // * weight[c] + bias[c] with n = b * N / batch + p, mean and rstd (N,) the
+  // row mean and 1 / sqrt(biased variance + eps), saved for the backward;
+  // pred (N,) int64 the arg-max over c of out (torch.argmax semantics), the
+  // predicted class of each pixel. CPU only (other devices use
+  // torch.nn.LayerNorm).
+  m.def("mask_norm(Tensor seg, Tensor weight, Tensor bias, float eps, int batch) "
+        "-> (Tensor out, Tensor mean, Tensor rstd, Tensor pred)");
+  m.def("mask_norm_backward(Tensor grad_out, Tensor seg, Tensor weight, Tensor mean, Tensor rstd) "
+        "-> (Tensor grad_seg, Tensor grad_weight, Tensor grad_bias)");
 }

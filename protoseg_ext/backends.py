@@ -59,6 +59,7 @@ def load_extension():
         return None
     ops.register_fakes("protoseg_ext", cache=True)
     ops.register_similarity_autograd("protoseg_ext")
+    ops.register_mask_norm("protoseg_ext")
     _ext = _C
     return _ext
 

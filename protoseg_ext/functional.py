@@ -110,9 +110,12 @@ def _check_learning_args(gamma, assign, gumbel_noise, sinkhorn_iters, sinkhorn_e
             raise ValueError(f"gumbel_noise is on {gumbel_noise.device} but feats is on {device}")
 
 
-def assign_and_sums(be, feats, protos, gt, seg, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps,
+def assign_and_sums(be, feats, protos, gt, pred, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps,
                     normalize=False):
     """Fused steps 2a-2d of SPEC 2 from the own-class scores ``own (N, K)``.
+
+    ``pred (N,)`` is the predicted class of each pixel (``seg.argmax(dim=1)``):
+    only pixels with ``pred == gt`` take part in the prototype sums.
 
     Returns ``target (N,)`` and the per-prototype ``sums (C*K, D)`` and
     ``counts (C*K,)`` of the correctly predicted pixels (``feats`` rows
@@ -131,7 +134,7 @@ def assign_and_sums(be, feats, protos, gt, seg, own, assign, gumbel_noise, ignor
         hard = (Q + gumbel_noise.to(Q.dtype)).argmax(dim=1)  # hard gumbel_softmax(Q, tau) sample
     else:
         hard = idx
-    correct = seg.argmax(dim=1) == gt
+    correct = pred == gt
     slot = torch.where(valid & correct, base + hard, torch.full_like(gt, -1))
     sums, counts = be.prototype_sums(feats, slot, C * K, normalize)
     return target, sums, counts
@@ -178,7 +181,8 @@ def prototype_learning(
         return target, new
     _, _, _, own = be.similarity(feats, protos, gt.long(), ignore_index, 1.0, False, False, True)
     target, sums, counts = assign_and_sums(
-        be, feats, protos, gt, seg, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps
+        be, feats, protos, gt, seg.argmax(dim=1), own, assign, gumbel_noise, ignore_index, sinkhorn_iters,
+        sinkhorn_eps,
     )
     if not update:
         counts = torch.zeros_like(counts)

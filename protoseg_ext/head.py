@@ -141,7 +141,7 @@ class ProtoSegHead(nn.Module):
                 seg = be.similarity(x, protos, gt_none(x), -1, 1.0, True, False, False, 0, True)[0]
             else:
                 seg = reference.proto_seg_logits(x, protos)
-            return ProtoSegOutput(self._to_bchw(self.mask_norm(seg), B, H, W), None, None, None)
+            return ProtoSegOutput(self._mask_norm_bchw(seg, be, B, H, W)[0], None, None, None)
 
         gt = self._labels_at(gt, B, H, W)  # (N,)
         ign = self.target_ignore
@@ -164,15 +164,16 @@ class ProtoSegHead(nn.Module):
             cache = backends.default_cache_bytes() if self.cache_mb is None else int(self.cache_mb * (1 << 20))
             cache = cache if torch.is_grad_enabled() and x.requires_grad else 0  # no backward, no cache
             seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True, cache, True)
-            seg = self.mask_norm(seg_raw)
+            seg, pred = self._mask_norm_bchw(seg_raw, be, B, H, W, with_pred=True)
             with torch.no_grad():
                 target, sums, counts = functional.assign_and_sums(
-                    be, x.detach(), protos, gt, seg.detach(), own.detach(), self.assign, None, ign,
+                    be, x.detach(), protos, gt, pred, own.detach(), self.assign, None, ign,
                     self.sinkhorn_iters, self.sinkhorn_eps, normalize=True,
                 )
                 if update:
                     self._apply_update(protos, sums, counts, None, be.prototype_ema)
             ppc, ppd = functional.losses_from_scores(lse, own, target, K, ign, self.temperature)
+            return ProtoSegOutput(seg, ppc, ppd, target)
         return ProtoSegOutput(self._to_bchw(seg, B, H, W), ppc, ppd, target)
 
     @torch.no_grad()
@@ -203,6 +204,33 @@ class ProtoSegHead(nn.Module):
         if gt.shape[1:] != (H, W):
             gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0]
         return gt.reshape(-1).long()
+
+    def _mask_norm_bchw(self, seg: torch.Tensor, be, B: int, H: int, W: int, with_pred: bool = False):
+        """``mask_norm`` of the seg logits ``(B*H*W, C)`` as ``(B, C, H, W)``, and its
+        arg-max over C ``(B*H*W,)`` if ``with_pred`` (else None).
+
+        With the ``"cpu"`` backend and the stock ``LayerNorm(C)`` (float32 or
+        float64, same dtype as seg) this is the fused ``mask_norm`` op: the
+        result is a contiguous image, so neither it nor its gradient needs a
+        layout copy, and the arg-max comes from the same pass. Otherwise
+        ``self.mask_norm`` as is, returned as a view.
+        """
+        ln = self.mask_norm
+        if (
+            be.name == "cpu"
+            and type(ln) is nn.LayerNorm
+            and tuple(ln.normalized_shape) == (self.num_classes,)
+            and ln.weight is not None
+            and ln.bias is not None
+            and seg.dtype in (torch.float32, torch.float64)
+            and ln.weight.dtype == seg.dtype
+            and ln.bias.dtype == seg.dtype
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            out, _, _, pred = torch.ops.protoseg_ext.mask_norm(seg, ln.weight, ln.bias, float(ln.eps), B)
+            return out.view(B, self.num_classes, H, W), pred
+        seg = ln(seg)
+        return self._to_bchw(seg, B, H, W), seg.detach().argmax(dim=1) if with_pred else None
 
     def _to_bchw(self, seg: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
         return seg.reshape(B, H, W, self.num_classes).permute(0, 3, 1, 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["register_fakes", "register_similarity_autograd"]
+__all__ = ["register_fakes", "register_similarity_autograd", "register_mask_norm"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,3 +117,39 @@ def register_similarity_autograd(ns: str) -> None:
         return (grad_feats,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)
+
+
+def register_mask_norm(ns: str) -> None:
+    """Fake kernels and autograd of ``{ns}::mask_norm`` (the head's LayerNorm over C).
+
+    Gradients flow to ``seg``, ``weight`` and ``bias`` through
+    ``{ns}::mask_norm_backward``; ``mean`` and ``rstd`` are saved statistics,
+    ``pred`` an index.
+    """
+
+    def fake(seg, weight, bias, eps, batch):
+        N, C = seg.shape
+        return (seg.new_empty((batch, C, N // batch)), seg.new_empty((N,)), seg.new_empty((N,)),
+                seg.new_empty((N,), dtype=torch.long))
+
+    def fake_backward(grad_out, seg, weight, mean, rstd):
+        return torch.empty_like(seg, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
+
+    torch.library.register_fake(f"{ns}::mask_norm")(fake)
+    torch.library.register_fake(f"{ns}::mask_norm_backward")(fake_backward)
+    backward_op = getattr(torch.ops, ns).mask_norm_backward.default
+
+    def setup_context(ctx, inputs, output):
+        seg, weight = inputs[0], inputs[1]
+        _, mean, rstd, pred = output
+        ctx.save_for_backward(seg, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd, pred)
+
+    def backward(ctx, grad_out, grad_mean, grad_rstd, grad_pred):
+        seg, weight, mean, rstd = ctx.saved_tensors
+        grad_seg, grad_weight, grad_bias = backward_op(grad_out, seg, weight, mean, rstd)
+        need = ctx.needs_input_grad
+        return (grad_seg if need[0] else None, grad_weight if need[1] else None, grad_bias if need[2] else None,
+                None, None)
+
+    torch.library.register_autograd(f"{ns}::mask_norm", backward, setup_context=setup_context)

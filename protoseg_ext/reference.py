@@ -41,6 +41,7 @@ __all__ = [
     "momentum_update",
     "proto_losses",
     "l2_normalize",
+    "mask_norm",
 ]
 
 
@@ -231,3 +232,14 @@ def prototype_ema(protos: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor
     hit = counts.reshape(C, K) > 0
     new[hit] = momentum_update(new[hit], l2_normalize(sums[hit]), gamma)
     return l2_normalize(new).to(protos.dtype)
+
+
+def mask_norm(seg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, batch: int) -> torch.Tensor:
+    """The official head's ``mask_norm``: ``LayerNorm(C)`` over each pixel's seg logits.
+
+    ``seg (N, C)`` with ``N = batch * H * W`` -> ``(batch, C, H * W)``, as the
+    official ``rearrange(seg, "(b h w) k -> b k h w")`` lays it out.
+    """
+    N, C = seg.shape
+    out = F.layer_norm(seg, (C,), weight, bias, eps)
+    return out.reshape(batch, N // batch, C).permute(0, 2, 1)

@@ -47,5 +47,6 @@ def test_opcheck_every_op(device):
 
 
 def test_every_schema_is_registered_with_cpu_kernels():
-    for name in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"):
+    for name in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema", "mask_norm",
+                 "mask_norm_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"protoseg_ext::{name}", "CPU"), name

@@ -121,7 +121,7 @@ def test_prototype_learning_update_sums(device_backend, N):
     (f, p, gt, seg), backend = _args(device_backend, N=N, C=5, K=4)
     be = backends.get_backend(backend)
     _, _, _, own = be.similarity(f, p, gt, -1, 1.0, False, False, True)
-    t, sums, counts = functional.assign_and_sums(be, f, p, gt, seg, own, "argmax", None, -1, 3, 0.05)
+    t, sums, counts = functional.assign_and_sums(be, f, p, gt, seg.argmax(dim=1), own, "argmax", None, -1, 3, 0.05)
     tr, _, sums_r, counts_r = R.prototype_learning(f, p, gt, seg, assign="argmax", return_sums=True)
     assert torch.equal(t, tr)
     torch.testing.assert_close(sums.view_as(sums_r), sums_r, **TOL)

@@ -39,23 +39,25 @@ inline T max_nan(const T* x, int64_t n) {
   return m;
 }
 
-// Per-class max and arg-max over K of one row s (C*K, class-major): max_push
-// semantics (first maximum wins, NaN counts as the largest). The row is first
-// transposed into buf (K*C) so that the K steps run across classes in vector
+// Per-class max and arg-max over K of one row s (K*C, k-major: entry k*C + c
+// is prototype k of class c), scaling the row by a in place first (the row's
+// 1 / ||x||; 1 leaves it exact). max_push semantics: first maximum wins, NaN
+// counts as the largest. k-major keeps the K steps across classes in vector
 // lanes, branch-free: the positions of maxima are data dependent, so a branch
 // per entry mispredicts.
 template <typename T>
-inline void class_max(const T* s, int64_t C, int64_t K, T* buf, T* best, int32_t* arg) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K; ++k) buf[k * C + c] = s[c * K + k];
+inline void class_max(T* s, int64_t C, int64_t K, T a, T* best, int32_t* arg) {
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    best[c] = buf[c];
+    s[c] *= a;
+    best[c] = s[c];
     arg[c] = 0;
   }
   for (int32_t k = 1; k < K; ++k) {
-    const T* v = buf + k * C;
+    T* v = s + k * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
+      v[c] *= a;
       const bool take = max_takes(v[c], best[c]);
       best[c] = take ? v[c] : best[c];
       arg[c] = take ? k : arg[c];
@@ -79,6 +81,13 @@ inline void scale(T* x, T a, int64_t n) {
   for (int64_t d = 0; d < n; ++d) x[d] *= a;
 }
 
+// y[d] = x[d] * a
+template <typename T>
+inline void scale_to(T* y, const T* x, T a, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] = x[d] * a;
+}
+
 // y[d] = x[d] / a - b
 template <typename T>
 inline void div_sub(T* y, const T* x, T a, T b, int64_t n) {
@@ -86,11 +95,11 @@ inline void div_sub(T* y, const T* x, T a, T b, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] = x[d] / a - b;
 }
 
-// x[d] /= a
+// y[d] = x[d] - b
 template <typename T>
-inline void div(T* x, T a, int64_t n) {
+inline void sub(T* y, const T* x, T b, int64_t n) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) x[d] /= a;
+  for (int64_t d = 0; d < n; ++d) y[d] = x[d] - b;
 }
 
 // dst[d] += Acc(src[d]) * w

@@ -2,7 +2,10 @@
 //
 // S = feats @ protos.view(C*K, D).T is processed in row tiles of a fixed size
 // (independent of the thread count, so results are the same for any number of
-// threads). Each tile's GEMM is a single-threaded BLAS call inside
+// threads), with its columns in k-major order (column k*C + c is prototype k
+// of class c): the per-class max over K then runs across classes in vector
+// lanes with no transpose. The softmax cache `probs` has that order too; it
+// is this backend's own, read only by its backward. Each tile's GEMM is a single-threaded BLAS call inside
 // at::parallel_for, and its epilogue (per-class max and arg-max, row
 // log-sum-exp, own-class scores) runs while the tile is in cache; S itself is
 // never stored. The softmax rows softmax(S / tau) are kept for the backward
@@ -17,6 +20,7 @@
 
 #include "../checks.h"
 #include "../protoseg_math.h"
+#include "buffer_pool.h"
 #include "rows.h"
 
 namespace protoseg {
@@ -46,6 +50,11 @@ void scale_rows_by_inv_norm(T* S, const T* x, int64_t rows, int64_t CK, int64_t 
   for (int64_t i = 0; i < rows; ++i) rows::scale(S + i * CK, inv_norm(rows::sumsq<T>(x + i * D, D)), CK);
 }
 
+// protos (C, K, D) as the (K*C, D) matrix of the k-major columns of S.
+at::Tensor kmajor_protos(const at::Tensor& protos, at::ScalarType acc) {
+  return protos.to(acc).transpose(0, 1).reshape({protos.size(0) * protos.size(1), protos.size(2)}).contiguous();
+}
+
 bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) {
   return cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
 }
@@ -66,11 +75,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   at::Tensor argk = at::empty(compute_seg ? at::IntArrayRef({N, C}) : at::IntArrayRef({0}), fopt.dtype(at::kByte));
   at::Tensor lse = at::empty(compute_lse ? at::IntArrayRef({N}) : at::IntArrayRef({0}), aopt);
   at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
-  at::Tensor probs = at::empty(cache ? at::IntArrayRef({N, CK}) : at::IntArrayRef({0}), aopt);
+  at::Tensor probs = cache ? BufferPool::get().empty({N, CK}, aopt) : at::empty({0}, aopt);
   if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
   at::Tensor lab = compute_own ? checked_labels(labels, C, ignore_index) : at::Tensor();
-  at::Tensor P = protos.reshape({CK, D}).to(acc).contiguous();  // (C*K, D)
-  at::Tensor Pt = P.t();
+  at::Tensor Pt = kmajor_protos(protos, acc).t();  // (D, K*C)
   const int64_t T = tile_rows(CK, at::elementSize(acc));
   const int64_t ntiles = (N + T - 1) / T;
 
@@ -79,47 +87,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor S_buf = at::empty({T, CK}, aopt), e_buf;  // this task's tiles, reused
-      std::vector<acc_t> tbuf(compute_seg ? CK : 0);      // one row, k-major
-      std::vector<int32_t> abuf(compute_seg ? C : 0);     // its arg-max k per class
+      std::vector<int32_t> abuf(compute_seg ? C : 0);     // one row's arg-max k per class
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
         at::Tensor xt = feats.narrow(0, r0, rows).to(acc).contiguous();
         at::Tensor S = S_buf.narrow(0, 0, rows);
-        at::mm_out(S, xt, Pt);  // (rows, C*K), in cache
+        at::mm_out(S, xt, Pt);  // (rows, K*C), in cache
         acc_t* s = S.data_ptr<acc_t>();
-        // rows of S scale like the rows of feats
-        if (normalize) scale_rows_by_inv_norm(s, xt.data_ptr<acc_t>(), rows, CK, D);
+        const acc_t* x = xt.data_ptr<acc_t>();
         at::Tensor seg_t;  // this tile's seg rows, in acc_t
+        if (compute_seg) seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
+        acc_t* sv = compute_seg ? seg_t.data_ptr<acc_t>() : nullptr;
+        at::Tensor e;  // e = S / tau - max, then exp(e): the softmax cache itself when it is kept
+        if (compute_lse) {
+          if (!cache && !e_buf.defined()) e_buf = at::empty({T, CK}, aopt);
+          e = cache ? probs.narrow(0, r0, rows) : e_buf.narrow(0, 0, rows);
+        }
         if (compute_seg) {
-          // nearest prototype of each class: max and arg-max over K
-          seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
-          acc_t* sv = seg_t.data_ptr<acc_t>();
+          // nearest prototype of each class: max and arg-max over K, on the
+          // rows scaled as the rows of feats (in the same pass)
           uint8_t* ak = argk.data_ptr<uint8_t>() + r0 * C;
           for (int64_t i = 0; i < rows; ++i) {
-            rows::class_max(s + i * CK, C, K, tbuf.data(), sv + i * C, abuf.data());
+            const acc_t a = normalize ? inv_norm(rows::sumsq<acc_t>(x + i * D, D)) : acc_t(1);
+            rows::class_max(s + i * CK, C, K, a, sv + i * C, abuf.data());
             for (int64_t c = 0; c < C; ++c) ak[i * C + c] = static_cast<uint8_t>(abuf[c]);
           }
-          if (feats.scalar_type() != acc) seg.narrow(0, r0, rows).copy_(seg_t);
+        } else if (normalize) {  // rows of S scale like the rows of feats
+          scale_rows_by_inv_norm(s, x, rows, CK, D);
         }
         if (compute_own) {
           acc_t* o = own.data_ptr<acc_t>() + r0 * K;
           const int64_t* l = lab.data_ptr<int64_t>() + r0;
           for (int64_t i = 0; i < rows; ++i) {
             if (!label_in_range(l[i], C)) continue;  // ignored pixel: row stays 0
-            std::copy(s + i * CK + l[i] * K, s + i * CK + (l[i] + 1) * K, o + i * K);
+            for (int64_t k = 0; k < K; ++k) o[i * K + k] = s[i * CK + k * C + l[i]];
           }
         }
         if (compute_lse) {
-          // row log-sum-exp of S / tau on the tile in cache: the row max (from
-          // seg when it is there), e = S / tau - max, ATen's vectorised exp
-          // (faster here than any loop the compiler vectorises for the
-          // baseline ISA), then row sums; e is the softmax cache itself when
-          // it is kept
-          if (!cache && !e_buf.defined()) e_buf = at::empty({T, CK}, aopt);
-          at::Tensor e = cache ? probs.narrow(0, r0, rows) : e_buf.narrow(0, 0, rows);
+          // row log-sum-exp of S / tau: the row max (from seg when it is
+          // there), e = S / tau - max, ATen's vectorised exp (faster here
+          // than any loop the compiler vectorises for the baseline ISA),
+          // then row sums
           acc_t* ep = e.data_ptr<acc_t>();
           const acc_t tau = static_cast<acc_t>(temperature);
-          const acc_t* sv = compute_seg ? seg_t.data_ptr<acc_t>() : nullptr;
           acc_t* lp = lse.data_ptr<acc_t>() + r0;
           for (int64_t i = 0; i < rows; ++i) {
             const acc_t* si = s + i * CK;
@@ -127,16 +137,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
             m = m / tau;
             if (std::isinf(m)) m = 0;  // all -inf/+inf rows: keep exp() finite
             lp[i] = m;  // the max, until the sum is known
-            rows::div_sub(ep + i * CK, si, tau, m, CK);
+            if (temperature == 1.0) {
+              rows::sub(ep + i * CK, si, m, CK);  // x / 1 is x: same values, no division
+            } else {
+              rows::div_sub(ep + i * CK, si, tau, m, CK);
+            }
           }
           e.exp_();
           for (int64_t i = 0; i < rows; ++i) {
             acc_t* ei = ep + i * CK;
             const acc_t z = rows::sum(ei, CK);
             lp[i] += std::log(z);
-            if (cache) rows::div(ei, z, CK);  // softmax rows for the backward
+            if (cache) rows::scale(ei, acc_t(1) / z, CK);  // softmax rows for the backward
           }
         }
+        if (compute_seg && feats.scalar_type() != acc) seg.narrow(0, r0, rows).copy_(seg_t);
       }
     });
   });
@@ -158,16 +173,18 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
   // the dense path writes every row of grad with a GEMM; the sparse one adds into it
-  at::Tensor grad = has_lse ? at::empty({N, D}, feats.options().dtype(acc)) : at::zeros({N, D}, feats.options().dtype(acc));
+  at::Tensor grad = BufferPool::get().empty({N, D}, feats.options().dtype(acc));
+  if (!has_lse) grad.zero_();
   if (N == 0 || (!has_seg && !has_lse && !has_own)) return grad.to(feats.scalar_type());
-  at::Tensor probs = cached ? *probs_opt : at::Tensor();
+  at::Tensor probs = cached ? probs_opt->contiguous() : at::Tensor();
   at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
   at::Tensor ak = has_seg ? argk.contiguous() : at::Tensor();
   at::Tensor glse = has_lse ? (*grad_lse / temperature).to(acc).contiguous() : at::Tensor();
   at::Tensor l = has_lse ? lse.to(acc).contiguous() : at::Tensor();
   at::Tensor gown = has_own ? grad_own->to(acc).contiguous() : at::Tensor();
   at::Tensor lab = has_own ? checked_labels(labels, C, ignore_index) : at::Tensor();
-  at::Tensor P = protos.reshape({CK, D}).to(acc).contiguous();  // (C*K, D)
+  // the dense path works on S in k-major column order, the sparse one on rows of protos
+  at::Tensor P = has_lse ? kmajor_protos(protos, acc) : protos.reshape({CK, D}).to(acc).contiguous();
   const int64_t T = tile_rows(CK, at::elementSize(acc));
   const int64_t ntiles = (N + T - 1) / T;
 
@@ -185,30 +202,30 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
           // dS = softmax(S / tau) * grad_lse / tau + the sparse terms; d feats = dS @ P
           at::Tensor dS = dS_buf.narrow(0, 0, rows);
           at::Tensor gl = glse.narrow(0, r0, rows).unsqueeze(1);
-          if (cached) {
-            at::mul_out(dS, probs.narrow(0, r0, rows), gl);
-          } else {  // S recomputed from the saved lse (flash-attention style)
+          if (!cached) {  // S recomputed from the saved lse (flash-attention style)
             at::mm_out(dS, xt, P.t());
             if (normalize) scale_rows_by_inv_norm(dS.data_ptr<acc_t>(), xt.data_ptr<acc_t>(), rows, CK, D);
             if (temperature != 1.0) dS.div_(temperature);
             dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(gl);
           }
           acc_t* d = dS.data_ptr<acc_t>();
+          const acc_t* gli = glse.data_ptr<acc_t>() + r0;
           for (int64_t i = 0; i < rows; ++i) {
+            if (cached) rows::scale_to(d + i * CK, probs.data_ptr<acc_t>() + (r0 + i) * CK, gli[i], CK);
             if (has_seg) {
               const acc_t* gs = gseg.data_ptr<acc_t>() + (r0 + i) * C;
               const uint8_t* a = ak.data_ptr<uint8_t>() + (r0 + i) * C;
-              for (int64_t c = 0; c < C; ++c) d[i * CK + c * K + a[c]] += gs[c];  // max routes to arg-max
+              for (int64_t c = 0; c < C; ++c) d[i * CK + a[c] * C + c] += gs[c];  // max routes to arg-max
             }
             if (has_own) {
               const int64_t lb = lab.data_ptr<int64_t>()[r0 + i];
               if (!label_in_range(lb, C)) continue;
               const acc_t* go = gown.data_ptr<acc_t>() + (r0 + i) * K;
-              for (int64_t k = 0; k < K; ++k) d[i * CK + lb * K + k] += go[k];
+              for (int64_t k = 0; k < K; ++k) d[i * CK + k * C + lb] += go[k];
             }
           }
           at::Tensor out = grad.narrow(0, r0, rows);
-          at::mm_out(out, dS, P);  // (rows, D)
+          at::mm_out(out, dS, P);  // (rows, D), P k-major as dS
         } else {
           // dS is sparse (C + K entries per row): gather the prototypes instead of a GEMM
           for (int64_t i = 0; i < rows; ++i) {
