@@ -188,6 +188,33 @@ def test_similarity_op_outputs(device_backend):
     assert seg.dtype == f.dtype and lse.dtype == torch.float32 and own.dtype == torch.float32
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_similarity_lse_and_softmax_cache_for_any_row_scale(device_backend, scale, temperature):
+    """Rows of S well inside float range take exp(S) directly, rows up to |S / tau| = 200 the shifted path;
+    both give the row log-sum-exp, and the backward (kept softmax or recomputed) the same gradient."""
+    from protoseg_ext import backends
+
+    (f, p, gt, _), backend = _args(device_backend, N=300, C=5, K=4)
+    be = backends.get_backend(backend)
+    f = f * scale
+    f[7] *= 3  # one row far out: its tile takes the shifted path whenever that row needs it
+    S = R.similarity(f, p) / temperature
+    lse = be.similarity(f, p, gt, -1, temperature, True, True, True)[2]
+    torch.testing.assert_close(lse, torch.logsumexp(S, 1), atol=1e-5, rtol=1e-5)
+    g = torch.randn(300, device=f.device)
+    grads = []
+    for cache in (0, 1 << 20):
+        if not be.supports_cache and cache:
+            continue
+        x = f.clone().requires_grad_()
+        (be.similarity(x, p, gt, -1, temperature, True, True, True, cache)[2] * g).sum().backward()
+        grads.append(x.grad)
+    ref = torch.autograd.grad((torch.logsumexp(R.similarity(f.requires_grad_(), p) / temperature, 1) * g).sum(), f)[0]
+    for gr in grads:
+        torch.testing.assert_close(gr, ref, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- dtypes, layouts
 
 

@@ -34,17 +34,13 @@ void check_vector(const at::Tensor& t, int64_t n, const at::Tensor& seg, const c
   check_same_device(seg, t, "seg", name);
 }
 
-void check_mask_norm_args(const at::Tensor& seg, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                          int64_t batch) {
+// seg (N, C) float32/float64 with C >= 1, weight (C,) like it: both ops
+void check_seg_and_weight(const at::Tensor& seg, const at::Tensor& weight) {
   check_dim(seg, 2, "seg", "(N, C)");
   TORCH_CHECK_VALUE(seg.scalar_type() == at::kFloat || seg.scalar_type() == at::kDouble,
                     "seg must be float32 or float64, got ", seg.scalar_type());
-  const int64_t N = seg.size(0), C = seg.size(1);
-  TORCH_CHECK_VALUE(C >= 1, "seg must have C >= 1 columns, got shape ", seg.sizes());
-  check_vector(weight, C, seg, "weight");
-  check_vector(bias, C, seg, "bias");
-  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK_VALUE(batch >= 1 && N % batch == 0, "batch must be >= 1 and divide N = ", N, ", got ", batch);
+  TORCH_CHECK_VALUE(seg.size(1) >= 1, "seg must have C >= 1 columns, got shape ", seg.sizes());
+  check_vector(weight, seg.size(1), seg, "weight");
 }
 
 // A block: pixels [p0, p0 + P) of image b, rows n0 = b * HW + p0 of seg.
@@ -179,8 +175,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mask_norm_cpu(const a
                                                                          const at::Tensor& weight,
                                                                          const at::Tensor& bias, double eps,
                                                                          int64_t batch) {
-  check_mask_norm_args(seg, weight, bias, eps, batch);
-  const int64_t N = seg.size(0), C = seg.size(1), HW = N / batch;
+  check_seg_and_weight(seg, weight);
+  const int64_t N = seg.size(0), C = seg.size(1);
+  check_vector(bias, C, seg, "bias");
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(batch >= 1 && N % batch == 0, "batch must be >= 1 and divide N = ", N, ", got ", batch);
+  const int64_t HW = N / batch;
   at::Tensor out = at::empty({batch, C, HW}, seg.options());
   at::Tensor mean = at::empty({N}, seg.options());
   at::Tensor rstd = at::empty({N}, seg.options());
@@ -198,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mask_norm_cpu(const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_norm_backward_cpu(const at::Tensor& grad_out,
                                                                       const at::Tensor& seg, const at::Tensor& weight,
                                                                       const at::Tensor& mean, const at::Tensor& rstd) {
-  check_mask_norm_args(seg, weight, weight, 0.0, 1);
+  check_seg_and_weight(seg, weight);
   const int64_t N = seg.size(0), C = seg.size(1);
   check_dim(grad_out, 3, "grad_out", "(B, C, N / B)");
   TORCH_CHECK_VALUE(grad_out.size(1) == C && grad_out.size(0) * grad_out.size(2) == N,

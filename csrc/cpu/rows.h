@@ -65,15 +65,6 @@ inline void class_max(T* s, int64_t C, int64_t K, T a, T* best, int32_t* arg) {
   }
 }
 
-// sum_d x[d] * y[d], accumulated in Acc.
-template <typename Acc, typename T, typename U>
-inline Acc dot(const T* x, const U* y, int64_t n) {
-  Acc s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += Acc(x[d]) * Acc(y[d]);
-  return s;
-}
-
 // x[d] *= a
 template <typename T>
 inline void scale(T* x, T a, int64_t n) {
@@ -113,10 +104,15 @@ inline void axpy(Acc* dst, const T* src, Acc w, int64_t n) {
 // (normalize_grad of protoseg_math.h, entry by entry). Two passes over the row.
 template <typename T>
 inline void normalize_backward(T* g, const T* x, int64_t n) {
-  const T sq = sumsq<T>(x, n);
+  T sq = 0, xg = 0;  // ||x||^2 and x . g in one pass
+#pragma omp simd reduction(+ : sq, xg)
+  for (int64_t d = 0; d < n; ++d) {
+    sq += x[d] * x[d];
+    xg += x[d] * g[d];
+  }
   const T inv = inv_norm(sq);
   // (f . g) is taken as 0 where ||x|| <= eps; a NaN norm propagates
-  const T f_dot_g = std::sqrt(sq) <= T(kNormEps) ? T(0) : dot<T>(x, g, n) * inv;
+  const T f_dot_g = std::sqrt(sq) <= T(kNormEps) ? T(0) : xg * inv;
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) g[d] = normalize_grad(g[d], x[d], inv, f_dot_g);
 }

@@ -26,6 +26,11 @@
 namespace protoseg {
 namespace {
 
+// |row max of S / tau| up to which exp(S / tau) is taken without the shift by
+// the max: e^60 times 2^31 columns stays below the float32 maximum, e^-60 far
+// above its smallest normal number.
+constexpr double kDirectExp = 60.0;
+
 // Rows per tile: about 1 MiB of S per tile, between 16 and 1024 rows.
 int64_t tile_rows(int64_t CK, int64_t elem_size) {
   int64_t rows = (int64_t(1) << 20) / std::max<int64_t>(1, CK * elem_size);
@@ -110,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
           for (int64_t i = 0; i < rows; ++i) {
             const acc_t a = normalize ? inv_norm(rows::sumsq<acc_t>(x + i * D, D)) : acc_t(1);
             rows::class_max(s + i * CK, C, K, a, sv + i * C, abuf.data());
-            for (int64_t c = 0; c < C; ++c) ak[i * C + c] = static_cast<uint8_t>(abuf[c]);
+            std::copy(abuf.begin(), abuf.end(), ak + i * C);  // int32 -> uint8
           }
         } else if (normalize) {  // rows of S scale like the rows of feats
           scale_rows_by_inv_norm(s, x, rows, CK, D);
@@ -125,29 +130,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         }
         if (compute_lse) {
           // row log-sum-exp of S / tau: the row max (from seg when it is
-          // there), e = S / tau - max, ATen's vectorised exp (faster here
-          // than any loop the compiler vectorises for the baseline ISA),
-          // then row sums
+          // there), e = exp(S / tau - max) with ATen's vectorised exp (faster
+          // here than any loop the compiler vectorises for the baseline ISA,
+          // or than MKL's exp called row by row), then row sums. When tau = 1
+          // and every row max of the tile is in [-kDirectExp, kDirectExp]
+          // (always, for unit rows and prototypes), exp(S) can neither
+          // overflow nor vanish: e = exp(S) directly, one pass fewer.
           acc_t* ep = e.data_ptr<acc_t>();
           const acc_t tau = static_cast<acc_t>(temperature);
           acc_t* lp = lse.data_ptr<acc_t>() + r0;
+          bool direct = temperature == 1.0;
           for (int64_t i = 0; i < rows; ++i) {
-            const acc_t* si = s + i * CK;
-            acc_t m = sv ? rows::max_nan(sv + i * C, C) : rows::max_nan(si, CK);
+            acc_t m = sv ? rows::max_nan(sv + i * C, C) : rows::max_nan(s + i * CK, CK);
             m = m / tau;
-            if (std::isinf(m)) m = 0;  // all -inf/+inf rows: keep exp() finite
-            lp[i] = m;  // the max, until the sum is known
-            if (temperature == 1.0) {
-              rows::sub(ep + i * CK, si, m, CK);  // x / 1 is x: same values, no division
-            } else {
-              rows::div_sub(ep + i * CK, si, tau, m, CK);
-            }
+            direct = direct && m >= -kDirectExp && m <= kDirectExp;  // false for NaN
+            lp[i] = std::isinf(m) ? acc_t(0) : m;  // the shift, until the sum is known (inf rows: keep exp() finite)
           }
-          e.exp_();
+          if (direct) {
+            at::exp_out(e, S);
+          } else {
+            for (int64_t i = 0; i < rows; ++i) {
+              if (temperature == 1.0) {
+                rows::sub(ep + i * CK, s + i * CK, lp[i], CK);  // x / 1 is x: same values, no division
+              } else {
+                rows::div_sub(ep + i * CK, s + i * CK, tau, lp[i], CK);
+              }
+            }
+            e.exp_();
+          }
           for (int64_t i = 0; i < rows; ++i) {
             acc_t* ei = ep + i * CK;
             const acc_t z = rows::sum(ei, CK);
-            lp[i] += std::log(z);
+            lp[i] = (direct ? acc_t(0) : lp[i]) + std::log(z);
             if (cache) rows::scale(ei, acc_t(1) / z, CK);  // softmax rows for the backward
           }
         }
