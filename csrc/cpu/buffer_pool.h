@@ -10,6 +10,7 @@
 // only idle once every tensor viewing it is gone, so nothing is shared.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -29,9 +30,8 @@ class BufferPool {
   // An uninitialised tensor of `sizes`, from an idle buffer of the same byte
   // size when there is one.
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    int64_t numel = 1;
-    for (int64_t s : sizes) numel *= s;
-    const size_t bytes = static_cast<size_t>(numel) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
+    const size_t bytes =
+        static_cast<size_t>(c10::multiply_integers(sizes)) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
     if (bytes < kMinBytes || bytes > cap_) return at::empty(sizes, options);
     void* p = take(bytes);
     if (p == nullptr) {

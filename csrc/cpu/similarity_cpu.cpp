@@ -5,8 +5,8 @@
 // threads), with its columns in k-major order (column k*C + c is prototype k
 // of class c): the per-class max over K then runs across classes in vector
 // lanes with no transpose. The softmax cache `probs` has that order too; it
-// is this backend's own, read only by its backward. Each tile's GEMM is a single-threaded BLAS call inside
-// at::parallel_for, and its epilogue (per-class max and arg-max, row
+// is this backend's own, read only by its backward. Each tile's GEMM is a
+// single-threaded BLAS call inside at::parallel_for, and its epilogue (per-class max and arg-max, row
 // log-sum-exp, own-class scores) runs while the tile is in cache; S itself is
 // never stored. The softmax rows softmax(S / tau) are kept for the backward
 // only when they fit the caller's `cache_bytes` budget (a step then costs two
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         at::Tensor seg_t;  // this tile's seg rows, in acc_t
         if (compute_seg) seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
         acc_t* sv = compute_seg ? seg_t.data_ptr<acc_t>() : nullptr;
-        at::Tensor e;  // e = S / tau - max, then exp(e): the softmax cache itself when it is kept
+        at::Tensor e;  // exp(S / tau - shift): the softmax cache itself when it is kept
         if (compute_lse) {
           if (!cache && !e_buf.defined()) e_buf = at::empty({T, CK}, aopt);
           e = cache ? probs.narrow(0, r0, rows) : e_buf.narrow(0, 0, rows);
@@ -215,12 +215,11 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
         if (has_lse) {
           // dS = softmax(S / tau) * grad_lse / tau + the sparse terms; d feats = dS @ P
           at::Tensor dS = dS_buf.narrow(0, 0, rows);
-          at::Tensor gl = glse.narrow(0, r0, rows).unsqueeze(1);
           if (!cached) {  // S recomputed from the saved lse (flash-attention style)
             at::mm_out(dS, xt, P.t());
             if (normalize) scale_rows_by_inv_norm(dS.data_ptr<acc_t>(), xt.data_ptr<acc_t>(), rows, CK, D);
             if (temperature != 1.0) dS.div_(temperature);
-            dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(gl);
+            dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(glse.narrow(0, r0, rows).unsqueeze(1));
           }
           acc_t* d = dS.data_ptr<acc_t>();
           const acc_t* gli = glse.data_ptr<acc_t>() + r0;
