@@ -141,8 +141,12 @@ PSE_HD T similarity_grad_entry(T softmax_term, bool is_argmax, T grad_seg, bool 
 // without changing the official result. Column scale of an iteration:
 // L[n, k] /= colsum[c, k] * K.
 template <typename T>
+PSE_HD T sinkhorn_exponent(T s, T colmax, T eps) {
+  return (s - colmax) / eps;
+}
+template <typename T>
 PSE_HD T sinkhorn_init(T s, T colmax, T eps) {
-  return fexp((s - colmax) / eps);
+  return fexp(sinkhorn_exponent(s, colmax, eps));
 }
 template <typename T>
 PSE_HD T sinkhorn_col_scale(double colsum, int64_t K) {

@@ -2,11 +2,16 @@
 //
 // prototype_sums: sums[s] = sum of feats[n] over rows with slot[n] == s (and a
 // finite feature row), counts[s] = how many. Rows are split into a fixed number
-// of blocks (a function of N, slots and D, never of the thread count); each
-// block accumulates its rows in order into its own float64 partial sums, in one
-// pass over each row (finite check, norm and sum), and the partials are merged
-// in block order. The result is bitwise the same for any thread count.
+// of blocks (a function of N, slots and D, never of the thread count). Within a
+// block, rows are added in order, in one pass over each row (norm, finite
+// check, sum), into sums in the accumulation type of feats (float32 for
+// float32, float16 and bfloat16), which are added into the block's float64
+// partial sums every kFlushRows rows; the partials are merged in block order.
+// The result is bitwise the same for any thread count, and each float32 sum
+// runs over at most kFlushRows rows (the official code sums all pixels in one
+// float32 GEMM).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -24,6 +29,16 @@ namespace {
 constexpr int64_t kMinBlockRows = 8192;            // rows per block, at least
 constexpr int64_t kMaxBlocks = 64;                 // blocks, at most
 constexpr int64_t kPartialBytes = int64_t(128) << 20;  // float64 partial sums of all blocks, at most
+constexpr int64_t kFlushRows = 4096;               // rows summed in the accumulation type between flushes
+
+constexpr int64_t kPrefetchRows = 4;             // rows read ahead of the one being summed
+
+// Asks for the cache lines of a row ahead of its use (a hint, no effect on results).
+template <typename T>
+inline void prefetch_row(const T* x, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(x);
+  for (int64_t o = 0, bytes = D * int64_t(sizeof(T)); o < bytes; o += 64) __builtin_prefetch(p + o);
+}
 
 // Number of row blocks: enough for parallelism, within the partials' memory cap.
 int64_t sum_blocks(int64_t N, int64_t num_slots, int64_t D) {
@@ -32,19 +47,28 @@ int64_t sum_blocks(int64_t N, int64_t num_slots, int64_t D) {
   return std::max<int64_t>(1, nb);
 }
 
-// Squared norm of a row in float64 (NaN or inf iff an entry is: float,
-// half and bfloat16 squares cannot overflow a double sum); float64 rows are
-// checked entry by entry.
-template <typename T>
-bool row_sumsq(const T* x, int64_t D, double& sq) {
-  sq = rows::sumsq<double>(x, D);
-  return is_finite(sq);
+// The scale of a row in the sums (1 / max(||x||, eps) when normalising, else
+// 1), or false when the row has a NaN or inf entry. The squared norm is
+// summed in Acc; a float32 sum that overflows is redone in float64 (float32,
+// half and bfloat16 squares cannot overflow a double sum), so only a
+// non-finite entry rejects a row. float64 rows are checked entry by entry.
+template <typename Acc, typename T>
+bool row_scale(const T* x, int64_t D, bool normalize, Acc& w) {
+  const Acc sq = rows::sumsq<Acc>(x, D);
+  if (is_finite(sq)) {
+    w = normalize ? inv_norm(sq) : Acc(1);
+    return true;
+  }
+  const double sq64 = rows::sumsq<double>(x, D);
+  if (!is_finite(sq64)) return false;
+  w = normalize ? Acc(inv_norm(sq64)) : Acc(1);
+  return true;
 }
 template <>
-bool row_sumsq<double>(const double* x, int64_t D, double& sq) {
+bool row_scale<double, double>(const double* x, int64_t D, bool normalize, double& w) {
   bool bad = false;
   for (int64_t d = 0; d < D; ++d) bad |= !is_finite(x[d]);
-  sq = rows::sumsq<double>(x, D);
+  w = normalize ? inv_norm(rows::sumsq<double>(x, D)) : 1.0;
   return !bad;
 }
 }  // namespace
@@ -67,17 +91,40 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
   const int64_t nb = sum_blocks(N, num_slots, D), SD = num_slots * D;
   std::vector<double> partial(nb * SD, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "prototype_sums_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* fp = f.data_ptr<scalar_t>();
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> scratch(SD, acc_t(0));  // this task's running sums, flushed into a block's partial
+      std::vector<uint8_t> touched(num_slots, 0);
+      std::vector<int64_t> used;  // the slots with a nonzero scratch row
       for (int64_t b = b0; b < b1; ++b) {
         double* acc_b = partial.data() + b * SD;
-        for (int64_t n = N * b / nb, n1 = N * (b + 1) / nb; n < n1; ++n) {
+        auto flush = [&] {
+          for (int64_t j : used) {
+            acc_t* sc = scratch.data() + j * D;
+            double* pb = acc_b + j * D;
+            for (int64_t d = 0; d < D; ++d) pb[d] += double(sc[d]);
+            std::fill(sc, sc + D, acc_t(0));
+            touched[j] = 0;
+          }
+          used.clear();
+        };
+        const int64_t n0 = N * b / nb, n1 = N * (b + 1) / nb;
+        for (int64_t n = n0; n < n1; ++n) {
+          if (n > n0 && (n - n0) % kFlushRows == 0) flush();
+          if (n + kPrefetchRows < n1) prefetch_row(fp + (n + kPrefetchRows) * D, D);
           if (sp[n] < 0) continue;
           const scalar_t* x = fp + n * D;
-          double sq;
-          ok[n] = row_sumsq(x, D, sq);
-          if (ok[n]) rows::axpy(acc_b + sp[n] * D, x, normalize ? inv_norm(sq) : 1.0, D);
+          acc_t w;
+          ok[n] = row_scale<acc_t>(x, D, normalize, w);
+          if (!ok[n]) continue;
+          rows::axpy(scratch.data() + sp[n] * D, x, w, D);
+          if (!touched[sp[n]]) {
+            touched[sp[n]] = 1;
+            used.push_back(sp[n]);
+          }
         }
+        flush();
       }
     });
   });

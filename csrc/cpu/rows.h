@@ -7,36 +7,70 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../protoseg_math.h"
 
 namespace protoseg {
 namespace rows {
 
+// Reductions of long rows run in kLanes independent partial sums (lane j
+// takes the entries d = j mod kLanes, in order; the lanes are combined
+// pairwise), so the adds of a row are not one serial chain of dependent
+// instructions. The order is fixed by the row length alone. Rows shorter
+// than kLanesMin use a single accumulator (the lane split would not pay).
+constexpr int kLanes = 8;
+constexpr int64_t kLanesMin = 64;
+
+// sum over d < n of f(d), accumulated in Acc
+template <typename Acc, typename F>
+inline Acc sum_of(int64_t n, F f) {
+  if (n < kLanesMin) {
+    Acc s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < n; ++d) s += f(d);
+    return s;
+  }
+  Acc p[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) p[j] += f(d + j);
+  }
+  for (int j = 0; d + j < n; ++j) p[j] += f(d + j);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) p[j] += p[j + w];
+  return p[0];
+}
+
 // sum_d x[d]^2, accumulated in Acc.
 template <typename Acc, typename T>
 inline Acc sumsq(const T* x, int64_t n) {
-  Acc s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += Acc(x[d]) * Acc(x[d]);
-  return s;
+  return sum_of<Acc>(n, [x](int64_t d) { return Acc(x[d]) * Acc(x[d]); });
 }
 
 // sum_d x[d]
 template <typename T>
 inline T sum(const T* x, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += x[d];
-  return s;
+  return sum_of<T>(n, [x](int64_t d) { return x[d]; });
 }
 
-// max_d x[d], NaN if any entry is NaN (torch.amax semantics); -inf when n = 0
+// max_d x[d], NaN if any entry is NaN (torch.amax semantics); -inf when n = 0.
+// Branch-free: a max reduction across vector lanes and a separate NaN flag.
 template <typename T>
 inline T max_nan(const T* x, int64_t n) {
   T m = -INFINITY;
-  for (int64_t d = 0; d < n; ++d) m = (x[d] > m || x[d] != x[d]) ? x[d] : m;
-  return m;
+  bool nan = false;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t d = 0; d < n; ++d) {
+    m = x[d] > m ? x[d] : m;
+    nan = nan | (x[d] != x[d]);
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : m;
 }
 
 // Per-class max and arg-max over K of one row s (K*C, k-major: entry k*C + c
@@ -100,16 +134,39 @@ inline void axpy(Acc* dst, const T* src, Acc w, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] += Acc(src[d]) * w;
 }
 
+// dst[0:n] = src[0:n] with non-temporal (streaming) stores where the ISA has
+// them: for a result written once and read much later, which would otherwise
+// first be read into the cache and then evict useful lines. Call
+// stream_fence() before other threads read dst.
+inline void stream_copy(float* dst, const float* src, int64_t n) {
+  int64_t d = 0;
+#if defined(__SSE2__)
+  for (; d < n && (reinterpret_cast<uintptr_t>(dst + d) & 15) != 0; ++d) dst[d] = src[d];
+  for (; d + 4 <= n; d += 4) _mm_stream_ps(dst + d, _mm_loadu_ps(src + d));
+#endif
+  for (; d < n; ++d) dst[d] = src[d];
+}
+inline void stream_copy(double* dst, const double* src, int64_t n) {
+  int64_t d = 0;
+#if defined(__SSE2__)
+  for (; d < n && (reinterpret_cast<uintptr_t>(dst + d) & 15) != 0; ++d) dst[d] = src[d];
+  for (; d + 2 <= n; d += 2) _mm_stream_pd(dst + d, _mm_loadu_pd(src + d));
+#endif
+  for (; d < n; ++d) dst[d] = src[d];
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // Backward of f = x / max(||x||, eps) for one row, in place on g = dL/df
-// (normalize_grad of protoseg_math.h, entry by entry). Two passes over the row.
+// (normalize_grad of protoseg_math.h, entry by entry). Three passes over the
+// row, in L1: ||x||^2, x . g, the update.
 template <typename T>
 inline void normalize_backward(T* g, const T* x, int64_t n) {
-  T sq = 0, xg = 0;  // ||x||^2 and x . g in one pass
-#pragma omp simd reduction(+ : sq, xg)
-  for (int64_t d = 0; d < n; ++d) {
-    sq += x[d] * x[d];
-    xg += x[d] * g[d];
-  }
+  const T sq = sumsq<T>(x, n);  // ||x||^2
+  const T xg = sum_of<T>(n, [x, g](int64_t d) { return x[d] * g[d]; });
   const T inv = inv_norm(sq);
   // (f . g) is taken as 0 where ||x|| <= eps; a NaN norm propagates
   const T f_dot_g = std::sqrt(sq) <= T(kNormEps) ? T(0) : xg * inv;

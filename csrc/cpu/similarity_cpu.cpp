@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
     using acc_t = scalar_t;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
-      at::Tensor S_buf = at::empty({T, CK}, aopt), e_buf;  // this task's tiles, reused
+      at::Tensor S_buf = at::empty({T, CK}, aopt);  // this task's tile, reused
       std::vector<int32_t> abuf(compute_seg ? C : 0);     // one row's arg-max k per class
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
@@ -103,11 +103,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         at::Tensor seg_t;  // this tile's seg rows, in acc_t
         if (compute_seg) seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
         acc_t* sv = compute_seg ? seg_t.data_ptr<acc_t>() : nullptr;
-        at::Tensor e;  // exp(S / tau - shift): the softmax cache itself when it is kept
-        if (compute_lse) {
-          if (!cache && !e_buf.defined()) e_buf = at::empty({T, CK}, aopt);
-          e = cache ? probs.narrow(0, r0, rows) : e_buf.narrow(0, 0, rows);
-        }
         if (compute_seg) {
           // nearest prototype of each class: max and arg-max over K, on the
           // rows scaled as the rows of feats (in the same pass)
@@ -130,13 +125,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         }
         if (compute_lse) {
           // row log-sum-exp of S / tau: the row max (from seg when it is
-          // there), e = exp(S / tau - max) with ATen's vectorised exp (faster
-          // here than any loop the compiler vectorises for the baseline ISA,
-          // or than MKL's exp called row by row), then row sums. When tau = 1
-          // and every row max of the tile is in [-kDirectExp, kDirectExp]
-          // (always, for unit rows and prototypes), exp(S) can neither
-          // overflow nor vanish: e = exp(S) directly, one pass fewer.
-          acc_t* ep = e.data_ptr<acc_t>();
+          // there), e = exp(S / tau - max) in place in the tile with ATen's
+          // vectorised exp (faster here than any loop the compiler vectorises
+          // for the baseline ISA, or than MKL's exp called row by row), then
+          // row sums. When tau = 1 and every row max of the tile is in
+          // [-kDirectExp, kDirectExp] (always, for unit rows and prototypes),
+          // exp(S) can neither overflow nor vanish: e = exp(S) directly, one
+          // pass fewer. The softmax rows e / sum(e) go to the cache with
+          // streaming stores: written once, read only by the backward.
           const acc_t tau = static_cast<acc_t>(temperature);
           acc_t* lp = lse.data_ptr<acc_t>() + r0;
           bool direct = temperature == 1.0;
@@ -146,27 +142,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
             direct = direct && m >= -kDirectExp && m <= kDirectExp;  // false for NaN
             lp[i] = std::isinf(m) ? acc_t(0) : m;  // the shift, until the sum is known (inf rows: keep exp() finite)
           }
-          if (direct) {
-            at::exp_out(e, S);
-          } else {
+          if (!direct) {
             for (int64_t i = 0; i < rows; ++i) {
               if (temperature == 1.0) {
-                rows::sub(ep + i * CK, s + i * CK, lp[i], CK);  // x / 1 is x: same values, no division
+                rows::sub(s + i * CK, s + i * CK, lp[i], CK);  // x / 1 is x: same values, no division
               } else {
-                rows::div_sub(ep + i * CK, s + i * CK, tau, lp[i], CK);
+                rows::div_sub(s + i * CK, s + i * CK, tau, lp[i], CK);
               }
             }
-            e.exp_();
           }
+          S.exp_();
           for (int64_t i = 0; i < rows; ++i) {
-            acc_t* ei = ep + i * CK;
+            acc_t* ei = s + i * CK;
             const acc_t z = rows::sum(ei, CK);
             lp[i] = (direct ? acc_t(0) : lp[i]) + std::log(z);
-            if (cache) rows::scale(ei, acc_t(1) / z, CK);  // softmax rows for the backward
+            if (cache) rows::scale(ei, acc_t(1) / z, CK);
           }
+          if (cache) rows::stream_copy(probs.data_ptr<acc_t>() + r0 * CK, s, rows * CK);
         }
         if (compute_seg && feats.scalar_type() != acc) seg.narrow(0, r0, rows).copy_(seg_t);
       }
+      rows::stream_fence();
     });
   });
   return {seg, argk, lse, own, probs};
@@ -208,6 +204,7 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor dS_buf = has_lse ? at::empty({T, CK}, P.options()) : at::Tensor();  // reused across tiles
+      at::Tensor out_buf = has_lse ? at::empty({T, D}, P.options()) : at::Tensor();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
         acc_t* g = grad.data_ptr<acc_t>() + r0 * D;
@@ -237,8 +234,16 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
               for (int64_t k = 0; k < K; ++k) d[i * CK + k * C + lb] += go[k];
             }
           }
-          at::Tensor out = grad.narrow(0, r0, rows);
-          at::mm_out(out, dS, P);  // (rows, D), P k-major as dS
+          // (rows, D), P k-major as dS, into the tile buffer: the rows go to
+          // grad once final, with streaming stores
+          at::Tensor out = out_buf.narrow(0, 0, rows);
+          at::mm_out(out, dS, P);
+          acc_t* o = out.data_ptr<acc_t>();
+          if (normalize) {  // d loss / d f  ->  d loss / d raw feats, on the tile in cache
+            const acc_t* x = xt.data_ptr<acc_t>();
+            for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(o + i * D, x + i * D, D);
+          }
+          rows::stream_copy(g, o, rows * D);
         } else {
           // dS is sparse (C + K entries per row): gather the prototypes instead of a GEMM
           for (int64_t i = 0; i < rows; ++i) {
@@ -263,12 +268,13 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
               }
             }
           }
-        }
-        if (normalize) {  // d loss / d f  ->  d loss / d raw feats, on the tile in cache
-          const acc_t* x = xt.data_ptr<acc_t>();
-          for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(g + i * D, x + i * D, D);
+          if (normalize) {
+            const acc_t* x = xt.data_ptr<acc_t>();
+            for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(g + i * D, x + i * D, D);
+          }
         }
       }
+      rows::stream_fence();
     });
   });
   return grad.to(feats.scalar_type());

@@ -28,7 +28,7 @@ at::Tensor sinkhorn_cpu(const at::Tensor& own, const at::Tensor& labels, int64_t
   check_sinkhorn_args(own, labels, num_classes, iters, eps);
   const int64_t N = own.size(0), K = own.size(1), C = num_classes;
   const auto acc = acc_type(own.scalar_type());
-  at::Tensor Q = at::zeros({N, K}, own.options().dtype(acc));
+  at::Tensor Q = at::empty({N, K}, own.options().dtype(acc));  // every row is written below
   if (N == 0 || K == 0) return Q;
   at::Tensor S = own.to(acc).contiguous();
   at::Tensor lab = labels.to(at::kLong).contiguous();
@@ -73,18 +73,27 @@ at::Tensor sinkhorn_cpu(const at::Tensor& own, const at::Tensor& labels, int64_t
 
     // L = exp((S - colmax) / eps) and its column sums. The official global
     // normalisation L /= sum(L) is a no-op for the result (column scaling).
+    // The exponent goes to Q first (-inf on rows that take no part, so they
+    // stay 0), then ATen's vectorised exp runs on the block's rows in place.
     std::vector<double> part_sum(nblocks * C * K, 0.0);
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad;  // grad mode is per thread
       for (int64_t b = b0; b < b1; ++b) {
         double* ps = part_sum.data() + b * C * K;
-        for (int64_t n = b * kBlockRows, e = std::min(N, n + kBlockRows); n < e; ++n) {
-          if (!ok[n]) continue;
-          const int64_t c = lp[n];
-          for (int64_t k = 0; k < K; ++k) {
-            T v = sinkhorn_init(s[n * K + k], colmax[c * K + k], teps);
-            q[n * K + k] = v;
-            ps[c * K + k] += double(v);
+        const int64_t n0 = b * kBlockRows, n1 = std::min(N, n0 + kBlockRows);
+        for (int64_t n = n0; n < n1; ++n) {
+          if (!ok[n]) {
+            std::fill(q + n * K, q + (n + 1) * K, T(-INFINITY));
+            continue;
           }
+          const T* cm = colmax.data() + lp[n] * K;
+          for (int64_t k = 0; k < K; ++k) q[n * K + k] = sinkhorn_exponent(s[n * K + k], cm[k], teps);
+        }
+        Q.narrow(0, n0, n1 - n0).exp_();
+        for (int64_t n = n0; n < n1; ++n) {
+          if (!ok[n]) continue;
+          double* pc = ps + lp[n] * K;
+          for (int64_t k = 0; k < K; ++k) pc[k] += double(q[n * K + k]);
         }
       }
     });
