@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
           if (n + kPrefetchRows < n1) prefetch_row(fp + (n + kPrefetchRows) * D, D);
           if (sp[n] < 0) continue;
           const scalar_t* x = fp + n * D;
-          acc_t w;
+          acc_t w = acc_t(1);  // set by row_scale
           ok[n] = row_scale<acc_t>(x, D, normalize, w);
           if (!ok[n]) continue;
           rows::axpy(scratch.data() + sp[n] * D, x, w, D);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -138,19 +139,21 @@ inline void axpy(Acc* dst, const T* src, Acc w, int64_t n) {
 // them: for a result written once and read much later, which would otherwise
 // first be read into the cache and then evict useful lines. Call
 // stream_fence() before other threads read dst.
-inline void stream_copy(float* dst, const float* src, int64_t n) {
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
   int64_t d = 0;
 #if defined(__SSE2__)
-  for (; d < n && (reinterpret_cast<uintptr_t>(dst + d) & 15) != 0; ++d) dst[d] = src[d];
-  for (; d + 4 <= n; d += 4) _mm_stream_ps(dst + d, _mm_loadu_ps(src + d));
-#endif
-  for (; d < n; ++d) dst[d] = src[d];
-}
-inline void stream_copy(double* dst, const double* src, int64_t n) {
-  int64_t d = 0;
-#if defined(__SSE2__)
-  for (; d < n && (reinterpret_cast<uintptr_t>(dst + d) & 15) != 0; ++d) dst[d] = src[d];
-  for (; d + 2 <= n; d += 2) _mm_stream_pd(dst + d, _mm_loadu_pd(src + d));
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    constexpr int64_t w = 16 / sizeof(T);  // entries per 16-byte store
+    for (; d < n && (reinterpret_cast<uintptr_t>(dst + d) & 15) != 0; ++d) dst[d] = src[d];
+    for (; d + w <= n; d += w) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm_stream_ps(dst + d, _mm_loadu_ps(src + d));
+      } else {
+        _mm_stream_pd(dst + d, _mm_loadu_pd(src + d));
+      }
+    }
+  }
 #endif
   for (; d < n; ++d) dst[d] = src[d];
 }
