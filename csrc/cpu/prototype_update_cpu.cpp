@@ -30,8 +30,7 @@ constexpr int64_t kMinBlockRows = 8192;            // rows per block, at least
 constexpr int64_t kMaxBlocks = 64;                 // blocks, at most
 constexpr int64_t kPartialBytes = int64_t(128) << 20;  // float64 partial sums of all blocks, at most
 constexpr int64_t kFlushRows = 4096;               // rows summed in the accumulation type between flushes
-
-constexpr int64_t kPrefetchRows = 4;             // rows read ahead of the one being summed
+constexpr int64_t kPrefetchRows = 4;               // rows read ahead of the one being summed
 
 // Asks for the cache lines of a row ahead of its use (a hint, no effect on results).
 template <typename T>

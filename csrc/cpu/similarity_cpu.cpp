@@ -6,9 +6,9 @@
 // of class c): the per-class max over K then runs across classes in vector
 // lanes with no transpose. The softmax cache `probs` has that order too; it
 // is this backend's own, read only by its backward. Each tile's GEMM is a
-// single-threaded BLAS call inside at::parallel_for, and its epilogue (per-class max and arg-max, row
-// log-sum-exp, own-class scores) runs while the tile is in cache; S itself is
-// never stored. The softmax rows softmax(S / tau) are kept for the backward
+// single-threaded BLAS call inside at::parallel_for, and its epilogue
+// (per-class max and arg-max, row log-sum-exp, own-class scores) runs while
+// the tile is in cache; S itself is never stored. The softmax rows softmax(S / tau) are kept for the backward
 // only when they fit the caller's `cache_bytes` budget (a step then costs two
 // GEMMs, the floor); otherwise the backward recomputes S tile by tile.
 #include <ATen/ATen.h>
@@ -208,6 +208,7 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * T, rows = std::min(T, N - r0);
         acc_t* g = grad.data_ptr<acc_t>() + r0 * D;
+        acc_t* o = g;  // this tile's rows of the gradient: the tile buffer on the dense path
         at::Tensor xt = normalize || (has_lse && !cached) ? feats.narrow(0, r0, rows).to(acc).contiguous() : at::Tensor();
         if (has_lse) {
           // dS = softmax(S / tau) * grad_lse / tau + the sparse terms; d feats = dS @ P
@@ -238,12 +239,7 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
           // grad once final, with streaming stores
           at::Tensor out = out_buf.narrow(0, 0, rows);
           at::mm_out(out, dS, P);
-          acc_t* o = out.data_ptr<acc_t>();
-          if (normalize) {  // d loss / d f  ->  d loss / d raw feats, on the tile in cache
-            const acc_t* x = xt.data_ptr<acc_t>();
-            for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(o + i * D, x + i * D, D);
-          }
-          rows::stream_copy(g, o, rows * D);
+          o = out.data_ptr<acc_t>();
         } else {
           // dS is sparse (C + K entries per row): gather the prototypes instead of a GEMM
           for (int64_t i = 0; i < rows; ++i) {
@@ -268,11 +264,12 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
               }
             }
           }
-          if (normalize) {
-            const acc_t* x = xt.data_ptr<acc_t>();
-            for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(g + i * D, x + i * D, D);
-          }
         }
+        if (normalize) {  // d loss / d f  ->  d loss / d raw feats, on the tile in cache
+          const acc_t* x = xt.data_ptr<acc_t>();
+          for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(o + i * D, x + i * D, D);
+        }
+        if (o != g) rows::stream_copy(g, o, rows * D);
       }
       rows::stream_fence();
     });
