@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from protoseg_ext.data import (  # noqa: E402
+from protoseg_ext.train.data import (  # noqa: E402
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
     IGNORE_INDEX,

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from protoseg_ext.data import export_synthetic  # noqa: E402
+from protoseg_ext.train.data import export_synthetic  # noqa: E402
 from protoseg_ext.train import main  # noqa: E402
 
 TINY = [

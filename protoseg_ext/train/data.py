@@ -549,7 +549,7 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m protoseg_ext.data",
+        prog="python -m protoseg_ext.train.data",
         description="Write synthetic scenes to disk in the Cityscapes or ADE20K layout.",
     )
     p.add_argument("layout", choices=["cityscapes", "ade20k"])

@@ -9,7 +9,7 @@ Loss ``CE(seg) + 0.01 PPC + 0.001 PPD``, SGD with poly learning-rate decay.
 ``curves.png``, ``metrics.json`` and ``predictions/``. ``--resume`` continues
 the same schedule from the checkpoint: on CPU, n iterations, a resume and n
 more equal 2n iterations bit for bit.
-The model is in :mod:`protoseg_ext.model`, the datasets in :mod:`protoseg_ext.data`.
+The model is in :mod:`protoseg_ext.train.model`, the datasets in :mod:`protoseg_ext.train.data`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .data import (
     colorize,
     default_crop,
 )
-from .backends import resolve as resolve_backend
+from ..backends import resolve as resolve_backend
 from .model import ProtoSegNet
 
 # settings a resumed run must share with its checkpoint (they define the schedule)
@@ -431,6 +431,3 @@ def main(argv=None) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    main()

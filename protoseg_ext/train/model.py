@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .head import ProtoSegHead
+from ..head import ProtoSegHead
 
 __all__ = ["CompactBackbone", "ProjectionHead", "ProtoSegNet"]
 
