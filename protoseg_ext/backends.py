@@ -1,9 +1,10 @@
 """Backends and the choice between them.
 
-Every fused backend offers the same four ops with the same contract (see
-``csrc/protoseg.cpp``): ``similarity`` (differentiable w.r.t. feats),
-``sinkhorn``, ``prototype_sums`` and ``prototype_ema``. ``"reference"`` is the
-eager oracle of ``protoseg_ext.reference``.
+Every backend (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``) fulfils
+one contract, :class:`Backend`: the same ops with the same signatures and
+meaning (the schemas of ``csrc/protoseg.cpp``), so that nothing above this
+module asks which backend it runs. ``"reference"`` implements the ops in plain
+PyTorch, from the eager oracle :mod:`protoseg_ext.reference`.
 
 Selection: ``backend="auto"`` takes ``PROTOSEG_BACKEND`` if set, else the best
 backend for the tensors' device (CPU: ``"cpu"``; CUDA: ``"triton"``, then
@@ -16,12 +17,12 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import checks, ops, reference
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
@@ -57,58 +58,101 @@ def load_extension():
         )
         warnings.warn(_ext_error, RuntimeWarning, stacklevel=3)
         return None
-    ops.register_fakes("protoseg_ext", cache=True)
+    ops.register_fakes("protoseg_ext")
     ops.register_similarity_autograd("protoseg_ext")
     ops.register_mask_norm("protoseg_ext")
     _ext = _C
     return _ext
 
 
+class SimilarityOut(NamedTuple):
+    """Outputs of :meth:`Backend.similarity`; those not asked for are ``(0,)`` placeholders."""
+
+    seg: torch.Tensor  # (N, C) max_k S, feats' dtype
+    argk: torch.Tensor  # (N, C) uint8 arg-max k
+    lse: torch.Tensor  # (N,) logsumexp_j S[n, j] / temperature, accumulation dtype
+    own: torch.Tensor  # (N, K) S[n, labels[n]*K + k], zero rows where labels[n] == ignore_index
+
+
 class Backend:
-    """A set of the four fused ops, with the reasons it cannot run somewhere."""
+    """The contract every backend fulfils: the same ops, signatures and meaning.
+
+    * :meth:`similarity` - one pass over ``S = feats @ protos.view(C*K, D).T``
+      giving the outputs asked for by keyword; differentiable w.r.t. ``feats``;
+    * :meth:`sinkhorn` - Sinkhorn-Knopp of every class at once;
+    * :meth:`prototype_sums` - per-prototype feature sums and pixel counts;
+    * :meth:`prototype_ema` - the momentum update of the prototypes;
+    * :meth:`mask_norm` - the head's LayerNorm over C, laid out as an image.
+
+    The exact semantics are those of the schemas in ``csrc/protoseg.cpp``;
+    :mod:`protoseg_ext.checks` holds the argument rules. A backend says why it
+    cannot run somewhere with :meth:`not_supported_reasons`.
+    """
 
     name = "?"
 
-    def not_supported_reasons(self, device: torch.device) -> List[str]:
+    def not_supported_reasons(self, device) -> List[str]:
+        """Why this backend cannot run on tensors on ``device`` (empty if it can)."""
         raise NotImplementedError
 
-    def usable(self, device: torch.device) -> bool:
+    def usable(self, device) -> bool:
         return not self.not_supported_reasons(device)
+
+    def similarity(self, feats, protos, labels=None, *, ignore_index=-1, temperature=1.0, seg=True, lse=False,
+                   own=False, cache_bytes=0, normalize=False) -> SimilarityOut:
+        """``feats (N, D)``, ``protos (C, K, D)``; ``labels (N,)`` needed for ``own``.
+
+        ``cache_bytes`` > 0 lets the backward reuse softmax(S) instead of
+        recomputing S, if it fits (a backend may always recompute);
+        ``normalize`` L2-normalises the rows of ``feats`` inside the op, and the
+        gradient is then w.r.t. the raw rows.
+        """
+        raise NotImplementedError
+
+    def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps) -> torch.Tensor:
+        """``Q (N, K)``: rows sum to 1, zero rows for ignored or non-finite pixels."""
+        raise NotImplementedError
+
+    def prototype_sums(self, feats, slot, num_slots, normalize=False):
+        """``sums (num_slots, D)``, ``counts (num_slots,)`` of the finite rows with ``slot >= 0``."""
+        raise NotImplementedError
+
+    def prototype_ema(self, protos, sums, counts, gamma) -> torch.Tensor:
+        """L2-normalise(EMA(protos, normalise(sums))) where ``counts > 0``."""
+        raise NotImplementedError
+
+    def mask_norm(self, seg, weight, bias, eps, batch):
+        """``LayerNorm(C)`` of ``seg (N, C)`` as ``(batch, C, N // batch)``, and its arg-max over C ``(N,)``."""
+        out = F.layer_norm(seg, (seg.shape[1],), weight, bias, eps)
+        pred = out.detach().argmax(dim=1)
+        return out.reshape(batch, -1, seg.shape[1]).permute(0, 2, 1), pred
+
+
+def _labels_or_empty(labels, feats):
+    return torch.empty(0, dtype=torch.long, device=feats.device) if labels is None else labels
 
 
 class _OpsBackend(Backend):
-    """A backend whose ops live in a ``torch.ops`` namespace."""
+    """A backend whose ops are registered in a ``torch.ops`` namespace with the schemas of csrc/protoseg.cpp."""
 
     namespace = "?"
-    # the protoseg_ext schemas: similarity takes cache_bytes (keep softmax(S) for
-    # the backward within a byte budget) and normalize; prototype_sums normalize
-    supports_cache = False
 
     @property
     def _ops(self):
         return getattr(torch.ops, self.namespace)
 
-    def similarity(self, feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                   cache_bytes=0, normalize=False):
-        """``(seg, argk, lse, own)``; see csrc/protoseg.cpp. ``cache_bytes`` > 0 lets
-        the backward reuse softmax(S) instead of recomputing S, if it fits;
-        ``normalize`` L2-normalises the rows of ``feats`` inside the kernel."""
-        args = (feats, protos, labels, int(ignore_index), float(temperature), compute_seg, compute_lse, compute_own)
-        if self.supports_cache:
-            return self._ops.similarity(*args, int(cache_bytes), bool(normalize))[:4]
-        if normalize:
-            args = (F.normalize(feats, p=2, dim=-1),) + args[1:]
-        return self._ops.similarity(*args)
+    def similarity(self, feats, protos, labels=None, *, ignore_index=-1, temperature=1.0, seg=True, lse=False,
+                   own=False, cache_bytes=0, normalize=False):
+        out = self._ops.similarity(feats, protos, _labels_or_empty(labels, feats), int(ignore_index),
+                                   float(temperature), bool(seg), bool(lse), bool(own), int(cache_bytes),
+                                   bool(normalize))
+        return SimilarityOut(*out[:4])
 
     def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps):
         return self._ops.sinkhorn(own, labels, int(num_classes), int(ignore_index), int(iters), float(eps))
 
     def prototype_sums(self, feats, slot, num_slots, normalize=False):
-        if self.supports_cache:
-            return self._ops.prototype_sums(feats, slot, int(num_slots), bool(normalize))
-        if normalize:
-            feats = F.normalize(feats, p=2, dim=-1)
-        return self._ops.prototype_sums(feats, slot, int(num_slots))
+        return self._ops.prototype_sums(feats, slot, int(num_slots), bool(normalize))
 
     def prototype_ema(self, protos, sums, counts, gamma):
         return self._ops.prototype_ema(protos, sums, counts, float(gamma))
@@ -117,7 +161,6 @@ class _OpsBackend(Backend):
 class CpuBackend(_OpsBackend):
     name = "cpu"
     namespace = "protoseg_ext"
-    supports_cache = True
 
     def not_supported_reasons(self, device):
         reasons = []
@@ -127,11 +170,25 @@ class CpuBackend(_OpsBackend):
             reasons.append(f"'cpu' runs on CPU tensors, these are on {device}")
         return reasons
 
+    def mask_norm(self, seg, weight, bias, eps, batch):
+        # the fused kernel: a contiguous image whose gradient needs no layout copy,
+        # and the arg-max from the same pass (float32/float64, no autocast)
+        if (
+            seg.dtype in (torch.float32, torch.float64)
+            and weight is not None
+            and bias is not None
+            and weight.dtype == seg.dtype
+            and bias.dtype == seg.dtype
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            out, _, _, pred = self._ops.mask_norm(seg, weight, bias, float(eps), int(batch))
+            return out, pred
+        return super().mask_norm(seg, weight, bias, eps, batch)
+
 
 class CudaBackend(_OpsBackend):
     name = "cuda"
     namespace = "protoseg_ext"
-    supports_cache = True  # same schema as "cpu" (cache_bytes, normalize)
 
     def not_supported_reasons(self, device):
         ext = load_extension()
@@ -184,10 +241,30 @@ class TritonBackend(_OpsBackend):
 
 
 class ReferenceBackend(Backend):
+    """The ops in plain PyTorch (:mod:`protoseg_ext.reference`): any device, materialises ``(N, C*K)``."""
+
     name = "reference"
 
     def not_supported_reasons(self, device):
         return []
+
+    def similarity(self, feats, protos, labels=None, *, ignore_index=-1, temperature=1.0, seg=True, lse=False,
+                   own=False, cache_bytes=0, normalize=False):
+        checks.similarity_args(feats, protos, labels, ignore_index, temperature, own)
+        return SimilarityOut(*reference.similarity_outputs(feats, protos, labels, ignore_index, temperature, seg, lse,
+                                                           own, normalize))
+
+    def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps):
+        checks.sinkhorn_args(own, labels, num_classes, ignore_index, iters, eps)
+        return reference.sinkhorn(own, labels, num_classes, ignore_index, iters, eps)
+
+    def prototype_sums(self, feats, slot, num_slots, normalize=False):
+        checks.prototype_sums_args(feats, slot, num_slots)
+        return reference.prototype_sums(feats, slot, num_slots, normalize)
+
+    def prototype_ema(self, protos, sums, counts, gamma):
+        checks.prototype_ema_args(protos, sums, counts, gamma)
+        return reference.prototype_ema(protos, sums, counts, gamma)
 
 
 _INSTANCES = {
@@ -233,20 +310,31 @@ def _auto_order(device: torch.device):
 
 
 def resolve(backend: str, device) -> Backend:
-    """The backend to run on ``device``; see the module docstring."""
+    """The backend to run on ``device``; see the module docstring.
+
+    The error a user sees lists each candidate's :meth:`Backend.not_supported_reasons`.
+    """
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")
     device = torch.device(device)
+    source = f"backend {backend!r}"
     if backend == "auto":
         env = os.environ.get("PROTOSEG_BACKEND", "").strip()
         if env and env != "auto":
-            backend = env
+            backend, source = env, f"PROTOSEG_BACKEND={env!r}"
         else:
+            why = {}
             for name in _auto_order(device):
-                if _INSTANCES[name].usable(device):
+                why[name] = _INSTANCES[name].not_supported_reasons(device)
+                if not why[name]:
                     return _INSTANCES[name]
-    be = get_backend(backend)
+            raise RuntimeError(
+                f"no backend can run on {device}: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items())
+            )
+    if backend not in _INSTANCES:
+        raise ValueError(f"{source}: backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    be = _INSTANCES[backend]
     reasons = be.not_supported_reasons(device)
     if reasons:
-        raise RuntimeError(f"backend {backend!r} cannot run on {device}: " + "; ".join(reasons))
+        raise RuntimeError(f"{source} cannot run on {device}: " + "; ".join(reasons))
     return be

@@ -30,10 +30,6 @@ __all__ = ["distributed_sinkhorn", "momentum_update", "prototype_learning", "l2_
 l2_normalize = reference.l2_normalize
 
 
-def _backend_name(t: torch.Tensor) -> str:
-    return backends.resolve("auto", t.device).name
-
-
 def distributed_sinkhorn(out: torch.Tensor, sinkhorn_iterations: int = 3, epsilon: float = 0.05):
     """Official ``distributed_sinkhorn``: ``out (n, K)`` -> (hard Gumbel one-hot ``(n, K)``, argmax ``(n,)``).
 
@@ -44,10 +40,7 @@ def distributed_sinkhorn(out: torch.Tensor, sinkhorn_iterations: int = 3, epsilo
     labels = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
     be = backends.resolve("auto", out.device)
     with torch.no_grad():
-        if be.name == "reference":
-            L = reference.sinkhorn(out, labels, 1, -1, sinkhorn_iterations, epsilon)
-        else:
-            L = be.sinkhorn(out.detach(), labels, 1, -1, sinkhorn_iterations, epsilon)
+        L = be.sinkhorn(out.detach(), labels, 1, -1, sinkhorn_iterations, epsilon)
     indexs = torch.argmax(L, dim=1)
     L = F.gumbel_softmax(L, tau=0.5, hard=True)
     return L, indexs
@@ -85,7 +78,7 @@ def prototype_learning(self, _c, out_seg, gt_seg, masks):
     update = bool(getattr(self, "update_prototype", True))
     target, new = functional.prototype_learning(
         _c.detach(), protos, labels, seg.detach(), gamma=self.gamma, assign="gumbel", ignore_index=-1,
-        update=update, backend=_backend_name(_c),
+        update=update,
     )
     proto_target = torch.where(in_range, target.float(), gt.float())  # official: gt_seg.clone().float()
     proto_logits = masks.permute(0, 2, 1).reshape(masks.shape[0], C * K)

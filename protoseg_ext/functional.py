@@ -1,9 +1,9 @@
 """Functional API (SPEC section 6): seg logits, prototype learning, PPC/PPD losses.
 
-Each function checks its arguments (a ``ValueError`` names the bad one), picks
-a backend (see :mod:`protoseg_ext.backends`) and either runs the eager oracle
-(``"reference"``) or composes the four fused ops, never materialising the
-``(N, C*K)`` similarity matrix.
+Each function checks its arguments (:mod:`protoseg_ext.checks`; a
+``ValueError`` names the bad one), picks a backend (see
+:mod:`protoseg_ext.backends`) and composes its ops, the same way on every
+backend: the fused ones never materialise the ``(N, C*K)`` similarity matrix.
 """
 
 from __future__ import annotations
@@ -12,69 +12,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends, reference
+from . import backends, checks, reference
 
 __all__ = ["proto_seg_logits", "prototype_learning", "proto_losses", "sample_gumbel"]
 
 sample_gumbel = reference.sample_gumbel
-
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _check_feats_protos(feats, protos):
-    if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
-        raise ValueError(f"feats must be a (N, D) tensor, got {_shape(feats)}")
-    if not isinstance(protos, torch.Tensor) or protos.dim() != 3:
-        raise ValueError(f"protos must be a (C, K, D) tensor, got {_shape(protos)}")
-    if feats.dtype not in _FLOATS:
-        raise ValueError(f"feats must be float32, float64, float16 or bfloat16, got {feats.dtype}")
-    if protos.dtype not in _FLOATS:
-        raise ValueError(f"protos must be float32, float64, float16 or bfloat16, got {protos.dtype}")
-    if protos.shape[2] != feats.shape[1]:
-        raise ValueError(
-            f"protos must be (C, K, D) with D = feats.shape[1] = {feats.shape[1]}, got shape {tuple(protos.shape)}"
-        )
-    if protos.shape[0] < 1 or not 1 <= protos.shape[1] <= 256:
-        raise ValueError(f"protos must have C >= 1 classes and 1 <= K <= 256 prototypes, got shape {tuple(protos.shape)}")
-    if protos.device != feats.device:
-        raise ValueError(f"protos is on {protos.device} but feats is on {feats.device}; all inputs must be on one device")
-
-
-def _check_labels(x, name, n, device, lo_hi, ignore_index):
-    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != n:
-        raise ValueError(f"{name} must be a ({n},) integer tensor (one entry per row of feats), got {_shape(x)}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but feats is on {device}; all inputs must be on one device")
-    # A host-side range check costs a sync on a GPU (there a device-side assert
-    # or the kernel's own check reports it) and breaks a torch.compile graph.
-    if x.device.type == "cpu" and not _compiling() and x.numel():
-        lo, hi = lo_hi
-        bad = ((x < lo) | (x >= hi)) & (x != ignore_index)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{name}[{i}] = {int(x[i])} is outside [{lo}, {hi}) and is not ignore_index ({ignore_index})"
-            )
-
-
-def _shape(x):
-    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _check_ignore_index(ignore_index, num_targets):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if 0 <= ignore_index < num_targets:
-        raise ValueError(
-            f"ignore_index {ignore_index} is a valid prototype target in [0, C*K = {num_targets}): it would "
-            "silently drop those pixels; use a negative ignore_index (e.g. -1), or one >= C*K"
-        )
 
 
 def proto_seg_logits(feats: torch.Tensor, protos: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -83,36 +25,14 @@ def proto_seg_logits(feats: torch.Tensor, protos: torch.Tensor, backend: str = "
     ``feats (N, D)`` L2-normalised, ``protos (C, K, D)``. Differentiable w.r.t.
     ``feats`` (the gradient reaches the arg-max prototype only).
     """
-    _check_feats_protos(feats, protos)
+    checks.feats_protos(feats, protos)
     be = backends.resolve(backend, feats.device)
-    if be.name == "reference":
-        return reference.proto_seg_logits(feats, protos.to(feats.dtype))
-    empty = torch.empty(0, dtype=torch.long, device=feats.device)
-    seg, _, _, _ = be.similarity(feats, protos, empty, -1, 1.0, True, False, False)
-    return seg
-
-
-def _check_learning_args(gamma, assign, gumbel_noise, sinkhorn_iters, sinkhorn_eps, N, K, device):
-    if assign not in ("gumbel", "argmax"):
-        raise ValueError(f"assign must be 'gumbel' or 'argmax', got {assign!r}")
-    if not 0.0 <= float(gamma) <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
-        raise ValueError(f"sinkhorn_iters must be an int >= 1, got {sinkhorn_iters!r}")
-    if not float(sinkhorn_eps) > 0:
-        raise ValueError(f"sinkhorn_eps must be > 0, got {sinkhorn_eps}")
-    if gumbel_noise is not None:
-        if not isinstance(gumbel_noise, torch.Tensor) or tuple(gumbel_noise.shape) != (N, K):
-            raise ValueError(f"gumbel_noise must be a ({N}, {K}) tensor, got {_shape(gumbel_noise)}")
-        if not gumbel_noise.dtype.is_floating_point:
-            raise ValueError(f"gumbel_noise must be a floating tensor, got {gumbel_noise.dtype}")
-        if gumbel_noise.device != device:
-            raise ValueError(f"gumbel_noise is on {gumbel_noise.device} but feats is on {device}")
+    return be.similarity(feats, protos, seg=True).seg
 
 
 def assign_and_sums(be, feats, protos, gt, pred, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps,
                     normalize=False):
-    """Fused steps 2a-2d of SPEC 2 from the own-class scores ``own (N, K)``.
+    """Steps 2a-2d of SPEC 2 from the own-class scores ``own (N, K)``, on backend ``be``.
 
     ``pred (N,)`` is the predicted class of each pixel (``seg.argmax(dim=1)``):
     only pixels with ``pred == gt`` take part in the prototype sums.
@@ -163,23 +83,21 @@ def prototype_learning(
     ``new_protos (C, K, D)``, L2-normalised (unchanged but normalised when
     ``update=False``). ``protos`` itself is not modified.
     """
-    _check_feats_protos(feats, protos)
+    checks.feats_protos(feats, protos)
     N = feats.shape[0]
     C, K = protos.shape[0], protos.shape[1]
-    _check_ignore_index(ignore_index, C * K)
-    _check_labels(gt, "gt", N, feats.device, (0, C), ignore_index)
+    checks.ignore_index(ignore_index, C * K)
+    checks.labels(gt, "gt", feats, C, ignore_index)
     if not isinstance(seg, torch.Tensor) or tuple(seg.shape) != (N, C):
-        raise ValueError(f"seg must be a ({N}, {C}) tensor of logits, got {_shape(seg)}")
-    if seg.device != feats.device:
-        raise ValueError(f"seg is on {seg.device} but feats is on {feats.device}")
-    _check_learning_args(gamma, assign, gumbel_noise, sinkhorn_iters, sinkhorn_eps, N, K, feats.device)
+        raise ValueError(f"seg must be a ({N}, {C}) tensor of logits, got {checks.shape_of(seg)}")
+    checks.same_device(feats, seg, "feats", "seg")
+    checks.gamma(gamma)
+    checks.assign(assign)
+    checks.sinkhorn_settings(sinkhorn_iters, sinkhorn_eps)
+    checks.gumbel_noise(gumbel_noise, N, K, feats.device)
     be = backends.resolve(backend, feats.device)
-    if be.name == "reference":
-        target, new = reference.prototype_learning(
-            feats, protos, gt, seg, gamma, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps, update
-        )
-        return target, new
-    _, _, _, own = be.similarity(feats, protos, gt.long(), ignore_index, 1.0, False, False, True)
+    gt = gt.long()
+    own = be.similarity(feats, protos, gt, ignore_index=ignore_index, seg=False, own=True).own
     target, sums, counts = assign_and_sums(
         be, feats, protos, gt, seg.argmax(dim=1), own, assign, gumbel_noise, ignore_index, sinkhorn_iters,
         sinkhorn_eps,
@@ -217,19 +135,17 @@ def proto_losses(
 
     ``target (N,)`` in ``[0, C*K)`` or ``ignore_index``. PPC is the
     cross-entropy of ``S / temperature`` over all ``C*K`` prototypes; PPD the
-    mean of ``(1 - S[n, target[n]])^2``. Never materialises ``(N, C*K)``.
+    mean of ``(1 - S[n, target[n]])^2``. Never materialises ``(N, C*K)``
+    (except on the ``"reference"`` backend).
     """
-    _check_feats_protos(feats, protos)
-    N = feats.shape[0]
+    checks.feats_protos(feats, protos)
     C, K = protos.shape[0], protos.shape[1]
-    _check_ignore_index(ignore_index, C * K)
-    _check_labels(target, "target", N, feats.device, (0, C * K), ignore_index)
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    checks.ignore_index(ignore_index, C * K)
+    checks.labels(target, "target", feats, C * K, ignore_index)
+    checks.positive(temperature, "temperature")
     be = backends.resolve(backend, feats.device)
-    if be.name == "reference":
-        return reference.proto_losses(feats, protos, target, ignore_index, temperature)
     target = target.long()
     labels = torch.where(target != ignore_index, target.div(K, rounding_mode="floor"), target)
-    _, _, lse, own = be.similarity(feats, protos, labels, ignore_index, temperature, False, True, True)
-    return losses_from_scores(lse, own, target, K, ignore_index, temperature)
+    sim = be.similarity(feats, protos, labels, ignore_index=ignore_index, temperature=temperature, seg=False, lse=True,
+                        own=True)
+    return losses_from_scores(sim.lse, sim.own, target, K, ignore_index, temperature)

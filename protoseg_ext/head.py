@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, functional, reference
+from . import backends, checks, functional
 
 __all__ = ["ProtoSegHead", "ProtoSegOutput"]
 
@@ -26,11 +26,6 @@ class ProtoSegOutput(NamedTuple):
     loss_ppc: Optional[torch.Tensor]  # scalar, None without gt
     loss_ppd: Optional[torch.Tensor]  # scalar, None without gt
     target: Optional[torch.Tensor]  # (B*H*W,) int64, None without gt
-
-
-def gt_none(x: torch.Tensor) -> torch.Tensor:
-    """The empty label tensor of a similarity call that needs no labels."""
-    return torch.empty(0, dtype=torch.long, device=x.device)
 
 
 def _dist_on() -> bool:
@@ -126,74 +121,55 @@ class ProtoSegHead(nn.Module):
         return F.normalize(x, p=2, dim=-1) if normalize else x
 
     def forward(self, feats: torch.Tensor, gt: Optional[torch.Tensor] = None) -> ProtoSegOutput:
+        """``feats (B, D, H, W)``; with ``gt (B, H', W')`` also the targets, PPC/PPD and, when
+        training, the prototype update. One path for every backend."""
         if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[1] != self.dim:
-            shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
-            raise ValueError(f"feats must be (B, {self.dim}, H, W), got {shape}")
-        B, D, H, W = feats.shape
-        C, K = self.num_classes, self.num_prototype
+            raise ValueError(f"feats must be (B, {self.dim}, H, W), got {checks.shape_of(feats)}")
+        B, _, H, W = feats.shape
         be = backends.resolve(self.backend, feats.device)
-        fused_norm = be.name != "reference"  # the kernels L2-normalise the rows themselves
-        x = self.embed(feats, normalize=not fused_norm)  # (N, D)
-        # official: the prototypes are re-normalised at every forward
-        protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)
+        x = self.embed(feats, normalize=False)  # (N, D); the ops L2-normalise the rows themselves
+        protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)  # official: re-normalised every forward
         if gt is None:
-            if fused_norm:
-                seg = be.similarity(x, protos, gt_none(x), -1, 1.0, True, False, False, 0, True)[0]
-            else:
-                seg = reference.proto_seg_logits(x, protos)
-            return ProtoSegOutput(self._mask_norm_bchw(seg, be, B, H, W)[0], None, None, None)
+            seg = be.similarity(x, protos, normalize=True).seg
+            return ProtoSegOutput(self._mask_norm(seg, be, B, H, W)[0], None, None, None)
 
-        gt = self._labels_at(gt, B, H, W)  # (N,)
+        gt = self._labels_at(gt, B, H, W)  # (N,), validated once for the whole step
         ign = self.target_ignore
-        if ign != self.ignore_index:
-            gt = torch.where(gt == self.ignore_index, torch.full_like(gt, ign), gt)
-        functional._check_labels(gt, "gt", gt.shape[0], x.device, (0, C), ign)
-        update = self.training and self.update_prototype
-        if be.name == "reference":
-            seg = self.mask_norm(reference.proto_seg_logits(x, protos))
-            with torch.no_grad():
-                target, new, sums, counts = reference.prototype_learning(
-                    x.detach(), protos, gt, seg.detach(), self.gamma, self.assign, None, ign,
-                    self.sinkhorn_iters, self.sinkhorn_eps, update=update, return_sums=True,
-                )
-            ppc, ppd = reference.proto_losses(x, protos, target, ign, self.temperature)
-            if update:
-                self._apply_update(protos, sums, counts, new, reference.prototype_ema)
-        else:
-            # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
-            cache = backends.default_cache_bytes() if self.cache_mb is None else int(self.cache_mb * (1 << 20))
-            cache = cache if torch.is_grad_enabled() and x.requires_grad else 0  # no backward, no cache
-            seg_raw, _, lse, own = be.similarity(x, protos, gt, ign, self.temperature, True, True, True, cache, True)
-            seg, pred = self._mask_norm_bchw(seg_raw, be, B, H, W, with_pred=True)
-            with torch.no_grad():
-                target, sums, counts = functional.assign_and_sums(
-                    be, x.detach(), protos, gt, pred, own.detach(), self.assign, None, ign,
-                    self.sinkhorn_iters, self.sinkhorn_eps, normalize=True,
-                )
-                if update:
-                    self._apply_update(protos, sums, counts, None, be.prototype_ema)
-            ppc, ppd = functional.losses_from_scores(lse, own, target, K, ign, self.temperature)
-            return ProtoSegOutput(seg, ppc, ppd, target)
-        return ProtoSegOutput(self._to_bchw(seg, B, H, W), ppc, ppd, target)
+        backward = torch.is_grad_enabled() and x.requires_grad  # keep softmax(S) only for a backward
+        # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
+        sim = be.similarity(x, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True, lse=True, own=True,
+                            cache_bytes=self._cache_bytes() if backward else 0, normalize=True)
+        seg, pred = self._mask_norm(sim.seg, be, B, H, W)
+        with torch.no_grad():
+            target, sums, counts = functional.assign_and_sums(
+                be, x.detach(), protos, gt, pred, sim.own.detach(), self.assign, None, ign, self.sinkhorn_iters,
+                self.sinkhorn_eps, normalize=True,
+            )
+            if self.training and self.update_prototype:
+                self._apply_update(protos, sums, counts, be.prototype_ema)
+        ppc, ppd = functional.losses_from_scores(sim.lse, sim.own, target, self.num_prototype, ign, self.temperature)
+        return ProtoSegOutput(seg, ppc, ppd, target)
+
+    def _cache_bytes(self) -> int:
+        return backends.default_cache_bytes() if self.cache_mb is None else int(self.cache_mb * (1 << 20))
 
     @torch.no_grad()
-    def _apply_update(self, protos, sums, counts, new, ema):
+    def _apply_update(self, protos, sums, counts, ema):
         """Momentum update of the buffer, synchronised across ranks as ``sync`` says."""
         distributed = _dist_on() and self.sync != "none"
         if distributed and self.sync == "exact":
             sums, counts = sums.clone(), counts.clone()
             dist.all_reduce(sums)
             dist.all_reduce(counts)
-            new = None
-        if new is None:
-            new = ema(protos, sums, counts, self.gamma)
+        new = ema(protos, sums, counts, self.gamma)
         if distributed and self.sync == "official":
             new = new.clone()
             dist.all_reduce(new.div_(dist.get_world_size()))
         self.prototypes.copy_(new.to(self.prototypes.dtype))
 
     def _labels_at(self, gt: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
-        """``gt (B, H', W')`` -> ``(B*H*W,)`` int64, nearest-downsampled as the official code."""
+        """``gt (B, H', W')`` -> ``(B*H*W,)`` int64, nearest-downsampled as the official code,
+        range-checked, ignored pixels marked ``target_ignore``."""
         if not isinstance(gt, torch.Tensor) or gt.dim() != 3 or gt.shape[0] != B:
             shape = tuple(gt.shape) if isinstance(gt, torch.Tensor) else type(gt).__name__
             raise ValueError(f"gt must be (B={B}, H, W) integer labels, got {shape}")
@@ -203,34 +179,22 @@ class ProtoSegHead(nn.Module):
             raise ValueError(f"gt is on {gt.device} but the head is on {self.prototypes.device}")
         if gt.shape[1:] != (H, W):
             gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0]
-        return gt.reshape(-1).long()
+        gt = gt.reshape(-1).long()
+        checks.label_range(gt, "gt", self.num_classes, self.ignore_index)
+        if self.target_ignore != self.ignore_index:  # ignore_index is a valid target: mark ignored pixels -1
+            gt = torch.where(gt == self.ignore_index, torch.full_like(gt, self.target_ignore), gt)
+        return gt
 
-    def _mask_norm_bchw(self, seg: torch.Tensor, be, B: int, H: int, W: int, with_pred: bool = False):
-        """``mask_norm`` of the seg logits ``(B*H*W, C)`` as ``(B, C, H, W)``, and its
-        arg-max over C ``(B*H*W,)`` if ``with_pred`` (else None).
+    def _mask_norm(self, seg: torch.Tensor, be, B: int, H: int, W: int):
+        """``mask_norm`` of the seg logits ``(B*H*W, C)`` as ``(B, C, H, W)``, and its arg-max over C ``(B*H*W,)``.
 
-        With the ``"cpu"`` backend and the stock ``LayerNorm(C)`` (float32 or
-        float64, same dtype as seg) this is the fused ``mask_norm`` op: the
-        result is a contiguous image, so neither it nor its gradient needs a
-        layout copy, and the arg-max comes from the same pass. Otherwise
-        ``self.mask_norm`` as is, returned as a view.
+        The stock ``LayerNorm(C)`` runs as the backend's ``mask_norm`` op (on
+        ``"cpu"`` a fused kernel whose image needs no layout copy); any other
+        module runs as it is.
         """
-        ln = self.mask_norm
-        if (
-            be.name == "cpu"
-            and type(ln) is nn.LayerNorm
-            and tuple(ln.normalized_shape) == (self.num_classes,)
-            and ln.weight is not None
-            and ln.bias is not None
-            and seg.dtype in (torch.float32, torch.float64)
-            and ln.weight.dtype == seg.dtype
-            and ln.bias.dtype == seg.dtype
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            out, _, _, pred = torch.ops.protoseg_ext.mask_norm(seg, ln.weight, ln.bias, float(ln.eps), B)
-            return out.view(B, self.num_classes, H, W), pred
+        ln, C = self.mask_norm, self.num_classes
+        if type(ln) is nn.LayerNorm and tuple(ln.normalized_shape) == (C,) and ln.elementwise_affine:
+            out, pred = be.mask_norm(seg, ln.weight, ln.bias, ln.eps, B)
+            return out.view(B, C, H, W), pred
         seg = ln(seg)
-        return self._to_bchw(seg, B, H, W), seg.detach().argmax(dim=1) if with_pred else None
-
-    def _to_bchw(self, seg: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
-        return seg.reshape(B, H, W, self.num_classes).permute(0, 3, 1, 2)
+        return seg.reshape(B, H, W, C).permute(0, 3, 1, 2), seg.detach().argmax(dim=1)

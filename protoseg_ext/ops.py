@@ -5,19 +5,16 @@ implementations are registered there by ``csrc/cpu`` and ``csrc/cuda``. This
 module adds what Python owns: shape inference for ``torch.compile`` and the
 autograd formula, whose backward calls another registered op so that it is
 dispatched by device too. The Triton backend registers ops with the same
-schemas under ``torch.ops.protoseg_triton`` and reuses the helpers here.
+schemas under ``torch.ops.protoseg_triton`` and reuses everything here.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .checks import acc_dtype as _acc_dtype
+
 __all__ = ["register_fakes", "register_similarity_autograd", "register_mask_norm"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Working dtype of the kernels: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def cache_fits(N, CK, dtype, cache_bytes) -> bool:
@@ -57,27 +54,10 @@ def _fake_prototype_ema(protos, sums, counts, gamma):
     return torch.empty_like(protos, memory_format=torch.contiguous_format)
 
 
-def _fake_similarity_nocache(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own):
-    return _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own)[:4]
-
-
-def _fake_similarity_backward_nocache(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index,
-                                      temperature):
-    return torch.empty_like(feats, memory_format=torch.contiguous_format)
-
-
-def register_fakes(ns: str, cache: bool = False) -> None:
-    """Register the fake (meta) kernels of the five ops of namespace ``ns``.
-
-    ``cache``: the namespace's ``similarity`` has the ``cache_bytes`` argument
-    and the ``probs`` output (``protoseg_ext``); otherwise it has four outputs.
-    """
-    sim, sim_bwd = (
-        (_fake_similarity, _fake_similarity_backward) if cache
-        else (_fake_similarity_nocache, _fake_similarity_backward_nocache)
-    )
-    torch.library.register_fake(f"{ns}::similarity")(sim)
-    torch.library.register_fake(f"{ns}::similarity_backward")(sim_bwd)
+def register_fakes(ns: str) -> None:
+    """Register the fake (meta) kernels of the five ops of namespace ``ns`` (schemas of csrc/protoseg.cpp)."""
+    torch.library.register_fake(f"{ns}::similarity")(_fake_similarity)
+    torch.library.register_fake(f"{ns}::similarity_backward")(_fake_similarity_backward)
     torch.library.register_fake(f"{ns}::sinkhorn")(_fake_sinkhorn)
     torch.library.register_fake(f"{ns}::prototype_sums")(_fake_prototype_sums)
     torch.library.register_fake(f"{ns}::prototype_ema")(_fake_prototype_ema)
@@ -93,27 +73,24 @@ def register_similarity_autograd(ns: str) -> None:
     backward_op = getattr(getattr(torch.ops, ns), "similarity_backward").default
 
     def setup_context(ctx, inputs, output):
-        feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own = inputs[:8]
-        argk, lse = output[1], output[2]
-        # a 5th output is the cached softmax (N, C*K) or a (0,) placeholder
-        probs = output[4] if len(output) > 4 else None
-        ctx.has_probs = probs is not None
-        ctx.normalize = bool(inputs[9]) if len(inputs) > 9 else False  # feats are raw: grad w.r.t. them
-        ctx.save_for_backward(feats, protos, labels, argk, lse, *([probs] if ctx.has_probs else []))
-        ctx.mark_non_differentiable(*([argk, probs] if ctx.has_probs else [argk]))
+        feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own, _, normalize = inputs
+        _, argk, lse, _, probs = output  # probs: the cached softmax (N, C*K) or a (0,) placeholder
+        ctx.normalize = normalize  # feats are raw rows: the gradient is w.r.t. them
+        ctx.save_for_backward(feats, protos, labels, argk, lse, probs)
+        ctx.mark_non_differentiable(argk, probs)
         ctx.ignore_index = ignore_index
         ctx.temperature = temperature
         ctx.computed = (compute_seg, compute_lse, compute_own)
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own, *grad_probs):
-        feats, protos, labels, argk, lse, *probs = ctx.saved_tensors
+        feats, protos, labels, argk, lse, probs = ctx.saved_tensors
         # outputs that were not computed are (0,) placeholders: no gradient
         grads = [g if on else None for g, on in zip((grad_seg, grad_lse, grad_own), ctx.computed)]
         grad_feats = None
         if ctx.needs_input_grad[0] and any(g is not None for g in grads):
-            extra = (*probs, ctx.normalize) if ctx.has_probs else ()
-            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature, *extra)
+            grad_feats = backward_op(*grads, feats, protos, labels, argk, lse, ctx.ignore_index, ctx.temperature, probs,
+                                     ctx.normalize)
         return (grad_feats,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)

@@ -31,8 +31,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .checks import acc_dtype
+
 __all__ = [
     "similarity",
+    "similarity_outputs",
+    "prototype_sums",
     "proto_seg_logits",
     "sinkhorn",
     "sinkhorn_class",
@@ -59,6 +63,37 @@ def similarity(feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     return feats @ protos.reshape(C * K, D).t()
 
 
+def similarity_outputs(feats, protos, labels, ignore_index=-1, temperature=1.0, compute_seg=True, compute_lse=False,
+                       compute_own=False, normalize=False):
+    """The outputs of the fused ``similarity`` op, from the full ``S`` (see csrc/protoseg.cpp).
+
+    ``(seg (N, C), argk (N, C) uint8, lse (N,), own (N, K))``, each ``(0,)`` when
+    not asked for; computed in float32 (float64 for float64 feats), ``seg`` in
+    feats' dtype. ``normalize`` L2-normalises the rows of ``feats`` first.
+    Differentiable w.r.t. ``feats`` by autograd.
+    """
+    work = acc_dtype(feats.dtype)
+    C, K, D = protos.shape
+    N = feats.shape[0]
+    x = feats.to(work)
+    if normalize:
+        x = l2_normalize(x)
+    S = similarity(x, protos.to(work))
+    masks = S.view(N, C, K)
+    none = x.new_empty((0,))
+    seg = argk = lse = own = none
+    if compute_seg:
+        seg, argk = masks.max(dim=2)
+        seg, argk = seg.to(feats.dtype), argk.to(torch.uint8)
+    if compute_lse:
+        lse = torch.logsumexp(S / temperature, dim=1)
+    if compute_own:
+        labels = labels.long()
+        keep = labels != ignore_index
+        own = masks[torch.arange(N, device=x.device), torch.where(keep, labels, 0)] * keep[:, None]
+    return seg, argk, lse, own
+
+
 def proto_seg_logits(feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """``seg (N, C)``: for each class, the similarity of its nearest prototype.
 
@@ -76,7 +111,7 @@ def sinkhorn_class(q0: torch.Tensor, iters: int = 3, eps: float = 0.05) -> torch
     Returns ``L (n_c, K)`` whose rows sum to 1. Computed in float32 (float64
     for float64 input): ``exp(1 / 0.05)`` overflows float16.
     """
-    work = torch.float64 if q0.dtype == torch.float64 else torch.float32
+    work = acc_dtype(q0.dtype)
     L = torch.exp(q0.to(work) / eps).t()  # (K, n_c)
     K, B = L.shape
     L = L / torch.sum(L)
@@ -104,7 +139,7 @@ def sinkhorn(
     pixel n within its class; rows of ignored pixels (label ``ignore_index`` or
     a non-finite ``own`` row) are zero.
     """
-    work = torch.float64 if own.dtype == torch.float64 else torch.float32
+    work = acc_dtype(own.dtype)
     Q = torch.zeros(own.shape, dtype=work, device=own.device)
     ok = torch.isfinite(own).all(dim=1)
     for c in range(num_classes):
@@ -151,7 +186,7 @@ def prototype_learning(
     C, K, D = protos.shape
     N = feats.shape[0]
     gt = gt.long()
-    work = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    work = acc_dtype(feats.dtype)
     f32 = feats.to(work)
     P = protos.to(work)
     masks = torch.einsum("nd,kmd->nmk", f32, P)  # (N, K, C)
@@ -206,7 +241,7 @@ def proto_losses(
     non-ignored pixels. PPD: mean of ``(1 - S[n, target[n]])^2``. A batch with
     no valid pixel gives 0 for both (the official code would give NaN).
     """
-    work = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    work = acc_dtype(feats.dtype)
     S = similarity(feats.to(work), protos.to(work))
     target = target.long()
     valid = target != ignore_index
@@ -226,12 +261,27 @@ def prototype_ema(protos: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor
     before the momentum update.
     """
     C, K, D = protos.shape
-    work = torch.float64 if protos.dtype == torch.float64 else torch.float32
+    work = acc_dtype(protos.dtype)
     new = protos.to(work).clone()
     sums = sums.reshape(C, K, D).to(work)
     hit = counts.reshape(C, K) > 0
     new[hit] = momentum_update(new[hit], l2_normalize(sums[hit]), gamma)
     return l2_normalize(new).to(protos.dtype)
+
+
+def prototype_sums(feats: torch.Tensor, slot: torch.Tensor, num_slots: int, normalize: bool = False):
+    """Per-prototype ``sums (num_slots, D)`` and ``counts (num_slots,)`` of the rows with
+    ``slot >= 0`` and finite features (L2-normalised first when ``normalize``)."""
+    work = acc_dtype(feats.dtype)
+    x = feats.to(work)
+    take = (slot >= 0) & torch.isfinite(x).all(dim=1)
+    x = x[take]
+    if normalize:
+        x = l2_normalize(x)
+    idx = slot[take].long()
+    sums = torch.zeros(num_slots, feats.shape[1], dtype=work, device=feats.device).index_add_(0, idx, x)
+    counts = torch.zeros(num_slots, dtype=work, device=feats.device).index_add_(0, idx, torch.ones_like(idx, dtype=work))
+    return sums, counts
 
 
 def mask_norm(seg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, batch: int) -> torch.Tensor:

@@ -1,18 +1,21 @@
 """The ``"triton"`` backend: the five ops of ``csrc/protoseg.cpp`` as ``torch.ops.protoseg_triton``.
 
-Each op is a ``torch.library.custom_op`` with the C++ schema (same arguments,
-outputs, dtypes and semantics) minus the CPU kernel's optional softmax cache
-(``cache_bytes`` / ``probs``): the Triton backward always recomputes S tile by
-tile. The kernels live in ``protoseg_ext.kernels``. Fake kernels and the
-autograd of ``similarity`` are the shared ones of :mod:`protoseg_ext.ops`, so
+Each op is a ``torch.library.custom_op`` with the C++ schema: same arguments,
+outputs, dtypes and meaning. Two arguments are accepted and met simply: the
+softmax cache (``cache_bytes``) is never kept, so ``probs`` is always ``(0,)``
+and the backward recomputes S tile by tile; ``normalize`` L2-normalises the
+rows before the kernels (and the backward chains the gradient through it). The
+kernels live in ``protoseg_ext.kernels``. Fake kernels and the autograd of
+``similarity`` are the shared ones of :mod:`protoseg_ext.ops`, so
 ``torch.compile(fullgraph=True)`` traces through these ops and the backward is
 ``protoseg_triton::similarity_backward``.
 
 The ops run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was
 set before triton was imported (the tests use this). Argument errors raise
-``ValueError`` naming the argument, as the C++ ops do. Label ranges are checked
-on CPU tensors only: on a GPU the check would synchronise the host, so there a
-label outside ``[0, C)`` is treated as ignored (no out-of-bounds access).
+``ValueError`` naming the argument (:mod:`protoseg_ext.checks`). A label
+outside ``[0, C)`` that is not ``ignore_index`` raises too: on CPU tensors at
+once, on a GPU through a device-side assert (no host synchronisation). Every
+launch runs on the device of its tensors.
 
 ``prototype_sums`` is deterministic (sorted segmented reduction, no float
 atomics) when ``torch.are_deterministic_algorithms_enabled()``; otherwise it
@@ -22,12 +25,14 @@ may vary between runs). Counts are exact either way.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import checks, ops
 from .kernels import prototype_update as _update
 from .kernels import similarity as _similarity
 from .kernels import sinkhorn as _sinkhorn
@@ -37,78 +42,36 @@ __all__ = ["NAMESPACE", "similarity", "similarity_backward", "sinkhorn", "protot
 
 NAMESPACE = "protoseg_triton"
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-
-# ------------------------------------------------------------------ checks
-
-
-def _check_device(t: Tensor, name: str) -> None:
+def _on_device(t: Tensor, name: str):
+    """The device guard of a launch: ``t``'s GPU (not the current one), after checking where ``t`` lives."""
     if INTERPRET:
         if t.device.type != "cpu":
             raise RuntimeError(f"{name} is on {t.device}: TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors")
-    elif t.device.type != "cuda":
+        return contextlib.nullcontext()
+    if t.device.type != "cuda":
         raise RuntimeError(
-            f"{name} is on {t.device}: the Triton kernels run on CUDA tensors "
-            "(or on CPU tensors with TRITON_INTERPRET=1)"
+            f"{name} is on {t.device}: the Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1)"
         )
+    return torch.cuda.device(t.device)
 
 
-def _check_dim(t: Tensor, dim: int, name: str, shape: str) -> None:
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {shape}, got shape {list(t.shape)}")
+def _assert_labels_on_gpu(labels: Tensor, hi: int, ignore_index: int, name: str = "labels") -> None:
+    """The label-range check of a GPU call, as a device-side assert (CPU tensors are checked on the host)."""
+    if labels.device.type == "cuda" and labels.numel():
+        ok = ((labels >= 0) & (labels < hi)) | (labels == ignore_index)
+        torch._assert_async(ok.all(), f"{name}: a label is outside [0, {hi}) and is not ignore_index ({ignore_index})")
 
 
-def _check_floating(t: Tensor, name: str) -> None:
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-
-
-def _check_integer(t: Tensor, name: str) -> None:
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-
-
-def _check_same_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
-    if a.device != b.device:
-        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; all inputs must be on one device")
-
-
-def _check_labels_range(labels: Tensor, C: int, ignore_index: int, name: str = "labels") -> None:
-    """Each label in ``[0, C)`` or ``ignore_index``; CPU tensors only (no GPU sync)."""
-    if labels.device.type != "cpu" or labels.numel() == 0:
-        return
-    lab = labels.long()
-    bad = ((lab < 0) | (lab >= C)) & (lab != ignore_index)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{i}] = {int(lab[i])} is outside [0, {C}) and is not ignore_index ({ignore_index})")
-
-
-def _check_row_index(idx: Tensor, name: str, rows: Tensor, rows_name: str) -> None:
-    """``idx`` is an integer ``(N,)`` tensor, one entry per row of ``rows``, on its device."""
-    _check_dim(idx, 1, name, "(N,)")
-    _check_integer(idx, name)
-    if idx.shape[0] != rows.shape[0]:
-        raise ValueError(f"{name} must have N = {rows.shape[0]} entries, got {idx.shape[0]}")
-    _check_same_device(rows, idx, rows_name, name)
-
-
-def _check_similarity_args(feats: Tensor, protos: Tensor, labels: Tensor, need_labels: bool) -> None:
-    _check_dim(feats, 2, "feats", "(N, D)")
-    _check_dim(protos, 3, "protos", "(C, K, D)")
-    _check_floating(feats, "feats")
-    _check_floating(protos, "protos")
-    if protos.shape[2] != feats.shape[1]:
-        raise ValueError(
-            f"protos must be (C, K, D) with D = feats.shape[1] = {feats.shape[1]}, got shape {list(protos.shape)}"
-        )
-    if not 1 <= protos.shape[1] <= 256:
-        raise ValueError(f"protos: K (prototypes per class) must be in [1, 256], got {protos.shape[1]}")
-    _check_same_device(feats, protos, "feats", "protos")
-    _check_device(feats, "feats")
-    if need_labels:
-        _check_row_index(labels, "labels", feats, "feats")
+def _normalize_backward(grad: Tensor, feats: Tensor) -> Tensor:
+    """Gradient w.r.t. the raw rows of ``F.normalize(feats)`` given the gradient ``grad`` w.r.t. the result."""
+    acc = checks.acc_dtype(feats.dtype)
+    x, g = feats.to(acc), grad.to(acc)
+    norm = x.norm(dim=1, keepdim=True)
+    scale = norm.clamp_min(1e-12)  # F.normalize's eps: below it the rows are divided by eps (no radial part)
+    u = x / scale
+    radial = torch.where(norm > 1e-12, (g * u).sum(dim=1, keepdim=True), torch.zeros_like(norm))
+    return ((g - u * radial) / scale).to(feats.dtype)
 
 
 # ------------------------------------------------------------------ ops
@@ -118,7 +81,8 @@ def _check_similarity_args(feats: Tensor, protos: Tensor, labels: Tensor, need_l
     f"{NAMESPACE}::similarity",
     mutates_args=(),
     schema="(Tensor feats, Tensor protos, Tensor labels, int ignore_index, float temperature, bool compute_seg, "
-    "bool compute_lse, bool compute_own) -> (Tensor seg, Tensor argk, Tensor lse, Tensor own)",
+    "bool compute_lse, bool compute_own, int cache_bytes=0, bool normalize=False) "
+    "-> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs)",
 )
 def similarity(
     feats: Tensor,
@@ -129,21 +93,24 @@ def similarity(
     compute_seg: bool,
     compute_lse: bool,
     compute_own: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One pass over S: ``seg (N, C)``, ``argk (N, C)`` uint8, ``lse (N,)``, ``own (N, K)`` (see csrc/protoseg.cpp)."""
-    _check_similarity_args(feats, protos, labels, compute_own)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if compute_own:
-        _check_labels_range(labels, protos.shape[0], ignore_index)
-    return _similarity.similarity_forward(feats, protos, labels, temperature, compute_seg, compute_lse, compute_own)
+    cache_bytes: int = 0,
+    normalize: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One pass over S: ``seg (N, C)``, ``argk (N, C)`` uint8, ``lse (N,)``, ``own (N, K)``, ``probs (0,)``."""
+    checks.similarity_args(feats, protos, labels, ignore_index, temperature, compute_own)
+    with _on_device(feats, "feats"):
+        if compute_own:
+            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+        x = F.normalize(feats, p=2, dim=-1) if normalize else feats
+        out = _similarity.similarity_forward(x, protos, labels, temperature, compute_seg, compute_lse, compute_own)
+        return (*out, feats.new_empty((0,), dtype=checks.acc_dtype(feats.dtype)))
 
 
 @torch.library.custom_op(
     f"{NAMESPACE}::similarity_backward",
     mutates_args=(),
     schema="(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, Tensor protos, Tensor labels, "
-    "Tensor argk, Tensor lse, int ignore_index, float temperature) -> Tensor",
+    "Tensor argk, Tensor lse, int ignore_index, float temperature, Tensor? probs=None, bool normalize=False) -> Tensor",
 )
 def similarity_backward(
     grad_seg: Optional[Tensor],
@@ -156,24 +123,22 @@ def similarity_backward(
     lse: Tensor,
     ignore_index: int,
     temperature: float,
+    probs: Optional[Tensor] = None,
+    normalize: bool = False,
 ) -> Tensor:
-    """``d feats (N, D)`` from the gradients of seg, lse and own; S recomputed tile by tile."""
-    has_seg, has_lse, has_own = grad_seg is not None, grad_lse is not None, grad_own is not None
-    _check_similarity_args(feats, protos, labels, has_own)
-    N, C, K = feats.shape[0], protos.shape[0], protos.shape[1]
-    if N > 0:
-        if has_seg and (tuple(grad_seg.shape) != (N, C) or tuple(argk.shape) != (N, C)):
-            raise ValueError("grad_seg must be (N, C)" if tuple(grad_seg.shape) != (N, C) else "argk must be (N, C)")
-        if has_lse and (grad_lse.numel() != N or lse.numel() != N):
-            raise ValueError("grad_lse and lse must be (N,)")
-        if has_own and tuple(grad_own.shape) != (N, K):
-            raise ValueError("grad_own must be (N, K)")
-    if has_own:
-        _check_labels_range(labels, C, ignore_index)
-    return _similarity.similarity_backward(
-        grad_seg, grad_lse.reshape(-1) if has_lse else None, grad_own, feats, protos, labels, argk,
-        lse.reshape(-1) if has_lse else lse, temperature,
-    )
+    """``d feats (N, D)`` from the gradients of seg, lse and own; S recomputed tile by tile (``probs`` unused)."""
+    has_lse, has_own = grad_lse is not None, grad_own is not None
+    checks.similarity_args(feats, protos, labels, ignore_index, temperature, has_own)
+    checks.similarity_backward_args(grad_seg, grad_lse, grad_own, feats, protos, argk, lse)
+    with _on_device(feats, "feats"):
+        if has_own:
+            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+        x = F.normalize(feats, p=2, dim=-1) if normalize else feats
+        grad = _similarity.similarity_backward(
+            grad_seg, grad_lse.reshape(-1) if has_lse else None, grad_own, x, protos, labels, argk,
+            lse.reshape(-1) if has_lse else lse, temperature,
+        )
+        return _normalize_backward(grad, feats) if normalize else grad
 
 
 @torch.library.custom_op(
@@ -183,44 +148,28 @@ def similarity_backward(
 )
 def sinkhorn(own: Tensor, labels: Tensor, num_classes: int, ignore_index: int, iters: int, eps: float) -> Tensor:
     """Sinkhorn-Knopp of every class at once, segmented by label: ``Q (N, K)``, zero rows for ignored pixels."""
-    _check_dim(own, 2, "own", "(N, K)")
-    _check_floating(own, "own")
-    _check_row_index(labels, "labels", own, "own")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if iters < 1:
-        raise ValueError(f"sinkhorn_iters must be >= 1, got {iters}")
-    if not eps > 0:
-        raise ValueError(f"sinkhorn_eps must be > 0, got {eps}")
-    _check_device(own, "own")
-    _check_labels_range(labels, num_classes, ignore_index)
-    return _sinkhorn.sinkhorn(own, labels, num_classes, iters, eps)
+    checks.sinkhorn_args(own, labels, num_classes, ignore_index, iters, eps)
+    with _on_device(own, "own"):
+        _assert_labels_on_gpu(labels, num_classes, ignore_index)
+        return _sinkhorn.sinkhorn(own, labels, num_classes, iters, eps)
 
 
 @torch.library.custom_op(
     f"{NAMESPACE}::prototype_sums",
     mutates_args=(),
-    schema="(Tensor feats, Tensor slot, int num_slots) -> (Tensor sums, Tensor counts)",
+    schema="(Tensor feats, Tensor slot, int num_slots, bool normalize=False) -> (Tensor sums, Tensor counts)",
 )
-def prototype_sums(feats: Tensor, slot: Tensor, num_slots: int) -> Tuple[Tensor, Tensor]:
+def prototype_sums(feats: Tensor, slot: Tensor, num_slots: int, normalize: bool = False) -> Tuple[Tensor, Tensor]:
     """Per-prototype sums ``(num_slots, D)`` and counts ``(num_slots,)`` of the finite rows with ``slot >= 0``.
 
     Deterministic (sorted segmented reduction) when
     ``torch.are_deterministic_algorithms_enabled()``, else float atomics.
     """
-    _check_dim(feats, 2, "feats", "(N, D)")
-    _check_floating(feats, "feats")
-    _check_row_index(slot, "slot", feats, "feats")
-    if num_slots < 0:
-        raise ValueError(f"num_slots must be >= 0, got {num_slots}")
-    _check_device(feats, "feats")
-    if slot.device.type == "cpu" and slot.numel() and num_slots > 0:
-        big = slot.long() >= num_slots
-        if bool(big.any()):
-            i = int(big.nonzero()[0, 0])
-            raise ValueError(f"slot[{i}] = {int(slot[i])} is >= num_slots ({num_slots})")
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    return _update.prototype_sums(feats, slot, num_slots, deterministic=deterministic)
+    checks.prototype_sums_args(feats, slot, num_slots)
+    with _on_device(feats, "feats"):
+        x = F.normalize(feats, p=2, dim=-1) if normalize else feats
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        return _update.prototype_sums(x, slot, num_slots, deterministic=deterministic)
 
 
 @torch.library.custom_op(
@@ -230,20 +179,9 @@ def prototype_sums(feats: Tensor, slot: Tensor, num_slots: int) -> Tuple[Tensor,
 )
 def prototype_ema(protos: Tensor, sums: Tensor, counts: Tensor, gamma: float) -> Tensor:
     """``protos (C, K, D)`` -> L2-normalise(EMA(protos, normalise(sums))) where ``counts > 0``."""
-    _check_dim(protos, 3, "protos", "(C, K, D)")
-    _check_floating(protos, "protos")
-    C, K, D = protos.shape
-    CK = C * K
-    if sums.numel() != CK * D:
-        raise ValueError(f"sums must have C*K*D = {CK * D} elements, got shape {list(sums.shape)}")
-    if counts.numel() != CK:
-        raise ValueError(f"counts must have C*K = {CK} elements, got shape {list(counts.shape)}")
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    _check_same_device(protos, sums, "protos", "sums")
-    _check_same_device(protos, counts, "protos", "counts")
-    _check_device(protos, "protos")
-    return _update.prototype_ema(protos, sums, counts, gamma)
+    checks.prototype_ema_args(protos, sums, counts, gamma)
+    with _on_device(protos, "protos"):
+        return _update.prototype_ema(protos, sums, counts, gamma)
 
 
 ops.register_fakes(NAMESPACE)

@@ -7,7 +7,7 @@ from torch import nn
 
 from protoseg_ext import compat
 from protoseg_ext import reference as R
-from conftest import make_problem
+from protoseg_ext.testing import make_problem
 
 
 def official_sinkhorn(out, sinkhorn_iterations=3, epsilon=0.05):

@@ -14,45 +14,12 @@ from protoseg_ext import ProtoSegHead
 COMPILE_BACKEND = os.environ.get("PROTOSEG_TEST_COMPILE_BACKEND", "aot_eager")
 
 
-def _pair(backend, **kw):
-    torch.manual_seed(0)
-    ref = ProtoSegHead(16, 5, num_prototype=3, backend="reference", **kw)
-    fused = ProtoSegHead(16, 5, num_prototype=3, backend=backend, **kw)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
-
-
 def _data(B=2, D=16, H=6, W=7, C=5, ignore_index=-1, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, H, W, generator=g)
     gt = torch.randint(0, C, (B, H, W), generator=g)
     gt[torch.rand(B, H, W, generator=g) < 0.1] = ignore_index
     return x, gt
-
-
-@pytest.mark.parametrize("ignore_index", [-1, 255])
-def test_fused_head_matches_reference_head(device_backend, ignore_index):
-    device, backend = device_backend
-    ref, fused = _pair(backend, assign="argmax", gamma=0.9, ignore_index=ignore_index)
-    ref.to(device), fused.to(device)
-    x, gt = _data(ignore_index=ignore_index)
-    x, gt = x.to(device), gt.to(device)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    oa, ob = fused(xa, gt), ref(xb, gt)
-    torch.testing.assert_close(oa.seg, ob.seg, atol=1e-5, rtol=1e-5)
-    assert torch.equal(oa.target, ob.target)
-    assert ((oa.target == ignore_index) == (gt.view(-1) == ignore_index)).all()
-    torch.testing.assert_close(oa.loss_ppc, ob.loss_ppc, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(oa.loss_ppd, ob.loss_ppd, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fused.prototypes, ref.prototypes, atol=1e-5, rtol=1e-5)
-    # official loss: CE(seg) + 0.01 PPC + 0.001 PPD, gradients to the input and the LayerNorms
-    gt_ce = gt.masked_fill(gt == ignore_index, -100)
-    la = F.cross_entropy(oa.seg, gt_ce) + 0.01 * oa.loss_ppc + 0.001 * oa.loss_ppd
-    lb = F.cross_entropy(ob.seg, gt_ce) + 0.01 * ob.loss_ppc + 0.001 * ob.loss_ppd
-    la.backward(), lb.backward()
-    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
-    for (n, pa), pb in zip(fused.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_head_collision_ignore_index_marks_targets_with_minus_one():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_problem
+from protoseg_ext.testing import make_problem
 import protoseg_ext  # noqa: F401  (registers the ops)
 
 OPS = torch.ops.protoseg_ext
