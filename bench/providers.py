@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoseg_ext.testing import LABELS, class_weights, make_inputs  # noqa: F401 (the shared factory)
+
 IGNORE = -1
 GAMMA = 0.999
 PPC_WEIGHT = 0.01
@@ -58,53 +60,11 @@ SIZES = {
     "fullres-ade20k": Size(2 * 1024 * 2048, 256, 150, 10, "full resolution, 2 x 2048x1024, C=150"),
 }
 
-LABELS = ("uniform", "skewed")
 MODES = ("forward", "backward", "full", "update")
 PROVIDERS = ("official", "official+compile", "vectorized", "cpu", "triton", "cuda")
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def class_weights(C: int, labels: str) -> torch.Tensor:
-    """Probabilities (C,) of the labelled classes.
-
-    ``uniform``: 1/C each. ``skewed``: Cityscapes-like, class 0 (road) takes
-    35% of all pixels (with 10% ignored, 35/90 of the labelled ones) and the
-    rest decay as 1/rank.
-    """
-    if labels == "uniform" or C == 1:
-        return torch.full((C,), 1.0 / C, dtype=torch.float64)
-    if labels != "skewed":
-        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
-    rest = 1.0 / torch.arange(1, C, dtype=torch.float64)
-    rest = rest / rest.sum() * (1 - 0.35 / 0.9)
-    return torch.cat([torch.tensor([0.35 / 0.9], dtype=torch.float64), rest])
-
-
-def make_inputs(size: Size, labels: str = "uniform", *, device="cpu", seed: int = 0, dtype=torch.float32,
-                chunk: int = 1 << 16):
-    """``feats (N, D)`` L2-normalised, ``protos (C, K, D)`` L2-normalised, ``gt (N,)`` int64.
-
-    10% of ``gt`` is ``IGNORE``. Each pixel's feature is a noisy copy of one
-    prototype of its class (cosine about 0.7), so Sinkhorn, the arg-max and the
-    "correct" mask see realistic data. Built in chunks so that the full-resolution
-    sizes need no more than the output.
-    """
-    N, D, C, K, _ = size
-    g = torch.Generator().manual_seed(seed)
-    protos = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
-    gt = torch.multinomial(class_weights(C, labels), N, replacement=True, generator=g)
-    gt[torch.rand(N, generator=g) < 0.1] = IGNORE
-    feats = torch.empty(N, D, dtype=dtype, device=device)
-    flat = protos.reshape(C * K, D)
-    for lo in range(0, N, chunk):
-        hi = min(N, lo + chunk)
-        lab = gt[lo:hi].clamp(min=0)
-        k = torch.randint(0, K, (hi - lo,), generator=g)
-        x = flat[lab * K + k] + torch.randn(hi - lo, D, generator=g) / D**0.5
-        feats[lo:hi] = F.normalize(x, dim=-1).to(device=device, dtype=dtype)
-    return feats, protos.to(device=device, dtype=dtype), gt.to(device)
 
 
 @torch.no_grad()

@@ -1,17 +1,23 @@
 """``python -m protoseg_ext.selftest``: does this build work on this machine's GPU?
 
-The one command a GPU user runs to trust the build. It
+The one command a GPU user runs to trust the build; it needs only the installed
+package (and pytest), not the source tree. It
 
-1. runs the op test suite (``tests/`` of the source checkout) on the CUDA
-   device, i.e. every test that is parametrised over ``device_backend`` with
-   ``device == "cuda"``: each fused GPU backend ("cuda", "triton") against the
-   eager reference (``pytest -k cuda``, in a subprocess so that a device-side
-   assert cannot take this process down with it);
-2. times a short benchmark of the fused backends through
-   :mod:`protoseg_ext.functional` on a Cityscapes-sized step;
-3. prints a pass/fail table per backend and a timing table, then one RESULT
-   line. Exit status: 0 passed (or nothing to check: no GPU), 1 a failure,
-   2 no GPU with ``--require-gpu``.
+1. runs the package's GPU tests (:mod:`protoseg_ext.testing`: the op x backend
+   table at small and realistic sizes - Cityscapes N=65,536 D=720 C=19, ADE20K
+   C=150 - in float32, bfloat16, float16 and float64, a deterministic-mode
+   rerun that must be bitwise equal, the second-GPU test where two GPUs exist,
+   and the Triton-specific tests) on every GPU backend ("cuda", "triton"),
+   against the eager reference, in a subprocess: a device-side assert cannot
+   take the rest down with it (the tests that fire one isolate themselves);
+2. runs compute-sanitizer's racecheck and memcheck on a small step when the
+   tool is on PATH;
+3. times a full training step of each backend (forward, prototype update,
+   CE + 0.01 PPC + 0.001 PPD, backward) against the two-GEMM floor
+   (S = X P^T, then S P);
+4. prints a pass/fail table per backend, the timing table and one RESULT line.
+   Exit status: 0 passed (or nothing to check: no GPU), 1 a failure, 2 no GPU
+   with ``--require-gpu``.
 
 ``--device cpu`` (or ``all``) checks the C++ CPU backend the same way.
 
@@ -23,8 +29,10 @@ records each test's (device, backend) and outcome into the JSON file named by
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,6 +53,8 @@ _records: Dict[str, dict] = {}
 
 def _item_group(item) -> Tuple[str, str]:
     """(device, backend) of a collected test, from its ``device_backend`` parameter."""
+    if getattr(item, "module", None) is not None and item.module.__name__.endswith("test_triton"):
+        return ("cuda" if torch.cuda.is_available() else "cpu"), "triton"
     spec = getattr(item, "callspec", None)
     params = getattr(spec, "params", {}) if spec is not None else {}
     db = params.get("device_backend")
@@ -62,6 +72,11 @@ def pytest_collection_modifyitems(session, config, items):  # noqa: D103 - pytes
     for item in items:
         device, backend = _item_group(item)
         _records[item.nodeid] = {"device": device, "backend": backend, "outcome": None, "message": ""}
+
+
+def pytest_deselected(items):  # noqa: D103 - pytest hook
+    for item in items:
+        _records.pop(item.nodeid, None)
 
 
 def pytest_runtest_logreport(report):  # noqa: D103 - pytest hook
@@ -87,23 +102,17 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: D103 - pytest hook
 # ---------------------------------------------------------------- test suite
 
 
-def find_tests_dir(explicit: Optional[str] = None) -> Optional[str]:
-    """``tests/`` of the source checkout this package was imported from (editable install)."""
-    if explicit:
-        return explicit if os.path.isdir(explicit) else None
-    here = os.path.dirname(os.path.abspath(__file__))
-    cand = os.path.join(os.path.dirname(here), "tests")
-    return cand if os.path.isfile(os.path.join(cand, "conftest.py")) else None
+SUITE = ("protoseg_ext.testing.test_backends", "protoseg_ext.testing.test_triton")
 
 
-def run_suite(tests_dir: str, device: str, extra: Sequence[str], timeout: float) -> dict:
-    """Run the device suite in a subprocess; returns the plugin's JSON report (or an error)."""
+def run_suite(device: str, extra: Sequence[str], timeout: float) -> dict:
+    """Run the package's tests of ``device`` in a subprocess; returns the plugin's JSON report (or an error)."""
     with tempfile.TemporaryDirectory(prefix="protoseg_selftest_") as tmp:
         report = os.path.join(tmp, "report.json")
         env = dict(os.environ, **{REPORT_ENV: report})
         cmd = [
-            sys.executable, "-m", "pytest", tests_dir, "-q", "-k", device, "-p", "protoseg_ext.selftest",
-            "-p", "no:cacheprovider", "-o", "addopts=", *extra,
+            sys.executable, "-m", "pytest", "--pyargs", *SUITE, "-q", "-k", _selector(device),
+            "-p", "protoseg_ext.selftest", "-p", "no:cacheprovider", "-o", "addopts=", *extra,
         ]  # fmt: skip
         t0 = time.perf_counter()
         try:
@@ -119,6 +128,11 @@ def run_suite(tests_dir: str, device: str, extra: Sequence[str], timeout: float)
         if not os.path.exists(report):
             out["error"] = "pytest ended before reporting (see the log below)"
         return out
+
+
+def _selector(device: str) -> str:
+    """The ``-k`` expression of a device: its table cells, and on a GPU the Triton-specific tests."""
+    return f"{device}- or test_triton" if device == "cuda" else f"{device}-"
 
 
 def summarise(tests: Dict[str, dict], device: str) -> Dict[str, Dict[str, int]]:
@@ -151,50 +165,80 @@ def _time(fn: Callable[[], object], device: str, warmup: int, reps: int) -> floa
     return statistics.median(times)
 
 
-def make_step(N: int, D: int, C: int, K: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Random L2-normalised inputs of one training step (10% ignored pixels)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    feats = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(device, dtype)
-    protos = torch.nn.functional.normalize(torch.randn(C, K, D, generator=g), dim=-1).to(device, dtype)
-    gt = torch.randint(0, C, (N,), generator=g)
-    gt[torch.rand(N, generator=g) < 0.1] = -1
-    gt = gt.to(device)
-    return feats, protos, gt
-
-
 def bench_backend(backend: str, device: str, shape: Tuple[int, int, int, int], dtype: torch.dtype,
                   warmup: int = 2, reps: int = 5) -> Dict[str, object]:
-    """Times (ms) of the three fused steps of ProtoSeg through the functional API."""
-    from . import functional as PF
+    """Median ms of a full training step of ProtoSegHead on ``backend`` and of the two-GEMM floor.
+
+    ``shape = (N, D, C, K)``; the step takes a ``(1, D, N/256, 256)`` NCHW map
+    (forward, prototype update, CE + 0.01 PPC + 0.001 PPD, backward). The
+    floor is ``S = X P^T`` then ``S P`` at the same N, D and C*K.
+    """
+    from .head import ProtoSegHead
+    from .testing import make_inputs
 
     N, D, C, K = shape
-    feats, protos, gt = make_step(N, D, C, K, dtype, device)
-    grad_seg = torch.randn(N, C, device=device, dtype=dtype)
-    with torch.no_grad():
-        seg0 = PF.proto_seg_logits(feats, protos, backend=backend)
-        target, _ = PF.prototype_learning(feats, protos, gt, seg0, assign="argmax", backend=backend)
+    W = 256 if N % 256 == 0 else N
+    feats, _, gt = make_inputs((N, D, C, K), "skewed", device=device)
+    x = feats.to(dtype).t().reshape(1, D, N // W, W).contiguous()
+    gt = gt.reshape(1, N // W, W)
+    head = ProtoSegHead(D, C, K, backend=backend, ignore_index=-1).to(device).train()
 
-    def seg_step():
-        x = feats.detach().requires_grad_(True)
-        PF.proto_seg_logits(x, protos, backend=backend).backward(grad_seg)
+    def step():
+        xi = x.detach().requires_grad_(True)
+        with torch.autocast(device, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
+            out = head(xi, gt)
+            loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
+        (loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd).backward()
 
-    def learning_step():
-        PF.prototype_learning(feats, protos, gt, seg0, assign="argmax", backend=backend)
+    X = feats.to(dtype)
+    P = torch.nn.functional.normalize(torch.randn(C * K, D, device=device), dim=1).to(dtype)
 
-    def loss_step():
-        x = feats.detach().requires_grad_(True)
-        ppc, ppd = PF.proto_losses(x, protos, target, backend=backend)
-        (ppc + ppd).backward()
+    def floor():
+        (X @ P.t()) @ P
 
     out: Dict[str, object] = {}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    for name, fn in (("seg fwd+bwd", seg_step), ("learning", learning_step), ("losses fwd+bwd", loss_step)):
-        out[name] = _time(fn, device, warmup, reps)
+    out["step"] = _time(step, device, warmup, reps)
     if device == "cuda":
         out["peak MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out["floor"] = _time(floor, device, warmup, reps)
     return out
+
+
+_SANITIZER_STEP = """
+import torch
+from protoseg_ext import ProtoSegHead
+for backend in ("cuda", "triton"):
+    head = ProtoSegHead(40, 5, 3, backend=backend).cuda().train()
+    x = torch.randn(2, 40, 16, 12, device="cuda", requires_grad=True)
+    gt = torch.randint(-1, 5, (2, 16, 12), device="cuda")
+    out = head(x, gt)
+    (out.seg.square().mean() + out.loss_ppc + out.loss_ppd).backward()
+    torch.cuda.synchronize()
+print("sanitized step done")
+"""
+
+
+def run_sanitizer(timeout: float) -> List[Tuple[str, str, str]]:
+    """compute-sanitizer racecheck and memcheck on a small step of both GPU backends, if the tool exists."""
+    import shutil
+
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return [("compute-sanitizer", "-", "not on PATH: skipped")]
+    rows = []
+    for tool in ("memcheck", "racecheck"):
+        cmd = [exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", _SANITIZER_STEP]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            ok = proc.returncode == 0 and "sanitized step done" in proc.stdout
+            tail = "" if ok else (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+            rows.append(("compute-sanitizer", tool, "PASS" if ok else "FAIL: " + "".join(tail)[:200]))
+        except subprocess.TimeoutExpired:
+            rows.append(("compute-sanitizer", tool, f"FAIL: no result within {timeout:.0f} s"))
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -229,6 +273,9 @@ def _header(devices: List[str]) -> List[str]:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         lines.append(f"  GPU: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+        coverage = info.gpu_coverage()
+        if coverage:
+            lines.append(f"  WARNING: {coverage}")
     else:
         lines.append("  GPU: none (torch.cuda.is_available() is False)")
     lines.append(f"  backends available here: {', '.join(avail)}; checking: {', '.join(devices)}")
@@ -241,11 +288,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="which device's backends to check (default: cuda)")
     ap.add_argument("--no-tests", action="store_true", help="skip the test suite")
     ap.add_argument("--no-bench", action="store_true", help="skip the benchmark")
-    ap.add_argument("--tests", metavar="DIR", help="the tests/ directory (default: the source checkout's)")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-x --maxfail=3'")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds the test suite may take (default 1800)")
-    ap.add_argument("--shape", default="65536,720,19,10", help="benchmark N,D,C,K on the GPU (default Cityscapes)")
-    ap.add_argument("--cpu-shape", default="4096,720,19,10", help="benchmark N,D,C,K on the CPU")
+    ap.add_argument("--shape", default="65536,720,19,10;65536,720,150,10",
+                    help="benchmark N,D,C,K on the GPU, ';'-separated (default Cityscapes; ADE20K)")
+    ap.add_argument("--cpu-shape", default="4096,720,19,10", help="benchmark N,D,C,K on the CPU, ';'-separated")
+    ap.add_argument("--no-sanitizer", action="store_true", help="skip compute-sanitizer")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="benchmark dtypes on the GPU")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per step (median reported)")
     ap.add_argument("--require-gpu", action="store_true", help="exit 2 when there is no GPU to check")
@@ -262,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes: List[str] = []
     suite_rows = [("backend", "device", "tests", "passed", "failed", "skipped", "result")]
     bench_rows: List[Sequence[str]] = []
-    tests_dir = find_tests_dir(args.tests)
+    has_pytest = importlib.util.find_spec("pytest") is not None
 
     for device in devices:
         fused = [b for b in FUSED if (b == "cpu") == (device == "cpu")]
@@ -276,11 +324,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         groups: Dict[str, Dict[str, int]] = {}
         if args.no_tests:
             pass
-        elif tests_dir is None:
-            notes.append("the test suite was not found (it ships with the source checkout: pass --tests DIR)")
+        elif not has_pytest:
+            failed = True
+            notes.append("the tests need pytest: pip install pytest")
         else:
-            print(f"\nrunning the {device} test suite: pytest {tests_dir} -k {device} ...", flush=True)
-            res = run_suite(tests_dir, device, args.pytest_args.split(), args.timeout)
+            print(f"\nrunning the {device} tests: pytest --pyargs {' '.join(SUITE)} -k '{_selector(device)}' ...",
+                  flush=True)
+            res = run_suite(device, shlex.split(args.pytest_args), args.timeout)
             groups = summarise(res.get("tests", {}), device)
             if res.get("error") or res.get("returncode") not in (0, 5):
                 failed = True
@@ -298,8 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 suite_rows.append((b, device, "-", "-", "-", "-", "unavailable: " + "; ".join(usable[b])[:80]))
             elif not g:
                 suite_rows.append((b, device, "0", "0", "0", "0", "no tests ran"))
-                if tests_dir is not None:
-                    failed = True
+                failed = True
             else:
                 total = sum(g.values())
                 ok = g["failed"] == 0 and g["passed"] > 0
@@ -313,12 +362,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             failed |= g["failed"] > 0
             suite_rows.append((b if b != "-" else "(other)", device, str(total), str(g["passed"]), str(g["failed"]),
                                str(g["skipped"]), "FAIL" if g["failed"] else "PASS"))
+        # -- compute-sanitizer
+        if device == "cuda" and not args.no_sanitizer:
+            print("\ncompute-sanitizer (memcheck, racecheck) on a small step ...", flush=True)
+            for name, tool, result in run_sanitizer(args.timeout):
+                suite_rows.append((name, device, "-", "-", "-", "-", f"{tool}: {result}"))
+                failed |= result.startswith("FAIL")
         # -- benchmark
         if args.no_bench:
             continue
-        shape = tuple(int(x) for x in (args.shape if device == "cuda" else args.cpu_shape).split(","))
+        shapes = [tuple(int(x) for x in sh.split(",")) for sh in (args.shape if device == "cuda" else
+                                                                   args.cpu_shape).split(";")]
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if device == "cuda" else [torch.float32]
-        for dtype in dtypes:
+        for shape, dtype in [(sh, dt) for sh in shapes for dt in dtypes]:
             for b in list(fused) + ["reference"]:
                 if backends.get_backend(b).not_supported_reasons(torch.device(device)):
                     continue
@@ -329,26 +385,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 except Exception as e:  # a crash here is a failure of the build, reported, not raised
                     failed = True
                     notes.append(f"benchmark {b} ({label}) failed: {type(e).__name__}: {e}"[:400])
-                    bench_rows.append((b, device, label, "error", "error", "error", "-"))
+                    bench_rows.append((b, device, label, "error", "error", "-", "-"))
                     continue
                 peak = f"{r['peak MiB']:.0f}" if "peak MiB" in r else "-"
-                bench_rows.append((b, device, label, f"{r['seg fwd+bwd']:.2f}", f"{r['learning']:.2f}",
-                                   f"{r['losses fwd+bwd']:.2f}", peak))
+                bench_rows.append((b, device, label, f"{r['step']:.2f}", f"{r['floor']:.2f}",
+                                   f"{r['step'] / r['floor']:.2f}x", peak))
 
     print("\nTests (each fused backend against the eager reference)")
     print(_table(suite_rows))
     if bench_rows:
-        print("\nBenchmark (median ms per step; peak = extra GPU memory)")
-        print(_table([("backend", "device", "problem", "seg fwd+bwd", "learning", "losses fwd+bwd", "peak MiB")]
+        print("\nTraining step of ProtoSegHead vs. the two-GEMM floor (median ms; peak = extra GPU memory)")
+        print(_table([("backend", "device", "problem", "step ms", "floor ms", "step/floor", "peak MiB")]
                      + bench_rows))
     for n in notes:
         print("\n" + n)
     print()
+    counts = [r for r in suite_rows[1:] if r[2] not in ("-",)]
+    n_failed = sum(int(r[4]) for r in counts if r[4].isdigit())
+    n_total = sum(int(r[2]) for r in counts if r[2].isdigit())
     if failed:
-        print("RESULT: FAIL")
+        print(f"RESULT: FAIL ({n_failed} of {n_total} tests failed" + (
+            "; see the notes above)" if notes else ")"))
         return 1
     if checked:
-        print("RESULT: PASS")
+        print(f"RESULT: PASS ({n_total} tests on {', '.join(devices)})")
         return 0
     if "cuda" in devices and not gpu:
         print("RESULT: SKIPPED (no GPU: nothing was checked on a GPU; `--device cpu` checks the CPU backend)")

@@ -1,6 +1,9 @@
 """What the tests, the benchmarks and ``python -m protoseg_ext.selftest`` share.
 
-* :func:`make_problem` - the one random problem factory (feats, protos, labels, logits);
+* :func:`make_problem` - the random problem of the unit tests (feats, protos, labels, logits);
+* :func:`make_inputs` - the realistic one of the benchmarks and the selftest (pixels
+  clustered around their class's prototypes, Cityscapes-like label skew, full resolution
+  built in chunks);
 * :func:`backend_params` / the :func:`device_backend` fixture - every (device, backend)
   pair present, the reference included (Triton on CPU tensors when TRITON_INTERPRET=1);
 * :func:`official_head_step` - a ProtoSegHead training step written with
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import backends, reference
 
-__all__ = ["make_problem", "backend_params", "device_backend", "assert_close_rel", "official_head_step", "TOL"]
+__all__ = ["make_problem", "make_inputs", "class_weights", "backend_params", "device_backend", "assert_close_rel", "official_head_step", "TOL"]
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -47,6 +50,51 @@ def make_problem(N=300, D=16, C=5, K=4, *, seed=0, ignore_frac=0.1, ignore_index
     fix = (torch.rand(N, generator=g) < 0.33) & (gt != ignore_index)
     seg[fix, gt[fix].clamp(min=0)] += 10.0
     return feats.to(dtype).to(device), protos.to(dtype).to(device), gt.to(device), seg.to(dtype).to(device)
+
+
+LABELS = ("uniform", "skewed")
+
+
+def class_weights(C: int, labels: str) -> torch.Tensor:
+    """Probabilities (C,) of the labelled classes.
+
+    ``uniform``: 1/C each. ``skewed``: Cityscapes-like, class 0 (road) takes
+    35% of all pixels (with 10% ignored, 35/90 of the labelled ones) and the
+    rest decay as 1/rank.
+    """
+    if labels == "uniform" or C == 1:
+        return torch.full((C,), 1.0 / C, dtype=torch.float64)
+    if labels != "skewed":
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    rest = 1.0 / torch.arange(1, C, dtype=torch.float64)
+    rest = rest / rest.sum() * (1 - 0.35 / 0.9)
+    return torch.cat([torch.tensor([0.35 / 0.9], dtype=torch.float64), rest])
+
+
+def make_inputs(size, labels: str = "uniform", *, device="cpu", seed: int = 0, dtype=torch.float32,
+                chunk: int = 1 << 16):
+    """The realistic problem of the benchmarks and the selftest: ``size = (N, D, C, K, ...)`` ->
+    ``feats (N, D)`` L2-normalised, ``protos (C, K, D)`` L2-normalised, ``gt (N,)`` int64.
+
+    10% of ``gt`` is -1 (ignored). Each pixel's feature is a noisy copy of one
+    prototype of its class (cosine about 0.7), so Sinkhorn, the arg-max and the
+    "correct" mask see realistic data. Built in chunks so that the full-resolution
+    sizes need no more than the output.
+    """
+    N, D, C, K = size[:4]
+    g = torch.Generator().manual_seed(seed)
+    protos = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
+    gt = torch.multinomial(class_weights(C, labels), N, replacement=True, generator=g)
+    gt[torch.rand(N, generator=g) < 0.1] = -1
+    feats = torch.empty(N, D, dtype=dtype, device=device)
+    flat = protos.reshape(C * K, D)
+    for lo in range(0, N, chunk):
+        hi = min(N, lo + chunk)
+        lab = gt[lo:hi].clamp(min=0)
+        k = torch.randint(0, K, (hi - lo,), generator=g)
+        x = flat[lab * K + k] + torch.randn(hi - lo, D, generator=g) / D**0.5
+        feats[lo:hi] = F.normalize(x, dim=-1).to(device=device, dtype=dtype)
+    return feats, protos.to(device=device, dtype=dtype), gt.to(device)
 
 
 def backend_params() -> List[Tuple[str, str]]:

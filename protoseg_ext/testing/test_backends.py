@@ -635,3 +635,62 @@ def test_deterministic_mode_is_bitwise_reproducible(case):
         torch.use_deterministic_algorithms(prev)
     for u, v in zip(*runs):
         assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------- errors that a GPU reports on the device
+
+_OUT_OF_RANGE = """
+import sys, torch
+import protoseg_ext.functional as PF
+from protoseg_ext.testing import make_problem
+f, p, gt, seg = make_problem(N=50, C=5, K=3, device=sys.argv[1])
+gt[7] = 5
+PF.prototype_learning(f, p, gt, seg, backend=sys.argv[2])
+torch.cuda.synchronize()
+print("DID NOT RAISE")
+"""
+
+
+def test_labels_out_of_range_raise(case):
+    """A label outside [0, C) that is not ignore_index raises. On a GPU that is a device-side
+    assert, which poisons the CUDA context of its process: it runs in a subprocess there."""
+    if torch.device(case.device).type == "cuda":
+        import subprocess
+        import sys
+
+        res = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE, case.device, case.backend], capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode != 0 and "DID NOT RAISE" not in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "outside" in res.stderr or "device-side assert" in res.stderr, res.stderr[-2000:]
+        return
+    f, p, gt, seg = case.problem(N=50, C=5, K=3)
+    gt[7] = 5
+    with pytest.raises(ValueError, match=r"gt\[7\] = 5 is outside \[0, 5\)"):
+        PF.prototype_learning(f, p, gt, seg, backend=case.backend)
+    gt[7] = -3
+    with pytest.raises(ValueError, match="gt"):
+        PF.prototype_learning(f, p, gt, seg, backend=case.backend)
+    t = torch.zeros(50, dtype=torch.long, device=case.device)
+    t[3] = 15  # C*K = 15
+    with pytest.raises(ValueError, match=r"target\[3\] = 15"):
+        PF.proto_losses(f, p, t, backend=case.backend)
+
+
+def test_tensors_on_another_gpu_than_the_current_one(case):
+    """Every launch runs on its tensors' device, not on the current one (multi-GPU machines)."""
+    if torch.device(case.device).type != "cuda" or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    with torch.cuda.device(0):
+        head = ProtoSegHead(16, 5, num_prototype=3, backend=case.backend, assign="argmax").to(dev).train()
+        oracle = ProtoSegHead(16, 5, num_prototype=3, assign="argmax")
+        oracle.load_state_dict(head.state_dict())
+        oracle.to(dev).train()
+        x = torch.randn(2, 16, 8, 8, device=dev)
+        gt = torch.randint(-1, 5, (2, 8, 8), device=dev)
+        out = head(x, gt)
+        seg, ppc, ppd, target, new = official_head_step(oracle, x, gt)
+        torch.cuda.synchronize(dev)
+    torch.testing.assert_close(out.seg, seg, **case.tol)
+    assert torch.equal(out.target, target)
+    torch.testing.assert_close(head.prototypes, new, **case.tol)

@@ -1,0 +1,320 @@
+"""What only the "triton" backend has: its launchers' tile overrides, its schemas (the C++ ones),
+torch.library's opcheck, torch.compile, 64-bit offsets. The checks every backend shares are in
+the op x backend table (test_backends.py).
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+set below before anything imports triton) on CPU tensors; with a GPU they are
+compiled and run on CUDA tensors. The interpreter's cost is per program, so the
+problems are small and the launchers pick large tiles; tests that need several
+row, class or D blocks force small tiles through the launchers' overrides.
+"""
+
+import os
+
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import protoseg_ext  # noqa: E402
+import protoseg_ext.functional as PF  # noqa: E402
+from protoseg_ext import backends  # noqa: E402
+from protoseg_ext import reference as R  # noqa: E402
+from protoseg_ext.testing import make_problem  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_GPU = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+if not INTERPRET and not HAS_GPU:
+    pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+import protoseg_ext.triton_ops  # noqa: E402,F401  (registers torch.ops.protoseg_triton)
+from protoseg_ext.kernels import prototype_update as KU  # noqa: E402
+from protoseg_ext.kernels import similarity as KS  # noqa: E402
+from protoseg_ext.kernels import sinkhorn as KSK  # noqa: E402
+
+T = torch.ops.protoseg_triton
+TOL = dict(atol=1e-5, rtol=1e-5) if INTERPRET else dict(atol=2e-5, rtol=1e-4)  # tf32x3 on a GPU
+
+
+# the interpreter evaluates masked-out lanes too (e.g. inf - inf of a NaN row): numpy warns, harmlessly
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+
+def problem(N=300, D=16, C=5, K=4, **kw):
+    """The shared problem factory, on this module's device."""
+    return make_problem(N, D, C, K, device=DEVICE, **kw)
+
+
+def own_scores(f, p, gt):
+    """``own (N, K)``: each pixel's similarity to its class's prototypes, zero rows for ignored pixels."""
+    N, C, K = f.shape[0], p.shape[0], p.shape[1]
+    S = R.similarity(f.double(), p.double()).view(N, C, K)
+    valid = (gt >= 0) & (gt < C)
+    return (S[torch.arange(N, device=f.device), gt.clamp(0, C - 1)] * valid[:, None]).float()
+
+
+# ---------------------------------------------------------------- backend plumbing
+
+
+def test_backend_is_available_and_chosen():
+    assert "triton" in protoseg_ext.available_backends()
+    assert backends.resolve("triton", DEVICE).name == "triton"
+    if HAS_GPU:
+        assert backends.resolve("auto", "cuda").name == "triton"  # auto prefers Triton on CUDA
+    else:
+        assert backends.resolve("auto", "cpu").name != "triton"  # the interpreter is for tests only
+
+
+def test_schemas_match_the_compiled_ops():
+    """One contract: the Triton ops have exactly the C++ schemas (arguments, defaults, outputs)."""
+    if backends.load_extension() is None:
+        pytest.skip("protoseg_ext._C did not load")
+    for op in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"):
+        a = getattr(torch.ops.protoseg_ext, op).default._schema
+        b = getattr(T, op).default._schema
+        assert [(x.name, str(x.type), x.default_value) for x in a.arguments] == [
+            (x.name, str(x.type), x.default_value) for x in b.arguments
+        ], op
+        assert [str(x.type) for x in a.returns] == [str(x.type) for x in b.returns], op
+
+
+# ---------------------------------------------------------------- similarity
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+def test_fused_outputs_and_every_gradient_with_small_tiles(temperature):
+    """Several row, class and D blocks and D slices: the tile loops and their masks."""
+    N, D, C, K = 70, 40, 9, 3
+    f, p, gt, _ = problem(N, D, C, K)
+    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16)  # 5 row blocks, 3 class blocks (4 + 4 + 1), 3 D chunks
+    seg, argk, lse, own = KS.similarity_forward(f, p, gt, temperature, True, True, True, tiles=tiles)
+    S = R.similarity(f, p)
+    torch.testing.assert_close(seg, S.view(N, C, K).amax(2), **TOL)
+    assert torch.equal(argk.long(), S.view(N, C, K).argmax(2))
+    torch.testing.assert_close(lse, torch.logsumexp(S / temperature, 1), **TOL)
+    torch.testing.assert_close(own, own_scores(f, p, gt), **TOL)
+    # d feats through the three outputs, against autograd of the eager formulas
+    x = f.clone().requires_grad_()
+    Sx = R.similarity(x, p)
+    g_seg, g_lse = torch.randn(N, C, device=DEVICE), torch.randn(N, device=DEVICE)
+    g_own = torch.randn(N, K, device=DEVICE)
+    sel = Sx.view(N, C, K)[torch.arange(N, device=DEVICE), gt.clamp(min=0)] * (gt >= 0)[:, None]
+    loss = (Sx.view(N, C, K).amax(2) * g_seg).sum() + (torch.logsumexp(Sx / temperature, 1) * g_lse).sum()
+    (loss + (sel * g_own).sum()).backward()
+    for bwd_tiles in (dict(tiles, BLOCK_DO=16), dict(tiles, BLOCK_DO=64)):  # 3 D slices, then 1
+        dx = KS.similarity_backward(g_seg, g_lse, g_own, f, p, gt, argk, lse, temperature, tiles=bwd_tiles)
+        torch.testing.assert_close(dx, x.grad, **TOL)
+    # each gradient alone (the others None)
+    for gs, gl, go in ((g_seg, None, None), (None, g_lse, None), (None, None, g_own)):
+        y = f.clone().requires_grad_()
+        Sy = R.similarity(y, p)
+        parts = []
+        if gs is not None:
+            parts.append((Sy.view(N, C, K).amax(2) * gs).sum())
+        if gl is not None:
+            parts.append((torch.logsumexp(Sy / temperature, 1) * gl).sum())
+        if go is not None:
+            own_y = Sy.view(N, C, K)[torch.arange(N, device=DEVICE), gt.clamp(min=0)] * (gt >= 0)[:, None]
+            parts.append((own_y * go).sum())
+        sum(parts).backward()
+        dx = KS.similarity_backward(gs, gl, go, f, p, gt, argk, lse, temperature, tiles=tiles)
+        torch.testing.assert_close(dx, y.grad, **TOL)
+
+
+def test_own_class_scores_kernel_matches_fused_forward():
+    f, p, gt, _ = problem(90, 24, 4, 3, ignore_frac=0.3)
+    only = T.similarity(f, p, gt, -1, 1.0, False, False, True)[3]
+    fused = T.similarity(f, p, gt, -1, 1.0, True, True, True)[3]
+    small = KS.similarity_forward(f, p, gt, 1.0, False, False, True, tiles=dict(BLOCK_N=16, BLOCK_D=16))[3]
+    torch.testing.assert_close(only, own_scores(f, p, gt), **TOL)
+    torch.testing.assert_close(fused, only, **TOL)
+    torch.testing.assert_close(small, only, **TOL)
+
+
+# ---------------------------------------------------------------- Sinkhorn
+
+
+def test_sinkhorn_split_classes_and_small_blocks():
+    """SPLIT programs per class and several row steps: the merged partials give the same Q."""
+    f, p, gt, _ = problem(160, 16, 4, 3, skew=True)
+    own = own_scores(f, p, gt)
+    ref = R.sinkhorn(own, gt, 4, -1, 3, 0.05)
+    for split, block_n in ((1, 16), (3, 16), (7, 32)):
+        torch.testing.assert_close(KSK.sinkhorn(own, gt, 4, 3, 0.05, split=split, block_n=block_n), ref, **TOL)
+
+
+# ---------------------------------------------------------------- prototype sums and EMA
+
+
+def _sums_reference(f, slot, S):
+    ok = (slot >= 0) & torch.isfinite(f).all(1)
+    sums = torch.zeros(S, f.shape[1], dtype=torch.float64, device=f.device).index_add_(0, slot[ok], f[ok].double())
+    counts = torch.bincount(slot[ok], minlength=S).double()
+    return sums, counts
+
+
+def test_prototype_sums_split_and_small_tiles_are_reproducible():
+    N, D, S = 160, 40, 6
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(N, D, generator=g).to(DEVICE)
+    slot = torch.randint(-1, S, (N,), generator=g).to(DEVICE)
+    rs, rc = _sums_reference(f, slot, S)
+    for split in (1, 4):
+        a = KU.prototype_sums(f, slot, S, deterministic=True, split=split, block_n=16, block_d=16)
+        b = KU.prototype_sums(f, slot, S, deterministic=True, split=split, block_n=16, block_d=16)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # bitwise, run to run
+        torch.testing.assert_close(a[0].double(), rs, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a[1].double(), rc)
+    a = KU.prototype_sums(f, slot, S, deterministic=False, block_n=16, block_d=16)
+    torch.testing.assert_close(a[0].double(), rs, atol=1e-5, rtol=1e-5)
+
+
+def test_prototype_sums_path_follows_deterministic_algorithms(monkeypatch):
+    seen = []
+    real = KU.prototype_sums
+
+    def spy(*args, **kw):
+        seen.append(kw["deterministic"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(KU, "prototype_sums", spy)
+    f, slot = torch.randn(10, 4, device=DEVICE), torch.arange(10, device=DEVICE) % 3
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        T.prototype_sums(f, slot, 3)
+        torch.use_deterministic_algorithms(False)
+        T.prototype_sums(f, slot, 3)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert seen == [True, False]
+
+
+# ---------------------------------------------------------------- torch.library
+
+
+def _opcheck_cases():
+    f, p, gt, _ = problem(40, 8, 3, 2)
+    seg, argk, lse, own, _ = T.similarity(f, p, gt, -1, 1.0, True, True, True)
+    slot = torch.where(gt >= 0, gt * 2, gt)
+    sums, counts = T.prototype_sums(f, slot, 6)
+    fg = f.clone().requires_grad_()
+    return {
+        "similarity": (fg, p, gt, -1, 1.0, True, True, True),
+        "similarity_backward": (torch.randn_like(seg), torch.randn_like(lse), torch.randn_like(own),
+                                f, p, gt, argk, lse, -1, 1.0),
+        "sinkhorn": (own, gt, 3, -1, 3, 0.05),
+        "prototype_sums": (f, slot, 6),
+        "prototype_ema": (p, sums, counts, 0.9),
+    }
+
+
+@pytest.mark.parametrize("op", ["similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"])
+def test_opcheck(op):
+    args = _opcheck_cases()[op]
+    torch.library.opcheck(getattr(T, op).default, args)
+
+
+def test_torch_compile_fullgraph():
+    """Dynamo traces the functional API through the custom ops (fake kernels) and the autograd formula."""
+    f, p, gt, _ = problem(64, 16, 3, 2)
+    target = torch.where(gt >= 0, gt * 2 + 1, gt)
+
+    def step(x):
+        seg = PF.proto_seg_logits(x, p, backend="triton")
+        ppc, ppd = PF.proto_losses(x, p, target, backend="triton")
+        return seg.square().mean() + ppc + ppd
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a, b = f.clone().requires_grad_(), f.clone().requires_grad_()
+    la, lb = compiled(a), step(b)
+    torch.testing.assert_close(la, lb, **TOL)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+# ---------------------------------------------------------------- 64-bit offsets
+
+_BIG_OFFSETS = textwrap.dedent(
+    """
+    import os
+    import torch, torch.nn.functional as F
+    from protoseg_ext import reference as R
+    import protoseg_ext.triton_ops
+    T = torch.ops.protoseg_triton
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    N, D, C, K = 3, 32, 3, 2
+    stride = 2**30 + 64  # row 2 starts at element 2**31 + 128: past int32
+    # 4 GiB of address space; only the pages of the 3 rows are ever touched
+    buf = torch.empty(stride * (N - 1) + D, dtype=torch.float16, device=dev)
+    feats = buf.as_strided((N, D), (stride, 1))
+    feats.copy_(F.normalize(torch.randn(N, D, generator=torch.Generator().manual_seed(0)), dim=1).to(dev))
+    assert (N - 1) * feats.stride(0) > 2**31 - 1
+    dense = feats.float()
+    p = F.normalize(torch.randn(C, K, D, generator=torch.Generator().manual_seed(1)), dim=-1).to(dev)
+    gt = torch.tensor([2, 0, 1], device=dev)
+    seg, argk, lse, own, _ = T.similarity(feats, p.half(), gt, -1, 1.0, True, True, True)
+    S = R.similarity(dense, p.half().float())
+    torch.testing.assert_close(seg.float(), S.view(N, C, K).amax(2), atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, torch.logsumexp(S, 1), atol=2e-3, rtol=0)
+    g = torch.ones(N, C, dtype=torch.float16, device=dev)
+    dx = T.similarity_backward(g, None, None, feats, p.half(), gt, argk, lse, -1, 1.0)
+    x = dense.clone().requires_grad_()
+    R.proto_seg_logits(x, p.half().float()).sum().backward()
+    torch.testing.assert_close(dx.float(), x.grad, atol=2e-3, rtol=0)
+    for det in (True, False):
+        torch.use_deterministic_algorithms(det)
+        sums, counts = T.prototype_sums(feats, gt * K, C * K)
+        torch.testing.assert_close(sums[gt * K], dense, atol=1e-3, rtol=0)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux lazy allocation of untouched pages")
+def test_element_offsets_beyond_int32():
+    """feats with a row stride of 2**30 + 64: the offset of row 2 exceeds 2**31 - 1.
+
+    Every kernel computes row offsets in int64 (``program_id(0).to(tl.int64)``);
+    with int32 arithmetic the offset wraps and the read goes elsewhere (wrong
+    values or a crash). Runs in a subprocess so that a crash fails this test
+    only; the 4 GiB buffer is address space, not memory (untouched pages).
+    """
+    if not INTERPRET and torch.cuda.get_device_properties(0).total_memory < 8 * 2**30:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    overcommit = "/proc/sys/vm/overcommit_memory"
+    if os.path.exists(overcommit) and open(overcommit).read().strip() == "2":
+        pytest.skip("strict overcommit: a 4 GiB reservation would be charged in full")
+    res = subprocess.run([sys.executable, "-c", _BIG_OFFSETS], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
+# ---------------------------------------------------------------- roofline
+
+
+def test_h100_roofline():
+    from protoseg_ext.kernels.roofline import OPS, h100_roofline
+
+    N, D, C, K = 65536, 720, 19, 10
+    for op in OPS:
+        for dtype in (torch.float32, torch.bfloat16, "float16", "fp64"):
+            r = h100_roofline(op, N, D, C, K, dtype)
+            assert {"flops", "bytes", "t_compute_s", "t_memory_s", "bound"} <= set(r)
+            assert r["flops"] > 0 and r["bytes"] > 0
+            assert r["bound"] == ("compute" if r["t_compute_s"] >= r["t_memory_s"] else "memory")
+    r = h100_roofline("seg_logits", N, D, C, K, torch.bfloat16)
+    assert r["flops"] >= 2 * N * D * C * K
+    assert r["t_memory_s"] == pytest.approx((N * D * 2 + C * K * D * 2 + N * C * 3) / 3.35e12)
+    with pytest.raises(ValueError):
+        h100_roofline("nope", N, D, C, K, torch.float32)
