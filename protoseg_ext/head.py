@@ -133,7 +133,7 @@ class ProtoSegHead(nn.Module):
             seg = be.similarity(x, protos, normalize=True).seg
             return ProtoSegOutput(self._mask_norm(seg, be, B, H, W)[0], None, None, None)
 
-        gt = self._labels_at(gt, B, H, W)  # (N,), validated once for the whole step
+        gt = self._labels_at(gt, B, H, W)  # (N,)
         ign = self.target_ignore
         backward = torch.is_grad_enabled() and x.requires_grad  # keep softmax(S) only for a backward
         # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
@@ -169,7 +169,7 @@ class ProtoSegHead(nn.Module):
 
     def _labels_at(self, gt: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
         """``gt (B, H', W')`` -> ``(B*H*W,)`` int64, nearest-downsampled as the official code,
-        range-checked, ignored pixels marked ``target_ignore``."""
+        ignored pixels marked ``target_ignore``."""
         if not isinstance(gt, torch.Tensor) or gt.dim() != 3 or gt.shape[0] != B:
             shape = tuple(gt.shape) if isinstance(gt, torch.Tensor) else type(gt).__name__
             raise ValueError(f"gt must be (B={B}, H, W) integer labels, got {shape}")
@@ -179,8 +179,7 @@ class ProtoSegHead(nn.Module):
             raise ValueError(f"gt is on {gt.device} but the head is on {self.prototypes.device}")
         if gt.shape[1:] != (H, W):
             gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0]
-        gt = gt.reshape(-1).long()
-        checks.label_range(gt, "gt", self.num_classes, self.ignore_index)
+        gt = gt.reshape(-1).long()  # its range is checked once, by the step's first op (similarity)
         if self.target_ignore != self.ignore_index:  # ignore_index is a valid target: mark ignored pixels -1
             gt = torch.where(gt == self.ignore_index, torch.full_like(gt, self.target_ignore), gt)
         return gt

@@ -694,3 +694,16 @@ def test_tensors_on_another_gpu_than_the_current_one(case):
     torch.testing.assert_close(out.seg, seg, **case.tol)
     assert torch.equal(out.target, target)
     torch.testing.assert_close(head.prototypes, new, **case.tol)
+
+
+def test_head_bad_label_raises_before_any_update(case):
+    """A label out of range stops the step with a clear error; the prototypes stay as they were."""
+    if torch.device(case.device).type == "cuda":
+        pytest.skip("on a GPU this is a device-side assert (test_labels_out_of_range_raise)")
+    head = ProtoSegHead(16, 5, num_prototype=3, backend=case.backend).to(case.device).train()
+    before = head.prototypes.clone()
+    gt = torch.randint(0, 5, (2, 6, 7), device=case.device)
+    gt[1, 2, 3] = 9
+    with pytest.raises(ValueError, match=r"labels\[\d+\] = 9 is outside \[0, 5\)"):
+        head(torch.randn(2, 16, 6, 7, device=case.device), gt)
+    assert torch.equal(head.prototypes, before)
