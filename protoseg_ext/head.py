@@ -9,6 +9,7 @@ losses are computed from those, so ``(N, C*K)`` is never materialised.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -26,6 +27,17 @@ class ProtoSegOutput(NamedTuple):
     loss_ppc: Optional[torch.Tensor]  # scalar, None without gt
     loss_ppd: Optional[torch.Tensor]  # scalar, None without gt
     target: Optional[torch.Tensor]  # (B*H*W,) int64, None without gt
+
+
+@contextlib.contextmanager
+def _labels_named_gt():
+    """The step's labels are checked once, by its first op; its error names them as the caller knows them."""
+    try:
+        yield
+    except ValueError as e:
+        if str(e).startswith("labels["):
+            raise ValueError("gt" + str(e)[len("labels"):]) from None
+        raise
 
 
 def _dist_on() -> bool:
@@ -136,9 +148,10 @@ class ProtoSegHead(nn.Module):
         gt = self._labels_at(gt, B, H, W)  # (N,)
         ign = self.target_ignore
         backward = torch.is_grad_enabled() and x.requires_grad  # keep softmax(S) only for a backward
-        # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores
-        sim = be.similarity(x, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True, lse=True, own=True,
-                            cache_bytes=self._cache_bytes() if backward else 0, normalize=True)
+        # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores; it validates the labels
+        with _labels_named_gt():
+            sim = be.similarity(x, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True, lse=True,
+                                own=True, cache_bytes=self._cache_bytes() if backward else 0, normalize=True)
         seg, pred = self._mask_norm(sim.seg, be, B, H, W)
         with torch.no_grad():
             target, sums, counts = functional.assign_and_sums(

@@ -704,6 +704,6 @@ def test_head_bad_label_raises_before_any_update(case):
     before = head.prototypes.clone()
     gt = torch.randint(0, 5, (2, 6, 7), device=case.device)
     gt[1, 2, 3] = 9
-    with pytest.raises(ValueError, match=r"labels\[\d+\] = 9 is outside \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"gt\[\d+\] = 9 is outside \[0, 5\)"):
         head(torch.randn(2, 16, 6, 7, device=case.device), gt)
     assert torch.equal(head.prototypes, before)
