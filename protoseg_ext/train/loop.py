@@ -581,6 +581,25 @@ def _embed_image(net, val_set, i: int, device):
     return image, label, feats, small[0, 0].long()
 
 
+def similarity_rgb(feats: torch.Tensor, protos: torch.Tensor, mask: torch.Tensor, size):
+    """Pixel-prototype similarity of one class as an RGB picture.
+
+    ``feats (h, w, D)`` L2-normalised embeddings, ``protos (K, D)`` the class's prototypes,
+    ``mask (h, w)`` its pixels. The three prototypes the class's pixels are most often
+    nearest to become R, G and B (cosine similarity, upsampled to ``size``, one linear scale
+    for the three channels): prototypes that coincide give equal channels, a grey picture.
+    Returns ``((H, W, 3) float array in [0, 1], the three prototype indices)``."""
+    K = protos.shape[0]
+    sim = feats @ protos.T  # (h, w, K)
+    near = torch.bincount(sim[mask].argmax(-1), minlength=K)
+    picks = torch.argsort(near, descending=True, stable=True)[: min(3, K)]
+    rgb = F.interpolate(sim[..., picks].permute(2, 0, 1)[None], size=tuple(size), mode="bilinear", align_corners=True)[0]
+    if rgb.shape[0] < 3:
+        rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], *rgb.shape[1:])])
+    lo, hi = float(rgb.min()), float(rgb.max())
+    return ((rgb - lo) / max(hi - lo, 1e-6)).permute(1, 2, 0).numpy(), [int(k) for k in picks]
+
+
 @torch.no_grad()
 def save_pictures(net, val_set, folder: Path, it: int, device, count: int = 2, classes: int = 3, pca_classes: int = 5):
     """Two pictures of the prototypes, as the paper draws them, into ``folder``:
@@ -616,17 +635,9 @@ def save_pictures(net, val_set, folder: Path, it: int, device, count: int = 2, c
             if counts[c] == 0:
                 ax.set_visible(False)
                 continue
-            sim = feats @ protos[c].T  # (h, w, K)
-            near = torch.bincount(sim[small == c].argmax(-1), minlength=K)
-            picks = torch.argsort(near, descending=True, stable=True)[: min(3, K)]
-            rgb = sim[..., picks].permute(2, 0, 1)[None]
-            rgb = F.interpolate(rgb, size=(H, W), mode="bilinear", align_corners=True)[0]
-            rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], H, W)]) if rgb.shape[0] < 3 else rgb
-            lo, hi = float(rgb.min()), float(rgb.max())
-            rgb = ((rgb - lo) / max(hi - lo, 1e-6)).permute(1, 2, 0).numpy()
-            rgb = np.where((label == c)[..., None], rgb, 0.3 * rgb)
-            ax.imshow(rgb)
-            ax.set_title(f"{names[c]}: prototypes {', '.join(str(int(k)) for k in picks)} as R, G, B", fontsize=8)
+            rgb, picks = similarity_rgb(feats, protos[c], small == c, (H, W))
+            ax.imshow(np.where((label == c)[..., None], rgb, 0.3 * rgb))
+            ax.set_title(f"{names[c]}: prototypes {', '.join(map(str, picks))} as R, G, B", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(f"pixel-prototype similarity, iteration {it}", fontsize=9)
