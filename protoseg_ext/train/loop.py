@@ -132,11 +132,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         preset = dict(RECIPES[args.recipe])
         total = preset.pop("total_batch")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if total % world:
+        p.set_defaults(**preset, batch_size=None if total % world else total // world)
+        args = p.parse_args(argv)
+        if args.batch_size is None:
             p.error(f"--recipe {args.recipe}: its batch of {total} cannot be shared by {world} processes "
                     f"(give --batch-size, images per process)")  # fmt: skip
-        p.set_defaults(**preset, batch_size=total // world)
-        args = p.parse_args(argv)
     if args.pretrained and args.backbone == "compact":
         p.error("--pretrained is for timm backbones (--backbone NAME); the compact backbone starts from random weights")
     if args.pretrained and not Path(args.pretrained).is_file():
