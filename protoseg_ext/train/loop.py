@@ -587,7 +587,8 @@ def similarity_rgb(feats: torch.Tensor, protos: torch.Tensor, mask: torch.Tensor
     ``feats (h, w, D)`` L2-normalised embeddings, ``protos (K, D)`` the class's prototypes,
     ``mask (h, w)`` its pixels. The three prototypes the class's pixels are most often
     nearest to become R, G and B (cosine similarity, upsampled to ``size``, one linear scale
-    for the three channels): prototypes that coincide give equal channels, a grey picture.
+    for the three channels, spanning the class's pixels): prototypes that coincide give
+    equal channels, a grey picture.
     Returns ``((H, W, 3) float array in [0, 1], the three prototype indices)``."""
     K = protos.shape[0]
     sim = feats @ protos.T  # (h, w, K)
@@ -596,8 +597,10 @@ def similarity_rgb(feats: torch.Tensor, protos: torch.Tensor, mask: torch.Tensor
     rgb = F.interpolate(sim[..., picks].permute(2, 0, 1)[None], size=tuple(size), mode="bilinear", align_corners=True)[0]
     if rgb.shape[0] < 3:
         rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], *rgb.shape[1:])])
-    lo, hi = float(rgb.min()), float(rgb.max())
-    return ((rgb - lo) / max(hi - lo, 1e-6)).permute(1, 2, 0).numpy(), [int(k) for k in picks]
+    own = sim[mask][:, picks] if mask.any() else sim[..., picks]  # the scale: the class's own pixels
+    lo, hi = float(own.min()), float(own.max())
+    rgb = ((rgb - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
+    return rgb.permute(1, 2, 0).numpy(), [int(k) for k in picks]
 
 
 @torch.no_grad()
