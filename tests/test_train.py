@@ -1,5 +1,6 @@
 """The training script end to end, on tiny images: outputs, resume equivalence, errors, two processes."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -406,3 +407,15 @@ def test_unknown_backbone_is_named_and_nothing_is_written(tmp_path, timm):
     err = _error_of("--out", str(out), *TINY, "--backbone", "hrnet_w4800")
     assert err.startswith("protoseg-train: error: --backbone hrnet_w4800: timm") and "does not know this model" in err
     assert not out.exists()
+
+
+def test_checkpoint_from_before_the_backbone_option_resumes(tmp_path, capsys):
+    run(tmp_path, "--iters", "4", "--stop-at", "2", "--num-pictures", "0")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["args"]["backbone"]  # as written before --backbone existed
+    torch.save(state, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iters", "4", "--resume", "--num-pictures", "0")
+    assert "(iteration 2)" in capsys.readouterr().out
+    if importlib.util.find_spec("timm") is not None:  # another backbone is another run
+        with pytest.raises(SystemExit, match="--backbone 'compact'"):
+            run(tmp_path, "--iters", "4", "--resume", "--backbone", "resnet18")

@@ -531,8 +531,10 @@ def resume(out: Path, args, net, opt, sched, device):
 def load_checkpoint(state: dict, path: Path, args, net, opt, sched) -> int:
     """Restore a checkpoint of the same schedule; returns the iteration to continue from."""
     saved = state["args"]
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-            for k in SCHEDULE_KEYS if saved.get(k) != getattr(args, k)]  # fmt: skip
+    # a setting newer than the checkpoint had, when it was written, the value that was then the only one
+    before = {"backbone": "compact"}
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, before.get(k))!r} (now {getattr(args, k)!r})"
+            for k in SCHEDULE_KEYS if saved.get(k, before.get(k)) != getattr(args, k)]  # fmt: skip
     if diff:
         fail(f"cannot resume {path}: it was trained with " + ", ".join(diff))
     net.load_state_dict(state["model"])
