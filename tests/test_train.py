@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from protoseg_ext.train.data import IGNORE_INDEX, SyntheticScenes, export_synthetic  # noqa: E402
+from protoseg_ext.train.data import IGNORE_INDEX, export_synthetic  # noqa: E402
 from protoseg_ext.train import main  # noqa: E402
 from protoseg_ext.train import loop  # noqa: E402
 from protoseg_ext.train.model import prototype_cosine  # noqa: E402

@@ -92,6 +92,8 @@ def cityscapes_id_to_train_id() -> np.ndarray:
     table = np.full(CITYSCAPES_NUM_IDS, IGNORE_INDEX, np.uint8)
     table[list(CITYSCAPES_EVAL_IDS)] = np.arange(len(CITYSCAPES_EVAL_IDS), dtype=np.uint8)
     return table
+
+
 SYNTHETIC_CLASSES = ("sky", "ground", "building", "tree", "fence", "car", "sign", "ball")
 SYNTHETIC_PALETTE = (
     (70, 130, 180), (152, 121, 82), (70, 70, 70), (107, 142, 35), (190, 153, 153),

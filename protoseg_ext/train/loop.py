@@ -596,7 +596,8 @@ def similarity_rgb(feats: torch.Tensor, protos: torch.Tensor, mask: torch.Tensor
     sim = feats @ protos.T  # (h, w, K)
     near = torch.bincount(sim[mask].argmax(-1), minlength=K)
     picks = torch.argsort(near, descending=True, stable=True)[: min(3, K)]
-    rgb = F.interpolate(sim[..., picks].permute(2, 0, 1)[None], size=tuple(size), mode="bilinear", align_corners=True)[0]
+    rgb = sim[..., picks].permute(2, 0, 1)[None]  # (1, 3, h, w)
+    rgb = F.interpolate(rgb, size=tuple(size), mode="bilinear", align_corners=True)[0]
     if rgb.shape[0] < 3:
         rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], *rgb.shape[1:])])
     own = sim[mask][:, picks] if mask.any() else sim[..., picks]  # the scale: the class's own pixels
