@@ -2,8 +2,7 @@
 
     python -m protoseg_ext.train --out runs/synthetic            # procedural scenes, no download
     python -m protoseg_ext.train --dataset cityscapes --data-root DIR --out runs/cs
-    torchrun --nproc_per_node=4 -m protoseg_ext.train --recipe cityscapes-hrnet48 --data-root DIR \
-        --pretrained hrnetv2_w48_imagenet.pth --out runs/hrnet48    # the paper's setting
+    torchrun --nproc_per_node=4 -m protoseg_ext.train --recipe cityscapes-hrnet48 --data-root DIR --pretrained W48.pth
 
 Loss ``CE(seg) + 0.01 PPC + 0.001 PPD``, SGD with poly learning-rate decay.
 ``OUT`` holds ``checkpoint.pt`` (the latest, replaced atomically) and
