@@ -75,7 +75,7 @@ def prototype_learning(self, _c, out_seg, gt_seg, masks):
     in_range = (labels >= 0) & (labels < C) & (gt == labels)  # also drops fractional float labels
     labels = torch.where(in_range, labels, torch.full_like(labels, -1))
     protos = self.prototypes.data
-    update = bool(getattr(self, "update_prototype", True))
+    update = getattr(self, "update_prototype", True) is True  # official: `self.update_prototype is True`
     target, new = functional.prototype_learning(
         _c.detach(), protos, labels, seg.detach(), gamma=self.gamma, assign="gumbel", ignore_index=-1,
         update=update,

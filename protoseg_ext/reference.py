@@ -20,8 +20,14 @@ Two deliberate, documented choices go beyond the official code:
   every backend.
 * A pixel whose feature row is not finite (NaN or inf) is treated as ignored by
   prototype learning: it joins no Sinkhorn problem, updates no prototype and
-  gets ``target = ignore_index``. The official code would spread the NaN into
-  the prototypes and lose the training run.
+  gets ``target = ignore_index``. In the official code such a row makes the
+  whole Sinkhorn matrix of its class NaN (the first normalisation divides by a
+  NaN sum), so the class's prototype sums and counts are NaN, its update test
+  ``torch.sum(n) > 0`` is False and its prototypes are left unchanged for that
+  step, while every pixel of the class gets the target of prototype 0 (arg-max
+  of a NaN row) and the row's PPC logits are NaN. The prototypes stay finite;
+  the NaN reaches the network through the loss instead. Here the row's class
+  is still updated from its finite pixels.
 """
 
 from __future__ import annotations

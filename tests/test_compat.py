@@ -77,3 +77,17 @@ def test_prototype_learning_method_drop_in():
 def test_distributed_sinkhorn_rejects_bad_shape():
     with pytest.raises(ValueError, match="out must be"):
         compat.distributed_sinkhorn(torch.rand(10))
+
+
+@pytest.mark.parametrize("flag, updates", [(True, True), (False, False), (1, False), ("yes", False)])
+def test_update_prototype_is_tested_with_is_true_like_the_official_code(flag, updates):
+    f, p, gt, _ = make_problem(N=6 * 8, D=16, C=4, K=3)
+    model = OfficialLikeModel(p)
+    model.update_prototype = flag  # official: `if ... and self.update_prototype is True`
+    masks = torch.einsum("nd,kmd->nmk", f, p)
+    correct = 10.0 * F.one_hot(gt.clamp(min=0), 4)  # every labeled pixel predicted right: all update
+    out_seg = (masks.amax(1) + correct).view(1, 6, 8, 4).permute(0, 3, 1, 2)
+    gt_seg = torch.where(gt >= 0, gt, torch.full_like(gt, 255)).float()
+    model.prototype_learning(f, out_seg, gt_seg, masks)
+    moved = (model.prototypes.data - p).abs().max()
+    assert (moved > 1e-3) if updates else (moved < 1e-6)

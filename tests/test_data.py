@@ -17,6 +17,7 @@ from protoseg_ext.train.data import (  # noqa: E402
     SyntheticScenes,
     TrainView,
     build_dataset,
+    cityscapes_id_to_train_id,
     export_synthetic,
 )
 
@@ -145,3 +146,65 @@ def test_schedule_sampler_resumes_mid_epoch_and_shards():
     assert sorted(i for i, _ in r0 + r1) == list(range(10))
     with pytest.raises(DatasetError):
         ScheduleSampler(SyntheticScenes("train", SIZE, 1), 0, 2)
+
+
+# ---------------------------------------------------------------- Cityscapes as downloaded (labelIds)
+
+
+def test_cityscapes_id_table_is_the_official_one():
+    table = cityscapes_id_to_train_id()
+    assert len(table) == 34  # labelIds 0 (unlabeled) .. 33 (bicycle)
+    # a few entries of cityscapesscripts' helpers/labels.py: (name, id, trainId)
+    for name, label_id, train_id in [("road", 7, 0), ("sidewalk", 8, 1), ("building", 11, 2), ("pole", 17, 5),
+                                     ("sky", 23, 10), ("car", 26, 13), ("train", 31, 16), ("bicycle", 33, 18)]:
+        assert table[label_id] == train_id and CITYSCAPES_CLASSES[train_id] == name
+    # unlabeled .. ground (0-6), parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer
+    for label_id in (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30):
+        assert table[label_id] == IGNORE_INDEX
+    assert sorted(table[table != IGNORE_INDEX]) == list(range(19))
+
+
+def test_cityscapes_label_ids_are_mapped_to_train_ids(tmp_path):
+    from PIL import Image
+
+    ids_root = export_synthetic(tmp_path / "ids", "cityscapes", train=2, val=1, size=SIZE, label_ids=True)
+    train_root = export_synthetic(tmp_path / "train", "cityscapes", train=2, val=1, size=SIZE)
+    assert not list((ids_root / "gtFine").rglob("*_labelTrainIds.png"))
+    by_ids, by_train = CityscapesDataset(ids_root, "train"), CityscapesDataset(train_root, "train")
+    assert by_ids.pairs[0][1].name.endswith("_gtFine_labelIds.png")
+    np.testing.assert_array_equal(by_ids.load(0)[1], by_train.load(0)[1])
+    # ids of classes that are not evaluated become ignored
+    path = by_ids.pairs[0][1]
+    raw = np.asarray(Image.open(path)).copy()
+    raw[0, :4] = [0, 1, 4, 30]  # unlabeled, ego vehicle, static, trailer
+    raw[1, :3] = [7, 24, 33]  # road, person, bicycle
+    Image.fromarray(raw).save(path)
+    label = by_ids.load(0)[1]
+    assert (label[0, :4] == IGNORE_INDEX).all() and list(label[1, :3]) == [0, 11, 18]
+    # labelTrainIds wins when both files are there
+    path.rename(path.with_name(path.name.replace("_labelIds", "_labelTrainIds")))
+    Image.fromarray(np.zeros(SIZE, np.uint8)).save(path)
+    assert CityscapesDataset(ids_root, "train").pairs[0][1].name.endswith("_labelTrainIds.png")
+
+
+def test_cityscapes_label_ids_outside_the_table_are_named(tmp_path):
+    from PIL import Image
+
+    root = export_synthetic(tmp_path, "cityscapes", train=2, val=1, size=SIZE, label_ids=True)
+    ds = CityscapesDataset(root, "train")
+    raw = np.asarray(Image.open(ds.pairs[1][1])).copy()
+    raw[3, 5] = 34
+    Image.fromarray(raw).save(ds.pairs[1][1])
+    ds.load(0)
+    with pytest.raises(DatasetError, match=f"label {ds.pairs[1][1]} holds value 34: expected Cityscapes labelIds"):
+        ds.load(1)
+    with pytest.raises(DatasetError, match="holds value 34"):  # the check before training finds it too
+        ds.check_labels(threads=2)
+
+
+def test_cityscapes_without_either_label_file_says_what_it_expected(tmp_path):
+    root = export_synthetic(tmp_path, "cityscapes", train=1, val=1, size=SIZE, label_ids=True)
+    label = next((root / "gtFine" / "train").glob("*/*_labelIds.png"))
+    label.unlink()
+    with pytest.raises(DatasetError, match="_gtFine_labelTrainIds.png or .*_gtFine_labelIds.png"):
+        CityscapesDataset(root, "train")

@@ -84,3 +84,85 @@ def test_exact_sync_applies_the_global_mean(tmp_path, backend):
     # and it differs from the official average (the two modes are not the same thing)
     per_rank = [R.prototype_learning(*_local(r), gamma=0.5, assign="argmax")[1] for r in range(2)]
     assert not torch.allclose(got[0], (per_rank[0] + per_rank[1]) / 2, atol=1e-4)
+
+
+# ---------------------------------------------------------------- exact mode == one process on the union
+
+D, C, K = 16, 4, 3
+
+
+def _centres():
+    """Zero-mean unit prototypes: the head's LayerNorm over D keeps their direction."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.randn(C, K, D, generator=g, dtype=torch.float64)
+    return torch.nn.functional.normalize(p - p.mean(-1, keepdim=True), dim=-1).float()
+
+
+def _clustered_data(rank):
+    """(x (2, D, 6, 8), gt (2, 6, 8)) for `rank`: every pixel near one prototype of its class,
+    every (class, prototype) present on every rank, per-rank counts that differ."""
+    g = torch.Generator().manual_seed(300 + rank)
+    n = 2 * 6 * 8
+    slot = torch.cat([torch.arange(C * K), torch.randint(0, C * K if rank == 0 else K * 2, (n - C * K,), generator=g)])
+    slot = slot[torch.randperm(n, generator=g)]
+    x = _centres().view(C * K, D)[slot] + 0.05 * torch.randn(n, D, generator=g)
+    gt = slot // K
+    gt[torch.rand(n, generator=g) < 0.1] = -1
+    return x.view(2, 6, 8, D).permute(0, 3, 1, 2).contiguous(), gt.view(2, 6, 8)
+
+
+def _clustered_head(sync, backend):
+    head = _head(sync, backend)
+    head.gamma = 0.5
+    with torch.no_grad():
+        head.prototypes.copy_(_centres())
+    return head
+
+
+def _clustered_worker(rank, world, init_file, out_dir, sync, backend):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        head = _clustered_head(sync, backend)
+        head(*_clustered_data(rank))
+        torch.save(head.prototypes, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _union_run(backend):
+    """One process, one step on the pixels of both ranks: (new prototypes, targets local vs union)."""
+    head = _clustered_head("none", backend)
+    (x0, g0), (x1, g1) = _clustered_data(0), _clustered_data(1)
+    x, gt = torch.cat([x0, x1]), torch.cat([g0, g1])
+    with torch.no_grad():  # the premise: Sinkhorn gives each pixel the same prototype locally and on the union
+        def targets(xs, gs):
+            f = head.embed(xs)
+            seg = head.mask_norm(R.proto_seg_logits(f, head.prototypes))
+            return R.prototype_learning(f, head.prototypes, gs.view(-1), seg, gamma=0.5, assign="argmax")[0]
+
+        local = torch.cat([targets(x0, g0), targets(x1, g1)])
+        union = targets(x, gt)
+    head(x, gt)
+    return head.prototypes, local, union
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_exact_sync_equals_one_process_on_the_union_of_pixels(tmp_path, backend):
+    mp.start_processes(_clustered_worker, args=(2, str(tmp_path / "init"), str(tmp_path), "exact", backend), nprocs=2,
+                       join=True, start_method="spawn")  # fmt: skip
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expect, local, union = _union_run(backend)
+    assert torch.equal(local, union)
+    assert torch.equal(got[0], got[1])  # both ranks hold the same prototypes
+    torch.testing.assert_close(got[0], expect, atol=1e-6, rtol=1e-6)
+    assert (expect - _centres()).abs().max() > 1e-3  # the step did move the prototypes
+
+    if backend != "cpu":
+        return
+    # the official average of per-rank updates is a different thing on the same data
+    (tmp_path / "official").mkdir()
+    mp.start_processes(_clustered_worker, args=(2, str(tmp_path / "init2"), str(tmp_path / "official"), "official",
+                       backend), nprocs=2, join=True, start_method="spawn")  # fmt: skip
+    official = torch.load(tmp_path / "official" / "rank0.pt")
+    assert not torch.allclose(official, expect, atol=1e-4)

@@ -1,18 +1,22 @@
 """The training script end to end, on tiny images: outputs, resume equivalence, errors, two processes."""
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("PIL")
 
-from protoseg_ext.train.data import export_synthetic  # noqa: E402
+from protoseg_ext.train.data import IGNORE_INDEX, export_synthetic  # noqa: E402
 from protoseg_ext.train import main  # noqa: E402
+from protoseg_ext.train import loop  # noqa: E402
+from protoseg_ext.train.model import prototype_cosine  # noqa: E402
 
 TINY = [
     "--synthetic-size", "32", "64", "--synthetic-count", "8", "4", "--width", "8", "--proj-dim", "16",
@@ -43,10 +47,16 @@ def test_tiny_training_run_writes_everything(tmp_path):
     assert saved["iters"] == 4 and saved["miou"] == pytest.approx(metrics["miou"])
     assert 0.0 <= saved["miou"] <= 1.0 and set(saved["per_class_iou"]) >= {"sky", "ground", "car"}
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
+    for it in (2, 4):
+        for kind in ("similarity", "embedding"):
+            assert (tmp_path / "pictures" / f"{kind}_iter{it:06d}.png").is_file()
+    assert -1.0 <= saved["prototype_cosine"] <= 1.0 and set(saved["prototype_cosine_per_class"]) == set(saved["per_class_iou"])
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("iter,lr,loss,ce,ppc,ppd") and len(rows) == 1 + 2 + 2  # 2 log rows, 2 evaluations
+    assert rows[0].endswith(",miou,proto_cos") and rows[-1].split(",")[-1] == f"{saved['prototype_cosine']:.6g}"
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["iter"] == 4 and "head.prototypes" in state["model"]
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["iter"] == 2  # the one before, kept
 
 
 @pytest.mark.parametrize("head_stride", [1, 4])
@@ -94,12 +104,14 @@ def test_unavailable_backend_says_why(tmp_path):
         run(tmp_path, "--backend", "cuda", "--device", "cpu")
 
 
-def test_file_datasets_train_end_to_end(tmp_path):
-    root = export_synthetic(tmp_path / "cs", "cityscapes", train=2, val=1, size=(32, 64))
+@pytest.mark.parametrize("label_ids", [False, True])
+def test_file_datasets_train_end_to_end(tmp_path, label_ids):
+    root = export_synthetic(tmp_path / "cs", "cityscapes", train=2, val=1, size=(32, 64), label_ids=label_ids)
     metrics = run(tmp_path / "out", "--dataset", "cityscapes", "--data-root", str(root), "--crop", "32", "32",
                   "--iters", "2", "--eval-every", "2")  # fmt: skip
-    assert len(metrics["per_class_iou"]) == 19
-    assert metrics["per_class_iou"]["train"] is None  # absent from the ground truth: not in the mean
+    assert len(metrics["per_class_iou"]) == 19 and len(metrics["prototype_cosine_per_class"]) == 19
+    scored = [v for v in metrics["per_class_iou"].values() if v is not None]
+    assert metrics["miou"] == pytest.approx(sum(scored) / len(scored))
 
 
 def _error_of(*argv):
@@ -150,3 +162,260 @@ def test_two_processes_with_gloo(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["args"]["world_size"] == 2
     assert torch.isfinite(state["model"]["head.prototypes"]).all()
+
+
+# ---------------------------------------------------------------- evaluation as cityscapesscripts does it
+
+
+def cityscapes_official_ious(gt_ids, pred_ids):
+    """The rule of cityscapesscripts' evalPixelLevelSemanticLabeling, stated independently, in
+    labelId space: confusion over every ground-truth labelId (0..33); false positives count only
+    on pixels whose ground truth is evaluated; IoU = TP / (TP + FP + FN), NaN when that is 0;
+    the mean over the non-NaN classes."""
+    from protoseg_ext.train.data import CITYSCAPES_EVAL_IDS
+
+    conf = np.zeros((34, 34), np.int64)
+    np.add.at(conf, (gt_ids.ravel(), pred_ids.ravel()), 1)
+    evaluated = list(CITYSCAPES_EVAL_IDS)
+    ious = []
+    for i in evaluated:
+        tp = conf[i, i]
+        fn = conf[i, :].sum() - tp
+        fp = conf[[j for j in evaluated if j != i], i].sum()
+        ious.append(tp / (tp + fp + fn) if tp + fp + fn else float("nan"))
+    return conf, ious, float(np.nanmean(ious))
+
+
+class ReplayNet(torch.nn.Module):
+    """Stands in for the network in evaluate(): returns the given predictions, image by image."""
+
+    def __init__(self, preds, num_classes):
+        super().__init__()
+        self.preds, self.C = list(preds), num_classes
+        self.head = torch.nn.Module()
+        self.head.register_buffer("prototypes", torch.nn.functional.normalize(torch.randn(num_classes, 3, 4), dim=-1))
+
+    def forward(self, image):
+        pred = torch.from_numpy(self.preds.pop(0)).long()
+        return torch.nn.functional.one_hot(pred, self.C).permute(2, 0, 1)[None].float(), None
+
+
+def test_evaluation_matches_the_official_cityscapes_rule(tmp_path):
+    from PIL import Image
+    from protoseg_ext.train.data import CITYSCAPES_EVAL_IDS, CityscapesDataset, cityscapes_id_to_train_id
+
+    root = export_synthetic(tmp_path / "cs", "cityscapes", train=1, val=3, size=(16, 24), label_ids=True)
+    val = CityscapesDataset(root, "val")
+    rng = np.random.default_rng(0)
+    table, eval_ids = cityscapes_id_to_train_id(), np.array(CITYSCAPES_EVAL_IDS)
+    gts, preds = [], []
+    for i, (_, path) in enumerate(val.pairs):
+        # ground truth: a few evaluated classes and some ignored ids (0, 1, 4, 30); never "train" (31) or "bus" (28)
+        gt = rng.choice([0, 1, 4, 30, 7, 8, 11, 23, 26, 24], size=(16, 24)).astype(np.uint8)
+        pred = rng.choice(eval_ids[[0, 1, 2, 10, 13, 11, 16]], size=(16, 24))  # "train" predicted, "bus" never
+        pred = np.where(rng.random((16, 24)) < 0.5, gt, pred)
+        pred = np.where(table[pred] == IGNORE_INDEX, 7, pred)
+        Image.fromarray(gt).save(path)
+        gts.append(gt), preds.append(pred)
+    args = loop.parse_args(["--dataset", "cityscapes", "--data-root", str(root), "--workers", "0", "--num-preds", "0"])
+    net = ReplayNet([table[p] for p in preds], 19)
+    metrics = loop.evaluate(net, val, args, torch.device("cpu"), 0, 1, tmp_path / "out")
+    _, ious, miou = cityscapes_official_ious(np.stack(gts), np.stack(preds))
+    for name, iou in zip(val.class_names, ious):
+        if np.isnan(iou):
+            assert metrics["per_class_iou"][name] is None, name
+        else:
+            assert metrics["per_class_iou"][name] == pytest.approx(iou), name
+    assert metrics["per_class_iou"]["train"] == 0.0  # absent from the ground truth, predicted: counts as 0
+    assert metrics["per_class_iou"]["bus"] is None  # neither: left out of the mean
+    assert metrics["miou"] == pytest.approx(miou)
+
+
+def test_prototype_cosine():
+    e = torch.eye(4)
+    protos = torch.stack([e[:3], e[[0, 0, 0]], torch.stack([e[0], e[0], -e[0]])])  # (3 classes, K=3, D=4)
+    cos = prototype_cosine(protos)
+    torch.testing.assert_close(cos, torch.tensor([0.0, 1.0, -1.0 / 3], dtype=torch.float64))
+    assert prototype_cosine(torch.randn(2, 1, 4)).tolist() == [1.0, 1.0]
+
+
+def test_similarity_picture_is_grey_for_collapsed_prototypes():
+    feats = torch.nn.functional.normalize(torch.randn(6, 8, 5), dim=-1)
+    mask = torch.ones(6, 8, dtype=torch.bool)
+    same = torch.nn.functional.normalize(torch.randn(1, 5), dim=-1).expand(4, 5)
+    grey, _ = loop.similarity_rgb(feats, same, mask, (12, 16))
+    assert grey.shape == (12, 16, 3) and np.allclose(grey[..., 0], grey[..., 1]) and np.allclose(grey[..., 0], grey[..., 2])
+    apart, picks = loop.similarity_rgb(feats, torch.eye(5)[:4], mask, (12, 16))
+    assert len(set(picks)) == 3 and not np.allclose(apart[..., 0], apart[..., 1])
+    assert 0.0 <= apart.min() and apart.max() <= 1.0
+
+
+# ---------------------------------------------------------------- recipe
+
+
+def test_recipe_sets_the_official_setting_and_flags_override(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    a = loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs"])
+    assert (a.dataset, a.backbone, a.iters, a.batch_size, a.crop) == ("cityscapes", "hrnet_w48", 80000, 2, [512, 1024])
+    assert (a.lr, a.momentum, a.weight_decay, a.poly_power, a.gamma) == (0.01, 0.9, 5e-4, 0.9, 0.999)
+    assert (a.ppc_weight, a.ppd_weight, a.num_prototype, a.head_stride, a.proj_dim) == (0.01, 0.001, 10, 4, 720)
+    b = loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs", "--iters", "100", "--batch-size", "1",
+                         "--crop", "256", "512", "--backbone", "hrnet_w18_small_v2"])  # fmt: skip
+    assert (b.iters, b.batch_size, b.crop, b.backbone, b.lr) == (100, 1, [256, 512], "hrnet_w18_small_v2", 0.01)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs"])
+    assert loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs", "--batch-size", "3"]).batch_size == 3
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
+    common = ["--iters", "4", "--eval-every", "2", "--assign", "argmax", "--num-pictures", "0"]
+    run(tmp_path / "straight", *common)
+    run(tmp_path / "damaged", *common, "--stop-at", "3")  # checkpoints at 2 (evaluation) and 3 (stop)
+    ckpt = tmp_path / "damaged" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])  # truncated, as by a full disk or a killed copy
+    capsys.readouterr()
+    run(tmp_path / "damaged", *common, "--resume")
+    text = capsys.readouterr().out
+    assert f"{ckpt} cannot be read" in text and f"resumed from {ckpt.with_name('checkpoint.prev.pt')} (iteration 2)" in text
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["iter"] == b["iter"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_no_readable_checkpoint_names_the_files(tmp_path):
+    run(tmp_path, "--iters", "4", "--eval-every", "2", "--num-pictures", "0")
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 truncated")
+    err = _error_of("--out", str(tmp_path), *TINY, "--iters", "4", "--resume")
+    assert err.startswith("protoseg-train: error: cannot resume: ")
+    assert f"{tmp_path / 'checkpoint.pt'} cannot be read" in err and f"{tmp_path / 'checkpoint.prev.pt'} cannot be read" in err
+
+
+def test_resume_says_where_it_continued_from(tmp_path, capsys):
+    run(tmp_path, "--iters", "4", "--stop-at", "2", "--num-pictures", "0")
+    capsys.readouterr()
+    run(tmp_path, "--iters", "4", "--resume", "--num-pictures", "0")
+    assert f"resumed from {tmp_path / 'checkpoint.pt'} (iteration 2)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad input: a clear error, nothing written
+
+
+def test_bad_label_ids_stop_before_anything_is_written(tmp_path):
+    from PIL import Image
+
+    root = export_synthetic(tmp_path / "cs", "cityscapes", train=2, val=1, size=(32, 64), label_ids=True)
+    path = sorted((root / "gtFine" / "val").rglob("*_labelIds.png"))[0]
+    raw = np.asarray(Image.open(path)).copy()
+    raw[0, 0] = 200
+    Image.fromarray(raw).save(path)
+    out = tmp_path / "out"
+    err = _error_of("--out", str(out), *TINY, "--dataset", "cityscapes", "--data-root", str(root), "--crop", "32", "32")
+    assert err == f"protoseg-train: error: label {path} holds value 200: expected Cityscapes labelIds in [0, 34)"
+    assert not out.exists()
+
+
+def test_pretrained_needs_a_timm_backbone_and_a_file(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        run(out, "--pretrained", str(tmp_path / "w.pth"))
+    with pytest.raises(SystemExit):
+        run(out, "--backbone", "hrnet_w18_small_v2", "--pretrained", str(tmp_path / "missing.pth"))
+    assert not out.exists()
+
+
+def test_timm_missing_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
+    out = tmp_path / "out"
+    err = _error_of("--out", str(out), *TINY, "--backbone", "hrnet_w48")
+    assert "timm" in err and "pip install 'protoseg_ext[timm]'" in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- timm backbones (random init, tiny inputs, offline)
+
+
+@pytest.fixture
+def timm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach the network
+    return pytest.importorskip("timm")
+
+
+def test_hrnet_branches_concatenate_like_the_official_head(timm):
+    from protoseg_ext.train.model import TimmBackbone
+
+    small = TimmBackbone("hrnet_w18_small_v2")
+    assert small.out_channels == 18 + 36 + 72 + 144 and small.stride == 4
+    y = small(torch.randn(1, 3, 64, 96))
+    assert y.shape == (1, 270, 16, 24)
+    # other families: every map of stride >= 4, upsampled to the finest and concatenated
+    assert TimmBackbone("resnet18").out_channels == 64 + 128 + 256 + 512
+    assert TimmBackbone("hrnet_w48").out_channels == 720  # openseg's HRNet-W48 head input
+
+
+def test_tiny_run_with_a_timm_backbone(tmp_path, timm):
+    metrics = run(tmp_path, "--backbone", "hrnet_w18_small_v2", "--iters", "2", "--eval-every", "2")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["args"]["backbone"] == "hrnet_w18_small_v2" and any(k.startswith("backbone.body.") for k in state["model"])
+    assert 0.0 <= metrics["miou"] <= 1.0
+    with pytest.raises(SystemExit, match="--backbone 'hrnet_w18_small_v2'"):  # a resume must use the same network
+        run(tmp_path, "--iters", "2", "--resume")
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_pretrained_weights_load_from_a_local_file(tmp_path, timm, fmt):
+    from protoseg_ext.train.model import TimmBackbone
+
+    torch.manual_seed(5)
+    full = timm.create_model("hrnet_w18_small_v2")  # the classification model: classifier and incre layers too
+    path = tmp_path / f"w.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors").torch.save_file(full.state_dict(), str(path))
+    else:  # as a training script saves it: under "state_dict", with DDP's "module." prefixes
+        torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}}, path)
+    torch.manual_seed(6)  # another random init: only the file can make the weights equal
+    own = TimmBackbone("hrnet_w18_small_v2", str(path)).body.state_dict()
+    assert len(own) > 100 and all(torch.equal(own[k], full.state_dict()[k]) for k in own)
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path, timm):
+    full = timm.create_model("hrnet_w18_small_v2").state_dict()
+    full.pop("conv1.weight")
+    full["neck.proj.weight"] = torch.zeros(3)
+    full["bn1.weight"] = torch.zeros(5)
+    path = tmp_path / "w.pth"
+    torch.save(full, path)
+    out = tmp_path / "out"
+    err = _error_of("--out", str(out), *TINY, "--backbone", "hrnet_w18_small_v2", "--pretrained", str(path))
+    assert err.startswith(f"protoseg-train: error: --pretrained {path} does not fit --backbone hrnet_w18_small_v2")
+    assert "missing keys (1): conv1.weight" in err and "unexpected keys (1): neck.proj.weight" in err
+    assert "wrong shapes (1): bn1.weight (5,) (model (64,))" in err
+    path.write_bytes(path.read_bytes()[:5000])
+    err = _error_of("--out", str(out), *TINY, "--backbone", "hrnet_w18_small_v2", "--pretrained", str(path))
+    assert err.startswith(f"protoseg-train: error: --pretrained {path}: cannot read it as weights")
+    assert not out.exists()
+
+
+def test_unknown_backbone_is_named_and_nothing_is_written(tmp_path, timm):
+    out = tmp_path / "out"
+    err = _error_of("--out", str(out), *TINY, "--backbone", "hrnet_w4800")
+    assert err.startswith("protoseg-train: error: --backbone hrnet_w4800: timm") and "does not know this model" in err
+    assert not out.exists()
+
+
+def test_checkpoint_from_before_the_backbone_option_resumes(tmp_path, capsys):
+    run(tmp_path, "--iters", "4", "--stop-at", "2", "--num-pictures", "0")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["args"]["backbone"]  # as written before --backbone existed
+    torch.save(state, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iters", "4", "--resume", "--num-pictures", "0")
+    assert "(iteration 2)" in capsys.readouterr().out
+    if importlib.util.find_spec("timm") is not None:  # another backbone is another run
+        with pytest.raises(SystemExit, match="--backbone 'compact'"):
+            run(tmp_path, "--iters", "4", "--resume", "--backbone", "resnet18")

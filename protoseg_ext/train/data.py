@@ -34,6 +34,8 @@ __all__ = [
     "ScheduleSampler",
     "colorize",
     "export_synthetic",
+    "CITYSCAPES_EVAL_IDS",
+    "cityscapes_id_to_train_id",
 ]
 
 IGNORE_INDEX = 255
@@ -79,6 +81,19 @@ ADE20K_CLASSES = (
     "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
 assert len(CITYSCAPES_CLASSES) == 19 and len(ADE20K_CLASSES) == 150
+# Cityscapes labelIds (0-33, as in *_gtFine_labelIds.png) of the 19 evaluated classes, in train-id
+# order (the table of cityscapesscripts' helpers/labels.py); every other id is ignored (255)
+CITYSCAPES_EVAL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_NUM_IDS = 34  # labelIds 0 (unlabeled) to 33 (bicycle)
+
+
+def cityscapes_id_to_train_id() -> np.ndarray:
+    """``(34,)`` uint8 lookup table: labelId -> trainId (255 for the ids that are not evaluated)."""
+    table = np.full(CITYSCAPES_NUM_IDS, IGNORE_INDEX, np.uint8)
+    table[list(CITYSCAPES_EVAL_IDS)] = np.arange(len(CITYSCAPES_EVAL_IDS), dtype=np.uint8)
+    return table
+
+
 SYNTHETIC_CLASSES = ("sky", "ground", "building", "tree", "fence", "car", "sign", "ball")
 SYNTHETIC_PALETTE = (
     (70, 130, 180), (152, 121, 82), (70, 70, 70), (107, 142, 35), (190, 153, 153),
@@ -129,12 +144,14 @@ def read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read image {path}: {e}") from None
 
 
-def read_label(path: Path, num_classes: int, shift: bool = False) -> np.ndarray:
+def read_label(path: Path, num_classes: int, shift: bool = False, id_table: Optional[np.ndarray] = None) -> np.ndarray:
     """A single-channel label file as ``(H, W)`` uint8 train ids.
 
     ``shift`` (ADE20K): file value 0 is "other" and becomes IGNORE_INDEX, value
-    v > 0 becomes class v - 1. Values outside ``[0, C)`` that are not ignored
-    raise :class:`DatasetError`, naming the file.
+    v > 0 becomes class v - 1. ``id_table`` (Cityscapes labelIds): file value v
+    in ``[0, len(id_table))`` becomes ``id_table[v]``. Values outside ``[0, C)``
+    that are not ignored (or outside the id table) raise :class:`DatasetError`,
+    naming the file.
     """
     Image = _pil()
     try:
@@ -144,6 +161,13 @@ def read_label(path: Path, num_classes: int, shift: bool = False) -> np.ndarray:
             label = np.asarray(im).astype(np.int64)
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read label {path}: {e}") from None
+    if id_table is not None:
+        bad = (label < 0) | (label >= len(id_table))
+        if bad.any():
+            raise DatasetError(
+                f"label {path} holds value {int(label[bad][0])}: expected Cityscapes labelIds in [0, {len(id_table)})"
+            )
+        return id_table[label]
     if shift:
         label = np.where(label == 0, IGNORE_INDEX + 1, label) - 1
     bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
@@ -179,10 +203,26 @@ class _FileDataset:
     def name(self, i: int) -> str:
         return self.pairs[i][0].stem
 
+    def id_table_of(self, label_path: Path) -> Optional[np.ndarray]:
+        """File value -> train id for this label file, when the file holds another id space."""
+        return None
+
+    def check_labels(self, threads: int = 1) -> None:
+        """Read every label file once: a file that cannot be read, or holds a value outside
+        the classes, raises :class:`DatasetError` naming it (before any training)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def check(pair):
+            read_label(pair[1], self.num_classes, self.shift_labels, self.id_table_of(pair[1]))
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for _ in pool.map(check, self.pairs):
+                pass
+
     def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
         img_path, lbl_path = self.pairs[i]
         image = read_image(img_path)
-        label = read_label(lbl_path, self.num_classes, self.shift_labels)
+        label = read_label(lbl_path, self.num_classes, self.shift_labels, self.id_table_of(lbl_path))
         if image.shape[:2] != label.shape:
             raise DatasetError(
                 f"image {img_path} is {image.shape[1]}x{image.shape[0]} but its label {lbl_path} is "
@@ -192,8 +232,10 @@ class _FileDataset:
 
 
 class CityscapesDataset(_FileDataset):
-    """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
-    ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (19 classes, 255 ignored)."""
+    """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with, for each image,
+    ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (19 classes, 255 ignored) or, as
+    downloaded, ``*_gtFine_labelIds.png`` mapped through the official labelId -> trainId
+    table (:data:`CITYSCAPES_EVAL_IDS`; every other id is ignored)."""
 
     num_classes = 19
     class_names = CITYSCAPES_CLASSES
@@ -203,15 +245,22 @@ class CityscapesDataset(_FileDataset):
         root = Path(root)
         img_dir, lbl_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         _require_dir(img_dir, "Cityscapes images: leftImg8bit/<split>/<city>/*_leftImg8bit.png")
-        _require_dir(lbl_dir, "Cityscapes labels: gtFine/<split>/<city>/*_gtFine_labelTrainIds.png")
+        _require_dir(lbl_dir, "Cityscapes labels: gtFine/<split>/<city>/*_gtFine_labelTrainIds.png or *_gtFine_labelIds.png")
         pairs = []
         for img in sorted(img_dir.glob("*/*_leftImg8bit.png")):
-            stem = img.name[: -len("_leftImg8bit.png")]
-            lbl = lbl_dir / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
-            if not lbl.is_file():
-                raise DatasetError(f"image {img} has no label: expected {lbl}")
-            pairs.append((img, lbl))
+            stem = lbl_dir / img.parent.name / img.name[: -len("_leftImg8bit.png")]
+            train_ids, ids = Path(f"{stem}_gtFine_labelTrainIds.png"), Path(f"{stem}_gtFine_labelIds.png")
+            if train_ids.is_file():
+                pairs.append((img, train_ids))
+            elif ids.is_file():
+                pairs.append((img, ids))
+            else:
+                raise DatasetError(f"image {img} has no label: expected {train_ids} or {ids}")
         super().__init__(pairs, img_dir)
+        self._id_table = cityscapes_id_to_train_id()
+
+    def id_table_of(self, label_path: Path) -> Optional[np.ndarray]:
+        return self._id_table if label_path.name.endswith("_gtFine_labelIds.png") else None
 
     def name(self, i: int) -> str:
         return self.pairs[i][0].name[: -len("_leftImg8bit.png")]
@@ -510,17 +559,23 @@ _EXPORT_NAMES = {
 }
 
 
-def export_synthetic(root, layout: str, train: int = 24, val: int = 8, size=(256, 512), seed: int = 0) -> Path:
+def export_synthetic(
+    root, layout: str, train: int = 24, val: int = 8, size=(256, 512), seed: int = 0, label_ids: bool = False
+) -> Path:
     """Write synthetic scenes to ``root`` in the Cityscapes or ADE20K file layout.
 
     A stand-in for the real datasets (to try the file readers, or to time
     training on files of a known size): labels are remapped to the train ids
-    of the classes named in ``_EXPORT_NAMES``. Returns the ``--data-root`` to use.
+    of the classes named in ``_EXPORT_NAMES``. ``label_ids`` (Cityscapes): write
+    ``*_gtFine_labelIds.png`` holding Cityscapes labelIds, as downloaded, instead
+    of ``*_gtFine_labelTrainIds.png``. Returns the ``--data-root`` to use.
     """
     Image = _pil()
     root = Path(root)
     if layout == "cityscapes":
         ids = np.array([CITYSCAPES_CLASSES.index(n) for n in _EXPORT_NAMES[layout]], np.uint8)
+        if label_ids:
+            ids = np.array(CITYSCAPES_EVAL_IDS, np.uint8)[ids]
     elif layout == "ade20k":
         ids = np.array([ADE20K_CLASSES.index(n) + 1 for n in _EXPORT_NAMES[layout]], np.uint8)  # 0 = other
     else:
@@ -532,7 +587,8 @@ def export_synthetic(root, layout: str, train: int = 24, val: int = 8, size=(256
             if layout == "cityscapes":
                 stem = f"synth_{i:06d}_000019"
                 img = root / "leftImg8bit" / split / "synth" / f"{stem}_leftImg8bit.png"
-                lbl = root / "gtFine" / split / "synth" / f"{stem}_gtFine_labelTrainIds.png"
+                kind = "labelIds" if label_ids else "labelTrainIds"
+                lbl = root / "gtFine" / split / "synth" / f"{stem}_gtFine_{kind}.png"
             else:
                 sub = "training" if split == "train" else "validation"
                 stem = f"ADE_{split}_{i + 1:08d}"
@@ -558,6 +614,10 @@ if __name__ == "__main__":
     p.add_argument("--val", type=int, default=8, help="validation images (default 8)")
     p.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-ids", action="store_true",
+                   help="cityscapes: write *_gtFine_labelIds.png (as downloaded) instead of *_gtFine_labelTrainIds.png")  # fmt: skip
     a = p.parse_args()
-    export_synthetic(a.root, a.layout, a.train, a.val, a.size, a.seed)
+    if a.label_ids and a.layout != "cityscapes":
+        p.error("--label-ids is for the cityscapes layout")
+    export_synthetic(a.root, a.layout, a.train, a.val, a.size, a.seed, a.label_ids)
     print(f"wrote {a.train} + {a.val} {a.layout} images to {a.root}")

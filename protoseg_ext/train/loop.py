@@ -2,13 +2,15 @@
 
     python -m protoseg_ext.train --out runs/synthetic            # procedural scenes, no download
     python -m protoseg_ext.train --dataset cityscapes --data-root DIR --out runs/cs
-    torchrun --nproc_per_node=2 -m protoseg_ext.train --out runs/ddp
+    torchrun --nproc_per_node=4 -m protoseg_ext.train --recipe cityscapes-hrnet48 --data-root DIR --pretrained W48.pth
 
 Loss ``CE(seg) + 0.01 PPC + 0.001 PPD``, SGD with poly learning-rate decay.
-``OUT`` holds ``checkpoint.pt`` (the latest, replaced atomically), ``log.csv``,
-``curves.png``, ``metrics.json`` and ``predictions/``. ``--resume`` continues
-the same schedule from the checkpoint: on CPU, n iterations, a resume and n
-more equal 2n iterations bit for bit.
+``OUT`` holds ``checkpoint.pt`` (the latest, replaced atomically) and
+``checkpoint.prev.pt`` (the one before), ``log.csv``, ``curves.png``,
+``metrics.json``, ``predictions/`` and ``pictures/`` (pixel-prototype
+similarity and embedding PCA at each evaluation). ``--resume`` continues the
+same schedule from the newest readable checkpoint: on CPU, n iterations, a
+resume and n more equal 2n iterations bit for bit.
 The model is in :mod:`protoseg_ext.train.model`, the datasets in :mod:`protoseg_ext.train.data`.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .data import (
@@ -37,16 +40,31 @@ from .data import (
     default_crop,
 )
 from ..backends import resolve as resolve_backend
-from .model import ProtoSegNet
+from .model import BackboneError, ProtoSegNet, prototype_cosine
 
 # settings a resumed run must share with its checkpoint (they define the schedule)
 SCHEDULE_KEYS = (
     "dataset", "iters", "batch_size", "crop", "scale_range", "no_flip", "lr", "momentum",
     "weight_decay", "poly_power", "width", "proj_dim", "num_prototype", "head_stride",
     "ppc_weight", "ppd_weight", "gamma", "assign", "proto_sync", "seed", "synthetic_size",
-    "synthetic_count", "world_size",
+    "synthetic_count", "world_size", "backbone",
 )  # fmt: skip
-LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou")
+LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou", "proto_cos")
+
+# --recipe NAME: defaults for a published setting; a flag given on the command line overrides them.
+# cityscapes-hrnet48: the official ProtoSeg Cityscapes run (tfzhou/ProtoSeg, configs/cityscapes/
+# H_48_D_4_proto.json and scripts/cityscapes/hrnet/run_h_48_d_4_proto.sh): HRNet-W48, 80K iterations,
+# batch 8 over all processes, 1024x512 crops, SGD lr 0.01 momentum 0.9 weight decay 5e-4, poly
+# decay, gamma 0.999, PPC 0.01, PPD 0.001, K = 10, the head at 1/4 resolution, D = 720.
+RECIPES = {
+    "cityscapes-hrnet48": dict(
+        dataset="cityscapes", backbone="hrnet_w48", iters=80000, total_batch=8, crop=(512, 1024),
+        scale_range=(0.5, 2.0), lr=0.01, momentum=0.9, weight_decay=5e-4, poly_power=0.9, gamma=0.999,
+        ppc_weight=0.01, ppd_weight=0.001, num_prototype=10, head_stride=4, proj_dim=720, eval_every=4000,
+        assign="gumbel", workers=4,
+    ),
+}  # fmt: skip
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,14 +80,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--synthetic-count", type=int, nargs=2, default=(256, 32), metavar=("TRAIN", "VAL"), help="default: 256 32")
     arg("--workers", type=int, default=1, help="data loading processes per rank, 0: none (default: 1)")
     arg = p.add_argument_group("model").add_argument
-    arg("--width", type=int, default=32, help="backbone width w: branches of w, 2w, 4w channels (default: 32)")
+    arg("--backbone", default="compact", metavar="NAME",
+        help="compact (a small HRNet-style network, default) or a timm model with features_only, e.g. hrnet_w48 "
+             "(needs pip install 'protoseg_ext[timm]')")  # fmt: skip
+    arg("--pretrained", metavar="PATH",
+        help="timm backbone weights from a local file (.pth/.pt state_dict or .safetensors); never downloaded")  # fmt: skip
+    arg("--width", type=int, default=32, help="compact backbone width w: branches of w, 2w, 4w channels (default: 32)")
     arg("--proj-dim", type=int, default=64, help="embedding size D (default: 64)")
     arg("--num-prototype", type=int, default=10, help="prototypes per class K (default: 10)")
     arg("--head-stride", type=int, choices=[1, 4], default=1,
         help="1: prototype head on every pixel (default); 4: official 1/4 resolution")  # fmt: skip
     arg("--gamma", type=float, default=0.999, help="prototype momentum (default: 0.999)")
     arg("--assign", choices=["gumbel", "argmax"], default="gumbel",
-        help="assignment for the prototype update: gumbel (official, default) or argmax (deterministic)")  # fmt: skip
+        help="assignment for the prototype update: gumbel (official, default) or argmax (deterministic, "
+             "keeps the K prototypes of a class apart; see the README)")  # fmt: skip
     arg("--proto-sync", choices=["official", "exact"], default="official",
         help="with several processes: average the updated prototypes (official, default) or sum the statistics")  # fmt: skip
     arg("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
@@ -85,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--ppd-weight", type=float, default=0.001, help="default: 0.001")
     arg("--seed", type=int, default=0, help="weights, prototypes, data order, augmentation (default: 0)")
     arg = p.add_argument_group("run").add_argument
+    arg("--recipe", choices=sorted(RECIPES),
+        help="defaults of a published setting (flags given explicitly override them); cityscapes-hrnet48: "
+             "the paper's Cityscapes run, batch 8 shared by all processes")  # fmt: skip
     arg("--out", default="runs/protoseg", metavar="DIR", help="checkpoint, log, curves, metrics (default: runs/protoseg)")
     arg("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
     arg("--stop-at", type=int, metavar="ITER", help="stop after this iteration (checkpoint written); --resume continues")
@@ -92,10 +119,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--log-every", type=int, default=10, help="default: 10")
     arg("--val-limit", type=int, metavar="N", help="evaluate on the first N validation images only")
     arg("--num-preds", type=int, default=4, help="validation predictions saved as PNG (default: 4)")
+    arg("--num-pictures", type=int, default=2,
+        help="validation images in the similarity pictures at each evaluation, 0: no pictures (default: 2)")  # fmt: skip
+    arg("--no-label-check", action="store_true",
+        help="skip reading every label file before training (a bad file then stops the run when it is reached)")  # fmt: skip
     arg("--device", help="cpu or cuda (default: cuda when available)")
     arg("--threads", type=int, help="CPU threads per process (default: torch's; 1 is faster on a busy machine)")
     arg("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.recipe:  # the recipe's values become defaults; parse again so explicit flags win
+        preset = dict(RECIPES[args.recipe])
+        total = preset.pop("total_batch")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        p.set_defaults(**preset, batch_size=None if total % world else total // world)
+        args = p.parse_args(argv)
+        if args.batch_size is None:
+            p.error(f"--recipe {args.recipe}: its batch of {total} cannot be shared by {world} processes "
+                    f"(give --batch-size, images per process)")  # fmt: skip
+    if args.pretrained and args.backbone == "compact":
+        p.error("--pretrained is for timm backbones (--backbone NAME); the compact backbone starts from random weights")
+    if args.pretrained and not Path(args.pretrained).is_file():
+        p.error(f"--pretrained {args.pretrained}: no such file")
     if args.dataset != "synthetic" and not args.data_root:
         p.error(f"--dataset {args.dataset} needs --data-root")
     if args.crop is None:
@@ -161,7 +205,7 @@ class CsvLog:
             return
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 3.5))
         for key in ("loss", "ce"):
             pts = [(int(r["iter"]), float(r[key])) for r in rows if r[key]]
             if pts:
@@ -173,6 +217,11 @@ class CsvLog:
         if pts:
             b.plot(*zip(*pts), marker="o")
         b.set_xlabel("iteration"), b.set_ylabel("val mIoU (%)")
+        pts = [(int(r["iter"]), float(r["proto_cos"])) for r in rows if r.get("proto_cos")]
+        if pts:
+            c.plot(*zip(*pts), marker="o", color="tab:red")
+        c.set_xlabel("iteration"), c.set_ylabel("prototype cosine (mean over pairs)")
+        c.set_ylim(-0.1, 1.05)
         fig.tight_layout()
         tmp = path.with_name(path.name + ".tmp.png")
         fig.savefig(tmp, dpi=100)
@@ -248,12 +297,29 @@ def evaluate(net, val_set, args, device, rank, world, out: Path):
     net.train(was_training)
     if world > 1:
         dist.all_reduce(confusion)
-    confusion = confusion.view(C, C).double().cpu()
+    metrics = iou_metrics(confusion.view(C, C).cpu(), val_set.class_names)
+    cos = prototype_cosine(net.head.prototypes).cpu()
+    gt_present = confusion.view(C, C).sum(1).cpu() > 0
+    # mean over the classes of the validation ground truth (absent classes keep their initial prototypes)
+    metrics["prototype_cosine"] = float(cos[gt_present].mean()) if gt_present.any() else float(cos.mean())
+    metrics["prototype_cosine_per_class"] = {name: float(cos[c]) for c, name in enumerate(val_set.class_names)}
+    return metrics
+
+
+def iou_metrics(confusion: torch.Tensor, class_names) -> dict:
+    """Per-class IoU and mIoU from a ``(C, C)`` confusion matrix (row: ground truth, column:
+    prediction; pixels with an ignored ground truth left out), by the rule of the official
+    Cityscapes evaluation (cityscapesscripts' evalPixelLevelSemanticLabeling):
+    ``IoU = TP / (TP + FP + FN)``; a class with ``TP + FP + FN = 0`` (absent from the ground
+    truth and never predicted) has no IoU (None) and stays out of the mean; a class absent
+    from the ground truth but predicted has IoU 0 and counts."""
+    confusion = confusion.double()
     tp, gt, pr = confusion.diag(), confusion.sum(1), confusion.sum(0)
-    iou = tp / (gt + pr - tp).clamp(min=1)
-    present = gt > 0  # mIoU: mean over classes present in the ground truth
-    miou = float(iou[present].mean()) if present.any() else 0.0
-    per_class = {name: (float(iou[c]) if present[c] else None) for c, name in enumerate(val_set.class_names)}
+    denom = gt + pr - tp
+    iou = tp / denom.clamp(min=1)
+    scored = denom > 0
+    miou = float(iou[scored].mean()) if scored.any() else 0.0
+    per_class = {name: (float(iou[c]) if scored[c] else None) for c, name in enumerate(class_names)}
     return {"miou": miou, "per_class_iou": per_class, "pixel_accuracy": float(tp.sum() / gt.sum().clamp(min=1))}
 
 
@@ -268,15 +334,17 @@ def save_prediction(folder: Path, dataset, index: int, label: np.ndarray, pred: 
 
 
 def iou_table(metrics: dict, it: int) -> str:
-    """The per-class IoU of the classes present in the ground truth, and the mIoU over them."""
+    """The per-class IoU and prototype cosine of the scored classes, and the means."""
     present = {n: v for n, v in metrics["per_class_iou"].items() if v is not None}
-    lines = [f"iter {it}: mIoU {100 * metrics['miou']:.2f}  (pixel accuracy {100 * metrics['pixel_accuracy']:.2f})"]
+    cos = metrics.get("prototype_cosine_per_class", {})
+    lines = [f"iter {it}: mIoU {100 * metrics['miou']:.2f}  (pixel accuracy {100 * metrics['pixel_accuracy']:.2f}), "
+             f"prototype cosine {metrics.get('prototype_cosine', float('nan')):.3f}"]  # fmt: skip
     width = max(len(n) for n in present) if present else 5
-    lines.append(f"  {'class':<{width}}  IoU (%)")
-    lines += [f"  {name:<{width}}  {100 * v:6.2f}" for name, v in present.items()]
+    lines.append(f"  {'class':<{width}}  IoU (%)  proto cos")
+    lines += [f"  {name:<{width}}  {100 * v:7.2f}  {cos.get(name, float('nan')):9.3f}" for name, v in present.items()]
     absent = len(metrics["per_class_iou"]) - len(present)
     if absent:
-        lines.append(f"  ({absent} classes absent from the ground truth, left out of the mean)")
+        lines.append(f"  ({absent} classes neither in the ground truth nor predicted, left out of the mean)")
     return "\n".join(lines)
 
 
@@ -294,7 +362,7 @@ def build_model(args, num_classes: int, device):
         num_classes, proj_dim=args.proj_dim, width=args.width, num_prototype=args.num_prototype,
         head_stride=args.head_stride, ignore_index=IGNORE_INDEX, ppc_weight=args.ppc_weight,
         ppd_weight=args.ppd_weight, gamma=args.gamma, assign=args.assign, backend=args.backend,
-        sync=args.proto_sync,
+        sync=args.proto_sync, backbone=args.backbone, pretrained=args.pretrained,
     ).to(device)  # fmt: skip
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(args.iters, args.poly_power))
@@ -327,15 +395,25 @@ def train(args) -> dict:
     except (RuntimeError, ValueError) as e:
         fail(str(e))
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
 
+    # every check that can fail on the user's input runs before anything is written to OUT
     data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count, seed=args.seed)
     train_set, val_set = build_dataset(args.dataset, "train", **data_kw), build_dataset(args.dataset, "val", **data_kw)
-    net, opt, sched = build_model(args, train_set.num_classes, device)
-    start, ckpt = 0, out / "checkpoint.pt"
-    if args.resume and ckpt.exists():
-        start = load_checkpoint(ckpt, args, net, opt, sched, device)
+    if not args.no_label_check:
+        for ds in (train_set, val_set):
+            if hasattr(ds, "check_labels"):
+                ds.check_labels(threads=max(args.workers, 1))
+    try:
+        net, opt, sched = build_model(args, train_set.num_classes, device)
+    except BackboneError as e:
+        fail(str(e))
+    if world > 1 and device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # official: synchronised BN across GPUs
+    start, resumed_from = 0, None
+    if args.resume:
+        start, resumed_from = resume(out, args, net, opt, sched, device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     stop = min(args.iters, args.stop_at or args.iters)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     batches = train_batches(train_set, args, rank, world, start)
@@ -344,8 +422,12 @@ def train(args) -> dict:
     bar = progress(args.iters, start, rank == 0 and not args.no_progress)
     if rank == 0:
         say(bar, f"protoseg-train: {args.dataset}, {len(train_set)} train / {len(val_set)} val images, "
-                 f"{train_set.num_classes} classes, {world} process(es) on {device.type}, "
+                 f"{train_set.num_classes} classes, {args.backbone} backbone, {world} process(es) on {device.type}, "
                  f"{backend} kernels, iterations {start} to {stop}")  # fmt: skip
+        if resumed_from is not None:
+            say(bar, f"protoseg-train: resumed from {resumed_from} (iteration {start})")
+        elif args.resume:
+            say(bar, f"protoseg-train: nothing to resume in {out}, starting at iteration 0")
     metrics, meter = {}, Meter(args.batch_size * world)
     net.train()
     for it in range(start + 1, stop + 1):
@@ -370,10 +452,15 @@ def train(args) -> dict:
             if rank == 0:
                 say(bar, iou_table(metrics, it))
                 atomic_save({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"], "iters": it,
-                             "pixel_accuracy": metrics["pixel_accuracy"]}, out / "metrics.json")  # fmt: skip
-                log.write(iter=it, miou=metrics["miou"])
+                             "pixel_accuracy": metrics["pixel_accuracy"],
+                             "prototype_cosine": metrics["prototype_cosine"],
+                             "prototype_cosine_per_class": metrics["prototype_cosine_per_class"]},
+                            out / "metrics.json")  # fmt: skip
+                log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"])
+                if args.num_pictures > 0:
+                    save_pictures(net, val_set, out / "pictures", it, device, args.num_pictures)
         if rank == 0 and (evaluating or it == stop):
-            save_checkpoint(ckpt, it, args, net, opt, sched)
+            save_checkpoint(out, it, args, net, opt, sched)
             log.plot(out / "curves.png")
         if evaluating:
             meter.restart_clock()  # throughput counts training only
@@ -384,8 +471,11 @@ def train(args) -> dict:
     return metrics
 
 
-def save_checkpoint(path: Path, it: int, args, net, opt, sched) -> None:
-    """Everything the next step depends on: weights and prototypes, optimizer, schedule, RNG."""
+def save_checkpoint(out: Path, it: int, args, net, opt, sched) -> None:
+    """Everything the next step depends on: weights and prototypes, optimizer, schedule, RNG.
+
+    Written to ``OUT/checkpoint.pt``; the checkpoint it replaces becomes
+    ``OUT/checkpoint.prev.pt``, so a damaged newest file never loses the run."""
     state = {
         "iter": it,
         "args": dict(vars(args)),
@@ -394,15 +484,56 @@ def save_checkpoint(path: Path, it: int, args, net, opt, sched) -> None:
         "scheduler": sched.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    atomic_save(state, path)
+    path, tmp = out / CHECKPOINT, out / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, out / PREVIOUS)
+    os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, args, net, opt, sched, device) -> int:
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read or is not one of this script's."""
+
+
+def read_checkpoint(path: Path, device) -> dict:
+    """``torch.load`` of a checkpoint, with every way it can fail turned into :class:`CheckpointError`."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated (OSError, RuntimeError), not a zip, foreign pickles (UnpicklingError)
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    need = ("iter", "args", "model", "optimizer", "scheduler", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise CheckpointError(f"{path} is not a protoseg-train checkpoint (expected the keys {', '.join(need)})")
+    return state
+
+
+def resume(out: Path, args, net, opt, sched, device):
+    """Continue from ``OUT/checkpoint.pt`` or, when it cannot be read, ``OUT/checkpoint.prev.pt``.
+    Returns ``(iteration, the file used)``, ``(0, None)`` when OUT has no checkpoint."""
+    tried = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            state = read_checkpoint(path, device)
+        except CheckpointError as e:
+            tried.append(str(e))
+            print(f"protoseg-train: warning: {e}; trying the previous checkpoint", flush=True)
+            continue
+        return load_checkpoint(state, path, args, net, opt, sched), path
+    if tried:
+        fail("cannot resume: " + "; ".join(tried) + " (no readable checkpoint left)")
+    return 0, None
+
+
+def load_checkpoint(state: dict, path: Path, args, net, opt, sched) -> int:
     """Restore a checkpoint of the same schedule; returns the iteration to continue from."""
-    state = torch.load(path, map_location=device, weights_only=True)
     saved = state["args"]
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-            for k in SCHEDULE_KEYS if saved.get(k) != getattr(args, k)]  # fmt: skip
+    # a setting newer than the checkpoint had, when it was written, the value that was then the only one
+    before = {"backbone": "compact"}
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, before.get(k))!r} (now {getattr(args, k)!r})"
+            for k in SCHEDULE_KEYS if saved.get(k, before.get(k)) != getattr(args, k)]  # fmt: skip
     if diff:
         fail(f"cannot resume {path}: it was trained with " + ", ".join(diff))
     net.load_state_dict(state["model"])
@@ -412,6 +543,136 @@ def load_checkpoint(path: Path, args, net, opt, sched, device) -> int:
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     return int(state["iter"])
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save_figure(plt, fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _embed_image(net, val_set, i: int, device):
+    """Validation image ``i``: ``(image (H, W, 3) uint8, label (H, W), feats (h, w, D), label at (h, w))``,
+    where ``feats`` are the head's L2-normalised embeddings (those the prototypes are compared with)."""
+    from .data import to_tensors
+
+    image, label = val_set.load(i)
+    x, _ = to_tensors(image, label)
+    emb = net.embed(x[None].to(device))  # (1, D, h, w)
+    h, w = emb.shape[-2:]
+    feats = F.normalize(net.head.embed(emb), dim=-1).view(h, w, -1).float().cpu()
+    small = F.interpolate(torch.from_numpy(label[None, None].astype(np.float32)), size=(h, w), mode="nearest")
+    return image, label, feats, small[0, 0].long()
+
+
+def similarity_rgb(feats: torch.Tensor, protos: torch.Tensor, mask: torch.Tensor, size):
+    """Pixel-prototype similarity of one class as an RGB picture.
+
+    ``feats (h, w, D)`` L2-normalised embeddings, ``protos (K, D)`` the class's prototypes,
+    ``mask (h, w)`` its pixels. The three prototypes the class's pixels are most often
+    nearest to become R, G and B (cosine similarity, upsampled to ``size``, one linear scale
+    for the three channels, spanning the class's pixels): prototypes that coincide give
+    equal channels, a grey picture.
+    Returns ``((H, W, 3) float array in [0, 1], the three prototype indices)``."""
+    K = protos.shape[0]
+    sim = feats @ protos.T  # (h, w, K)
+    near = torch.bincount(sim[mask].argmax(-1), minlength=K)
+    picks = torch.argsort(near, descending=True, stable=True)[: min(3, K)]
+    rgb = sim[..., picks].permute(2, 0, 1)[None]  # (1, 3, h, w)
+    rgb = F.interpolate(rgb, size=tuple(size), mode="bilinear", align_corners=True)[0]
+    if rgb.shape[0] < 3:
+        rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], *rgb.shape[1:])])
+    own = sim[mask][:, picks] if mask.any() else sim[..., picks]  # the scale: the class's own pixels
+    lo, hi = float(own.min()), float(own.max())
+    rgb = ((rgb - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
+    return rgb.permute(1, 2, 0).numpy(), [int(k) for k in picks]
+
+
+@torch.no_grad()
+def save_pictures(net, val_set, folder: Path, it: int, device, count: int = 2, classes: int = 3, pca_classes: int = 5):
+    """Two pictures of the prototypes, as the paper draws them, into ``folder``:
+
+    * ``similarity_iterNNNNNN.png``: for ``count`` validation images and their ``classes``
+      largest classes, the cosine similarity of every pixel to three prototypes of the class
+      as the red, green and blue channels (the three the class's pixels are most often
+      nearest to), on one scale for the three: distinct sub-centres show as distinct
+      colours, collapsed prototypes as grey; pixels of other classes are dimmed.
+    * ``embedding_iterNNNNNN.png``: a 2-D PCA of sampled pixel embeddings of the
+      ``pca_classes`` largest classes and of their prototypes (stars).
+    """
+    plt = _pyplot()
+    if plt is None:
+        return
+    was_training = net.training
+    net.eval()
+    protos = F.normalize(net.head.prototypes.float(), dim=-1).cpu()  # (C, K, D)
+    C, K, _ = protos.shape
+    names, palette = val_set.class_names, np.asarray(val_set.palette, np.float32) / 255
+    n_img = min(count, len(val_set))
+    shots = [_embed_image(net, val_set, i, device) for i in range(max(n_img, min(4, len(val_set))))]
+    net.train(was_training)
+
+    fig, axes = plt.subplots(n_img, 2 + classes, figsize=(3.2 * (2 + classes), 1.9 * n_img + 0.4), squeeze=False)
+    for row, (image, label, feats, small) in zip(axes, shots[:n_img]):
+        H, W = label.shape
+        row[0].imshow(image)
+        row[1].imshow(colorize(label, val_set.palette))
+        row[0].set_title("image", fontsize=8), row[1].set_title("ground truth", fontsize=8)
+        counts = np.bincount(small[small < C].numpy(), minlength=C)
+        for ax, c in zip(row[2:], np.argsort(-counts)[:classes]):
+            if counts[c] == 0:
+                ax.set_visible(False)
+                continue
+            rgb, picks = similarity_rgb(feats, protos[c], small == c, (H, W))
+            ax.imshow(np.where((label == c)[..., None], rgb, 0.3 * rgb))
+            ax.set_title(f"{names[c]}: prototypes {', '.join(map(str, picks))} as R, G, B", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"pixel-prototype similarity, iteration {it}", fontsize=9)
+    fig.tight_layout()
+    _save_figure(plt, fig, folder / f"similarity_iter{it:06d}.png")
+
+    # PCA of pixel embeddings and prototypes
+    feats = torch.cat([f.view(-1, f.shape[-1]) for _, _, f, _ in shots])
+    labels = torch.cat([s.view(-1) for _, _, _, s in shots])
+    counts = torch.bincount(labels[labels < C], minlength=C)
+    chosen = [int(c) for c in torch.argsort(counts, descending=True, stable=True)[:pca_classes] if counts[c] > 0]
+    if not chosen:
+        return
+    g = torch.Generator().manual_seed(0)
+    sample = {c: feats[labels == c][torch.randperm(int(counts[c]), generator=g)[:300]] for c in chosen}
+    X = torch.cat(list(sample.values())).double()
+    mean = X.mean(0)
+    _, _, V = torch.linalg.svd(X - mean, full_matrices=False)
+    axes2 = V[:2].T  # (D, 2)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for c in chosen:
+        pts = ((sample[c].double() - mean) @ axes2).numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.35, color=palette[c], label=names[c])
+        pp = ((protos[c].double() - mean) @ axes2).numpy()
+        ax.scatter(pp[:, 0], pp[:, 1], s=140, marker="*", color=palette[c], edgecolors="black", linewidths=0.8)
+    ax.set_xlabel("PC 1"), ax.set_ylabel("PC 2")
+    ax.set_title(f"pixel embeddings (dots) and the {K} prototypes per class (stars), iteration {it}", fontsize=8)
+    ax.legend(fontsize=7, markerscale=3, loc="best")
+    fig.tight_layout()
+    _save_figure(plt, fig, folder / f"embedding_iter{it:06d}.png")
 
 
 def _dataset_error_text(e: DatasetError) -> str:

@@ -1,10 +1,20 @@
 """The segmentation network of the training script: backbone, projection, prototype head.
 
-``ProtoSegNet`` follows the official ``HRNet_W48_Proto`` wiring at a size a CPU
-can train: a multi-resolution backbone whose branches are upsampled to 1/4 and
-concatenated, a ``cls_head`` convolution, a projection head with L2
-normalisation, and :class:`protoseg_ext.ProtoSegHead` (LayerNorm over D, L2
-normalisation, nearest prototype per class, mask_norm, prototype learning).
+``ProtoSegNet`` follows the official ``HRNet_W48_Proto`` wiring: a
+multi-resolution backbone whose branches are upsampled to 1/4 and concatenated,
+a ``cls_head`` convolution, a projection head with L2 normalisation, and
+:class:`protoseg_ext.ProtoSegHead` (LayerNorm over D, L2 normalisation, nearest
+prototype per class, mask_norm, prototype learning).
+
+Backbones (``backbone=``):
+
+* ``"compact"``: :class:`CompactBackbone`, a small HRNet-style network a CPU can train;
+* any timm model with ``features_only`` (:class:`TimmBackbone`, needs
+  ``pip install 'protoseg_ext[timm]'``): its feature maps at strides 4 and
+  coarser, upsampled to the finest of them and concatenated. For HRNet the
+  raw branches are used (``feature_location=''``): hrnet_w48 gives
+  48 + 96 + 192 + 384 = 720 channels, the official HRNet-W48 head's input.
+  Weights come from a local file only (``pretrained=PATH``); nothing is downloaded.
 
 Resolution of the prototype head (``head_stride``):
 
@@ -17,6 +27,7 @@ Resolution of the prototype head (``head_stride``):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,7 +36,14 @@ from torch import nn
 
 from ..head import ProtoSegHead
 
-__all__ = ["CompactBackbone", "ProjectionHead", "ProtoSegNet"]
+__all__ = [
+    "CompactBackbone", "TimmBackbone", "ProjectionHead", "ProtoSegNet", "BackboneError", "build_backbone",
+    "prototype_cosine",
+]  # fmt: skip
+
+
+class BackboneError(Exception):
+    """A backbone that cannot be built as asked (timm missing, unknown name, weights that do not fit)."""
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -71,6 +89,133 @@ class CompactBackbone(nn.Module):
         return torch.cat([x4, F.interpolate(x8, **up), F.interpolate(x16, **up)], dim=1)
 
 
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise BackboneError(
+            "timm backbones need timm, which is not installed: pip install 'protoseg_ext[timm]' (or pip install timm)"
+        ) from None
+    return timm
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """A state_dict from a ``.safetensors`` file or a torch checkpoint (bare, or under
+    ``state_dict`` / ``model`` / ``state_dict_ema``); ``module.`` prefixes (DDP) are dropped."""
+    if not path.is_file():
+        raise BackboneError(f"--pretrained {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, pickled code (weights_only refuses it)
+        raise BackboneError(f"--pretrained {path}: cannot read it as weights ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"--pretrained {path}: expected a state_dict (parameter name -> tensor)")
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _source_key(key: str, available) -> Optional[str]:
+    """The name of ``key`` (a parameter of a timm features model) in the full model's state_dict.
+
+    timm's feature wrappers flatten top-level sequentials (``stages.0`` -> ``stages_0``);
+    try each way of turning one ``_`` of the first component back into a ``.``."""
+    if key in available:
+        return key
+    head, _, rest = key.partition(".")
+    for i, ch in enumerate(head):
+        if ch == "_":
+            cand = f"{head[:i]}.{head[i + 1:]}.{rest}" if rest else f"{head[:i]}.{head[i + 1:]}"
+            if cand in available:
+                return cand
+    return None
+
+
+class TimmBackbone(nn.Module):
+    """A timm model's multi-scale features, HRNet-style: every feature map of stride 4 or
+    coarser, upsampled (bilinear, align_corners=True) to the finest and concatenated.
+
+    ``(B, 3, H, W)`` -> ``(B, sum of channels, H/4, W/4)`` (for the usual stride-4 finest map).
+    """
+
+    def __init__(self, name: str, pretrained: Optional[str] = None):
+        super().__init__()
+        timm = _import_timm()
+        kwargs = {"feature_location": ""} if name.startswith("hrnet") else {}  # raw branches, not 'incre'
+        try:
+            probe = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise BackboneError(
+                    f"--backbone {name}: timm {timm.__version__} does not know this model "
+                    f"(timm.list_models('{name[:5]}*') lists similar names)"
+                ) from None
+            raise BackboneError(f"--backbone {name}: timm cannot build it with features_only ({e})") from None
+        except (TypeError, ValueError, NotImplementedError, AssertionError) as e:
+            raise BackboneError(f"--backbone {name}: timm cannot build it with features_only ({e})") from None
+        info = probe.feature_info
+        self.indices = [i for i, r in enumerate(info.reduction()) if r >= 4]
+        if not self.indices:
+            raise BackboneError(f"--backbone {name}: no feature map of stride 4 or coarser")
+        self.body = probe
+        self.name = name
+        self.out_channels = sum(info.channels()[i] for i in self.indices)
+        self.stride = info.reduction()[self.indices[0]]
+        if pretrained:
+            self.load_pretrained(Path(pretrained), timm)
+
+    def load_pretrained(self, path: Path, timm) -> None:
+        """Load the weights of ``path`` (the whole classification model's, or the features
+        model's own); raises :class:`BackboneError` naming the keys that do not fit."""
+        state = _read_state_dict(path)
+        full = set(timm.create_model(self.name, pretrained=False).state_dict())  # the classification model
+        own = self.body.state_dict()
+        mine, missing, wrong = {}, [], []
+        for key, value in own.items():
+            src = _source_key(key, state)
+            if src is None:
+                if not key.endswith("num_batches_tracked"):  # old checkpoints lack BN counters
+                    missing.append(key)
+                continue
+            if state[src].shape != value.shape:
+                wrong.append(f"{src} {tuple(state[src].shape)} (model {tuple(value.shape)})")
+            mine[key] = state[src]
+        used = {_source_key(k, state) for k in own}
+        # keys of the classification model the features model does not use (classifier, incre) are fine
+        unexpected = sorted(k for k in state if k not in used and k not in full)
+        if missing or unexpected or wrong:
+            parts = []
+            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+                if keys:
+                    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+                    parts.append(f"{what} ({len(keys)}): {', '.join(keys[:8])}{more}")
+            raise BackboneError(f"--pretrained {path} does not fit --backbone {self.name}: " + "; ".join(parts))
+        self.body.load_state_dict(mine, strict=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.body(x)
+        feats = [feats[i] for i in self.indices]
+        size = feats[0].shape[-2:]
+        up = dict(size=size, mode="bilinear", align_corners=True)
+        return torch.cat([feats[0]] + [F.interpolate(f, **up) for f in feats[1:]], dim=1)
+
+
+def build_backbone(name: str = "compact", width: int = 32, pretrained: Optional[str] = None) -> nn.Module:
+    """``"compact"`` (:class:`CompactBackbone` of ``width``) or a timm model name."""
+    if name == "compact":
+        if pretrained:
+            raise BackboneError("--pretrained is for timm backbones; --backbone compact starts from random weights")
+        return CompactBackbone(width)
+    return TimmBackbone(name, pretrained)
+
+
 class ProjectionHead(nn.Module):
     """Official ``ProjectionHead(proj='convmlp')``: 1x1 conv, BN, ReLU, 1x1 conv, L2 normalise."""
 
@@ -105,15 +250,21 @@ class ProtoSegNet(nn.Module):
         assign: str = "gumbel",
         backend: str = "auto",
         sync: str = "official",
+        backbone: str = "compact",
+        pretrained: Optional[str] = None,
     ):
         super().__init__()
         if head_stride not in (1, 4):
             raise ValueError(f"head_stride must be 1 (full resolution) or 4, got {head_stride}")
         self.head_stride, self.ignore_index = head_stride, ignore_index
         self.ppc_weight, self.ppd_weight = ppc_weight, ppd_weight
-        self.backbone = CompactBackbone(width)
-        hidden = 4 * width
-        self.cls_head = conv_bn_relu(self.backbone.out_channels, hidden, kernel=1)
+        self.backbone = build_backbone(backbone, width, pretrained)
+        if backbone == "compact":
+            hidden = 4 * width
+            self.cls_head = conv_bn_relu(self.backbone.out_channels, hidden, kernel=1)
+        else:  # official: 3x3 conv keeping the width (720 for HRNet-W48), BN, ReLU, dropout 0.1
+            hidden = self.backbone.out_channels
+            self.cls_head = nn.Sequential(conv_bn_relu(hidden, hidden), nn.Dropout2d(0.1))
         self.proj_head = ProjectionHead(hidden, proj_dim)
         self.head = ProtoSegHead(
             proj_dim, num_classes, num_prototype, gamma=gamma, ignore_index=ignore_index,
@@ -144,3 +295,16 @@ class ProtoSegNet(nn.Module):
         ce = F.cross_entropy(seg, labels, ignore_index=self.ignore_index, reduction="sum") / n_valid
         loss = ce + self.ppc_weight * out.loss_ppc + self.ppd_weight * out.loss_ppd
         return seg, {"loss": loss, "ce": ce, "ppc": out.loss_ppc, "ppd": out.loss_ppd}
+
+
+@torch.no_grad()
+def prototype_cosine(protos: torch.Tensor) -> torch.Tensor:
+    """``(C, K, D)`` prototypes -> ``(C,)``: the mean cosine similarity over the ``K (K - 1)``
+    pairs of distinct prototypes of each class. 1: the K prototypes of the class have
+    collapsed into one; about 0: they point in unrelated directions (as at initialisation)."""
+    C, K, _ = protos.shape
+    if K < 2:
+        return protos.new_ones(C, dtype=torch.float64)
+    p = F.normalize(protos.double(), dim=-1)
+    gram = p @ p.transpose(1, 2)  # (C, K, K)
+    return (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / (K * (K - 1))
