@@ -39,7 +39,9 @@ def _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = take[:, None] & (d < D)[None, :]
-        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
+        # checked in the input dtype: a cast first (float64 -> float32) would
+        # turn a finite 1e300 into inf and drop a row the sums take in float64
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0)
         finite = tl.abs(x) < float("inf")  # False for NaN and +-inf
         take = take & (tl.min(finite.to(tl.int32), axis=1) > 0)
     return slot, take
@@ -222,7 +224,8 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     if D == 0:
         return torch.zeros((S, D), dtype=acc, device=dev), counts
     partial = torch.empty((split, S, D), dtype=acc, device=dev)
-    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET else 64)
+    # GPU: a 64 x 128 float32 (32 x 128 float64) accumulator, 64 registers a thread at 4 warps
+    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET else (64 if acc == torch.float32 else 32))
     grid = (S, triton.cdiv(D, BLOCK_D), split)
     prototype_sums_segmented_kernel[grid](
         feats, feats.stride(0), feats.stride(1), perm, offsets, partial, D, S, split,
@@ -244,6 +247,6 @@ def prototype_ema(protos, sums, counts, gamma):
     cnt = counts.reshape(CK).contiguous()
     out = torch.empty((CK, D), dtype=acc, device=protos.device)
     prototype_ema_kernel[(CK,)](
-        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc], BLOCK_D=pow2(D, 16, 4096), num_warps=4,
+        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc], BLOCK_D=pow2(D, 16, 4096 if INTERPRET else 256), num_warps=4,
     )
     return out.view(C, K, D).to(protos.dtype)
