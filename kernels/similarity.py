@@ -71,6 +71,32 @@ def similarity_fwd_kernel(
     # and writes the K scores of the pixel's own class when the tile holds it.
     # Fused so that S costs registers only: N*(C + C + 1 + K) values leave the
     # chip instead of N*C*K.
+    #
+    # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size (N = 65,536,
+    # D = 720, C = 19, K = 10) from tests/compile_kernels.py on sm_90:
+    #   fp16/bf16: 64 px x 128 cols (8 classes x 16), BLOCK_D 64, 8 warps,
+    #     3 stages (cp.async into a 3-deep shared ring, wgmma on sm_90; 2-deep
+    #     with mma.sync on sm_80); 194-196 registers (102-111 seg only; sm_80:
+    #     240), 72 KB shared memory, no spills.
+    #   fp32 (tf32x3): same tile, BLOCK_D 16: 221 registers (sm_80: 255, no
+    #     spill), 44 KB. fp64: 32 px x 64 cols, BLOCK_D 32: 151 registers, 24 KB.
+    #   Wider tiles spill: 64 x 256 cols reached 255 registers and spilled
+    #   (sm_80: 564 B) because the epilogue holds the tile, its exp and its
+    #   (n, c, k) view at once; 128 x 128 spilled on sm_80.
+    # Arithmetic intensity (bf16): 17.9 GFLOP of real S against 102 MB of
+    # compulsory HBM traffic (feats once, seg/argk/lse/own out): 176 FLOP/B,
+    # under the H100's bf16 ridge (295 FLOP/B), so the fused forward is
+    # memory-bound at heart. The padded tiles execute 36.2 GFLOP (356 FLOP/B,
+    # compute-bound). Per BLOCK_D step a tile multiplies 24 KB of staged
+    # operands: 43 FLOP/B from L2/shared memory; feats is read once from HBM
+    # and ceil(C / BLOCK_C) = 3 times from L2.
+    # Padding: K = 10 -> BLOCK_K 16 (1.6x) and C = 19 -> 3 blocks of 8 = 24
+    # classes: 384 columns for 190, 2.02x (the old 16-class tile: 32 classes,
+    # 2.69x). 4-class tiles give 20 classes, 1.68x (5 passes over the feats
+    # tile in L2); the K padding stays with any tile of whole classes: only a
+    # k-major column order (the k-th prototype of every class in one tile, the
+    # max over K across tiles) drops it, and that pads C to 32 instead (1.68x).
+    # ADE20K (C = 150): 19 blocks of 8 = 152 classes, 1.62x.
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_n cannot overflow
@@ -149,6 +175,12 @@ def own_class_scores_kernel(
     # instead of N*C*K*D). Used when neither seg nor lse is asked for
     # (prototype learning outside the head's fused step). The feats tile is
     # read once per D chunk and dotted with the K gathered prototype rows.
+    # GPU: 32 px x BLOCK_D 64 (32 for fp64), 4 warps, CUDA-core FMAs (no MMA:
+    # each pixel has its own K prototypes); 80-96 registers on sm_90, <= 1 KB
+    # shared memory. Intensity at Cityscapes: 2*N*K*D = 0.94 GFLOP against
+    # 94 MB of feats (bf16): 10 FLOP/B, memory-bound; the gathered prototype
+    # rows (N*K*D elements) come from L2 (190 rows, 270 KB). No padding
+    # beyond BLOCK_K = 16 lanes of the (n, k) accumulator.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     lab = tl.load(LAB_ptr + rows * LAB_stride, mask=rows < N, other=-1).to(tl.int64)
@@ -221,8 +253,36 @@ def similarity_bwd_kernel(
     # (BLOCK_N x BLOCK_DO); S is recomputed once per slice when HAS_LSE (the
     # seg and own terms need no S at all).
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    #
+    # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size on sm_90:
+    #   fp16/bf16: 32 px x 64 cols (4 classes x 16), BLOCK_D 64, D slice 256
+    #     (3 slices for D = 720), 8 warps, 2 stages; 174 registers (seg only:
+    #     189; sm_80: 178), 40 KB shared memory, no spills. The second product
+    #     multiplies dS as TF32 (fp32 range: the PPC/PPD terms of dS, ~1e-9,
+    #     underflow fp16), at half the fp16 tensor-core rate.
+    #   fp32 (tf32x3 both products): 32 x 64 cols, BLOCK_D 32, slice 64:
+    #     251 registers, 24 KB (a 128 slice spills: the tf32x3 split keeps a
+    #     big and a small copy of each operand).
+    #   fp64: 16 x 16 cols, slice 32, FMA second product: 128 registers, 8 KB.
+    #   The old half tile (32 x 128 cols, slice 256) needed 233-244 registers
+    #   with dS rounded to half; with dS in fp32 it spills (212-316 B).
+    # Arithmetic intensity (bf16): two GEMMs of 17.9 GFLOP against 196 MB of
+    # HBM traffic (feats in, d feats out, the saved and upstream vectors):
+    # 183 FLOP/B, memory-bound at heart. As tiled it executes 120.8 GFLOP
+    # (3.37x): S is recomputed once per D slice (3 of 4 GEMM passes) on
+    # 320 padded columns (5 blocks of 4 classes = 20 classes x 16 for 190,
+    # 1.68x). One 720-wide slice would cut that to 2 passes but needs the
+    # (32, 720) fp32 d feats tile in registers (90 a thread): it spills.
+    # Padding: K = 10 -> 16 (1.6x, as in the forward) and C = 19 -> 20; a
+    # tile of 2 classes gives the same 20, 8 classes give 24 (2.02x); the K
+    # padding goes only with a k-major column order (see the forward).
+    # ADE20K (C = 150): 38 blocks of 4 = 152 classes.
+    # 1-D grid, the D slices of one row block adjacent: they run together and
+    # share its feats rows in L2, so feats leaves HBM about once
+    n_slices = tl.cdiv(D, BLOCK_DO)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid // n_slices
+    pid_d = pid % n_slices
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -363,7 +423,7 @@ def similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, arg
     ls = lse if has_lse else _dummy(acc, dev)
     go = grad_own if has_own else _dummy(acc, dev).view(1, 1)
     lab = labels if has_own else _dummy(torch.int64, dev)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_DO"]),)
     similarity_bwd_kernel[grid](
         gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
