@@ -256,12 +256,12 @@ def similarity_bwd_kernel(
     #
     # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size on sm_90:
     #   fp16/bf16: 32 px x 64 cols (4 classes x 16), BLOCK_D 64, D slice 256
-    #     (3 slices for D = 720), 8 warps, 2 stages; 174 registers (seg only:
-    #     186-189; sm_80: 188-192), 40 KB shared memory, no spills. The second
-    #     product multiplies dS as TF32 (fp32 range: the PPC/PPD terms of dS,
-    #     ~1e-9, underflow fp16), at half the fp16 tensor-core rate. The S
-    #     recompute loads with cp.async but into a single shared stage (the
-    #     compile report's ring depth is 1): it is not software-pipelined.
+    #     (3 slices for D = 720), 8 warps, 3 stages (the S recompute streams
+    #     through a 2-deep cp.async ring; at 2 stages it had a single buffer);
+    #     176 registers (seg only: 172; sm_80: 188), 40 KB shared memory
+    #     (72 KB seg only), no spills. The second product multiplies dS as
+    #     TF32 (fp32 range: the PPC/PPD terms of dS, ~1e-9, underflow fp16),
+    #     at half the fp16 tensor-core rate.
     #   fp32 (tf32x3 both products): 32 x 64 cols, BLOCK_D 32, slice 64:
     #     251 registers (sm_80: 235), 24 KB (a 128 slice spills: the tf32x3
     #     split keeps a big and a small copy of each operand).
