@@ -26,7 +26,7 @@ Usage: python tests/compile_kernels.py [--full] 90 80
 (default: every kernel and constexpr path in every dtype at the Cityscapes
 size, the similarity kernels at ADE20K's C too, an odd tiny size for fp16 and
 fp64: 51 specialisations per arch; ``--full``: every op in every dtype at the
-three sizes, 100 per arch, about 5 minutes for both archs on 2 cores with a
+three sizes and half features with float32 prototypes, about 110 per arch, about 5 minutes for both archs on 2 cores with a
 cold cache. CI runs ``--full``.)
 """
 
@@ -148,6 +148,9 @@ QUICK = [
 ]
 FULL = [(pb, dt, ALL_OPS) for pb in (CITYSCAPES, ADE20K, TINY)
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
+# mixed input dtypes (half features against float32 prototypes) take the float32 GEMM path
+FULL += [(CITYSCAPES, (torch.bfloat16, torch.float32), SIMILARITY_OPS),
+         (TINY, (torch.float16, torch.float32), SIMILARITY_OPS)]
 
 
 def _record_all(table):
@@ -160,10 +163,12 @@ def _record_all(table):
     meta = dict(device="meta")
     try:
         for (N, D, C, K), dt, which in table:
-            tag = f"N{N}_D{D}_C{C}_K{K}_{str(dt).split('.')[-1]}"
+            dt, pdt = dt if isinstance(dt, tuple) else (dt, dt)  # (feats, protos) dtypes
+            name = str(dt).split(".")[-1] + ("" if pdt == dt else "_" + str(pdt).split(".")[-1] + "_protos")
+            tag = f"N{N}_D{D}_C{C}_K{K}_{name}"
             acc = torch.float64 if dt == torch.float64 else torch.float32
             f = torch.empty(N, D, dtype=dt, **meta)
-            p = torch.empty(C, K, D, dtype=dt, **meta)
+            p = torch.empty(C, K, D, dtype=pdt, **meta)
             lab = torch.empty(N, dtype=torch.int64, **meta)
             argk = torch.empty(N, C, dtype=torch.uint8, **meta)
             lse = torch.empty(N, dtype=acc, **meta)
