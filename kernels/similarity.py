@@ -79,7 +79,9 @@ def similarity_fwd_kernel(
     #     with mma.sync on sm_80); 194-196 registers (102-111 seg only; sm_80:
     #     240), 72 KB shared memory, no spills.
     #   fp32 (tf32x3): same tile, BLOCK_D 16: 221 registers (sm_80: 255, no
-    #     spill), 44 KB. fp64: 32 px x 64 cols, BLOCK_D 32: 151 registers, 24 KB.
+    #     spill: the tightest of all; 32 px would give 178 at twice the
+    #     prototype traffic from L2), 44 KB. fp64: 32 px x 64 cols, BLOCK_D 32:
+    #     151 registers (sm_80: 176), 24 KB.
     #   Wider tiles spill: 64 x 256 cols reached 255 registers and spilled
     #   (sm_80: 564 B) because the epilogue holds the tile, its exp and its
     #   (n, c, k) view at once; 128 x 128 spilled on sm_80.
