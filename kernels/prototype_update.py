@@ -264,6 +264,7 @@ def prototype_ema(protos, sums, counts, gamma):
     cnt = counts.reshape(CK).contiguous()
     out = torch.empty((CK, D), dtype=acc, device=protos.device)
     prototype_ema_kernel[(CK,)](
-        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc], BLOCK_D=pow2(D, 16, 4096 if INTERPRET else 256), num_warps=4,
+        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc],
+        BLOCK_D=pow2(D, 16, 4096 if INTERPRET else 256), num_warps=4,
     )
     return out.view(C, K, D).to(protos.dtype)

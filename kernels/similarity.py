@@ -351,7 +351,8 @@ def similarity_bwd_kernel(
 
 # ----------------------------------------------------------------- launchers
 
-def tile_config(pass_: str, feats_dtype, protos_dtype, N: int, C: int, K: int, D: int, interpret: bool = INTERPRET) -> dict:
+def tile_config(pass_: str, feats_dtype, protos_dtype, N: int, C: int, K: int, D: int,
+                interpret: bool = INTERPRET) -> dict:
     """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) kernel.
 
     See :func:`protoseg_ext.kernels.tiles.similarity_tiles`: GPU tiles from

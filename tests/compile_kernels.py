@@ -26,8 +26,8 @@ Usage: python tests/compile_kernels.py [--full] 90 80
 (default: every kernel and constexpr path in every dtype at the Cityscapes
 size, the similarity kernels at ADE20K's C too, an odd tiny size for fp16 and
 fp64: 51 specialisations per arch; ``--full``: every op in every dtype at the
-three sizes and half features with float32 prototypes, about 110 per arch, about 5 minutes for both archs on 2 cores with a
-cold cache. CI runs ``--full``.)
+three sizes and half features with float32 prototypes, about 110 per arch,
+5-7 minutes for both archs on 2 cores with a cold cache. CI runs ``--full``.)
 """
 
 from __future__ import annotations
