@@ -4,7 +4,7 @@
   kernels then run on CPU tensors (tests) and the launchers choose large blocks,
   since the interpreter's cost is per program instance.
 * dtype maps: the accumulation dtype of an input (float64 for float64, else
-  float32) and the dtype the GEMM tiles are fed to ``tl.dot`` in.
+  float32) and the dtypes and precisions the GEMM tiles are fed to ``tl.dot`` in.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 import triton.language as tl
+
+from .tiles import pow2  # noqa: F401  (re-exported: the launchers' block sizes)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -30,24 +31,37 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_config(feats_dtype: torch.dtype, protos_dtype: torch.dtype):
-    """``(tl dtype, input_precision)`` of the similarity GEMM tiles.
+def dot_config(feats_dtype: torch.dtype, protos_dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """GEMM constexprs of the similarity kernels: what the operands are rounded to, and how they multiply.
 
-    Half inputs (both the same half type) use the tensor cores in their own
-    dtype with fp32 accumulation. float32 uses ``tf32x3`` (three TF32 products,
+    ``DOT_DTYPE`` / ``DOT_PRECISION``: the S = feats @ protos^T tiles. Half
+    inputs (both the same half type) use the tensor cores in their own dtype
+    with fp32 accumulation. float32 uses ``tf32x3`` (three TF32 products,
     about fp32-accurate: Sinkhorn's exp(S / 0.05) magnifies a TF32 error of
     1e-3 in S 20-fold). float64 and mixed dtypes compute in the accumulation
-    dtype. The interpreter has no bf16 matmul and no TF32: it always computes
-    in the accumulation dtype, exactly ("ieee").
+    dtype.
+
+    ``DS_DTYPE`` / ``DS_PRECISION``: the backward's dS @ protos. dS is never
+    rounded to a half type: the PPC/PPD terms of dS (0.01 / n_valid times a
+    softmax weight, 1e-9 at Cityscapes sizes) underflow fp16 and keep three
+    digits in bf16. Half inputs multiply it as TF32 (fp32's exponent range,
+    fp16's 10-bit mantissa; the half prototypes are exact in TF32).
+
+    ``DOT_UPCAST``: the interpreter has no bf16 matmul and no TF32; it rounds
+    the operands to DOT_DTYPE / DS_DTYPE as a GPU would, then multiplies them
+    in the accumulation dtype ("ieee"), so the tests see the GPU's roundings.
     """
     acc = acc_dtype(feats_dtype)
-    if INTERPRET or feats_dtype != protos_dtype or feats_dtype in (torch.float32, torch.float64):
-        precision = "tf32x3" if (acc == torch.float32 and not INTERPRET) else "ieee"
-        return TL_DTYPE[acc], precision
-    return TL_DTYPE[feats_dtype], "ieee"
+    half = feats_dtype == protos_dtype and feats_dtype in (torch.float16, torch.bfloat16)
+    dot_dtype = TL_DTYPE[feats_dtype] if half else TL_DTYPE[acc]
+    if interpret:
+        precision = ds_precision = "ieee"
+    elif acc == torch.float64:
+        precision = ds_precision = "ieee"
+    else:
+        precision = "ieee" if half else "tf32x3"
+        ds_precision = "tf32" if half else "tf32x3"
+    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, DOT_UPCAST=interpret,
+                DS_DTYPE=TL_DTYPE[acc], DS_PRECISION=ds_precision)
 
 
-def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
-    """``triton.next_power_of_2(n)`` clamped to ``[lo, hi]``."""
-    p = max(lo, triton.next_power_of_2(max(1, int(n))))
-    return min(p, hi) if hi is not None else p

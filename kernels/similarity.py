@@ -17,6 +17,22 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
+from .tiles import kind_of, similarity_tiles
+
+
+@triton.jit
+def _dot(a, b, acc, OPERAND_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+         ACC_DTYPE: tl.constexpr):
+    # acc + a @ b with both operands rounded to OPERAND_DTYPE, as the tensor
+    # cores see them. UPCAST (interpreter): multiply the rounded operands in
+    # the accumulation dtype instead (exact for half operands), so the
+    # interpreter rounds exactly where a GPU does.
+    a = a.to(OPERAND_DTYPE)
+    b = b.to(OPERAND_DTYPE)
+    if UPCAST:
+        a = a.to(ACC_DTYPE)
+        b = b.to(ACC_DTYPE)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -39,6 +55,7 @@ def similarity_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     COMPUTE_SEG: tl.constexpr,
     COMPUTE_LSE: tl.constexpr,
     COMPUTE_OWN: tl.constexpr,
@@ -54,6 +71,34 @@ def similarity_fwd_kernel(
     # and writes the K scores of the pixel's own class when the tile holds it.
     # Fused so that S costs registers only: N*(C + C + 1 + K) values leave the
     # chip instead of N*C*K.
+    #
+    # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size (N = 65,536,
+    # D = 720, C = 19, K = 10) from tests/compile_kernels.py on sm_90:
+    #   fp16/bf16: 64 px x 128 cols (8 classes x 16), BLOCK_D 64, 8 warps,
+    #     3 stages (cp.async into a 3-deep shared ring, wgmma on sm_90; 2-deep
+    #     with mma.sync on sm_80); 194-196 registers (102-111 seg only; sm_80:
+    #     240), 72 KB shared memory, no spills.
+    #   fp32 (tf32x3): same tile, BLOCK_D 16: 221 registers (sm_80: 255, no
+    #     spill: the tightest of all; 32 px would give 178 at twice the
+    #     prototype traffic from L2), 44 KB. fp64: 32 px x 64 cols, BLOCK_D 32:
+    #     151 registers (sm_80: 176), 24 KB.
+    #   Wider tiles spill: 64 x 256 cols reached 255 registers and spilled
+    #   (sm_80: 564 B) because the epilogue holds the tile, its exp and its
+    #   (n, c, k) view at once; 128 x 128 spilled on sm_80.
+    # Arithmetic intensity (bf16): 17.9 GFLOP of real S against 102 MB of
+    # compulsory HBM traffic (feats once, seg/argk/lse/own out): 176 FLOP/B,
+    # under the H100's bf16 ridge (295 FLOP/B), so the fused forward is
+    # memory-bound at heart. The padded tiles execute 36.2 GFLOP (356 FLOP/B,
+    # compute-bound). Per BLOCK_D step a tile multiplies 24 KB of staged
+    # operands: 43 FLOP/B from L2/shared memory; feats is read once from HBM
+    # and ceil(C / BLOCK_C) = 3 times from L2.
+    # Padding: K = 10 -> BLOCK_K 16 (1.6x) and C = 19 -> 3 blocks of 8 = 24
+    # classes: 384 columns for 190, 2.02x (the old 16-class tile: 32 classes,
+    # 2.69x). 4-class tiles give 20 classes, 1.68x (5 passes over the feats
+    # tile in L2); the K padding stays with any tile of whole classes: only a
+    # k-major column order (the k-th prototype of every class in one tile, the
+    # max over K across tiles) drops it, and that pads C to 32 instead (1.68x).
+    # ADE20K (C = 150): 19 blocks of 8 = 152 classes, 1.62x.
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_n cannot overflow
@@ -81,7 +126,7 @@ def similarity_fwd_kernel(
                 other=0.0,
             )
             p = tl.load(P_ptr + prow[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), p.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            acc = _dot(x, p, acc, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
         if COMPUTE_LSE:
             z = tl.where(col_ok[None, :], acc / t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -132,6 +177,12 @@ def own_class_scores_kernel(
     # instead of N*C*K*D). Used when neither seg nor lse is asked for
     # (prototype learning outside the head's fused step). The feats tile is
     # read once per D chunk and dotted with the K gathered prototype rows.
+    # GPU: 32 px x BLOCK_D 64 (32 for fp64), 4 warps, CUDA-core FMAs (no MMA:
+    # each pixel has its own K prototypes); 80-96 registers on sm_90, <= 1 KB
+    # shared memory. Intensity at Cityscapes: 2*N*K*D = 0.94 GFLOP against
+    # 94 MB of feats (bf16): 10 FLOP/B, memory-bound; the gathered prototype
+    # rows (N*K*D elements) come from L2 (190 rows, 270 KB). No padding
+    # beyond BLOCK_K = 16 lanes of the (n, k) accumulator.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     lab = tl.load(LAB_ptr + rows * LAB_stride, mask=rows < N, other=-1).to(tl.int64)
@@ -179,6 +230,9 @@ def similarity_bwd_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    DS_DTYPE: tl.constexpr,
+    DS_PRECISION: tl.constexpr,
     HAS_SEG: tl.constexpr,
     HAS_LSE: tl.constexpr,
     HAS_OWN: tl.constexpr,
@@ -201,8 +255,38 @@ def similarity_bwd_kernel(
     # (BLOCK_N x BLOCK_DO); S is recomputed once per slice when HAS_LSE (the
     # seg and own terms need no S at all).
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
+    #
+    # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size on sm_90:
+    #   fp16/bf16: 32 px x 64 cols (4 classes x 16), BLOCK_D 64, D slice 256
+    #     (3 slices for D = 720), 8 warps, 3 stages (the S recompute streams
+    #     through a 2-deep cp.async ring; at 2 stages it had a single buffer);
+    #     176 registers (seg only: 172; sm_80: 188), 40 KB shared memory
+    #     (72 KB seg only), no spills. The second product multiplies dS as
+    #     TF32 (fp32 range: the PPC/PPD terms of dS, ~1e-9, underflow fp16),
+    #     at half the fp16 tensor-core rate.
+    #   fp32 (tf32x3 both products): 32 x 64 cols, BLOCK_D 32, slice 64:
+    #     251 registers (sm_80: 235), 24 KB (a 128 slice spills: the tf32x3
+    #     split keeps a big and a small copy of each operand).
+    #   fp64: 16 x 16 cols, slice 32, FMA second product: 128 registers, 8 KB.
+    #   The old half tile (32 x 128 cols, slice 256) needed 233-244 registers
+    #   with dS rounded to half; with dS in fp32 it spills (212-316 B).
+    # Arithmetic intensity (bf16): two GEMMs of 17.9 GFLOP against 196 MB of
+    # HBM traffic (feats in, d feats out, the saved and upstream vectors):
+    # 183 FLOP/B, memory-bound at heart. As tiled it executes 120.8 GFLOP
+    # (3.37x): S is recomputed once per D slice (3 of 4 GEMM passes) on
+    # 320 padded columns (5 blocks of 4 classes = 20 classes x 16 for 190,
+    # 1.68x). One 720-wide slice would cut that to 2 passes but needs the
+    # (32, 720) fp32 d feats tile in registers (90 a thread): it spills.
+    # Padding: K = 10 -> 16 (1.6x, as in the forward) and C = 19 -> 20; a
+    # tile of 2 classes gives the same 20, 8 classes give 24 (2.02x); the K
+    # padding goes only with a k-major column order (see the forward).
+    # ADE20K (C = 150): 38 blocks of 4 = 152 classes.
+    # 1-D grid, the D slices of one row block adjacent: they run together and
+    # share its feats rows in L2, so feats leaves HBM about once
+    n_slices = tl.cdiv(D, BLOCK_DO)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid // n_slices
+    pid_d = pid % n_slices
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -210,24 +294,18 @@ def similarity_bwd_kernel(
     jj = tl.arange(0, BLOCK_J)
     j_cls = jj // BLOCK_K
     j_k = jj % BLOCK_K
-    kk = tl.arange(0, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
     if HAS_LSE:
         lse = tl.load(LSE_ptr + rows * LSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE)
         g_lse = tl.load(GLSE_ptr + rows * GLSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE) / t
     if HAS_OWN:
         lab = tl.load(LAB_ptr + rows * LAB_stride, mask=row_ok, other=-1).to(tl.int64)
-        g_own = tl.load(
-            GOWN_ptr + rows[:, None] * GOWN_stride_n + kk[None, :] * GOWN_stride_k,
-            mask=row_ok[:, None] & (kk < K)[None, :],
-            other=0.0,
-        ).to(ACC_DTYPE)
     dx = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + j_cls
         col_ok = (cls < C) & (j_k < K)
         prow = cls.to(tl.int64) * K + j_k
-        cc = c0 + tl.arange(0, BLOCK_C)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
         ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # dS tile
         if HAS_LSE:
             s = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # S tile, recomputed
@@ -240,27 +318,30 @@ def similarity_bwd_kernel(
                     other=0.0,
                 )
                 p = tl.load(P_ptr + prow[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                s = tl.dot(x.to(DOT_DTYPE), p.to(DOT_DTYPE), s, input_precision=DOT_PRECISION)
+                s = _dot(x, p, s, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
             ds = tl.where(col_ok[None, :], tl.exp(s / t - lse[:, None]) * g_lse[:, None], 0.0)
+        # The seg and own terms are gathered straight into the tile's (n, j)
+        # layout (grad_seg and argk of column j's class, read BLOCK_K times
+        # from L1): no (BLOCK_N, BLOCK_C, BLOCK_K) view, so no layout change.
         if HAS_SEG:
-            seg_ok = row_ok[:, None] & (cc < C)[None, :]
-            g_seg = tl.load(
-                GSEG_ptr + rows[:, None] * GSEG_stride_n + cc[None, :] * GSEG_stride_c, mask=seg_ok, other=0.0
-            ).to(ACC_DTYPE)
-            arg_k = tl.load(
-                ARGK_ptr + rows[:, None] * ARGK_stride_n + cc[None, :] * ARGK_stride_c, mask=seg_ok, other=0
-            ).to(tl.int32)
-            g3 = tl.where(kk[None, None, :] == arg_k[:, :, None], g_seg[:, :, None], 0.0)
-            ds += tl.reshape(g3, (BLOCK_N, BLOCK_J))
+            g_seg = tl.load(GSEG_ptr + rows[:, None] * GSEG_stride_n + cls[None, :] * GSEG_stride_c, mask=tile_ok,
+                            other=0.0).to(ACC_DTYPE)
+            arg_k = tl.load(ARGK_ptr + rows[:, None] * ARGK_stride_n + cls[None, :] * ARGK_stride_c, mask=tile_ok,
+                            other=0).to(tl.int32)
+            ds += tl.where(arg_k == j_k[None, :], g_seg, 0.0)
         if HAS_OWN:
-            o3 = tl.where(cc[None, :, None] == lab[:, None, None], g_own[:, None, :], 0.0)
-            ds += tl.reshape(o3, (BLOCK_N, BLOCK_J))
+            mine = tile_ok & (cls[None, :] == lab[:, None])  # column j is prototype j_k of the pixel's class
+            ds += tl.load(GOWN_ptr + rows[:, None] * GOWN_stride_n + j_k[None, :] * GOWN_stride_k, mask=mine,
+                          other=0.0).to(ACC_DTYPE)
         p_out = tl.load(P_ptr + prow[:, None] * D + dout[None, :], mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
         if FMA_SECOND_GEMM:
             # float64: Triton's fp64 MMA cannot take an operand from registers
             dx += tl.sum(ds[:, :, None] * p_out.to(ACC_DTYPE)[None, :, :], axis=1)
         else:
-            dx = tl.dot(ds.to(DOT_DTYPE), p_out.to(DOT_DTYPE), dx, input_precision=DOT_PRECISION)
+            # dS stays fp32 (TF32 operands on a GPU for half inputs: fp32's
+            # exponent range), never rounded to fp16/bf16, where the small
+            # PPC/PPD terms (0.01 / n_valid * softmax) would underflow or lose digits
+            dx = _dot(ds, p_out, dx, DS_DTYPE, DS_PRECISION, DOT_UPCAST, ACC_DTYPE)
     tl.store(
         DX_ptr + rows[:, None] * D + dout[None, :],
         dx.to(DX_ptr.dtype.element_ty),
@@ -270,45 +351,15 @@ def similarity_bwd_kernel(
 
 # ----------------------------------------------------------------- launchers
 
-# GPU tiles per pass and GEMM dtype: (BLOCK_N, max columns BLOCK_C*BLOCK_K,
-# BLOCK_D, BLOCK_DO, num_warps, num_stages). Chosen so the S tile, the
-# pipelined operand stages (at most about 160 KB of shared memory: sm_80's
-# limit) and, in the backward, the d feats slice fit; tensor-core dims >= 16.
-# float32 runs tf32x3 (three MMAs per product), hence its smaller tiles. The
-# backward recomputes S once per BLOCK_DO slice of D (3 slices for D = 720):
-# a wide slice over few rows keeps that factor low. Untuned: first guesses
-# for an H100, to be swept on one (see kernels/roofline.py).
-_GPU_TILES = {
-    ("fwd", "half"): (64, 256, 64, None, 8, 3),
-    ("fwd", "fp32"): (64, 128, 32, None, 8, 3),
-    ("fwd", "fp64"): (32, 64, 32, None, 4, 2),
-    ("bwd", "half"): (32, 128, 64, 256, 8, 2),
-    ("bwd", "fp32"): (32, 128, 32, 256, 8, 2),
-    ("bwd", "fp64"): (16, 16, 32, 32, 4, 2),
-}
-
-
-def tile_config(pass_: str, dot_dtype, N: int, C: int, K: int, D: int) -> dict:
+def tile_config(pass_: str, feats_dtype, protos_dtype, N: int, C: int, K: int, D: int,
+                interpret: bool = INTERPRET) -> dict:
     """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) kernel.
 
-    A tile holds BLOCK_C whole classes of BLOCK_K = next_pow2(K) prototypes.
-    The interpreter runs one program at a time, so it takes the largest tiles.
+    See :func:`protoseg_ext.kernels.tiles.similarity_tiles`: GPU tiles from
+    ``tiles.GPU_TILES``, the interpreter's largest within Triton's element limit.
     """
-    kind = "fp64" if dot_dtype == tl.float64 else "fp32" if dot_dtype == tl.float32 else "half"
-    if INTERPRET:
-        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = (
-            pow2(N, 16, 256), 1024, pow2(D, 16, 256), pow2(D, 16, 1024), 4, 1)
-    else:
-        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = _GPU_TILES[(pass_, kind)]
-    BLOCK_K = pow2(K)
-    BLOCK_C = max(1, min(pow2(C), max_j // BLOCK_K))
-    while BLOCK_C * BLOCK_K < 16:
-        BLOCK_C *= 2
-    cfg = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
-               num_warps=num_warps, num_stages=num_stages)
-    if pass_ == "bwd":
-        cfg["BLOCK_DO"] = min(BLOCK_DO, pow2(D, 16))
-    return cfg
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    return similarity_tiles(pass_, kind_of(name(feats_dtype), name(protos_dtype)), C, K, D, N, interpret)
 
 
 def _dummy(dtype, device):
@@ -334,15 +385,16 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
     P = protos.reshape(C * K, D).contiguous()
     lab = labels if compute_own else _dummy(torch.int64, dev)
     if compute_own and not (compute_seg or compute_lse):
-        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET else 32, BLOCK_D=pow2(D, 16, 256) if INTERPRET else 64)
+        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET else 32,
+                   BLOCK_D=pow2(D, 16, 256) if INTERPRET else (64 if acc == torch.float32 else 32))
         cfg.update({k: v for k, v in (tiles or {}).items() if k in cfg})
         own_class_scores_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0), own, N, D, C, K,
             ACC_DTYPE=TL_DTYPE[acc], BLOCK_K=pow2(K), num_warps=4, **cfg,
         )
         return seg, argk, lse, own
-    dot_dtype, precision = dot_config(feats.dtype, protos.dtype)
-    cfg = tile_config("fwd", dot_dtype, N, C, K, D)
+    dots = dot_config(feats.dtype, protos.dtype)
+    cfg = tile_config("fwd", feats.dtype, protos.dtype, N, C, K, D)
     cfg.update(tiles or {})
     similarity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
@@ -351,8 +403,8 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
         lse if compute_lse else _dummy(acc, dev),
         own if compute_own else _dummy(acc, dev),
         N, D, C, K, float(temperature),
-        ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-        COMPUTE_SEG=compute_seg, COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
+        ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
+        DOT_UPCAST=dots["DOT_UPCAST"], COMPUTE_SEG=compute_seg, COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
     )
     return seg, argk, lse, own
 
@@ -368,8 +420,7 @@ def similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, arg
         return feats.new_zeros((N, D))
     dx = feats.new_empty((N, D))
     P = protos.reshape(C * K, D).contiguous()
-    dot_dtype, precision = dot_config(feats.dtype, protos.dtype)
-    cfg = tile_config("bwd", dot_dtype, N, C, K, D)
+    cfg = tile_config("bwd", feats.dtype, protos.dtype, N, C, K, D)
     cfg.update(tiles or {})
     gs = grad_seg if has_seg else _dummy(acc, dev).view(1, 1)
     ak = argk if has_seg else _dummy(torch.uint8, dev).view(1, 1)
@@ -377,13 +428,13 @@ def similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, arg
     ls = lse if has_lse else _dummy(acc, dev)
     go = grad_own if has_own else _dummy(acc, dev).view(1, 1)
     lab = labels if has_own else _dummy(torch.int64, dev)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_DO"]),)
     similarity_bwd_kernel[grid](
         gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
         ak, ak.stride(0), ak.stride(1), ls, ls.stride(0), dx,
         N, D, C, K, float(temperature),
-        ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+        ACC_DTYPE=TL_DTYPE[acc], **dot_config(feats.dtype, protos.dtype),
         HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, FMA_SECOND_GEMM=acc == torch.float64, **cfg,
     )
     return dx

@@ -1,0 +1,113 @@
+"""Tile sizes of the similarity kernels, with no triton import (``roofline`` uses them too).
+
+``similarity_tiles(pass_, kind, C, K, D, N, interpret)`` is what the
+launchers pick. On a GPU the tiles come from :data:`GPU_TILES`, chosen so that
+every specialisation compiles for sm_80 and sm_90 without spilling registers
+(``tests/compile_kernels.py`` checks it in CI); the interpreter, whose cost is
+per program, takes the largest tiles that stay within Triton's limit on the
+elements of one block (:data:`MAX_NUMEL`) in every tensor the kernels build.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GPU_TILES", "MAX_NUMEL", "kind_of", "similarity_tiles", "largest_block", "pow2"]
+
+# Triton's limit on the elements of one tensor (triton.language.core.TRITON_MAX_TENSOR_NUMEL)
+MAX_NUMEL = 1 << 20
+
+# (BLOCK_N, most columns BLOCK_C * BLOCK_K, BLOCK_D, BLOCK_DO, num_warps,
+# num_stages) per pass and GEMM kind: "half" (fp16 or bf16 operands on the
+# tensor cores), "fp32" (tf32x3; also mixed input dtypes), "fp64".
+# Registers and shared memory of each on sm_90 / sm_80 are in the kernels'
+# comment blocks (kernels/similarity.py).
+GPU_TILES = {
+    ("fwd", "half"): (64, 128, 64, None, 8, 3),
+    ("fwd", "fp32"): (64, 128, 16, None, 8, 3),
+    ("fwd", "fp64"): (32, 64, 32, None, 8, 2),
+    ("bwd", "half"): (32, 64, 64, 256, 8, 3),
+    ("bwd", "fp32"): (32, 64, 32, 64, 8, 2),
+    ("bwd", "fp64"): (16, 16, 32, 32, 8, 2),
+}
+
+
+def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """The next power of two of ``n`` (at least 1), clamped to ``[lo, hi]``."""
+    p = max(lo, 1 << (max(1, int(n)) - 1).bit_length())
+    return min(p, hi) if hi is not None else p
+
+
+def kind_of(feats_dtype: str, protos_dtype: str) -> str:
+    """GEMM kind of an input dtype pair (dtype names: "float16", "bfloat16", "float32", "float64")."""
+    if feats_dtype == "float64":
+        return "fp64"
+    if feats_dtype == protos_dtype and feats_dtype in ("float16", "bfloat16"):
+        return "half"
+    return "fp32"
+
+
+def largest_block(pass_: str, kind: str, cfg: dict) -> int:
+    """Elements of the largest tensor the kernel of ``pass_`` builds with the tiles ``cfg``."""
+    n, j, d = cfg["BLOCK_N"], cfg["BLOCK_C"] * cfg["BLOCK_K"], cfg["BLOCK_D"]
+    sizes = [n * j, n * d, d * j]  # S tile (and its (n, c, k) view), feats chunk, protos chunk
+    if pass_ == "bwd":
+        do = cfg["BLOCK_DO"]
+        sizes += [j * do, n * do]  # protos slice, d feats slice
+        if kind == "fp64":
+            sizes.append(n * j * do)  # the FMA second product's (n, j, dout) block
+    return max(sizes)
+
+
+def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, interpret: bool) -> dict:
+    """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) similarity kernel.
+
+    A tile holds BLOCK_C whole classes of BLOCK_K = next_pow2(K) prototypes
+    (BLOCK_C * BLOCK_K >= 16: the tensor cores' smallest dimension).
+    """
+    if interpret:
+        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = (
+            pow2(N, 16, 256), 1024, pow2(D, 16, 256), pow2(D, 16, 1024), 4, 1)
+    else:
+        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = GPU_TILES[(pass_, kind)]
+    BLOCK_K = pow2(K)
+    BLOCK_C = max(1, min(pow2(C), max_j // BLOCK_K))
+    while BLOCK_C * BLOCK_K < 16:
+        BLOCK_C *= 2
+    cfg = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+               num_warps=num_warps, num_stages=num_stages)
+    if pass_ == "bwd":
+        cfg["BLOCK_DO"] = min(BLOCK_DO, pow2(D, 16))
+    # within Triton's element limit (the float64 backward's (n, j, dout) block
+    # first of all): shrink the tiles, the D slice last of all (each slice
+    # recomputes S), the feats chunk only if nothing else is left
+    while largest_block(pass_, kind, cfg) > MAX_NUMEL:
+        j = cfg["BLOCK_C"] * cfg["BLOCK_K"]
+        do = cfg.get("BLOCK_DO", 0)
+        if do > 256:
+            cfg["BLOCK_DO"] //= 2
+        elif j > 128 and cfg["BLOCK_C"] > 1:
+            cfg["BLOCK_C"] //= 2
+        elif cfg["BLOCK_N"] > 64:
+            cfg["BLOCK_N"] //= 2
+        elif do > 64:
+            cfg["BLOCK_DO"] //= 2
+        elif j > 16 and cfg["BLOCK_C"] > 1:
+            cfg["BLOCK_C"] //= 2
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        elif do > 16:
+            cfg["BLOCK_DO"] //= 2
+        elif cfg["BLOCK_D"] > 16:
+            cfg["BLOCK_D"] //= 2
+        else:
+            raise ValueError(f"K = {K} is too large for one tile within Triton's element limit ({cfg})")
+    return cfg
+
+
+def padding(C: int, K: int, kind: str, pass_: str) -> float:
+    """Columns the GEMM tiles compute per real column of S on a GPU.
+
+    K is padded to a power of two and the last class block to BLOCK_C classes.
+    """
+    cfg = similarity_tiles(pass_, kind, C, K, 64, 1, interpret=False)
+    bc, bk = cfg["BLOCK_C"], cfg["BLOCK_K"]
+    return (-(-C // bc) * bc * bk) / (C * K)
