@@ -396,6 +396,70 @@ def test_argument_errors_name_the_argument(sim):
         sim.similarity(f, p[0], gt, -1, 1.0, True, False, False, 0, False)
 
 
+# --------------------------------------------------------------------------- the emulator itself (tools/cuda_sim/selftest.cu)
+
+
+def _selftest(sim, case, x):
+    return sim.cudasim_selftest(case, x)
+
+
+def test_emulator_runs_a_correct_kernel(sim, order):
+    x = torch.randn(128 * 5)
+    torch.testing.assert_close(_selftest(sim, "block_sum", x), x.view(5, 128).sum(1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(_selftest(sim, "shifted_copy", x[:100]), x[:100])
+
+
+@pytest.mark.parametrize(
+    "case, x, match",
+    [
+        ("oob_read", torch.randn(100), r"shifted_copy_kernel.*thread \(35, 0, 0\).*out-of-bounds read of `x`: element 100 of float"),
+        ("oob_write", torch.randn(100), r"write_before_start_kernel.*thread \(0, 0, 0\).*out-of-bounds access of `y`: element -1"),
+        ("divergent_barrier", torch.zeros(1), r"divergent_barrier_kernel.*different __syncthreads.*selftest.cu"),
+        ("deadlock", torch.zeros(1), r"deadlock_kernel.*deadlock: .*__shfl_xor_sync.*__syncthreads"),
+        ("shuffle_exited_lane", torch.zeros(1), r"shuffle_exited_lane_kernel.*names lane 16 .*exited"),
+        ("launch_bounds", torch.randn(256), r"block_sum_kernel.*256 threads per block, above __launch_bounds__\(128\)"),
+        ("empty_grid", torch.randn(256), r"block_sum_kernel.*invalid configuration argument: grid \(0, 1, 1\)"),
+        ("dynamic_shared_oob", torch.zeros(1), r"dynamic_shared_kernel.*out-of-bounds access of `extern __shared__ array`"),
+        ("device_assert", torch.tensor([0, 1, -2, 3], dtype=torch.int32), r"assert_kernel.*thread \(2, 0, 0\).*device-side assert.*x: an entry is negative"),
+    ],
+)
+def test_emulator_stops_a_faulty_kernel_and_names_it(sim, case, x, match):
+    with pytest.raises(RuntimeError, match=match):
+        _selftest(sim, case, x)
+
+
+def test_emulator_shared_memory_starts_as_nan(sim, order):
+    # a read before the barrier that publishes the value: NaN, whatever the order
+    assert torch.isnan(_selftest(sim, "unpublished_shared", torch.zeros(1))).all()
+    # threads that exited before a barrier do not hold it up; what they did not write is NaN
+    y = _selftest(sim, "early_exit", torch.zeros(1))
+    assert torch.isnan(y[:32]).all() and torch.equal(y[32:], torch.arange(32.0))
+    y = _selftest(sim, "dynamic_shared", torch.zeros(1))
+    assert torch.equal(y, torch.arange(63, -1, -1.0) * 10)
+
+
+def test_emulator_warp_collectives(sim, order):
+    x = torch.tensor([(7 * i + 3) % 19 for i in range(32)], dtype=torch.int32)
+    out = _selftest(sim, "warp_ops", x).view(9, 32).tolist()
+    v = x.tolist()
+    lanes = range(32)
+    assert out[0] == [v[5]] * 32
+    assert out[1] == [v[(l // 8) * 8 + (l + 3) % 8] for l in lanes]
+    assert out[2] == [v[l ^ 6] for l in lanes]
+    assert out[3] == [v[l - 3] if l % 16 >= 3 else v[l] for l in lanes]
+    assert out[4] == [v[l + 2] if l + 2 < 32 else v[l] for l in lanes]
+    ballot = sum(1 << l for l in lanes if v[l] > 10) & 0x7FFFFFFF
+    assert out[5] == [ballot] * 32
+    assert out[6] == [int(7 in v)] * 32 and out[7] == [1] * 32 and out[8] == [int(all(e > 0 for e in v))] * 32
+
+
+def test_emulator_atomics(sim, order):
+    x = torch.arange(64 * 6, dtype=torch.int32)
+    out = _selftest(sim, "atomics", x).tolist()
+    assert out[0] == 64 * 6
+    assert out[1:] == [int(x[i::4].sum()) for i in range(4)]
+
+
 # --------------------------------------------------------------------------- mutations: the emulator catches them
 
 _MUTATION_SCRIPT = textwrap.dedent(

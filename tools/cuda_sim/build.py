@@ -232,7 +232,7 @@ def _inputs(root: Path):
             continue
         files.append((str(p.relative_to(root)), p.read_text()))
     for p in sorted(HERE.rglob("*")):
-        if p.is_file() and p.suffix in (".h", ".cpp", ".py"):
+        if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".py"):
             files.append(("tools/cuda_sim/" + str(p.relative_to(HERE)), p.read_text()))
     return files
 
@@ -300,6 +300,10 @@ def _write_sources(root: Path, dst: Path, mutate=None):
     units.append(dst / "schemas.cpp")
     shutil.copy(HERE / "runtime.cpp", dst / "cuda_sim_runtime.cpp")
     units.append(dst / "cuda_sim_runtime.cpp")
+    # the emulator's own checks (tests/test_cuda_sim.py), through the same rewrite
+    (dst / "cuda_sim_selftest.cu").write_text(
+        rewrite_cuda_source((HERE / "selftest.cu").read_text(), "tools/cuda_sim/selftest.cu"))
+    units.append(dst / "cuda_sim_selftest.cu")
     return units
 
 
@@ -341,7 +345,8 @@ def build(root=None, *, mutate=None, tag="", only=None, verbose=False) -> Path:
             inc = [f"-I{work / 'src' / 'csrc'}", "-include", "cuda_sim.h"]
 
             if only is not None:
-                units = [u for u in units if u.name in only or u.name in ("schemas.cpp", "cuda_sim_runtime.cpp")]
+                keep = ("schemas.cpp", "cuda_sim_runtime.cpp", "cuda_sim_selftest.cu")
+                units = [u for u in units if u.name in only or u.name in keep]
             headers = "".join(p.read_text() for p in sorted((work / "src").rglob("*")) if p.suffix in (".h", ".cuh"))
             headers += "".join(p.read_text() for p in sorted((HERE / "include").rglob("*.h")))
             objdir = cache / "obj"
@@ -352,6 +357,7 @@ def build(root=None, *, mutate=None, tag="", only=None, verbose=False) -> Path:
                 h = hashlib.sha256((u.read_text() + headers + " ".join(cflags)).encode()).hexdigest()[:20]
                 obj = objdir / f"{u.stem}-{h}.o"
                 if obj.exists():
+                    obj.touch()  # recently used: kept by _prune
                     return obj
                 tmp = work / (u.name + ".o")
                 cmd = [cc, "-x", "c++", *cflags, *inc, "-c", str(u), "-o", str(tmp)]
@@ -370,11 +376,26 @@ def build(root=None, *, mutate=None, tag="", only=None, verbose=False) -> Path:
                 raise RuntimeError(f"cuda_sim: linking failed:\n{r.stderr[-8000:]}")
             (cache / key).mkdir(exist_ok=True)
             os.replace(lib, out)
+            _prune(cache)
             if verbose:
                 print(f"cuda_sim: built {out} in {time.time() - t0:.0f} s", file=sys.stderr)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _prune(cache: Path, keep_libs=6, keep_objs=48):
+    """Drop the oldest libraries and objects of the cache (each edit of csrc/cuda makes new ones)."""
+    libs = sorted((d for d in cache.iterdir() if d.is_dir() and (d / LIB_NAME).exists()),
+                  key=lambda d: (d / LIB_NAME).stat().st_mtime, reverse=True)
+    for d in libs[keep_libs:]:
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (cache / f"{d.name}.lock").unlink()
+    objs = sorted((cache / "obj").glob("*.o"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for o in objs[keep_objs:]:
+        with contextlib.suppress(OSError):
+            o.unlink()
 
 
 _loaded = {}
