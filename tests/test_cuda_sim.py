@@ -118,6 +118,18 @@ def test_similarity_own_only(sim, order, dtype, normalize):
     torch.testing.assert_close(own.double(), ref, **_tol(dtype))
 
 
+def test_similarity_all_pixels_ignored(sim):
+    """Every label ignore_index: own-class scores zero, and their gradient too."""
+    N, D, C, K = 80, 24, 5, 3
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, seed=6)
+    gt = torch.full_like(gt, -1)
+    for compute_seg in (False, True):
+        seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, compute_seg, compute_seg, True, 0, False)
+        assert own.shape == (N, K) and (own == 0).all()
+    grad = sim.similarity_backward(None, None, torch.randn(N, K), f, p, gt, argk, lse, -1, 1.0, None, False)
+    assert torch.equal(grad, torch.zeros_like(f))
+
+
 def test_similarity_tiles(sim):
     """More rows than one tile (16 MiB of S): the epilogue runs on several tiles and a partial last one."""
     N, D, C, K = 20000, 8, 30, 10  # 128-row multiples: 13,952 rows per fp32 tile

@@ -131,7 +131,7 @@ def _device_spans(code: str):
 
 def _type_names(src: str) -> set:
     names = set(_BUILTIN_TYPES)
-    names |= set(re.findall(r"\b(?:typename|class)\s+([A-Za-z_]\w*)", src))
+    names |= set(re.findall(r"\b(?:typename|class|struct)\s+([A-Za-z_]\w*)", src))
     names |= set(re.findall(r"\b(\w+_t)\b", src))
     return names
 
