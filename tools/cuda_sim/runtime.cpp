@@ -185,8 +185,6 @@ int shuffle_source(const Fiber& f, int lane) {
   }
 }
 
-[[noreturn]] void block_fail(Run& r, const std::string& what) { throw KernelFailure{what}; }
-
 // Releases every warp collective whose lanes have all arrived; returns
 // whether one was released. Sets r.error on a misuse.
 bool release_warps(Run& r) {
