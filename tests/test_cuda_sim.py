@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from protoseg_ext import reference as R
-from conftest import make_problem
+from protoseg_ext.testing import make_problem
 
 pytestmark = [
     pytest.mark.cuda_sim,
@@ -65,11 +65,10 @@ def _tol(dtype):
         dtype, dict(atol=1e-4, rtol=1e-4))
 
 
-def _own_ref(S, gt, C, K, ignore_index):
-    N = S.shape[0]
-    ok = (gt >= 0) & (gt < C) & (gt != ignore_index)
-    idx = gt.clamp(0, C - 1)[:, None] * K + torch.arange(K)[None, :]
-    return torch.where(ok[:, None], S.gather(1, idx), torch.zeros((), dtype=S.dtype)) if N else S.new_zeros(0, K)
+def _ref(f, p, gt, ignore_index=-1, T=1.0, normalize=False):
+    """reference.similarity_outputs in float64: (seg, argk, lse, own), differentiable w.r.t. f."""
+    return R.similarity_outputs(f if f.dtype == torch.float64 else f.double(), p.double(), gt, ignore_index, T,
+                                True, True, True, normalize)
 
 
 # --------------------------------------------------------------------------- similarity
@@ -91,17 +90,15 @@ def test_similarity_forward(sim, N, D, C, K, dtype, normalize):
         f = f * (1 + torch.arange(N, dtype=f.dtype)[:, None] / 7)  # raw rows of varying norm
     w = _work(dtype)
     seg, argk, lse, own, probs = sim.similarity(f, p, gt, -1, 0.5, True, True, True, 1 << 30, normalize)
-    x = f.double()
-    x = F.normalize(x, dim=1) if normalize else x
-    S = R.similarity(x, p.double())
-    ref_seg = S.view(N, C, K).amax(-1)
+    ref_seg, _, ref_lse, ref_own = _ref(f, p, gt, -1, 0.5, normalize)
+    S = R.similarity(R.l2_normalize(f.double()) if normalize else f.double(), p.double())
     tol = _tol(dtype)
     torch.testing.assert_close(seg.double(), ref_seg, **(tol if dtype in (torch.float32, torch.float64) else dict(atol=2e-2, rtol=2e-2)))
     assert seg.dtype == dtype and lse.dtype == w and own.dtype == w
     near_tie = (S.view(N, C, K).topk(min(2, K), -1).values.diff(dim=-1).abs() < 1e-3).any(-1) if K > 1 else torch.zeros(N, C, dtype=torch.bool)
     assert torch.equal(argk.long()[~near_tie], S.view(N, C, K).argmax(-1)[~near_tie])
-    torch.testing.assert_close(lse.double(), torch.logsumexp(S / 0.5, 1), **tol)
-    torch.testing.assert_close(own.double(), _own_ref(S, gt, C, K, -1), **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    torch.testing.assert_close(own.double(), ref_own, **tol)
     torch.testing.assert_close(probs.double(), torch.softmax(S / 0.5, 1), **tol)
 
 
@@ -113,8 +110,7 @@ def test_similarity_own_only(sim, order, dtype, normalize):
     f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, dtype=dtype, seed=3, ignore_index=255)
     seg, argk, lse, own, probs = sim.similarity(f, p, gt, 255, 1.0, False, False, True, 0, normalize)
     assert seg.numel() == lse.numel() == probs.numel() == 0
-    x = F.normalize(f.double(), dim=1) if normalize else f.double()
-    ref = _own_ref(R.similarity(x, p.double()), gt, C, K, 255)
+    ref = _ref(f, p, gt, 255, normalize=normalize)[3]
     torch.testing.assert_close(own.double(), ref, **_tol(dtype))
 
 
@@ -135,24 +131,22 @@ def test_similarity_tiles(sim):
     N, D, C, K = 20000, 8, 30, 10  # 128-row multiples: 13,952 rows per fp32 tile
     f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, seed=5)
     seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
-    S = R.similarity(f.double(), p.double())
-    torch.testing.assert_close(seg.double(), S.view(N, C, K).amax(-1), atol=2e-5, rtol=0)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(S, 1), atol=2e-5, rtol=0)
-    torch.testing.assert_close(own.double(), _own_ref(S, gt, C, K, -1), atol=2e-5, rtol=0)
+    ref_seg, _, ref_lse, ref_own = _ref(f, p, gt)
+    torch.testing.assert_close(seg.double(), ref_seg, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+    torch.testing.assert_close(own.double(), ref_own, atol=2e-5, rtol=0)
 
 
 def _reference_grads(f, p, gt, T, normalize, g_seg, g_lse, g_own, ignore_index=-1):
-    N, C, K = f.shape[0], p.shape[0], p.shape[1]
     x = f.detach().double().requires_grad_()
-    xn = F.normalize(x, dim=1) if normalize else x
-    S = R.similarity(xn, p.double())
+    seg, _, lse, own = _ref(x, p, gt, ignore_index, T, normalize)
     loss = x.sum() * 0
     if g_seg is not None:
-        loss = loss + (S.view(N, C, K).amax(-1) * g_seg.double()).sum()
+        loss = loss + (seg * g_seg.double()).sum()
     if g_lse is not None:
-        loss = loss + (torch.logsumexp(S / T, 1) * g_lse.double()).sum()
+        loss = loss + (lse * g_lse.double()).sum()
     if g_own is not None:
-        loss = loss + (_own_ref(S, gt, C, K, ignore_index) * g_own.double()).sum()
+        loss = loss + (own * g_own.double()).sum()
     (grad,) = torch.autograd.grad(loss, x)
     return grad
 
@@ -214,9 +208,8 @@ def test_similarity_autograd_through_the_registered_backward(sim):
     loss = lse.sum() - own.gather(1, t[:, None]).sum() + seg.square().sum()
     loss.backward()
     b = f.clone().double().requires_grad_()
-    S = R.similarity(b, p.double())
-    ref = torch.logsumexp(S, 1).sum() - _own_ref(S, gt, C, K, -1).gather(1, t[:, None]).sum()
-    ref = ref + S.view(N, C, K).amax(-1).square().sum()
+    r_seg, _, r_lse, r_own = _ref(b, p, gt)
+    ref = r_lse.sum() - r_own.gather(1, t[:, None]).sum() + r_seg.square().sum()
     ref.backward()
     torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5)
 
@@ -234,7 +227,7 @@ SINKHORN_CASES = {
 
 def _own_problem(N, C, K, seed=0, skew=False, ignore_index=-1, dtype=torch.float32):
     f, p, gt, _ = make_problem(N=N, D=16, C=C, K=K, seed=seed, skew=skew, ignore_index=ignore_index)
-    own = _own_ref(R.similarity(f.double(), p.double()), gt, C, K, ignore_index)
+    own = _ref(f, p, gt, ignore_index)[3]
     return own.to(dtype), gt
 
 
@@ -276,11 +269,7 @@ def test_sinkhorn_edge_cases(sim):
 
 
 def _sums_ref(x, slot, S, normalize):
-    x = x.double()
-    x = F.normalize(x, dim=1) if normalize else x
-    ok = (slot >= 0) & torch.isfinite(x).all(1)
-    sums = torch.zeros(S, x.shape[1], dtype=torch.float64).index_add_(0, slot[ok], x[ok])
-    return sums, torch.bincount(slot[ok], minlength=S).double()
+    return R.prototype_sums(x.double(), slot, S, normalize)  # float64
 
 
 @pytest.fixture(params=["deterministic", "atomic"])
@@ -478,7 +467,6 @@ _MUTATION_SCRIPT = textwrap.dedent(
     """
     import importlib.util, sys, torch
     root, which = sys.argv[1], sys.argv[2]
-    sys.path.insert(0, root + "/tests")
     spec = importlib.util.spec_from_file_location("b", root + "/tools/cuda_sim/build.py")
     B = importlib.util.module_from_spec(spec); spec.loader.exec_module(B)
     MUTATIONS = {
@@ -495,14 +483,13 @@ _MUTATION_SCRIPT = textwrap.dedent(
             text = text.replace(old, new)
         return text
     ops = B.load(root, mutate=mutate, tag=which, only=["sinkhorn_cuda.cu"])
-    from conftest import make_problem
+    from protoseg_ext.testing import make_problem
     from protoseg_ext import reference as R
     f, p, gt, _ = make_problem(N=9000, D=16, C=4, K=10, skew=True, seed=0)
     gt[gt == 3] = 2
     gt[:2] = 3  # a class of 2 pixels: some of its 3 parts are empty
     C, K = 4, 10
-    S = R.similarity(f, p)
-    own = torch.where((gt >= 0)[:, None], S.view(-1, C, K)[torch.arange(9000), gt.clamp(min=0)], torch.zeros(()))
+    own = R.similarity_outputs(f, p, gt, -1, 1.0, False, False, True)[3]
     try:
         Q = ops.sinkhorn(own, gt, C, -1, 3, 0.05)
     except RuntimeError as e:
