@@ -23,6 +23,13 @@ message back to the original file):
     ``TORCH_LIBRARY(protoseg_ext, m)`` of csrc/protoseg.cpp.
 Everything else, the host code around the launches included, is compiled
 as written (its ATen calls, the GEMMs among them, run on the CPU tensors).
+tools/cuda_sim/selftest.cu, the emulator's own check kernels, goes through
+the same rewrite into the same library.
+
+Device code that the rewrite does not cover fails to compile rather than run
+unchecked: a pointer reinterpreted as another type (``reinterpret_cast<const
+float4*>(p)`` on a checked pointer; use ``p.raw()`` under ``#ifdef CUDASIM``
+or load element by element), cooperative groups, WMMA fragments, inline PTX.
 
 Command line: ``python tools/cuda_sim/build.py [ROOT]`` builds (or finds) the
 library and prints its path; ``--mutate FILE:LINE`` is for the mutation check
@@ -51,7 +58,8 @@ LIB_NAME = "libprotoseg_cudasim.so"
 
 _BUILTIN_TYPES = {
     "float", "double", "int", "unsigned", "long", "short", "char", "bool", "void", "size_t", "ptrdiff_t",
-    "Half", "BFloat16", "half", "__half", "__nv_bfloat16",
+    "Half", "BFloat16", "half", "__half", "__nv_bfloat16", "__half2", "__nv_bfloat162",
+    "float2", "float3", "float4", "double2", "int2", "int4", "uint2", "uint4", "longlong2",
 }
 _TYPE = (
     r"(?:const\s+)?(?:unsigned\s+long\s+long|unsigned\s+int|unsigned\s+char|long\s+long|"
