@@ -2,7 +2,8 @@
 
 A CppExtension always; a CUDAExtension when torch has CUDA and CUDA_HOME is
 set (or PROTOSEG_FORCE_CUDA=1). PROTOSEG_ONLY_CPU=1 skips CUDA.
-TORCH_CUDA_ARCH_LIST selects the GPU architectures (release default: 8.0;9.0).
+TORCH_CUDA_ARCH_LIST selects the GPU architectures (release default: 8.0;9.0+PTX,
+the PTX letting GPUs newer than sm_90 JIT the kernels).
 Build with `pip install --no-build-isolation -e .`: an isolated build would
 fetch another torch than the one the extension must match.
 """
@@ -56,7 +57,7 @@ def _write_build_info(with_cuda, arch_list):
 def _extensions():
     with_cuda = _want_cuda()
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     _write_build_info(with_cuda, arch_list)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

@@ -55,7 +55,11 @@ TORCH_LIBRARY(protoseg_ext, m) {
   m.def("sinkhorn(Tensor own, Tensor labels, int num_classes, int ignore_index, int iters, float eps) -> Tensor");
   // Per-prototype feature sums (num_slots, D) and pixel counts (num_slots,) of
   // the rows with slot[n] >= 0 and finite features (each row L2-normalised
-  // first if normalize); deterministic.
+  // first if normalize). The CPU kernel is deterministic (same bits on every
+  // run and thread count); the CUDA kernel is deterministic only under
+  // torch.use_deterministic_algorithms(True) (sorted segmented sums) and by
+  // default adds rows with floating-point atomics, whose rounding varies from
+  // run to run. Counts are exact on both.
   m.def("prototype_sums(Tensor feats, Tensor slot, int num_slots, bool normalize=False) -> (Tensor sums, Tensor counts)");
   // protos (C, K, D) -> L2-normalise(EMA(protos, normalise(sums))) where counts > 0.
   m.def("prototype_ema(Tensor protos, Tensor sums, Tensor counts, float gamma) -> Tensor");

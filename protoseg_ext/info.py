@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import re
 import sys
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -31,6 +33,90 @@ def build_info() -> dict:
         info["CUDA arch list"] = ext.BUILD_CUDA_ARCH_LIST or "-"
         info["compiled backends"] = ["cpu"] + (["cuda"] if ext.WITH_CUDA else [])
     return info
+
+
+# TORCH_CUDA_ARCH_LIST names (torch.utils.cpp_extension) and the capabilities they stand for
+_NAMED_ARCHS = {
+    "kepler": ["3.5+PTX"], "maxwell": ["5.0", "5.2+PTX"], "pascal": ["6.0", "6.1+PTX"], "volta": ["7.0+PTX"],
+    "turing": ["7.5+PTX"], "ampere": ["8.0", "8.6+PTX"], "ada": ["8.9+PTX"], "hopper": ["9.0+PTX"],
+}
+
+
+def parse_arch_list(arch_list: str) -> List[Tuple[int, int, bool, bool]]:
+    """``(major, minor, ptx, arch_specific)`` of each entry of a TORCH_CUDA_ARCH_LIST string.
+
+    ``"8.0;9.0+PTX"`` gives ``[(8, 0, False, False), (9, 0, True, False)]``;
+    ``"9.0a"`` is arch-specific (runs on 9.0 only). Unknown entries are skipped.
+    """
+    out = []
+    for tok in re.split(r"[;\s,]+", arch_list.strip()):
+        if not tok:
+            continue
+        for t in _NAMED_ARCHS.get(tok.lower(), [tok]):
+            m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", t, flags=re.IGNORECASE)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2)), bool(m.group(4)), m.group(3).lower() == "a"))
+    return out
+
+
+def arch_covers(capability: Tuple[int, int], arch_list: str) -> Optional[bool]:
+    """Whether a build for ``arch_list`` has code a GPU of ``capability`` runs.
+
+    A cubin for X.Y runs on X.Z with Z >= Y (same major); PTX for X.Y is
+    compiled by the driver for any newer GPU. None when the list says nothing
+    we can read (empty, or unknown names).
+    """
+    entries = parse_arch_list(arch_list)
+    if not entries:
+        return None
+    major, minor = capability
+    for ma, mi, ptx, specific in entries:
+        if specific:
+            if (ma, mi) == (major, minor):
+                return True
+            continue
+        if ma == major and mi <= minor:
+            return True
+        if ptx and (ma, mi) <= (major, minor):
+            return True
+    return False
+
+
+def gpu_coverage(capabilities=None, arch_list=None, names=None) -> Optional[str]:
+    """A plain statement if a GPU here is not covered by the build's CUDA arch list, else None.
+
+    ``capabilities``: ``[(major, minor), ...]`` (default: every visible GPU);
+    ``arch_list``: the TORCH_CUDA_ARCH_LIST the library was built with
+    (default: the built library's); ``names``: the GPUs' names, for the
+    message. None also when there is no GPU, no CUDA build or no readable list.
+    """
+    if capabilities is None:
+        if not torch.cuda.is_available():
+            return None
+        n = torch.cuda.device_count()
+        capabilities = [torch.cuda.get_device_capability(i) for i in range(n)]
+        names = [torch.cuda.get_device_name(i) for i in range(n)]
+    if arch_list is None:
+        from . import backends
+
+        ext = backends.load_extension()
+        if ext is None or not ext.WITH_CUDA:
+            return None
+        arch_list = ext.BUILD_CUDA_ARCH_LIST
+    names = list(names) if names is not None else [f"GPU {i}" for i in range(len(capabilities))]
+    missing = []
+    for i, cap in enumerate(capabilities):
+        if arch_covers(tuple(cap), arch_list or "") is False:
+            missing.append(f"{names[i]} (cuda:{i}, compute capability {cap[0]}.{cap[1]})")
+    if not missing:
+        return None
+    caps = ";".join(sorted({f"{c[0]}.{c[1]}" for c in capabilities}))
+    return (
+        f"the CUDA kernels were built for TORCH_CUDA_ARCH_LIST='{arch_list}', which does not cover "
+        f"{', '.join(missing)}: the cuda backend cannot run there ('no kernel image is available'). "
+        f"Rebuild on this machine with TORCH_CUDA_ARCH_LIST unset (bash scripts/run.sh setup builds for the GPUs "
+        f"it finds) or set to '{caps}', or add '+PTX' to the newest entry."
+    )
 
 
 def backend_report() -> list:
@@ -64,6 +150,9 @@ def main() -> int:
     print(f"  {'python':24s} {sys.version.split()[0]} ({platform.machine()})")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"  {'GPU':24s} {gpu}")
+    coverage = gpu_coverage()
+    if coverage:
+        print(f"  {'GPU coverage':24s} NOT COVERED: {coverage}")
     try:
         import triton
 

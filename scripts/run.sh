@@ -37,7 +37,14 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-2}"
 if [ -n "${CUDA_HOME:-}" ]; then
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    # build for the GPUs of this machine; without one, the release list of
+    # setup.py (PTX for its newest architecture, so newer GPUs can JIT it)
+    gpu_archs="$("$py" -c 'import torch
+n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print(";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(n)})))' 2>/dev/null || true)"
+    export TORCH_CUDA_ARCH_LIST="${gpu_archs:-8.0;9.0+PTX}"
+  fi
 else
   export PROTOSEG_ONLY_CPU=1
 fi

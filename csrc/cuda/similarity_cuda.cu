@@ -99,7 +99,9 @@ ProtoOperands proto_operands(const at::Tensor& feats, const at::Tensor& protos) 
   return p;
 }
 
-// Set once if this torch cannot run the 16-bit GEMM with fp32 output.
+// Set once if this torch has no 16-bit GEMM with fp32 output for the device
+// (the dispatcher has no mm.dtype_out kernel for it, e.g. CPU tensors in the
+// cuda_sim emulator): such GEMMs then convert feats to the working dtype.
 std::atomic<bool> g_lowp_gemm_unsupported{false};
 
 // S_tile (rows, C*K) = feats_tile (rows, D) @ P.T, in the working dtype.
@@ -108,8 +110,10 @@ void similarity_tile_gemm(at::Tensor& S_tile, const at::Tensor& feats_tile, cons
     try {
       at::mm_out(S_tile, feats_tile, P.low.t(), at::kFloat);  // tensor cores, fp32 accumulate + output
       return;
-    } catch (const c10::Error&) {
-      g_lowp_gemm_unsupported.store(true);  // rejected before any launch: fall back below
+    } catch (const c10::NotImplementedError&) {
+      // only "no kernel for this backend" (raised before any launch); an
+      // out-of-memory or any other error propagates and changes nothing
+      g_lowp_gemm_unsupported.store(true);
     }
   }
   at::mm_out(S_tile, feats_tile.to(S_tile.scalar_type()), P.acc.t());

@@ -1,0 +1,515 @@
+"""The CUDA kernels (csrc/cuda/*.cu) run on the CPU by the cuda_sim emulator.
+
+tools/cuda_sim compiles csrc/cuda of this checkout as C++ (cached by source
+hash) and registers its ops as ``torch.ops.protoseg_cudasim``, the CUDA host
+code and kernels running on CPU tensors: one fiber per CUDA thread, real
+barriers and warp collectives, NaN-filled shared and fresh memory, bounds-
+checked pointers. Every op is compared here with protoseg_ext/reference.py on
+values and gradients, edge cases included; ``-m cuda_sim`` selects these tests.
+PROTOSEG_SIM_ORDER (forward, reverse, random) sets the order in which threads
+run between barriers; several tests run all three.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protoseg_ext import reference as R
+from protoseg_ext.testing import make_problem
+
+pytestmark = [
+    pytest.mark.cuda_sim,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cuda_sim needs Linux (ucontext fibers)"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDERS = ["forward", "reverse", "random"]
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("cuda_sim_build", ROOT / "tools" / "cuda_sim" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def sim():
+    return _builder().load(ROOT)
+
+
+@pytest.fixture(params=ORDERS)
+def order(request, monkeypatch):
+    monkeypatch.setenv("PROTOSEG_SIM_ORDER", request.param)
+    monkeypatch.setenv("PROTOSEG_SIM_SEED", "7")
+    return request.param
+
+
+def _work(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tol(dtype):
+    # outputs in the working dtype, from inputs rounded to `dtype` (the reference sees the same rounded inputs)
+    return {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}.get(
+        dtype, dict(atol=1e-4, rtol=1e-4))
+
+
+def _ref(f, p, gt, ignore_index=-1, T=1.0, normalize=False):
+    """reference.similarity_outputs in float64: (seg, argk, lse, own), differentiable w.r.t. f."""
+    return R.similarity_outputs(f if f.dtype == torch.float64 else f.double(), p.double(), gt, ignore_index, T,
+                                True, True, True, normalize)
+
+
+# --------------------------------------------------------------------------- similarity
+
+SIM_CASES = [  # N, D, C, K
+    (300, 16, 5, 4),
+    (200, 40, 19, 10),  # D not a multiple of 32
+    (70, 33, 150, 3),  # C = 150: lanes take several classes
+    (65, 24, 7, 1),  # K = 1
+]
+
+
+@pytest.mark.parametrize("N, D, C, K", SIM_CASES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_similarity_forward(sim, N, D, C, K, dtype, normalize):
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, dtype=dtype, seed=N + C)
+    if normalize:
+        f = f * (1 + torch.arange(N, dtype=f.dtype)[:, None] / 7)  # raw rows of varying norm
+    w = _work(dtype)
+    seg, argk, lse, own, probs = sim.similarity(f, p, gt, -1, 0.5, True, True, True, 1 << 30, normalize)
+    ref_seg, _, ref_lse, ref_own = _ref(f, p, gt, -1, 0.5, normalize)
+    S = R.similarity(R.l2_normalize(f.double()) if normalize else f.double(), p.double())
+    tol = _tol(dtype)
+    torch.testing.assert_close(seg.double(), ref_seg, **(tol if dtype in (torch.float32, torch.float64) else dict(atol=2e-2, rtol=2e-2)))
+    assert seg.dtype == dtype and lse.dtype == w and own.dtype == w
+    near_tie = (S.view(N, C, K).topk(min(2, K), -1).values.diff(dim=-1).abs() < 1e-3).any(-1) if K > 1 else torch.zeros(N, C, dtype=torch.bool)
+    assert torch.equal(argk.long()[~near_tie], S.view(N, C, K).argmax(-1)[~near_tie])
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    torch.testing.assert_close(own.double(), ref_own, **tol)
+    torch.testing.assert_close(probs.double(), torch.softmax(S / 0.5, 1), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_similarity_own_only(sim, order, dtype, normalize):
+    """compute_own alone: similarity_own_kernel, K dot products per pixel (no GEMM)."""
+    N, D, C, K = 150, 45, 6, 5
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, dtype=dtype, seed=3, ignore_index=255)
+    seg, argk, lse, own, probs = sim.similarity(f, p, gt, 255, 1.0, False, False, True, 0, normalize)
+    assert seg.numel() == lse.numel() == probs.numel() == 0
+    ref = _ref(f, p, gt, 255, normalize=normalize)[3]
+    torch.testing.assert_close(own.double(), ref, **_tol(dtype))
+
+
+def test_similarity_all_pixels_ignored(sim):
+    """Every label ignore_index: own-class scores zero, and their gradient too."""
+    N, D, C, K = 80, 24, 5, 3
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, seed=6)
+    gt = torch.full_like(gt, -1)
+    for compute_seg in (False, True):
+        seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, compute_seg, compute_seg, True, 0, False)
+        assert own.shape == (N, K) and (own == 0).all()
+    grad = sim.similarity_backward(None, None, torch.randn(N, K), f, p, gt, argk, lse, -1, 1.0, None, False)
+    assert torch.equal(grad, torch.zeros_like(f))
+
+
+def test_similarity_tiles(sim):
+    """More rows than one tile (16 MiB of S): the epilogue runs on several tiles and a partial last one."""
+    N, D, C, K = 20000, 8, 30, 10  # 128-row multiples: 13,952 rows per fp32 tile
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, seed=5)
+    seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
+    ref_seg, _, ref_lse, ref_own = _ref(f, p, gt)
+    torch.testing.assert_close(seg.double(), ref_seg, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+    torch.testing.assert_close(own.double(), ref_own, atol=2e-5, rtol=0)
+
+
+def _reference_grads(f, p, gt, T, normalize, g_seg, g_lse, g_own, ignore_index=-1):
+    x = f.detach().double().requires_grad_()
+    seg, _, lse, own = _ref(x, p, gt, ignore_index, T, normalize)
+    loss = x.sum() * 0
+    if g_seg is not None:
+        loss = loss + (seg * g_seg.double()).sum()
+    if g_lse is not None:
+        loss = loss + (lse * g_lse.double()).sum()
+    if g_own is not None:
+        loss = loss + (own * g_own.double()).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+GRAD_PARTS = {"seg": (1, 0, 0), "lse": (0, 1, 0), "own": (0, 0, 1), "all": (1, 1, 1)}
+
+
+@pytest.mark.parametrize("parts", list(GRAD_PARTS))
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_similarity_backward(sim, parts, cached, normalize, dtype):
+    N, D, C, K, T = 120, 37, 9, 4, 0.7
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, dtype=dtype, seed=11)
+    if normalize:
+        f = f * 3
+    g = torch.Generator().manual_seed(1)
+    use = GRAD_PARTS[parts]
+    g_seg = torch.randn(N, C, generator=g, dtype=_work(dtype)) if use[0] else None
+    g_lse = torch.randn(N, generator=g, dtype=_work(dtype)) if use[1] else None
+    g_own = torch.randn(N, K, generator=g, dtype=_work(dtype)) if use[2] else None
+    seg, argk, lse, own, probs = sim.similarity(f, p, gt, -1, T, True, True, True, (1 << 30) if cached else 0,
+                                                normalize)
+    assert probs.numel() == (N * C * K if cached else 0)
+    grad = sim.similarity_backward(g_seg, g_lse, g_own, f, p, gt, argk, lse, -1, T, probs if cached else None,
+                                   normalize)
+    ref = _reference_grads(f, p, gt, T, normalize, g_seg, g_lse, g_own)
+    assert grad.dtype == dtype and grad.shape == f.shape
+    torch.testing.assert_close(grad.double(), ref, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_similarity_backward_half(sim, dtype):
+    N, D, C, K = 90, 40, 7, 3
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, dtype=dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    g_lse = torch.randn(N, generator=g)
+    g_own = torch.randn(N, K, generator=g)
+    _, argk, lse, _, _ = sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
+    grad = sim.similarity_backward(None, g_lse, g_own, f, p, gt, argk, lse, -1, 1.0, None, False)
+    ref = _reference_grads(f, p, gt, 1.0, False, None, g_lse, g_own)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_similarity_autograd_through_the_registered_backward(sim):
+    """The autograd formula of protoseg_ext/ops.py on the emulated ops: PPC/PPD-style loss, d feats."""
+    from protoseg_ext import ops
+
+    ns = "protoseg_cudasim"
+    if not getattr(test_similarity_autograd_through_the_registered_backward, "registered", False):
+        ops.register_similarity_autograd(ns)
+        test_similarity_autograd_through_the_registered_backward.registered = True
+    N, D, C, K = 100, 20, 6, 3
+    f, p, gt, _ = make_problem(N=N, D=D, C=C, K=K, seed=4)
+    a = f.clone().requires_grad_()
+    seg, argk, lse, own, probs = sim.similarity(a, p, gt, -1, 1.0, True, True, True, 0, False)
+    t = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(0))
+    loss = lse.sum() - own.gather(1, t[:, None]).sum() + seg.square().sum()
+    loss.backward()
+    b = f.clone().double().requires_grad_()
+    r_seg, _, r_lse, r_own = _ref(b, p, gt)
+    ref = r_lse.sum() - r_own.gather(1, t[:, None]).sum() + r_seg.square().sum()
+    ref.backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------- sinkhorn
+
+SINKHORN_CASES = {
+    "small": dict(N=400, C=6, K=5),
+    "skewed_multi_part": dict(N=9000, C=3, K=10, skew=True),  # G = 3 parts per class
+    "k1": dict(N=120, C=4, K=1),
+    "c150": dict(N=3000, C=150, K=4),
+    "k256": dict(N=300, C=2, K=256),  # one row per step of a block
+}
+
+
+def _own_problem(N, C, K, seed=0, skew=False, ignore_index=-1, dtype=torch.float32):
+    f, p, gt, _ = make_problem(N=N, D=16, C=C, K=K, seed=seed, skew=skew, ignore_index=ignore_index)
+    own = _ref(f, p, gt, ignore_index)[3]
+    return own.to(dtype), gt
+
+
+@pytest.mark.parametrize("case", list(SINKHORN_CASES))
+def test_sinkhorn(sim, order, case):
+    kw = SINKHORN_CASES[case]
+    own, gt = _own_problem(**kw)
+    Q = sim.sinkhorn(own, gt, kw["C"], -1, 3, 0.05)
+    torch.testing.assert_close(Q, R.sinkhorn(own, gt, kw["C"], -1, 3, 0.05).float(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sinkhorn_dtypes(sim, dtype):
+    own, gt = _own_problem(500, 5, 4, seed=1, dtype=dtype)
+    Q = sim.sinkhorn(own, gt, 5, -1, 3, 0.05)
+    assert Q.dtype == _work(dtype)
+    ref = R.sinkhorn(own, gt, 5, -1, 3, 0.05)
+    torch.testing.assert_close(Q, ref.to(Q.dtype), **({} if dtype != torch.float64 else dict(atol=1e-12, rtol=1e-10)))
+
+
+def test_sinkhorn_edge_cases(sim):
+    # empty class, single-pixel class, ignore_index 255, a non-finite row
+    own, gt = _own_problem(300, 5, 3, seed=2, ignore_index=255)
+    gt = torch.where(gt == 2, torch.full_like(gt, 4), gt)  # class 2 empty
+    gt = torch.where(gt == 1, torch.full_like(gt, 0), gt)
+    gt[17] = 1
+    own[5, 1] = float("nan")
+    Q = sim.sinkhorn(own, gt, 5, 255, 3, 0.05)
+    ref = R.sinkhorn(own, gt, 5, 255, 3, 0.05)
+    torch.testing.assert_close(Q, ref.float(), atol=2e-6, rtol=1e-5)
+    assert torch.equal(Q[17], ref[17].float()) and (Q[5] == 0).all() and (Q[gt == 255] == 0).all()
+    # every pixel ignored, and N = 0
+    Q = sim.sinkhorn(own, torch.full_like(gt, -1), 5, -1, 3, 0.05)
+    assert (Q == 0).all()
+    assert sim.sinkhorn(own[:0], gt[:0], 5, -1, 3, 0.05).shape == (0, 3)
+
+
+# --------------------------------------------------------------------------- prototype sums + EMA
+
+
+def _sums_ref(x, slot, S, normalize):
+    return R.prototype_sums(x.double(), slot, S, normalize)  # float64
+
+
+@pytest.fixture(params=["deterministic", "atomic"])
+def sums_mode(request):
+    det = request.param == "deterministic"
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(det)
+    yield request.param
+    torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("N, D, S", [(500, 24, 30), (1500, 45, 600), (64, 720, 5), (100, 7, 1)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_prototype_sums(sim, sums_mode, order, N, D, S, normalize):
+    g = torch.Generator().manual_seed(N + S)
+    x = torch.randn(N, D, generator=g)
+    slot = torch.randint(-1, S, (N,), generator=g)
+    x[3, 1] = float("inf")  # a non-finite row takes no part
+    sums, counts = sim.prototype_sums(x, slot, S, normalize)
+    ref, ref_counts = _sums_ref(x, slot, S, normalize)
+    assert torch.equal(counts.double(), ref_counts)
+    torch.testing.assert_close(sums.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_prototype_sums_dtypes(sim, sums_mode, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 40, generator=g).to(dtype)
+    slot = torch.randint(-1, 12, (700,), generator=g)
+    sums, counts = sim.prototype_sums(x, slot, 12, True)
+    ref, ref_counts = _sums_ref(x, slot, 12, True)
+    assert sums.dtype == _work(dtype) and torch.equal(counts.double(), ref_counts)
+    torch.testing.assert_close(sums.double(), ref, **(dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)))
+
+
+def test_prototype_sums_deterministic_is_order_independent(sim, monkeypatch):
+    """Deterministic mode: the same bits whatever order the threads and blocks run in."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2000, 50, generator=g)
+    slot = torch.randint(-1, 7, (2000,), generator=g)
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = []
+        for o in ORDERS:
+            monkeypatch.setenv("PROTOSEG_SIM_ORDER", o)
+            outs.append(sim.prototype_sums(x, slot, 7, False))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for s, c in outs[1:]:
+        assert torch.equal(s, outs[0][0]) and torch.equal(c, outs[0][1])
+
+
+def test_prototype_sums_edge_cases(sim, sums_mode):
+    x = torch.randn(50, 33)
+    sums, counts = sim.prototype_sums(x, torch.full((50,), -1), 6, False)  # every row left out
+    assert (sums == 0).all() and (counts == 0).all()
+    sums, counts = sim.prototype_sums(x[:0], torch.zeros(0, dtype=torch.long), 6, False)  # N = 0
+    assert sums.shape == (6, 33) and (counts == 0).all()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("C, K, D", [(5, 4, 16), (3, 1, 200), (150, 2, 33)])
+def test_prototype_ema(sim, order, dtype, C, K, D):
+    g = torch.Generator().manual_seed(C)
+    p = F.normalize(torch.randn(C, K, D, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+    sums = torch.randn(C * K, D, generator=g)
+    counts = torch.randint(0, 3, (C * K,), generator=g).float()  # some prototypes get no pixel
+    new = sim.prototype_ema(p, sums, counts, 0.9)
+    ref = R.prototype_ema(p, sums, counts, 0.9)
+    assert new.dtype == dtype
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(new, ref, **({} if dtype in (torch.float16, torch.bfloat16) else tol))
+
+
+# --------------------------------------------------------------------------- the whole update
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prototype_learning_pipeline(sim, sums_mode, dtype):
+    """The ops in the order prototype learning calls them, against reference.prototype_learning (argmax mode)."""
+    N, D, C, K, gamma = 2000, 40, 19, 10, 0.5
+    f, p, gt, seg = make_problem(N=N, D=D, C=C, K=K, dtype=dtype, seed=8, skew=True)
+    gt = torch.where(gt == 3, torch.full_like(gt, 4), gt)  # class 3 absent
+    _, _, _, own, _ = sim.similarity(f, p, gt, -1, 1.0, False, False, True, 0, False)
+    Q = sim.sinkhorn(own, gt, C, -1, 3, 0.05)
+    idx = Q.argmax(1)
+    valid = (gt >= 0) & (Q.sum(1) > 0)
+    target = torch.where(valid, gt * K + idx, torch.full_like(gt, -1))
+    correct = valid & (seg.argmax(1) == gt)
+    slot = torch.where(correct, target, torch.full_like(target, -1))
+    sums, counts = sim.prototype_sums(f, slot, C * K, False)
+    new = sim.prototype_ema(p, sums, counts, gamma)
+    t_ref, new_ref = R.prototype_learning(f, p, gt, seg, assign="argmax", gamma=gamma)
+    assert torch.equal(target, t_ref)
+    torch.testing.assert_close(new.double(), new_ref.double(), **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)))
+
+
+# --------------------------------------------------------------------------- errors the emulator must report
+
+
+def test_label_out_of_range_is_a_device_assert(sim):
+    f, p, gt, _ = make_problem(N=50, C=5, K=3)
+    gt[7] = 5
+    with pytest.raises(RuntimeError, match=r"sinkhorn_keys_kernel.*device-side assert.*labels: a label is outside"):
+        sim.sinkhorn(torch.zeros(50, 3), gt, 5, -1, 3, 0.05)
+    with pytest.raises(RuntimeError, match=r"similarity_own_kernel.*device-side assert"):
+        sim.similarity(f, p, gt, -1, 1.0, False, False, True, 0, False)
+    with pytest.raises(RuntimeError, match=r"similarity_epilogue_kernel.*device-side assert"):
+        sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"prototype_keys_kernel.*slot: an entry is >= num_slots"):
+            sim.prototype_sums(f, torch.full((50,), 6), 6, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with pytest.raises(RuntimeError, match=r"prototype_sums_atomic_kernel.*slot: an entry is >= num_slots"):
+        sim.prototype_sums(f, torch.full((50,), 6), 6, False)
+
+
+def test_argument_errors_name_the_argument(sim):
+    f, p, gt, _ = make_problem(N=20, C=3, K=2)
+    with pytest.raises(ValueError, match="own: K"):
+        sim.sinkhorn(torch.zeros(20, 300), gt, 3, -1, 3, 0.05)
+    with pytest.raises(ValueError, match="protos"):
+        sim.similarity(f, p[0], gt, -1, 1.0, True, False, False, 0, False)
+
+
+# --------------------------------------------------------------------------- the emulator itself (tools/cuda_sim/selftest.cu)
+
+
+def _selftest(sim, case, x):
+    return sim.cudasim_selftest(case, x)
+
+
+def test_emulator_runs_a_correct_kernel(sim, order):
+    x = torch.randn(128 * 5)
+    torch.testing.assert_close(_selftest(sim, "block_sum", x), x.view(5, 128).sum(1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(_selftest(sim, "shifted_copy", x[:100]), x[:100])
+
+
+@pytest.mark.parametrize(
+    "case, x, match",
+    [
+        ("oob_read", torch.randn(100), r"shifted_copy_kernel.*thread \(35, 0, 0\).*out-of-bounds read of `x`: element 100 of float"),
+        ("oob_write", torch.randn(100), r"write_before_start_kernel.*thread \(0, 0, 0\).*out-of-bounds access of `y`: element -1"),
+        ("divergent_barrier", torch.zeros(1), r"divergent_barrier_kernel.*different __syncthreads.*selftest.cu"),
+        ("deadlock", torch.zeros(1), r"deadlock_kernel.*deadlock: .*__shfl_xor_sync.*__syncthreads"),
+        ("shuffle_exited_lane", torch.zeros(1), r"shuffle_exited_lane_kernel.*names lane 16 .*exited"),
+        ("launch_bounds", torch.randn(256), r"block_sum_kernel.*256 threads per block, above __launch_bounds__\(128\)"),
+        ("empty_grid", torch.randn(256), r"block_sum_kernel.*invalid configuration argument: grid \(0, 1, 1\)"),
+        ("dynamic_shared_oob", torch.zeros(1), r"dynamic_shared_kernel.*out-of-bounds access of `extern __shared__ array`"),
+        ("device_assert", torch.tensor([0, 1, -2, 3], dtype=torch.int32), r"assert_kernel.*thread \(2, 0, 0\).*device-side assert.*x: an entry is negative"),
+    ],
+)
+def test_emulator_stops_a_faulty_kernel_and_names_it(sim, case, x, match):
+    with pytest.raises(RuntimeError, match=match):
+        _selftest(sim, case, x)
+
+
+def test_emulator_shared_memory_starts_as_nan(sim, order):
+    # a read before the barrier that publishes the value: NaN, whatever the order
+    assert torch.isnan(_selftest(sim, "unpublished_shared", torch.zeros(1))).all()
+    # threads that exited before a barrier do not hold it up; what they did not write is NaN
+    y = _selftest(sim, "early_exit", torch.zeros(1))
+    assert torch.isnan(y[:32]).all() and torch.equal(y[32:], torch.arange(32.0))
+    y = _selftest(sim, "dynamic_shared", torch.zeros(1))
+    assert torch.equal(y, torch.arange(63, -1, -1.0) * 10)
+
+
+def test_emulator_warp_collectives(sim, order):
+    x = torch.tensor([(7 * i + 3) % 19 for i in range(32)], dtype=torch.int32)
+    out = _selftest(sim, "warp_ops", x).view(9, 32).tolist()
+    v = x.tolist()
+    lanes = range(32)
+    assert out[0] == [v[5]] * 32
+    assert out[1] == [v[(l // 8) * 8 + (l + 3) % 8] for l in lanes]
+    assert out[2] == [v[l ^ 6] for l in lanes]
+    assert out[3] == [v[l - 3] if l % 16 >= 3 else v[l] for l in lanes]
+    assert out[4] == [v[l + 2] if l + 2 < 32 else v[l] for l in lanes]
+    ballot = sum(1 << l for l in lanes if v[l] > 10) & 0x7FFFFFFF
+    assert out[5] == [ballot] * 32
+    assert out[6] == [int(7 in v)] * 32 and out[7] == [1] * 32 and out[8] == [int(all(e > 0 for e in v))] * 32
+
+
+def test_emulator_atomics(sim, order):
+    x = torch.arange(64 * 6, dtype=torch.int32)
+    out = _selftest(sim, "atomics", x).tolist()
+    assert out[0] == 64 * 6
+    assert out[1:] == [int(x[i::4].sum()) for i in range(4)]
+
+
+# --------------------------------------------------------------------------- mutations: the emulator catches them
+
+_MUTATION_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys, torch
+    root, which = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location("b", root + "/tools/cuda_sim/build.py")
+    B = importlib.util.module_from_spec(spec); spec.loader.exec_module(B)
+    MUTATIONS = {
+        # the barrier that publishes each step's values before the row sums read them
+        "barrier": ("    vals[threadIdx.x] = v;\\n    __syncthreads();", "    vals[threadIdx.x] = v;\\n    ;"),
+        # an empty part's block leaves before writing its (zero) column sums
+        "early_return": ("  const T cm = L.active ? colmax[c * K + L.k] : T(0);",
+                         "  if (a >= b) return; const T cm = L.active ? colmax[c * K + L.k] : T(0);"),
+    }
+    old, new = MUTATIONS.get(which, (None, None))
+    def mutate(rel, text):
+        if old is not None and rel.endswith("sinkhorn_cuda.cu"):
+            assert text.count(old) == 1, "the mutation site moved: update tests/test_cuda_sim.py"
+            text = text.replace(old, new)
+        return text
+    ops = B.load(root, mutate=mutate, tag=which, only=["sinkhorn_cuda.cu"])
+    from protoseg_ext.testing import make_problem
+    from protoseg_ext import reference as R
+    f, p, gt, _ = make_problem(N=9000, D=16, C=4, K=10, skew=True, seed=0)
+    gt[gt == 3] = 2
+    gt[:2] = 3  # a class of 2 pixels: some of its 3 parts are empty
+    C, K = 4, 10
+    own = R.similarity_outputs(f, p, gt, -1, 1.0, False, False, True)[3]
+    try:
+        Q = ops.sinkhorn(own, gt, C, -1, 3, 0.05)
+    except RuntimeError as e:
+        print("CHECK FAILED: emulator error:", str(e).splitlines()[0]); sys.exit(0)
+    ok = torch.allclose(Q, R.sinkhorn(own, gt, C, -1, 3, 0.05), atol=2e-6, rtol=1e-5)
+    print("CHECK PASSED" if ok else "CHECK FAILED: Q differs from the reference")
+    """
+)
+
+
+@pytest.mark.parametrize("mutation", ["none", "barrier", "early_return"])
+def test_a_mutated_kernel_fails_the_check(tmp_path, mutation):
+    """A copy of sinkhorn_cuda.cu without one __syncthreads, or with an early return, fails the Sinkhorn check.
+
+    "none" is the control: the same build and check of the file as it is passes.
+    """
+    script = tmp_path / "mutant.py"
+    script.write_text(_MUTATION_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(ROOT), mutation], capture_output=True, text=True,
+                       timeout=1800, env=dict(os.environ, PROTOSEG_SIM_ORDER="forward"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    expect = "CHECK PASSED" if mutation == "none" else "CHECK FAILED"
+    assert expect in r.stdout, r.stdout + r.stderr[-2000:]

@@ -1,0 +1,183 @@
+// Kernels that check the emulator itself (tests/test_cuda_sim.py): each case
+// either computes something the test knows, or must fail with a given error.
+// Compiled into the emulator library by build.py, through the same rewrite
+// as csrc/cuda; registered as protoseg_cudasim::cudasim_selftest(case, x).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace cudasim_selftest {
+
+// y[i] = x[i + shift] for i < n: shift = 1 reads one past the end of x.
+__global__ void shifted_copy_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int64_t shift) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = x[i + shift];
+}
+
+// y[i - 1] = x[i]: thread 0 writes before the start of y.
+__global__ void write_before_start_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i - 1] = x[i];
+}
+
+// Half of the block waits at one __syncthreads, half at another.
+__global__ void divergent_barrier_kernel(float* y) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  y[threadIdx.x] = 1.0f;
+}
+
+// Lanes 16..31 of warp 0 wait at a barrier that the others of their warp never
+// reach, while lanes 0..15 wait at a shuffle that lanes 16..31 never reach.
+__global__ void deadlock_kernel(float* y) {
+  float v = float(threadIdx.x);
+  if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  __syncthreads();
+  y[threadIdx.x] = v;
+}
+
+// Lanes 16..31 exit, then lanes 0..15 shuffle with a full mask.
+__global__ void shuffle_exited_lane_kernel(float* y) {
+  if (threadIdx.x >= 16) return;
+  y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+
+// Each thread reads the shared slot of its neighbour, which that neighbour
+// writes after the barrier: without one before the read, the read is NaN.
+__global__ void unpublished_shared_kernel(float* y) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  const float v = s[(t + 1) % 64];
+  __syncthreads();
+  s[t] = float(t);
+  y[t] = v;
+}
+
+// Threads >= 32 leave before the barrier; the others still meet (only live
+// threads count) and read slots nobody wrote.
+__global__ void early_exit_kernel(float* y) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  if (t >= 32) return;
+  s[t] = float(t);
+  __syncthreads();
+  y[t] = s[t + 32];
+  y[t + 32] = s[t];
+}
+
+// A correct block reduction (barriers in place): y[b] = sum of x over block b.
+__global__ void __launch_bounds__(128, 4) block_sum_kernel(const float* __restrict__ x, float* __restrict__ y) {
+  __shared__ float s[128];
+  const int t = threadIdx.x;
+  s[t] = x[blockIdx.x * 128 + t];
+  __syncthreads();
+  for (int w = 64; w > 0; w >>= 1) {
+    if (t < w) s[t] += s[t + w];
+    __syncthreads();
+  }
+  if (t == 0) y[blockIdx.x] = s[0];
+}
+
+// Warp collectives of one warp: out[c * 32 + lane] for each case c.
+__global__ void warp_ops_kernel(const int* __restrict__ x, int* __restrict__ out) {
+  const int lane = threadIdx.x;
+  const int v = x[lane];
+  out[0 * 32 + lane] = __shfl_sync(0xffffffffu, v, 5);
+  out[1 * 32 + lane] = __shfl_sync(0xffffffffu, v, lane + 3, 8);
+  out[2 * 32 + lane] = __shfl_xor_sync(0xffffffffu, v, 6);
+  out[3 * 32 + lane] = __shfl_up_sync(0xffffffffu, v, 3, 16);
+  out[4 * 32 + lane] = __shfl_down_sync(0xffffffffu, v, 2);
+  out[5 * 32 + lane] = int(__ballot_sync(0xffffffffu, v > 10) & 0x7fffffffu);
+  out[6 * 32 + lane] = __any_sync(0xffffffffu, v == 7) ? 1 : 0;
+  out[7 * 32 + lane] = __all_sync(0xffffffffu, v >= 0) ? 1 : 0;
+  out[8 * 32 + lane] = __all_sync(0xffffffffu, v > 0) ? 1 : 0;
+}
+
+// Every thread of every block adds 1 to count[0], and its value to sums[t % 4].
+__global__ void atomics_kernel(const int* __restrict__ x, unsigned long long* count, int* sums) {
+  atomicAdd(count, 1ull);
+  atomicAdd(sums + threadIdx.x % 4, x[blockIdx.x * blockDim.x + threadIdx.x]);
+}
+
+// Dynamic shared memory of n floats: y[t] = t-th value written by thread n-1-t;
+// with n smaller than the block, threads beyond it write out of bounds.
+__global__ void dynamic_shared_kernel(float* y) {
+  extern __shared__ float dyn[];
+  const int t = threadIdx.x, n = blockDim.x;
+  dyn[t] = float(t * 10);
+  __syncthreads();
+  y[t] = dyn[n - 1 - t];
+}
+
+__global__ void assert_kernel(const int* __restrict__ x) {
+  CUDA_KERNEL_ASSERT_MSG(x[threadIdx.x] >= 0, "x: an entry is negative");
+}
+
+at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  auto fopt = x.options().dtype(at::kFloat);
+  if (name == "shifted_copy" || name == "oob_read") {
+    at::Tensor y = at::empty({n}, fopt);
+    shifted_copy_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n,
+                                                          name == "oob_read" ? 1 : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+  }
+  if (name == "oob_write") {
+    at::Tensor y = at::empty({n}, fopt);
+    write_before_start_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n);
+    return y;
+  }
+  at::Tensor y = at::zeros({64}, fopt);
+  if (name == "divergent_barrier") {
+    divergent_barrier_kernel<<<1, 32, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "deadlock") {
+    deadlock_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "shuffle_exited_lane") {
+    shuffle_exited_lane_kernel<<<1, 32, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "unpublished_shared") {
+    unpublished_shared_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "early_exit") {
+    early_exit_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "block_sum" || name == "launch_bounds" || name == "empty_grid") {
+    const int64_t blocks = name == "empty_grid" ? 0 : n / 128;
+    at::Tensor s = at::empty({std::max<int64_t>(blocks, 1)}, fopt);
+    block_sum_kernel<<<blocks, name == "launch_bounds" ? 256 : 128, 0, stream>>>(x.data_ptr<float>(),
+                                                                                   s.data_ptr<float>());
+    return s;
+  } else if (name == "warp_ops") {
+    at::Tensor out = at::empty({9 * 32}, x.options());
+    warp_ops_kernel<<<1, 32, 0, stream>>>(x.data_ptr<int>(), out.data_ptr<int>());
+    return out;
+  } else if (name == "atomics") {
+    at::Tensor count = at::zeros({1}, x.options().dtype(at::kLong));
+    at::Tensor sums = at::zeros({4}, x.options());
+    atomics_kernel<<<n / 64, 64, 0, stream>>>(x.data_ptr<int>(),
+                                               reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()),
+                                               sums.data_ptr<int>());
+    return at::cat({count.to(at::kInt), sums});
+  } else if (name == "dynamic_shared" || name == "dynamic_shared_oob") {
+    const int threads = 64;
+    const size_t bytes = (name == "dynamic_shared" ? threads : threads / 2) * sizeof(float);
+    dynamic_shared_kernel<<<1, threads, bytes, stream>>>(y.data_ptr<float>());
+  } else if (name == "device_assert") {
+    assert_kernel<<<1, int(n), 0, stream>>>(x.data_ptr<int>());
+  } else {
+    TORCH_CHECK_VALUE(false, "case: unknown self-test case '", name, "'");
+  }
+  return y;
+}
+
+}  // namespace cudasim_selftest
+
+TORCH_LIBRARY_FRAGMENT(protoseg_cudasim, m) {
+  m.def("cudasim_selftest(str case, Tensor x) -> Tensor", &cudasim_selftest::run_case);
+}
