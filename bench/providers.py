@@ -61,7 +61,17 @@ SIZES = {
 }
 
 MODES = ("forward", "backward", "full", "update")
-PROVIDERS = ("official", "official+compile", "vectorized", "cpu", "triton", "cuda")
+# Every provider runs the head as users call it: the backbone's contiguous NCHW map
+# (1, D, N / 256, 256) with the official feat_norm (LayerNorm over D), then mask_norm,
+# the prototype update, CE + 0.01 PPC + 0.001 PPD and the backward. "cpu-rows" is a
+# friendlier variant, named as such: an (N, D) view of the features, feat_norm off.
+PROVIDERS = ("official", "official+compile", "vectorized", "cpu", "cpu-rows", "triton", "cuda")
+
+
+def map_shape(N: int, D: int):
+    """The NCHW map of N pixels the providers read: (1, D, N / W, W), W = 256 when it divides N."""
+    W = 256 if N % 256 == 0 else N
+    return 1, D, N // W, W
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -181,12 +191,14 @@ def vectorized_prototype_learning(feats, protos, gt, seg, gamma=GAMMA, assign="a
 class VectorizedHead(nn.Module):
     """The ProtoSeg head in plain PyTorch, as fast as we can write it without kernels.
 
-    ``forward(feats (N, D), gt (N,))`` returns ``(seg (N, C), ppc, ppd, target)``
+    ``forward(feats (B, D, H, W) or (N, D), gt (N,))`` returns ``(seg (N, C), ppc, ppd, target)``
     and, in training mode, updates the prototype buffer like ProtoSegHead.
     """
 
-    def __init__(self, dim, num_classes, num_prototype=10, gamma=GAMMA, ignore_index=IGNORE, assign="argmax"):
+    def __init__(self, dim, num_classes, num_prototype=10, gamma=GAMMA, ignore_index=IGNORE, assign="argmax",
+                 feat_norm=True):
         super().__init__()
+        self.feat_norm = nn.LayerNorm(dim) if feat_norm else nn.Identity()
         self.gamma, self.ignore_index, self.assign = gamma, ignore_index, assign
         protos = torch.empty(num_classes, num_prototype, dim)
         nn.init.trunc_normal_(protos, std=0.02)
@@ -194,8 +206,10 @@ class VectorizedHead(nn.Module):
         self.mask_norm = nn.LayerNorm(num_classes)
 
     def forward(self, feats, gt):
+        if feats.dim() == 4:  # the map (B, D, H, W) as rows, as the official head's rearrange
+            feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         N = feats.shape[0]
-        x = F.normalize(feats, p=2, dim=-1)  # as ProtoSegHead.embed
+        x = F.normalize(self.feat_norm(feats), p=2, dim=-1)  # as ProtoSegHead.embed
         protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)
         C, K, D = protos.shape
         S = x @ protos.reshape(C * K, D).t()  # (N, C*K): the one GEMM
@@ -221,7 +235,7 @@ def step_loss(seg, gt, ppc, ppd):
 
 def provider_device(name: str) -> Optional[str]:
     """The device type a provider runs on, or None when it runs on any."""
-    return {"cpu": "cpu", "triton": "cuda", "cuda": "cuda"}.get(name)
+    return {"cpu": "cpu", "cpu-rows": "cpu", "triton": "cuda", "cuda": "cuda"}.get(name)
 
 
 def unavailable_reason(name: str, device: str) -> Optional[str]:
@@ -233,10 +247,10 @@ def unavailable_reason(name: str, device: str) -> Optional[str]:
         return f"runs on {want} tensors, this run is on {device}"
     if device == "cuda" and not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
-    if name in ("cpu", "triton", "cuda"):
+    if name in ("cpu", "cpu-rows", "triton", "cuda"):
         from protoseg_ext import backends
 
-        reasons = backends.get_backend(name).not_supported_reasons(torch.device(device))
+        reasons = backends.get_backend(name.split("-")[0]).not_supported_reasons(torch.device(device))
         if reasons:
             return "; ".join(reasons)
     return None
@@ -249,17 +263,18 @@ class Provider:
         self.name, self.size, self.device = name, size, device
         N, D, C, K, _ = size
         self.compiled = name.endswith("+compile")
-        backend = name.split("+")[0]
+        self.rows = name.endswith("-rows")  # the friendlier variant: (N, D) view, no feat_norm
+        backend = name.split("+")[0].split("-")[0]
         backend = "reference" if backend == "official" else backend
         self.backend = backend
         torch.manual_seed(0)
         if backend == "vectorized":
-            self.head = VectorizedHead(D, C, K, assign="argmax").to(device)
+            self.head = VectorizedHead(D, C, K, assign="argmax", feat_norm=not self.rows).to(device)
         else:
             from protoseg_ext import ProtoSegHead
 
             self.head = ProtoSegHead(D, C, K, gamma=GAMMA, ignore_index=IGNORE, assign="argmax", backend=backend,
-                                     feat_norm=False).to(device)
+                                     feat_norm=not self.rows).to(device)
         self.head.train()
         self._forward = self._loss
         self._update = self._update_eager
@@ -271,13 +286,31 @@ class Provider:
         with torch.no_grad():
             self.head.prototypes.copy_(protos)
 
-    def _loss(self, feats, gt):
+    def input(self, feats):
+        """What this provider's step reads, made once before timing: the NCHW map (a contiguous
+        copy of ``feats (N, D)``), or for the "-rows" variant ``feats`` itself."""
+        if self.rows:
+            return feats
+        return feats.t().contiguous().view(map_shape(*feats.shape))
+
+    def _loss(self, x, gt):
         if isinstance(self.head, VectorizedHead):
-            seg, ppc, ppd, _ = self.head(feats, gt)
+            seg, ppc, ppd, _ = self.head(x, gt)
             return step_loss(seg, gt, ppc, ppd)
-        N, D = feats.shape
-        out = self.head(feats.t()[None, :, None, :], gt.view(1, 1, N))  # (1, D, 1, N): a view of feats
-        return step_loss(out.seg, gt.view(1, 1, N), out.loss_ppc, out.loss_ppd)
+        if self.backend == "reference":  # the official step, loop over classes and all, from protoseg_ext.reference
+            from protoseg_ext.testing import official_head_step
+
+            g = gt.view(1, x.shape[2], x.shape[3]) if x.dim() == 4 else gt.view(1, 1, -1)
+            seg, ppc, ppd, _, new = official_head_step(self.head, x if x.dim() == 4 else x.t()[None, :, None, :], g)
+            self.head.prototypes.copy_(new)
+            return step_loss(seg, g, ppc, ppd)
+        if self.rows:
+            N = x.shape[0]
+            out = self.head(x.t()[None, :, None, :], gt.view(1, 1, N))  # (1, D, 1, N): a view of feats
+            return step_loss(out.seg, gt.view(1, 1, N), out.loss_ppc, out.loss_ppd)
+        g = gt.view(1, x.shape[2], x.shape[3])
+        out = self.head(x, g)
+        return step_loss(out.seg, g, out.loss_ppc, out.loss_ppd)
 
     def _update_eager(self, feats, protos, gt, seg):
         if self.backend == "vectorized":
@@ -306,10 +339,12 @@ def estimate_bytes(provider: str, size: Size, mode: str = "full") -> int:
 
     Counted in fp32 copies of ``feats (N, D)``, ``S (N, C*K)`` and ``seg (N, C)``,
     fitted to measured peaks on CPU (Cityscapes, ADE20K, N=262,144 and N=1M
-    sizes, within 3%). The official and vectorized paths hold about 3.5 copies
-    of feats (input, the normalised copy, their gradients) and 3 of S
-    (similarity, log-softmax, gradient) at their peak. The fused ones hold 2 of
-    feats (input and gradient: normalisation happens inside the kernels), about
+    sizes, within 3%, before the NCHW input and feat_norm were added: those
+    add one copy of feats, two more for the eager paths' LayerNorm). The
+    official and vectorized paths hold about 3.5 copies of feats (input, the
+    normalised copy, their gradients) and 3 of S (similarity, log-softmax,
+    gradient) at their peak. The fused ones hold 2 of feats (input and
+    gradient: normalisation happens inside the kernels), about
     3.5 of seg (seg, mask_norm, cross-entropy and their gradients), and the
     softmax cache of S when it fits the head's budget (``PROTOSEG_CACHE_MB``).
     """
@@ -318,12 +353,15 @@ def estimate_bytes(provider: str, size: Size, mode: str = "full") -> int:
     process = 600 * (1 << 20)  # torch runtime, allocator slack
     if provider == "floor":  # feats, the GEMM output, and S / dS of at most 2**18 rows (worker.FLOOR_CHUNK)
         return process + 2 * nd + 2 * ns * min(N, 1 << 18) // N
+    # the main rows read an NCHW copy of feats (made once) and apply the LayerNorm: the eager
+    # paths keep its output and gradient too
     if provider in ("official", "official+compile", "vectorized"):
-        return process + int(3.5 * nd) + 3 * ns + 6 * nc + 3 * 4 * N * K
+        return process + int(6.5 * nd) + 3 * ns + 6 * nc + 3 * 4 * N * K
     from protoseg_ext.backends import default_cache_bytes
 
     cache = ns if ns <= default_cache_bytes() else 0
-    return process + 2 * nd + int(3.5 * nc) + cache + 3 * 4 * N * K
+    feats_copies = 2 if provider.endswith("-rows") else 3
+    return process + feats_copies * nd + int(3.5 * nc) + cache + 3 * 4 * N * K
 
 
 @functools.lru_cache(maxsize=None)

@@ -226,7 +226,7 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
 
     feats, protos, gt, seg = inputs
     now = _timer(args.device)
-    x = feats.detach().requires_grad_(True)
+    x = prov.input(feats).detach().requires_grad_(True)  # the NCHW map (or the -rows variant's (N, D) view)
 
     if mode == "update":
         def run():

@@ -56,7 +56,7 @@ def test_vectorized_step_matches_official_step(labels):
     for name in ("official", "vectorized"):
         prov = Provider(name, SMALL, "cpu")
         prov.set_prototypes(protos)
-        x = feats.clone().requires_grad_(True)
+        x = prov.input(feats).clone().requires_grad_(True)  # the NCHW map users pass
         loss = prov.forward(x, gt)
         loss.backward()
         out[name] = (loss.detach(), x.grad, prov.head.prototypes.clone())
@@ -94,7 +94,7 @@ def test_op_counter_sees_host_syncs():
     for name in ("official", "vectorized"):
         prov = Provider(name, SMALL, "cpu")
         prov.set_prototypes(protos)
-        x = feats.clone().requires_grad_(True)
+        x = prov.input(feats).clone().requires_grad_(True)
         with OpCounter() as c:
             prov.forward(x, gt).backward()
         counts[name] = c
