@@ -49,6 +49,23 @@ TORCH_LIBRARY(protoseg_ext, m) {
       "similarity_backward(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, "
       "Tensor protos, Tensor labels, Tensor argk, Tensor lse, int ignore_index, float temperature, "
       "Tensor? probs=None, bool normalize=False) -> Tensor");
+  // `similarity` of the head's embedding, computed from what the backbone
+  // gives: feats (N, D), or the (B, D, H, W) map read as it lies (NCHW planes;
+  // pixel n = b*H*W + h*W + w), each pixel's LayerNorm over D when ln_weight
+  // and ln_bias (D,) are given (official feat_norm: biased variance, ln_eps),
+  // then the L2 normalisation (normalize=True of `similarity`). The backward
+  // returns d loss / d feats (feats' shape) and d ln_weight, d ln_bias ((0,)
+  // without the LayerNorm). CPU only: other backends compose the same maths
+  // from `similarity` (see protoseg_ext.backends).
+  m.def(
+      "embed_similarity(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, "
+      "Tensor labels, int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, "
+      "int cache_bytes=0) -> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs)");
+  m.def(
+      "embed_similarity_backward(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, "
+      "Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, Tensor argk, Tensor lse, "
+      "int ignore_index, float temperature, Tensor? probs=None) -> (Tensor grad_feats, Tensor grad_weight, "
+      "Tensor grad_bias)");
   // Sinkhorn-Knopp of every class at once, segmented by labels; own (N, K) as
   // from `similarity`. Returns Q (N, K) (rows sum to 1; zero rows for ignored
   // or non-finite pixels).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ def load_extension():
     ops.register_fakes("protoseg_ext")
     ops.register_similarity_autograd("protoseg_ext")
     ops.register_mask_norm("protoseg_ext")
+    ops.register_embed_similarity("protoseg_ext")
     _ext = _C
     return _ext
 
@@ -121,11 +122,39 @@ class Backend:
         """L2-normalise(EMA(protos, normalise(sums))) where ``counts > 0``."""
         raise NotImplementedError
 
+    def embed_similarity(self, feats, feat_norm: FeatNorm, protos, labels=None, *, ignore_index=-1, temperature=1.0,
+                         seg=True, lse=False, own=False, cache_bytes=0) -> SimilarityOut:
+        """:meth:`similarity` of the head's embedding, from what the backbone gives: ``feats``
+        (N, D) or the map (B, D, H, W) (pixel n = b*H*W + h*W + w), ``feat_norm`` None or the
+        LayerNorm over D as ``(weight, bias, eps)``, then the L2 normalisation. Differentiable
+        w.r.t. ``feats`` and the LayerNorm's weight and bias. This default composes it from
+        :meth:`similarity` (storing the embedding); a backend may fuse it."""
+        return self.similarity(embed(feats, feat_norm), protos, labels, ignore_index=ignore_index,
+                               temperature=temperature, seg=seg, lse=lse, own=own, cache_bytes=cache_bytes,
+                               normalize=True)
+
+    def embed_prototype_sums(self, feats, feat_norm: FeatNorm, slot, num_slots):
+        """:meth:`prototype_sums` of the L2-normalised embedding of :meth:`embed_similarity`'s input."""
+        return self.prototype_sums(embed(feats, feat_norm), slot, num_slots, True)
+
     def mask_norm(self, seg, weight, bias, eps, batch):
         """``LayerNorm(C)`` of ``seg (N, C)`` as ``(batch, C, N // batch)``, and its arg-max over C ``(N,)``."""
         out = F.layer_norm(seg, (seg.shape[1],), weight, bias, eps)
         pred = out.detach().argmax(dim=1)
         return out.reshape(batch, -1, seg.shape[1]).permute(0, 2, 1), pred
+
+
+FeatNorm = Optional[Tuple[torch.Tensor, torch.Tensor, float]]  # the LayerNorm over D: (weight, bias, eps)
+
+
+def embed(feats: torch.Tensor, feat_norm: FeatNorm = None) -> torch.Tensor:
+    """The head's embedding rows before the L2 normalisation, ``(N, D)``: ``feats`` (N, D) or the map
+    (B, D, H, W) as rows (pixel n = b*H*W + h*W + w; a copy unless channels-last), LayerNorm'd."""
+    x = feats if feats.dim() == 2 else feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    if feat_norm is not None:
+        w, b, eps = feat_norm
+        x = F.layer_norm(x, (x.shape[1],), w, b, eps)
+    return x
 
 
 def _labels_or_empty(labels, feats):
@@ -169,6 +198,34 @@ class CpuBackend(_OpsBackend):
         if device is not None and torch.device(device).type != "cpu":
             reasons.append(f"'cpu' runs on CPU tensors, these are on {device}")
         return reasons
+
+    def embed_similarity(self, feats, feat_norm, protos, labels=None, *, ignore_index=-1, temperature=1.0, seg=True,
+                         lse=False, own=False, cache_bytes=0):
+        # one op reads the map as it lies and normalises each tile as it is read: no (N, D) copy
+        w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
+        out = self._ops.embed_similarity(feats, w, b, float(eps), protos, _labels_or_empty(labels, feats),
+                                         int(ignore_index), float(temperature), bool(seg), bool(lse), bool(own),
+                                         int(cache_bytes))
+        return SimilarityOut(*out[:4])
+
+    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots, chunk=1 << 16):
+        # only the rows that take part (slot >= 0), gathered chunk by chunk from the map
+        if feats.dim() == 2 and feat_norm is None:
+            return self.prototype_sums(feats, slot, num_slots, True)
+        rows = feats.flatten(2) if feats.dim() == 4 else feats
+        sums = counts = None
+        for lo in range(0, slot.shape[0], chunk):
+            idx = (slot[lo:lo + chunk] >= 0).nonzero()[:, 0] + lo
+            if rows.dim() == 3:
+                hw = rows.shape[2]
+                x = rows[idx // hw, :, idx % hw]  # (n, D)
+            else:
+                x = rows[idx]
+            s, c = self.prototype_sums(embed(x, feat_norm), slot[idx], num_slots, True)
+            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        if sums is None:
+            return self.prototype_sums(feats.new_empty((0, feats.shape[1])), slot[:0], num_slots, True)
+        return sums, counts
 
     def mask_norm(self, seg, weight, bias, eps, batch):
         # the fused kernel: a contiguous image whose gradient needs no layout copy,

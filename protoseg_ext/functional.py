@@ -30,34 +30,29 @@ def proto_seg_logits(feats: torch.Tensor, protos: torch.Tensor, backend: str = "
     return be.similarity(feats, protos, seg=True).seg
 
 
-def assign_and_sums(be, feats, protos, gt, pred, own, assign, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps,
-                    normalize=False):
-    """Steps 2a-2d of SPEC 2 from the own-class scores ``own (N, K)``, on backend ``be``.
+def assign_slots(be, own, gt, pred, num_classes, mode, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps):
+    """Steps 2a-2c of SPEC 2 from the own-class scores ``own (N, K)``, on backend ``be``.
 
     ``pred (N,)`` is the predicted class of each pixel (``seg.argmax(dim=1)``):
-    only pixels with ``pred == gt`` take part in the prototype sums.
-
-    Returns ``target (N,)`` and the per-prototype ``sums (C*K, D)`` and
-    ``counts (C*K,)`` of the correctly predicted pixels (``feats`` rows
-    L2-normalised first when ``normalize``).
+    only pixels with ``pred == gt`` take part in the prototype sums. Returns
+    ``target (N,)`` and ``slot (N,)``: the prototype ``c*K + k`` each pixel
+    adds to (the Gumbel draw of the official mode), -1 for pixels that add to none.
     """
-    C, K = protos.shape[0], protos.shape[1]
+    K = own.shape[1]
     gt = gt.long()
-    Q = be.sinkhorn(own, gt, C, ignore_index, sinkhorn_iters, sinkhorn_eps)  # (N, K), zero rows = ignored
+    Q = be.sinkhorn(own, gt, num_classes, ignore_index, sinkhorn_iters, sinkhorn_eps)  # (N, K), zero rows = ignored
     best, idx = Q.max(dim=1)
     valid = best > 0  # Sinkhorn rows sum to 1; zero rows are ignored or non-finite pixels
     base = gt.clamp(min=0) * K
     target = torch.where(valid, base + idx, torch.full_like(gt, ignore_index))
-    if assign == "gumbel":
+    if mode == "gumbel":
         if gumbel_noise is None:
             gumbel_noise = reference.sample_gumbel(Q.shape, device=Q.device)
         hard = (Q + gumbel_noise.to(Q.dtype)).argmax(dim=1)  # hard gumbel_softmax(Q, tau) sample
     else:
         hard = idx
-    correct = pred == gt
-    slot = torch.where(valid & correct, base + hard, torch.full_like(gt, -1))
-    sums, counts = be.prototype_sums(feats, slot, C * K, normalize)
-    return target, sums, counts
+    slot = torch.where(valid & (pred == gt), base + hard, torch.full_like(gt, -1))
+    return target, slot
 
 
 @torch.no_grad()
@@ -98,10 +93,9 @@ def prototype_learning(
     be = backends.resolve(backend, feats.device)
     gt = gt.long()
     own = be.similarity(feats, protos, gt, ignore_index=ignore_index, seg=False, own=True).own
-    target, sums, counts = assign_and_sums(
-        be, feats, protos, gt, seg.argmax(dim=1), own, assign, gumbel_noise, ignore_index, sinkhorn_iters,
-        sinkhorn_eps,
-    )
+    target, slot = assign_slots(be, own, gt, seg.argmax(dim=1), C, assign, gumbel_noise, ignore_index, sinkhorn_iters,
+                                sinkhorn_eps)
+    sums, counts = be.prototype_sums(feats, slot, C * K)
     if not update:
         counts = torch.zeros_like(counts)
     return target, be.prototype_ema(protos, sums, counts, gamma)

@@ -10,6 +10,7 @@ losses are computed from those, so ``(N, C*K)`` is never materialised.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -113,6 +114,7 @@ class ProtoSegHead(nn.Module):
         nn.init.trunc_normal_(protos, std=0.02)  # official initialisation
         self.register_buffer("prototypes", F.normalize(protos, dim=-1))
         self.feat_norm = nn.LayerNorm(dim) if feat_norm else nn.Identity()
+        self._warned_feat_norm = False
         self.mask_norm = nn.LayerNorm(num_classes)
 
     def extra_repr(self) -> str:
@@ -139,29 +141,56 @@ class ProtoSegHead(nn.Module):
             raise ValueError(f"feats must be (B, {self.dim}, H, W), got {checks.shape_of(feats)}")
         B, _, H, W = feats.shape
         be = backends.resolve(self.backend, feats.device)
-        x = self.embed(feats, normalize=False)  # (N, D); the ops L2-normalise the rows themselves
+        # the map as it lies and the official LayerNorm, fused into the similarity (any other
+        # feat_norm module runs as it is, on the (N, D) rows)
+        x, ln = (feats, self._layer_norm()) if self._fused_feat_norm() else (self.embed(feats, normalize=False), None)
         protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)  # official: re-normalised every forward
         if gt is None:
-            seg = be.similarity(x, protos, normalize=True).seg
+            seg = be.embed_similarity(x, ln, protos).seg
             return ProtoSegOutput(self._mask_norm(seg, be, B, H, W)[0], None, None, None)
 
         gt = self._labels_at(gt, B, H, W)  # (N,)
         ign = self.target_ignore
-        backward = torch.is_grad_enabled() and x.requires_grad  # keep softmax(S) only for a backward
+        backward = torch.is_grad_enabled() and (x.requires_grad or ln is not None and ln[0].requires_grad)
         # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores; it validates the labels
         with _labels_named_gt():
-            sim = be.similarity(x, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True, lse=True,
-                                own=True, cache_bytes=self._cache_bytes() if backward else 0, normalize=True)
+            sim = be.embed_similarity(x, ln, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True,
+                                      lse=True, own=True, cache_bytes=self._cache_bytes() if backward else 0)
         seg, pred = self._mask_norm(sim.seg, be, B, H, W)
         with torch.no_grad():
-            target, sums, counts = functional.assign_and_sums(
-                be, x.detach(), protos, gt, pred, sim.own.detach(), self.assign, None, ign, self.sinkhorn_iters,
-                self.sinkhorn_eps, normalize=True,
-            )
+            target, slot = functional.assign_slots(be, sim.own.detach(), gt, pred, self.num_classes, self.assign, None,
+                                                   ign, self.sinkhorn_iters, self.sinkhorn_eps)
             if self.training and self.update_prototype:
+                ln_d = None if ln is None else (ln[0].detach(), ln[1].detach(), ln[2])
+                sums, counts = be.embed_prototype_sums(x.detach(), ln_d, slot, self.num_classes * self.num_prototype)
                 self._apply_update(protos, sums, counts, be.prototype_ema)
         ppc, ppd = functional.losses_from_scores(sim.lse, sim.own, target, self.num_prototype, ign, self.temperature)
         return ProtoSegOutput(seg, ppc, ppd, target)
+
+    def _fused_feat_norm(self) -> bool:
+        """Whether feat_norm is what the fused embedding implements: Identity, or a LayerNorm over D."""
+        fn = self.feat_norm
+        if isinstance(fn, nn.Identity):
+            return True
+        if type(fn) is nn.LayerNorm and tuple(fn.normalized_shape) == (self.dim,):
+            return True
+        if not self._warned_feat_norm:
+            self._warned_feat_norm = True
+            warnings.warn(
+                f"feat_norm is {type(fn).__name__}, not nn.LayerNorm({self.dim}) or nn.Identity: it runs as a module "
+                "on a (N, D) copy of the features (more memory, no fused embedding)", RuntimeWarning, stacklevel=3,
+            )
+        return False
+
+    def _layer_norm(self):
+        """feat_norm as ``(weight, bias, eps)`` for the fused embedding (None for Identity)."""
+        fn = self.feat_norm
+        if isinstance(fn, nn.Identity):
+            return None
+        ones = torch.ones(self.dim, dtype=self.prototypes.dtype, device=self.prototypes.device)
+        w = fn.weight if fn.weight is not None else ones
+        b = fn.bias if fn.bias is not None else torch.zeros_like(ones)
+        return w, b, fn.eps
 
     def _cache_bytes(self) -> int:
         return backends.default_cache_bytes() if self.cache_mb is None else int(self.cache_mb * (1 << 20))

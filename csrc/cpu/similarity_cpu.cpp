@@ -64,15 +64,125 @@ bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) 
   return cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
 }
 
+// Where the rows of the embedding matrix X (N, D) come from: `feats` (N, D)
+// with any strides, or the (B, D, HW) planes of an NCHW map (row n = pixel
+// n % HW of image n / HW; a tile never crosses an image, so a tile is a
+// transposed block of one image's (D, HW) plane, read as it lies). With
+// `weight` defined, each row gets the LayerNorm over D (biased variance, then
+// the affine weight and bias) as its tile is read: no normalised copy of X is
+// ever stored, forward or backward.
+struct Source {
+  at::Tensor feats, weight, bias;  // weight and bias: acc dtype, contiguous (D,), or undefined
+  double eps;
+  int64_t N, D, HW, T, per_image, ntiles;
+  at::ScalarType acc;
+
+  Source(const at::Tensor& f, const at::Tensor& w, const at::Tensor& b, double ln_eps, int64_t tile)
+      : feats(f), eps(ln_eps), T(tile) {
+    acc = acc_type(f.scalar_type());
+    if (w.defined()) {
+      weight = w.to(acc).contiguous();
+      bias = b.to(acc).contiguous();
+    }
+    D = f.size(1);
+    if (f.dim() == 3) {
+      HW = f.size(2);
+      N = f.size(0) * HW;
+      per_image = (HW + T - 1) / T;
+      ntiles = f.size(0) * per_image;
+    } else {
+      N = f.size(0);
+      HW = N;
+      per_image = (N + T - 1) / T;
+      ntiles = per_image;
+    }
+  }
+  bool planes() const { return feats.dim() == 3; }
+  bool ln() const { return weight.defined(); }
+  // first row (in X) and row count of tile t
+  int64_t row0(int64_t t) const { return (t / per_image) * HW + (t % per_image) * T; }
+  int64_t rows(int64_t t) const { return std::min(T, HW - (t % per_image) * T); }
+  // this tile of feats, (rows, D), a view of the input
+  at::Tensor raw(int64_t t) const {
+    if (!planes()) return feats.narrow(0, row0(t), rows(t));
+    return feats.select(0, t / per_image).narrow(1, (t % per_image) * T, rows(t)).t();
+  }
+
+  // The rows of tile t, (rows, D) contiguous in the acc dtype: LayerNorm
+  // outputs when ln(). With xhat given (ln() only), also the normalised rows
+  // (x - mean) * rstd before the affine, and rstd (rows,).
+  template <typename acc_t>
+  at::Tensor load(int64_t t, at::Tensor* xhat = nullptr, at::Tensor* rstd = nullptr) const {
+    if (!ln()) return raw(t).to(acc).contiguous();
+    // the LayerNorm writes into its own copy (contiguous() may return a view of the input)
+    at::Tensor x = raw(t).to(acc).clone(at::MemoryFormat::Contiguous);
+    const int64_t n = x.size(0);
+    acc_t* p = x.data_ptr<acc_t>();
+    acc_t* xh = nullptr;
+    acc_t* rs = nullptr;
+    if (xhat != nullptr) {
+      *xhat = at::empty({n, D}, x.options());
+      *rstd = at::empty({n}, x.options());
+      xh = xhat->data_ptr<acc_t>();
+      rs = rstd->data_ptr<acc_t>();
+    }
+    const acc_t* w = weight.data_ptr<acc_t>();
+    const acc_t* b = bias.data_ptr<acc_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t* xi = p + i * D;
+      const acc_t mean = rows::sum(xi, D) / acc_t(D);
+      const acc_t var = rows::sum_of<acc_t>(D, [xi, mean](int64_t d) { return (xi[d] - mean) * (xi[d] - mean); });
+      const acc_t r = acc_t(1) / std::sqrt(var / acc_t(D) + acc_t(eps));
+      if (xh != nullptr) {
+        rs[i] = r;
+        acc_t* hi = xh + i * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) hi[d] = (xi[d] - mean) * r;
+      }
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) xi[d] = (xi[d] - mean) * r * w[d] + b[d];
+    }
+    return x;
+  }
+
+  // Writes the gradient rows `g` (rows, D) of tile t into grad (the layout of feats, acc dtype).
+  template <typename acc_t>
+  void store(int64_t t, const at::Tensor& grad, const at::Tensor& g) const {
+    if (!planes()) {
+      rows::stream_copy(grad.data_ptr<acc_t>() + row0(t) * D, g.data_ptr<acc_t>(), rows(t) * D);
+    } else {
+      grad.select(0, t / per_image).narrow(1, (t % per_image) * T, rows(t)).copy_(g.t());
+    }
+  }
+};
+
+// LayerNorm backward of one row, in place on g = dL/dy (y = xhat * w + b):
+// dL/dx = rstd * (w g - mean(w g) - xhat * mean(w g xhat)); adds g * xhat and
+// g to the weight and bias gradients dw, db.
+template <typename T>
+void layer_norm_backward_row(T* g, const T* xhat, T rstd, const T* w, T* dw, T* db, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    dw[d] += g[d] * xhat[d];
+    db[d] += g[d];
+  }
+  const T m1 = rows::sum_of<T>(D, [g, w](int64_t d) { return w[d] * g[d]; }) / T(D);
+  const T m2 = rows::sum_of<T>(D, [g, w, xhat](int64_t d) { return w[d] * g[d] * xhat[d]; }) / T(D);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) g[d] = rstd * (w[d] * g[d] - m1 - xhat[d] * m2);
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cpu(
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index,
-    double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
-  check_similarity_args(feats, protos, labels, compute_own, temperature);
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_impl(
+    const Source& src, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
   at::NoGradGuard no_grad;  // autograd is handled in Python; inner ATen calls record nothing
-  const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
-  const auto acc = acc_type(feats.scalar_type());
+  const at::Tensor& feats = src.feats;
+  const int64_t N = src.N, D = src.D, C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = src.acc;
   const bool cache = compute_lse && cache_fits(N, CK, acc, cache_bytes);
   auto fopt = feats.options();
   auto aopt = fopt.dtype(acc);
@@ -84,8 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
   at::Tensor lab = compute_own ? checked_labels(labels, C, ignore_index) : at::Tensor();
   at::Tensor Pt = kmajor_protos(protos, acc).t();  // (D, K*C)
-  const int64_t T = tile_rows(CK, at::elementSize(acc));
-  const int64_t ntiles = (N + T - 1) / T;
+  const int64_t T = src.T, ntiles = src.ntiles;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "similarity_cpu", [&] {
     using acc_t = scalar_t;
@@ -94,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
       at::Tensor S_buf = at::empty({T, CK}, aopt);  // this task's tile, reused
       std::vector<int32_t> abuf(compute_seg ? C : 0);     // one row's arg-max k per class
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * T, rows = std::min(T, N - r0);
-        at::Tensor xt = feats.narrow(0, r0, rows).to(acc).contiguous();
+        const int64_t r0 = src.row0(t), rows = src.rows(t);
+        at::Tensor xt = src.load<acc_t>(t);
         at::Tensor S = S_buf.narrow(0, 0, rows);
         at::mm_out(S, xt, Pt);  // (rows, K*C), in cache
         acc_t* s = S.data_ptr<acc_t>();
@@ -168,24 +277,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   return {seg, argk, lse, own, probs};
 }
 
-at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
-                                   const c10::optional<at::Tensor>& grad_lse,
-                                   const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats,
-                                   const at::Tensor& protos, const at::Tensor& labels, const at::Tensor& argk,
-                                   const at::Tensor& lse, int64_t ignore_index, double temperature,
-                                   const c10::optional<at::Tensor>& probs_opt, bool normalize) {
+// d loss / d feats (and, with the LayerNorm, d weight and d bias, else undefined)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
+    const Source& src, const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_own, const at::Tensor& protos, const at::Tensor& labels,
+    const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
+    const c10::optional<at::Tensor>& probs_opt, bool normalize, bool cached) {
   const bool has_seg = grad_seg.has_value() && grad_seg->defined();
   const bool has_lse = grad_lse.has_value() && grad_lse->defined();
   const bool has_own = grad_own.has_value() && grad_own->defined();
-  check_similarity_args(feats, protos, labels, has_own, temperature);
-  const bool cached = check_similarity_backward_args(feats, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
   at::NoGradGuard no_grad;
-  const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
-  const auto acc = acc_type(feats.scalar_type());
-  // the dense path writes every row of grad with a GEMM; the sparse one adds into it
-  at::Tensor grad = BufferPool::get().empty({N, D}, feats.options().dtype(acc));
-  if (!has_lse) grad.zero_();
-  if (N == 0 || (!has_seg && !has_lse && !has_own)) return grad.to(feats.scalar_type());
+  const at::Tensor& feats = src.feats;
+  const int64_t N = src.N, D = src.D, C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = src.acc;
+  // Rows written through a tile buffer (every row once): the NCHW planes and
+  // the LayerNorm; else the dense path writes every row of grad with a GEMM
+  // and the sparse one adds into it.
+  const bool tiled = src.planes() || src.ln();
+  at::Tensor grad = BufferPool::get().empty(feats.sizes(), feats.options().dtype(acc));
+  if (!has_lse && !tiled) grad.zero_();
+  at::Tensor dw_parts = src.ln() ? at::zeros({src.ntiles, D}, grad.options()) : at::Tensor();
+  at::Tensor db_parts = src.ln() ? at::zeros({src.ntiles, D}, grad.options()) : at::Tensor();
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    if (!src.ln()) return {grad.to(feats.scalar_type()), at::Tensor(), at::Tensor()};
+    // the tiles' partial sums in tile order: the same bits for any thread count
+    at::Tensor dw = at::zeros({D}, grad.options()), db = at::zeros({D}, grad.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "layer_norm_grads", [&] {
+      using acc_t = scalar_t;
+      acc_t* w = dw.data_ptr<acc_t>();
+      acc_t* b = db.data_ptr<acc_t>();
+      for (int64_t t = 0; t < src.ntiles; ++t) {
+        const acc_t* pw = dw_parts.data_ptr<acc_t>() + t * D;
+        const acc_t* pb = db_parts.data_ptr<acc_t>() + t * D;
+        for (int64_t d = 0; d < D; ++d) {
+          w[d] += pw[d];
+          b[d] += pb[d];
+        }
+      }
+    });
+    return {grad.to(feats.scalar_type()), dw, db};
+  };
+  if (N == 0 || (!has_seg && !has_lse && !has_own)) {
+    if (tiled) grad.zero_();
+    return finish();
+  }
   at::Tensor probs = cached ? probs_opt->contiguous() : at::Tensor();
   at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
   at::Tensor ak = has_seg ? argk.contiguous() : at::Tensor();
@@ -195,8 +330,7 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
   at::Tensor lab = has_own ? checked_labels(labels, C, ignore_index) : at::Tensor();
   // the dense path works on S in k-major column order, the sparse one on rows of protos
   at::Tensor P = has_lse ? kmajor_protos(protos, acc) : protos.reshape({CK, D}).to(acc).contiguous();
-  const int64_t T = tile_rows(CK, at::elementSize(acc));
-  const int64_t ntiles = (N + T - 1) / T;
+  const int64_t T = src.T, ntiles = src.ntiles;
 
   AT_DISPATCH_FLOATING_TYPES(acc, "similarity_backward_cpu", [&] {
     using acc_t = scalar_t;
@@ -204,12 +338,17 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor dS_buf = has_lse ? at::empty({T, CK}, P.options()) : at::Tensor();  // reused across tiles
-      at::Tensor out_buf = has_lse ? at::empty({T, D}, P.options()) : at::Tensor();
+      at::Tensor out_buf = has_lse || tiled ? at::empty({T, D}, P.options()) : at::Tensor();
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * T, rows = std::min(T, N - r0);
-        acc_t* g = grad.data_ptr<acc_t>() + r0 * D;
-        acc_t* o = g;  // this tile's rows of the gradient: the tile buffer on the dense path
-        at::Tensor xt = normalize || (has_lse && !cached) ? feats.narrow(0, r0, rows).to(acc).contiguous() : at::Tensor();
+        const int64_t r0 = src.row0(t), rows = src.rows(t);
+        // this tile's rows of the gradient: in grad, or in the tile buffer (dense or tiled path)
+        at::Tensor out = tiled || has_lse ? out_buf.narrow(0, 0, rows) : at::Tensor();
+        acc_t* g = tiled ? out.zero_().data_ptr<acc_t>() : grad.data_ptr<acc_t>() + r0 * D;
+        acc_t* o = g;
+        at::Tensor xhat, rstd;
+        at::Tensor xt = normalize || (has_lse && !cached) || src.ln()
+                            ? src.load<acc_t>(t, src.ln() ? &xhat : nullptr, src.ln() ? &rstd : nullptr)
+                            : at::Tensor();
         if (has_lse) {
           // dS = softmax(S / tau) * grad_lse / tau + the sparse terms; d feats = dS @ P
           at::Tensor dS = dS_buf.narrow(0, 0, rows);
@@ -237,7 +376,6 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
           }
           // (rows, D), P k-major as dS, into the tile buffer: the rows go to
           // grad once final, with streaming stores
-          at::Tensor out = out_buf.narrow(0, 0, rows);
           at::mm_out(out, dS, P);
           o = out.data_ptr<acc_t>();
         } else {
@@ -269,17 +407,140 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
           const acc_t* x = xt.data_ptr<acc_t>();
           for (int64_t i = 0; i < rows; ++i) rows::normalize_backward(o + i * D, x + i * D, D);
         }
-        if (o != g) rows::stream_copy(g, o, rows * D);
+        if (src.ln()) {  // d loss / d (LayerNorm output) -> d loss / d feats, and the affine's gradients
+          const acc_t* xh = xhat.data_ptr<acc_t>();
+          const acc_t* rs = rstd.data_ptr<acc_t>();
+          const acc_t* w = src.weight.data_ptr<acc_t>();
+          acc_t* dw = dw_parts.data_ptr<acc_t>() + t * D;
+          acc_t* db = db_parts.data_ptr<acc_t>() + t * D;
+          for (int64_t i = 0; i < rows; ++i) layer_norm_backward_row(o + i * D, xh + i * D, rs[i], w, dw, db, D);
+        }
+        if (tiled) {
+          src.store<acc_t>(t, grad, out);
+        } else if (o != g) {
+          rows::stream_copy(g, o, rows * D);
+        }
       }
       rows::stream_fence();
     });
   });
-  return grad.to(feats.scalar_type());
+  return finish();
+}
+
+Source plain_source(const at::Tensor& feats, const at::Tensor& protos) {
+  const int64_t CK = protos.size(0) * protos.size(1);
+  return Source(feats, at::Tensor(), at::Tensor(), 0.0, tile_rows(CK, at::elementSize(acc_type(feats.scalar_type()))));
+}
+
+// The rows of feats (N, D) or (B, D, H, W) as the Source reads them: the NCHW
+// planes (B, D, HW) when each (H, W) plane is contiguous, else the (N, D)
+// rows of the map (a view for channels-last; a copy otherwise).
+at::Tensor embed_rows(const at::Tensor& feats) {
+  TORCH_CHECK_VALUE(feats.dim() == 2 || feats.dim() == 4, "feats must be (N, D) or (B, D, H, W), got shape ",
+                    feats.sizes());
+  if (feats.dim() == 2) return feats;
+  at::Tensor planes = feats.flatten(2);
+  if (planes.stride(2) == 1 || planes.size(2) <= 1) return planes;
+  return feats.permute({0, 2, 3, 1}).reshape({-1, feats.size(1)});
+}
+
+// the LayerNorm's weight and bias (D,): both given or both absent
+Source embed_source(const at::Tensor& rows, const c10::optional<at::Tensor>& weight,
+                    const c10::optional<at::Tensor>& bias, double eps, const at::Tensor& protos) {
+  const bool ln = weight.has_value() && weight->defined();
+  TORCH_CHECK_VALUE(ln == (bias.has_value() && bias->defined()), "ln_weight and ln_bias must be given together");
+  const int64_t D = rows.size(1);
+  if (ln) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == D, "ln_weight must be (D,) = (", D, ",), got shape ",
+                      weight->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == D, "ln_bias must be (D,) = (", D, ",), got shape ",
+                      bias->sizes());
+    TORCH_CHECK_VALUE(eps > 0, "ln_eps must be > 0, got ", eps);
+    check_same_device(rows, *weight, "feats", "ln_weight");
+    check_same_device(rows, *bias, "feats", "ln_bias");
+  }
+  const int64_t CK = protos.size(0) * protos.size(1);
+  return Source(rows, ln ? *weight : at::Tensor(), ln ? *bias : at::Tensor(), eps,
+                tile_rows(CK, at::elementSize(acc_type(rows.scalar_type()))));
+}
+
+// An (N, D) stand-in of the rows (no storage) for the shared argument checks.
+at::Tensor checked_shape(const at::Tensor& rows) {
+  const int64_t N = rows.dim() == 3 ? rows.size(0) * rows.size(2) : rows.size(0);
+  return at::empty_strided({N, rows.size(1)}, {0, 0}, rows.options());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cpu(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index,
+    double temperature, bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
+  check_similarity_args(feats, protos, labels, compute_own, temperature);
+  return similarity_impl(plain_source(feats, protos), protos, labels, ignore_index, temperature, compute_seg,
+                         compute_lse, compute_own, cache_bytes, normalize);
+}
+
+at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
+                                   const c10::optional<at::Tensor>& grad_lse,
+                                   const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats,
+                                   const at::Tensor& protos, const at::Tensor& labels, const at::Tensor& argk,
+                                   const at::Tensor& lse, int64_t ignore_index, double temperature,
+                                   const c10::optional<at::Tensor>& probs, bool normalize) {
+  const bool has_own = grad_own.has_value() && grad_own->defined();
+  check_similarity_args(feats, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(feats, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
+  return std::get<0>(similarity_backward_impl(plain_source(feats, protos), grad_seg, grad_lse, grad_own, protos,
+                                              labels, argk, lse, ignore_index, temperature, probs, normalize, cached));
+}
+
+// The head's embedding fused into the similarity: feats (N, D) or the NCHW
+// map (B, D, H, W) as it lies, the optional LayerNorm over D, the L2
+// normalisation, then `similarity`; nothing of size (N, D) is stored.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cpu(
+    const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+    double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
+  const at::Tensor rows = embed_rows(feats);
+  check_similarity_args(checked_shape(rows), protos, labels, compute_own, temperature);
+  return similarity_impl(embed_source(rows, ln_weight, ln_bias, ln_eps, protos), protos, labels, ignore_index,
+                         temperature, compute_seg, compute_lse, compute_own, cache_bytes, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
+    const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
+    const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& protos, const at::Tensor& labels,
+    const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
+    const c10::optional<at::Tensor>& probs) {
+  const bool has_own = grad_own.has_value() && grad_own->defined();
+  const at::Tensor rows = embed_rows(feats);
+  const at::Tensor shape = checked_shape(rows);
+  check_similarity_args(shape, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
+  auto out = similarity_backward_impl(embed_source(rows, ln_weight, ln_bias, ln_eps, protos), grad_seg, grad_lse,
+                                      grad_own, protos, labels, argk, lse, ignore_index, temperature, probs, true,
+                                      cached);
+  at::Tensor g = std::get<0>(out);  // (N, D) or (B, D, HW)
+  if (feats.dim() == 4) {
+    g = rows.dim() == 3 ? g.view(feats.sizes())
+                        : g.view({feats.size(0), feats.size(2), feats.size(3), feats.size(1)}).permute({0, 3, 1, 2});
+  }
+  at::Tensor dw = std::get<1>(out), db = std::get<2>(out);
+  if (dw.defined()) {
+    dw = dw.to(ln_weight->scalar_type());
+    db = db.to(ln_bias->scalar_type());
+  } else {
+    dw = at::empty({0}, feats.options());
+    db = at::empty({0}, feats.options());
+  }
+  return {g, dw, db};
 }
 
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
   m.impl("similarity", &similarity_cpu);
   m.impl("similarity_backward", &similarity_backward_cpu);
+  m.impl("embed_similarity", &embed_similarity_cpu);
+  m.impl("embed_similarity_backward", &embed_similarity_backward_cpu);
 }
 
 }  // namespace protoseg

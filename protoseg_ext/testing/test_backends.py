@@ -174,6 +174,80 @@ def test_similarity_normalize_gradcheck(case, cache):
     assert torch.autograd.gradcheck(fn, (x,))
 
 
+# ---------------------------------------------------------------- the head's embedding fused into the similarity
+
+
+def _embed_reference(x, ln):
+    """The official embedding rows: (B, D, H, W) -> (N, D) rows, LayerNorm over D, L2 normalisation."""
+    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if ln is not None:
+        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
+    return F.normalize(rows, dim=-1)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("cache", [0, 1 << 20])
+def test_embed_similarity_values_and_every_gradient(case, layout, layer_norm, cache):
+    """feats as the backbone gives them (NCHW, channels-last, or (N, D) rows) and the official
+    LayerNorm, against LayerNorm + F.normalize + the reference similarity: values, and gradients
+    to the features and to the LayerNorm's weight and bias."""
+    B, D, H, W, C, K = 2, 37, 5, 7, 4, 3  # tiles end inside images; D not a multiple of the vector width
+    g = torch.Generator().manual_seed(11)
+    x0 = (torch.randn(B, D, H, W, generator=g) * 2 + 0.5).to(case.device)
+    w0, b0 = torch.randn(D, generator=g).to(case.device), torch.randn(D, generator=g).to(case.device)
+    p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1).to(case.device)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g).to(case.device)
+    leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    xa, wa, ba = leaves
+    xin = {"nchw": xa, "channels_last": xa.contiguous(memory_format=torch.channels_last),
+           "rows": xa.permute(0, 2, 3, 1).reshape(-1, D)}[layout]
+    kept = xin.detach().clone()
+    ln_a = (wa, ba, 1e-5) if layer_norm else None
+    out = case.be.embed_similarity(xin, ln_a, p, gt, temperature=0.7, seg=True, lse=True, own=True, cache_bytes=cache)
+    xb, wb, bb = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    ref = R.similarity_outputs(_embed_reference(xb, (wb, bb, 1e-5) if layer_norm else None), p, gt, -1, 0.7, True,
+                               True, True)
+    for u, v in zip(out, ref):
+        torch.testing.assert_close(u, v, **case.tol)
+    assert torch.equal(xin.detach(), kept)  # the input is never written
+    wts = [torch.randn(r.shape, generator=g).to(case.device) for r in (ref[0], ref[2], ref[3])]
+    la = sum((o * w).sum() for o, w in zip((out.seg, out.lse, out.own), wts))
+    lb = sum((o * w).sum() for o, w in zip((ref[0], ref[2], ref[3]), wts))
+    n = 3 if layer_norm else 1
+    for u, v in zip(torch.autograd.grad(la, leaves[:n]), torch.autograd.grad(lb, [xb, wb, bb][:n])):
+        torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+
+
+def test_embed_similarity_gradcheck(case):
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(2, 6, 2, 3, generator=g, dtype=torch.float64) + 0.3).to(case.device).requires_grad_()
+    w = torch.randn(6, generator=g, dtype=torch.float64).to(case.device).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=torch.float64).to(case.device).requires_grad_()
+    p = F.normalize(torch.randn(3, 2, 6, generator=g, dtype=torch.float64), dim=-1).to(case.device)
+    gt = torch.randint(-1, 3, (12,), generator=g).to(case.device)
+
+    def fn(x, w, b):
+        out = case.be.embed_similarity(x, (w, b, 1e-5), p, gt, temperature=0.7, seg=True, lse=True, own=True)
+        return out.seg, out.lse, out.own
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+def test_embed_prototype_sums(case, layout):
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 20, 6, 5, generator=g).to(case.device)
+    x[1, :, 2, 3] = float("nan")  # a non-finite pixel never reaches the sums
+    ln = (torch.randn(20, generator=g).to(case.device), torch.randn(20, generator=g).to(case.device), 1e-5)
+    slot = torch.randint(-1, 12, (60,), generator=g).to(case.device)
+    xin = x if layout == "nchw" else x.permute(0, 2, 3, 1).reshape(-1, 20)
+    sums, counts = case.be.embed_prototype_sums(xin, ln, slot, 12)
+    rs, rc = R.prototype_sums(_embed_reference(x, ln).double(), slot, 12)
+    torch.testing.assert_close(sums.double(), rs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(counts.double(), rc)
+
+
 # ---------------------------------------------------------------- Sinkhorn
 
 
@@ -300,7 +374,8 @@ def test_prototype_learning_update_sums(case, N):
     """The per-prototype sums/counts of the composed step, checked directly against the reference."""
     f, p, gt, seg = case.problem(N=N, C=5, K=4)
     own = case.be.similarity(f, p, gt, seg=False, own=True).own
-    t, sums, counts = PF.assign_and_sums(case.be, f, p, gt, seg.argmax(dim=1), own, "argmax", None, -1, 3, 0.05)
+    t, slot = PF.assign_slots(case.be, own, gt, seg.argmax(dim=1), 5, "argmax", None, -1, 3, 0.05)
+    sums, counts = case.be.prototype_sums(f, slot, 5 * 4)
     tr, _, sums_r, counts_r = R.prototype_learning(f, p, gt, seg, assign="argmax", return_sums=True)
     assert torch.equal(t, tr)
     torch.testing.assert_close(sums.view_as(sums_r), sums_r, **case.tol)
