@@ -64,6 +64,35 @@ bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) 
   return cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
 }
 
+// dst (n, D) row-major <- src (D, n) with row stride ld (a block of an image's
+// (D, HW) plane), and back: 16 x 16 blocks, so both sides stream whole cache
+// lines (a strided element-wise copy would touch one line per element).
+template <typename T>
+void plane_to_rows(T* dst, const T* src, int64_t D, int64_t n, int64_t ld) {
+  constexpr int64_t kB = 16;
+  for (int64_t d0 = 0; d0 < D; d0 += kB) {
+    const int64_t d1 = std::min(D, d0 + kB);
+    for (int64_t i0 = 0; i0 < n; i0 += kB) {
+      const int64_t i1 = std::min(n, i0 + kB);
+      for (int64_t d = d0; d < d1; ++d)
+        for (int64_t i = i0; i < i1; ++i) dst[i * D + d] = src[d * ld + i];
+    }
+  }
+}
+
+template <typename T>
+void rows_to_plane(T* dst, const T* src, int64_t D, int64_t n, int64_t ld) {
+  constexpr int64_t kB = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += kB) {
+    const int64_t i1 = std::min(n, i0 + kB);
+    for (int64_t d0 = 0; d0 < D; d0 += kB) {
+      const int64_t d1 = std::min(D, d0 + kB);
+      for (int64_t d = d0; d < d1; ++d)
+        for (int64_t i = i0; i < i1; ++i) dst[d * ld + i] = src[i * D + d];
+    }
+  }
+}
+
 // Where the rows of the embedding matrix X (N, D) come from: `feats` (N, D)
 // with any strides, or the (B, D, HW) planes of an NCHW map (row n = pixel
 // n % HW of image n / HW; a tile never crosses an image, so a tile is a
@@ -112,10 +141,22 @@ struct Source {
   // outputs when ln(). With xhat given (ln() only), also the normalised rows
   // (x - mean) * rstd before the affine, and rstd (rows,).
   template <typename acc_t>
+  at::Tensor rows_of(int64_t t, bool own_copy) const {
+    if (planes() && feats.scalar_type() == acc) {
+      at::Tensor plane = feats.select(0, t / per_image);
+      at::Tensor x = at::empty({rows(t), D}, plane.options());
+      plane_to_rows(x.data_ptr<acc_t>(), plane.data_ptr<acc_t>() + (t % per_image) * T, D, rows(t), plane.stride(0));
+      return x;
+    }
+    at::Tensor x = raw(t).to(acc);
+    return own_copy ? x.clone(at::MemoryFormat::Contiguous) : x.contiguous();
+  }
+
+  template <typename acc_t>
   at::Tensor load(int64_t t, at::Tensor* xhat = nullptr, at::Tensor* rstd = nullptr) const {
-    if (!ln()) return raw(t).to(acc).contiguous();
+    if (!ln()) return rows_of<acc_t>(t, false);
     // the LayerNorm writes into its own copy (contiguous() may return a view of the input)
-    at::Tensor x = raw(t).to(acc).clone(at::MemoryFormat::Contiguous);
+    at::Tensor x = rows_of<acc_t>(t, true);
     const int64_t n = x.size(0);
     acc_t* p = x.data_ptr<acc_t>();
     acc_t* xh = nullptr;
@@ -151,7 +192,8 @@ struct Source {
     if (!planes()) {
       rows::stream_copy(grad.data_ptr<acc_t>() + row0(t) * D, g.data_ptr<acc_t>(), rows(t) * D);
     } else {
-      grad.select(0, t / per_image).narrow(1, (t % per_image) * T, rows(t)).copy_(g.t());
+      at::Tensor plane = grad.select(0, t / per_image);
+      rows_to_plane(plane.data_ptr<acc_t>() + (t % per_image) * T, g.data_ptr<acc_t>(), D, rows(t), plane.stride(0));
     }
   }
 };
