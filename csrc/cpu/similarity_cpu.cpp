@@ -21,9 +21,11 @@
 #include "../checks.h"
 #include "../protoseg_math.h"
 #include "buffer_pool.h"
+#include "cpu_isa.h"
 #include "rows.h"
 
 namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
 namespace {
 
 // |row max of S / tau| up to which exp(S / tau) is taken without the shift by
@@ -277,9 +279,15 @@ at::Tensor similarity_backward_cpu(const c10::optional<at::Tensor>& grad_seg,
   return grad.to(feats.scalar_type());
 }
 
+}  // namespace PROTOSEG_CPU_CAPABILITY
+
+#if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
+PROTOSEG_CPU_VARIANTS(similarity_cpu)
+PROTOSEG_CPU_VARIANTS(similarity_backward_cpu)
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
-  m.impl("similarity", &similarity_cpu);
-  m.impl("similarity_backward", &similarity_backward_cpu);
+  m.impl("similarity", PROTOSEG_CPU_DISPATCH(similarity_cpu));
+  m.impl("similarity_backward", PROTOSEG_CPU_DISPATCH(similarity_backward_cpu));
 }
+#endif
 
 }  // namespace protoseg
