@@ -266,3 +266,18 @@ def test_wide_instructions_only_in_their_variants():
     used = {v: any(variant(n) == v and ("ymm" if v == "avx2" else "zmm") in r for n, r, _ in funcs.values())
             for v in ("avx2", "avx512")}
     assert all(used.values()), f"no wide registers in the variant kernels ({used}): built without their flags?"
+
+
+def test_bench_providers_name_a_variant():
+    """bench/run.py's cpu@<variant> providers: parsed, ordered, and unavailable where this CPU lacks the variant."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import run
+
+    assert run.split_isa("cpu@avx2") == ("cpu", "avx2") and run.split_isa("official") == ("official", None)
+    names = ["cpu@avx512", "cpu", "official", "cpu@baseline", "cpu@avx2"]
+    assert sorted(names, key=run._provider_order) == ["official", "cpu", "cpu@baseline", "cpu@avx2", "cpu@avx512"]
+    for isa in ISAS:
+        reason = run.provider_unavailable(f"cpu@{isa}", "cpu")
+        assert (reason is None) == (isa in _supported()), (isa, reason)
+    with pytest.raises(SystemExit, match="unknown provider 'cpu@sse9'"):
+        run.main(["--providers", "cpu@sse9", "--sizes", "tiny"])
