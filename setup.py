@@ -4,12 +4,16 @@ A CppExtension always; a CUDAExtension when torch has CUDA and CUDA_HOME is
 set (or PROTOSEG_FORCE_CUDA=1). PROTOSEG_ONLY_CPU=1 skips CUDA.
 TORCH_CUDA_ARCH_LIST selects the GPU architectures (release default: 8.0;9.0+PTX,
 the PTX letting GPUs newer than sm_90 JIT the kernels).
+On x86-64 the hot CPU kernels are also compiled for AVX2 and AVX-512 (the
+variant is chosen at run time, csrc/cpu/cpu_isa.h); PROTOSEG_CPU_VARIANTS=0
+builds the baseline only.
 Build with `pip install --no-build-isolation -e .`: an isolated build would
 fetch another torch than the one the extension must match.
 """
 
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 
@@ -54,6 +58,47 @@ def _write_build_info(with_cuda, arch_list):
             f.write(text)
 
 
+# The CPU kernel files compiled once more per instruction-set variant (the
+# same list as CMakeLists.txt), and each variant's flags; cpu_isa.cpp checks
+# the same extensions at run time.
+CPU_ISA_SOURCES = [
+    "csrc/cpu/mask_norm_cpu.cpp",
+    "csrc/cpu/prototype_update_cpu.cpp",
+    "csrc/cpu/similarity_cpu.cpp",
+    "csrc/cpu/sinkhorn_cpu.cpp",
+]
+CPU_ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+}
+
+
+def _want_cpu_variants():
+    x86_64 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86_64 and os.name == "posix" and os.environ.get("PROTOSEG_CPU_VARIANTS", "1") != "0"
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the AVX2 and AVX-512 copies of CPU_ISA_SOURCES."""
+
+    def build_extension(self, ext):
+        if _want_cpu_variants():
+            cxx = ext.extra_compile_args["cxx"]  # with the flags torch's build_extensions added
+            for isa, flags in CPU_ISA_FLAGS.items():
+                # a folder per variant: the objects have the sources' names
+                ext.extra_objects = list(ext.extra_objects or []) + self.compiler.compile(
+                    CPU_ISA_SOURCES,
+                    output_dir=os.path.join(self.build_temp, "cpu_" + isa),
+                    macros=ext.define_macros + [("PROTOSEG_CPU_CAPABILITY", isa)],
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": cxx + flags},
+                    depends=ext.depends,
+                )
+        # linked after the baseline objects: the linker keeps the baseline copy
+        # of inline code several variants share (csrc/cpu/cpu_isa.h)
+        super().build_extension(ext)
+
+
 def _extensions():
     with_cuda = _want_cuda()
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -79,6 +124,7 @@ def _extensions():
             "protoseg_ext._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("PROTOSEG_CPU_VARIANTS_BUILT", "1" if _want_cpu_variants() else "0")],
             extra_compile_args=extra,
             extra_link_args=["-fopenmp"],
         )
@@ -89,5 +135,5 @@ setup(
     packages=find_packages(include=["protoseg_ext", "protoseg_ext.*"]) + ["protoseg_ext.kernels"],
     package_dir={"protoseg_ext.kernels": "kernels"},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
 )

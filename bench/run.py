@@ -3,6 +3,7 @@
     python bench/run.py --quick                         # CI sizes, < 2 minutes
     python bench/run.py --sizes cityscapes,ade20k --providers official,vectorized,cpu --modes full
     python bench/run.py --list                          # sizes, providers, modes
+    python bench/run.py --sizes cityscapes --providers cpu@baseline,cpu@avx2,cpu@avx512   # CPU kernel variants
 
 Every (provider, size, labels) runs in a process of its own (bench/worker.py),
 so peak memory is that provider's alone and an out-of-memory death is reported
@@ -46,6 +47,7 @@ from bench.worker import FLOOR_CHUNK  # noqa: E402
 
 WORKER = os.path.join(HERE, "worker.py")
 MODE_RUN_ORDER = ("update", "forward", "backward", "full")  # increasing memory: see worker.py
+CPU_ISAS = ("baseline", "avx2", "avx512")  # cpu@<variant>: the worker runs with PROTOSEG_CPU_ISA=<variant>
 QUICK = dict(sizes="tiny,small", providers="official,vectorized,cpu", modes=",".join(MODES), labels="uniform",
              repeats=3, warmup=1, max_seconds=3.0)
 
@@ -56,7 +58,8 @@ def _parse(argv):
                    help=f"CI run: sizes {QUICK['sizes']}, providers {QUICK['providers']}, all modes, "
                         f"{QUICK['repeats']} repeats (explicit options still win)")
     p.add_argument("--sizes", help=f"comma list of {','.join(SIZES)} (default: all but tiny,small)")
-    p.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)} (default: all that run here)")
+    p.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)} (default: all that run here); "
+                                       f"cpu@{'|'.join(CPU_ISAS)} runs cpu with that CPU kernel variant")
     p.add_argument("--modes", help=f"comma list of {','.join(MODES)} (default: all)")
     p.add_argument("--labels", help="uniform, skewed or both (default: uniform,skewed)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
@@ -124,6 +127,30 @@ def git_commit() -> str:
 # ----------------------------------------------------------------------------- workers
 
 
+def split_isa(provider):
+    """``cpu@avx2`` -> ``("cpu", "avx2")``; any other provider -> ``(provider, None)``."""
+    base, _, isa = provider.partition("@")
+    return base, (isa or None)
+
+
+def _provider_order(provider):
+    base, isa = split_isa(provider)
+    return PROVIDERS.index(base), -1 if isa is None else CPU_ISAS.index(isa)
+
+
+def provider_unavailable(provider, device):
+    """unavailable_reason, and for cpu@<variant> whether this build and CPU run that variant."""
+    base, isa = split_isa(provider)
+    reason = unavailable_reason(base, device)
+    if reason is None and isa is not None:
+        from protoseg_ext import backends
+
+        supported = backends.load_extension().cpu_isa_supported()
+        if isa not in supported:
+            reason = f"this CPU does not run the {isa} kernels (it runs {', '.join(supported)})"
+    return reason
+
+
 def run_worker(provider, size, labels, modes, args, log):
     """Run ``modes`` of one provider in its own process(es); returns ``{mode: result dict}``.
 
@@ -140,7 +167,9 @@ def run_worker(provider, size, labels, modes, args, log):
     per_process = 1 if provider.endswith("+compile") else len(todo)
     while todo:
         batch = todo[:per_process]
-        cmd = [sys.executable, WORKER, "--provider", provider, "--size", size, "--labels", labels,
+        base, isa = split_isa(provider)
+        env = dict(os.environ, PROTOSEG_CPU_ISA=isa) if isa else None
+        cmd = [sys.executable, WORKER, "--provider", base, "--size", size, "--labels", labels,
                "--modes", ",".join(batch), "--device", args.device, "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds), "--seed", str(args.seed),
                "--mem-limit-gb", f"{mem_limit:.1f}"]
@@ -150,7 +179,7 @@ def run_worker(provider, size, labels, modes, args, log):
             cmd.append("--interleave-floor")
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout, env=env)
             out, err, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -205,9 +234,12 @@ def main(argv=None):
     if args.providers is not None:
         providers = [p for p in args.providers.split(",") if p]
         for p in providers:
-            if p not in PROVIDERS:
-                raise SystemExit(f"unknown provider {p!r}; known: {', '.join(PROVIDERS)}")
-        providers = sorted(set(providers), key=PROVIDERS.index)  # official first: the others compare with it
+            base, isa = split_isa(p)
+            if base not in PROVIDERS or (isa is not None and (base != "cpu" or isa not in CPU_ISAS)):
+                raise SystemExit(f"unknown provider {p!r}; known: {', '.join(PROVIDERS)}, "
+                                 f"{', '.join('cpu@' + i for i in CPU_ISAS)}")
+        # official first: the others compare with it
+        providers = sorted(set(providers), key=_provider_order)
     else:  # all that can run here; an explicitly named one that cannot gets an "unavailable" row
         providers = [p for p in PROVIDERS if unavailable_reason(p, args.device) is None]
 
@@ -270,8 +302,8 @@ def main(argv=None):
             for labels in labels_list:
                 official = {}
                 for prov in providers:
-                    reason = unavailable_reason(prov, args.device)
-                    need = estimate_bytes(prov, size)
+                    reason = provider_unavailable(prov, args.device)
+                    need = estimate_bytes(split_isa(prov)[0], size)
                     if reason is not None:
                         res = {m: {"status": f"unavailable: {reason}"} for m in modes}
                     elif need > capacity:

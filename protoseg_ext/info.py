@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import sys
@@ -22,6 +23,7 @@ def build_info() -> dict:
         "CUDA (built against)": None,
         "CUDA arch list": None,
         "compiled backends": [],
+        "CPU kernels (ISA)": None,
         "compiled library error": backends._ext_error,
     }
     from . import __version__
@@ -32,6 +34,7 @@ def build_info() -> dict:
         info["CUDA (built against)"] = ext.BUILD_CUDA_VERSION or "none (CPU-only build)"
         info["CUDA arch list"] = ext.BUILD_CUDA_ARCH_LIST or "-"
         info["compiled backends"] = ["cpu"] + (["cuda"] if ext.WITH_CUDA else [])
+        info["CPU kernels (ISA)"] = cpu_isa_report(ext)
     return info
 
 
@@ -116,6 +119,22 @@ def gpu_coverage(capabilities=None, arch_list=None, names=None) -> Optional[str]
         f"{', '.join(missing)}: the cuda backend cannot run there ('no kernel image is available'). "
         f"Rebuild on this machine with TORCH_CUDA_ARCH_LIST unset (bash scripts/run.sh setup builds for the GPUs "
         f"it finds) or set to '{caps}', or add '+PTX' to the newest entry."
+    )
+
+
+def cpu_isa_report(ext) -> str:
+    """Which instruction-set variant the CPU kernels run, which ones this CPU runs and which were built."""
+    if not hasattr(ext, "cpu_isa"):
+        return "baseline (a build without the variants)"
+    try:
+        isa = ext.cpu_isa()
+    except (RuntimeError, ValueError) as e:  # PROTOSEG_CPU_ISA asks for one that cannot run
+        return f"none: {e}"
+    forced = os.environ.get("PROTOSEG_CPU_ISA", "auto") not in ("", "auto")
+    how = "forced by PROTOSEG_CPU_ISA" if forced else "the best this CPU runs; PROTOSEG_CPU_ISA forces one"
+    return (
+        f"{isa} ({how}; built: {ext.CPU_ISA_BUILT.replace(',', ', ')}; runs here: {', '.join(ext.cpu_isa_supported())};"
+        f" torch's own kernels: {torch.backends.cpu.get_cpu_capability()})"
     )
 
 

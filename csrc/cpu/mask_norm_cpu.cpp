@@ -19,8 +19,10 @@
 
 #include "../checks.h"
 #include "../protoseg_math.h"
+#include "cpu_isa.h"
 
 namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
 namespace {
 
 constexpr int64_t kBlock = 64;           // pixels per block
@@ -222,9 +224,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_norm_backward_cpu(const at::
   return {grad_seg, grad_w, grad_b};
 }
 
+}  // namespace PROTOSEG_CPU_CAPABILITY
+
+#if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
+PROTOSEG_CPU_VARIANTS(mask_norm_cpu)
+PROTOSEG_CPU_VARIANTS(mask_norm_backward_cpu)
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
-  m.impl("mask_norm", &mask_norm_cpu);
-  m.impl("mask_norm_backward", &mask_norm_backward_cpu);
+  m.impl("mask_norm", PROTOSEG_CPU_DISPATCH(mask_norm_cpu));
+  m.impl("mask_norm_backward", PROTOSEG_CPU_DISPATCH(mask_norm_backward_cpu));
 }
+#endif
 
 }  // namespace protoseg

@@ -21,9 +21,11 @@
 
 #include "../checks.h"
 #include "../protoseg_math.h"
+#include "cpu_isa.h"
 #include "rows.h"
 
 namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
 
 namespace {
 constexpr int64_t kMinBlockRows = 8192;            // rows per block, at least
@@ -182,9 +184,15 @@ at::Tensor prototype_ema_cpu(const at::Tensor& protos, const at::Tensor& sums, c
   return out.view({C, K, D}).to(protos.scalar_type());
 }
 
+}  // namespace PROTOSEG_CPU_CAPABILITY
+
+#if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
+PROTOSEG_CPU_VARIANTS(prototype_sums_cpu)
+PROTOSEG_CPU_VARIANTS(prototype_ema_cpu)
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
-  m.impl("prototype_sums", &prototype_sums_cpu);
-  m.impl("prototype_ema", &prototype_ema_cpu);
+  m.impl("prototype_sums", PROTOSEG_CPU_DISPATCH(prototype_sums_cpu));
+  m.impl("prototype_ema", PROTOSEG_CPU_DISPATCH(prototype_ema_cpu));
 }
+#endif
 
 }  // namespace protoseg

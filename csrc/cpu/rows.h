@@ -15,8 +15,12 @@
 #endif
 
 #include "../protoseg_math.h"
+#include "cpu_isa.h"
 
+// In the variant's namespace: each compiled copy of a kernel calls its own
+// copy of these helpers (cpu_isa.h).
 namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {
 namespace rows {
 
 // Reductions of long rows run in kLanes independent partial sums (lane j
@@ -178,4 +182,5 @@ inline void normalize_backward(T* g, const T* x, int64_t n) {
 }
 
 }  // namespace rows
+}  // namespace PROTOSEG_CPU_CAPABILITY
 }  // namespace protoseg

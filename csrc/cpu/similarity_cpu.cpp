@@ -21,9 +21,11 @@
 #include "../checks.h"
 #include "../protoseg_math.h"
 #include "buffer_pool.h"
+#include "cpu_isa.h"
 #include "rows.h"
 
 namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
 namespace {
 
 // |row max of S / tau| up to which exp(S / tau) is taken without the shift by
@@ -578,11 +580,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
   return {g, dw, db};
 }
 
+}  // namespace PROTOSEG_CPU_CAPABILITY
+
+#if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
+PROTOSEG_CPU_VARIANTS(similarity_cpu)
+PROTOSEG_CPU_VARIANTS(similarity_backward_cpu)
+PROTOSEG_CPU_VARIANTS(embed_similarity_cpu)
+PROTOSEG_CPU_VARIANTS(embed_similarity_backward_cpu)
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
-  m.impl("similarity", &similarity_cpu);
-  m.impl("similarity_backward", &similarity_backward_cpu);
-  m.impl("embed_similarity", &embed_similarity_cpu);
-  m.impl("embed_similarity_backward", &embed_similarity_backward_cpu);
+  m.impl("similarity", PROTOSEG_CPU_DISPATCH(similarity_cpu));
+  m.impl("similarity_backward", PROTOSEG_CPU_DISPATCH(similarity_backward_cpu));
+  m.impl("embed_similarity", PROTOSEG_CPU_DISPATCH(embed_similarity_cpu));
+  m.impl("embed_similarity_backward", PROTOSEG_CPU_DISPATCH(embed_similarity_backward_cpu));
 }
+#endif
 
 }  // namespace protoseg

@@ -16,8 +16,10 @@
 
 #include "../checks.h"
 #include "../protoseg_math.h"
+#include "cpu_isa.h"
 
 namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
 
 namespace {
 constexpr int64_t kBlockRows = 4096;
@@ -133,6 +135,11 @@ at::Tensor sinkhorn_cpu(const at::Tensor& own, const at::Tensor& labels, int64_t
   return Q;
 }
 
-TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) { m.impl("sinkhorn", &sinkhorn_cpu); }
+}  // namespace PROTOSEG_CPU_CAPABILITY
+
+#if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
+PROTOSEG_CPU_VARIANTS(sinkhorn_cpu)
+TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) { m.impl("sinkhorn", PROTOSEG_CPU_DISPATCH(sinkhorn_cpu)); }
+#endif
 
 }  // namespace protoseg
