@@ -208,23 +208,19 @@ class CpuBackend(_OpsBackend):
                                          int(cache_bytes))
         return SimilarityOut(*out[:4])
 
-    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots, chunk=1 << 16):
-        # only the rows that take part (slot >= 0), gathered chunk by chunk from the map
+    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots, tile_rows=1 << 13):
+        # the embedding rows a tile at a time, read as embed_similarity reads them: never an (N, D) copy
         if feats.dim() == 2 and feat_norm is None:
             return self.prototype_sums(feats, slot, num_slots, True)
-        rows = feats.flatten(2) if feats.dim() == 4 else feats
-        sums = counts = None
-        for lo in range(0, slot.shape[0], chunk):
-            idx = (slot[lo:lo + chunk] >= 0).nonzero()[:, 0] + lo
-            if rows.dim() == 3:
-                hw = rows.shape[2]
-                x = rows[idx // hw, :, idx % hw]  # (n, D)
-            else:
-                x = rows[idx]
-            s, c = self.prototype_sums(embed(x, feat_norm), slot[idx], num_slots, True)
-            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
-        if sums is None:
-            return self.prototype_sums(feats.new_empty((0, feats.shape[1])), slot[:0], num_slots, True)
+        w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
+        hw = feats.shape[2] * feats.shape[3] if feats.dim() == 4 else feats.shape[0]
+        per_image = -(-hw // tile_rows)
+        sums, counts = self.prototype_sums(feats.new_empty((0, feats.shape[1])), slot[:0], num_slots, True)
+        for t in range(per_image * (feats.shape[0] if feats.dim() == 4 else 1)):
+            r0 = (t // per_image) * hw + (t % per_image) * tile_rows
+            x = self._ops.embed_rows(feats, w, b, float(eps), tile_rows, t)
+            s, c = self.prototype_sums(x, slot[r0:r0 + x.shape[0]], num_slots, True)
+            sums, counts = sums + s, counts + c
         return sums, counts
 
     def mask_norm(self, seg, weight, bias, eps, batch):

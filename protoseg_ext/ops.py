@@ -153,6 +153,11 @@ def register_embed_similarity(ns: str) -> None:
         return torch.empty_like(feats), gw, gb
 
     torch.library.register_fake(f"{ns}::embed_similarity")(fake)
+
+    @torch.library.register_fake(f"{ns}::embed_rows")
+    def fake_rows(feats, ln_weight, ln_bias, ln_eps, tile_rows, tile):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return feats.new_empty((n, feats.shape[1]), dtype=_acc_dtype(feats.dtype))
     torch.library.register_fake(f"{ns}::embed_similarity_backward")(fake_backward)
     backward_op = getattr(torch.ops, ns).embed_similarity_backward.default
 

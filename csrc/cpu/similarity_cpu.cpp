@@ -580,6 +580,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
   return {g, dw, db};
 }
 
+// Tile `tile` (of `tile_rows` pixels, never crossing an image) of the head's
+// embedding before the L2 normalisation: the LayerNorm'd rows (n, D) in the
+// accumulation dtype, read from the map as embed_similarity reads it.
+at::Tensor embed_rows_cpu(const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
+                          const c10::optional<at::Tensor>& ln_bias, double ln_eps, int64_t tile_rows, int64_t tile) {
+  at::NoGradGuard no_grad;
+  const at::Tensor rows = embed_rows(feats);
+  check_floating(rows, "feats");
+  TORCH_CHECK_VALUE(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
+  const bool ln = ln_weight.has_value() && ln_weight->defined();
+  TORCH_CHECK_VALUE(ln == (ln_bias.has_value() && ln_bias->defined()), "ln_weight and ln_bias must be given together");
+  const Source src(rows, ln ? *ln_weight : at::Tensor(), ln ? *ln_bias : at::Tensor(), ln_eps, tile_rows);
+  TORCH_CHECK_VALUE(tile >= 0 && tile < src.ntiles, "tile must be in [0, ", src.ntiles, "), got ", tile);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_rows_cpu", [&] { out = src.load<scalar_t>(tile); });
+  return out;
+}
+
 }  // namespace PROTOSEG_CPU_CAPABILITY
 
 #if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
@@ -587,11 +605,13 @@ PROTOSEG_CPU_VARIANTS(similarity_cpu)
 PROTOSEG_CPU_VARIANTS(similarity_backward_cpu)
 PROTOSEG_CPU_VARIANTS(embed_similarity_cpu)
 PROTOSEG_CPU_VARIANTS(embed_similarity_backward_cpu)
+PROTOSEG_CPU_VARIANTS(embed_rows_cpu)
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
   m.impl("similarity", PROTOSEG_CPU_DISPATCH(similarity_cpu));
   m.impl("similarity_backward", PROTOSEG_CPU_DISPATCH(similarity_backward_cpu));
   m.impl("embed_similarity", PROTOSEG_CPU_DISPATCH(embed_similarity_cpu));
   m.impl("embed_similarity_backward", PROTOSEG_CPU_DISPATCH(embed_similarity_backward_cpu));
+  m.impl("embed_rows", PROTOSEG_CPU_DISPATCH(embed_rows_cpu));
 }
 #endif
 
