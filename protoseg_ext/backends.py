@@ -213,10 +213,13 @@ class CpuBackend(_OpsBackend):
         if feats.dim() == 2 and feat_norm is None:
             return self.prototype_sums(feats, slot, num_slots, True)
         w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
-        hw = feats.shape[2] * feats.shape[3] if feats.dim() == 4 else feats.shape[0]
+        # the tiles as the op cuts them: per image of an NCHW map whose (H, W) planes are
+        # contiguous, else over the (N, D) rows (csrc/cpu/similarity_cpu.cpp, embed_rows)
+        planes = feats.dim() == 4 and (feats.shape[2] * feats.shape[3] <= 1 or feats.flatten(2).stride(2) == 1)
+        images, hw = (feats.shape[0], feats.shape[2] * feats.shape[3]) if planes else (1, slot.shape[0])
         per_image = -(-hw // tile_rows)
         sums, counts = self.prototype_sums(feats.new_empty((0, feats.shape[1])), slot[:0], num_slots, True)
-        for t in range(per_image * (feats.shape[0] if feats.dim() == 4 else 1)):
+        for t in range(per_image * images):
             r0 = (t // per_image) * hw + (t % per_image) * tile_rows
             x = self._ops.embed_rows(feats, w, b, float(eps), tile_rows, t)
             s, c = self.prototype_sums(x, slot[r0:r0 + x.shape[0]], num_slots, True)

@@ -234,14 +234,15 @@ def test_embed_similarity_gradcheck(case):
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "rows"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 def test_embed_prototype_sums(case, layout):
     g = torch.Generator().manual_seed(13)
     x = torch.randn(2, 20, 6, 5, generator=g).to(case.device)
     x[1, :, 2, 3] = float("nan")  # a non-finite pixel never reaches the sums
     ln = (torch.randn(20, generator=g).to(case.device), torch.randn(20, generator=g).to(case.device), 1e-5)
     slot = torch.randint(-1, 12, (60,), generator=g).to(case.device)
-    xin = x if layout == "nchw" else x.permute(0, 2, 3, 1).reshape(-1, 20)
+    xin = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+           "rows": x.permute(0, 2, 3, 1).reshape(-1, 20)}[layout]
     sums, counts = case.be.embed_prototype_sums(xin, ln, slot, 12)
     rs, rc = R.prototype_sums(_embed_reference(x, ln).double(), slot, 12)
     torch.testing.assert_close(sums.double(), rs, atol=1e-5, rtol=1e-5)
