@@ -66,31 +66,19 @@ bool cache_fits(int64_t N, int64_t CK, at::ScalarType acc, int64_t cache_bytes) 
   return cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
 }
 
-// dst (n, D) row-major <- src (D, n) with row stride ld (a block of an image's
-// (D, HW) plane), and back: 16 x 16 blocks, so both sides stream whole cache
-// lines (a strided element-wise copy would touch one line per element).
+// dst (cols, rows) <- the transpose of src (rows, cols), with row strides
+// ld_dst and ld_src: a block of an image's (D, HW) plane to (n, D) rows and
+// back. 16 x 16 blocks, so both sides stream whole cache lines (a strided
+// element-wise copy would touch one line per element).
 template <typename T>
-void plane_to_rows(T* dst, const T* src, int64_t D, int64_t n, int64_t ld) {
+void transpose(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols) {
   constexpr int64_t kB = 16;
-  for (int64_t d0 = 0; d0 < D; d0 += kB) {
-    const int64_t d1 = std::min(D, d0 + kB);
-    for (int64_t i0 = 0; i0 < n; i0 += kB) {
-      const int64_t i1 = std::min(n, i0 + kB);
-      for (int64_t d = d0; d < d1; ++d)
-        for (int64_t i = i0; i < i1; ++i) dst[i * D + d] = src[d * ld + i];
-    }
-  }
-}
-
-template <typename T>
-void rows_to_plane(T* dst, const T* src, int64_t D, int64_t n, int64_t ld) {
-  constexpr int64_t kB = 16;
-  for (int64_t i0 = 0; i0 < n; i0 += kB) {
-    const int64_t i1 = std::min(n, i0 + kB);
-    for (int64_t d0 = 0; d0 < D; d0 += kB) {
-      const int64_t d1 = std::min(D, d0 + kB);
-      for (int64_t d = d0; d < d1; ++d)
-        for (int64_t i = i0; i < i1; ++i) dst[d * ld + i] = src[i * D + d];
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    const int64_t r1 = std::min(rows, r0 + kB);
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t c1 = std::min(cols, c0 + kB);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
     }
   }
 }
@@ -147,7 +135,7 @@ struct Source {
     if (planes() && feats.scalar_type() == acc) {
       at::Tensor plane = feats.select(0, t / per_image);
       at::Tensor x = at::empty({rows(t), D}, plane.options());
-      plane_to_rows(x.data_ptr<acc_t>(), plane.data_ptr<acc_t>() + (t % per_image) * T, D, rows(t), plane.stride(0));
+      transpose(x.data_ptr<acc_t>(), D, plane.data_ptr<acc_t>() + (t % per_image) * T, plane.stride(0), D, rows(t));
       return x;
     }
     at::Tensor x = raw(t).to(acc);
@@ -195,7 +183,7 @@ struct Source {
       rows::stream_copy(grad.data_ptr<acc_t>() + row0(t) * D, g.data_ptr<acc_t>(), rows(t) * D);
     } else {
       at::Tensor plane = grad.select(0, t / per_image);
-      rows_to_plane(plane.data_ptr<acc_t>() + (t % per_image) * T, g.data_ptr<acc_t>(), D, rows(t), plane.stride(0));
+      transpose(plane.data_ptr<acc_t>() + (t % per_image) * T, plane.stride(0), g.data_ptr<acc_t>(), D, rows(t), D);
     }
   }
 };
