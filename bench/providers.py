@@ -56,8 +56,8 @@ SIZES = {
     "ade20k": Size(32768, 720, 150, 10, "ADE20K, 2 x 512x512 crops at 1/4, D=720"),
     "cocostuff": Size(32768, 720, 171, 10, "COCO-Stuff, 2 x 512x512 crops at 1/4, D=720"),
     "d256": Size(262144, 256, 19, 10, "N=262,144, D=256, C=19"),
-    "fullres": Size(2 * 1024 * 2048, 256, 19, 10, "full resolution, 2 x 2048x1024, C=19"),
-    "fullres-ade20k": Size(2 * 1024 * 2048, 256, 150, 10, "full resolution, 2 x 2048x1024, C=150"),
+    "fullres": Size(1024 * 2048, 720, 19, 10, "full-resolution Cityscapes: a 1 x 720 x 1024 x 2048 map, C=19"),
+    "fullres-ade20k": Size(2 * 1024 * 2048, 256, 150, 10, "full resolution, a 2 x 256 x 1024 x 2048 map, C=150"),
 }
 
 MODES = ("forward", "backward", "full", "update")
@@ -68,10 +68,24 @@ MODES = ("forward", "backward", "full", "update")
 PROVIDERS = ("official", "official+compile", "vectorized", "cpu", "cpu-rows", "triton", "cuda")
 
 
+FULL_HW = (1024, 2048)  # an image at full resolution
+
+
 def map_shape(N: int, D: int):
-    """The NCHW map of N pixels the providers read: (1, D, N / W, W), W = 256 when it divides N."""
+    """The NCHW map of N pixels the providers read: B full-resolution images (B, D, 1024, 2048)
+    when N is a multiple of 1024 * 2048, else (1, D, N / W, W) with W = 256 when it divides N."""
+    H, W = FULL_HW
+    if N % (H * W) == 0:
+        return N // (H * W), D, H, W
     W = 256 if N % 256 == 0 else N
     return 1, D, N // W, W
+
+
+def image_rows(x: torch.Tensor):
+    """The (HW, D) pixel rows of each image of an NCHW map, as views (no copy), or ``[x]`` for (N, D)."""
+    if x.dim() == 2:
+        return [x]
+    return [img.reshape(img.shape[0], -1).t() for img in x]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -286,10 +300,16 @@ class Provider:
         with torch.no_grad():
             self.head.prototypes.copy_(protos)
 
+    @property
+    def reads_map(self) -> bool:
+        """The step reads the NCHW map (every row but the "-rows" variant's)."""
+        return not self.rows
+
     def input(self, feats):
-        """What this provider's step reads, made once before timing: the NCHW map (a contiguous
-        copy of ``feats (N, D)``), or for the "-rows" variant ``feats`` itself."""
-        if self.rows:
+        """What this provider's step reads, made once before timing: the NCHW map (``feats`` when it
+        is one already, else a contiguous copy of ``feats (N, D)``), or for the "-rows" variant
+        ``feats (N, D)`` itself."""
+        if self.rows or feats.dim() == 4:
             return feats
         return feats.t().contiguous().view(map_shape(*feats.shape))
 
@@ -300,7 +320,7 @@ class Provider:
         if self.backend == "reference":  # the official step, loop over classes and all, from protoseg_ext.reference
             from protoseg_ext.testing import official_head_step
 
-            g = gt.view(1, x.shape[2], x.shape[3]) if x.dim() == 4 else gt.view(1, 1, -1)
+            g = gt.view(x.shape[0], x.shape[2], x.shape[3]) if x.dim() == 4 else gt.view(1, 1, -1)
             seg, ppc, ppd, _, new = official_head_step(self.head, x if x.dim() == 4 else x.t()[None, :, None, :], g)
             self.head.prototypes.copy_(new)
             return step_loss(seg, g, ppc, ppd)
@@ -308,7 +328,7 @@ class Provider:
             N = x.shape[0]
             out = self.head(x.t()[None, :, None, :], gt.view(1, 1, N))  # (1, D, 1, N): a view of feats
             return step_loss(out.seg, gt.view(1, 1, N), out.loss_ppc, out.loss_ppd)
-        g = gt.view(1, x.shape[2], x.shape[3])
+        g = gt.view(x.shape[0], x.shape[2], x.shape[3])
         out = self.head(x, g)
         return step_loss(out.seg, g, out.loss_ppc, out.loss_ppd)
 
@@ -339,29 +359,27 @@ def estimate_bytes(provider: str, size: Size, mode: str = "full") -> int:
 
     Counted in fp32 copies of ``feats (N, D)``, ``S (N, C*K)`` and ``seg (N, C)``,
     fitted to measured peaks on CPU (Cityscapes, ADE20K, N=262,144 and N=1M
-    sizes, within 3%, before the NCHW input and feat_norm were added: those
-    add one copy of feats, two more for the eager paths' LayerNorm). The
-    official and vectorized paths hold about 3.5 copies of feats (input, the
-    normalised copy, their gradients) and 3 of S (similarity, log-softmax,
-    gradient) at their peak. The fused ones hold 2 of feats (input and
-    gradient: normalisation happens inside the kernels), about
-    3.5 of seg (seg, mask_norm, cross-entropy and their gradients), and the
-    softmax cache of S when it fits the head's budget (``PROTOSEG_CACHE_MB``).
+    sizes, within 3%, before feat_norm was added: it adds two copies to the
+    eager paths). The official and vectorized paths hold about 5.5 copies of
+    feats (the map, its permuted rows, the LayerNorm'd and normalised copies,
+    their gradients) and 3 of S (similarity, log-softmax, gradient) at their
+    peak. The fused ones hold 2 of feats (the map and its gradient:
+    normalisation happens inside the kernels), about 3.5 of seg (seg,
+    mask_norm, cross-entropy and their gradients), and the softmax cache of S
+    when it fits the head's budget (``PROTOSEG_CACHE_MB``). The worker makes
+    the map in place: no (N, D) copy next to it.
     """
     N, D, C, K, _ = size
     nd, ns, nc = 4 * N * D, 4 * N * C * K, 4 * N * C
     process = 600 * (1 << 20)  # torch runtime, allocator slack
     if provider == "floor":  # feats, the GEMM output, and S / dS of at most 2**18 rows (worker.FLOOR_CHUNK)
         return process + 2 * nd + 2 * ns * min(N, 1 << 18) // N
-    # the main rows read an NCHW copy of feats (made once) and apply the LayerNorm: the eager
-    # paths keep its output and gradient too
     if provider in ("official", "official+compile", "vectorized"):
-        return process + int(6.5 * nd) + 3 * ns + 6 * nc + 3 * 4 * N * K
+        return process + int(5.5 * nd) + 3 * ns + 6 * nc + 3 * 4 * N * K
     from protoseg_ext.backends import default_cache_bytes
 
     cache = ns if ns <= default_cache_bytes() else 0
-    feats_copies = 2 if provider.endswith("-rows") else 3
-    return process + feats_copies * nd + int(3.5 * nc) + cache + 3 * 4 * N * K
+    return process + 2 * nd + int(3.5 * nc) + cache + 3 * 4 * N * K
 
 
 @functools.lru_cache(maxsize=None)

@@ -187,26 +187,40 @@ def floor_body(size, mode, inputs, args):
     """
     import torch
 
+    from bench.providers import image_rows
+
     feats, protos, gt, _ = inputs
     N, D, C, K, _ = size
     P = protos.reshape(C * K, D)
     now = _timer(args.device)
     rows = min(N, FLOOR_CHUNK)
     dS = torch.randn(rows, C * K, device=feats.device, dtype=feats.dtype) if mode != "forward" else None
+    images = image_rows(feats)  # (N, D), or each image's (HW, D) rows of the map, as views
 
     def body():
         t0 = now()
-        for lo in range(0, N, rows):
-            hi = min(N, lo + rows)
-            if mode in ("forward", "full", "update"):
-                s = feats[lo:hi] @ P.t()
-                del s
-            if mode in ("backward", "full"):
-                g = dS[: hi - lo] @ P
-                del g
+        for x in images:
+            for lo in range(0, x.shape[0], rows):
+                hi = min(x.shape[0], lo + rows)
+                if mode in ("forward", "full", "update"):
+                    s = x[lo:hi] @ P.t()
+                    del s
+                if mode in ("backward", "full"):
+                    g = dS[: hi - lo] @ P
+                    del g
         return now() - t0
 
     return body
+
+
+def pixel_rows(feats):
+    """feats as (N, D) rows: itself, a view of a one-image map, or a copy of a larger map."""
+    from bench.providers import image_rows
+
+    import torch
+
+    rows = image_rows(feats)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def measure_floor(size, mode, inputs, args):
@@ -229,8 +243,10 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
     x = prov.input(feats).detach().requires_grad_(True)  # the NCHW map (or the -rows variant's (N, D) view)
 
     if mode == "update":
+        rows = pixel_rows(feats)
+
         def run():
-            return prov.update(feats, protos, gt, seg)
+            return prov.update(rows, protos, gt, seg)
 
         def body():
             t0 = now()
@@ -305,7 +321,7 @@ def main():
 
     import torch
 
-    from bench.providers import SIZES, Provider, make_inputs, official_seg
+    from bench.providers import SIZES, Provider, make_inputs, map_shape, official_seg
 
     size = SIZES[args.size]
     modes = [m for m in args.modes.split(",") if m]
@@ -315,10 +331,14 @@ def main():
         print("RESULT " + json.dumps({"mode": mode, **kw}), flush=True)
 
     try:
-        feats, protos, gt = make_inputs(size, args.labels, device=args.device, seed=args.seed)
+        # the map the step reads, made in place (no (N, D) copy next to it); the floor and the
+        # "-rows" variant read (N, D) rows
+        reads_map = args.provider != "floor" and not args.provider.endswith("-rows")
+        feats, protos, gt = make_inputs(size, args.labels, device=args.device, seed=args.seed,
+                                        map_shape=map_shape(size.N, size.D) if reads_map else None)
         seg = None
         if "update" in modes and args.provider != "floor":  # the update mode's input, made before it is measured
-            seg = official_seg(feats, protos, torch.nn.LayerNorm(size.C).to(feats.device))
+            seg = official_seg(pixel_rows(feats), protos, torch.nn.LayerNorm(size.C).to(feats.device))
         inputs = (feats, protos, gt, seg)
         prov = None
         if args.provider != "floor":

@@ -106,10 +106,12 @@ TORCH_LIBRARY(protoseg_ext, m) {
       "Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, Tensor argk, Tensor lse, "
       "int ignore_index, float temperature, Tensor? probs=None) -> (Tensor grad_feats, Tensor grad_weight, "
       "Tensor grad_bias)");
-  // Tile `tile` of `tile_rows` pixels (tiles never cross an image) of the
-  // embedding before its L2 normalisation: the LayerNorm'd rows (n, D) of
-  // embed_similarity's input, in float32 (float64 for float64 feats). CPU only.
-  m.def("embed_rows(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, int tile_rows, int tile) -> Tensor");
+  // prototype_sums of the embedding embed_similarity scores (the LayerNorm'd,
+  // L2-normalised pixels of feats (N, D) or (B, D, H, W)), read as that op
+  // reads it: sums (num_slots, D) and counts (num_slots,) in float32 (float64
+  // for float64 feats). CPU only.
+  m.def("embed_prototype_sums(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor slot, "
+        "int num_slots) -> (Tensor sums, Tensor counts)");
   // Sinkhorn-Knopp of every class at once, segmented by labels; own (N, K) as
   // from `similarity`. Returns Q (N, K) (rows sum to 1; zero rows for ignored
   // or non-finite pixels).

@@ -21,6 +21,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import checks, ops, reference
 
@@ -122,20 +123,46 @@ class Backend:
         """L2-normalise(EMA(protos, normalise(sums))) where ``counts > 0``."""
         raise NotImplementedError
 
+    # pixels per chunk of the composed embedding (embed_similarity, embed_prototype_sums)
+    embed_chunk = 1 << 16
+
     def embed_similarity(self, feats, feat_norm: FeatNorm, protos, labels=None, *, ignore_index=-1, temperature=1.0,
                          seg=True, lse=False, own=False, cache_bytes=0) -> SimilarityOut:
         """:meth:`similarity` of the head's embedding, from what the backbone gives: ``feats``
         (N, D) or the map (B, D, H, W) (pixel n = b*H*W + h*W + w), ``feat_norm`` None or the
         LayerNorm over D as ``(weight, bias, eps)``, then the L2 normalisation. Differentiable
-        w.r.t. ``feats`` and the LayerNorm's weight and bias. This default composes it from
-        :meth:`similarity` (storing the embedding); a backend may fuse it."""
-        return self.similarity(embed(feats, feat_norm), protos, labels, ignore_index=ignore_index,
-                               temperature=temperature, seg=seg, lse=lse, own=own, cache_bytes=cache_bytes,
-                               normalize=True)
+        w.r.t. ``feats`` and the LayerNorm's weight and bias.
+
+        This default composes it from :meth:`similarity`, ``embed_chunk`` pixels at a time
+        (its outputs are per pixel), each chunk under activation checkpointing: the embedding
+        of a chunk lives only while it is scored, and the backward recomputes it (and the
+        chunk's scores) instead of keeping an (N, D) copy. A backend may fuse it."""
+        w, b, eps = feat_norm if feat_norm is not None else (None, None, 0.0)
+
+        def score(x, w, b, lab):
+            rows = embed(x, None if w is None else (w, b, eps))
+            return tuple(self.similarity(rows, protos, lab, ignore_index=ignore_index, temperature=temperature,
+                                         seg=seg, lse=lse, own=own, cache_bytes=cache_bytes, normalize=True))
+
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, w, b))
+        pieces = []
+        for n0, n1, x in _pixel_chunks(feats, self.embed_chunk):
+            lab = None if labels is None else labels[n0:n1]
+            pieces.append(checkpoint(score, x, w, b, lab, use_reentrant=False) if grads else score(x, w, b, lab))
+        if len(pieces) == 1:
+            return SimilarityOut(*pieces[0])
+        if not pieces:  # no pixels
+            return SimilarityOut(*score(feats, w, b, labels))
+        return SimilarityOut(*(torch.cat(p) for p in zip(*pieces)))
 
     def embed_prototype_sums(self, feats, feat_norm: FeatNorm, slot, num_slots):
-        """:meth:`prototype_sums` of the L2-normalised embedding of :meth:`embed_similarity`'s input."""
-        return self.prototype_sums(embed(feats, feat_norm), slot, num_slots, True)
+        """:meth:`prototype_sums` of the L2-normalised embedding of :meth:`embed_similarity`'s input
+        (composed here ``embed_chunk`` pixels at a time: no (N, D) copy)."""
+        out = None
+        for n0, n1, x in _pixel_chunks(feats, self.embed_chunk):
+            s, c = self.prototype_sums(embed(x, feat_norm), slot[n0:n1], num_slots, True)
+            out = (s, c) if out is None else (out[0] + s, out[1] + c)
+        return out if out is not None else self.prototype_sums(embed(feats, feat_norm), slot, num_slots, True)
 
     def mask_norm(self, seg, weight, bias, eps, batch):
         """``LayerNorm(C)`` of ``seg (N, C)`` as ``(batch, C, N // batch)``, and its arg-max over C ``(N,)``."""
@@ -155,6 +182,23 @@ def embed(feats: torch.Tensor, feat_norm: FeatNorm = None) -> torch.Tensor:
         w, b, eps = feat_norm
         x = F.layer_norm(x, (x.shape[1],), w, b, eps)
     return x
+
+
+def _pixel_chunks(feats: torch.Tensor, chunk: int):
+    """``(n0, n1, piece)`` for consecutive pixel ranges ``[n0, n1)`` of ``feats`` (N, D) or the map
+    (B, D, H, W), each ``piece`` a view (whole image rows of the map) of at most about ``chunk``
+    pixels (at least one image row)."""
+    if feats.dim() == 2:
+        for n0 in range(0, feats.shape[0], chunk):
+            yield n0, min(feats.shape[0], n0 + chunk), feats[n0:n0 + chunk]
+        return
+    B, _, H, W = feats.shape
+    step = max(1, chunk // max(W, 1))
+    for b in range(B):
+        for h0 in range(0, H, step):
+            h1 = min(H, h0 + step)
+            n0 = (b * H + h0) * W
+            yield n0, n0 + (h1 - h0) * W, feats[b:b + 1, :, h0:h1]
 
 
 def _labels_or_empty(labels, feats):
@@ -208,22 +252,10 @@ class CpuBackend(_OpsBackend):
                                          int(cache_bytes))
         return SimilarityOut(*out[:4])
 
-    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots, tile_rows=1 << 13):
-        # the embedding rows a tile at a time, read as embed_similarity reads them: never an (N, D) copy
-        if feats.dim() == 2 and feat_norm is None:
-            return self.prototype_sums(feats, slot, num_slots, True)
+    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots):
+        # the map read as embed_similarity reads it, tile by tile: never an (N, D) copy
         w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
-        # the tiles as the op cuts them: per image of an NCHW map whose (H, W) planes are
-        # contiguous, else over the (N, D) rows (csrc/cpu/similarity_cpu.cpp, embed_rows)
-        planes = feats.dim() == 4 and (feats.shape[2] * feats.shape[3] <= 1 or feats.flatten(2).stride(2) == 1)
-        images, hw = (feats.shape[0], feats.shape[2] * feats.shape[3]) if planes else (1, slot.shape[0])
-        per_image = -(-hw // tile_rows)
-        sums, counts = self.prototype_sums(feats.new_empty((0, feats.shape[1])), slot[:0], num_slots, True)
-        for t in range(per_image * images):
-            r0 = (t // per_image) * hw + (t % per_image) * tile_rows
-            x = self._ops.embed_rows(feats, w, b, float(eps), tile_rows, t)
-            s, c = self.prototype_sums(x, slot[r0:r0 + x.shape[0]], num_slots, True)
-            sums, counts = sums + s, counts + c
+        sums, counts = self._ops.embed_prototype_sums(feats, w, b, float(eps), slot, int(num_slots))
         return sums, counts
 
     def mask_norm(self, seg, weight, bias, eps, batch):
@@ -334,10 +366,11 @@ _INSTANCES = {
 def default_cache_bytes() -> int:
     """Memory the head may spend keeping softmax(S) (N x C*K) for the backward.
 
-    ``PROTOSEG_CACHE_MB`` (default 1024 MiB; 0 disables). Within the budget a
+    ``PROTOSEG_CACHE_MB`` (default 2048 MiB, enough for a full-resolution
+    Cityscapes step: 1024 x 2048 pixels, C*K = 190; 0 disables). Within the budget a
     training step costs two GEMMs; beyond it the backward recomputes S.
     """
-    return int(float(os.environ.get("PROTOSEG_CACHE_MB", "1024")) * (1 << 20))
+    return int(float(os.environ.get("PROTOSEG_CACHE_MB", "2048")) * (1 << 20))
 
 
 def get_backend(name: str) -> Backend:

@@ -67,7 +67,7 @@ class ProtoSegHead(nn.Module):
         update_prototype: update the prototypes in training mode (official True).
         cache_mb: memory (MiB) a training step may spend keeping softmax(S)
             (N x C*K, float32) for the backward instead of recomputing S;
-            None reads ``PROTOSEG_CACHE_MB`` (default 1024), 0 always recomputes.
+            None reads ``PROTOSEG_CACHE_MB`` (default 2048), 0 always recomputes.
     """
 
     def __init__(

@@ -154,10 +154,10 @@ def register_embed_similarity(ns: str) -> None:
 
     torch.library.register_fake(f"{ns}::embed_similarity")(fake)
 
-    @torch.library.register_fake(f"{ns}::embed_rows")
-    def fake_rows(feats, ln_weight, ln_bias, ln_eps, tile_rows, tile):
-        n = torch.library.get_ctx().new_dynamic_size()
-        return feats.new_empty((n, feats.shape[1]), dtype=_acc_dtype(feats.dtype))
+    @torch.library.register_fake(f"{ns}::embed_prototype_sums")
+    def fake_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots):
+        dt = _acc_dtype(feats.dtype)
+        return feats.new_empty((num_slots, feats.shape[1]), dtype=dt), feats.new_empty((num_slots,), dtype=dt)
     torch.library.register_fake(f"{ns}::embed_similarity_backward")(fake_backward)
     backward_op = getattr(torch.ops, ns).embed_similarity_backward.default
 

@@ -49,21 +49,27 @@ def test_vectorized_update_matches_reference(labels):
 
 
 @pytest.mark.parametrize("labels", ["uniform", "skewed"])
-def test_vectorized_step_matches_official_step(labels):
-    """The whole step: same loss, same gradient to feats, same prototypes afterwards."""
-    feats, protos, gt = make_inputs(SMALL, labels, seed=2)
+@pytest.mark.parametrize("images", [1, 2])
+def test_vectorized_step_matches_official_step(labels, images):
+    """The whole step: same loss, same gradient to feats, same prototypes afterwards; on a map
+    of one or two images (made in place by make_inputs, as the full-resolution rows are)."""
+    shape = (images, SMALL.D, 30 // images, 100) if images > 1 else None
+    feats, protos, gt = make_inputs(SMALL, labels, seed=2, map_shape=shape)
+    names = ("official", "vectorized") + (("cpu",) if "cpu" in protoseg_ext.available_backends() else ())
     out = {}
-    for name in ("official", "vectorized"):
+    for name in names:
         prov = Provider(name, SMALL, "cpu")
         prov.set_prototypes(protos)
         x = prov.input(feats).clone().requires_grad_(True)  # the NCHW map users pass
         loss = prov.forward(x, gt)
         loss.backward()
         out[name] = (loss.detach(), x.grad, prov.head.prototypes.clone())
-    (l0, g0, p0), (l1, g1, p1) = out["official"], out["vectorized"]
-    torch.testing.assert_close(l1, l0)
-    torch.testing.assert_close(g1, g0, atol=1e-7, rtol=1e-4)
-    torch.testing.assert_close(p1, p0, atol=1e-6, rtol=1e-5)
+    l0, g0, p0 = out["official"]
+    for name in names[1:]:
+        l1, g1, p1 = out[name]
+        torch.testing.assert_close(l1, l0)
+        torch.testing.assert_close(g1, g0, atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(p1, p0, atol=1e-6, rtol=1e-5)
 
 
 def test_vectorized_edge_cases():

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+import protoseg_ext
 import protoseg_ext.functional as PF
 from protoseg_ext.testing import make_problem
 
@@ -83,7 +84,22 @@ _THREADS_SCRIPT = textwrap.dedent(
     ppc, ppd = PF.proto_losses(a, p, t, backend="cpu")
     (ppc + ppd).backward()
     seg2 = PF.proto_seg_logits(f, p, backend="cpu")
-    torch.save({"t": t, "new": new, "ppc": ppc.detach(), "grad": a.grad, "seg": seg2}, sys.argv[3])
+    # the head's embedding on an NCHW map: several tiles per image, LayerNorm weight and bias gradients
+    from protoseg_ext import backends
+    be = backends.get_backend("cpu")
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 48, 40, 60, generator=g) + 0.3).requires_grad_()
+    w, b = (torch.randn(48, generator=g).requires_grad_() for _ in range(2))
+    q = torch.nn.functional.normalize(torch.randn(19, 10, 48, generator=g), dim=-1)
+    lab = torch.randint(-1, 19, (4800,), generator=g)
+    outs = {}
+    for cache in (0, 1 << 30):
+        o = be.embed_similarity(x, (w, b, 1e-5), q, lab, seg=True, lse=True, own=True, cache_bytes=cache)
+        gx, gw, gb = torch.autograd.grad(o.seg.sum() + o.lse.sum() + o.own.sum(), (x, w, b))
+        outs.update({f"emb{cache}": o.lse, f"gx{cache}": gx, f"gw{cache}": gw, f"gb{cache}": gb})
+    sums, counts = be.embed_prototype_sums(x.detach(), (w, b, 1e-5), torch.randint(-1, 190, (4800,), generator=g), 190)
+    torch.save({"t": t, "new": new, "ppc": ppc.detach(), "grad": a.grad, "seg": seg2, "sums": sums, **outs},
+               sys.argv[3])
     """
 )
 
@@ -100,3 +116,28 @@ def test_same_bits_with_one_and_two_threads(tmp_path):
         outs.append(torch.load(out))
     for k in outs[0]:
         assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_embed_prototype_sums_pixel_whose_float_squares_overflow(layer_norm):
+    """The CPU kernel sums a finite pixel whose float32 sum of squares overflows (entries ~1e20)
+    in float64 instead of dropping it; reference: the embedding computed in float64."""
+    if "cpu" not in protoseg_ext.available_backends():
+        pytest.skip("the C++ extension is not built")
+    from protoseg_ext import backends
+    from protoseg_ext import reference as R
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 40, 30, generator=g, dtype=torch.float64)
+    x[0, :, 5, 7] *= 1e20
+    ln = (torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64))
+    slot = torch.randint(-1, 6, (1200,), generator=g)
+    slot[5 * 30 + 7] = 2
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 16)
+    if layer_norm:
+        rows = torch.nn.functional.layer_norm(rows, (16,), ln[0], ln[1], 1e-5)
+    rs, rc = R.prototype_sums(torch.nn.functional.normalize(rows, dim=-1), slot, 6)
+    feat_norm = (ln[0].float(), ln[1].float(), 1e-5) if layer_norm else None
+    sums, counts = backends.get_backend("cpu").embed_prototype_sums(x.float(), feat_norm, slot, 6)
+    torch.testing.assert_close(sums.double(), rs, atol=1e-4, rtol=1e-5)
+    assert torch.equal(counts.double(), rc)

@@ -48,30 +48,6 @@ int64_t sum_blocks(int64_t N, int64_t num_slots, int64_t D) {
   return std::max<int64_t>(1, nb);
 }
 
-// The scale of a row in the sums (1 / max(||x||, eps) when normalising, else
-// 1), or false when the row has a NaN or inf entry. The squared norm is
-// summed in Acc; a float32 sum that overflows is redone in float64 (float32,
-// half and bfloat16 squares cannot overflow a double sum), so only a
-// non-finite entry rejects a row. float64 rows are checked entry by entry.
-template <typename Acc, typename T>
-bool row_scale(const T* x, int64_t D, bool normalize, Acc& w) {
-  const Acc sq = rows::sumsq<Acc>(x, D);
-  if (is_finite(sq)) {
-    w = normalize ? inv_norm(sq) : Acc(1);
-    return true;
-  }
-  const double sq64 = rows::sumsq<double>(x, D);
-  if (!is_finite(sq64)) return false;
-  w = normalize ? Acc(inv_norm(sq64)) : Acc(1);
-  return true;
-}
-template <>
-bool row_scale<double, double>(const double* x, int64_t D, bool normalize, double& w) {
-  bool bad = false;
-  for (int64_t d = 0; d < D; ++d) bad |= !is_finite(x[d]);
-  w = normalize ? inv_norm(rows::sumsq<double>(x, D)) : 1.0;
-  return !bad;
-}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, const at::Tensor& slot,
@@ -95,35 +71,20 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, c
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* fp = f.data_ptr<scalar_t>();
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> scratch(SD, acc_t(0));  // this task's running sums, flushed into a block's partial
-      std::vector<uint8_t> touched(num_slots, 0);
-      std::vector<int64_t> used;  // the slots with a nonzero scratch row
+      rows::SlotSums<acc_t> scratch(num_slots, D);  // this task's running sums, flushed into a block's partial
       for (int64_t b = b0; b < b1; ++b) {
         double* acc_b = partial.data() + b * SD;
-        auto flush = [&] {
-          for (int64_t j : used) {
-            acc_t* sc = scratch.data() + j * D;
-            double* pb = acc_b + j * D;
-            for (int64_t d = 0; d < D; ++d) pb[d] += double(sc[d]);
-            std::fill(sc, sc + D, acc_t(0));
-            touched[j] = 0;
-          }
-          used.clear();
-        };
+        auto flush = [&] { scratch.flush(acc_b); };
         const int64_t n0 = N * b / nb, n1 = N * (b + 1) / nb;
         for (int64_t n = n0; n < n1; ++n) {
           if (n > n0 && (n - n0) % kFlushRows == 0) flush();
           if (n + kPrefetchRows < n1) prefetch_row(fp + (n + kPrefetchRows) * D, D);
           if (sp[n] < 0) continue;
           const scalar_t* x = fp + n * D;
-          acc_t w = acc_t(1);  // set by row_scale
-          ok[n] = row_scale<acc_t>(x, D, normalize, w);
+          acc_t w = acc_t(1);  // set by rows::row_scale
+          ok[n] = rows::row_scale<acc_t>(x, D, normalize, w);
           if (!ok[n]) continue;
-          rows::axpy(scratch.data() + sp[n] * D, x, w, D);
-          if (!touched[sp[n]]) {
-            touched[sp[n]] = 1;
-            used.push_back(sp[n]);
-          }
+          rows::axpy(scratch.row(sp[n]), x, w, D);
         }
         flush();
       }

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
+#include <algorithm>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -180,6 +182,60 @@ inline void normalize_backward(T* g, const T* x, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) g[d] = normalize_grad(g[d], x[d], inv, f_dot_g);
 }
+
+// The scale of a row in the sums (1 / max(||x||, eps) when normalising, else
+// 1), or false when the row has a NaN or inf entry. The squared norm is
+// summed in Acc; a float32 sum that overflows is redone in float64 (float32,
+// half and bfloat16 squares cannot overflow a double sum), so only a
+// non-finite entry rejects a row. float64 rows are checked entry by entry.
+template <typename Acc, typename T>
+inline bool row_scale(const T* x, int64_t D, bool normalize, Acc& w) {
+  const Acc sq = rows::sumsq<Acc>(x, D);
+  if (is_finite(sq)) {
+    w = normalize ? inv_norm(sq) : Acc(1);
+    return true;
+  }
+  const double sq64 = rows::sumsq<double>(x, D);
+  if (!is_finite(sq64)) return false;
+  w = normalize ? Acc(inv_norm(sq64)) : Acc(1);
+  return true;
+}
+template <>
+inline bool row_scale<double, double>(const double* x, int64_t D, bool normalize, double& w) {
+  bool bad = false;
+  for (int64_t d = 0; d < D; ++d) bad |= !is_finite(x[d]);
+  w = normalize ? inv_norm(rows::sumsq<double>(x, D)) : 1.0;
+  return !bad;
+}
+// Per-slot running sums of rows in the accumulation type T, flushed into a
+// float64 partial (slots x D): the scratch of the deterministic prototype sums.
+template <typename T>
+struct SlotSums {
+  int64_t D;
+  std::vector<T> sums;
+  std::vector<uint8_t> touched;
+  std::vector<int64_t> used;  // the slots with a nonzero row
+  SlotSums(int64_t num_slots, int64_t d) : D(d), sums(num_slots * d, T(0)), touched(num_slots, 0) {}
+  // slot s's running row (marked for the next flush)
+  T* row(int64_t s) {
+    if (!touched[s]) {
+      touched[s] = 1;
+      used.push_back(s);
+    }
+    return sums.data() + s * D;
+  }
+  // partial[s] += the running row of s, which restarts from zero
+  void flush(double* partial) {
+    for (int64_t s : used) {
+      T* r = sums.data() + s * D;
+      double* p = partial + s * D;
+      for (int64_t d = 0; d < D; ++d) p[d] += double(r[d]);
+      std::fill(r, r + D, T(0));
+      touched[s] = 0;
+    }
+    used.clear();
+  }
+};
 
 }  // namespace rows
 }  // namespace PROTOSEG_CPU_CAPABILITY

@@ -11,17 +11,27 @@
 // the tile is in cache; S itself is never stored. The softmax rows softmax(S / tau) are kept for the backward
 // only when they fit the caller's `cache_bytes` budget (a step then costs two
 // GEMMs, the floor); otherwise the backward recomputes S tile by tile.
+//
+// The head's embedding (embed_similarity, embed_prototype_sums) reads the
+// backbone's map where it lies. Planes of an NCHW map in the accumulation
+// dtype take the plane path of plane_embed.h: the GEMMs read the plane, the
+// LayerNorm is folded into the prototypes, and the per-pixel passes run in
+// plane layout. Everything else (channels-last or (N, D) rows, half-precision
+// maps, a tile far from zero mean) takes the row path: the tile's rows are
+// loaded (transposed in 16 x 16 blocks from a plane) and LayerNorm'd in cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
 #include "../protoseg_math.h"
 #include "buffer_pool.h"
 #include "cpu_isa.h"
+#include "plane_embed.h"
 #include "rows.h"
 
 namespace protoseg {
@@ -121,6 +131,20 @@ struct Source {
   // first row (in X) and row count of tile t
   int64_t row0(int64_t t) const { return (t / per_image) * HW + (t % per_image) * T; }
   int64_t rows(int64_t t) const { return std::min(T, HW - (t % per_image) * T); }
+  // The plane path (plane_embed.h) for the L2-normalised embedding of planes
+  // in the acc dtype: the GEMM reads the plane, the LayerNorm is folded.
+  bool plane_path(bool normalize) const { return planes() && normalize && feats.scalar_type() == acc; }
+  // tile t of the planes, (D, rows), a view of the input
+  at::Tensor plane_tile(int64_t t) const {
+    return feats.select(0, t / per_image).narrow(1, (t % per_image) * T, rows(t));
+  }
+  // S (rows, CK) <- the scores of tile t on the plane path, with the tile's
+  // statistics in st; false (nothing written) when the tile takes the row path
+  template <typename acc_t>
+  bool plane_scores(int64_t t, const plane::Fold<acc_t>& fold, plane::Stats<acc_t>& st, at::Tensor& S) const {
+    at::Tensor v = plane_tile(t);
+    return plane::scores(v.data_ptr<acc_t>(), v, v.stride(0), rows(t), D, fold, st, S);
+  }
   // this tile of feats, (rows, D), a view of the input
   at::Tensor raw(int64_t t) const {
     if (!planes()) return feats.narrow(0, row0(t), rows(t));
@@ -230,17 +254,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
 
   AT_DISPATCH_FLOATING_TYPES(acc, "similarity_cpu", [&] {
     using acc_t = scalar_t;
+    // the map's planes read as they lie (plane_embed.h), tiles that qualify
+    std::unique_ptr<plane::Fold<acc_t>> fold;
+    if (src.plane_path(normalize)) fold = std::make_unique<plane::Fold<acc_t>>(Pt.t(), src.weight, src.bias, src.eps);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor S_buf = at::empty({T, CK}, aopt);  // this task's tile, reused
       std::vector<int32_t> abuf(compute_seg ? C : 0);     // one row's arg-max k per class
+      std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(T) : nullptr);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = src.row0(t), rows = src.rows(t);
-        at::Tensor xt = src.load<acc_t>(t);
         at::Tensor S = S_buf.narrow(0, 0, rows);
-        at::mm_out(S, xt, Pt);  // (rows, K*C), in cache
+        // S (rows, K*C), in cache: scaled as the rows of feats already on the plane path
+        at::Tensor xt;
+        const bool scaled = fold && src.plane_scores<acc_t>(t, *fold, *st, S);
+        if (!scaled) {
+          xt = src.load<acc_t>(t);
+          at::mm_out(S, xt, Pt);
+        }
         acc_t* s = S.data_ptr<acc_t>();
-        const acc_t* x = xt.data_ptr<acc_t>();
+        const acc_t* x = scaled ? nullptr : xt.data_ptr<acc_t>();
         at::Tensor seg_t;  // this tile's seg rows, in acc_t
         if (compute_seg) seg_t = feats.scalar_type() == acc ? seg.narrow(0, r0, rows) : at::empty({rows, C}, aopt);
         acc_t* sv = compute_seg ? seg_t.data_ptr<acc_t>() : nullptr;
@@ -249,11 +282,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
           // rows scaled as the rows of feats (in the same pass)
           uint8_t* ak = argk.data_ptr<uint8_t>() + r0 * C;
           for (int64_t i = 0; i < rows; ++i) {
-            const acc_t a = normalize ? inv_norm(rows::sumsq<acc_t>(x + i * D, D)) : acc_t(1);
+            const acc_t a = normalize && !scaled ? inv_norm(rows::sumsq<acc_t>(x + i * D, D)) : acc_t(1);
             rows::class_max(s + i * CK, C, K, a, sv + i * C, abuf.data());
             std::copy(abuf.begin(), abuf.end(), ak + i * C);  // int32 -> uint8
           }
-        } else if (normalize) {  // rows of S scale like the rows of feats
+        } else if (normalize && !scaled) {  // rows of S scale like the rows of feats
           scale_rows_by_inv_norm(s, x, rows, CK, D);
         }
         if (compute_own) {
@@ -367,12 +400,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
   AT_DISPATCH_FLOATING_TYPES(acc, "similarity_backward_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t* pp = P.data_ptr<acc_t>();
+    // dS (rows, CK) of the rows from r0, given e = exp(S / tau - lse) * grad_lse / tau (recomputed),
+    // or from the cache: the softmax part, then the arg-max and own-class entries
+    auto complete_dS = [&](acc_t* d, int64_t r0, int64_t rows) {
+      const acc_t* gli = glse.data_ptr<acc_t>() + r0;
+      for (int64_t i = 0; i < rows; ++i) {
+        if (cached) rows::scale_to(d + i * CK, probs.data_ptr<acc_t>() + (r0 + i) * CK, gli[i], CK);
+        if (has_seg) {
+          const acc_t* gs = gseg.data_ptr<acc_t>() + (r0 + i) * C;
+          const uint8_t* a = ak.data_ptr<uint8_t>() + (r0 + i) * C;
+          for (int64_t c = 0; c < C; ++c) d[i * CK + a[c] * C + c] += gs[c];  // max routes to arg-max
+        }
+        if (has_own) {
+          const int64_t lb = lab.data_ptr<int64_t>()[r0 + i];
+          if (!label_in_range(lb, C)) continue;
+          const acc_t* go = gown.data_ptr<acc_t>() + (r0 + i) * K;
+          for (int64_t k = 0; k < K; ++k) d[i * CK + k * C + lb] += go[k];
+        }
+      }
+    };
+    // the plane path (plane_embed.h): dense dS only (the sparse one gathers rows)
+    std::unique_ptr<plane::Fold<acc_t>> fold;
+    if (has_lse && src.plane_path(normalize))
+      fold = std::make_unique<plane::Fold<acc_t>>(P, src.weight, src.bias, src.eps);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor dS_buf = has_lse ? at::empty({T, CK}, P.options()) : at::Tensor();  // reused across tiles
       at::Tensor out_buf = has_lse || tiled ? at::empty({T, D}, P.options()) : at::Tensor();
+      std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(T) : nullptr);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = src.row0(t), rows = src.rows(t);
+        if (fold) {
+          at::Tensor v = src.plane_tile(t);
+          const acc_t* xp = v.data_ptr<acc_t>();
+          // recomputing S needs the statistics first (and a tile within the GEMM's guard); with
+          // the cache the backward's first pass takes them
+          if (cached || plane::stats(xp, v.stride(0), rows, D, *fold, *st)) {
+            at::Tensor dS = dS_buf.narrow(0, 0, rows);
+            if (!cached) {  // S recomputed on the plane path, then e as below
+              at::mm_out(dS, v.t(), fold->Pw.t());
+              plane::scores_epilogue(dS.data_ptr<acc_t>(), rows, CK, *fold, *st);
+              if (temperature != 1.0) dS.div_(temperature);
+              dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(glse.narrow(0, r0, rows).unsqueeze(1));
+            }
+            complete_dS(dS.data_ptr<acc_t>(), r0, rows);
+            // d loss / d z as a (D, rows) tile (the out buffer, read as such), then d loss / d x
+            // straight into the gradient's plane
+            at::Tensor G = out_buf.view(-1).narrow(0, 0, D * rows).view({D, rows});
+            at::mm_out(G, P.t(), dS.t());
+            at::Tensor gp = grad.select(0, t / src.per_image).narrow(1, (t % src.per_image) * T, rows);
+            if (plane::backward(xp, v.stride(0), G.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), gp.stride(0), rows, D,
+                                *fold, *st, !cached, src.ln() ? dw_parts.data_ptr<acc_t>() + t * D : nullptr,
+                                src.ln() ? db_parts.data_ptr<acc_t>() + t * D : nullptr))
+              continue;
+            // a NaN or inf pixel: the row path below redoes the tile
+          }
+        }
         // this tile's rows of the gradient: in grad, or in the tile buffer (dense or tiled path)
         at::Tensor out = tiled || has_lse ? out_buf.narrow(0, 0, rows) : at::Tensor();
         acc_t* g = tiled ? out.zero_().data_ptr<acc_t>() : grad.data_ptr<acc_t>() + r0 * D;
@@ -390,22 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
             if (temperature != 1.0) dS.div_(temperature);
             dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(glse.narrow(0, r0, rows).unsqueeze(1));
           }
-          acc_t* d = dS.data_ptr<acc_t>();
-          const acc_t* gli = glse.data_ptr<acc_t>() + r0;
-          for (int64_t i = 0; i < rows; ++i) {
-            if (cached) rows::scale_to(d + i * CK, probs.data_ptr<acc_t>() + (r0 + i) * CK, gli[i], CK);
-            if (has_seg) {
-              const acc_t* gs = gseg.data_ptr<acc_t>() + (r0 + i) * C;
-              const uint8_t* a = ak.data_ptr<uint8_t>() + (r0 + i) * C;
-              for (int64_t c = 0; c < C; ++c) d[i * CK + a[c] * C + c] += gs[c];  // max routes to arg-max
-            }
-            if (has_own) {
-              const int64_t lb = lab.data_ptr<int64_t>()[r0 + i];
-              if (!label_in_range(lb, C)) continue;
-              const acc_t* go = gown.data_ptr<acc_t>() + (r0 + i) * K;
-              for (int64_t k = 0; k < K; ++k) d[i * CK + k * C + lb] += go[k];
-            }
-          }
+          complete_dS(dS.data_ptr<acc_t>(), r0, rows);
           // (rows, D), P k-major as dS, into the tile buffer: the rows go to
           // grad once final, with streaming stores
           at::mm_out(out, dS, P);
@@ -478,7 +546,7 @@ at::Tensor embed_rows(const at::Tensor& feats) {
 
 // the LayerNorm's weight and bias (D,): both given or both absent
 Source embed_source(const at::Tensor& rows, const c10::optional<at::Tensor>& weight,
-                    const c10::optional<at::Tensor>& bias, double eps, const at::Tensor& protos) {
+                    const c10::optional<at::Tensor>& bias, double eps, int64_t tile) {
   const bool ln = weight.has_value() && weight->defined();
   TORCH_CHECK_VALUE(ln == (bias.has_value() && bias->defined()), "ln_weight and ln_bias must be given together");
   const int64_t D = rows.size(1);
@@ -491,9 +559,12 @@ Source embed_source(const at::Tensor& rows, const c10::optional<at::Tensor>& wei
     check_same_device(rows, *weight, "feats", "ln_weight");
     check_same_device(rows, *bias, "feats", "ln_bias");
   }
-  const int64_t CK = protos.size(0) * protos.size(1);
-  return Source(rows, ln ? *weight : at::Tensor(), ln ? *bias : at::Tensor(), eps,
-                tile_rows(CK, at::elementSize(acc_type(rows.scalar_type()))));
+  return Source(rows, ln ? *weight : at::Tensor(), ln ? *bias : at::Tensor(), eps, tile);
+}
+
+// the similarity's tile: about 1 MiB of S
+int64_t score_tile(const at::Tensor& rows, const at::Tensor& protos) {
+  return tile_rows(protos.size(0) * protos.size(1), at::elementSize(acc_type(rows.scalar_type())));
 }
 
 // An (N, D) stand-in of the rows (no storage) for the shared argument checks.
@@ -534,8 +605,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_sim
     bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
   const at::Tensor rows = embed_rows(feats);
   check_similarity_args(checked_shape(rows), protos, labels, compute_own, temperature);
-  return similarity_impl(embed_source(rows, ln_weight, ln_bias, ln_eps, protos), protos, labels, ignore_index,
-                         temperature, compute_seg, compute_lse, compute_own, cache_bytes, true);
+  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
+  return similarity_impl(src, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
+                         cache_bytes, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
@@ -549,9 +621,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
   const at::Tensor shape = checked_shape(rows);
   check_similarity_args(shape, protos, labels, has_own, temperature);
   const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
-  auto out = similarity_backward_impl(embed_source(rows, ln_weight, ln_bias, ln_eps, protos), grad_seg, grad_lse,
-                                      grad_own, protos, labels, argk, lse, ignore_index, temperature, probs, true,
-                                      cached);
+  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
+  auto out = similarity_backward_impl(src, grad_seg, grad_lse, grad_own, protos, labels, argk, lse, ignore_index,
+                                      temperature, probs, true, cached);
   at::Tensor g = std::get<0>(out);  // (N, D) or (B, D, HW)
   if (feats.dim() == 4) {
     g = rows.dim() == 3 ? g.view(feats.sizes())
@@ -568,22 +640,165 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
   return {g, dw, db};
 }
 
-// Tile `tile` (of `tile_rows` pixels, never crossing an image) of the head's
-// embedding before the L2 normalisation: the LayerNorm'd rows (n, D) in the
-// accumulation dtype, read from the map as embed_similarity reads it.
-at::Tensor embed_rows_cpu(const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
-                          const c10::optional<at::Tensor>& ln_bias, double ln_eps, int64_t tile_rows, int64_t tile) {
+std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, const at::Tensor& slot,
+                                                      int64_t num_slots, bool normalize);  // prototype_update_cpu.cpp
+
+namespace {
+
+constexpr int64_t kSumTile = 1024;    // pixels per tile of the prototype sums
+constexpr int64_t kSumBlocks = 16;    // blocks of tiles, at most (each with a float64 partial)
+constexpr int64_t kSumPartialBytes = int64_t(128) << 20;  // all partials, at most
+
+// z (D,) <- the embedding of one pixel, column j of a plane tile (D rows of
+// stride ld), in float64 (a pixel whose float sums overflowed); false when
+// an entry is NaN or inf.
+template <typename T>
+bool pixel_embedding(const T* x, int64_t ld, int64_t D, const Source& src, T* z) {
+  std::vector<double> y(D);
+  for (int64_t d = 0; d < D; ++d) {
+    y[d] = double(x[d * ld]);
+    if (!std::isfinite(y[d])) return false;
+  }
+  if (src.ln()) {
+    double mean = 0, var = 0;
+    for (double v : y) mean += v;
+    mean /= double(D);
+    for (double v : y) var += (v - mean) * (v - mean);
+    const double r = 1.0 / std::sqrt(var / double(D) + src.eps);
+    const T* w = src.weight.data_ptr<T>();
+    const T* b = src.bias.data_ptr<T>();
+    for (int64_t d = 0; d < D; ++d) y[d] = (y[d] - mean) * r * double(w[d]) + double(b[d]);
+  }
+  double sq = 0;
+  for (double v : y) sq += v * v;
+  const double inv = inv_norm(sq);
+  for (int64_t d = 0; d < D; ++d) z[d] = T(y[d] * inv);
+  return true;
+}
+
+}  // namespace
+
+// sums[s] = the sum of the head's embedding (LayerNorm'd, L2-normalised: the
+// rows embed_similarity scores) over the pixels with slot == s and a finite
+// feature row, counts[s] = how many; read from the map as embed_similarity
+// reads it, with no (N, D) copy. On the plane path a tile's statistics come
+// from one pass over the plane (plane_embed.h) and its embedding is formed in
+// blocks of 16 pixels transposed in cache; otherwise from the tile's
+// LayerNorm'd rows. Tiles are grouped in blocks (a number fixed by the tile
+// count), each summed in the accumulation type and flushed into its float64
+// partial after every tile; partials merge in block order: the same bits for
+// any thread count.
+std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& feats,
+                                                            const c10::optional<at::Tensor>& ln_weight,
+                                                            const c10::optional<at::Tensor>& ln_bias, double ln_eps,
+                                                            const at::Tensor& slot, int64_t num_slots) {
   at::NoGradGuard no_grad;
   const at::Tensor rows = embed_rows(feats);
   check_floating(rows, "feats");
-  TORCH_CHECK_VALUE(tile_rows >= 1, "tile_rows must be >= 1, got ", tile_rows);
-  const bool ln = ln_weight.has_value() && ln_weight->defined();
-  TORCH_CHECK_VALUE(ln == (ln_bias.has_value() && ln_bias->defined()), "ln_weight and ln_bias must be given together");
-  const Source src(rows, ln ? *ln_weight : at::Tensor(), ln ? *ln_bias : at::Tensor(), ln_eps, tile_rows);
-  TORCH_CHECK_VALUE(tile >= 0 && tile < src.ntiles, "tile must be in [0, ", src.ntiles, "), got ", tile);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_rows_cpu", [&] { out = src.load<scalar_t>(tile); });
-  return out;
+  check_prototype_sums_args(checked_shape(rows), slot, num_slots);
+  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
+  if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
+  const int64_t N = src.N, D = src.D, SD = num_slots * D;
+  at::Tensor sums = at::zeros({num_slots, D}, rows.options().dtype(src.acc));
+  at::Tensor counts = at::zeros({num_slots}, rows.options().dtype(src.acc));
+  if (N == 0 || num_slots == 0) return {sums, counts};
+  at::Tensor sl = slot.to(at::kLong).contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(sp[n] < num_slots, "slot[", n, "] = ", sp[n], " is >= num_slots (", num_slots, ")");
+  }
+  const int64_t nb = std::max<int64_t>(
+      1, std::min<int64_t>({kSumBlocks, src.ntiles, kSumPartialBytes / std::max<int64_t>(1, SD * 8)}));
+  // from the pool: a fresh buffer this large would page-fault in every step
+  at::Tensor partial_t = BufferPool::get().empty({nb * SD}, rows.options().dtype(at::kDouble)).zero_();
+  double* partial = partial_t.data_ptr<double>();
+  std::vector<double> block_counts(nb * num_slots, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_cpu", [&] {
+    using acc_t = scalar_t;
+    std::unique_ptr<plane::Fold<acc_t>> fold;
+    if (src.plane_path(true)) fold = std::make_unique<plane::Fold<acc_t>>(at::Tensor(), src.weight, src.bias, src.eps);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad_worker;
+      constexpr int64_t kB = 16, kD = 128;  // pixels per transposed block, rows per pass
+      rows::SlotSums<acc_t> scratch(num_slots, D);
+      std::vector<acc_t> buf(kB * kD), zbuf(D);
+      std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(kSumTile) : nullptr);
+      for (int64_t b = b0; b < b1; ++b) {
+        double* part = partial + b * SD;
+        double* cnt = block_counts.data() + b * num_slots;
+        for (int64_t t = src.ntiles * b / nb, t1 = src.ntiles * (b + 1) / nb; t < t1; ++t) {
+          const int64_t n = src.rows(t);
+          const int64_t* s = sp + src.row0(t);
+          if (fold) {
+            at::Tensor v = src.plane_tile(t);
+            const acc_t* x = v.data_ptr<acc_t>();
+            const int64_t ld = v.stride(0);
+            plane::stats(x, ld, n, D, *fold, *st);
+            const bool ln = src.ln();
+            const acc_t* w = ln ? fold->w.data() : nullptr;
+            const acc_t* bb = ln ? fold->b.data() : nullptr;
+            for (int64_t j0 = 0; j0 < n; j0 += kB) {
+              const int64_t m = std::min(kB, n - j0);
+              acc_t mu[kB], a[kB], c[kB];  // z = (x - mu) a w + c b
+              for (int64_t i = 0; i < m; ++i) {
+                const int64_t j = j0 + i;
+                mu[i] = ln ? st->k[j] + st->delta[j] : acc_t(0);
+                a[i] = ln ? st->r[j] * st->inv[j] : st->inv[j];
+                c[i] = st->inv[j];
+              }
+              // kD rows at a time: the block's embedding (m, kD) stays in L1
+              for (int64_t d0 = 0; d0 < D; d0 += kD) {
+                const int64_t d1 = std::min(D, d0 + kD);
+                for (int64_t d = d0; d < d1; ++d) {
+                  const acc_t* xr = x + d * ld + j0;
+                  const acc_t wd = ln ? w[d] : acc_t(1), bd = ln ? bb[d] : acc_t(0);
+                  for (int64_t i = 0; i < m; ++i) buf[i * kD + d - d0] = (xr[i] - mu[i]) * a[i] * wd + c[i] * bd;
+                }
+                for (int64_t i = 0; i < m; ++i) {
+                  const int64_t j = j0 + i;
+                  if (s[j] >= 0 && st->finite[j])
+                    rows::axpy(scratch.row(s[j]) + d0, buf.data() + i * kD, acc_t(1), d1 - d0);
+                }
+              }
+              for (int64_t i = 0; i < m; ++i) {
+                const int64_t j = j0 + i;
+                if (s[j] < 0) continue;
+                if (st->finite[j]) {
+                  cnt[s[j]] += 1.0;
+                } else if (pixel_embedding(x + j, ld, D, src, zbuf.data())) {
+                  // finite entries whose float sums overflowed: the pixel in float64
+                  rows::axpy(scratch.row(s[j]), zbuf.data(), acc_t(1), D);
+                  cnt[s[j]] += 1.0;
+                }
+              }
+            }
+          } else {
+            at::Tensor xt = src.load<acc_t>(t);  // LayerNorm'd rows (n, D)
+            const acc_t* x = xt.data_ptr<acc_t>();
+            for (int64_t i = 0; i < n; ++i) {
+              acc_t a = acc_t(1);
+              if (s[i] >= 0 && rows::row_scale<acc_t>(x + i * D, D, true, a)) {
+                rows::axpy(scratch.row(s[i]), x + i * D, a, D);
+                cnt[s[i]] += 1.0;
+              }
+            }
+          }
+          scratch.flush(part);  // the tile into the block's partial
+        }
+      }
+    });
+  });
+  // merge the partials in block order
+  std::vector<double> total(SD, 0.0), total_counts(num_slots, 0.0);
+  at::parallel_for(0, SD, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = j0; j < j1; ++j) total[j] += partial[b * SD + j];
+  });
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t j = 0; j < num_slots; ++j) total_counts[j] += block_counts[b * num_slots + j];
+  sums.copy_(at::from_blob(total.data(), {num_slots, D}, at::kDouble));
+  counts.copy_(at::from_blob(total_counts.data(), {num_slots}, at::kDouble));
+  return {sums, counts};
 }
 
 }  // namespace PROTOSEG_CPU_CAPABILITY
@@ -593,13 +808,13 @@ PROTOSEG_CPU_VARIANTS(similarity_cpu)
 PROTOSEG_CPU_VARIANTS(similarity_backward_cpu)
 PROTOSEG_CPU_VARIANTS(embed_similarity_cpu)
 PROTOSEG_CPU_VARIANTS(embed_similarity_backward_cpu)
-PROTOSEG_CPU_VARIANTS(embed_rows_cpu)
+PROTOSEG_CPU_VARIANTS(embed_prototype_sums_cpu)
 TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
   m.impl("similarity", PROTOSEG_CPU_DISPATCH(similarity_cpu));
   m.impl("similarity_backward", PROTOSEG_CPU_DISPATCH(similarity_backward_cpu));
   m.impl("embed_similarity", PROTOSEG_CPU_DISPATCH(embed_similarity_cpu));
   m.impl("embed_similarity_backward", PROTOSEG_CPU_DISPATCH(embed_similarity_backward_cpu));
-  m.impl("embed_rows", PROTOSEG_CPU_DISPATCH(embed_rows_cpu));
+  m.impl("embed_prototype_sums", PROTOSEG_CPU_DISPATCH(embed_prototype_sums_cpu));
 }
 #endif
 

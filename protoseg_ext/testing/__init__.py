@@ -72,28 +72,46 @@ def class_weights(C: int, labels: str) -> torch.Tensor:
 
 
 def make_inputs(size, labels: str = "uniform", *, device="cpu", seed: int = 0, dtype=torch.float32,
-                chunk: int = 1 << 16):
+                chunk: int = 1 << 16, map_shape=None):
     """The realistic problem of the benchmarks and the selftest: ``size = (N, D, C, K, ...)`` ->
     ``feats (N, D)`` L2-normalised, ``protos (C, K, D)`` L2-normalised, ``gt (N,)`` int64.
 
     10% of ``gt`` is -1 (ignored). Each pixel's feature is a noisy copy of one
     prototype of its class (cosine about 0.7), so Sinkhorn, the arg-max and the
     "correct" mask see realistic data. Built in chunks so that the full-resolution
-    sizes need no more than the output.
+    sizes need no more than the output. With ``map_shape = (B, D, H, W)`` (B*H*W = N) the
+    features come as that NCHW map instead (pixel n = b*H*W + h*W + w), written in place: the same
+    values, and no (N, D) copy.
     """
     N, D, C, K = size[:4]
     g = torch.Generator().manual_seed(seed)
     protos = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
     gt = torch.multinomial(class_weights(C, labels), N, replacement=True, generator=g)
     gt[torch.rand(N, generator=g) < 0.1] = -1
-    feats = torch.empty(N, D, dtype=dtype, device=device)
+    if map_shape is not None:
+        B, Dm, H, W = map_shape
+        if Dm != D or B * H * W != N:
+            raise ValueError(f"map_shape must be (B, {D}, H, W) with B*H*W = {N}, got {tuple(map_shape)}")
+        feats = torch.empty(B, D, H * W, dtype=dtype, device=device)
+    else:
+        feats = torch.empty(N, D, dtype=dtype, device=device)
     flat = protos.reshape(C * K, D)
     for lo in range(0, N, chunk):
         hi = min(N, lo + chunk)
         lab = gt[lo:hi].clamp(min=0)
         k = torch.randint(0, K, (hi - lo,), generator=g)
-        x = flat[lab * K + k] + torch.randn(hi - lo, D, generator=g) / D**0.5
-        feats[lo:hi] = F.normalize(x, dim=-1).to(device=device, dtype=dtype)
+        x = F.normalize(flat[lab * K + k] + torch.randn(hi - lo, D, generator=g) / D**0.5, dim=-1)
+        if map_shape is None:
+            feats[lo:hi] = x.to(device=device, dtype=dtype)
+            continue
+        n0 = lo
+        while n0 < hi:  # the chunk's pieces within each image
+            n1 = min(hi, (n0 // (H * W) + 1) * (H * W))
+            p0 = n0 % (H * W)
+            feats[n0 // (H * W), :, p0:p0 + n1 - n0] = x[n0 - lo:n1 - lo].t().to(device=device, dtype=dtype)
+            n0 = n1
+    if map_shape is not None:
+        feats = feats.view(map_shape)
     return feats, protos.to(device=device, dtype=dtype), gt.to(device)
 
 

@@ -219,6 +219,38 @@ def test_embed_similarity_values_and_every_gradient(case, layout, layer_norm, ca
         torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("cache", [0, 1 << 30])
+def test_embed_similarity_tiles_and_offsets(case, layer_norm, cache, monkeypatch):
+    """Images of several tiles (the last one partial), one image's pixels far from zero mean
+    (|mean| / std = 30: the CPU backend's LayerNorm folded into the GEMM would lose digits, so
+    those tiles take its row path), against LayerNorm + F.normalize + the reference. The
+    composed default runs in chunks of 700 pixels here (14 image rows; the last one partial)."""
+    monkeypatch.setattr(case.be, "embed_chunk", 700)
+    B, D, H, W, C, K = 2, 24, 30, 50, 3, 4  # 1,500 pixels per image
+    g = torch.Generator().manual_seed(14)
+    x0 = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2
+    x0[1] += 60
+    x0 = x0.to(case.device, torch.float32)
+    w0, b0 = torch.randn(D, generator=g).to(case.device), torch.randn(D, generator=g).to(case.device)
+    p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1).to(case.device)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g).to(case.device)
+    xa, wa, ba = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    xb, wb, bb = [t.double().requires_grad_() for t in (x0, w0, b0)]
+    out = case.be.embed_similarity(xa, (wa, ba, 1e-5) if layer_norm else None, p, gt, seg=True, lse=True, own=True,
+                                   cache_bytes=cache)
+    ref = R.similarity_outputs(_embed_reference(xb, (wb, bb, 1e-5) if layer_norm else None), p.double(), gt, -1, 1.0,
+                               True, True, True)
+    for u, v in zip((out.seg, out.lse, out.own), (ref[0], ref[2], ref[3])):
+        torch.testing.assert_close(u.double(), v, atol=1e-5, rtol=1e-5)
+    wts = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(case.device) for r in (ref[0], ref[2], ref[3])]
+    la = sum((o.double() * w).sum() for o, w in zip((out.seg, out.lse, out.own), wts))
+    lb = sum((o * w).sum() for o, w in zip((ref[0], ref[2], ref[3]), wts))
+    n = 3 if layer_norm else 1
+    for u, v in zip(torch.autograd.grad(la, [xa, wa, ba][:n]), torch.autograd.grad(lb, [xb, wb, bb][:n])):
+        torch.testing.assert_close(u.double(), v, atol=1e-4, rtol=1e-4)
+
+
 def test_embed_similarity_gradcheck(case):
     g = torch.Generator().manual_seed(12)
     x = (torch.randn(2, 6, 2, 3, generator=g, dtype=torch.float64) + 0.3).to(case.device).requires_grad_()
@@ -235,17 +267,27 @@ def test_embed_similarity_gradcheck(case):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-def test_embed_prototype_sums(case, layout):
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("HW", [(6, 5), (40, 60)])  # one tile per image; several (the CPU backend's 1,024 pixels)
+def test_embed_prototype_sums(case, layout, layer_norm, HW, monkeypatch):
     g = torch.Generator().manual_seed(13)
-    x = torch.randn(2, 20, 6, 5, generator=g).to(case.device)
+    H, W = HW
+    x = torch.randn(2, 20, H, W, generator=g, dtype=torch.float64)
     x[1, :, 2, 3] = float("nan")  # a non-finite pixel never reaches the sums
-    ln = (torch.randn(20, generator=g).to(case.device), torch.randn(20, generator=g).to(case.device), 1e-5)
-    slot = torch.randint(-1, 12, (60,), generator=g).to(case.device)
-    xin = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-           "rows": x.permute(0, 2, 3, 1).reshape(-1, 20)}[layout]
-    sums, counts = case.be.embed_prototype_sums(xin, ln, slot, 12)
-    rs, rc = R.prototype_sums(_embed_reference(x, ln).double(), slot, 12)
-    torch.testing.assert_close(sums.double(), rs, atol=1e-5, rtol=1e-5)
+    x[1, :, 2, 4] = float("inf")
+    x[0, :, 3, 2] += 500  # far from zero mean
+    ln = (torch.randn(20, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64),
+          1e-5) if layer_norm else None
+    slot = torch.randint(-1, 12, (2 * H * W,), generator=g).to(case.device)
+    slot[2 * W + 3] = slot[H * W + 2 * W + 3] = slot[H * W + 2 * W + 4] = 5
+    xf = x.float().to(case.device)
+    lnf = tuple(t.float().to(case.device) for t in ln[:2]) + (1e-5,) if layer_norm else None
+    xin = {"nchw": xf, "channels_last": xf.contiguous(memory_format=torch.channels_last),
+           "rows": xf.permute(0, 2, 3, 1).reshape(-1, 20)}[layout]
+    monkeypatch.setattr(case.be, "embed_chunk", 500)  # the composed default: several chunks
+    sums, counts = case.be.embed_prototype_sums(xin, lnf, slot, 12)
+    rs, rc = R.prototype_sums(_embed_reference(x, ln).to(case.device), slot, 12)  # the embedding in float64
+    torch.testing.assert_close(sums.double(), rs, atol=1e-4, rtol=1e-5)
     assert torch.equal(counts.double(), rc)
 
 
@@ -581,6 +623,9 @@ def test_op_argument_errors_name_the_argument(case):
         be.similarity(f, p, gt, temperature=0.0)
     with pytest.raises(ValueError, match="gamma"):
         be.prototype_ema(p, torch.zeros(6, 8, device=f.device), torch.zeros(6, device=f.device), 1.5)
+    fmap = f.t().reshape(1, 8, 4, 5)
+    with pytest.raises(ValueError, match="slot"):
+        be.embed_prototype_sums(fmap, None, gt[:5].clamp(min=0), 6)
     if f.device.type == "cpu":  # label ranges on a GPU are device-side asserts (tests/test_edge_cases.py)
         bad = gt.clone()
         bad[4] = 7
