@@ -138,4 +138,48 @@ inline void check_prototype_ema_args(const at::Tensor& protos, const at::Tensor&
   check_same_device(protos, counts, "protos", "counts");
 }
 
+// The embedding ops (embed_similarity, embed_prototype_sums) read feats (N, D)
+// or (B, D, H, W) as these rows: the NCHW planes (B, D, HW) when each (H, W)
+// plane is contiguous, else the (N, D) rows of the map (a view for
+// channels-last; a copy otherwise).
+inline at::Tensor embed_rows(const at::Tensor& feats) {
+  TORCH_CHECK_VALUE(feats.dim() == 2 || feats.dim() == 4, "feats must be (N, D) or (B, D, H, W), got shape ",
+                    feats.sizes());
+  if (feats.dim() == 2) return feats;
+  at::Tensor planes = feats.flatten(2);
+  if (planes.stride(2) == 1 || planes.size(2) <= 1) return planes;
+  return feats.permute({0, 2, 3, 1}).reshape({-1, feats.size(1)});
+}
+
+// An (N, D) stand-in (no storage) of embed_rows' result, for the shared argument checks.
+inline at::Tensor embed_checked_shape(const at::Tensor& rows) {
+  const int64_t N = rows.dim() == 3 ? rows.size(0) * rows.size(2) : rows.size(0);
+  return at::empty_strided({N, rows.size(1)}, {0, 0}, rows.options());
+}
+
+// The LayerNorm's weight and bias (D,) of the embedding ops: both given or
+// both absent; true when given.
+inline bool check_embed_layer_norm(const at::Tensor& rows, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias, double eps) {
+  const bool ln = weight.has_value() && weight->defined();
+  TORCH_CHECK_VALUE(ln == (bias.has_value() && bias->defined()), "ln_weight and ln_bias must be given together");
+  if (!ln) return false;
+  const int64_t D = rows.size(1);
+  TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == D, "ln_weight must be (D,) = (", D, ",), got shape ",
+                    weight->sizes());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == D, "ln_bias must be (D,) = (", D, ",), got shape ",
+                    bias->sizes());
+  TORCH_CHECK_VALUE(eps > 0, "ln_eps must be > 0, got ", eps);
+  check_same_device(rows, *weight, "feats", "ln_weight");
+  check_same_device(rows, *bias, "feats", "ln_bias");
+  return true;
+}
+
+// The gradient of embed_similarity's feats, from g laid out as embed_rows(feats) lies.
+inline at::Tensor embed_grad_as_feats(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& feats) {
+  if (feats.dim() != 4) return g;
+  return rows.dim() == 3 ? g.view(feats.sizes())
+                         : g.view({feats.size(0), feats.size(2), feats.size(3), feats.size(1)}).permute({0, 3, 1, 2});
+}
+
 }  // namespace protoseg

@@ -95,8 +95,8 @@ TORCH_LIBRARY(protoseg_ext, m) {
   // and ln_bias (D,) are given (official feat_norm: biased variance, ln_eps),
   // then the L2 normalisation (normalize=True of `similarity`). The backward
   // returns d loss / d feats (feats' shape) and d ln_weight, d ln_bias ((0,)
-  // without the LayerNorm). CPU only: other backends compose the same maths
-  // from `similarity` (see protoseg_ext.backends).
+  // without the LayerNorm). Fused on CPU, CUDA and Triton; the reference
+  // backend composes the same maths from `similarity` (protoseg_ext.backends).
   m.def(
       "embed_similarity(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, "
       "Tensor labels, int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, "
@@ -109,7 +109,7 @@ TORCH_LIBRARY(protoseg_ext, m) {
   // prototype_sums of the embedding embed_similarity scores (the LayerNorm'd,
   // L2-normalised pixels of feats (N, D) or (B, D, H, W)), read as that op
   // reads it: sums (num_slots, D) and counts (num_slots,) in float32 (float64
-  // for float64 feats). CPU only.
+  // for float64 feats).
   m.def("embed_prototype_sums(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor slot, "
         "int num_slots) -> (Tensor sums, Tensor counts)");
   // Sinkhorn-Knopp of every class at once, segmented by labels; own (N, K) as

@@ -214,6 +214,187 @@ def test_similarity_autograd_through_the_registered_backward(sim):
     torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=2e-5)
 
 
+# --------------------------------------------------------------------------- the head's embedding
+
+
+def _embed_ref(x, ln):
+    """LayerNorm over D (ln = (weight, bias, eps) or None) and F.normalize of x's pixels as (N, D) rows."""
+    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if ln is not None:
+        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
+    return F.normalize(rows, dim=-1)
+
+
+def _layout(x, layout):
+    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "rows": x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])}[layout]
+
+
+def _embed_problem(B, D, H, W, C, K, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2 + 0.5
+    w, b = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    p = F.normalize(torch.randn(C, K, D, generator=g, dtype=torch.float64), dim=-1)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g)
+    return x.to(dtype), w.to(dtype), b.to(dtype), p.to(dtype), gt
+
+
+def _embed_check(sim, x, w, b, p, gt, layout, layer_norm, cached, tol, T=0.7, parts=(1, 1, 1), seed=0):
+    """embed_similarity and its backward on the emulator against LayerNorm + F.normalize + the reference
+    (float64 autograd): seg, lse, own, and d feats, d weight, d bias under random upstream gradients."""
+    xin = _layout(x, layout)
+    kept = xin.clone()
+    lw, lb = (w, b) if layer_norm else (None, None)
+    seg, argk, lse, own, probs = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, T, True, True, True,
+                                                      (1 << 30) if cached else 0)
+    assert probs.numel() == (gt.numel() * p.shape[0] * p.shape[1] if cached else 0)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(_embed_ref(leaves[0], (leaves[1], leaves[2], 1e-5) if layer_norm else None),
+                               p.double(), gt, -1, T, True, True, True)
+    for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
+        torch.testing.assert_close(u.double(), v, **tol)
+    assert seg.dtype == x.dtype
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) if on else None
+           for r, on in zip((ref[0], ref[2], ref[3]), parts)]
+    work = _work(x.dtype)
+    gx, gw, gb = sim.embed_similarity_backward(*[u.to(work) if u is not None else None for u in ups], xin, lw, lb,
+                                               1e-5, p, gt, argk, lse, -1, T, probs if cached else None)
+    assert torch.equal(xin, kept)  # the input is never written
+    loss = sum((r * u).sum() for r, u in zip((ref[0], ref[2], ref[3]), ups) if u is not None)
+    n = 3 if layer_norm else 1
+    want = torch.autograd.grad(loss, leaves[:n])
+    assert gx.shape == xin.shape and gx.dtype == x.dtype
+    torch.testing.assert_close(gx.double(), _layout(want[0], layout), **tol)
+    if layer_norm:
+        torch.testing.assert_close(gw.double(), want[1], **tol)
+        torch.testing.assert_close(gb.double(), want[2], **tol)
+    else:
+        assert gw.numel() == gb.numel() == 0
+    return seg, argk, lse, own
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("cached", [True, False])
+def test_embed_similarity(sim, layout, layer_norm, cached):
+    """The embedding kernels (statistics, folded GEMM + affine epilogue, L2 + LayerNorm backward) on an NCHW
+    map read as it lies, a channels-last map and (N, D) rows; D not a multiple of the 8 channel groups."""
+    x, w, b, p, gt = _embed_problem(2, 37, 5, 7, 4, 3, seed=11)
+    _embed_check(sim, x, w, b, p, gt, layout, layer_norm, cached, dict(atol=2e-5, rtol=2e-5))
+
+
+@pytest.mark.parametrize("parts", list(GRAD_PARTS))
+def test_embed_similarity_backward_parts(sim, order, parts):
+    """Each upstream gradient alone (seg: arg-max entries only; own; lse: dense), threads in every order."""
+    x, w, b, p, gt = _embed_problem(1, 40, 6, 7, 5, 4, seed=12)
+    _embed_check(sim, x, w, b, p, gt, "nchw", True, False, dict(atol=2e-5, rtol=2e-5), parts=GRAD_PARTS[parts])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_embed_similarity_dtypes(sim, dtype):
+    """float64 to 1e-10; float16/bfloat16 maps (the reference sees the same rounded inputs) loosely."""
+    x, w, b, p, gt = _embed_problem(2, 24, 4, 5, 6, 3, seed=13, dtype=dtype)
+    tol = _tol(dtype) if dtype in (torch.float32, torch.float64) else dict(atol=2e-2, rtol=2e-2)
+    _embed_check(sim, x, w, b, p, gt, "nchw", True, False, tol)
+
+
+def test_embed_similarity_offsets_overflow_and_nan(sim):
+    """Pixels far from zero mean (|mean| / std = 30: recomputed from z, not through the folded GEMM), a
+    finite pixel whose float32 sums of squares overflow (its statistics in float64), and a NaN pixel (NaN
+    scores, as the reference's): every other pixel exact, in value and gradient."""
+    x, w, b, p, gt = _embed_problem(2, 24, 4, 6, 3, 4, seed=14, dtype=torch.float64)
+    x[1] += 60
+    x[0, :, 1, 2] *= 1e20
+    x = x.float()
+    xin = x.clone()
+    xin[0, :, 2, 3] = float("nan")
+    seg, argk, lse, own, _ = sim.embed_similarity(xin, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True,
+                                                  True, True, 0)
+    nan_px = 2 * 6 + 3
+    assert torch.isnan(seg[nan_px]).all() and torch.isnan(lse[nan_px])
+    ok = torch.ones(seg.shape[0], dtype=torch.bool)
+    ok[nan_px] = False
+    xd, wd, bd = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(_embed_ref(xd, (wd, bd, 1e-5)), p.double(), gt, -1, 1.0, True, True, True)
+    for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
+        torch.testing.assert_close(u.double()[ok], v[ok], atol=1e-5, rtol=1e-5)
+    _, argk, lse, _, _ = sim.embed_similarity(x, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True, True,
+                                              True, 0)  # the backward without the NaN pixel
+    g = torch.Generator().manual_seed(1)
+    up = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in (ref[0], ref[2], ref[3])]
+    gx, gw, gb = sim.embed_similarity_backward(*[u.float() for u in up], x, w.float(), b.float(), 1e-5, p.float(), gt,
+                                               argk, lse, -1, 1.0, None)
+    want = torch.autograd.grad(sum((r * u).sum() for r, u in zip((ref[0], ref[2], ref[3]), up)), (xd, wd, bd))
+    scale = x.double().abs().amax(1, keepdim=True).clamp(min=1)  # d feats scales like 1 / the pixel's spread
+    torch.testing.assert_close(gx.double() * scale, want[0] * scale, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw.double(), want[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gb.double(), want[2], atol=1e-4, rtol=1e-4)
+
+
+def test_embed_similarity_tiles(sim):
+    """Images of more than one tile (16 MiB of S: 2,688 pixels at C*K = 1,500), the last tile partial. The
+    gradient of seg is left out: with 1,500 prototypes in D = 8, near ties make its arg-max a coin toss."""
+    x, w, b, p, gt = _embed_problem(2, 8, 50, 60, 150, 10, seed=15)
+    _embed_check(sim, x, w, b, p, gt, "nchw", True, False, dict(atol=2e-5, rtol=2e-5), T=1.0, parts=(0, 1, 1))
+
+
+def test_embed_similarity_autograd_through_the_registered_backward(sim):
+    """protoseg_ext/ops.py's autograd of embed_similarity on the emulated ops: gradients reach feats, weight, bias."""
+    from protoseg_ext import ops
+
+    ns = "protoseg_cudasim"
+    if not getattr(test_embed_similarity_autograd_through_the_registered_backward, "registered", False):
+        ops.register_embed_similarity(ns)
+        test_embed_similarity_autograd_through_the_registered_backward.registered = True
+    x, w, b, p, gt = _embed_problem(2, 16, 3, 4, 5, 3, seed=16)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    seg, _, lse, own, _ = sim.embed_similarity(*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 1.0, True, True,
+                                               True, 0)
+    (lse.sum() - own[:, 0].sum() + seg.square().sum()).backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    r_seg, _, r_lse, r_own = R.similarity_outputs(_embed_ref(ref_leaves[0], (ref_leaves[1], ref_leaves[2], 1e-5)),
+                                                  p.double(), gt, -1, 1.0, True, True, True)
+    (r_lse.sum() - r_own[:, 0].sum() + r_seg.square().sum()).backward()
+    for a, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_embed_prototype_sums(sim, sums_mode, layout, layer_norm):
+    """Sums of the embedding per slot; NaN and inf pixels never reach them, a pixel far from zero mean and
+    one whose float32 squares overflow do (the reference: the embedding in float64)."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 20, 6, 5, generator=g, dtype=torch.float64)
+    x[1, :, 2, 3] = float("nan")
+    x[1, :, 2, 4] = float("inf")
+    x[0, :, 3, 2] += 500
+    x[0, :, 4, 1] *= 1e20
+    ln = (torch.randn(20, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64),
+          1e-5) if layer_norm else None
+    slot = torch.randint(-1, 12, (60,), generator=g)
+    slot[30 + 13] = slot[30 + 14] = slot[17] = slot[21] = 5
+    xin = _layout(x.float(), layout)
+    lw, lb = (ln[0].float(), ln[1].float()) if layer_norm else (None, None)
+    sums, counts = sim.embed_prototype_sums(xin, lw, lb, 1e-5, slot, 12)
+    rs, rc = R.prototype_sums(_embed_ref(x.float().double(), ln), slot, 12)
+    assert sums.dtype == torch.float32 and torch.equal(counts.double(), rc)
+    torch.testing.assert_close(sums.double(), rs, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_argument_errors_name_the_argument(sim):
+    x, w, b, p, gt = _embed_problem(1, 8, 2, 3, 2, 2, seed=18)
+    with pytest.raises(ValueError, match="ln_weight and ln_bias"):
+        sim.embed_similarity(x, w, None, 1e-5, p, gt, -1, 1.0, True, False, False, 0)
+    with pytest.raises(ValueError, match="ln_weight must be"):
+        sim.embed_similarity(x, w[:5], b, 1e-5, p, gt, -1, 1.0, True, False, False, 0)
+    with pytest.raises(ValueError, match="ln_eps"):
+        sim.embed_prototype_sums(x, w, b, 0.0, gt.clamp(min=0), 4)
+    with pytest.raises(ValueError, match="feats must be"):
+        sim.embed_similarity(x[0], w, b, 1e-5, p, gt, -1, 1.0, True, False, False, 0)
+
+
 # --------------------------------------------------------------------------- sinkhorn
 
 SINKHORN_CASES = {

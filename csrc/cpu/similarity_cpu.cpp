@@ -532,45 +532,16 @@ Source plain_source(const at::Tensor& feats, const at::Tensor& protos) {
   return Source(feats, at::Tensor(), at::Tensor(), 0.0, tile_rows(CK, at::elementSize(acc_type(feats.scalar_type()))));
 }
 
-// The rows of feats (N, D) or (B, D, H, W) as the Source reads them: the NCHW
-// planes (B, D, HW) when each (H, W) plane is contiguous, else the (N, D)
-// rows of the map (a view for channels-last; a copy otherwise).
-at::Tensor embed_rows(const at::Tensor& feats) {
-  TORCH_CHECK_VALUE(feats.dim() == 2 || feats.dim() == 4, "feats must be (N, D) or (B, D, H, W), got shape ",
-                    feats.sizes());
-  if (feats.dim() == 2) return feats;
-  at::Tensor planes = feats.flatten(2);
-  if (planes.stride(2) == 1 || planes.size(2) <= 1) return planes;
-  return feats.permute({0, 2, 3, 1}).reshape({-1, feats.size(1)});
-}
-
 // the LayerNorm's weight and bias (D,): both given or both absent
 Source embed_source(const at::Tensor& rows, const c10::optional<at::Tensor>& weight,
                     const c10::optional<at::Tensor>& bias, double eps, int64_t tile) {
-  const bool ln = weight.has_value() && weight->defined();
-  TORCH_CHECK_VALUE(ln == (bias.has_value() && bias->defined()), "ln_weight and ln_bias must be given together");
-  const int64_t D = rows.size(1);
-  if (ln) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == D, "ln_weight must be (D,) = (", D, ",), got shape ",
-                      weight->sizes());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == D, "ln_bias must be (D,) = (", D, ",), got shape ",
-                      bias->sizes());
-    TORCH_CHECK_VALUE(eps > 0, "ln_eps must be > 0, got ", eps);
-    check_same_device(rows, *weight, "feats", "ln_weight");
-    check_same_device(rows, *bias, "feats", "ln_bias");
-  }
+  const bool ln = check_embed_layer_norm(rows, weight, bias, eps);
   return Source(rows, ln ? *weight : at::Tensor(), ln ? *bias : at::Tensor(), eps, tile);
 }
 
 // the similarity's tile: about 1 MiB of S
 int64_t score_tile(const at::Tensor& rows, const at::Tensor& protos) {
   return tile_rows(protos.size(0) * protos.size(1), at::elementSize(acc_type(rows.scalar_type())));
-}
-
-// An (N, D) stand-in of the rows (no storage) for the shared argument checks.
-at::Tensor checked_shape(const at::Tensor& rows) {
-  const int64_t N = rows.dim() == 3 ? rows.size(0) * rows.size(2) : rows.size(0);
-  return at::empty_strided({N, rows.size(1)}, {0, 0}, rows.options());
 }
 
 }  // namespace
@@ -604,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_sim
     double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
     bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
   const at::Tensor rows = embed_rows(feats);
-  check_similarity_args(checked_shape(rows), protos, labels, compute_own, temperature);
+  check_similarity_args(embed_checked_shape(rows), protos, labels, compute_own, temperature);
   const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
   return similarity_impl(src, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
                          cache_bytes, true);
@@ -618,17 +589,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
     const c10::optional<at::Tensor>& probs) {
   const bool has_own = grad_own.has_value() && grad_own->defined();
   const at::Tensor rows = embed_rows(feats);
-  const at::Tensor shape = checked_shape(rows);
+  const at::Tensor shape = embed_checked_shape(rows);
   check_similarity_args(shape, protos, labels, has_own, temperature);
   const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
   const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
   auto out = similarity_backward_impl(src, grad_seg, grad_lse, grad_own, protos, labels, argk, lse, ignore_index,
                                       temperature, probs, true, cached);
-  at::Tensor g = std::get<0>(out);  // (N, D) or (B, D, HW)
-  if (feats.dim() == 4) {
-    g = rows.dim() == 3 ? g.view(feats.sizes())
-                        : g.view({feats.size(0), feats.size(2), feats.size(3), feats.size(1)}).permute({0, 3, 1, 2});
-  }
+  const at::Tensor g = embed_grad_as_feats(std::get<0>(out), rows, feats);  // (N, D) or (B, D, HW) as feats
   at::Tensor dw = std::get<1>(out), db = std::get<2>(out);
   if (dw.defined()) {
     dw = dw.to(ln_weight->scalar_type());
@@ -695,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
   at::NoGradGuard no_grad;
   const at::Tensor rows = embed_rows(feats);
   check_floating(rows, "feats");
-  check_prototype_sums_args(checked_shape(rows), slot, num_slots);
+  check_prototype_sums_args(embed_checked_shape(rows), slot, num_slots);
   const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
   if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
   const int64_t N = src.N, D = src.D, SD = num_slots * D;

@@ -1,5 +1,7 @@
 // CUDA kernels of `similarity` and `similarity_backward` (mirrors
-// csrc/cpu/similarity_cpu.cpp).
+// csrc/cpu/similarity_cpu.cpp), and of the head's embedding fused into them
+// (`embed_similarity`, its backward, `embed_prototype_sums`; the section
+// before the host code).
 //
 // S = feats @ protos.view(C*K, D).T is never materialised whole. Rows go in
 // tiles of at most ~16 MiB of S (so a tile stays in the H100's 50 MB L2 between
@@ -58,6 +60,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "../checks.h"
 #include "../protoseg_math.h"
@@ -337,6 +340,319 @@ __global__ void __launch_bounds__(kGradThreads, 4) similarity_grad_epilogue_kern
   *e = similarity_grad_entry(soft, is_arg, gs, is_own, go);
 }
 
+// ------------------------------------------------------------------ the head's embedding (embed_similarity)
+//
+// The embedding ops read feats as checks.h's embed_rows gives them: one
+// image's NCHW planes (a tile is a (pixels, D) view of stride (1, H*W): the
+// map as it lies, no transposed copy) or (N, D) rows; every kernel below takes
+// a tile through its (pixel, channel) strides. The algebra is that of
+// csrc/cpu/plane_embed.h: with y = (x - mu) r w + b the LayerNorm's output
+// (r = 1 / sqrt(var + eps)), z = y inv (inv = 1 / max(||y||, eps)) and p a
+// prototype, z . p = inv (r (x . (w * p) - mu rho) + beta) where
+// rho = sum_d w_d p_d and beta = sum_d b_d p_d. So one GEMM on the raw tile
+// against the prototypes times w gives S, after a per-row affine map
+// (embed_scores_kernel), and no normalised copy of the tile is ever written.
+// That GEMM's rounding grows with |mu| while z . p does not: a pixel with
+// |mu| r > kMaxFoldOffset has its row recomputed from z instead.
+//
+// Backward, with G = dS P = d loss / d z (one GEMM, written into the
+// gradient's tile when that has the working dtype): per pixel, from one pass
+// over the tile,
+//   fg = z . G (0 where ||y|| <= eps: F.normalize's constant scale there),
+//   dy = inv (G - z fg)                               (L2 normalisation)
+//   m1 = mean_d w dy = inv (sum w G - fg sum w z) / D,
+//   m2 = mean_d w dy xhat = inv (sum w G xhat - fg sum w z xhat) / D,
+//   d x = r (w dy - m1 - xhat m2),  d w += dy xhat,  d b += dy   (LayerNorm)
+// and a second pass writes d x in place of G; d w and d b are per-block
+// partial sums, added in block order (deterministic).
+
+constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
+constexpr int kEmbedGroups = kEmbedThreads / kWarp;
+constexpr double kMaxFoldOffset = 16.0;                 // as plane_embed.h's kMaxOffset
+constexpr int kStatCols = 4;                            // stats rows: mu, r, inv, flags
+constexpr int kFlagDirect = 1;                          // the row is recomputed from z (offset or overflow)
+constexpr int kFlagRadial = 2;                          // ||y|| > eps: the L2 backward has its radial term
+constexpr int kStatSums = 9;                            // per-thread sums of embed_stats_kernel
+template <typename acc_t>
+constexpr int kEmbedStatsBlocks = sizeof(acc_t) == 8 ? 1 : 2;  // its minimum blocks per SM
+
+template <typename T>
+__device__ __forceinline__ T clamp_nonneg(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+// Statistics of one pixel in double, two passes over its D entries (stride
+// sd): for a finite pixel whose float sums overflowed.
+template <typename scalar_t, typename acc_t>
+__device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, const acc_t* w, const acc_t* b, double eps,
+                                  acc_t* out) {
+  double mu = 0, r = 1;
+  if (w != nullptr) {
+    for (int64_t d = 0; d < D; ++d) mu += double(static_cast<acc_t>(x[d * sd]));
+    mu /= double(D);
+    double var = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double t = double(static_cast<acc_t>(x[d * sd])) - mu;
+      var += t * t;
+    }
+    r = 1.0 / sqrt(var / double(D) + eps);
+  }
+  double sq = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = double(static_cast<acc_t>(x[d * sd]));
+    const double y = w != nullptr ? (v - mu) * r * double(w[d]) + double(b[d]) : v;
+    sq += y * y;
+  }
+  out[0] = acc_t(mu);
+  out[1] = acc_t(r);
+  out[2] = acc_t(inv_norm(sq));
+  int flags = sqrt(sq) > kNormEps ? kFlagRadial : 0;
+  if (w != nullptr && (mu < 0 ? -mu : mu) * r > kMaxFoldOffset) flags |= kFlagDirect;
+  out[3] = acc_t(flags);
+}
+
+// stats[i] = (mu, r, inv, flags) of pixel i of a tile (w == nullptr: no
+// LayerNorm, mu = 0, r = 1, inv = 1 / max(||x||, eps)); a pixel with a NaN or
+// inf entry gets NaN statistics (its scores and gradient are NaN, as the
+// reference's). Sums are shifted by the pixel's first entry (LayerNorm), so
+// that the variance does not cancel; W2, WB, B2 (sums of w^2, w b, b^2) are
+// summed alongside, so the kernel needs no other input.
+// Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i of the
+// block, warp = channel group g (d = g, g + 8, ...). Bounds: i < rows
+// checked; d < D. Sync: per-thread sums go to shared memory, one barrier,
+// then warp 0 adds the 8 groups of its pixel in group order (deterministic);
+// no thread returns before the barrier.
+// float64 asks for one block per SM: its 9 double sums need more than 128 registers.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
+    embed_stats_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
+                       const acc_t* __restrict__ w, const acc_t* __restrict__ b, double eps,
+                       acc_t* __restrict__ stats) {
+  __shared__ acc_t part[kStatSums][kEmbedGroups][kWarp];
+  const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
+  const int64_t i = int64_t(blockIdx.x) * kWarp + lane;
+  const bool valid = i < rows, ln = w != nullptr;
+  acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, W2 = 0, WB = 0, B2 = 0, bad = 0;
+  const scalar_t* xi = x + (valid ? i : 0) * sp;
+  if (valid) {
+    const acc_t k = ln ? static_cast<acc_t>(xi[0]) : acc_t(0);
+    for (int64_t d = g; d < D; d += kEmbedGroups) {
+      const acc_t v = static_cast<acc_t>(xi[d * sd]);
+      if (!is_finite(v)) bad += acc_t(1);
+      const acc_t t = v - k;
+      s1 += t;
+      s2 += t * t;
+      if (ln) {
+        const acc_t wd = w[d], bd = b[d], ww = wd * wd;
+        s3 += ww * t * t;
+        s4 += ww * t;
+        s5 += wd * bd * t;
+        W2 += ww;
+        WB += wd * bd;
+        B2 += bd * bd;
+      }
+    }
+  }
+  part[0][g][lane] = s1;
+  part[1][g][lane] = s2;
+  part[2][g][lane] = s3;
+  part[3][g][lane] = s4;
+  part[4][g][lane] = s5;
+  part[5][g][lane] = W2;
+  part[6][g][lane] = WB;
+  part[7][g][lane] = B2;
+  part[8][g][lane] = bad;
+  __syncthreads();
+  if (g != 0 || !valid) return;
+  acc_t tot[kStatSums];
+#pragma unroll
+  for (int j = 0; j < kStatSums; ++j) {
+    acc_t v = 0;
+    for (int h = 0; h < kEmbedGroups; ++h) v += part[j][h][lane];
+    tot[j] = v;
+  }
+  acc_t* out = stats + i * kStatCols;
+  if (tot[8] > acc_t(0)) {  // a NaN or inf entry
+    const acc_t nan = acc_t(NAN);
+    out[0] = out[1] = out[2] = nan;
+    out[3] = acc_t(0);
+    return;
+  }
+  acc_t mu = 0, r = 1, sq = tot[1];
+  if (ln) {
+    const acc_t Dt = acc_t(D), k = static_cast<acc_t>(xi[0]);
+    const acc_t dl = tot[0] / Dt;
+    const acc_t var = clamp_nonneg(tot[1] / Dt - dl * dl);
+    r = acc_t(1) / fsqrt(var + acc_t(eps));
+    const acc_t Q = clamp_nonneg(tot[2] - acc_t(2) * dl * tot[3] + dl * dl * tot[5]);
+    const acc_t L = tot[4] - dl * tot[6];
+    sq = clamp_nonneg(r * r * Q + acc_t(2) * r * L + tot[7]);
+    mu = k + dl;
+  }
+  if (!is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) {  // finite entries, overflowed sums
+    embed_stats_exact(xi, sd, D, w, b, eps, out);
+    return;
+  }
+  out[0] = mu;
+  out[1] = r;
+  out[2] = inv_norm(sq);
+  int flags = fsqrt(sq) > acc_t(kNormEps) ? kFlagRadial : 0;
+  if (ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset)) flags |= kFlagDirect;
+  out[3] = acc_t(flags);
+}
+
+// The tile of S from the folded GEMM's (rows, C*K) output, in place:
+// S = inv (r (S - mu rho_j) + beta_j) (rho == nullptr: no LayerNorm,
+// S = inv S); a row flagged kFlagDirect is recomputed as z . p_j from the
+// tile of x and the unfolded prototypes P (C*K, D).
+// Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
+// Bounds: i < rows (warp-uniform return), j < C*K, d < D. Sync: each warp
+// owns its row; lane 0 writes the recomputed entries after the warp sum
+// (all lanes present: the branch is per row, so per warp).
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
+    acc_t* __restrict__ S, int64_t rows, int64_t CK, const acc_t* __restrict__ stats, const acc_t* __restrict__ rho,
+    const acc_t* __restrict__ beta, const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t D,
+    const acc_t* __restrict__ P, const acc_t* __restrict__ w, const acc_t* __restrict__ b) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (i >= rows) return;
+  const acc_t* st = stats + i * kStatCols;
+  const acc_t mu = st[0], r = st[1], inv = st[2];
+  acc_t* s = S + i * CK;
+  if (!(int(st[3]) & kFlagDirect)) {
+    if (rho != nullptr) {
+      for (int64_t j = lane; j < CK; j += kWarp) s[j] = inv * (r * (s[j] - mu * rho[j]) + beta[j]);
+    } else {
+      for (int64_t j = lane; j < CK; j += kWarp) s[j] *= inv;
+    }
+    return;
+  }
+  const scalar_t* xi = x + i * sp;
+  for (int64_t j = 0; j < CK; ++j) {
+    acc_t a = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t y = (static_cast<acc_t>(xi[d * sd]) - mu) * r * w[d] + b[d];
+      a += y * P[j * D + d];
+    }
+    a = cuda::warp_sum(a);
+    if (lane == 0) s[j] = a * inv;
+  }
+}
+
+// z (rows, D) contiguous: the embedding of the tile's pixels (NaN rows for
+// non-finite pixels), for the prototype sums.
+// Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel, warp =
+// channel group. Bounds: i < rows, d < D. Sync: none (disjoint writes).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEmbedThreads, 2)
+    embed_rows_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
+                      const acc_t* __restrict__ stats, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
+                      acc_t* __restrict__ z) {
+  const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
+  const int64_t i = int64_t(blockIdx.x) * kWarp + lane;
+  if (i >= rows) return;
+  const acc_t* st = stats + i * kStatCols;
+  const acc_t mu = st[0], r = st[1], inv = st[2];
+  const scalar_t* xi = x + i * sp;
+  for (int64_t d = g; d < D; d += kEmbedGroups) {
+    const acc_t v = static_cast<acc_t>(xi[d * sd]);
+    const acc_t y = w != nullptr ? (v - mu) * r * w[d] + b[d] : v;
+    z[i * D + d] = y * inv;
+  }
+}
+
+// d feats of a tile from G = d loss / d z (rows, D; strides gp, gd), written
+// to out (strides op, od; out may be G itself: each thread reads G[i, d]
+// before it writes out[i, d], and no other thread touches either), and
+// (w != nullptr) the block's partial sums of d w and d b into row blockIdx.x
+// of part_w, part_b (gridDim.x, D). See the section comment for the maths.
+// Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i, warp
+// = channel group g. Bounds: i < rows checked before every access of x, G,
+// out; d < D. Sync: pass-1 sums go through shared memory (one barrier),
+// warp 0 adds the 8 groups in order and publishes the pixel's totals (second
+// barrier); in pass 2 every lane runs the same d loop (bounds depend on the
+// warp only), so the warp sums of the partials have all 32 lanes (out-of-
+// range pixels add 0); lane 0 of the group owning d writes its partial.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
+    const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D, const acc_t* __restrict__ stats,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ b, const acc_t* G, int64_t gp, int64_t gd, scalar_t* out,
+    int64_t op, int64_t od, acc_t* __restrict__ part_w, acc_t* __restrict__ part_b) {
+  constexpr int kSums = 5;
+  __shared__ acc_t red[kSums][kEmbedGroups][kWarp];
+  __shared__ acc_t tot[kSums][kWarp];
+  const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
+  const int64_t i = int64_t(blockIdx.x) * kWarp + lane;
+  const bool valid = i < rows, ln = w != nullptr;
+  acc_t mu = 0, r = 1, inv = 0;
+  bool radial = false;
+  if (valid) {
+    const acc_t* st = stats + i * kStatCols;
+    mu = st[0];
+    r = st[1];
+    inv = st[2];
+    radial = (int(st[3]) & kFlagRadial) != 0;
+  }
+  const scalar_t* xi = x + (valid ? i : 0) * sp;
+  const acc_t* gi = G + (valid ? i : 0) * gp;
+  scalar_t* oi = out + (valid ? i : 0) * op;
+  acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;  // z.G, w.G, (w xhat).G, w.z, (w xhat).z
+  if (valid) {
+    for (int64_t d = g; d < D; d += kEmbedGroups) {
+      const acc_t gv = gi[d * gd], v = static_cast<acc_t>(xi[d * sd]);
+      if (ln) {
+        const acc_t xh = (v - mu) * r, z = (xh * w[d] + b[d]) * inv;
+        a0 += gv * z;
+        a1 += w[d] * gv;
+        a2 += w[d] * gv * xh;
+        a3 += w[d] * z;
+        a4 += w[d] * z * xh;
+      } else {
+        a0 += gv * v * inv;
+      }
+    }
+  }
+  red[0][g][lane] = a0;
+  red[1][g][lane] = a1;
+  red[2][g][lane] = a2;
+  red[3][g][lane] = a3;
+  red[4][g][lane] = a4;
+  __syncthreads();
+  if (g == 0) {
+#pragma unroll
+    for (int j = 0; j < kSums; ++j) {
+      acc_t v = 0;
+      for (int h = 0; h < kEmbedGroups; ++h) v += red[j][h][lane];
+      tot[j][lane] = v;
+    }
+  }
+  __syncthreads();
+  const acc_t fg = radial ? tot[0][lane] : acc_t(0);
+  const acc_t m1 = inv * (tot[1][lane] - fg * tot[3][lane]) / acc_t(D);
+  const acc_t m2 = inv * (tot[2][lane] - fg * tot[4][lane]) / acc_t(D);
+  for (int64_t d = g; d < D; d += kEmbedGroups) {
+    acc_t dy = 0, xh = 0;
+    if (valid) {
+      const acc_t gv = gi[d * gd], v = static_cast<acc_t>(xi[d * sd]);
+      xh = ln ? (v - mu) * r : v;
+      const acc_t z = (ln ? xh * w[d] + b[d] : v) * inv;
+      dy = inv * (gv - z * fg);
+      oi[d * od] = static_cast<scalar_t>(ln ? r * (w[d] * dy - m1 - xh * m2) : dy);
+    }
+    if (part_w != nullptr) {
+      const acc_t pw = cuda::warp_sum(dy * xh), pb = cuda::warp_sum(dy);
+      if (lane == 0) {
+        part_w[int64_t(blockIdx.x) * D + d] = pw;
+        part_b[int64_t(blockIdx.x) * D + d] = pb;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cuda(
@@ -470,9 +786,279 @@ at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
   return grad;
 }
 
+namespace {
+
+// A tile of the embedding ops' pixels (embed_rows): `count` pixels from
+// `first` of image `image` (planes) or of the rows, pixel indices n0 ...
+struct PixelTile {
+  int64_t n0, image, first, count;
+  // the tile of t (laid out as the rows): a (count, D) view
+  at::Tensor of(const at::Tensor& t) const {
+    return t.dim() == 3 ? t.select(0, image).narrow(1, first, count).t() : t.narrow(0, first, count);
+  }
+};
+
+// Tiles of at most T pixels, none across two images.
+std::vector<PixelTile> pixel_tiles(const at::Tensor& rows, int64_t T) {
+  std::vector<PixelTile> tiles;
+  const int64_t images = rows.dim() == 3 ? rows.size(0) : 1;
+  const int64_t per = rows.dim() == 3 ? rows.size(2) : rows.size(0);
+  for (int64_t b = 0; b < images; ++b)
+    for (int64_t f = 0; f < per; f += T) tiles.push_back({b * per + f, b, f, std::min(T, per - f)});
+  return tiles;
+}
+
+// The embedding's constants in the working dtype: the LayerNorm's w, b (D,),
+// the prototypes P (C*K, D), the GEMM operand P * w, rho = (P * w) 1 and
+// beta = P b (C*K,); w undefined without LayerNorm (Pw is then P).
+struct EmbedOperands {
+  at::Tensor w, b, P, Pw, rho, beta;
+  double eps = 0;
+};
+
+EmbedOperands embed_operands(const at::Tensor& rows, const at::Tensor& protos, bool ln,
+                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                             double eps) {
+  const auto acc = acc_type(rows.scalar_type());
+  EmbedOperands e;
+  e.eps = eps;
+  if (ln) {
+    e.w = weight->to(acc).contiguous();
+    e.b = bias->to(acc).contiguous();
+  }
+  if (protos.defined()) {
+    e.P = protos.reshape({-1, protos.size(2)}).to(acc).contiguous();
+    e.Pw = ln ? (e.P * e.w).contiguous() : e.P;
+    if (ln) {
+      e.rho = e.Pw.sum(1);
+      e.beta = at::mv(e.P, e.b);
+    }
+  }
+  return e;
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+// stats (at least X.size(0), kStatCols) of the tile X (count, D).
+template <typename scalar_t, typename acc_t>
+void launch_embed_stats(const at::Tensor& X, const EmbedOperands& e, at::Tensor& stats, cudaStream_t stream) {
+  const int64_t n = X.size(0);
+  embed_stats_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
+      X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), ptr_or_null<acc_t>(e.w),
+      ptr_or_null<acc_t>(e.b), e.eps, stats.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// S_tile (count, C*K) = the scores of the tile X's embedding, and its stats.
+template <typename scalar_t, typename acc_t>
+void embed_tile_scores(at::Tensor& S_tile, const at::Tensor& X, const EmbedOperands& e, at::Tensor& stats,
+                       cudaStream_t stream) {
+  const int64_t n = X.size(0), CK = S_tile.size(1), D = X.size(1);
+  launch_embed_stats<scalar_t, acc_t>(X, e, stats, stream);
+  at::mm_out(S_tile, X.scalar_type() == S_tile.scalar_type() ? X : X.to(S_tile.scalar_type()), e.Pw.t());
+  embed_scores_kernel<scalar_t, acc_t><<<ceil_div(n, kRowsPerBlock), kRowThreads, 0, stream>>>(
+      S_tile.data_ptr<acc_t>(), n, CK, stats.data_ptr<acc_t>(), ptr_or_null<acc_t>(e.rho),
+      ptr_or_null<acc_t>(e.beta), X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), D, e.P.data_ptr<acc_t>(),
+      ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// `similarity` of the head's embedding (see the section comment above the
+// embedding kernels): per tile, the statistics, one GEMM on the raw tile, the
+// per-row affine map, then the epilogue of `similarity`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cuda(
+    const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+    double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
+  at::NoGradGuard no_grad;  // the GEMMs write into buffers
+  const at::Tensor rows = embed_rows(feats);
+  check_similarity_args(embed_checked_shape(rows), protos, labels, compute_own, temperature);
+  const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = embed_checked_shape(rows).size(0), C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = acc_type(feats.scalar_type());
+  auto fopt = feats.options();
+  auto aopt = fopt.dtype(acc);
+  at::Tensor seg = compute_seg ? at::empty({N, C}, fopt) : at::empty({0}, fopt);
+  at::Tensor argk = compute_seg ? at::empty({N, C}, fopt.dtype(at::kByte)) : at::empty({0}, fopt.dtype(at::kByte));
+  at::Tensor lse = compute_lse ? at::empty({N}, aopt) : at::empty({0}, aopt);
+  at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
+  const bool cache = compute_lse && cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
+  at::Tensor probs = cache ? at::empty({N, CK}, aopt) : at::empty({0}, aopt);
+  if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor lab = compute_own ? labels.to(at::kLong).contiguous() : at::Tensor();
+  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
+  const int64_t T = tile_rows(N, CK, at::elementSize(acc));
+  at::Tensor S = at::empty({T, CK}, aopt);  // one tile buffer, reused in stream order
+  at::Tensor stats = at::empty({T, kStatCols}, aopt);
+  for (const PixelTile& t : pixel_tiles(rows, T)) {
+    const at::Tensor X = t.of(rows);
+    at::Tensor S_tile = S.narrow(0, 0, t.count);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "embed_similarity_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      embed_tile_scores<scalar_t, acc_t>(S_tile, X, e, stats, stream);
+      similarity_epilogue_kernel<scalar_t, acc_t><<<ceil_div(t.count, kRowsPerBlock), kRowThreads, 0, stream>>>(
+          S_tile.data_ptr<acc_t>(), nullptr, t.count, t.n0, C, K, acc_t(temperature),
+          compute_own ? lab.data_ptr<int64_t>() : nullptr, ignore_index, compute_seg, compute_lse, compute_own,
+          compute_seg ? seg.data_ptr<scalar_t>() : nullptr, compute_seg ? argk.data_ptr<uint8_t>() : nullptr,
+          compute_lse ? lse.data_ptr<acc_t>() : nullptr, compute_own ? own.data_ptr<acc_t>() : nullptr,
+          cache ? probs.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {seg, argk, lse, own, probs};
+}
+
+// d feats, d ln_weight, d ln_bias of embed_similarity: per tile, dS as in
+// similarity_backward (S recomputed through the folded GEMM unless cached),
+// G = dS P into the gradient's own tile, then embed_backward_kernel in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
+    const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
+    const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& protos, const at::Tensor& labels,
+    const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
+    const c10::optional<at::Tensor>& probs_opt) {
+  at::NoGradGuard no_grad;  // the GEMMs write into buffers
+  const bool has_seg = grad_seg.has_value() && grad_seg->defined();
+  const bool has_lse = grad_lse.has_value() && grad_lse->defined();
+  const bool has_own = grad_own.has_value() && grad_own->defined();
+  const at::Tensor rows = embed_rows(feats);
+  const at::Tensor shape = embed_checked_shape(rows);
+  check_similarity_args(shape, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
+  const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = shape.size(0), D = shape.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = acc_type(feats.scalar_type());
+  auto aopt = feats.options().dtype(acc);
+  at::Tensor grad = at::empty(rows.sizes(), feats.options());  // laid out as the rows
+  at::Tensor dw = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
+  at::Tensor db = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    at::Tensor g = embed_grad_as_feats(grad, rows, feats);
+    if (!ln) return {g, dw, db};
+    return {g, dw.to(ln_weight->scalar_type()), db.to(ln_bias->scalar_type())};
+  };
+  if (N == 0 || (!has_seg && !has_lse && !has_own)) {
+    grad.zero_();
+    return finish();
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
+  at::Tensor ak = has_seg ? argk.to(at::kByte).contiguous() : at::Tensor();
+  at::Tensor glse = has_lse ? grad_lse->reshape({N}).to(acc).contiguous() : at::Tensor();
+  at::Tensor l = has_lse ? lse.reshape({N}).to(acc).contiguous() : at::Tensor();
+  at::Tensor gown = has_own ? grad_own->to(acc).contiguous() : at::Tensor();
+  at::Tensor lab = has_own ? labels.to(at::kLong).contiguous() : at::Tensor();
+  at::Tensor pr = cached ? probs_opt->to(acc).contiguous() : at::Tensor();
+  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
+  const bool direct = grad.scalar_type() == acc;  // else G goes through a working-dtype buffer
+  const bool recompute = has_lse && !cached;
+  const int64_t T = tile_rows(N, CK, at::elementSize(acc));
+  at::Tensor dS = at::empty({T, CK}, aopt);
+  at::Tensor stats = at::empty({T, kStatCols}, aopt);
+  at::Tensor G = direct ? at::Tensor() : at::empty({T, D}, aopt);
+  const int64_t max_blocks = ceil_div(T, kWarp);
+  at::Tensor part_w = ln ? at::empty({max_blocks, D}, aopt) : at::Tensor();  // per-block partial d w, d b
+  at::Tensor part_b = ln ? at::empty({max_blocks, D}, aopt) : at::Tensor();
+  const int threads = int(std::min<int64_t>(kGradThreads, ceil_div(CK, kWarp) * kWarp));
+  for (const PixelTile& t : pixel_tiles(rows, T)) {
+    const at::Tensor X = t.of(rows);
+    at::Tensor dS_tile = dS.narrow(0, 0, t.count);
+    at::Tensor grad_tile = t.of(grad);
+    at::Tensor G_tile = direct ? grad_tile : G.narrow(0, 0, t.count);
+    const int64_t blocks = ceil_div(t.count, kWarp);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "embed_similarity_backward_cuda",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (recompute) {
+        embed_tile_scores<scalar_t, acc_t>(dS_tile, X, e, stats, stream);  // S again, and the stats
+      } else {
+        launch_embed_stats<scalar_t, acc_t>(X, e, stats, stream);
+      }
+      const dim3 grid(static_cast<unsigned>(ceil_div(CK, threads)), static_cast<unsigned>(t.count));
+      similarity_grad_epilogue_kernel<acc_t><<<grid, threads, 0, stream>>>(
+          dS_tile.data_ptr<acc_t>(), nullptr, t.n0, C, K, acc_t(temperature), has_lse,
+          cached ? pr.data_ptr<acc_t>() : nullptr, has_lse ? l.data_ptr<acc_t>() : nullptr,
+          has_lse ? glse.data_ptr<acc_t>() : nullptr, has_seg, has_seg ? ak.data_ptr<uint8_t>() : nullptr,
+          has_seg ? gseg.data_ptr<acc_t>() : nullptr, has_own, has_own ? lab.data_ptr<int64_t>() : nullptr,
+          ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::mm_out(G_tile, dS_tile, e.P);  // (count, D): d loss / d z
+      embed_backward_kernel<scalar_t, acc_t><<<blocks, kEmbedThreads, 0, stream>>>(
+          X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), t.count, D, stats.data_ptr<acc_t>(),
+          ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), G_tile.data_ptr<acc_t>(), G_tile.stride(0),
+          G_tile.stride(1), grad_tile.data_ptr<scalar_t>(), grad_tile.stride(0), grad_tile.stride(1),
+          ln ? part_w.data_ptr<acc_t>() : nullptr, ln ? part_b.data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (ln) {  // the tile's partials, in block order
+      dw.add_(part_w.narrow(0, 0, blocks).sum(0));
+      db.add_(part_b.narrow(0, 0, blocks).sum(0));
+    }
+  }
+  return finish();
+}
+
+// prototype_sums of the head's embedding: per tile, the statistics, the
+// tile's embedding z (count, D) in a reused buffer, and prototype_sums_cuda
+// on it (deterministic under torch.use_deterministic_algorithms; tiles added
+// in order); never a copy of the whole map.
+std::tuple<at::Tensor, at::Tensor> prototype_sums_cuda(const at::Tensor& feats, const at::Tensor& slot,
+                                                       int64_t num_slots, bool normalize);  // prototype_update_cuda.cu
+
+std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cuda(const at::Tensor& feats,
+                                                             const c10::optional<at::Tensor>& ln_weight,
+                                                             const c10::optional<at::Tensor>& ln_bias, double ln_eps,
+                                                             const at::Tensor& slot, int64_t num_slots) {
+  at::NoGradGuard no_grad;
+  const at::Tensor rows = embed_rows(feats);
+  check_floating(rows, "feats");
+  const at::Tensor shape = embed_checked_shape(rows);
+  check_prototype_sums_args(shape, slot, num_slots);
+  const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = shape.size(0), D = shape.size(1);
+  const auto acc = acc_type(feats.scalar_type());
+  auto aopt = feats.options().dtype(acc);
+  at::Tensor sums = at::zeros({num_slots, D}, aopt);
+  at::Tensor counts = at::zeros({num_slots}, aopt);
+  if (N == 0 || num_slots == 0) return {sums, counts};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const EmbedOperands e = embed_operands(rows, at::Tensor(), ln, ln_weight, ln_bias, ln_eps);
+  const int64_t T = std::min<int64_t>(N, std::max<int64_t>(128, kTileBytes / std::max<int64_t>(1, D * int64_t(at::elementSize(acc)))));
+  at::Tensor Z = at::empty({T, D}, aopt);
+  at::Tensor stats = at::empty({T, kStatCols}, aopt);
+  for (const PixelTile& t : pixel_tiles(rows, T)) {
+    const at::Tensor X = t.of(rows);
+    at::Tensor Z_tile = Z.narrow(0, 0, t.count);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "embed_prototype_sums_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch_embed_stats<scalar_t, acc_t>(X, e, stats, stream);
+      embed_rows_kernel<scalar_t, acc_t><<<ceil_div(t.count, kWarp), kEmbedThreads, 0, stream>>>(
+          X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), t.count, D, stats.data_ptr<acc_t>(),
+          ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), Z_tile.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    auto part = prototype_sums_cuda(Z_tile, slot.narrow(0, t.n0, t.count), num_slots, false);
+    sums.add_(std::get<0>(part));
+    counts.add_(std::get<1>(part));
+  }
+  return {sums, counts};
+}
+
 TORCH_LIBRARY_IMPL(protoseg_ext, CUDA, m) {
   m.impl("similarity", &similarity_cuda);
   m.impl("similarity_backward", &similarity_backward_cuda);
+  m.impl("embed_similarity", &embed_similarity_cuda);
+  m.impl("embed_similarity_backward", &embed_similarity_backward_cuda);
+  m.impl("embed_prototype_sums", &embed_prototype_sums_cuda);
 }
 
 }  // namespace protoseg
