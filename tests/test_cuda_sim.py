@@ -341,12 +341,7 @@ def test_embed_similarity_tiles(sim):
 
 def test_embed_similarity_autograd_through_the_registered_backward(sim):
     """protoseg_ext/ops.py's autograd of embed_similarity on the emulated ops: gradients reach feats, weight, bias."""
-    from protoseg_ext import ops
-
-    ns = "protoseg_cudasim"
-    if not getattr(test_embed_similarity_autograd_through_the_registered_backward, "registered", False):
-        ops.register_embed_similarity(ns)
-        test_embed_similarity_autograd_through_the_registered_backward.registered = True
+    _register_embed_autograd()
     x, w, b, p, gt = _embed_problem(2, 16, 3, 4, 5, 3, seed=16)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     seg, _, lse, own, _ = sim.embed_similarity(*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 1.0, True, True,
@@ -358,6 +353,26 @@ def test_embed_similarity_autograd_through_the_registered_backward(sim):
     (r_lse.sum() - r_own[:, 0].sum() + r_seg.square().sum()).backward()
     for a, r in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.double(), r.grad, atol=2e-5, rtol=2e-5)
+
+
+def _register_embed_autograd():
+    from protoseg_ext import ops
+
+    if not getattr(_register_embed_autograd, "done", False):
+        ops.register_embed_similarity("protoseg_cudasim")
+        _register_embed_autograd.done = True
+
+
+def test_embed_similarity_gradcheck(sim):
+    """gradcheck in float64 through the registered autograd: feats (NCHW), LayerNorm weight and bias."""
+    _register_embed_autograd()
+    x, w, b, p, gt = _embed_problem(2, 6, 2, 3, 3, 2, seed=19, dtype=torch.float64)
+
+    def fn(x, w, b):
+        seg, _, lse, own, _ = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 0.7, True, True, True, 0)
+        return seg, lse, own
+
+    assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (x, w, b)))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
