@@ -21,7 +21,19 @@ def _cases(device):
     _, argk, lse, _, _ = OPS.similarity(f, p, gt, -1, 1.0, True, True, True)
     probs = OPS.similarity(f, p, gt, -1, 1.0, False, True, False, 1 << 20)[4]
     assert probs.shape == (N, 6)
+    fmap = (torch.randn(2, 8, 4, 5, device=device) + 0.3).requires_grad_()  # the head's map: 40 pixels
+    w = torch.randn(8, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    _, eargk, else_, _, eprobs = OPS.embed_similarity(fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, -1, 1.0,
+                                                      True, True, True, 1 << 20)
     return [
+        (OPS.embed_similarity, (fmap, w, b, 1e-5, p, gt, -1, 0.7, True, True, True)),
+        (OPS.embed_similarity, (fmap, None, None, 1e-5, p, gt, -1, 1.0, True, True, False, 1 << 20)),
+        (OPS.embed_similarity_backward, (gs, gl, go, fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, eargk, else_,
+                                         -1, 1.0)),
+        (OPS.embed_similarity_backward, (gs, gl, go, fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, eargk, else_,
+                                         -1, 1.0, eprobs)),
+        (OPS.embed_prototype_sums, (fmap.detach(), w.detach(), b.detach(), 1e-5, slot, 6)),
         (OPS.similarity, (fg, p, gt, -1, 1.0, True, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 0.5, False, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 1.0, True, False, False)),
@@ -48,5 +60,5 @@ def test_opcheck_every_op(device):
 
 def test_every_schema_is_registered_with_cpu_kernels():
     for name in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema", "mask_norm",
-                 "mask_norm_backward"):
+                 "mask_norm_backward", "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"protoseg_ext::{name}", "CPU"), name
