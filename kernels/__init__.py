@@ -5,6 +5,10 @@ nothing here imports triton until a kernel module is imported.
 
 * ``similarity``: the fused similarity forward (seg, arg-max k, row
   log-sum-exp, own-class scores) and its flash-attention-style backward;
+* ``embed``: the head's embedding (LayerNorm over D, L2 normalisation) fused
+  into the similarity kernels (their EMBED mode), from feats (N, D) or the
+  (B, D, H, W) map as it lies, chunk by chunk; its backward and the
+  prototype sums of the embedding;
 * ``sinkhorn``: Sinkhorn-Knopp of every class, segmented by label;
 * ``prototype_update``: per-prototype sums (deterministic sorted reduction or
   atomics) and the momentum update;

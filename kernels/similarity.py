@@ -8,6 +8,18 @@ while it is still in registers. Column ``j`` of a tile is class
 ``c0 + j // BLOCK_K``, prototype ``j % BLOCK_K`` (K padded to a power of two,
 padded columns masked); the tile is reshaped to (BLOCK_N, BLOCK_C, BLOCK_K) for
 the per-class reductions.
+
+Both kernels read feats through (image, pixel, channel) strides: pixel ``hw``
+of image ``b``, channel ``d`` at ``X_ptr + b*stride_b + hw*stride_hw +
+d*stride_d`` (rows (N, D): one image of N pixels; a (B, D, H, W) map as it
+lies, NCHW planes or channels-last), with a grid over (pixel block, image)
+and pixel n = b*HW + hw for every per-pixel input and output. In EMBED mode
+(``protoseg_ext.kernels.embed``: the head's embedding fused in) each loaded
+feats tile is normalised in registers before the dot, ``y = (x - mu) r w + b``
+(the LayerNorm over D, when LAYER_NORM), and each S tile is scaled by the
+pixel's ``inv = 1 / max(||y||, 1e-12)`` (the L2 normalisation) before its
+epilogue; ``mu, r, inv`` come from ``embed_stats_kernel``. The plain calls
+compile with EMBED = False and pay nothing for it.
 """
 
 from __future__ import annotations
@@ -36,9 +48,25 @@ def _dot(a, b, acc, OPERAND_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST
 
 
 @triton.jit
+def _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # The LayerNorm of a (BLOCK_N, BLOCK_D) feats tile in registers, (x - mu) r w + b
+    # in the accumulation dtype, exactly (w is not folded into the prototypes,
+    # so no cancellation when |mean| >> std); masked lanes 0. Half feats are
+    # then rounded to the dot dtype by _dot, as the eager LayerNorm's half
+    # output is. Without the LayerNorm the tile is used as loaded (L2 only).
+    if LAYER_NORM:
+        w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+        b = tl.load(BIAS_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+        y = (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None] * w[None, :] + b[None, :]
+        return tl.where(row_ok[:, None] & d_ok[None, :], y, 0.0)
+    else:
+        return x
+
+
+@triton.jit
 def similarity_fwd_kernel(
-    X_ptr,  # feats (N, D), any strides
-    X_stride_n,
+    X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
+    X_stride_hw,
     X_stride_d,
     P_ptr,  # protos (C*K, D) contiguous; row c*K + k is prototype k of class c
     LAB_ptr,  # labels (N,) integer (read if COMPUTE_OWN)
@@ -47,15 +75,25 @@ def similarity_fwd_kernel(
     ARGK_ptr,  # out (N, C) uint8: its arg-max k
     LSE_ptr,  # out (N,) acc dtype: logsumexp_j S[n, j] / temperature
     OWN_ptr,  # out (N, K) acc dtype, zero-initialised: S[n, labels[n]*K + k]
-    N,
+    HWC,  # pixels of the chunk in each image (plain: N)
     D,
     C,
     K,
     temperature: tl.float64,
+    # EMBED only (after the plain kernel's arguments, which keep their order)
+    X_stride_b,
+    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
+    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, rstd, inv of each pixel
+    B0,  # first image of the chunk (grid axis 1: its images)
+    HW0,  # first pixel of the chunk in each image
+    HW,  # pixels per image: pixel n = b*HW + hw
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    EMBED: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
     COMPUTE_SEG: tl.constexpr,
     COMPUTE_LSE: tl.constexpr,
     COMPUTE_OWN: tl.constexpr,
@@ -99,10 +137,30 @@ def similarity_fwd_kernel(
     # k-major column order (the k-th prototype of every class in one tile, the
     # max over K across tiles) drops it, and that pads C to 32 instead (1.68x).
     # ADE20K (C = 150): 19 blocks of 8 = 152 classes, 1.62x.
+    # EMBED (the head's embedding fused in, kernels/embed.py): each feats tile
+    # is LayerNorm'd in registers (_embed_tile) and the S tile scaled by the
+    # pixels' inverse norms before the epilogue. Its GPU tiles with the
+    # LayerNorm (tiles.EMBED_GPU_TILES), all outputs, Cityscapes, sm_90
+    # (sm_80): fp16/bf16 64 px x 64 cols, BLOCK_D 64: 181-183 registers (214),
+    # 56 KB shared; fp32 32 px x 64 cols, BLOCK_D 32: 182 (182); fp64 32 x 64,
+    # BLOCK_D 16: 191 (180). L2 only (GPU_TILES), seg only: bf16 107 (161),
+    # fp32 198 (166). No spills (tests/compile_kernels.py --full). The plain
+    # calls (EMBED = False) keep the addressing and registers above.
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_n cannot overflow
-    row_ok = rows < N
+    if EMBED:
+        img = tl.program_id(1).to(tl.int64)  # image of the chunk
+        hw = HW0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: no offset below can overflow
+        row_ok = hw < HW0 + HWC
+        rows = (B0 + img) * HW + hw  # pixel n: labels and the outputs
+        x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
+        loc = img * HWC + (hw - HW0)  # pixel within the chunk: its statistics
+        mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
+        r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
+        inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    else:  # rows (N, D): one image, one chunk; the plain kernel's addressing, no extra registers
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_hw cannot overflow
+        row_ok = rows < HWC
     jj = tl.arange(0, BLOCK_J)
     j_cls = jj // BLOCK_K  # class of column j within the tile
     j_k = jj % BLOCK_K  # prototype of column j
@@ -120,13 +178,17 @@ def similarity_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            x = tl.load(
-                X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            if EMBED:
+                x_ptrs = X_ptr + x_row[:, None] + d[None, :] * X_stride_d
+            else:  # as the plain kernel always addressed it (fewer live registers than a hoisted x_row)
+                x_ptrs = X_ptr + rows[:, None] * X_stride_hw + d[None, :] * X_stride_d
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if EMBED:
+                x = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE)
             p = tl.load(P_ptr + prow[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             acc = _dot(x, p, acc, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
+        if EMBED:
+            acc = acc * inv[:, None]  # the L2 normalisation: S of z = y / max(||y||, 1e-12)
         if COMPUTE_LSE:
             z = tl.where(col_ok[None, :], acc / t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -156,18 +218,28 @@ def similarity_fwd_kernel(
 
 @triton.jit
 def own_class_scores_kernel(
-    X_ptr,  # feats (N, D), any strides
-    X_stride_n,
+    X_ptr,  # feats (N, D), any strides (EMBED: as in similarity_fwd_kernel)
+    X_stride_n,  # EMBED: X_stride_hw, the pixel stride within an image
     X_stride_d,
     P_ptr,  # protos (C*K, D) contiguous
     LAB_ptr,  # labels (N,) integer
     LAB_stride,
     OWN_ptr,  # out (N, K) acc dtype, zero-initialised
-    N,
+    N,  # EMBED: HWC, the pixels of the chunk in each image
     D,
     C,
     K,
+    # EMBED only (as in similarity_fwd_kernel)
+    X_stride_b,
+    W_ptr,
+    BIAS_ptr,
+    STAT_ptr,
+    B0,
+    HW0,
+    HW,
     ACC_DTYPE: tl.constexpr,
+    EMBED: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -183,20 +255,45 @@ def own_class_scores_kernel(
     # 94 MB of feats (bf16): 10 FLOP/B, memory-bound; the gathered prototype
     # rows (N*K*D elements) come from L2 (190 rows, 270 KB). No padding
     # beyond BLOCK_K = 16 lanes of the (n, k) accumulator.
+    # EMBED: grid (pixel block, image of the chunk); the feats tile is
+    # LayerNorm'd in registers (and rounded to feats' dtype, as the eager half
+    # LayerNorm's output is), the scores scaled by the pixels' inverse norms;
+    # GPU: 32 px x BLOCK_D 32 (fp64: 16): 92-96 registers on sm_90 and sm_80.
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    lab = tl.load(LAB_ptr + rows * LAB_stride, mask=rows < N, other=-1).to(tl.int64)
-    take = (rows < N) & (lab >= 0) & (lab < C)
+    if EMBED:
+        img = tl.program_id(1).to(tl.int64)
+        hw = HW0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = hw < HW0 + N
+        rows = (B0 + img) * HW + hw
+        x_row = (B0 + img) * X_stride_b + hw * X_stride_n
+        loc = img * N + (hw - HW0)
+        mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
+        r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
+        inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+    lab = tl.load(LAB_ptr + rows * LAB_stride, mask=row_ok, other=-1).to(tl.int64)
+    take = row_ok & (lab >= 0) & (lab < C)
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = take[:, None] & (d < D)[None, :]
-        x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+        if EMBED:
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0)
+            if LAYER_NORM:
+                x = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d < D, take, True, ACC_DTYPE)
+                x = x.to(X_ptr.dtype.element_ty)
+            x = x.to(ACC_DTYPE)
+        else:
+            x = tl.load(X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
         for k in range(0, K):
             p = tl.load(P_ptr + (lab * K + k)[:, None] * D + d[None, :], mask=m, other=0.0).to(ACC_DTYPE)
             v = tl.sum(x * p, axis=1)
             acc = tl.where(kk[None, :] == k, acc + v[:, None], acc)
+    if EMBED:
+        acc = acc * inv[:, None]
     tl.store(OWN_ptr + rows[:, None] * K + kk[None, :], acc, mask=take[:, None] & (kk < K)[None, :])
 
 
@@ -210,8 +307,8 @@ def similarity_bwd_kernel(
     GOWN_ptr,  # d loss / d own (N, K), any strides (if HAS_OWN)
     GOWN_stride_n,
     GOWN_stride_k,
-    X_ptr,  # feats (N, D), any strides
-    X_stride_n,
+    X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
+    X_stride_hw,
     X_stride_d,
     P_ptr,  # protos (C*K, D) contiguous
     LAB_ptr,  # labels (N,) (if HAS_OWN)
@@ -221,18 +318,28 @@ def similarity_bwd_kernel(
     ARGK_stride_c,
     LSE_ptr,  # saved row log-sum-exp (N,) (if HAS_LSE)
     LSE_stride,
-    DX_ptr,  # out d feats (N, D) contiguous, feats dtype
-    N,
+    DX_ptr,  # out (pixels of the chunk, D) contiguous: d feats in feats' dtype; EMBED: d z in the acc dtype
+    HWC,  # pixels of the chunk in each image (plain: N)
     D,
     C,
     K,
     temperature: tl.float64,
+    # EMBED only (after the plain kernel's arguments, which keep their order)
+    X_stride_b,
+    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
+    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, rstd, inv
+    B0,  # first image of the chunk (grid axis 1: its images)
+    HW0,  # first pixel of the chunk in each image
+    HW,  # pixels per image: pixel n = b*HW + hw
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     DS_DTYPE: tl.constexpr,
     DS_PRECISION: tl.constexpr,
+    EMBED: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
     HAS_SEG: tl.constexpr,
     HAS_LSE: tl.constexpr,
     HAS_OWN: tl.constexpr,
@@ -254,6 +361,15 @@ def similarity_bwd_kernel(
     # is ever stored. The D slice keeps the d feats accumulator in registers
     # (BLOCK_N x BLOCK_DO); S is recomputed once per slice when HAS_LSE (the
     # seg and own terms need no S at all).
+    # EMBED (kernels/embed.py): S is recomputed from the embedding z = y inv
+    # (each feats tile LayerNorm'd in registers, the S tile scaled by inv),
+    # and the kernel writes g = dS @ protos, the gradient w.r.t. z, in the
+    # accumulation dtype into the chunk's buffer; embed_backward_kernel chains
+    # it through the L2 normalisation and the LayerNorm. GPU tiles with the
+    # LayerNorm, all gradients, Cityscapes, sm_90 (sm_80): fp16/bf16 32 px x
+    # 64 cols, BLOCK_D 32, slice 256: 224-226 registers (238-242); fp32 (the
+    # plain tile) 244 (231); fp64 16 x 16 cols, BLOCK_D 16, slice 16: 128
+    # (128). No spills.
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     #
     # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size on sm_90:
@@ -287,8 +403,21 @@ def similarity_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid // n_slices
     pid_d = pid % n_slices
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    if EMBED:
+        img = tl.program_id(1).to(tl.int64)  # image of the chunk
+        hw = HW0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = hw < HW0 + HWC
+        rows = (B0 + img) * HW + hw  # pixel n: labels, the saved and upstream vectors
+        loc = img * HWC + (hw - HW0)  # pixel within the chunk: the output row (and its statistics)
+        x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
+        if HAS_LSE:
+            mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
+            r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
+            inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    else:  # rows (N, D): one image, one chunk; the plain kernel's addressing
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < HWC
+        loc = rows
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dout_ok = dout < D
     jj = tl.arange(0, BLOCK_J)
@@ -312,13 +441,17 @@ def similarity_bwd_kernel(
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
-                x = tl.load(
-                    X_ptr + rows[:, None] * X_stride_n + d[None, :] * X_stride_d,
-                    mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
+                if EMBED:
+                    x_ptrs = X_ptr + x_row[:, None] + d[None, :] * X_stride_d
+                else:
+                    x_ptrs = X_ptr + rows[:, None] * X_stride_hw + d[None, :] * X_stride_d
+                x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                if EMBED:
+                    x = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE)
                 p = tl.load(P_ptr + prow[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                 s = _dot(x, p, s, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
+            if EMBED:
+                s = s * inv[:, None]  # S of the L2-normalised embedding
             ds = tl.where(col_ok[None, :], tl.exp(s / t - lse[:, None]) * g_lse[:, None], 0.0)
         # The seg and own terms are gathered straight into the tile's (n, j)
         # layout (grad_seg and argk of column j's class, read BLOCK_K times
@@ -343,7 +476,7 @@ def similarity_bwd_kernel(
             # PPC/PPD terms (0.01 / n_valid * softmax) would underflow or lose digits
             dx = _dot(ds, p_out, dx, DS_DTYPE, DS_PRECISION, DOT_UPCAST, ACC_DTYPE)
     tl.store(
-        DX_ptr + rows[:, None] * D + dout[None, :],
+        DX_ptr + loc[:, None] * D + dout[None, :],
         dx.to(DX_ptr.dtype.element_ty),
         mask=row_ok[:, None] & dout_ok[None, :],
     )
@@ -390,21 +523,25 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
         cfg.update({k: v for k, v in (tiles or {}).items() if k in cfg})
         own_class_scores_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0), own, N, D, C, K,
-            ACC_DTYPE=TL_DTYPE[acc], BLOCK_K=pow2(K), num_warps=4, **cfg,
+            0, own, own, own, 0, 0, N,
+            ACC_DTYPE=TL_DTYPE[acc], EMBED=False, LAYER_NORM=False, BLOCK_K=pow2(K), num_warps=4, **cfg,
         )
         return seg, argk, lse, own
     dots = dot_config(feats.dtype, protos.dtype)
     cfg = tile_config("fwd", feats.dtype, protos.dtype, N, C, K, D)
     cfg.update(tiles or {})
-    similarity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+    # the rows as one image of N pixels (stride_b unused), no statistics
+    dummy = _dummy(acc, dev)
+    similarity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), 1)](
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
         seg if compute_seg else _dummy(feats.dtype, dev),
         argk if compute_seg else _dummy(torch.uint8, dev),
-        lse if compute_lse else _dummy(acc, dev),
-        own if compute_own else _dummy(acc, dev),
-        N, D, C, K, float(temperature),
+        lse if compute_lse else dummy,
+        own if compute_own else dummy,
+        N, D, C, K, float(temperature), 0, dummy, dummy, dummy, 0, 0, N,
         ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
-        DOT_UPCAST=dots["DOT_UPCAST"], COMPUTE_SEG=compute_seg, COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
+        DOT_UPCAST=dots["DOT_UPCAST"], EMBED=False, LAYER_NORM=False, COMPUTE_SEG=compute_seg,
+        COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
     )
     return seg, argk, lse, own
 
@@ -428,13 +565,14 @@ def similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, arg
     ls = lse if has_lse else _dummy(acc, dev)
     go = grad_own if has_own else _dummy(acc, dev).view(1, 1)
     lab = labels if has_own else _dummy(torch.int64, dev)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_DO"]),)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_DO"]), 1)
+    dummy = _dummy(acc, dev)
     similarity_bwd_kernel[grid](
         gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
         ak, ak.stride(0), ak.stride(1), ls, ls.stride(0), dx,
-        N, D, C, K, float(temperature),
-        ACC_DTYPE=TL_DTYPE[acc], **dot_config(feats.dtype, protos.dtype),
+        N, D, C, K, float(temperature), 0, dummy, dummy, dummy, 0, 0, N,
+        ACC_DTYPE=TL_DTYPE[acc], **dot_config(feats.dtype, protos.dtype), EMBED=False, LAYER_NORM=False,
         HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, FMA_SECOND_GEMM=acc == torch.float64, **cfg,
     )
     return dx

@@ -10,7 +10,7 @@ elements of one block (:data:`MAX_NUMEL`) in every tensor the kernels build.
 
 from __future__ import annotations
 
-__all__ = ["GPU_TILES", "MAX_NUMEL", "kind_of", "similarity_tiles", "largest_block", "pow2"]
+__all__ = ["GPU_TILES", "EMBED_GPU_TILES", "MAX_NUMEL", "kind_of", "similarity_tiles", "largest_block", "pow2"]
 
 # Triton's limit on the elements of one tensor (triton.language.core.TRITON_MAX_TENSOR_NUMEL)
 MAX_NUMEL = 1 << 20
@@ -27,6 +27,40 @@ GPU_TILES = {
     ("bwd", "half"): (32, 64, 64, 256, 8, 3),
     ("bwd", "fp32"): (32, 64, 32, 64, 8, 2),
     ("bwd", "fp64"): (16, 16, 32, 32, 8, 2),
+}
+
+# The EMBED + LAYER_NORM variants of the similarity kernels (kernels/embed.py:
+# the head's LayerNorm fused in, its normalised feats tile in registers) where
+# they need other tiles than GPU_TILES (same layout; the L2-only EMBED variant
+# uses the feats tile as loaded and takes GPU_TILES), and ("embed", acc):
+# (BLOCK_N, BLOCK_D, num_warps)
+# of the embedding's own kernels (statistics, LN + L2 backward, embedding
+# rows). Registers per kernel are in kernels/similarity.py and kernels/embed.py.
+EMBED_GPU_TILES = {
+    # half forward: 64 px x 64 cols (4 classes x 16; GPU_TILES: 8 classes):
+    # with the LayerNorm'd tile, its statistics and w, b in registers the
+    # 128-column tile reached 255 registers on sm_90 and sm_80 (at BLOCK_D 64
+    # or 32); 64 columns: 181-183 (sm_80: 214). C = 19 pads to 20 classes
+    # (1.68x) instead of 24, for 5 passes over the feats tile instead of 3.
+    ("fwd", "half"): (64, 64, 64, None, 8, 3),
+    # half backward: BLOCK_D 32 (GPU_TILES: 64): at 64 ptxas held the odd tiny
+    # size (D = 33, K = 1) to 128 registers and spilled 4-12 B
+    ("bwd", "half"): (32, 64, 32, 256, 8, 3),
+    # float32 (tf32x3) forward: 32 px x 64 cols, BLOCK_D 32 (GPU_TILES: 64 x
+    # 128, BLOCK_D 16, at 255 registers on sm_80 already): 64 x 128 spilled
+    # 24 B with the LayerNorm'd tile, 32 x 128 reached 255, and BLOCK_D 16
+    # spilled at the tiny size; this one: 178-184 registers
+    ("fwd", "fp32"): (32, 64, 32, None, 8, 3),
+    # float64: BLOCK_D 16 (GPU_TILES: 32) and a D slice of 16 in the backward:
+    # ptxas kept the odd tiny size (D = 33, K = 1) at 128 registers and
+    # spilled 8 B at BLOCK_D 32
+    ("fwd", "fp64"): (32, 64, 16, None, 8, 2),
+    ("bwd", "fp64"): (16, 16, 16, 16, 8, 2),
+    # statistics / LN + L2 backward / embedding rows, by accumulation dtype
+    # (fp16, bf16 and fp32 feats accumulate in float32); 32 x 64 put the
+    # backward at 168-216 registers, 32 x 32 at 120-163
+    ("embed", "fp32"): (32, 32, 4),
+    ("embed", "fp64"): (32, 16, 4),
 }
 
 
@@ -57,17 +91,21 @@ def largest_block(pass_: str, kind: str, cfg: dict) -> int:
     return max(sizes)
 
 
-def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, interpret: bool) -> dict:
+def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, interpret: bool,
+                     layer_norm: bool = False) -> dict:
     """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) similarity kernel.
 
     A tile holds BLOCK_C whole classes of BLOCK_K = next_pow2(K) prototypes
     (BLOCK_C * BLOCK_K >= 16: the tensor cores' smallest dimension).
+    ``layer_norm``: the EMBED + LAYER_NORM variant (its GPU tiles from
+    :data:`EMBED_GPU_TILES` where given).
     """
     if interpret:
         BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = (
             pow2(N, 16, 256), 1024, pow2(D, 16, 256), pow2(D, 16, 1024), 4, 1)
     else:
-        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = GPU_TILES[(pass_, kind)]
+        table = EMBED_GPU_TILES if layer_norm and (pass_, kind) in EMBED_GPU_TILES else GPU_TILES
+        BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = table[(pass_, kind)]
     BLOCK_K = pow2(K)
     BLOCK_C = max(1, min(pow2(C), max_j // BLOCK_K))
     while BLOCK_C * BLOCK_K < 16:

@@ -123,7 +123,7 @@ class Backend:
         """L2-normalise(EMA(protos, normalise(sums))) where ``counts > 0``."""
         raise NotImplementedError
 
-    # pixels per chunk of the composed embedding (embed_similarity, embed_prototype_sums)
+    # pixels per chunk of the composed embedding (the default embed_similarity, embed_prototype_sums)
     embed_chunk = 1 << 16
 
     def embed_similarity(self, feats, feat_norm: FeatNorm, protos, labels=None, *, ignore_index=-1, temperature=1.0,
@@ -136,7 +136,9 @@ class Backend:
         This default composes it from :meth:`similarity`, ``embed_chunk`` pixels at a time
         (its outputs are per pixel), each chunk under activation checkpointing: the embedding
         of a chunk lives only while it is scored, and the backward recomputes it (and the
-        chunk's scores) instead of keeping an (N, D) copy. A backend may fuse it."""
+        chunk's scores) instead of keeping an (N, D) copy. This default is the reference
+        backend's; the backends with compiled ops (cpu, cuda, triton) fuse it into their
+        kernels (``embed_similarity`` of csrc/protoseg.cpp)."""
         w, b, eps = feat_norm if feat_norm is not None else (None, None, 0.0)
 
         def score(x, w, b, lab):
@@ -230,6 +232,22 @@ class _OpsBackend(Backend):
     def prototype_ema(self, protos, sums, counts, gamma):
         return self._ops.prototype_ema(protos, sums, counts, float(gamma))
 
+    def embed_similarity(self, feats, feat_norm, protos, labels=None, *, ignore_index=-1, temperature=1.0, seg=True,
+                         lse=False, own=False, cache_bytes=0):
+        # one op reads the map as it lies and normalises each tile as it is read: no (N, D) copy
+        # (its autograd: protoseg_ext.ops.register_embed_similarity)
+        w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
+        out = self._ops.embed_similarity(feats, w, b, float(eps), protos, _labels_or_empty(labels, feats),
+                                         int(ignore_index), float(temperature), bool(seg), bool(lse), bool(own),
+                                         int(cache_bytes))
+        return SimilarityOut(*out[:4])
+
+    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots):
+        # the map read as embed_similarity reads it, tile by tile: never an (N, D) copy
+        w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
+        sums, counts = self._ops.embed_prototype_sums(feats, w, b, float(eps), slot, int(num_slots))
+        return sums, counts
+
 
 class CpuBackend(_OpsBackend):
     name = "cpu"
@@ -242,21 +260,6 @@ class CpuBackend(_OpsBackend):
         if device is not None and torch.device(device).type != "cpu":
             reasons.append(f"'cpu' runs on CPU tensors, these are on {device}")
         return reasons
-
-    def embed_similarity(self, feats, feat_norm, protos, labels=None, *, ignore_index=-1, temperature=1.0, seg=True,
-                         lse=False, own=False, cache_bytes=0):
-        # one op reads the map as it lies and normalises each tile as it is read: no (N, D) copy
-        w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
-        out = self._ops.embed_similarity(feats, w, b, float(eps), protos, _labels_or_empty(labels, feats),
-                                         int(ignore_index), float(temperature), bool(seg), bool(lse), bool(own),
-                                         int(cache_bytes))
-        return SimilarityOut(*out[:4])
-
-    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots):
-        # the map read as embed_similarity reads it, tile by tile: never an (N, D) copy
-        w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
-        sums, counts = self._ops.embed_prototype_sums(feats, w, b, float(eps), slot, int(num_slots))
-        return sums, counts
 
     def mask_norm(self, seg, weight, bias, eps, batch):
         # the fused kernel: a contiguous image whose gradient needs no layout copy,

@@ -165,6 +165,33 @@ def similarity_backward_args(grad_seg, grad_lse, grad_own, feats, protos, argk, 
         raise ValueError(f"grad_own must be (N, K) = ({N}, {K}), got {shape_of(grad_own)}")
 
 
+def embed_feats(feats) -> Tensor:
+    """``embed_similarity``'s feats, ``(N, D)`` rows or a ``(B, D, H, W)`` map: an ``(N, D)`` stand-in
+    (no storage, N = B*H*W) for the shared op checks."""
+    if not isinstance(feats, Tensor) or feats.dim() not in (2, 4):
+        raise ValueError(f"feats must be (N, D) or (B, D, H, W), got {shape_of(feats)}")
+    N = feats.shape[0] if feats.dim() == 2 else feats.shape[0] * feats.shape[2] * feats.shape[3]
+    return feats.new_empty(()).expand(N, feats.shape[1])
+
+
+def feat_norm(rows, ln_weight, ln_bias, ln_eps) -> bool:
+    """The head's LayerNorm over D: ``ln_weight`` and ``ln_bias`` (D,) given together (or neither),
+    ``ln_eps > 0``; ``rows`` the (N, D) stand-in. Returns whether it is given."""
+    ln = ln_weight is not None
+    if ln != (ln_bias is not None):
+        raise ValueError("ln_weight and ln_bias must be given together")
+    if ln:
+        D = rows.shape[1]
+        for t, name in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")):
+            if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != D:
+                raise ValueError(f"{name} must be (D,) = ({D},), got {shape_of(t)}")
+            floating(t, name)
+        positive(ln_eps, "ln_eps")
+        same_device(rows, ln_weight, "feats", "ln_weight")
+        same_device(rows, ln_bias, "feats", "ln_bias")
+    return ln
+
+
 def sinkhorn_args(own, labels_, num_classes: int, ignore_index_: int, iters, eps) -> None:
     dim(own, 2, "own", "(N, K)")
     floating(own, "own")

@@ -54,9 +54,23 @@ def _fake_prototype_ema(protos, sums, counts, gamma):
     return torch.empty_like(protos, memory_format=torch.contiguous_format)
 
 
-def register_fakes(ns: str) -> None:
-    """Register the fake (meta) kernels of the five ops of namespace ``ns`` (schemas of csrc/protoseg.cpp)."""
-    torch.library.register_fake(f"{ns}::similarity")(_fake_similarity)
+def _no_cache(fake):
+    """``fake`` for a backend that never keeps the softmax: ``probs`` is always ``(0,)``."""
+
+    def wrapped(*args, **kwargs):
+        out = fake(*args, **kwargs)
+        return out[:4] + (out[4].new_empty((0,)),)
+
+    return wrapped
+
+
+def register_fakes(ns: str, keeps_probs: bool = True) -> None:
+    """Register the fake (meta) kernels of the five ops of namespace ``ns`` (schemas of csrc/protoseg.cpp).
+
+    ``keeps_probs=False``: the backend never keeps softmax(S) (its ``probs`` is always ``(0,)``), so
+    the fake must not promise ``(N, C*K)`` when ``cache_bytes`` would fit it.
+    """
+    torch.library.register_fake(f"{ns}::similarity")(_fake_similarity if keeps_probs else _no_cache(_fake_similarity))
     torch.library.register_fake(f"{ns}::similarity_backward")(_fake_similarity_backward)
     torch.library.register_fake(f"{ns}::sinkhorn")(_fake_sinkhorn)
     torch.library.register_fake(f"{ns}::prototype_sums")(_fake_prototype_sums)
@@ -132,11 +146,11 @@ def register_mask_norm(ns: str) -> None:
     torch.library.register_autograd(f"{ns}::mask_norm", backward, setup_context=setup_context)
 
 
-def register_embed_similarity(ns: str) -> None:
+def register_embed_similarity(ns: str, keeps_probs: bool = True) -> None:
     """Fake kernels and autograd of ``{ns}::embed_similarity`` (the head's embedding fused into ``similarity``).
 
     Gradients reach ``feats`` and the LayerNorm's ``ln_weight`` and ``ln_bias``
-    through ``{ns}::embed_similarity_backward``.
+    through ``{ns}::embed_similarity_backward``. ``keeps_probs``: as for :func:`register_fakes`.
     """
 
     def fake(feats, ln_weight, ln_bias, ln_eps, protos, labels, ignore_index, temperature, compute_seg, compute_lse,
@@ -152,7 +166,7 @@ def register_embed_similarity(ns: str) -> None:
         gb = torch.empty_like(ln_bias) if ln_bias is not None else feats.new_empty((0,))
         return torch.empty_like(feats), gw, gb
 
-    torch.library.register_fake(f"{ns}::embed_similarity")(fake)
+    torch.library.register_fake(f"{ns}::embed_similarity")(fake if keeps_probs else _no_cache(fake))
 
     @torch.library.register_fake(f"{ns}::embed_prototype_sums")
     def fake_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots):

@@ -1,14 +1,29 @@
-"""The ``"triton"`` backend: the five ops of ``csrc/protoseg.cpp`` as ``torch.ops.protoseg_triton``.
+"""The ``"triton"`` backend: the ops of ``csrc/protoseg.cpp`` as ``torch.ops.protoseg_triton``.
 
+``similarity``, ``similarity_backward``, ``sinkhorn``, ``prototype_sums``,
+``prototype_ema``, and the head's embedding fused into the similarity:
+``embed_similarity``, ``embed_similarity_backward``, ``embed_prototype_sums``.
 Each op is a ``torch.library.custom_op`` with the C++ schema: same arguments,
 outputs, dtypes and meaning. Two arguments are accepted and met simply: the
 softmax cache (``cache_bytes``) is never kept, so ``probs`` is always ``(0,)``
 and the backward recomputes S tile by tile; ``normalize`` L2-normalises the
 rows before the kernels (and the backward chains the gradient through it). The
 kernels live in ``protoseg_ext.kernels``. Fake kernels and the autograd of
-``similarity`` are the shared ones of :mod:`protoseg_ext.ops`, so
-``torch.compile(fullgraph=True)`` traces through these ops and the backward is
-``protoseg_triton::similarity_backward``.
+``similarity`` and ``embed_similarity`` are the shared ones of
+:mod:`protoseg_ext.ops`, so ``torch.compile(fullgraph=True)`` traces through
+these ops and the backwards are ``protoseg_triton::similarity_backward`` and
+``protoseg_triton::embed_similarity_backward``.
+
+The ``embed_*`` ops take ``feats`` as the backbone gives it: ``(N, D)`` rows
+or a ``(B, D, H, W)`` map read as it lies (NCHW planes or channels-last;
+pixel n = b*H*W + h*W + w; a map whose (H, W) plane has no single pixel
+stride is copied first), with the optional LayerNorm over D (``ln_weight``,
+``ln_bias`` (D,), ``ln_eps``) and the L2 normalisation done in the kernels'
+registers (:mod:`protoseg_ext.kernels.embed`), ``EMBED_CHUNK`` pixels at a
+time: nothing of size (N, D) is allocated besides the returned gradient, which
+has feats' shape, layout and dtype (d ln_weight / d ln_bias in the
+parameters' dtype, ``(0,)`` without the LayerNorm). ``cache_bytes`` is
+accepted and ignored as for ``similarity``.
 
 The ops run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was
 set before triton was imported (the tests use this). Argument errors raise
@@ -17,10 +32,12 @@ outside ``[0, C)`` that is not ``ignore_index`` raises too: on CPU tensors at
 once, on a GPU through a device-side assert (no host synchronisation). Every
 launch runs on the device of its tensors.
 
-``prototype_sums`` is deterministic (sorted segmented reduction, no float
-atomics) when ``torch.are_deterministic_algorithms_enabled()``; otherwise it
-adds the rows with float atomics (one pass, no sort; the last bits of the sums
-may vary between runs). Counts are exact either way.
+``prototype_sums`` and ``embed_prototype_sums`` are deterministic (sorted
+segmented reduction, no float atomics; the embedding's chunks added in order)
+when ``torch.are_deterministic_algorithms_enabled()``; otherwise they add the
+rows with float atomics (one pass, no sort; the last bits of the sums may vary
+between runs). Counts are exact either way. The gradients of the LayerNorm's
+parameters are per-program partials summed by ``torch.sum``: deterministic.
 """
 
 from __future__ import annotations
@@ -33,14 +50,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks, ops
+from .kernels import embed as _embed
 from .kernels import prototype_update as _update
 from .kernels import similarity as _similarity
 from .kernels import sinkhorn as _sinkhorn
 from .kernels.common import INTERPRET
 
-__all__ = ["NAMESPACE", "similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"]
+__all__ = ["NAMESPACE", "EMBED_CHUNK", "similarity", "similarity_backward", "sinkhorn", "prototype_sums",
+           "prototype_ema", "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"]
 
 NAMESPACE = "protoseg_triton"
+# pixels per chunk of the embed_* ops (their (chunk, D) buffers); None: kernels.embed.CHUNK_PIXELS (65,536).
+# Read at each call, so tests can lower it.
+EMBED_CHUNK: Optional[int] = None
 
 
 def _on_device(t: Tensor, name: str):
@@ -184,5 +206,103 @@ def prototype_ema(protos: Tensor, sums: Tensor, counts: Tensor, gamma: float) ->
         return _update.prototype_ema(protos, sums, counts, gamma)
 
 
-ops.register_fakes(NAMESPACE)
+# ------------------------------------------------------------------ the head's embedding fused in
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::embed_similarity",
+    mutates_args=(),
+    schema="(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, "
+    "int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, int cache_bytes=0) "
+    "-> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs)",
+)
+def embed_similarity(
+    feats: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    ln_eps: float,
+    protos: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    temperature: float,
+    compute_seg: bool,
+    compute_lse: bool,
+    compute_own: bool,
+    cache_bytes: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``similarity`` of the head's embedding of ``feats`` (N, D) or (B, D, H, W), read as it lies:
+    LayerNorm over D (with ``ln_weight``/``ln_bias``) and L2 normalisation fused into the kernel's tiles."""
+    rows = checks.embed_feats(feats)
+    checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own)
+    checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
+    with _on_device(feats, "feats"):
+        if compute_own:
+            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+        out = _embed.embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature,
+                                              compute_seg, compute_lse, compute_own, chunk=EMBED_CHUNK)
+        return (*out, feats.new_empty((0,), dtype=checks.acc_dtype(feats.dtype)))
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::embed_similarity_backward",
+    mutates_args=(),
+    schema="(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, Tensor? ln_weight, "
+    "Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, Tensor argk, Tensor lse, int ignore_index, "
+    "float temperature, Tensor? probs=None) -> (Tensor grad_feats, Tensor grad_weight, Tensor grad_bias)",
+)
+def embed_similarity_backward(
+    grad_seg: Optional[Tensor],
+    grad_lse: Optional[Tensor],
+    grad_own: Optional[Tensor],
+    feats: Tensor,
+    ln_weight: Optional[Tensor],
+    ln_bias: Optional[Tensor],
+    ln_eps: float,
+    protos: Tensor,
+    labels: Tensor,
+    argk: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    temperature: float,
+    probs: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(d feats (feats' shape and layout), d ln_weight, d ln_bias)`` ((0,) without the LayerNorm);
+    S recomputed tile by tile (``probs`` unused)."""
+    has_lse, has_own = grad_lse is not None, grad_own is not None
+    rows = checks.embed_feats(feats)
+    checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own)
+    checks.similarity_backward_args(grad_seg, grad_lse, grad_own, rows, protos, argk, lse)
+    checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
+    with _on_device(feats, "feats"):
+        if has_own:
+            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+        return _embed.embed_similarity_backward(
+            grad_seg, grad_lse.reshape(-1) if has_lse else None, grad_own, feats, ln_weight, ln_bias, ln_eps, protos,
+            labels, argk, lse.reshape(-1) if has_lse else lse, temperature, chunk=EMBED_CHUNK,
+        )
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::embed_prototype_sums",
+    mutates_args=(),
+    schema="(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor slot, int num_slots) "
+    "-> (Tensor sums, Tensor counts)",
+)
+def embed_prototype_sums(
+    feats: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float, slot: Tensor, num_slots: int
+) -> Tuple[Tensor, Tensor]:
+    """``prototype_sums`` of the embedding ``embed_similarity`` scores (LayerNorm'd, L2-normalised pixels),
+    chunk by chunk; deterministic when ``torch.are_deterministic_algorithms_enabled()``."""
+    rows = checks.embed_feats(feats)
+    checks.floating(feats, "feats")
+    checks.prototype_sums_args(rows, slot, num_slots)
+    checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
+    with _on_device(feats, "feats"):
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        return _embed.embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots,
+                                           deterministic=deterministic, chunk=EMBED_CHUNK)
+
+
+ops.register_fakes(NAMESPACE, keeps_probs=False)  # probs is always (0,)
 ops.register_similarity_autograd(NAMESPACE)
+ops.register_embed_similarity(NAMESPACE, keeps_probs=False)

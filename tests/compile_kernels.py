@@ -25,9 +25,10 @@ kernel fails to compile or uses local memory (a spill or a stack frame).
 Usage: python tests/compile_kernels.py [--full] 90 80
 (default: every kernel and constexpr path in every dtype at the Cityscapes
 size, the similarity kernels at ADE20K's C too, an odd tiny size for fp16 and
-fp64: 51 specialisations per arch; ``--full``: every op in every dtype at the
-three sizes and half features with float32 prototypes, about 110 per arch,
-5-7 minutes for both archs on 2 cores with a cold cache. CI runs ``--full``.)
+fp64, the embedding's kernels and the EMBED variants (kernels/embed.py): 89
+specialisations per arch; ``--full``: every op in every dtype at the
+three sizes and half features with float32 prototypes, about 200 per arch,
+several minutes for both archs on 2 cores with a cold cache. CI runs ``--full``.)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from protoseg_ext.kernels import prototype_update, similarity, sinkhorn  # noqa: E402
+from protoseg_ext.kernels import embed, prototype_update, similarity, sinkhorn  # noqa: E402
 
 _PTR = {
     torch.float16: "*fp16",
@@ -62,7 +63,7 @@ _PTR = {
 }
 
 RECORDED = []  # (kernel name, variant, JITFunction, args dict, compile options)
-MODULES = (similarity, sinkhorn, prototype_update)
+MODULES = (similarity, sinkhorn, prototype_update, embed)
 
 
 def all_kernels():
@@ -130,6 +131,12 @@ def _signature(fn, bound):
 CITYSCAPES, ADE20K, TINY = (65536, 720, 19, 10), (8192, 256, 150, 10), (1000, 33, 3, 1)
 ALL_OPS = ("fwd", "fwd_seg", "fwd_own", "bwd", "bwd_seg", "sinkhorn", "sums", "ema")
 SIMILARITY_OPS = ("fwd", "fwd_seg", "bwd", "bwd_seg")
+# the head's embedding fused in (kernels/embed.py): the EMBED variants of the
+# similarity kernels and the embedding's own kernels. "efwd" / "ebwd" /
+# "esums": LayerNorm + L2 from an NCHW map (B, D, H, W); "efwd_own": the same,
+# own only (the gathered own-class kernel); "efwd_seg": L2 only, seg only, from a channels-last map; "ebwd_seg":
+# L2 only, seg only, from rows.
+EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums")
 
 # The default set: every kernel and every constexpr path (forward outputs,
 # backward gradients, Sinkhorn phases, deterministic and atomic sums, the
@@ -137,20 +144,28 @@ SIMILARITY_OPS = ("fwd", "fwd_seg", "bwd", "bwd_seg")
 # the largest the launchers pick; the similarity kernels also at ADE20K's C
 # (another class padding) in the GEMM dtype classes.
 QUICK = [
-    (CITYSCAPES, torch.bfloat16, ALL_OPS),
-    (CITYSCAPES, torch.float16, SIMILARITY_OPS),
-    (CITYSCAPES, torch.float32, ALL_OPS),
-    (CITYSCAPES, torch.float64, ALL_OPS),
-    (ADE20K, torch.bfloat16, SIMILARITY_OPS),
-    (ADE20K, torch.float32, SIMILARITY_OPS),
+    (CITYSCAPES, torch.bfloat16, ALL_OPS + EMBED_OPS),
+    (CITYSCAPES, torch.float16, SIMILARITY_OPS + ("efwd", "ebwd")),
+    (CITYSCAPES, torch.float32, ALL_OPS + EMBED_OPS),
+    (CITYSCAPES, torch.float64, ALL_OPS + EMBED_OPS),
+    (ADE20K, torch.bfloat16, SIMILARITY_OPS + ("efwd", "ebwd")),
+    (ADE20K, torch.float32, SIMILARITY_OPS + ("efwd", "ebwd")),
     (TINY, torch.float16, ("fwd_seg", "bwd_seg")),
-    (TINY, torch.float64, ("fwd", "bwd", "sinkhorn", "sums", "ema")),
+    (TINY, torch.float64, ("fwd", "bwd", "sinkhorn", "sums", "ema", "efwd", "ebwd")),
 ]
-FULL = [(pb, dt, ALL_OPS) for pb in (CITYSCAPES, ADE20K, TINY)
+FULL = [(pb, dt, ALL_OPS + EMBED_OPS) for pb in (CITYSCAPES, ADE20K, TINY)
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
 # mixed input dtypes (half features against float32 prototypes) take the float32 GEMM path
-FULL += [(CITYSCAPES, (torch.bfloat16, torch.float32), SIMILARITY_OPS),
-         (TINY, (torch.float16, torch.float32), SIMILARITY_OPS)]
+FULL += [(CITYSCAPES, (torch.bfloat16, torch.float32), SIMILARITY_OPS + ("efwd", "ebwd")),
+         (TINY, (torch.float16, torch.float32), SIMILARITY_OPS + ("efwd", "ebwd"))]
+
+
+def _map_shape(N: int):
+    """``(B, H, W)`` of a feature map with N pixels: two images when N is even, rows of 256 when they fit."""
+    B = 2 if N % 2 == 0 else 1
+    HW = N // B
+    W = 256 if HW % 256 == 0 else HW
+    return B, HW // W, W
 
 
 def _record_all(table):
@@ -174,6 +189,10 @@ def _record_all(table):
             lse = torch.empty(N, dtype=acc, **meta)
             own = torch.empty(N, K, dtype=acc, **meta)
             gseg = torch.empty(N, C, dtype=dt, **meta)
+            B, H, W = _map_shape(N)
+            fmap = torch.empty(B, D, H, W, dtype=dt, **meta)
+            fmap_cl = torch.empty(B, D, H, W, dtype=dt, memory_format=torch.channels_last, **meta)
+            lnw, lnb = torch.empty(D, dtype=dt, **meta), torch.empty(D, dtype=dt, **meta)
             calls = {
                 "fwd": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, True, True),
                 "fwd_seg": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, False, False),
@@ -183,6 +202,17 @@ def _record_all(table):
                 "sinkhorn": lambda: sinkhorn.sinkhorn(own, lab, C, 3, 0.05),
                 "sums": lambda: [prototype_update.prototype_sums(f, lab, C * K, deterministic=det)
                                  for det in (True, False)],
+                "efwd": lambda: embed.embed_similarity_forward(fmap, lnw, lnb, 1e-5, p, lab, 1.0, True, True, True),
+                "efwd_own": lambda: embed.embed_similarity_forward(fmap, lnw, lnb, 1e-5, p, lab, 1.0, False, False,
+                                                                   True),
+                "efwd_seg": lambda: embed.embed_similarity_forward(fmap_cl, None, None, 1e-5, p, lab, 1.0, True,
+                                                                   False, False),
+                "ebwd": lambda: embed.embed_similarity_backward(gseg, lse, own, fmap, lnw, lnb, 1e-5, p, lab, argk,
+                                                                lse, 1.0),
+                "ebwd_seg": lambda: embed.embed_similarity_backward(gseg, None, None, f, None, None, 1e-5, p, lab,
+                                                                    argk, lse, 1.0),
+                "esums": lambda: [embed.embed_prototype_sums(fmap, lnw, lnb, 1e-5, lab, C * K, deterministic=det)
+                                  for det in (True, False)],
                 "ema": lambda: prototype_update.prototype_ema(
                     p, torch.empty(C * K, D, dtype=acc, **meta), torch.empty(C * K, dtype=acc, **meta), 0.999),
             }

@@ -38,6 +38,7 @@ if not INTERPRET and not HAS_GPU:
     pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 import protoseg_ext.triton_ops  # noqa: E402,F401  (registers torch.ops.protoseg_triton)
+from protoseg_ext.kernels import embed as KE  # noqa: E402
 from protoseg_ext.kernels import prototype_update as KU  # noqa: E402
 from protoseg_ext.kernels import tiles as KT  # noqa: E402
 from protoseg_ext.kernels import similarity as KS  # noqa: E402
@@ -80,7 +81,8 @@ def test_schemas_match_the_compiled_ops():
     """One contract: the Triton ops have exactly the C++ schemas (arguments, defaults, outputs)."""
     if backends.load_extension() is None:
         pytest.skip("protoseg_ext._C did not load")
-    for op in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"):
+    for op in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema",
+               "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"):
         a = getattr(torch.ops.protoseg_ext, op).default._schema
         b = getattr(T, op).default._schema
         assert [(x.name, str(x.type), x.default_value) for x in a.arguments] == [
@@ -212,6 +214,8 @@ def _opcheck_cases():
     fg = f.clone().requires_grad_()
     return {
         "similarity": (fg, p, gt, -1, 1.0, True, True, True),
+        # a softmax budget that would fit: this backend never keeps it, and its fake must say so
+        "similarity_cache": (fg, p, gt, -1, 1.0, True, True, True, 1 << 20),
         "similarity_backward": (torch.randn_like(seg), torch.randn_like(lse), torch.randn_like(own),
                                 f, p, gt, argk, lse, -1, 1.0),
         "sinkhorn": (own, gt, 3, -1, 3, 0.05),
@@ -220,10 +224,11 @@ def _opcheck_cases():
     }
 
 
-@pytest.mark.parametrize("op", ["similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"])
+@pytest.mark.parametrize("op", ["similarity", "similarity_cache", "similarity_backward", "sinkhorn", "prototype_sums",
+                                "prototype_ema"])
 def test_opcheck(op):
     args = _opcheck_cases()[op]
-    torch.library.opcheck(getattr(T, op).default, args)
+    torch.library.opcheck(getattr(T, op.replace("_cache", "")).default, args)
 
 
 def test_torch_compile_fullgraph():
@@ -479,3 +484,321 @@ def test_float64_rows_beyond_float32_range_take_part(deterministic):
     ref_sums = torch.zeros(S, D, dtype=torch.float64, device=f.device).index_add_(0, slot[ok], f[ok])
     assert torch.equal(counts, ref_counts)
     torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the head's embedding fused in (embed_*)
+# The kernels of kernels/embed.py and the EMBED mode of the similarity kernels,
+# against LayerNorm + F.normalize + reference.similarity_outputs, gradients
+# w.r.t. feats, ln_weight and ln_bias by autograd in float64.
+
+
+# float32 feats far from zero mean, against the float64 reference: the interpreter's products are exact
+# in float32; a GPU's tf32x3 GEMMs a little less
+EMBED_TOL = dict(atol=2e-5, rtol=2e-5) if INTERPRET else dict(atol=5e-5, rtol=2e-4)
+EMBED_GRAD_TOL = dict(atol=1e-4, rtol=1e-4) if INTERPRET else dict(atol=3e-4, rtol=3e-4)
+
+
+def embed_reference(x, ln):
+    """The head's embedding rows (N, D): feats (N, D) or (B, D, H, W) as rows, LayerNorm over D, L2 normalisation."""
+    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if ln is not None:
+        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
+    return F.normalize(rows, dim=-1)
+
+
+def as_layout(x, layout):
+    """The (B, D, H, W) map ``x`` as the backbone may give it."""
+    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "rows": x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])}[layout]
+
+
+def embed_problem(B, D, H, W, C, K, seed=0, offset=0.5, dtype=torch.float64):
+    """A map (B, D, H, W), LayerNorm weight and bias (D,), protos (C, K, D) (drawn in float64, cast to
+    ``dtype``) and labels (B*H*W,) with ignored pixels (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2 + offset
+    w = torch.randn(D, generator=g, dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    p = F.normalize(torch.randn(C, K, D, generator=g, dtype=torch.float64), dim=-1)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g)
+    return [t.to(dtype).to(DEVICE) for t in (x, w, b, p)] + [gt.to(DEVICE)]
+
+
+def embed_check(x, w, b, p, gt, layer_norm, layout, temperature=0.7, tol=TOL, grad_tol=None, call=None, seed=5):
+    """Run ``call(xin, w, b, p, gt) -> (seg, argk, lse, own, backward)`` and compare with the float64
+    reference: values, then d feats / d weight / d bias of a random weighting of seg, lse and own."""
+    xin = as_layout(x, layout)
+    seg, argk, lse, own, backward = call(xin, w if layer_norm else None, b if layer_norm else None, p, gt)
+    xr, wr, br = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(embed_reference(xr, (wr, br, 1e-5) if layer_norm else None), p.double(), gt, -1,
+                               temperature, True, True, True)
+    for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
+        torch.testing.assert_close(u.double(), v, **tol)
+    g = torch.Generator().manual_seed(seed)
+    gs, gl, go = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in (ref[0], ref[2], ref[3])]
+    loss = (ref[0] * gs).sum() + (ref[2] * gl).sum() + (ref[3] * go).sum()
+    leaves = [xr, wr, br] if layer_norm else [xr]
+    want = torch.autograd.grad(loss, leaves)
+    dx, dw, db = backward(gs.to(seg.dtype), gl.to(lse.dtype), go.to(own.dtype), xin, argk, lse)
+    assert dx.shape == xin.shape and dx.dtype == xin.dtype and dx.stride() == torch.empty_like(xin).stride()
+    got = [dx if layout != "rows" else dx.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)]
+    if layer_norm:
+        got += [dw, db]
+    else:
+        assert dw.shape == (0,) and db.shape == (0,)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u.double(), v, **(grad_tol or tol))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+@pytest.mark.parametrize("chunk", [40, 150, None], ids=["part-images", "two-images", "one-chunk"])
+def test_embed_kernels_small_tiles_and_chunks(layout, layer_norm, chunk):
+    """Several pixel, class and D blocks, D slices and chunks (a pixel range of one image; two whole
+    images), far from zero mean (|mean| / std = 15): the launchers with tile overrides."""
+    B, D, H, W, C, K = 3, 40, 5, 13, 9, 3  # 65 pixels an image
+    x, w, b, p, gt = embed_problem(B, D, H, W, C, K, seed=1, offset=30.0, dtype=torch.float32)
+    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16, BLOCK_DO=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+
+    def call(xin, w_, b_, p_, gt_):
+        out = KE.embed_similarity_forward(xin, w_, b_, 1e-5, p_, gt_, 0.7, True, True, True, tiles=tiles, chunk=chunk)
+
+        def backward(gs, gl, go, xin_, argk, lse):
+            return KE.embed_similarity_backward(gs, gl, go, xin_, w_, b_, 1e-5, p_, gt_, argk, lse, 0.7, tiles=tiles,
+                                                chunk=chunk)
+
+        return (*out, backward)
+
+    embed_check(x, w, b, p, gt, layer_norm, layout, tol=EMBED_TOL,
+                grad_tol=EMBED_GRAD_TOL, call=call)
+
+
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+def test_embed_own_only_gathered_matches_reference(layer_norm, layout):
+    """own alone (the gathered own_class_scores_kernel in EMBED mode), several pixel and D blocks and chunks,
+    against the float64 reference and the fused kernel's own."""
+    x, w, b, p, gt = embed_problem(3, 40, 5, 13, 6, 3, seed=10, offset=20.0, dtype=torch.float32)
+    xin = as_layout(x, layout)
+    wb = (w, b) if layer_norm else (None, None)
+    tiles = dict(BLOCK_N=16, BLOCK_D=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    own = KE.embed_similarity_forward(xin, *wb, 1e-5, p, gt, 1.0, False, False, True, tiles=tiles, chunk=40)[3]
+    fused = KE.embed_similarity_forward(xin, *wb, 1e-5, p, gt, 1.0, True, True, True, chunk=40)[3]
+    ref = R.similarity_outputs(embed_reference(x.double(), (w.double(), b.double(), 1e-5) if layer_norm else None),
+                               p.double(), gt, -1, 1.0, False, False, True)[3]
+    torch.testing.assert_close(own.double(), ref, **EMBED_TOL)
+    torch.testing.assert_close(own, fused, **EMBED_TOL)
+    assert not own[gt < 0].any()
+
+
+def test_embed_chunks_cover_every_pixel_once():
+    for B, HW, chunk in ((3, 65, 40), (3, 65, 150), (5, 7, 1000), (2, 100, 100), (70000, 1, 1 << 20)):
+        seen = []
+        for b0, nb, hw0, hwc in KE.pixel_chunks(B, HW, chunk):
+            assert nb * hwc <= max(chunk, 1) and nb <= KE.MAX_IMAGES
+            seen += [(b0 + i) * HW + hw0 + j for i in range(nb) for j in range(hwc)] if B * HW < 10**4 else [nb * hwc]
+        if B * HW < 10**4:
+            assert seen == list(range(B * HW)), (B, HW, chunk)
+        else:
+            assert sum(seen) == B * HW
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_embed_reads_the_map_as_it_lies(layout, monkeypatch):
+    """No (N, D) copy of feats and no (N, D) buffer: feats is read through its own strides, the op's
+    chunk (``triton_ops.EMBED_CHUNK``) reaches the launchers, and every buffer they allocate is
+    chunk-sized; only the returned gradient is (N, D)."""
+    B, D, H, W = 2, 20, 4, 9
+    x, w, b, p, gt = embed_problem(B, D, H, W, 3, 2, seed=9, dtype=torch.float32)
+    xin = as_layout(x, layout)
+    assert KE._readable(xin)[0] is xin
+    chunks, sizes = [], []
+    real_chunks, real_empty, real_zeros = KE.pixel_chunks, torch.empty, torch.zeros
+
+    def spy_chunks(B_, HW_, chunk):
+        chunks.append(chunk)
+        return real_chunks(B_, HW_, chunk)
+
+    def spy(real):
+        def alloc(*shape, **kw):
+            t = real(*shape, **kw)
+            sizes.append(t.numel())
+            return t
+        return alloc
+
+    monkeypatch.setattr(KE, "pixel_chunks", spy_chunks)
+    monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 13)
+    monkeypatch.setattr(torch, "empty", spy(real_empty))
+    monkeypatch.setattr(torch, "zeros", spy(real_zeros))
+    seg, argk, lse, own, _ = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    T.embed_similarity_backward(torch.ones_like(seg), torch.ones_like(lse), None, xin, w, b, 1e-5, p, gt, argk, lse,
+                                -1, 1.0)
+    T.embed_prototype_sums(xin, w, b, 1e-5, gt, 3)
+    assert chunks == [13, 13, 13]
+    assert sizes and max(sizes) < B * H * W * D // 4, sizes  # 13 pixels of 72 a chunk
+
+
+def _embed_op_call(temperature=0.7):
+    def call(xin, w_, b_, p_, gt_):
+        seg, argk, lse, own, _ = T.embed_similarity(xin, w_, b_, 1e-5, p_, gt_, -1, temperature, True, True, True)
+
+        def backward(gs, gl, go, xin_, argk_, lse_):
+            return T.embed_similarity_backward(gs, gl, go, xin_, w_, b_, 1e-5, p_, gt_, argk_, lse_, -1, temperature)
+
+        return seg, argk, lse, own, backward
+
+    return call
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_embed_half_feats(dtype, layout, monkeypatch):
+    """Half feats, LayerNorm parameters and prototypes: y rounded to the dot dtype, d feats in feats' dtype,
+    against the float64 reference on the same half values (relative to the values' scale)."""
+    monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 50)  # several chunks through the op
+    x, w, b, p, gt = embed_problem(2, 24, 6, 7, 4, 3, seed=2, offset=3.0, dtype=dtype)
+    xin = as_layout(x, layout)
+    seg, argk, lse, own, _ = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    assert seg.dtype == dtype and lse.dtype == torch.float32
+    xr, wr, br = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(embed_reference(xr, (wr, br, 1e-5)), p.double(), gt, -1, 1.0, True, True, True)
+    for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
+        assert rel_err(u, v) <= 1e-2
+    g = torch.Generator().manual_seed(3)
+    gs, gl, go = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in (ref[0], ref[2], ref[3])]
+    want = torch.autograd.grad((ref[0] * gs).sum() + (ref[2] * gl).sum() + (ref[3] * go).sum(), [xr, wr, br])
+    dx, dw, db = T.embed_similarity_backward(gs.to(dtype), gl.float(), go.float(), xin, w, b, 1e-5, p, gt, argk,
+                                             lse, -1, 1.0)
+    assert dx.dtype == dtype and dw.dtype == dtype and dx.stride() == xin.stride()
+    for u, v in zip((dx, dw, db), want):
+        assert rel_err(u, v) <= 2e-2
+
+
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+def test_embed_float64(layer_norm, monkeypatch):
+    """float64 end to end (FMA second product), a pixel of zeros (norm below F.normalize's eps: divided
+    by eps, no radial part), several chunks; to float64 rounding."""
+    monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 37)
+    x, w, b, p, gt = embed_problem(2, 20, 4, 9, 5, 4, seed=4, offset=5.0)
+    if not layer_norm:
+        x[1, :, 2, 3] = 0.0
+    embed_check(x, w, b, p, gt, layer_norm, "nchw", tol=dict(atol=1e-10, rtol=1e-9), call=_embed_op_call())
+
+
+def test_embed_all_ignored_and_nan_pixels(monkeypatch):
+    """All labels ignored: own is zero and its gradient too. A NaN pixel is NaN in its own lse and own
+    only, its gradient (and d weight, d bias, sums over pixels) NaN as autograd's, and it never reaches
+    the prototype sums. (seg of a NaN pixel is the plain kernel's, and the interpreter's arg-max
+    raises on an all-NaN slice, so seg is left out here.)"""
+    monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 30)
+    x, w, b, p, gt = embed_problem(2, 12, 5, 6, 3, 2, seed=6, dtype=torch.float32)
+    ignored = torch.full_like(gt, -1)
+    seg, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p, ignored, -1, 1.0, False, False, True)
+    assert own.shape == (60, 2) and not own.any()
+    dx, dw, db = T.embed_similarity_backward(None, None, torch.randn_like(own), x, w, b, 1e-5, p, ignored, argk, lse,
+                                             -1, 1.0)
+    assert not dx.any() and not dw.any() and not db.any()
+    n_bad = 30 + 2 * 6 + 3
+    x[1, :, 2, 3] = float("nan")
+    _, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, False, True, True)
+    xr, wr, br = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(embed_reference(xr, (wr, br, 1e-5)), p.double(), gt, -1, 1.0, False, True, True)
+    torch.testing.assert_close(lse.double(), ref[2], **EMBED_TOL, equal_nan=True)
+    torch.testing.assert_close(own.double(), ref[3], **EMBED_TOL, equal_nan=True)
+    assert torch.isnan(lse[n_bad]) and torch.isfinite(torch.cat([lse[:n_bad], lse[n_bad + 1:]])).all()
+    g = torch.Generator().manual_seed(8)
+    gl, go = torch.randn(lse.shape, generator=g).to(DEVICE), torch.randn(own.shape, generator=g).to(DEVICE)
+    want = torch.autograd.grad((ref[2] * gl).sum() + (ref[3] * go).sum(), [xr, wr, br])
+    got = T.embed_similarity_backward(None, gl, go, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u.double(), v, **EMBED_GRAD_TOL, equal_nan=True)
+    assert torch.isnan(got[0][1, :, 2, 3]).all() and torch.isfinite(got[0][0]).all()
+    slot = torch.where(gt >= 0, gt * 2, gt)
+    slot[n_bad] = 1
+    for det in (True, False):
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(det)
+        try:
+            sums, counts = T.embed_prototype_sums(x, w, b, 1e-5, slot, 6)
+        finally:
+            torch.use_deterministic_algorithms(prev)
+        rs, rc = _sums_reference(embed_reference(x.double(), (w.double(), b.double(), 1e-5)), slot, 6)
+        assert torch.isfinite(sums).all() and counts[1] == rc[1]
+        torch.testing.assert_close(sums.double(), rs, atol=1e-5, rtol=1e-5)
+        assert torch.equal(counts.double(), rc)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+def test_embed_prototype_sums_chunks_are_reproducible(layout, layer_norm):
+    x, w, b, _, gt = embed_problem(2, 20, 6, 11, 3, 2, seed=7, offset=40.0, dtype=torch.float32)
+    slot = torch.where(gt >= 0, gt * 2 + 1, gt)
+    xin = as_layout(x, layout)
+    ln = (w, b) if layer_norm else (None, None)
+    rs, rc = _sums_reference(embed_reference(x.double(), (w.double(), b.double(), 1e-5) if layer_norm else None),
+                             slot, 6)
+    small = dict(EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    for chunk in (17, 66, None):
+        a = KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, deterministic=True, tiles=small, chunk=chunk)
+        c = KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, deterministic=True, tiles=small, chunk=chunk)
+        assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])  # bitwise, run to run
+        torch.testing.assert_close(a[0].double(), rs, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a[1].double(), rc)
+
+
+def test_embed_argument_errors_name_the_argument():
+    x, w, b, p, gt = embed_problem(1, 8, 2, 3, 3, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"feats must be \(N, D\) or \(B, D, H, W\), got shape"):
+        T.embed_similarity(x[0], w, b, 1e-5, p, gt, -1, 1.0, True, False, False)
+    with pytest.raises(ValueError, match="ln_weight and ln_bias must be given together"):
+        T.embed_similarity(x, w, None, 1e-5, p, gt, -1, 1.0, True, False, False)
+    with pytest.raises(ValueError, match=r"ln_weight must be \(D,\) = \(8,\), got shape"):
+        T.embed_similarity(x, w[:4], b, 1e-5, p, gt, -1, 1.0, True, False, False)
+    with pytest.raises(ValueError, match=r"ln_bias must be \(D,\) = \(8,\), got shape"):
+        T.embed_prototype_sums(x, w, b[:4], 1e-5, gt.clamp(min=0), 3)
+    with pytest.raises(ValueError, match="ln_eps must be > 0, got 0.0"):
+        T.embed_similarity_backward(None, None, None, x, w, b, 0.0, p, gt, gt, gt, -1, 1.0)
+    with pytest.raises(ValueError, match="protos"):
+        T.embed_similarity(x, w, b, 1e-5, p[:, :, :4], gt, -1, 1.0, True, False, False)
+    with pytest.raises(ValueError, match="slot"):
+        T.embed_prototype_sums(x, w, b, 1e-5, gt[:3], 3)
+
+
+def _embed_opcheck_cases():
+    x, w, b, p, gt = embed_problem(2, 8, 3, 4, 3, 2, dtype=torch.float32)
+    seg, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    return {
+        "embed_similarity": (*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 0.7, True, True, True),
+        "embed_similarity_cache": (*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 0.7, True, True, True, 1 << 20),
+        "embed_similarity_backward": (torch.randn_like(seg), torch.randn_like(lse), torch.randn_like(own),
+                                      x.contiguous(memory_format=torch.channels_last), w, b, 1e-5, p, gt, argk, lse,
+                                      -1, 1.0),
+        "embed_prototype_sums": (x, w, b, 1e-5, torch.where(gt >= 0, gt * 2, gt), 6),
+    }
+
+
+@pytest.mark.parametrize("op", ["embed_similarity", "embed_similarity_cache", "embed_similarity_backward",
+                                "embed_prototype_sums"])
+def test_embed_opcheck(op):
+    torch.library.opcheck(getattr(T, op.replace("_cache", "")).default, _embed_opcheck_cases()[op])
+
+
+def test_embed_torch_compile_fullgraph():
+    """Dynamo traces the backend's embed_similarity (fake kernels) and its autograd (d feats, d weight, d bias)."""
+    x, w, b, p, gt = embed_problem(2, 16, 3, 5, 3, 2, dtype=torch.float32)
+    be = backends.get_backend("triton")
+
+    def step(x_, w_, b_):
+        out = be.embed_similarity(x_, (w_, b_, 1e-5), p, gt, seg=True, lse=True, own=True)
+        return out.seg.square().mean() + out.lse.mean() + out.own.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = [t.clone().requires_grad_() for t in (x, w, b)]
+    c = [t.clone().requires_grad_() for t in (x, w, b)]
+    la, lc = compiled(*a), step(*c)
+    torch.testing.assert_close(la, lc, **TOL)
+    la.backward()
+    lc.backward()
+    for u, v in zip(a, c):
+        torch.testing.assert_close(u.grad, v.grad, **TOL)

@@ -1,0 +1,539 @@
+"""Triton kernels of ``embed_similarity``, its backward and ``embed_prototype_sums``: the head's embedding fused in.
+
+The head's embedding of a pixel is ``z = y / max(||y||, 1e-12)`` with ``y`` the
+LayerNorm over D of its feature vector ``x`` (``y_d = (x_d - mu) r w_d + b_d``,
+``r = 1 / sqrt(var + eps)``, biased variance), or ``y = x`` without the
+LayerNorm. ``feats`` is read as the backbone gives it: rows (N, D), or a
+(B, D, H, W) map as it lies (NCHW planes or channels-last; pixel
+n = b*H*W + h*W + w), through (image, pixel, channel) strides. Nothing of size
+(N, D) is allocated besides the returned gradient: never a permuted or
+normalised copy of the map.
+
+Per chunk of pixels (``CHUNK_PIXELS``, 65,536 by default: whole images, or a
+pixel range of one image):
+
+* ``embed_stats_kernel``: ``(mu, r, inv)`` of each pixel, ``(chunk, 3)`` in the
+  accumulation dtype (float32; float64 for float64 feats);
+* forward: ``similarity_fwd_kernel`` in EMBED mode (kernels/similarity.py; own
+  alone: ``own_class_scores_kernel`` in EMBED mode, gathered by label): each
+  feats tile is LayerNorm'd in registers before the dot, each S tile scaled by
+  ``inv`` before the epilogue. Exact: w is not folded into the prototypes (no
+  cancellation when |mean| / std is large), and half feats give y rounded to
+  the dot dtype, as the eager half LayerNorm's output is;
+* backward: ``similarity_bwd_kernel`` in EMBED mode writes ``g = dS @ protos``
+  (the gradient w.r.t. z) into a ``(chunk, D)`` buffer in the accumulation
+  dtype, then ``embed_backward_kernel`` chains it through the L2 normalisation
+  and the LayerNorm and writes d feats straight into the gradient in feats'
+  own layout and dtype, with per-program partials ``(programs, D)`` of
+  d ln_weight and d ln_bias summed by ``torch.sum`` (deterministic, no atomics);
+* sums: ``embed_rows_kernel`` writes the chunk's z into a ``(chunk, D)`` buffer
+  and ``prototype_update.prototype_sums`` sums it (non-finite pixels give
+  non-finite z, which the sums skip); chunk results are added in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import prototype_update as _update
+from . import similarity as _sim
+from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
+from .similarity import _embed_tile
+from .tiles import EMBED_GPU_TILES, kind_of, similarity_tiles
+
+__all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
+           "embed_prototype_sums"]
+
+# pixels per chunk: the size of the statistics, d z and z buffers (tests lower it)
+CHUNK_PIXELS = 1 << 16
+MAX_IMAGES = 65535  # images per chunk: CUDA's limit on grid axis 1
+
+
+@triton.jit
+def _sqrt(x):
+    # correctly rounded: sqrt_rn for float32 (tl.sqrt is the approximate one there), sqrt for float64
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N: tl.constexpr):
+    # (hw, row_ok, loc, x_row) of this program's BLOCK_N pixels: grid (pixel
+    # block, image of the chunk); loc is the pixel within the chunk (the
+    # buffers' row), x_row its offset in feats (int64)
+    pid = tl.program_id(0).to(tl.int64)
+    img = tl.program_id(1).to(tl.int64)
+    hw = HW0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = hw < HW0 + HWC
+    loc = img * HWC + (hw - HW0)
+    x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
+    return hw, row_ok, loc, x_row
+
+
+@triton.jit
+def embed_stats_kernel(
+    X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
+    X_stride_b,
+    X_stride_hw,
+    X_stride_d,
+    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
+    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    STAT_ptr,  # out (pixels of the chunk, 3) acc dtype: mu, r = 1/sqrt(var + eps), inv = 1/max(||y||, 1e-12)
+    B0,  # first image of the chunk
+    HW0,  # first pixel of the chunk in each image
+    HWC,  # pixels of the chunk in each image
+    D,
+    eps: tl.float64,
+    ACC_DTYPE: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The statistics of BLOCK_N pixels, over D in BLOCK_D chunks. LayerNorm:
+    # pass 1 sums x - shift and its square, shift = the pixel's channel 0 (the
+    # variance keeps its digits when |mean| >> std), pass 2 sums ||y||^2 of
+    # the LayerNorm'd pixel; without it one pass of ||x||^2 (mu = 0, r = 1).
+    # GPU (kernels/tiles.py EMBED_GPU_TILES): 32 px x BLOCK_D 32 (fp64: 16),
+    # 4 warps, CUDA-core FMAs; 40-64 registers on sm_90 with the LayerNorm,
+    # 32 without (tests/compile_kernels.py), no spills, <= 1 KB shared memory
+    # (the row reductions). Memory-bound:
+    # feats is read twice (the second time from L2: 32 px x 720 channels are
+    # 90 KB in fp32), 12 B a pixel written.
+    hw, row_ok, loc, x_row = _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    if LAYER_NORM:
+        shift = tl.load(X_ptr + x_row, mask=row_ok & (D > 0), other=0.0).to(ACC_DTYPE)
+        s1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        s2 = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (d < D)[None, :]
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+            v = tl.where(m, x - shift[:, None], 0.0)
+            s1 += tl.sum(v, axis=1)
+            s2 += tl.sum(v * v, axis=1)
+        m1 = s1 / D
+        mu = shift + m1
+        var = tl.maximum(s2 / D - m1 * m1, 0.0)  # biased, as F.layer_norm
+        r = 1.0 / _sqrt(var + tl.full((), eps, ACC_DTYPE))
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
+            sq += tl.sum(y * y, axis=1)
+    else:
+        mu = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        r = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (d < D)[None, :]
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+            sq += tl.sum(x * x, axis=1)
+    # F.normalize's eps, in the accumulation dtype (a bare literal is float32: 1e-12 * (1 - 4e-9))
+    inv = 1.0 / tl.maximum(_sqrt(sq), tl.full((), 1e-12, ACC_DTYPE))
+    tl.store(STAT_ptr + loc * 3, mu, mask=row_ok)
+    tl.store(STAT_ptr + loc * 3 + 1, r, mask=row_ok)
+    tl.store(STAT_ptr + loc * 3 + 2, inv, mask=row_ok)
+
+
+@triton.jit
+def embed_backward_kernel(
+    X_ptr,  # feats, as in embed_stats_kernel
+    X_stride_b,
+    X_stride_hw,
+    X_stride_d,
+    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
+    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, r, inv
+    G_ptr,  # (pixels of the chunk, D) acc dtype: g = d loss / d z (similarity_bwd_kernel, EMBED)
+    DX_ptr,  # out d feats, feats' shape, layout and dtype: (image, pixel, channel) strides below
+    DX_stride_b,
+    DX_stride_hw,
+    DX_stride_d,
+    DW_ptr,  # out (programs, D) acc dtype: this program's part of d ln_weight (if LAYER_NORM)
+    DB_ptr,  # out (programs, D) acc dtype: this program's part of d ln_bias (if LAYER_NORM)
+    B0,
+    HW0,
+    HWC,
+    D,
+    ACC_DTYPE: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # d feats of BLOCK_N pixels from g, through z = y inv and the LayerNorm,
+    # with xhat = (x - mu) r and y = xhat w + b recomputed from feats:
+    #   a1 = sum_d g_d z_d (0 when ||y|| <= 1e-12: F.normalize divides by eps)
+    #   dy = inv (g - z a1)
+    #   LayerNorm: dxhat = dy w, m1 = mean_d dxhat, m2 = mean_d dxhat xhat,
+    #              dx = r (dxhat - m1 - xhat m2); d w += dy xhat, d b += dy
+    #   else dx = dy.
+    # Pass 1 over D gathers ||y||^2, a1 and the four sums m1, m2 are linear in
+    # (sum g w, sum g w xhat, sum z w, sum z w xhat), so two passes suffice;
+    # pass 2 writes dx and the program's column sums of d w and d b.
+    # GPU (EMBED_GPU_TILES): 32 px x BLOCK_D 32 (fp64: 16), 4 warps,
+    # CUDA-core FMAs, no MMA; sm_90: 120-159 registers with the LayerNorm
+    # (fp64: 128-156), 32-56 without; sm_80 128-168; no spills, 4 KB shared
+    # memory (the column sums). Memory-bound: feats and g read twice (the
+    # second time mostly from L2), d feats written once.
+    hw, row_ok, loc, x_row = _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    img = tl.program_id(1).to(tl.int64)
+    prog = img * tl.num_programs(0) + tl.program_id(0).to(tl.int64)  # row of the partials
+    dx_row = (B0 + img) * DX_stride_b + hw * DX_stride_hw
+    mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
+    r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
+    inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    a1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_gw = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_gwx = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_zw = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_zwx = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        m = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+        g = tl.load(G_ptr + loc[:, None] * D + d[None, :], mask=m, other=0.0)
+        if LAYER_NORM:
+            w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+            b = tl.load(BIAS_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+            xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
+            y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
+        else:
+            y = x
+        z = y * inv[:, None]
+        sq += tl.sum(y * y, axis=1)
+        a1 += tl.sum(g * z, axis=1)
+        if LAYER_NORM:
+            gw = g * w[None, :]
+            zw = z * w[None, :]
+            s_gw += tl.sum(gw, axis=1)
+            s_gwx += tl.sum(gw * xh, axis=1)
+            s_zw += tl.sum(zw, axis=1)
+            s_zwx += tl.sum(zw * xh, axis=1)
+    a1 = tl.where(_sqrt(sq) > tl.full((), 1e-12, ACC_DTYPE), a1, 0.0)
+    m1 = inv * (s_gw - a1 * s_zw) / D
+    m2 = inv * (s_gwx - a1 * s_zwx) / D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        m = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+        g = tl.load(G_ptr + loc[:, None] * D + d[None, :], mask=m, other=0.0)
+        if LAYER_NORM:
+            w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+            b = tl.load(BIAS_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+            xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
+            y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
+        else:
+            y = x
+        dy = tl.where(m, inv[:, None] * (g - y * inv[:, None] * a1[:, None]), 0.0)
+        if LAYER_NORM:
+            dx = r[:, None] * (dy * w[None, :] - m1[:, None] - xh * m2[:, None])
+            tl.store(DW_ptr + prog * D + d, tl.sum(dy * xh, axis=0), mask=d_ok)
+            tl.store(DB_ptr + prog * D + d, tl.sum(dy, axis=0), mask=d_ok)
+        else:
+            dx = dy
+        tl.store(DX_ptr + dx_row[:, None] + d[None, :] * DX_stride_d, dx.to(DX_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def embed_rows_kernel(
+    X_ptr,  # feats, as in embed_stats_kernel
+    X_stride_b,
+    X_stride_hw,
+    X_stride_d,
+    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
+    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, r, inv
+    Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv
+    B0,
+    HW0,
+    HWC,
+    D,
+    ACC_DTYPE: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The chunk's embedding rows for the prototype sums. A non-finite pixel
+    # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
+    # prototype_sums skips. GPU: the stats kernel's tile, one read of feats;
+    # 54-64 registers on sm_90, no spills.
+    hw, row_ok, loc, x_row = _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
+    r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
+    inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        m = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0)
+        y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE).to(ACC_DTYPE)
+        tl.store(Z_ptr + loc[:, None] * D + d[None, :], y * inv[:, None], mask=m)
+
+
+# ----------------------------------------------------------------- launchers
+
+
+def pixel_view(t):
+    """``(B, HW, stride_b, stride_hw, stride_d)`` of feats (N, D) (one image of N pixels) or (B, D, H, W).
+
+    None when a map's (H, W) plane has no single pixel stride (a sliced view
+    such as ``x[..., ::2]`` of a channels-last map is fine; ``x[:, :, :, :-1]``
+    of an NCHW one is not).
+    """
+    if t.dim() == 2:
+        return 1, t.shape[0], 0, t.stride(0), t.stride(1)
+    B, _, H, W = t.shape
+    if W == 1:
+        s_hw = t.stride(2)
+    elif H == 1 or t.stride(2) == W * t.stride(3):
+        s_hw = t.stride(3)
+    else:
+        return None
+    return B, H * W, t.stride(0), s_hw, t.stride(1)
+
+
+def pixel_chunks(B: int, HW: int, chunk: int):
+    """``(b0, nb, hw0, hwc)``: the chunks in pixel order, ``nb`` whole images of ``hwc = HW`` pixels
+    (at most ``chunk`` pixels and 65,535 images), or ``hwc <= chunk`` pixels of one image from ``hw0``.
+
+    Chunk ``(b0, nb, hw0, hwc)`` holds pixels ``[b0*HW + hw0, b0*HW + hw0 + nb*hwc)``.
+    """
+    chunk = max(1, int(chunk))
+    if HW == 0:
+        return
+    if HW >= chunk:
+        for b in range(B):
+            for hw0 in range(0, HW, chunk):
+                yield b, 1, hw0, min(chunk, HW - hw0)
+        return
+    per = min(MAX_IMAGES, max(1, chunk // HW))
+    for b0 in range(0, B, per):
+        yield b0, min(per, B - b0), 0, HW
+
+
+def _readable(feats):
+    """feats and its pixel view; a map whose plane has no pixel stride is copied (contiguous) first."""
+    view = pixel_view(feats)
+    if view is None:
+        feats = feats.contiguous()
+        view = pixel_view(feats)
+    return feats, view
+
+
+def _embed_cfg(D: int, hwc: int, acc, tiles) -> dict:
+    """Block sizes of the stats, backward and rows kernels (``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D`` override)."""
+    if INTERPRET:
+        cfg = dict(BLOCK_N=pow2(hwc, 16, 256), BLOCK_D=pow2(D, 16, 256), num_warps=4)
+    else:
+        n, d, warps = EMBED_GPU_TILES[("embed", "fp64" if acc == torch.float64 else "fp32")]
+        cfg = dict(BLOCK_N=n, BLOCK_D=d, num_warps=warps)
+    tiles = tiles or {}
+    if "EMBED_BLOCK_N" in tiles:
+        cfg["BLOCK_N"] = tiles["EMBED_BLOCK_N"]
+    if "EMBED_BLOCK_D" in tiles:
+        cfg["BLOCK_D"] = tiles["EMBED_BLOCK_D"]
+    return cfg
+
+
+def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
+    """Tiles of the similarity kernel's EMBED variant (tiles.EMBED_GPU_TILES with the LayerNorm); ``tiles``
+    overrides them (its ``EMBED_*`` entries are the embedding kernels')."""
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    kind = kind_of(name(feats.dtype), name(protos.dtype))
+    cfg = similarity_tiles(pass_, kind, C, K, D, N, INTERPRET, layer_norm=layer_norm)
+    cfg.update({k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")})
+    return cfg
+
+
+class _Embedding:
+    """What every launch of one call shares: feats' pixel view, the LayerNorm's tensors, the stats buffer."""
+
+    def __init__(self, feats, ln_weight, ln_bias, ln_eps, tiles, chunk):
+        self.x, (self.B, self.HW, self.sb, self.shw, self.sd) = _readable(feats)
+        self.D = feats.shape[1]
+        self.N = self.B * self.HW
+        self.acc = acc_dtype(feats.dtype)
+        self.dev = feats.device
+        self.ln = ln_weight is not None
+        dummy = torch.empty(1, dtype=self.acc, device=self.dev)
+        self.w = ln_weight.contiguous() if self.ln else dummy
+        self.b = ln_bias.contiguous() if self.ln else dummy
+        self.eps = float(ln_eps)
+        self.tiles = tiles
+        self.chunk = int(chunk or CHUNK_PIXELS)
+        # the largest chunk: (nb_max images) x (hwc_max pixels), `rows` pixels
+        if self.HW >= self.chunk:
+            self.nb_max, self.hwc_max = 1, self.chunk
+        else:
+            self.nb_max, self.hwc_max = min(MAX_IMAGES, self.B, max(1, self.chunk // max(1, self.HW))), self.HW
+        self.rows = self.nb_max * self.hwc_max
+        self.cfg = _embed_cfg(self.D, self.hwc_max, self.acc, tiles)  # one tile for every chunk
+        self.stats = torch.empty((max(1, self.rows), 3), dtype=self.acc, device=self.dev)
+
+    def chunks(self):
+        return pixel_chunks(self.B, self.HW, self.chunk)
+
+    def feats_args(self):
+        return (self.x, self.sb, self.shw, self.sd, self.w, self.b, self.stats)
+
+    def compute_stats(self, b0, nb, hw0, hwc):
+        cfg = self.cfg
+        embed_stats_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
+            *self.feats_args(), b0, hw0, hwc, self.D, self.eps,
+            ACC_DTYPE=TL_DTYPE[self.acc], LAYER_NORM=self.ln, **cfg,
+        )
+
+
+def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg,
+                             compute_lse, compute_own, tiles=None, chunk=None):
+    """Launch the embedded forward; arguments already checked. Returns ``(seg, argk, lse, own)``.
+
+    ``tiles`` overrides the similarity kernel's tiles (``BLOCK_N``, ``BLOCK_C``,
+    ``BLOCK_D``) and, as ``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D``, the stats
+    kernel's; ``chunk`` the pixels per chunk (default :data:`CHUNK_PIXELS`).
+    """
+    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
+    N, D, acc, dev = e.N, e.D, e.acc, e.dev
+    C, K = protos.shape[0], protos.shape[1]
+    seg = feats.new_empty((N, C) if compute_seg else (0,))
+    argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
+    lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
+    own = feats.new_zeros((N, K) if compute_own else (0,), dtype=acc)
+    if N == 0:
+        return seg, argk, lse, own
+    P = protos.reshape(C * K, D).contiguous()
+    dummy = torch.empty(1, dtype=acc, device=dev)
+    lab = labels if compute_own else torch.empty(1, dtype=torch.int64, device=dev)
+    dots = dot_config(feats.dtype, protos.dtype)
+    if compute_own and not (compute_seg or compute_lse):
+        # own only: the K columns of each pixel's class, gathered by label; GPU: 32 px x BLOCK_D 32
+        # (fp64: 16), half the plain launcher's BLOCK_D (at 64 the LayerNorm'd tile spilled)
+        ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET else 32,
+                    BLOCK_D=pow2(D, 16, 256) if INTERPRET else (32 if acc == torch.float32 else 16))
+        ocfg.update({k: v for k, v in (tiles or {}).items() if k in ocfg})
+        for b0, nb, hw0, hwc in e.chunks():
+            e.compute_stats(b0, nb, hw0, hwc)
+            _sim.own_class_scores_kernel[(triton.cdiv(hwc, ocfg["BLOCK_N"]), nb)](
+                e.x, e.shw, e.sd, P, labels, labels.stride(0), own, hwc, D, C, K,
+                e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
+                ACC_DTYPE=TL_DTYPE[acc], EMBED=True, LAYER_NORM=e.ln, BLOCK_K=pow2(K), num_warps=4, **ocfg,
+            )
+        return seg, argk, lse, own
+    cfg = _sim_cfg("fwd", feats, protos, N, C, K, D, e.ln, tiles)
+    for b0, nb, hw0, hwc in e.chunks():
+        e.compute_stats(b0, nb, hw0, hwc)
+        _sim.similarity_fwd_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
+            e.x, e.shw, e.sd, P, lab, lab.stride(0),
+            seg if compute_seg else torch.empty(1, dtype=feats.dtype, device=dev),
+            argk if compute_seg else torch.empty(1, dtype=torch.uint8, device=dev),
+            lse if compute_lse else dummy,
+            own if compute_own else dummy,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
+            ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
+            DOT_UPCAST=dots["DOT_UPCAST"], EMBED=True, LAYER_NORM=e.ln, COMPUTE_SEG=compute_seg,
+            COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
+        )
+    return seg, argk, lse, own
+
+
+def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk,
+                              lse, temperature, tiles=None, chunk=None):
+    """Launch the embedded backward; arguments already checked (a None gradient is skipped).
+
+    Returns ``(d feats, d ln_weight, d ln_bias)``: d feats in feats' shape,
+    layout (``torch.empty_like``) and dtype; the LayerNorm's gradients in its
+    parameters' dtype, ``(0,)`` of feats' dtype without it.
+    """
+    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
+    N, D, acc, dev = e.N, e.D, e.acc, e.dev
+    C, K = protos.shape[0], protos.shape[1]
+    has_seg, has_lse, has_own = grad_seg is not None, grad_lse is not None, grad_own is not None
+    dx = torch.empty_like(feats)
+    dx_view = pixel_view(dx)
+    if dx_view is None:  # empty_like of a non-dense view: its suggested layout
+        dx = torch.empty(feats.shape, dtype=feats.dtype, device=dev)
+        dx_view = pixel_view(dx)
+    gw = torch.zeros((D,) if e.ln else (0,), dtype=acc if e.ln else feats.dtype, device=dev)
+    gb = torch.zeros_like(gw)
+    if N == 0 or D == 0 or not (has_seg or has_lse or has_own):
+        dx.zero_()
+        return (dx, gw.to(ln_weight.dtype), gb.to(ln_bias.dtype)) if e.ln else (dx, gw, gb)
+    P = protos.reshape(C * K, D).contiguous()
+    cfg = _sim_cfg("bwd", feats, protos, N, C, K, D, e.ln, tiles)
+    ecfg = e.cfg
+    dummy = torch.empty(1, dtype=acc, device=dev)
+    gs = grad_seg if has_seg else dummy.view(1, 1)
+    ak = argk if has_seg else torch.empty((1, 1), dtype=torch.uint8, device=dev)
+    gl = grad_lse if has_lse else dummy
+    ls = lse if has_lse else dummy
+    go = grad_own if has_own else dummy.view(1, 1)
+    lab = labels if has_own else torch.empty(1, dtype=torch.int64, device=dev)
+    g = torch.empty((e.rows, D), dtype=acc, device=dev)  # d loss / d z of one chunk
+    most = e.nb_max * triton.cdiv(e.hwc_max, ecfg["BLOCK_N"])  # programs of a chunk, at most
+    parts = torch.empty((2, most if e.ln else 1, D), dtype=acc, device=dev)
+    _, _, dsb, dshw, dsd = dx_view
+    for b0, nb, hw0, hwc in e.chunks():
+        e.compute_stats(b0, nb, hw0, hwc)
+        grid = (triton.cdiv(hwc, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_DO"]), nb)
+        _sim.similarity_bwd_kernel[grid](
+            gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
+            e.x, e.shw, e.sd, P, lab, lab.stride(0), ak, ak.stride(0), ak.stride(1), ls, ls.stride(0), g,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
+            ACC_DTYPE=TL_DTYPE[acc], **dot_config(feats.dtype, protos.dtype), EMBED=True, LAYER_NORM=e.ln,
+            HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, FMA_SECOND_GEMM=acc == torch.float64, **cfg,
+        )
+        n_blocks = triton.cdiv(hwc, ecfg["BLOCK_N"])
+        embed_backward_kernel[(n_blocks, nb)](
+            *e.feats_args(), g, dx, dsb, dshw, dsd, parts[0], parts[1], b0, hw0, hwc, D,
+            ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln, **ecfg,
+        )
+        if e.ln:  # the programs' partials, in a fixed order
+            used = parts[:, : n_blocks * nb]
+            gw += used[0].sum(dim=0)
+            gb += used[1].sum(dim=0)
+    if e.ln:
+        return dx, gw.to(ln_weight.dtype), gb.to(ln_bias.dtype)
+    return dx, gw, gb
+
+
+def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, deterministic=True, tiles=None,
+                         chunk=None):
+    """Per-prototype sums ``(num_slots, D)`` and counts of the embedding of the finite pixels with ``slot >= 0``.
+
+    Arguments already checked. Chunk by chunk: z into a ``(chunk, D)`` buffer,
+    then ``prototype_sums`` (deterministic or atomic, see
+    kernels/prototype_update.py); the chunks' results are added in order.
+    """
+    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
+    N, D, acc, dev = e.N, e.D, e.acc, e.dev
+    S = int(num_slots)
+    sums = torch.zeros((S, D), dtype=acc, device=dev)
+    counts = torch.zeros((S,), dtype=acc, device=dev)
+    if N == 0 or S == 0 or D == 0:
+        if D == 0 and N and S:  # no channel to be non-finite: every pixel with a slot counts
+            ok = slot[(slot >= 0) & (slot < S)].long()
+            counts += torch.bincount(ok, minlength=S).to(acc)
+        return sums, counts
+    z = torch.empty((e.rows, D), dtype=acc, device=dev)
+    for b0, nb, hw0, hwc in e.chunks():
+        e.compute_stats(b0, nb, hw0, hwc)
+        cfg = e.cfg
+        embed_rows_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
+            *e.feats_args(), z, b0, hw0, hwc, D, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln, **cfg,
+        )
+        n0 = b0 * e.HW + hw0
+        rows = nb * hwc
+        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=deterministic)
+        sums += s
+        counts += c
+    return sums, counts
