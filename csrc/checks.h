@@ -157,6 +157,15 @@ inline at::Tensor embed_checked_shape(const at::Tensor& rows) {
   return at::empty_strided({N, rows.size(1)}, {0, 0}, rows.options());
 }
 
+// embed_prototype_sums: the rows of feats (embed_rows), after the rules of prototype_sums.
+inline at::Tensor check_embed_prototype_sums_args(const at::Tensor& feats, const at::Tensor& slot,
+                                                  int64_t num_slots) {
+  const at::Tensor rows = embed_rows(feats);
+  check_floating(rows, "feats");
+  check_prototype_sums_args(embed_checked_shape(rows), slot, num_slots);
+  return rows;
+}
+
 // The LayerNorm's weight and bias (D,) of the embedding ops: both given or
 // both absent; true when given.
 inline bool check_embed_layer_norm(const at::Tensor& rows, const c10::optional<at::Tensor>& weight,

@@ -405,10 +405,7 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
     e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     C, K = protos.shape[0], protos.shape[1]
-    seg = feats.new_empty((N, C) if compute_seg else (0,))
-    argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
-    lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
-    own = feats.new_zeros((N, K) if compute_own else (0,), dtype=acc)
+    seg, argk, lse, own = _sim.forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own)
     if N == 0:
         return seg, argk, lse, own
     P = protos.reshape(C * K, D).contiguous()

@@ -499,6 +499,17 @@ def _dummy(dtype, device):
     return torch.empty(1, dtype=dtype, device=device)
 
 
+def forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own):
+    """``(seg, argk, lse, own)`` for N pixels of ``feats``' dtype and device, as the schema has them
+    (``own`` zeroed: ignored pixels keep zero rows)."""
+    acc = acc_dtype(feats.dtype)
+    seg = feats.new_empty((N, C) if compute_seg else (0,))
+    argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
+    lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
+    own = feats.new_zeros((N, K) if compute_own else (0,), dtype=acc)
+    return seg, argk, lse, own
+
+
 def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_lse, compute_own, tiles=None):
     """Launch the forward; arguments already checked. Returns ``(seg, argk, lse, own)``.
 
@@ -509,10 +520,7 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
     C, K = protos.shape[0], protos.shape[1]
     dev = feats.device
     acc = acc_dtype(feats.dtype)
-    seg = feats.new_empty((N, C) if compute_seg else (0,))
-    argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
-    lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
-    own = feats.new_zeros((N, K) if compute_own else (0,), dtype=acc)
+    seg, argk, lse, own = forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own)
     if N == 0:
         return seg, argk, lse, own
     P = protos.reshape(C * K, D).contiguous()

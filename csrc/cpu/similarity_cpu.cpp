@@ -660,9 +660,7 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
                                                             const c10::optional<at::Tensor>& ln_bias, double ln_eps,
                                                             const at::Tensor& slot, int64_t num_slots) {
   at::NoGradGuard no_grad;
-  const at::Tensor rows = embed_rows(feats);
-  check_floating(rows, "feats");
-  check_prototype_sums_args(embed_checked_shape(rows), slot, num_slots);
+  const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
   const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
   if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
   const int64_t N = src.N, D = src.D, SD = num_slots * D;

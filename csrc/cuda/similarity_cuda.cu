@@ -653,6 +653,73 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
   }
 }
 
+// The outputs of `similarity` (and `embed_similarity`) for N pixels, as the
+// schema has them; probs (N, C*K), the softmax rows kept for the backward
+// (one GEMM saved there), only when they fit the budget.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_outputs(
+    const at::TensorOptions& fopt, int64_t N, int64_t C, int64_t K, bool compute_seg, bool compute_lse,
+    bool compute_own, int64_t cache_bytes) {
+  const auto acc = acc_type(c10::typeMetaToScalarType(fopt.dtype()));
+  auto aopt = fopt.dtype(acc);
+  const bool cache = compute_lse && cache_bytes > 0 && N * C * K * int64_t(at::elementSize(acc)) <= cache_bytes;
+  return {compute_seg ? at::empty({N, C}, fopt) : at::empty({0}, fopt),
+          compute_seg ? at::empty({N, C}, fopt.dtype(at::kByte)) : at::empty({0}, fopt.dtype(at::kByte)),
+          compute_lse ? at::empty({N}, aopt) : at::empty({0}, aopt),
+          compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt),
+          cache ? at::empty({N, C * K}, aopt) : at::empty({0}, aopt)};
+}
+
+// The backward's per-pixel inputs, in the working dtype and contiguous
+// (undefined where that gradient is absent), and the epilogue that forms dS.
+struct GradInputs {
+  bool has_seg, has_lse, has_own, cached;
+  at::Tensor gseg, ak, glse, l, gown, lab, pr;
+  int64_t C, K, ignore_index;
+  double temperature;
+
+  GradInputs(const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
+             const c10::optional<at::Tensor>& grad_own, const at::Tensor& labels, const at::Tensor& argk,
+             const at::Tensor& lse, const c10::optional<at::Tensor>& probs, bool cached_, int64_t N, int64_t C_,
+             int64_t K_, at::ScalarType acc, int64_t ignore_index_, double temperature_)
+      : has_seg(grad_seg.has_value() && grad_seg->defined()),
+        has_lse(grad_lse.has_value() && grad_lse->defined()),
+        has_own(grad_own.has_value() && grad_own->defined()),
+        cached(cached_),
+        C(C_),
+        K(K_),
+        ignore_index(ignore_index_),
+        temperature(temperature_) {
+    if (has_seg) {
+      gseg = grad_seg->to(acc).contiguous();
+      ak = argk.to(at::kByte).contiguous();
+    }
+    if (has_lse) {
+      glse = grad_lse->reshape({N}).to(acc).contiguous();
+      l = lse.reshape({N}).to(acc).contiguous();
+    }
+    if (has_own) {
+      gown = grad_own->to(acc).contiguous();
+      lab = labels.to(at::kLong).contiguous();
+    }
+    if (cached) pr = probs->to(acc).contiguous();
+  }
+
+  // dS_tile (rows, C*K) <- d loss / d S of pixels row0 ... (similarity_grad_epilogue_kernel).
+  template <typename acc_t>
+  void launch(at::Tensor& dS_tile, const acc_t* row_scale, int64_t row0, cudaStream_t stream) const {
+    const int64_t CK = C * K;
+    const int threads = int(std::min<int64_t>(kGradThreads, ceil_div(CK, kWarp) * kWarp));
+    const dim3 grid(static_cast<unsigned>(ceil_div(CK, threads)), static_cast<unsigned>(dS_tile.size(0)));
+    similarity_grad_epilogue_kernel<acc_t><<<grid, threads, 0, stream>>>(
+        dS_tile.data_ptr<acc_t>(), row_scale, row0, C, K, acc_t(temperature), has_lse,
+        cached ? pr.data_ptr<acc_t>() : nullptr, has_lse ? l.data_ptr<acc_t>() : nullptr,
+        has_lse ? glse.data_ptr<acc_t>() : nullptr, has_seg, has_seg ? ak.data_ptr<uint8_t>() : nullptr,
+        has_seg ? gseg.data_ptr<acc_t>() : nullptr, has_own, has_own ? lab.data_ptr<int64_t>() : nullptr,
+        ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cuda(
@@ -662,15 +729,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = feats.size(0), D = feats.size(1), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
-  auto fopt = feats.options();
-  auto aopt = fopt.dtype(acc);
-  at::Tensor seg = compute_seg ? at::empty({N, C}, fopt) : at::empty({0}, fopt);
-  at::Tensor argk = compute_seg ? at::empty({N, C}, fopt.dtype(at::kByte)) : at::empty({0}, fopt.dtype(at::kByte));
-  at::Tensor lse = compute_lse ? at::empty({N}, aopt) : at::empty({0}, aopt);
-  at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
-  // softmax rows for the backward (one GEMM saved there) when they fit the budget
-  const bool cache = compute_lse && cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
-  at::Tensor probs = cache ? at::empty({N, CK}, aopt) : at::empty({0}, aopt);
+  auto aopt = feats.options().dtype(acc);
+  at::Tensor seg, argk, lse, own, probs;
+  std::tie(seg, argk, lse, own, probs) =
+      similarity_outputs(feats.options(), N, C, K, compute_seg, compute_lse, compute_own, cache_bytes);
+  const bool cache = probs.numel() > 0;
   if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor f = feats.contiguous();
@@ -733,13 +796,8 @@ at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto aopt = feats.options().dtype(acc);
   at::Tensor f = feats.contiguous();
-  at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
-  at::Tensor ak = has_seg ? argk.to(at::kByte).contiguous() : at::Tensor();
-  at::Tensor glse = has_lse ? grad_lse->reshape({N}).to(acc).contiguous() : at::Tensor();
-  at::Tensor l = has_lse ? lse.reshape({N}).to(acc).contiguous() : at::Tensor();
-  at::Tensor gown = has_own ? grad_own->to(acc).contiguous() : at::Tensor();
-  at::Tensor lab = has_own ? labels.to(at::kLong).contiguous() : at::Tensor();
-  at::Tensor pr = cached ? probs_opt->to(acc).contiguous() : at::Tensor();
+  const GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc, ignore_index,
+                       temperature);
   const ProtoOperands P = proto_operands(f, protos);
 
   // Per tile: dS (rows, C*K) -> d feats = dS @ P (rows, D) -> (normalize) d raw feats.
@@ -750,7 +808,6 @@ at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
   at::Tensor dS = at::empty({T, CK}, aopt);
   at::Tensor G = direct ? at::Tensor() : at::empty({T, D}, aopt);
   at::Tensor scale = normalize && recompute ? at::empty({T}, aopt) : at::Tensor();
-  const int threads = int(std::min<int64_t>(kGradThreads, ceil_div(CK, kWarp) * kWarp));
   for (int64_t r0 = 0; r0 < N; r0 += T) {
     const int64_t rows = std::min(T, N - r0);
     const int64_t row_blocks = ceil_div(rows, kRowsPerBlock);
@@ -763,14 +820,7 @@ at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
                                                                                      D, scale.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      const dim3 grid(static_cast<unsigned>(ceil_div(CK, threads)), static_cast<unsigned>(rows));
-      similarity_grad_epilogue_kernel<acc_t><<<grid, threads, 0, stream>>>(
-          dS_tile.data_ptr<acc_t>(), scale.defined() ? scale.data_ptr<acc_t>() : nullptr, r0, C, K,
-          acc_t(temperature), has_lse, cached ? pr.data_ptr<acc_t>() : nullptr,
-          has_lse ? l.data_ptr<acc_t>() : nullptr, has_lse ? glse.data_ptr<acc_t>() : nullptr, has_seg,
-          has_seg ? ak.data_ptr<uint8_t>() : nullptr, has_seg ? gseg.data_ptr<acc_t>() : nullptr, has_own,
-          has_own ? lab.data_ptr<int64_t>() : nullptr, ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gin.launch<acc_t>(dS_tile, scale.defined() ? scale.data_ptr<acc_t>() : nullptr, r0, stream);
       at::Tensor grad_tile = grad.narrow(0, r0, rows);
       at::Tensor G_tile = direct ? grad_tile : G.narrow(0, 0, rows);
       at::mm_out(G_tile, dS_tile, P.acc);  // (rows, D): d loss / d (normalised) feats
@@ -882,14 +932,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_sim
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = embed_checked_shape(rows).size(0), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
-  auto fopt = feats.options();
-  auto aopt = fopt.dtype(acc);
-  at::Tensor seg = compute_seg ? at::empty({N, C}, fopt) : at::empty({0}, fopt);
-  at::Tensor argk = compute_seg ? at::empty({N, C}, fopt.dtype(at::kByte)) : at::empty({0}, fopt.dtype(at::kByte));
-  at::Tensor lse = compute_lse ? at::empty({N}, aopt) : at::empty({0}, aopt);
-  at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
-  const bool cache = compute_lse && cache_bytes > 0 && N * CK * int64_t(at::elementSize(acc)) <= cache_bytes;
-  at::Tensor probs = cache ? at::empty({N, CK}, aopt) : at::empty({0}, aopt);
+  auto aopt = feats.options().dtype(acc);
+  at::Tensor seg, argk, lse, own, probs;
+  std::tie(seg, argk, lse, own, probs) =
+      similarity_outputs(feats.options(), N, C, K, compute_seg, compute_lse, compute_own, cache_bytes);
+  const bool cache = probs.numel() > 0;
   if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor lab = compute_own ? labels.to(at::kLong).contiguous() : at::Tensor();
@@ -950,13 +997,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
     return finish();
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor gseg = has_seg ? grad_seg->to(acc).contiguous() : at::Tensor();
-  at::Tensor ak = has_seg ? argk.to(at::kByte).contiguous() : at::Tensor();
-  at::Tensor glse = has_lse ? grad_lse->reshape({N}).to(acc).contiguous() : at::Tensor();
-  at::Tensor l = has_lse ? lse.reshape({N}).to(acc).contiguous() : at::Tensor();
-  at::Tensor gown = has_own ? grad_own->to(acc).contiguous() : at::Tensor();
-  at::Tensor lab = has_own ? labels.to(at::kLong).contiguous() : at::Tensor();
-  at::Tensor pr = cached ? probs_opt->to(acc).contiguous() : at::Tensor();
+  const GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc, ignore_index,
+                       temperature);
   const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
   const bool direct = grad.scalar_type() == acc;  // else G goes through a working-dtype buffer
   const bool recompute = has_lse && !cached;
@@ -967,7 +1009,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
   const int64_t max_blocks = ceil_div(T, kWarp);
   at::Tensor part_w = ln ? at::empty({max_blocks, D}, aopt) : at::Tensor();  // per-block partial d w, d b
   at::Tensor part_b = ln ? at::empty({max_blocks, D}, aopt) : at::Tensor();
-  const int threads = int(std::min<int64_t>(kGradThreads, ceil_div(CK, kWarp) * kWarp));
   for (const PixelTile& t : pixel_tiles(rows, T)) {
     const at::Tensor X = t.of(rows);
     at::Tensor dS_tile = dS.narrow(0, 0, t.count);
@@ -982,14 +1023,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
       } else {
         launch_embed_stats<scalar_t, acc_t>(X, e, stats, stream);
       }
-      const dim3 grid(static_cast<unsigned>(ceil_div(CK, threads)), static_cast<unsigned>(t.count));
-      similarity_grad_epilogue_kernel<acc_t><<<grid, threads, 0, stream>>>(
-          dS_tile.data_ptr<acc_t>(), nullptr, t.n0, C, K, acc_t(temperature), has_lse,
-          cached ? pr.data_ptr<acc_t>() : nullptr, has_lse ? l.data_ptr<acc_t>() : nullptr,
-          has_lse ? glse.data_ptr<acc_t>() : nullptr, has_seg, has_seg ? ak.data_ptr<uint8_t>() : nullptr,
-          has_seg ? gseg.data_ptr<acc_t>() : nullptr, has_own, has_own ? lab.data_ptr<int64_t>() : nullptr,
-          ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gin.launch<acc_t>(dS_tile, nullptr, t.n0, stream);
       at::mm_out(G_tile, dS_tile, e.P);  // (count, D): d loss / d z
       embed_backward_kernel<scalar_t, acc_t><<<blocks, kEmbedThreads, 0, stream>>>(
           X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), t.count, D, stats.data_ptr<acc_t>(),
@@ -1018,10 +1052,8 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cuda(const at::Tensor& f
                                                              const c10::optional<at::Tensor>& ln_bias, double ln_eps,
                                                              const at::Tensor& slot, int64_t num_slots) {
   at::NoGradGuard no_grad;
-  const at::Tensor rows = embed_rows(feats);
-  check_floating(rows, "feats");
+  const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
   const at::Tensor shape = embed_checked_shape(rows);
-  check_prototype_sums_args(shape, slot, num_slots);
   const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = shape.size(0), D = shape.size(1);
