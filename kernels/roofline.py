@@ -42,6 +42,8 @@ OPS = (
     "own_scores",  # own-class scores only (gathered, no full S)
     "proto_losses",  # forward with lse and own: PPC / PPD
     "similarity_backward",  # d feats from the seg, lse and own gradients
+    "embed_similarity",  # the head's forward from the raw map: LayerNorm over D + L2 fused into `similarity`
+    "embed_similarity_backward",  # d map, d LayerNorm weight and bias through the fused embedding
     "sinkhorn",
     "prototype_sums",
     "prototype_ema",
@@ -127,6 +129,31 @@ def h100_roofline(op: str, N: int, D: int, C: int, K: int, dtype="float32", iter
         res = _result(2 * gemm, 4.0 * N * CK, nbytes, nbytes + (slices - 1) * feats, dt)
         res["flops_impl"] = gemm * _padding(C, K, dt, "bwd") * (slices + 1)
         return res
+    if op in ("embed_similarity", "embed_similarity_backward"):
+        # the raw map in, the LayerNorm's weight and bias (D,) beside it; per map element the
+        # statistics (two passes: 3 + 4 FLOPs) and the LayerNorm of each loaded tile (3 FLOPs)
+        stats = N * 3 * a  # (mu, rstd, inv) per pixel, written once and read back
+        ln = 2 * D * a
+        if op == "embed_similarity":
+            res = h100_roofline("similarity", N, D, C, K, dtype, iters)
+            elem = 10.0 * N * D
+            nbytes = res["bytes"] + ln
+            # as written (kernels/embed.py): the statistics kernel reads the map once more
+            # from HBM (its second pass hits L2) and writes the statistics the forward reads
+            out = _result(gemm, res["flops"] - gemm + elem, nbytes, res["bytes_impl"] + ln + feats + 2 * stats, dt)
+            out["flops_impl"] = res["flops_impl"]
+            return out
+        res = h100_roofline("similarity_backward", N, D, C, K, dtype, iters)
+        # the L2 + LayerNorm backward: two passes over d z and the map, ~20 FLOPs per element
+        elem = 10.0 * N * D + 20.0 * N * D
+        nbytes = res["bytes"] + 2 * ln  # + d weight, d bias out
+        # as written: the statistics again (map + stats), d z (N, D) in the accumulation dtype
+        # written by the similarity backward and read by the embedding backward (its second
+        # read from L2), the map read once more, the per-program weight and bias partials
+        bytes_impl = res["bytes_impl"] + 2 * ln + feats + 2 * stats + 2 * N * D * a + feats
+        out = _result(2 * gemm, 4.0 * N * CK + elem, nbytes, bytes_impl, dt)
+        out["flops_impl"] = res["flops_impl"]
+        return out
     if op == "sinkhorn":
         own = N * K * a
         nbytes = own + labels + own  # read own, write Q
