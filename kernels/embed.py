@@ -40,7 +40,7 @@ import triton.language as tl
 from . import prototype_update as _update
 from . import similarity as _sim
 from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
-from .similarity import _embed_tile
+from .similarity import _embed_tile, _load_stats, _pixel_block
 from .tiles import EMBED_GPU_TILES, kind_of, similarity_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
@@ -58,20 +58,6 @@ def _sqrt(x):
         return tl.sqrt(x)
     else:
         return tl.sqrt_rn(x)
-
-
-@triton.jit
-def _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N: tl.constexpr):
-    # (hw, row_ok, loc, x_row) of this program's BLOCK_N pixels: grid (pixel
-    # block, image of the chunk); loc is the pixel within the chunk (the
-    # buffers' row), x_row its offset in feats (int64)
-    pid = tl.program_id(0).to(tl.int64)
-    img = tl.program_id(1).to(tl.int64)
-    hw = HW0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = hw < HW0 + HWC
-    loc = img * HWC + (hw - HW0)
-    x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
-    return hw, row_ok, loc, x_row
 
 
 @triton.jit
@@ -103,7 +89,7 @@ def embed_stats_kernel(
     # (the row reductions). Memory-bound:
     # feats is read twice (the second time from L2: 32 px x 720 channels are
     # 90 KB in fp32), 12 B a pixel written.
-    hw, row_ok, loc, x_row = _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
     if LAYER_NORM:
         shift = tl.load(X_ptr + x_row, mask=row_ok & (D > 0), other=0.0).to(ACC_DTYPE)
@@ -182,13 +168,11 @@ def embed_backward_kernel(
     # (fp64: 128-156), 32-56 without; sm_80 128-168; no spills, 4 KB shared
     # memory (the column sums). Memory-bound: feats and g read twice (the
     # second time mostly from L2), d feats written once.
-    hw, row_ok, loc, x_row = _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     img = tl.program_id(1).to(tl.int64)
     prog = img * tl.num_programs(0) + tl.program_id(0).to(tl.int64)  # row of the partials
     dx_row = (B0 + img) * DX_stride_b + hw * DX_stride_hw
-    mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
-    r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
-    inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
     sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
     a1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
     s_gw = tl.zeros((BLOCK_N,), ACC_DTYPE)
@@ -267,10 +251,8 @@ def embed_rows_kernel(
     # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
     # prototype_sums skips. GPU: the stats kernel's tile, one read of feats;
     # 54-64 registers on sm_90, no spills.
-    hw, row_ok, loc, x_row = _pixel_block(B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
-    mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
-    r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
-    inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D

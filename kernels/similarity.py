@@ -64,6 +64,29 @@ def _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM: tl.const
 
 
 @triton.jit
+def _pixel_block(block, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N: tl.constexpr):
+    # EMBED addressing: (hw, row_ok, loc, x_row) of the BLOCK_N pixels of pixel
+    # block `block` of image program_id(1) of the chunk; loc is the pixel
+    # within the chunk (the chunk buffers' row: statistics, d z), x_row its
+    # offset in feats (int64: no offset can overflow)
+    img = tl.program_id(1).to(tl.int64)
+    hw = HW0 + block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = hw < HW0 + HWC
+    loc = img * HWC + (hw - HW0)
+    x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
+    return hw, row_ok, loc, x_row
+
+
+@triton.jit
+def _load_stats(STAT_ptr, loc, row_ok):
+    # (mu, rstd, inv) of the pixels loc of the chunk (embed_stats_kernel's rows of 3)
+    mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
+    r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
+    inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+    return mu, r, inv
+
+
+@triton.jit
 def similarity_fwd_kernel(
     X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
     X_stride_hw,
@@ -149,15 +172,9 @@ def similarity_fwd_kernel(
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     pid = tl.program_id(0).to(tl.int64)
     if EMBED:
-        img = tl.program_id(1).to(tl.int64)  # image of the chunk
-        hw = HW0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: no offset below can overflow
-        row_ok = hw < HW0 + HWC
-        rows = (B0 + img) * HW + hw  # pixel n: labels and the outputs
-        x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
-        loc = img * HWC + (hw - HW0)  # pixel within the chunk: its statistics
-        mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
-        r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
-        inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+        hw, row_ok, loc, x_row = _pixel_block(pid, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+        rows = (B0 + tl.program_id(1).to(tl.int64)) * HW + hw  # pixel n: labels and the outputs
+        mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
     else:  # rows (N, D): one image, one chunk; the plain kernel's addressing, no extra registers
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_hw cannot overflow
         row_ok = rows < HWC
@@ -261,15 +278,9 @@ def own_class_scores_kernel(
     # GPU: 32 px x BLOCK_D 32 (fp64: 16): 92-96 registers on sm_90 and sm_80.
     pid = tl.program_id(0).to(tl.int64)
     if EMBED:
-        img = tl.program_id(1).to(tl.int64)
-        hw = HW0 + pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = hw < HW0 + N
-        rows = (B0 + img) * HW + hw
-        x_row = (B0 + img) * X_stride_b + hw * X_stride_n
-        loc = img * N + (hw - HW0)
-        mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
-        r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
-        inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+        hw, row_ok, loc, x_row = _pixel_block(pid, B0, HW0, N, X_stride_b, X_stride_n, BLOCK_N)
+        rows = (B0 + tl.program_id(1).to(tl.int64)) * HW + hw
+        mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
     else:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -404,16 +415,11 @@ def similarity_bwd_kernel(
     pid_n = pid // n_slices
     pid_d = pid % n_slices
     if EMBED:
-        img = tl.program_id(1).to(tl.int64)  # image of the chunk
-        hw = HW0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = hw < HW0 + HWC
-        rows = (B0 + img) * HW + hw  # pixel n: labels, the saved and upstream vectors
-        loc = img * HWC + (hw - HW0)  # pixel within the chunk: the output row (and its statistics)
-        x_row = (B0 + img) * X_stride_b + hw * X_stride_hw
+        # loc: the pixel within the chunk, the output row (and its statistics)
+        hw, row_ok, loc, x_row = _pixel_block(pid_n, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+        rows = (B0 + tl.program_id(1).to(tl.int64)) * HW + hw  # pixel n: labels, the saved and upstream vectors
         if HAS_LSE:
-            mu = tl.load(STAT_ptr + loc * 3, mask=row_ok, other=0.0)
-            r = tl.load(STAT_ptr + loc * 3 + 1, mask=row_ok, other=0.0)
-            inv = tl.load(STAT_ptr + loc * 3 + 2, mask=row_ok, other=0.0)
+            mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
     else:  # rows (N, D): one image, one chunk; the plain kernel's addressing
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < HWC
