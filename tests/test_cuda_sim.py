@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from protoseg_ext import reference as R
-from protoseg_ext.testing import make_problem
+from protoseg_ext.testing import as_layout, embed_problem, embed_reference, make_problem
 
 pytestmark = [
     pytest.mark.cuda_sim,
@@ -217,39 +217,21 @@ def test_similarity_autograd_through_the_registered_backward(sim):
 # --------------------------------------------------------------------------- the head's embedding
 
 
-def _embed_ref(x, ln):
-    """LayerNorm over D (ln = (weight, bias, eps) or None) and F.normalize of x's pixels as (N, D) rows."""
-    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    if ln is not None:
-        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
-    return F.normalize(rows, dim=-1)
-
-
-def _layout(x, layout):
-    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-            "rows": x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])}[layout]
-
-
 def _embed_problem(B, D, H, W, C, K, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2 + 0.5
-    w, b = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
-    p = F.normalize(torch.randn(C, K, D, generator=g, dtype=torch.float64), dim=-1)
-    gt = torch.randint(-1, C, (B * H * W,), generator=g)
-    return x.to(dtype), w.to(dtype), b.to(dtype), p.to(dtype), gt
+    return embed_problem(B, D, H, W, C, K, seed=seed, dtype=dtype)
 
 
 def _embed_check(sim, x, w, b, p, gt, layout, layer_norm, cached, tol, T=0.7, parts=(1, 1, 1), seed=0):
     """embed_similarity and its backward on the emulator against LayerNorm + F.normalize + the reference
     (float64 autograd): seg, lse, own, and d feats, d weight, d bias under random upstream gradients."""
-    xin = _layout(x, layout)
+    xin = as_layout(x, layout)
     kept = xin.clone()
     lw, lb = (w, b) if layer_norm else (None, None)
     seg, argk, lse, own, probs = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, T, True, True, True,
                                                       (1 << 30) if cached else 0)
     assert probs.numel() == (gt.numel() * p.shape[0] * p.shape[1] if cached else 0)
     leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
-    ref = R.similarity_outputs(_embed_ref(leaves[0], (leaves[1], leaves[2], 1e-5) if layer_norm else None),
+    ref = R.similarity_outputs(embed_reference(leaves[0], (leaves[1], leaves[2], 1e-5) if layer_norm else None),
                                p.double(), gt, -1, T, True, True, True)
     for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
         torch.testing.assert_close(u.double(), v, **tol)
@@ -265,7 +247,7 @@ def _embed_check(sim, x, w, b, p, gt, layout, layer_norm, cached, tol, T=0.7, pa
     n = 3 if layer_norm else 1
     want = torch.autograd.grad(loss, leaves[:n])
     assert gx.shape == xin.shape and gx.dtype == x.dtype
-    torch.testing.assert_close(gx.double(), _layout(want[0], layout), **tol)
+    torch.testing.assert_close(gx.double(), as_layout(want[0], layout), **tol)
     if layer_norm:
         torch.testing.assert_close(gw.double(), want[1], **tol)
         torch.testing.assert_close(gb.double(), want[2], **tol)
@@ -316,7 +298,7 @@ def test_embed_similarity_offsets_overflow_and_nan(sim):
     ok = torch.ones(seg.shape[0], dtype=torch.bool)
     ok[nan_px] = False
     xd, wd, bd = [t.double().requires_grad_() for t in (x, w, b)]
-    ref = R.similarity_outputs(_embed_ref(xd, (wd, bd, 1e-5)), p.double(), gt, -1, 1.0, True, True, True)
+    ref = R.similarity_outputs(embed_reference(xd, (wd, bd, 1e-5)), p.double(), gt, -1, 1.0, True, True, True)
     for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
         torch.testing.assert_close(u.double()[ok], v[ok], atol=1e-5, rtol=1e-5)
     _, argk, lse, _, _ = sim.embed_similarity(x, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True, True,
@@ -348,7 +330,7 @@ def test_embed_similarity_autograd_through_the_registered_backward(sim):
                                                True, 0)
     (lse.sum() - own[:, 0].sum() + seg.square().sum()).backward()
     ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
-    r_seg, _, r_lse, r_own = R.similarity_outputs(_embed_ref(ref_leaves[0], (ref_leaves[1], ref_leaves[2], 1e-5)),
+    r_seg, _, r_lse, r_own = R.similarity_outputs(embed_reference(ref_leaves[0], (ref_leaves[1], ref_leaves[2], 1e-5)),
                                                   p.double(), gt, -1, 1.0, True, True, True)
     (r_lse.sum() - r_own[:, 0].sum() + r_seg.square().sum()).backward()
     for a, r in zip(leaves, ref_leaves):
@@ -390,10 +372,10 @@ def test_embed_prototype_sums(sim, sums_mode, layout, layer_norm):
           1e-5) if layer_norm else None
     slot = torch.randint(-1, 12, (60,), generator=g)
     slot[30 + 13] = slot[30 + 14] = slot[17] = slot[21] = 5
-    xin = _layout(x.float(), layout)
+    xin = as_layout(x.float(), layout)
     lw, lb = (ln[0].float(), ln[1].float()) if layer_norm else (None, None)
     sums, counts = sim.embed_prototype_sums(xin, lw, lb, 1e-5, slot, 12)
-    rs, rc = R.prototype_sums(_embed_ref(x.float().double(), ln), slot, 12)
+    rs, rc = R.prototype_sums(embed_reference(x.float().double(), ln), slot, 12)
     assert sums.dtype == torch.float32 and torch.equal(counts.double(), rc)
     torch.testing.assert_close(sums.double(), rs, atol=1e-5, rtol=1e-5)
 

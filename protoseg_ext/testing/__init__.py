@@ -8,6 +8,8 @@
   pair present, the reference included (Triton on CPU tensors when TRITON_INTERPRET=1);
 * :func:`official_head_step` - a ProtoSegHead training step written with
   :mod:`protoseg_ext.reference` alone, the oracle of the head;
+* :func:`embed_problem`, :func:`as_layout`, :func:`embed_reference` - the head's map, as the
+  backbone may lay it out, and the oracle of its embedding (the embedding ops' tests);
 * ``test_backends`` - the op x backend table (a pytest module shipped with the
   package, so that an installed wheel can check its GPU backends).
 
@@ -24,9 +26,37 @@ import torch.nn.functional as F
 
 from .. import backends, reference
 
-__all__ = ["make_problem", "make_inputs", "class_weights", "backend_params", "device_backend", "assert_close_rel", "official_head_step", "TOL"]
+__all__ = ["make_problem", "make_inputs", "class_weights", "backend_params", "device_backend", "assert_close_rel", "official_head_step", "TOL",
+           "embed_problem", "as_layout", "embed_reference"]
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def embed_problem(B, D, H, W, C, K, seed=0, offset=0.5, dtype=torch.float64, device="cpu"):
+    """A map (B, D, H, W), LayerNorm weight and bias (D,), protos (C, K, D) (drawn in float64, cast to
+    ``dtype``) and labels (B*H*W,) with ignored pixels (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2 + offset
+    w = torch.randn(D, generator=g, dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    p = F.normalize(torch.randn(C, K, D, generator=g, dtype=torch.float64), dim=-1)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g)
+    return [t.to(device, dtype) for t in (x, w, b, p)] + [gt.to(device)]
+
+
+def as_layout(x, layout):
+    """The (B, D, H, W) map ``x`` as the backbone may give it: ``"nchw"``, ``"channels_last"`` or ``"rows"`` (N, D)."""
+    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "rows": x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])}[layout]
+
+
+def embed_reference(x, ln):
+    """The head's embedding rows (N, D), the official way: feats (N, D) or (B, D, H, W) as rows, LayerNorm
+    over D (``ln`` = (weight, bias, eps), or None), L2 normalisation."""
+    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if ln is not None:
+        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
+    return F.normalize(rows, dim=-1)
 
 
 def make_problem(N=300, D=16, C=5, K=4, *, seed=0, ignore_frac=0.1, ignore_index=-1, dtype=torch.float32,

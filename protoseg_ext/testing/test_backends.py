@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import protoseg_ext.functional as PF
 from protoseg_ext import ProtoSegHead, backends
 from protoseg_ext import reference as R
-from protoseg_ext.testing import assert_close_rel, device_backend, make_problem, official_head_step  # noqa: F401
+from protoseg_ext.testing import (  # noqa: F401
+    as_layout, assert_close_rel, device_backend, embed_reference, make_problem, official_head_step)
 
 # the interpreter and the CPU kernels agree with float32 eager to rounding; a
 # GPU's tensor-core GEMMs (tf32x3 in Triton) a little less
@@ -177,14 +178,6 @@ def test_similarity_normalize_gradcheck(case, cache):
 # ---------------------------------------------------------------- the head's embedding fused into the similarity
 
 
-def _embed_reference(x, ln):
-    """The official embedding rows: (B, D, H, W) -> (N, D) rows, LayerNorm over D, L2 normalisation."""
-    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    if ln is not None:
-        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
-    return F.normalize(rows, dim=-1)
-
-
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 @pytest.mark.parametrize("layer_norm", [True, False])
 @pytest.mark.parametrize("cache", [0, 1 << 20])
@@ -200,13 +193,12 @@ def test_embed_similarity_values_and_every_gradient(case, layout, layer_norm, ca
     gt = torch.randint(-1, C, (B * H * W,), generator=g).to(case.device)
     leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
     xa, wa, ba = leaves
-    xin = {"nchw": xa, "channels_last": xa.contiguous(memory_format=torch.channels_last),
-           "rows": xa.permute(0, 2, 3, 1).reshape(-1, D)}[layout]
+    xin = as_layout(xa, layout)
     kept = xin.detach().clone()
     ln_a = (wa, ba, 1e-5) if layer_norm else None
     out = case.be.embed_similarity(xin, ln_a, p, gt, temperature=0.7, seg=True, lse=True, own=True, cache_bytes=cache)
     xb, wb, bb = [t.clone().requires_grad_() for t in (x0, w0, b0)]
-    ref = R.similarity_outputs(_embed_reference(xb, (wb, bb, 1e-5) if layer_norm else None), p, gt, -1, 0.7, True,
+    ref = R.similarity_outputs(embed_reference(xb, (wb, bb, 1e-5) if layer_norm else None), p, gt, -1, 0.7, True,
                                True, True)
     for u, v in zip(out, ref):
         torch.testing.assert_close(u, v, **case.tol)
@@ -239,7 +231,7 @@ def test_embed_similarity_tiles_and_offsets(case, layer_norm, cache, monkeypatch
     xb, wb, bb = [t.double().requires_grad_() for t in (x0, w0, b0)]
     out = case.be.embed_similarity(xa, (wa, ba, 1e-5) if layer_norm else None, p, gt, seg=True, lse=True, own=True,
                                    cache_bytes=cache)
-    ref = R.similarity_outputs(_embed_reference(xb, (wb, bb, 1e-5) if layer_norm else None), p.double(), gt, -1, 1.0,
+    ref = R.similarity_outputs(embed_reference(xb, (wb, bb, 1e-5) if layer_norm else None), p.double(), gt, -1, 1.0,
                                True, True, True)
     for u, v in zip((out.seg, out.lse, out.own), (ref[0], ref[2], ref[3])):
         torch.testing.assert_close(u.double(), v, atol=1e-5, rtol=1e-5)
@@ -282,11 +274,10 @@ def test_embed_prototype_sums(case, layout, layer_norm, HW, monkeypatch):
     slot[2 * W + 3] = slot[H * W + 2 * W + 3] = slot[H * W + 2 * W + 4] = 5
     xf = x.float().to(case.device)
     lnf = tuple(t.float().to(case.device) for t in ln[:2]) + (1e-5,) if layer_norm else None
-    xin = {"nchw": xf, "channels_last": xf.contiguous(memory_format=torch.channels_last),
-           "rows": xf.permute(0, 2, 3, 1).reshape(-1, 20)}[layout]
+    xin = as_layout(xf, layout)
     monkeypatch.setattr(case.be, "embed_chunk", 500)  # the composed default: several chunks
     sums, counts = case.be.embed_prototype_sums(xin, lnf, slot, 12)
-    rs, rc = R.prototype_sums(_embed_reference(x, ln).to(case.device), slot, 12)  # the embedding in float64
+    rs, rc = R.prototype_sums(embed_reference(x, ln).to(case.device), slot, 12)  # the embedding in float64
     torch.testing.assert_close(sums.double(), rs, atol=1e-4, rtol=1e-5)
     assert torch.equal(counts.double(), rc)
 

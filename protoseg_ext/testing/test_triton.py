@@ -28,7 +28,8 @@ import protoseg_ext  # noqa: E402
 import protoseg_ext.functional as PF  # noqa: E402
 from protoseg_ext import backends  # noqa: E402
 from protoseg_ext import reference as R  # noqa: E402
-from protoseg_ext.testing import make_problem  # noqa: E402
+from protoseg_ext.testing import as_layout, embed_reference, make_problem  # noqa: E402
+from protoseg_ext.testing import embed_problem as _embed_problem  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_GPU = torch.cuda.is_available() and not INTERPRET
@@ -505,30 +506,9 @@ EMBED_TOL = dict(atol=2e-5, rtol=2e-5) if INTERPRET else dict(atol=5e-5, rtol=2e
 EMBED_GRAD_TOL = dict(atol=1e-4, rtol=1e-4) if INTERPRET else dict(atol=3e-4, rtol=3e-4)
 
 
-def embed_reference(x, ln):
-    """The head's embedding rows (N, D): feats (N, D) or (B, D, H, W) as rows, LayerNorm over D, L2 normalisation."""
-    rows = x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    if ln is not None:
-        rows = F.layer_norm(rows, (rows.shape[1],), ln[0], ln[1], ln[2])
-    return F.normalize(rows, dim=-1)
-
-
-def as_layout(x, layout):
-    """The (B, D, H, W) map ``x`` as the backbone may give it."""
-    return {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-            "rows": x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])}[layout]
-
-
 def embed_problem(B, D, H, W, C, K, seed=0, offset=0.5, dtype=torch.float64):
-    """A map (B, D, H, W), LayerNorm weight and bias (D,), protos (C, K, D) (drawn in float64, cast to
-    ``dtype``) and labels (B*H*W,) with ignored pixels (-1)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2 + offset
-    w = torch.randn(D, generator=g, dtype=torch.float64)
-    b = torch.randn(D, generator=g, dtype=torch.float64)
-    p = F.normalize(torch.randn(C, K, D, generator=g, dtype=torch.float64), dim=-1)
-    gt = torch.randint(-1, C, (B * H * W,), generator=g)
-    return [t.to(dtype).to(DEVICE) for t in (x, w, b, p)] + [gt.to(DEVICE)]
+    """protoseg_ext.testing.embed_problem on this module's device."""
+    return _embed_problem(B, D, H, W, C, K, seed=seed, offset=offset, dtype=dtype, device=DEVICE)
 
 
 def embed_check(x, w, b, p, gt, layer_norm, layout, temperature=0.7, tol=TOL, grad_tol=None, call=None, seed=5):
