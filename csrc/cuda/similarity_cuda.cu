@@ -927,10 +927,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_sim
     bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
   at::NoGradGuard no_grad;  // the GEMMs write into buffers
   const at::Tensor rows = embed_rows(feats);
-  check_similarity_args(embed_checked_shape(rows), protos, labels, compute_own, temperature);
+  const at::Tensor shape = embed_checked_shape(rows);
+  check_similarity_args(shape, protos, labels, compute_own, temperature);
   const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
   c10::cuda::CUDAGuard guard(feats.device());
-  const int64_t N = embed_checked_shape(rows).size(0), C = protos.size(0), K = protos.size(1), CK = C * K;
+  const int64_t N = shape.size(0), C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = acc_type(feats.scalar_type());
   auto aopt = feats.options().dtype(acc);
   at::Tensor seg, argk, lse, own, probs;
