@@ -18,14 +18,18 @@ by the fused kernels:
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, functional, reference
+from . import backends, checks, functional, reference
+from .head import ProtoSegHead
 
-__all__ = ["distributed_sinkhorn", "momentum_update", "prototype_learning", "l2_normalize"]
+__all__ = ["distributed_sinkhorn", "momentum_update", "prototype_learning", "l2_normalize", "accelerate", "restore",
+           "proto_head_forward", "FusedProtoLogits"]
 
 l2_normalize = reference.l2_normalize
 
@@ -88,3 +92,188 @@ def prototype_learning(self, _c, out_seg, gt_seg, masks):
         dist.all_reduce(protos.div_(dist.get_world_size()))
         self.prototypes = nn.Parameter(protos, requires_grad=False)
     return proto_logits, proto_target
+
+
+# --------------------------------------------------------------------------
+# accelerate: the official model and loss on the fused head
+# --------------------------------------------------------------------------
+
+# what the accelerated forward and loss read of an official instance
+_MODEL_ATTRS = ("backbone", "cls_head", "proj_head", "feat_norm", "mask_norm", "prototypes", "num_classes",
+                "num_prototype", "gamma", "use_prototype", "update_prototype")
+_LOSS_ATTRS = ("seg_criterion", "loss_ppc_weight", "loss_ppd_weight")
+
+
+class FusedProtoLogits:
+    """``preds['logits']`` of an accelerated model: the PPC and PPD losses the official
+    ``(N, C*K)`` similarity matrix would give, computed by the fused kernels instead of it.
+
+    The accelerated ``PixelPrototypeCELoss`` reads ``ppc`` and ``ppd``; ``shape`` is the
+    shape the official tensor would have had.
+    """
+
+    __slots__ = ("ppc", "ppd", "shape")
+
+    def __init__(self, ppc: torch.Tensor, ppd: torch.Tensor, shape):
+        self.ppc, self.ppd, self.shape = ppc, ppd, torch.Size(shape)
+
+    def __repr__(self) -> str:
+        return f"FusedProtoLogits(shape={tuple(self.shape)}, ppc={self.ppc.item():.4g}, ppd={self.ppd.item():.4g})"
+
+
+def _missing(obj, names) -> List[str]:
+    return [n for n in names if not hasattr(obj, n)]
+
+
+def _require(obj, names, what: str) -> None:
+    missing = _missing(obj, names)
+    if missing:
+        raise AttributeError(
+            f"{type(obj).__name__} is not an official ProtoSeg {what}: it has no {', '.join(missing)} "
+            f"(protoseg_ext.compat.accelerate needs {', '.join(names)})"
+        )
+
+
+def _fused_head(model) -> ProtoSegHead:
+    """The :class:`ProtoSegHead` that runs ``model``'s head: it shares the model's ``feat_norm``
+    and ``mask_norm`` modules and its prototypes' storage, and is not a submodule of the model
+    (so the model's state_dict keeps the official keys)."""
+    settings = type(model)._protoseg_accelerated
+    head = model.__dict__.get("_protoseg_head")
+    C, K, D = model.prototypes.shape
+    if head is None or (head.num_classes, head.num_prototype, head.dim) != (C, K, D):
+        # ignore_index -1 and sync="official" (average the updated prototypes) are the official code's;
+        # its initial prototypes are never used, so their draw must not move the caller's random stream
+        with torch.random.fork_rng(devices=[]):
+            head = ProtoSegHead(D, C, K, gamma=model.gamma, ignore_index=-1, sync="official", **settings)
+        model.__dict__["_protoseg_head"] = head
+    head.assign, head.backend, head.cache_mb = settings["assign"], settings["backend"], settings["cache_mb"]
+    head.feat_norm, head.mask_norm = model.feat_norm, model.mask_norm
+    head.gamma = model.gamma
+    head.update_prototype = model.update_prototype is True  # official: `self.update_prototype is True`
+    head._buffers["prototypes"] = model.prototypes.data  # the update writes into the model's prototypes
+    return head
+
+
+def proto_head_forward(self, c: torch.Tensor, gt_semantic_seg: Optional[torch.Tensor] = None,
+                       pretrain_prototype: bool = False):
+    """The official ``HRNet_W48_Proto.forward`` from the projection output ``c (B, D, H, W)`` on, fused.
+
+    Returns what the official forward returns: ``out_seg (B, C, H, W)`` without labels, else
+    ``{'seg', 'logits', 'target'}`` where ``'logits'`` is a :class:`FusedProtoLogits` (never the
+    ``(N, C*K)`` matrix) and ``'target'`` the float ``(N,)`` targets. ``gt_semantic_seg`` is
+    ``(B, 1, H', W')`` (or ``(B, H', W')``); labels outside ``[0, C)`` are ignored and kept as
+    their own target, as in the official loop.
+    """
+    _require(self, _MODEL_ATTRS, "model")
+    with torch.no_grad():  # official: the prototypes are re-normalised in place every forward
+        self.prototypes.data.copy_(reference.l2_normalize(self.prototypes.data))
+    head = _fused_head(self)
+    learn = pretrain_prototype is False and self.use_prototype is True and gt_semantic_seg is not None
+    if not learn:
+        head.training = False  # no prototype update without labels (set on the head alone, not its modules)
+        return head(c).seg
+    B, _, H, W = c.shape
+    gt = gt_semantic_seg if gt_semantic_seg.dim() == 4 else gt_semantic_seg[:, None]
+    gt = F.interpolate(gt.float(), size=(H, W), mode="nearest").view(-1)  # official nearest downsampling
+    labels = gt.long()
+    in_range = (labels >= 0) & (labels < self.num_classes) & (gt == labels)
+    labels = torch.where(in_range, labels, torch.full_like(labels, -1))
+    head.training = True  # official: labels given means the prototypes are updated (if update_prototype)
+    out = head(c, labels.view(B, H, W))
+    proto_target = torch.where(in_range, out.target.float(), gt)  # official: gt_seg.clone().float()
+    if self.prototypes.requires_grad:  # official: replaced by a Parameter without gradient after learning
+        self.prototypes = nn.Parameter(self.prototypes.data, requires_grad=False)
+    CK = self.num_classes * self.num_prototype
+    return {"seg": out.seg, "logits": FusedProtoLogits(out.loss_ppc, out.loss_ppd, (gt.numel(), CK)),
+            "target": proto_target}
+
+
+def _official_features(self, x_: torch.Tensor) -> torch.Tensor:
+    """The official forward up to the projection: backbone branches upsampled to the finest
+    (bilinear, align_corners=True), concatenated, ``cls_head``, ``proj_head``."""
+    x = self.backbone(x_)
+    size = x[0].shape[2:]
+    feats = torch.cat([x[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=True) for f in x[1:]], 1)
+    return self.proj_head(self.cls_head(feats))
+
+
+def _accelerated_forward(self, x_, gt_semantic_seg=None, pretrain_prototype=False):
+    return proto_head_forward(self, _official_features(self, x_), gt_semantic_seg, pretrain_prototype)
+
+
+def _accelerated_loss_forward(self, preds, target):
+    fused = preds.get("logits") if isinstance(preds, dict) else None
+    if not isinstance(fused, FusedProtoLogits):
+        return _original_method(self, "forward")(preds, target)
+    _require(self, _LOSS_ATTRS, "loss")
+    h, w = target.size(1), target.size(2)
+    pred = F.interpolate(preds["seg"], size=(h, w), mode="bilinear", align_corners=True)
+    loss = self.seg_criterion(pred, target)
+    return loss + self.loss_ppc_weight * fused.ppc + self.loss_ppd_weight * fused.ppd
+
+
+def accelerate(model_class: type, loss_class: type, *, backend: str = "auto", assign: str = "gumbel",
+               cache_mb: Optional[float] = None) -> None:
+    """Make code written against the official repository train through the fused head.
+
+    ``model_class`` is the official ``HRNet_W48_Proto`` (or a class with its attributes),
+    ``loss_class`` the official ``PixelPrototypeCELoss``. After the call, the model's forward
+    runs from its projection output on (feat_norm, the prototypes, mask_norm, prototype
+    learning, PPC and PPD) as :class:`~protoseg_ext.ProtoSegHead` does, never building the
+    ``(N, C*K)`` similarity; the loss takes PPC and PPD from it. Trainer, configs and the
+    state_dict (keys, shapes) stay the official ones, so checkpoints load both ways.
+    ``backend``, ``assign`` and ``cache_mb`` are :class:`~protoseg_ext.ProtoSegHead`'s (official:
+    the Gumbel draw; ``cache_mb`` the memory the backward may keep softmax(S) in). Models whose
+    features are not HRNet's four branches can call :func:`proto_head_forward` from their own
+    forward instead. Calling it again changes ``backend``/``assign``; :func:`restore` undoes it.
+    """
+    for cls, names, what in ((model_class, ("forward", "prototype_learning"), "model"),
+                             (loss_class, ("forward",), "loss")):
+        if not isinstance(cls, type):
+            raise TypeError(f"accelerate takes the official {what} class, got {type(cls).__name__}")
+        missing = _missing(cls, names)
+        if missing:
+            raise AttributeError(f"{cls.__name__} is not an official ProtoSeg {what} class: it has no "
+                                 f"{', '.join(missing)}")
+    checks.assign(assign)
+    if backend != "auto":
+        backends.get_backend(backend)  # an unknown name fails here
+    if cache_mb is not None and not cache_mb >= 0:
+        raise ValueError(f"cache_mb must be >= 0 or None, got {cache_mb}")
+    for cls, forward in ((model_class, _accelerated_forward), (loss_class, _accelerated_loss_forward)):
+        if "_protoseg_original_forward" not in cls.__dict__:
+            cls._protoseg_original_forward = cls.__dict__.get("forward", _INHERITED)
+        cls.forward = forward
+    if "_protoseg_original_prototype_learning" not in model_class.__dict__:
+        model_class._protoseg_original_prototype_learning = model_class.__dict__.get("prototype_learning", _INHERITED)
+    model_class.prototype_learning = prototype_learning  # the method too, for code that calls it directly
+    model_class._protoseg_accelerated = {"backend": backend, "assign": assign, "cache_mb": cache_mb}
+
+
+_INHERITED = object()  # marks a method the class inherited (restore deletes its override)
+
+
+def _original_method(obj, name: str):
+    """``obj``'s method ``name`` as its class had it before :func:`accelerate`."""
+    for cls in type(obj).__mro__:
+        saved = cls.__dict__.get(f"_protoseg_original_{name}")
+        if saved is not None:
+            return getattr(super(cls, obj), name) if saved is _INHERITED else saved.__get__(obj)
+    raise AttributeError(f"{type(obj).__name__}.{name} was not replaced by protoseg_ext.compat.accelerate")
+
+
+def restore(model_class: type, loss_class: type) -> None:
+    """Undo :func:`accelerate`: the classes' own methods again."""
+    for cls, names in ((model_class, ("forward", "prototype_learning")), (loss_class, ("forward",))):
+        for name in names:
+            saved = cls.__dict__.get(f"_protoseg_original_{name}")
+            if saved is None:
+                continue
+            if saved is _INHERITED:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, saved)
+            delattr(cls, f"_protoseg_original_{name}")
+    if "_protoseg_accelerated" in model_class.__dict__:
+        del model_class._protoseg_accelerated

@@ -10,17 +10,19 @@ losses are computed from those, so ``(N, C*K)`` is never materialised.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
-from typing import NamedTuple, Optional
+from os import PathLike
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, checks, functional
+from . import backends, checks, functional, reference
 
-__all__ = ["ProtoSegHead", "ProtoSegOutput"]
+__all__ = ["ProtoSegHead", "ProtoSegOutput", "read_official_state_dict"]
 
 
 class ProtoSegOutput(NamedTuple):
@@ -39,6 +41,30 @@ def _labels_named_gt():
         if str(e).startswith("labels["):
             raise ValueError("gt" + str(e)[len("labels"):]) from None
         raise
+
+
+def read_official_state_dict(state: Union[Dict[str, torch.Tensor], str, PathLike]) -> Dict[str, torch.Tensor]:
+    """A state_dict from a checkpoint file (``.safetensors`` or a torch checkpoint) or dict: bare,
+    or under ``state_dict`` / ``model`` / ``state_dict_ema`` (as training scripts save it), with
+    DDP's ``module.`` prefixes dropped. A file that cannot be read raises ``ValueError``."""
+    if isinstance(state, (str, PathLike)):
+        path = os.fspath(state)
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, truncated, not a checkpoint, pickled code (weights_only refuses it)
+            raise ValueError(f"{path}: cannot read it as weights ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("expected a state_dict (parameter name -> tensor), or a checkpoint holding one")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def _dist_on() -> bool:
@@ -140,6 +166,14 @@ class ProtoSegHead(nn.Module):
         if not isinstance(feats, torch.Tensor) or feats.dim() != 4 or feats.shape[1] != self.dim:
             raise ValueError(f"feats must be (B, {self.dim}, H, W), got {checks.shape_of(feats)}")
         B, _, H, W = feats.shape
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            if self.training or gt is not None:
+                raise RuntimeError(
+                    "ProtoSegHead exports for inference only: call model.eval() and export the forward without "
+                    "labels (a training step updates the prototypes, which an exported graph cannot)"
+                )
+            if torch.onnx.is_in_onnx_export():  # standard operators, so the file needs no protoseg_ext
+                return ProtoSegOutput(self._standard_ops_seg(feats), None, None, None)
         be = backends.resolve(self.backend, feats.device)
         # the map as it lies and the official LayerNorm, fused into the similarity (any other
         # feat_norm module runs as it is, on the (N, D) rows)
@@ -166,6 +200,46 @@ class ProtoSegHead(nn.Module):
                 self._apply_update(protos, sums, counts, be.prototype_ema)
         ppc, ppd = functional.losses_from_scores(sim.lse, sim.own, target, self.num_prototype, ign, self.temperature)
         return ProtoSegOutput(seg, ppc, ppd, target)
+
+    # the head's keys in a checkpoint of the official HRNet_W48_Proto (its state_dict, bare or under
+    # "state_dict" / "model", keys with or without DDP's "module." prefix)
+    OFFICIAL_KEYS = ("prototypes", "feat_norm.weight", "feat_norm.bias", "mask_norm.weight", "mask_norm.bias")
+
+    @torch.no_grad()
+    def load_official_state_dict(self, state) -> List[str]:
+        """Load the head of an official ProtoSeg checkpoint: ``prototypes (C, K, D)``,
+        ``feat_norm.*`` and ``mask_norm.*``; every other key (backbone, cls_head, proj_head) is
+        left alone. ``state`` is a state_dict or the path of a checkpoint file.
+
+        Returns the keys loaded. A missing head key or one whose shape does not fit raises a
+        ``ValueError`` naming it (and nothing is loaded).
+        """
+        state = read_official_state_dict(state)
+        own = {"prototypes": self.prototypes}
+        for name in ("feat_norm", "mask_norm"):
+            module = getattr(self, name)
+            for p in ("weight", "bias"):
+                if isinstance(getattr(module, p, None), torch.Tensor):
+                    own[f"{name}.{p}"] = getattr(module, p)
+        missing = [k for k in own if k not in state]
+        wrong = [f"{k} {tuple(state[k].shape)} (head {tuple(v.shape)})" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or wrong:
+            parts = ([f"missing keys: {', '.join(missing)}"] if missing else []) + (
+                [f"wrong shapes: {', '.join(wrong)}"] if wrong else [])
+            raise ValueError("the official checkpoint does not fit this ProtoSegHead "
+                             f"(C={self.num_classes}, K={self.num_prototype}, D={self.dim}): " + "; ".join(parts))
+        for k, v in own.items():
+            v.copy_(state[k])
+        return list(own)
+
+    def _standard_ops_seg(self, feats: torch.Tensor) -> torch.Tensor:
+        """The inference forward in standard operators (what ONNX export traces): the official
+        einsum and max over K, then ``mask_norm``; ``(B, D, H, W)`` -> ``(B, C, H, W)``."""
+        B, _, H, W = feats.shape
+        x = self.embed(feats)
+        seg = self.mask_norm(reference.proto_seg_logits(x, F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)))
+        return seg.reshape(B, H, W, self.num_classes).permute(0, 3, 1, 2)
 
     def _fused_feat_norm(self) -> bool:
         """Whether feat_norm is what the fused embedding implements: Identity, or a LayerNorm over D."""

@@ -100,26 +100,13 @@ def _import_timm():
 
 
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """A state_dict from a ``.safetensors`` file or a torch checkpoint (bare, or under
-    ``state_dict`` / ``model`` / ``state_dict_ema``); ``module.`` prefixes (DDP) are dropped."""
+    """The state_dict of a ``--pretrained`` file (:func:`protoseg_ext.head.read_official_state_dict`)."""
     if not path.is_file():
         raise BackboneError(f"--pretrained {path}: no such file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, pickled code (weights_only refuses it)
-        raise BackboneError(f"--pretrained {path}: cannot read it as weights ({type(e).__name__}: {e})") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"--pretrained {path}: expected a state_dict (parameter name -> tensor)")
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+        return read_official_state_dict(path)
+    except ValueError as e:
+        raise BackboneError(f"--pretrained {str(e) if str(e).startswith(str(path)) else f'{path}: {e}'}") from None
 
 
 def _source_key(key: str, available) -> Optional[str]:
@@ -145,7 +132,7 @@ class TimmBackbone(nn.Module):
     ``(B, 3, H, W)`` -> ``(B, sum of channels, H/4, W/4)`` (for the usual stride-4 finest map).
     """
 
-    def __init__(self, name: str, pretrained: Optional[str] = None):
+    def __init__(self, name: str, pretrained: Optional[str] = None, state: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         timm = _import_timm()
         kwargs = {"feature_location": ""} if name.startswith("hrnet") else {}  # raw branches, not 'incre'
@@ -169,12 +156,13 @@ class TimmBackbone(nn.Module):
         self.out_channels = sum(info.channels()[i] for i in self.indices)
         self.stride = info.reduction()[self.indices[0]]
         if pretrained:
-            self.load_pretrained(Path(pretrained), timm)
+            self.load_pretrained(Path(pretrained), timm, state)
 
-    def load_pretrained(self, path: Path, timm) -> None:
+    def load_pretrained(self, path: Path, timm, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Load the weights of ``path`` (the whole classification model's, or the features
-        model's own); raises :class:`BackboneError` naming the keys that do not fit."""
-        state = _read_state_dict(path)
+        model's own; ``state``: its state_dict, already read); raises :class:`BackboneError`
+        naming the keys that do not fit."""
+        state = _read_state_dict(path) if state is None else state
         full = set(timm.create_model(self.name, pretrained=False).state_dict())  # the classification model
         own = self.body.state_dict()
         mine, missing, wrong = {}, [], []
@@ -207,13 +195,32 @@ class TimmBackbone(nn.Module):
         return torch.cat([feats[0]] + [F.interpolate(f, **up) for f in feats[1:]], dim=1)
 
 
-def build_backbone(name: str = "compact", width: int = 32, pretrained: Optional[str] = None) -> nn.Module:
-    """``"compact"`` (:class:`CompactBackbone` of ``width``) or a timm model name."""
+def build_backbone(name: str = "compact", width: int = 32, pretrained: Optional[str] = None,
+                   state: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
+    """``"compact"`` (:class:`CompactBackbone` of ``width``) or a timm model name; ``pretrained``
+    the weights' file (``state``: its state_dict, already read)."""
     if name == "compact":
         if pretrained:
-            raise BackboneError("--pretrained is for timm backbones; --backbone compact starts from random weights")
+            raise BackboneError(f"--pretrained {pretrained}: --backbone compact starts from random weights; the file "
+                                "loads into timm backbones, and into the head when it is an official ProtoSeg checkpoint")
         return CompactBackbone(width)
-    return TimmBackbone(name, pretrained)
+    return TimmBackbone(name, pretrained, state)
+
+
+def split_official_checkpoint(state: Dict[str, torch.Tensor]):
+    """``(head keys, backbone keys, keys left out)`` of a ``--pretrained`` state_dict.
+
+    An official ProtoSeg checkpoint (it has ``prototypes``) holds the head's keys
+    (:attr:`ProtoSegHead.OFFICIAL_KEYS`), the backbone under ``backbone.`` and the official
+    ``cls_head`` / ``proj_head``, whose layout is not this network's (left out). Any other
+    file is the backbone's alone."""
+    if "prototypes" not in state:
+        return {}, state, []
+    head = {k: v for k, v in state.items() if k in ProtoSegHead.OFFICIAL_KEYS}
+    skipped = sorted(k for k in state if k.startswith(("cls_head.", "proj_head.")))
+    rest = {k: v for k, v in state.items() if k not in head and k not in skipped}
+    backbone = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in rest.items()}
+    return head, backbone, skipped
 
 
 class ProjectionHead(nn.Module):
@@ -258,7 +265,14 @@ class ProtoSegNet(nn.Module):
             raise ValueError(f"head_stride must be 1 (full resolution) or 4, got {head_stride}")
         self.head_stride, self.ignore_index = head_stride, ignore_index
         self.ppc_weight, self.ppd_weight = ppc_weight, ppd_weight
-        self.backbone = build_backbone(backbone, width, pretrained)
+        head_state, state, self.pretrained_skipped = {}, None, []
+        if pretrained:  # an official ProtoSeg checkpoint also gives the head its prototypes and LayerNorms
+            head_state, state, self.pretrained_skipped = split_official_checkpoint(_read_state_dict(Path(pretrained)))
+        backbone_file = pretrained
+        if head_state and (backbone == "compact" or not state):  # the file's backbone part does not apply
+            backbone_file = None
+            self.pretrained_skipped += sorted(f"backbone.{k}" for k in state or {})
+        self.backbone = build_backbone(backbone, width, backbone_file, state)
         if backbone == "compact":
             hidden = 4 * width
             self.cls_head = conv_bn_relu(self.backbone.out_channels, hidden, kernel=1)
@@ -270,6 +284,11 @@ class ProtoSegNet(nn.Module):
             proj_dim, num_classes, num_prototype, gamma=gamma, ignore_index=ignore_index,
             assign=assign, backend=backend, sync=sync,
         )  # fmt: skip
+        if head_state:
+            try:
+                self.head.load_official_state_dict(head_state)
+            except ValueError as e:
+                raise BackboneError(f"--pretrained {pretrained}: {e}") from None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> L2-normalised embeddings ``(B, D, H/4, W/4)``."""
