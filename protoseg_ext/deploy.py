@@ -39,12 +39,18 @@ def require_eval(model: nn.Module) -> None:
         )
 
 
-def _dynamic_shapes(example: torch.Tensor, dynamic: bool):
-    """Batch, height and width of a ``(B, 3, H, W)`` input as dynamic dimensions."""
+def _trace_inputs(example: torch.Tensor, dynamic: bool):
+    """``((example,), dynamic_shapes)``: batch, height and width of a ``(B, 3, H, W)`` input dynamic.
+
+    A batch of one would be specialised (export treats sizes 0 and 1 as constants, and an
+    AOTInductor package then computes garbage for other batches without a word), so a
+    one-image example is traced as two copies of itself."""
     if not dynamic:
-        return None
+        return (example,), None
+    if example.shape[0] == 1:
+        example = example.expand(2, *example.shape[1:]).contiguous()
     auto = torch.export.Dim.AUTO
-    return ({0: auto, 2: auto, 3: auto},)
+    return (example,), ({0: auto, 2: auto, 3: auto},)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path, *, dynamic: bool = True,
@@ -60,8 +66,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path, *, dynamic: bool 
     except ImportError:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'protoseg_ext[onnx]'") from None
     kwargs = {} if opset is None else {"opset_version": opset}
+    kwargs["verbose"] = False
+    args, dynamic_shapes = _trace_inputs(example, dynamic)
     program = torch.onnx.export(
-        model, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(example, dynamic),
+        model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
         input_names=[input_name], output_names=[output_name], **kwargs,
     )
     program.save(os.fspath(path))
@@ -106,7 +114,8 @@ def export_aoti(model: nn.Module, example: torch.Tensor, path, *, dynamic: bool 
     """``torch.export`` of ``model`` (eval mode) on ``example``, compiled by AOTInductor into
     the package ``path`` (``.pt2``). Returns the path."""
     require_eval(model)
-    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(example, dynamic))
+    args, dynamic_shapes = _trace_inputs(example, dynamic)
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     return torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
 
 

@@ -305,10 +305,12 @@ class ProtoSegHead(nn.Module):
 
         The stock ``LayerNorm(C)`` runs as the backend's ``mask_norm`` op (on
         ``"cpu"`` a fused kernel whose image needs no layout copy); any other
-        module runs as it is.
+        module, and the stock one under ``torch.export``, runs as it is.
         """
         ln, C = self.mask_norm, self.num_classes
-        if type(ln) is nn.LayerNorm and tuple(ln.normalized_shape) == (C,) and ln.elementwise_affine:
+        # (under torch.export the module itself: the op's int batch argument would fix the exported batch size)
+        fused = type(ln) is nn.LayerNorm and tuple(ln.normalized_shape) == (C,) and ln.elementwise_affine
+        if fused and not torch.compiler.is_exporting():
             out, pred = be.mask_norm(seg, ln.weight, ln.bias, ln.eps, B)
             return out.view(B, C, H, W), pred
         seg = ln(seg)

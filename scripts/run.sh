@@ -24,11 +24,11 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi
 py="$venv/bin/python"
-stamp="$venv/.protoseg-deps-2"  # bump when the list below changes, so existing venvs install it
+stamp="$venv/.protoseg-deps-3"  # bump when the list below changes, so existing venvs install it
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing torch 2.14.1 and tools (a few minutes the first time)"
   "$py" -m pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
-  "$py" -m pip install -q "torch==2.14.1" numpy pytest tqdm pillow matplotlib psutil timm
+  "$py" -m pip install -q "torch==2.14.1" numpy pytest tqdm pillow matplotlib psutil timm onnx onnxscript onnxruntime
   touch "$stamp"
 fi
 
