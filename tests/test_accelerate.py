@@ -221,3 +221,86 @@ def test_bad_classes_and_instances_are_named():
             m(maps, gt_semantic_seg=gt[:, None])
     finally:
         compat.restore(Partial, AccelLoss)
+
+
+# ---------------------------------------------------------------- official checkpoints into ProtoSegHead
+
+
+def _official_checkpoint(tmp_path, prefix="module.", C=C, K=K, D=D):
+    torch.manual_seed(9)
+    official = OfficialProtoModel(D, C, K, backbone=nn.Conv2d(3, D, 1))  # a backbone with weights of its own
+    with torch.no_grad():
+        for p in (official.feat_norm.weight, official.feat_norm.bias, official.mask_norm.weight,
+                  official.mask_norm.bias):
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "official.pth"  # as the official trainer saves it: under state_dict, DDP prefixes
+    torch.save({"state_dict": {prefix + k: v for k, v in official.state_dict().items()}, "iter": 80000}, path)
+    return official, path
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_official_checkpoint_loads_into_protoseghead(tmp_path, prefix):
+    from protoseg_ext import ProtoSegHead
+
+    official, path = _official_checkpoint(tmp_path, prefix)
+    head = ProtoSegHead(D, C, K)
+    assert head.load_official_state_dict(str(path)) == list(ProtoSegHead.OFFICIAL_KEYS)
+    torch.testing.assert_close(head.prototypes, official.prototypes.data, rtol=0, atol=0)
+    for name in ("feat_norm", "mask_norm"):
+        for p in ("weight", "bias"):
+            assert torch.equal(getattr(getattr(head, name), p), getattr(getattr(official, name), p))
+    maps, gt = _inputs(8)
+    feats = torch.cat([maps[0], F.interpolate(maps[1], size=(H, W), mode="bilinear", align_corners=True)], 1)
+    official.backbone = nn.Identity()
+    with torch.no_grad():  # the loaded head predicts what the official model does
+        torch.testing.assert_close(head.eval()(feats).seg, official.eval()(maps))
+
+
+def test_official_checkpoint_that_does_not_fit_is_named(tmp_path):
+    from protoseg_ext import ProtoSegHead
+
+    _, path = _official_checkpoint(tmp_path)
+    head = ProtoSegHead(D, C + 1, K)
+    before = head.prototypes.clone()
+    with pytest.raises(ValueError, match=r"wrong shapes: prototypes \(4, 3, 16\) \(head \(5, 3, 16\)\), "
+                                         r"mask_norm.weight \(4,\) \(head \(5,\)\)"):
+        head.load_official_state_dict(path)
+    assert torch.equal(head.prototypes, before)  # nothing loaded
+    with pytest.raises(ValueError, match="missing keys: feat_norm.weight, feat_norm.bias"):
+        ProtoSegHead(D, C, K).load_official_state_dict({"prototypes": torch.zeros(C, K, D),
+                                                        "mask_norm.weight": torch.ones(C),
+                                                        "mask_norm.bias": torch.zeros(C)})
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pth: cannot read it as weights"):
+        ProtoSegHead(D, C, K).load_official_state_dict(tmp_path / "junk.pth")
+
+
+def test_training_script_pretrained_takes_an_official_checkpoints_head(tmp_path):
+    from protoseg_ext.train.model import BackboneError, ProtoSegNet
+
+    official, path = _official_checkpoint(tmp_path, C=5, K=10, D=16)
+    net = ProtoSegNet(5, proj_dim=16, width=8, pretrained=str(path))  # compact backbone: the head alone
+    assert torch.equal(net.head.prototypes, official.prototypes.data)
+    assert torch.equal(net.head.mask_norm.weight, official.mask_norm.weight)
+    assert "backbone.weight" in net.pretrained_skipped  # the official backbone does not apply to compact
+    with pytest.raises(BackboneError, match=f"--pretrained {path}: the official checkpoint does not fit"):
+        ProtoSegNet(5, proj_dim=32, width=8, pretrained=str(path))
+    plain = tmp_path / "plain.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, plain)  # no head in it: a compact backbone has no use for it
+    with pytest.raises(BackboneError, match="--backbone compact starts from random weights"):
+        ProtoSegNet(5, proj_dim=16, width=8, pretrained=str(plain))
+
+
+def test_training_run_from_an_official_checkpoint_says_what_it_loaded(tmp_path, capsys):
+    from protoseg_ext.train.loop import main
+
+    from protoseg_ext.train.data import build_dataset
+
+    C_synthetic = build_dataset("synthetic", "val", synthetic_size=(32, 64), synthetic_count=(2, 2)).num_classes
+    _, path = _official_checkpoint(tmp_path, C=C_synthetic, K=10, D=16)
+    main(["--out", str(tmp_path / "run"), "--iters", "1", "--eval-every", "1", "--synthetic-size", "32", "64",
+          "--synthetic-count", "2", "2", "--width", "8", "--proj-dim", "16", "--num-pictures", "0",
+          "--num-preds", "0", "--no-progress", "--workers", "0", "--pretrained", str(path)])
+    text = capsys.readouterr().out
+    assert f"--pretrained {path}: the head's prototypes, feat_norm and mask_norm loaded" in text
+    assert "not loaded (another layout or backbone): 2 keys (backbone.bias, backbone.weight)" in text

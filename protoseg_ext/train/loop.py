@@ -84,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="compact (a small HRNet-style network, default) or a timm model with features_only, e.g. hrnet_w48 "
              "(needs pip install 'protoseg_ext[timm]')")  # fmt: skip
     arg("--pretrained", metavar="PATH",
-        help="timm backbone weights from a local file (.pth/.pt state_dict or .safetensors); never downloaded")  # fmt: skip
+        help="weights from a local file (.pth/.pt state_dict or .safetensors; never downloaded): a timm "
+             "backbone's, and the head's (prototypes, feat_norm, mask_norm) when it is an official ProtoSeg "
+             "checkpoint")  # fmt: skip
     arg("--width", type=int, default=32, help="compact backbone width w: branches of w, 2w, 4w channels (default: 32)")
     arg("--proj-dim", type=int, default=64, help="embedding size D (default: 64)")
     arg("--num-prototype", type=int, default=10, help="prototypes per class K (default: 10)")
@@ -136,8 +138,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.batch_size is None:
             p.error(f"--recipe {args.recipe}: its batch of {total} cannot be shared by {world} processes "
                     f"(give --batch-size, images per process)")  # fmt: skip
-    if args.pretrained and args.backbone == "compact":
-        p.error("--pretrained is for timm backbones (--backbone NAME); the compact backbone starts from random weights")
     if args.pretrained and not Path(args.pretrained).is_file():
         p.error(f"--pretrained {args.pretrained}: no such file")
     if args.dataset != "synthetic" and not args.data_root:
@@ -407,6 +407,11 @@ def train(args) -> dict:
         net, opt, sched = build_model(args, train_set.num_classes, device)
     except BackboneError as e:
         fail(str(e))
+    if rank == 0 and net.pretrained_head:
+        skipped = net.pretrained_skipped
+        print(f"--pretrained {args.pretrained}: the head's prototypes, feat_norm and mask_norm loaded"
+              + (f"; not loaded (another layout or backbone): {len(skipped)} keys ({', '.join(skipped[:3])}"
+                 f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""), flush=True)
     if world > 1 and device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # official: synchronised BN across GPUs
     start, resumed_from = 0, None

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..head import ProtoSegHead
+from ..head import ProtoSegHead, read_official_state_dict
 
 __all__ = [
     "CompactBackbone", "TimmBackbone", "ProjectionHead", "ProtoSegNet", "BackboneError", "build_backbone",
@@ -284,6 +284,7 @@ class ProtoSegNet(nn.Module):
             proj_dim, num_classes, num_prototype, gamma=gamma, ignore_index=ignore_index,
             assign=assign, backend=backend, sync=sync,
         )  # fmt: skip
+        self.pretrained_head = bool(head_state)
         if head_state:
             try:
                 self.head.load_official_state_dict(head_state)
