@@ -163,3 +163,25 @@ def test_export_command_names_a_bad_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=f"protoseg-export: error: {bad} cannot be read"):
         main(["--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_readme_deploy_commands_run_as_written(tmp_path):
+    """The README's deploy block, in a scratch folder: train, export (ONNX + AOTInductor), check."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Deploying: ONNX and AOTInductor\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("python ")]
+    assert len(commands) == 2 and "--aoti" in commands[1]
+    out = ""
+    for cmd in commands:
+        cmd = cmd.replace("python ", f"{sys.executable} ", 1).replace("runs/demo", str(tmp_path / "demo"))
+        proc = subprocess.run(cmd + " --no-progress" * ("train " in cmd), shell=True, capture_output=True,
+                              text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = proc.stdout
+    assert (tmp_path / "demo" / "model.onnx").is_file() and (tmp_path / "demo" / "model.pt2").is_file()
+    assert re.search(r"PyTorch \d+\.\d\d%, ONNX Runtime \d+\.\d\d% \(difference 0\.0\d\d points.*: OK", out), out
