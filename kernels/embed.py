@@ -79,6 +79,7 @@ def embed_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # The statistics of BLOCK_N pixels, over D in BLOCK_D chunks. LayerNorm:
     # pass 1 sums x - shift and its square, shift = the pixel's channel 0 (the
     # variance keeps its digits when |mean| >> std), pass 2 sums ||y||^2 of
@@ -153,6 +154,8 @@ def embed_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # d * stride_d passes 2**31 when D * H * W does
+    X_stride_d, DX_stride_d = tl.cast(X_stride_d, tl.int64), tl.cast(DX_stride_d, tl.int64)
     # d feats of BLOCK_N pixels from g, through z = y inv and the LayerNorm,
     # with xhat = (x - mu) r and y = xhat w + b recomputed from feats:
     #   a1 = sum_d g_d z_d (0 when ||y|| <= 1e-12: F.normalize divides by eps)
@@ -247,6 +250,7 @@ def embed_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # The chunk's embedding rows for the prototype sums. A non-finite pixel
     # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
     # prototype_sums skips. GPU: the stats kernel's tile, one read of feats;

@@ -61,6 +61,7 @@ def prototype_slot_key_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # Sort key of BLOCK_N rows: their slot where they take part, else num_slots.
     # GPU: 32 rows x BLOCK_D 128, 4 warps; 32-56 registers on sm_90 at the
     # Cityscapes size (up to 214 for fp64 with an odd D, whose loads cannot
@@ -88,6 +89,7 @@ def prototype_sums_segmented_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # Program (s, d-block, j): sum of feats[perm[i], d-block] over the j-th
     # chunk of slot s's segment, BLOCK_N rows at a time into a BLOCK_N x
     # BLOCK_D accumulator that is reduced once at the end. Each row of feats
@@ -136,6 +138,7 @@ def prototype_sums_atomic_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # BLOCK_N rows: first pass over D checks that each row is finite, second
     # pass adds the finite rows into sums[slot] with float atomics (the tile
     # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.

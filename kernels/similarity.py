@@ -125,6 +125,7 @@ def similarity_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # One program: BLOCK_N pixels against all C*K prototypes, BLOCK_C classes
     # at a time. Each (BLOCK_N, BLOCK_C*BLOCK_K) tile of S is a GEMM over D in
     # BLOCK_D chunks; its epilogue writes seg/argk for its classes, folds the
@@ -261,6 +262,7 @@ def own_class_scores_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # own[n, k] = feats[n] . protos[labels[n], k] for BLOCK_N pixels: only the
     # K columns of S that Sinkhorn needs, gathered by label (N*K*D FLOPs
     # instead of N*C*K*D). Used when neither seg nor lse is asked for
@@ -361,6 +363,7 @@ def similarity_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # d feats[rows, dout] = dS @ protos[:, dout] for BLOCK_N pixels and a
     # BLOCK_DO slice of D (grid: row blocks x D slices), where
     #   dS[n, j] = softmax_j(S[n] / t) * grad_lse[n] / t            (PPC)

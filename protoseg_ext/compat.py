@@ -194,7 +194,8 @@ def _official_features(self, x_: torch.Tensor) -> torch.Tensor:
     (bilinear, align_corners=True), concatenated, ``cls_head``, ``proj_head``."""
     x = self.backbone(x_)
     size = x[0].shape[2:]
-    feats = torch.cat([x[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=True) for f in x[1:]], 1)
+    up = [F.interpolate(f, size=size, mode="bilinear", align_corners=True) for f in x[1:]]
+    feats = torch.cat([x[0]] + up, 1) if up else x[0]  # one map: no copy
     return self.proj_head(self.cls_head(feats))
 
 

@@ -308,6 +308,83 @@ def test_element_offsets_beyond_int32():
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
 
 
+_BIG_CHANNEL_OFFSETS = textwrap.dedent(
+    """
+    import os
+    import torch, torch.nn.functional as F
+    from protoseg_ext import reference as R
+    from protoseg_ext.testing import embed_reference
+    import protoseg_ext.triton_ops
+    T = torch.ops.protoseg_triton
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    D, C, K, H, W = 3, 3, 2, 2, 2
+    sd = 2**30 + 64  # channel 2 starts at element 2**31 + 128: (D - 1) * stride_d past int32
+    # 4 GiB of address space; only the pages of the 3 channels' few pixels are ever touched
+    buf = torch.empty(sd * (D - 1) + H * W, dtype=torch.float16, device=dev)
+    x = buf.as_strided((1, D, H, W), (sd * D, sd, W, 1))  # an NCHW map whose planes lie 2**30 apart
+    x.copy_(torch.randn(1, D, H, W, generator=torch.Generator().manual_seed(0)).to(dev))
+    assert (D - 1) * x.stride(1) > 2**31 - 1
+    dense = x.float()
+    p = F.normalize(torch.randn(C, K, D, generator=torch.Generator().manual_seed(1)), dim=-1).to(dev)
+    w = torch.tensor([1.5, 0.5, 1.0], device=dev)
+    b = torch.tensor([0.1, -0.2, 0.3], device=dev)
+    gt = torch.tensor([2, 0, 1, 1], device=dev)
+    slot = torch.tensor([4, 0, 3, 2], device=dev)  # one pixel per prototype: its sum is the pixel
+    tol = dict(atol=5e-3, rtol=0)
+
+    # the fused embedding: forward, backward, prototype sums
+    seg, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p.half(), gt, -1, 1.0, True, True, True)
+    xr = dense.clone().requires_grad_()
+    z = embed_reference(xr, (w, b, 1e-5))
+    S = R.similarity(z, p.half().float())
+    torch.testing.assert_close(seg.float(), S.view(-1, C, K).amax(2), **tol)
+    torch.testing.assert_close(lse, torch.logsumexp(S, 1), **tol)
+    dx, dw, db = T.embed_similarity_backward(torch.ones_like(seg), None, None, x, w, b, 1e-5, p.half(), gt,
+                                             argk, lse, -1, 1.0)
+    R.proto_seg_logits(z, p.half().float()).sum().backward()
+    torch.testing.assert_close(dx.float(), xr.grad, **tol)
+    sums, counts = T.embed_prototype_sums(x, w, b, 1e-5, slot, C * K)
+    torch.testing.assert_close(sums[slot], z.detach(), **tol)
+
+    # (N, D) rows of stride (1, sd): the pixel-major view of a channel-planar buffer
+    rows = buf.as_strided((H * W, D), (1, sd))
+    dense_rows = F.normalize(rows.float(), dim=1)
+    rows.copy_(dense_rows.half())
+    dense_rows = rows.float()
+    seg, argk, lse, own, _ = T.similarity(rows, p.half(), gt, -1, 1.0, True, True, True)
+    S = R.similarity(dense_rows, p.half().float())
+    torch.testing.assert_close(seg.float(), S.view(-1, C, K).amax(2), **tol)
+    dx = T.similarity_backward(torch.ones_like(seg), None, None, rows, p.half(), gt, argk, lse, -1, 1.0)
+    xr = dense_rows.clone().requires_grad_()
+    R.proto_seg_logits(xr, p.half().float()).sum().backward()
+    torch.testing.assert_close(dx.float(), xr.grad, **tol)
+    for det in (True, False):
+        torch.use_deterministic_algorithms(det)
+        sums, counts = T.prototype_sums(rows, slot, C * K)
+        torch.testing.assert_close(sums[slot], dense_rows, **tol)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux lazy allocation of untouched pages")
+def test_channel_offsets_beyond_int32():
+    """A map whose channel planes lie 2**30 + 64 elements apart, and (N, D) rows of stride (1, 2**30 + 64):
+    the offset of channel 2 exceeds 2**31 - 1 (as at D * H * W > 2**31, e.g. 720 x 2048 x 2048).
+
+    Every kernel forms channel offsets in int64; with int32 ``d * stride_d`` the offset
+    wraps. A subprocess, as in :func:`test_element_offsets_beyond_int32`.
+    """
+    if not INTERPRET and torch.cuda.get_device_properties(0).total_memory < 8 * 2**30:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    overcommit = "/proc/sys/vm/overcommit_memory"
+    if os.path.exists(overcommit) and open(overcommit).read().strip() == "2":
+        pytest.skip("strict overcommit: a 4 GiB reservation would be charged in full")
+    res = subprocess.run([sys.executable, "-c", _BIG_CHANNEL_OFFSETS], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
 # ---------------------------------------------------------------- roofline
 
 
