@@ -99,9 +99,11 @@ def prototype_learning(self, _c, out_seg, gt_seg, masks):
 # --------------------------------------------------------------------------
 
 # what the accelerated forward and loss read of an official instance
-_MODEL_ATTRS = ("backbone", "cls_head", "proj_head", "feat_norm", "mask_norm", "prototypes", "num_classes",
-                "num_prototype", "gamma", "use_prototype", "update_prototype")
+_HEAD_ATTRS = ("feat_norm", "mask_norm", "prototypes", "num_classes", "num_prototype", "gamma", "use_prototype",
+               "update_prototype")
+_FEATURE_ATTRS = ("backbone", "cls_head", "proj_head")
 _LOSS_ATTRS = ("seg_criterion", "loss_ppc_weight", "loss_ppd_weight")
+_DEFAULTS = {"backend": "auto", "assign": "gumbel", "cache_mb": None}  # of a class never passed to accelerate
 
 
 class FusedProtoLogits:
@@ -130,7 +132,7 @@ def _require(obj, names, what: str) -> None:
     if missing:
         raise AttributeError(
             f"{type(obj).__name__} is not an official ProtoSeg {what}: it has no {', '.join(missing)} "
-            f"(protoseg_ext.compat.accelerate needs {', '.join(names)})"
+            f"(protoseg_ext.compat.accelerate reads {', '.join(names)})"
         )
 
 
@@ -138,7 +140,7 @@ def _fused_head(model) -> ProtoSegHead:
     """The :class:`ProtoSegHead` that runs ``model``'s head: it shares the model's ``feat_norm``
     and ``mask_norm`` modules and its prototypes' storage, and is not a submodule of the model
     (so the model's state_dict keeps the official keys)."""
-    settings = type(model)._protoseg_accelerated
+    settings = getattr(type(model), "_protoseg_accelerated", _DEFAULTS)
     head = model.__dict__.get("_protoseg_head")
     C, K, D = model.prototypes.shape
     if head is None or (head.num_classes, head.num_prototype, head.dim) != (C, K, D):
@@ -165,7 +167,7 @@ def proto_head_forward(self, c: torch.Tensor, gt_semantic_seg: Optional[torch.Te
     ``(B, 1, H', W')`` (or ``(B, H', W')``); labels outside ``[0, C)`` are ignored and kept as
     their own target, as in the official loop.
     """
-    _require(self, _MODEL_ATTRS, "model")
+    _require(self, _HEAD_ATTRS, "model")
     with torch.no_grad():  # official: the prototypes are re-normalised in place every forward
         self.prototypes.data.copy_(reference.l2_normalize(self.prototypes.data))
     head = _fused_head(self)
@@ -192,6 +194,7 @@ def proto_head_forward(self, c: torch.Tensor, gt_semantic_seg: Optional[torch.Te
 def _official_features(self, x_: torch.Tensor) -> torch.Tensor:
     """The official forward up to the projection: backbone branches upsampled to the finest
     (bilinear, align_corners=True), concatenated, ``cls_head``, ``proj_head``."""
+    _require(self, _FEATURE_ATTRS, "model")
     x = self.backbone(x_)
     size = x[0].shape[2:]
     up = [F.interpolate(f, size=size, mode="bilinear", align_corners=True) for f in x[1:]]
@@ -215,7 +218,7 @@ def _accelerated_loss_forward(self, preds, target):
 
 
 def accelerate(model_class: type, loss_class: type, *, backend: str = "auto", assign: str = "gumbel",
-               cache_mb: Optional[float] = None) -> None:
+               cache_mb: Optional[float] = None, replace_forward: bool = True) -> None:
     """Make code written against the official repository train through the fused head.
 
     ``model_class`` is the official ``HRNet_W48_Proto`` (or a class with its attributes),
@@ -225,9 +228,10 @@ def accelerate(model_class: type, loss_class: type, *, backend: str = "auto", as
     ``(N, C*K)`` similarity; the loss takes PPC and PPD from it. Trainer, configs and the
     state_dict (keys, shapes) stay the official ones, so checkpoints load both ways.
     ``backend``, ``assign`` and ``cache_mb`` are :class:`~protoseg_ext.ProtoSegHead`'s (official:
-    the Gumbel draw; ``cache_mb`` the memory the backward may keep softmax(S) in). Models whose
-    features are not HRNet's four branches can call :func:`proto_head_forward` from their own
-    forward instead. Calling it again changes ``backend``/``assign``; :func:`restore` undoes it.
+    the Gumbel draw; ``cache_mb`` the memory the backward may keep softmax(S) in). A model whose
+    features are not HRNet's four branches calls :func:`proto_head_forward` from its own forward
+    and is accelerated with ``replace_forward=False`` (its forward stays; the settings apply).
+    Calling it again changes the settings; :func:`restore` undoes it.
     """
     for cls, names, what in ((model_class, ("forward", "prototype_learning"), "model"),
                              (loss_class, ("forward",), "loss")):
@@ -242,7 +246,8 @@ def accelerate(model_class: type, loss_class: type, *, backend: str = "auto", as
         backends.get_backend(backend)  # an unknown name fails here
     if cache_mb is not None and not cache_mb >= 0:
         raise ValueError(f"cache_mb must be >= 0 or None, got {cache_mb}")
-    for cls, forward in ((model_class, _accelerated_forward), (loss_class, _accelerated_loss_forward)):
+    replaced = [(loss_class, _accelerated_loss_forward)] + [(model_class, _accelerated_forward)] * replace_forward
+    for cls, forward in replaced:
         if "_protoseg_original_forward" not in cls.__dict__:
             cls._protoseg_original_forward = cls.__dict__.get("forward", _INHERITED)
         cls.forward = forward

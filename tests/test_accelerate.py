@@ -304,3 +304,32 @@ def test_training_run_from_an_official_checkpoint_says_what_it_loaded(tmp_path, 
     text = capsys.readouterr().out
     assert f"--pretrained {path}: the head's prototypes, feat_norm and mask_norm loaded" in text
     assert "not loaded (another layout or backbone): 2 keys (backbone.bias, backbone.weight)" in text
+
+
+def test_proto_head_forward_from_a_models_own_forward():
+    """A model whose features are not HRNet's branches: its forward calls proto_head_forward on its projection."""
+
+    class OwnFeatures(OfficialProtoModel):
+        def forward(self, x_, gt_semantic_seg=None, pretrain_prototype=False):
+            return compat.proto_head_forward(self, self.proj_head(x_), gt_semantic_seg, pretrain_prototype)
+
+    official, _ = _pair()
+    official.assign = "argmax"
+    own = OwnFeatures(D, C, K, gamma=0.9)
+    own.load_state_dict(official.state_dict())
+    own.feat_norm, own.mask_norm = official.feat_norm, official.mask_norm
+    del own.backbone, own.cls_head  # not needed by the head
+    compat.accelerate(OwnFeatures, AccelLoss, assign="argmax", replace_forward=False)
+    try:
+        assert "forward" in OwnFeatures.__dict__ and OwnFeatures.forward.__qualname__.endswith("OwnFeatures.forward")
+        maps, gt = _inputs(9)
+        feats = torch.cat([maps[0], F.interpolate(maps[1], size=(H, W), mode="bilinear", align_corners=True)], 1)
+        pa = own(feats, gt_semantic_seg=gt[:, None])
+        po = official(maps, gt_semantic_seg=gt[:, None])
+        assert isinstance(pa["logits"], compat.FusedProtoLogits) and torch.equal(pa["target"], po["target"])
+        torch.testing.assert_close(pa["seg"], po["seg"])
+        torch.testing.assert_close(AccelLoss()(pa, gt), OfficialProtoLoss()(po, gt))
+        torch.testing.assert_close(own.prototypes.data, official.prototypes.data, atol=1e-5, rtol=1e-5)
+    finally:
+        compat.restore(OwnFeatures, AccelLoss)
+    assert OwnFeatures.forward.__qualname__.endswith("OwnFeatures.forward")
