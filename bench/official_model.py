@@ -140,7 +140,8 @@ def main():
     p.add_argument("--steps", type=int, default=2, help="timed steps per round (default: 2)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--label-scale", type=int, default=4, help="label size / feature size (official head: 4)")
-    p.add_argument("--fullres", action="store_true", help="one step at 1 x 720 x 1024 x 2048: accelerated vs head")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, of " + ", ".join(PROVIDERS))
+    p.add_argument("--fullres", action="store_true", help="two steps at 1 x 720 x 1024 x 2048: accelerated vs head")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
@@ -149,8 +150,10 @@ def main():
     if args.fullres:
         shape, providers, rounds, steps, warmup, scale = (1, 720, 1024, 2048), ("accelerated", "head"), 1, 2, 0, 1
     else:
-        shape, providers, rounds, steps, warmup, scale = (args.shape, PROVIDERS, args.rounds, args.steps,
-                                                          args.warmup, args.label_scale)
+        providers = tuple(args.providers.split(","))
+        if not set(providers) <= set(PROVIDERS):
+            p.error(f"--providers: unknown {sorted(set(providers) - set(PROVIDERS))}")
+        shape, rounds, steps, warmup, scale = args.shape, args.rounds, args.steps, args.warmup, args.label_scale
     best = {}
     for r in range(rounds):
         for prov in providers:
