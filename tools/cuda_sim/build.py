@@ -14,13 +14,19 @@ message back to the original file):
     ``cudasim::launch("kernel", __FILE__, __LINE__, LaunchConfig(grid, block,
     smem, stream), kernel, args)``;
   - in ``__global__`` and ``__device__`` functions, pointers become
-    ``cudasim::gptr<T>`` (bounds-checked), ``__shared__`` arrays come from the
-    block's shared memory, and ``__launch_bounds__(n, ...)`` checks the block size;
+    ``cudasim::gptr<T>`` (bounds-checked, and every access noted for the race
+    checker of runtime.cpp), ``__shared__`` arrays come from the block's
+    shared memory (``__shared__ T a[n][m]`` a ``gptr<T[m]>``: every index
+    checked), and ``__launch_bounds__(n, ...)`` checks the block size;
   - ``t.data_ptr<T>()`` in host code registers t's storage extent, and
-    ``at::empty`` there returns memory filled with 0xFF bytes (NaN, -1);
+    ``at::empty`` / ``empty_like`` / ``empty_strided`` / ``t.new_empty`` there,
+    and in the headers of csrc/, return poisoned memory (cuda_sim.h:
+    ``PROTOSEG_SIM_POISON``);
   - ``TORCH_LIBRARY_IMPL(protoseg_ext, CUDA, m)`` registers for CPU tensors
     in the namespace ``protoseg_cudasim``, whose schemas come from
     ``TORCH_LIBRARY(protoseg_ext, m)`` of csrc/protoseg.cpp.
+The library is compiled with ``-g1``: a race report names source lines from
+its line table (``addr2line``).
 Everything else, the host code around the launches included, is compiled
 as written (its ATen calls, the GEMMs among them, run on the CPU tensors).
 tools/cuda_sim/selftest.cu, the emulator's own check kernels, goes through
@@ -163,10 +169,11 @@ def rewrite_device_code(text: str, types: set) -> str:
     def shared(m):
         t, name, dims = m.group(1), m.group(2), re.findall(r"\[([^\]]+)\]", m.group(3))
         if not dims:  # a scalar: a reference into the block's shared memory
-            return f"auto& {name} = ::cudasim::shared_var<{t}>(CUDASIM_TAG);"
+            return f'auto& {name} = ::cudasim::shared_var<{t}>(CUDASIM_TAG, "{name}");'
         # an array: a bounds-checked pointer to its first row (decays like the array)
         inner = "".join(f"[{d}]" for d in dims[1:])
-        return f"::cudasim::gptr<{t}{inner}> {name} = ::cudasim::shared_array<{t}{inner}>(CUDASIM_TAG, {dims[0]});"
+        return (f"::cudasim::gptr<{t}{inner}> {name} = "
+                f'::cudasim::shared_array<{t}{inner}>(CUDASIM_TAG, {dims[0]}, "{name}");')
 
     text = _SHARED.sub(shared, text)
     return text
@@ -205,9 +212,18 @@ def rewrite_cuda_source(src: str, relpath: str) -> str:
     out = _DATA_PTR.sub(
         lambda m: f'::cudasim::track({"*" if m.group(2) == "->" else ""}{m.group(1)}, "{m.group(1)}").{m.group(3)}<',
         out)
-    out = re.sub(r"(?<![\w:])at::empty\(", "::cudasim::empty(", out)
+    out = poison_fresh_memory(out)
     out = _IMPL.sub(lambda m: f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, {m.group(1)})", out)
     return f'#line 1 "{relpath}"\n' + out
+
+
+_NEW_EMPTY = re.compile(r"(?<![\w.>])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\.|->)new_empty\(")
+
+
+def poison_fresh_memory(src: str) -> str:
+    """at::empty / empty_like / empty_strided and t.new_empty -> the emulator's poisoned versions."""
+    src = re.sub(r"(?<![\w:])at::(empty|empty_like|empty_strided)\(", r"::cudasim::\1(", src)
+    return _NEW_EMPTY.sub(lambda m: f'::cudasim::new_empty({"*" if m.group(2) == "->" else ""}{m.group(1)}, ', src)
 
 
 def schema_source(protoseg_cpp: str) -> str:
@@ -254,7 +270,7 @@ def _flags():
 
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     inc = [f"-I{HERE / 'include'}"] + [f"-isystem{p}" for p in cpp_extension.include_paths()]
-    cflags = ["-std=c++20", "-O1", "-fPIC", "-g0", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DCUDASIM=1",
+    cflags = ["-std=c++20", "-O1", "-fPIC", "-g1", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DCUDASIM=1",
               "-Wno-unused-variable", "-Wno-unused-function"] + inc
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
     ldflags = ["-shared", f"-L{libdir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}"]
@@ -290,8 +306,8 @@ def build_key(root: Path, mutate=None) -> str:
 def _write_sources(root: Path, dst: Path, mutate=None):
     """Rewritten sources under dst; returns the translation units to compile."""
     (dst / "csrc" / "cuda").mkdir(parents=True)
-    for p in (root / "csrc").glob("*.h"):
-        shutil.copy(p, dst / "csrc" / p.name)
+    for p in (root / "csrc").glob("*.h"):  # headers: fresh memory poisoned too
+        (dst / "csrc" / p.name).write_text(poison_fresh_memory(p.read_text()))
     if not (dst / "csrc" / "build_info.h").exists():
         (dst / "csrc" / "build_info.h").write_text("#pragma once\n")
     units = []

@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 #include <c10/util/Type.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -16,6 +17,7 @@
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <unordered_map>
 #include <vector>
 
 namespace cudasim {
@@ -24,6 +26,18 @@ namespace {
 constexpr size_t kStackBytes = size_t(256) << 10;  // per fiber, plus one guard page
 constexpr size_t kStaticSmemLimit = size_t(48) << 10;  // CUDA's default per-block limit (static + dynamic)
 constexpr unsigned char kSmemFill = 0xFF;              // NaN in every float format, -1 in every integer
+
+// PROTOSEG_SIM_POISON: nan (0xFF bytes) or garbage (finite in every float format).
+bool poison_garbage() {
+  static const bool g = [] {
+    const char* v = std::getenv("PROTOSEG_SIM_POISON");
+    const std::string s = v ? v : "nan";
+    if (s.empty() || s == "nan") return false;
+    if (s == "garbage") return true;
+    TORCH_CHECK_VALUE(false, "PROTOSEG_SIM_POISON must be nan or garbage, got '", s, "'");
+  }();
+  return g;
+}
 
 // Thrown inside a fiber to stop the launch; caught by the fiber's entry.
 struct KernelFailure {
@@ -46,11 +60,23 @@ struct Fiber {
   size_t size = 0;
   alignas(16) unsigned char in[16];
   alignas(16) unsigned char out[16];
+  // race checker: the last warp collective this thread took part in (its
+  // warp's release count, and the lanes released with it)
+  uint32_t wseq = 0;
+  unsigned wmask = 0;
+  // the access through a non-const pointer whose kind (load or store) is
+  // decided at the thread's next access, wait or exit (note_access)
+  uintptr_t pend_addr = 0;
+  uint32_t pend_size = 0;
+  uint32_t pend_pc = 0;
+  const char* pend_type = nullptr;
+  alignas(16) unsigned char pend_old[16];
 };
 
 struct StaticAlloc {
   const void* tag;
   size_t offset, size;
+  const char* name;
 };
 
 // The launch being run on this OS thread.
@@ -68,6 +94,13 @@ struct Run {
   std::vector<unsigned char> smem;
   size_t static_used = 0;
   std::vector<StaticAlloc> statics;
+  // race checker
+  uint64_t block_linear = 0;  // of bidx
+  uint32_t threads = 0;       // per block
+  uint32_t epoch = 0;         // __syncthreads released so far in this block
+  std::vector<uint32_t> warp_seq;  // warp collectives released so far, per warp
+  uint32_t block_stamp = 0, launch_stamp = 0;
+  std::vector<uint32_t> report_pcs;  // code addresses a race report names (symbolised after the launch)
 };
 
 thread_local Run* g_run = nullptr;
@@ -76,6 +109,253 @@ std::string dim_str(const dim3& d) {
   std::ostringstream os;
   os << "(" << d.x << ", " << d.y << ", " << d.z << ")";
   return os.str();
+}
+
+// ---- race checker ------------------------------------------------------------------
+//
+// Shadow memory: one Cell per byte of shared memory (per block) and of the
+// global memory a launch touches (pages made on first touch, dropped after
+// the launch). A cell holds the last store (or atomic) and up to two loads
+// since, each as: thread (linear over the grid, + 1), code address, barrier
+// epoch of its block, and the count of warp collectives its warp had
+// released when the thread last took part in one. Cells of an older block
+// (shared) or launch (global) are empty. Two accesses are ordered when they
+// are by one thread, or by threads of one block in different barrier epochs,
+// or by lanes of one warp with a warp collective of both in between.
+
+struct Rec {
+  uint32_t who = 0;  // linear thread of the grid + 1; bit 31: atomic
+  uint32_t pc = 0;   // code address - library base (0: none)
+  uint16_t epoch = 0, wseq = 0;
+};
+constexpr uint32_t kAtomicBit = 0x80000000u;
+struct Cell {
+  uint32_t stamp = 0;
+  Rec w, r1, r2;
+};
+
+enum class Kind { Read, Write, Atomic };
+
+bool racecheck_from_env() {
+  const char* v = std::getenv("PROTOSEG_SIM_RACECHECK");
+  return !(v && (std::string(v) == "0" || std::string(v) == "off"));
+}
+
+uintptr_t lib_base() {
+  static const uintptr_t base = [] {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&racecheck_from_env), &info);
+    return reinterpret_cast<uintptr_t>(info.dli_fbase);
+  }();
+  return base;
+}
+
+uint32_t pc_offset(const void* pc) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(pc), b = lib_base();
+  return a > b && a - b < 0xffffffffu ? uint32_t(a - b) : 0u;
+}
+
+struct GlobalShadow {
+  static constexpr int kPageBits = 12;
+  std::unordered_map<uintptr_t, Cell*> pages;
+  std::vector<Cell*> pool;
+  uintptr_t last_key = ~uintptr_t(0);
+  Cell* last = nullptr;
+  uint32_t stamp = 0;
+  Cell& at(uintptr_t a) {
+    const uintptr_t key = a >> kPageBits;
+    if (key != last_key) {
+      Cell*& page = pages[key];
+      if (page == nullptr) {
+        if (!pool.empty()) {
+          page = pool.back();
+          pool.pop_back();
+        } else {
+          page = static_cast<Cell*>(std::calloc(size_t(1) << kPageBits, sizeof(Cell)));
+          TORCH_CHECK(page != nullptr, "cuda_sim: out of memory for the race checker's shadow memory");
+        }
+      }
+      last_key = key;
+      last = page;
+    }
+    return last[a & ((uintptr_t(1) << kPageBits) - 1)];
+  }
+  // after a launch: keep a few pages for the next (their cells carry an old stamp)
+  void release() {
+    for (auto& kv : pages) {
+      if (pool.size() < 256) pool.push_back(kv.second);
+      else std::free(kv.second);
+    }
+    pages.clear();
+    last_key = ~uintptr_t(0);
+    last = nullptr;
+  }
+};
+thread_local GlobalShadow g_gshadow;
+thread_local std::vector<Cell> g_sshadow;  // shared memory of the running block
+thread_local uint32_t g_stamps = 0;        // block and launch stamps, never reused
+
+uint32_t rec_thread(const Rec& r) { return (r.who & ~kAtomicBit) - 1; }
+bool rec_atomic(const Rec& r) { return (r.who & kAtomicBit) != 0; }
+
+// Whether the earlier access `a` is ordered before the running thread's access `me`.
+bool ordered(const Run& r, const Fiber& f, const Rec& a, const Rec& me) {
+  const uint32_t ta = rec_thread(a), tm = rec_thread(me);
+  if (ta == tm) return true;
+  if (ta / r.threads != tm / r.threads) return false;  // another block of the launch
+  if (a.epoch != me.epoch) return true;               // a __syncthreads between them
+  const uint32_t la = ta % r.threads, lm = tm % r.threads;
+  if (la / kWarpSize != lm / kWarpSize) return false;
+  return int16_t(uint16_t(me.wseq - a.wseq)) > 0 && ((f.wmask >> (la % kWarpSize)) & 1u);
+}
+
+std::string thread_of(const Run& r, uint32_t linear) {
+  const uint64_t blk = linear / r.threads, t = linear % r.threads;
+  const dim3 g = r.cfg.grid, b = r.cfg.block;
+  const dim3 bi(unsigned(blk % g.x), unsigned((blk / g.x) % g.y), unsigned(blk / (uint64_t(g.x) * g.y)));
+  const dim3 ti(unsigned(t % b.x), unsigned((t / b.x) % b.y), unsigned(t / (uint64_t(b.x) * b.y)));
+  return "thread " + dim_str(ti) + " of block " + dim_str(bi);
+}
+
+std::string pc_token(Run& r, uint32_t pc) {
+  r.report_pcs.push_back(pc);
+  return "@@pc" + std::to_string(r.report_pcs.size() - 1) + "@@";
+}
+
+[[noreturn]] void report_race(Run& r, Kind kind, const Rec& me, const Rec& other, bool other_write, uintptr_t addr,
+                              const char* type, bool shared) {
+  std::ostringstream os;
+  std::string var = "?";
+  int64_t off = 0;
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(r.smem.data());
+  if (shared) {
+    off = int64_t(addr - s0);
+    if (off >= int64_t(kStaticSmemLimit)) {
+      var = "extern __shared__ array";
+      off -= int64_t(kStaticSmemLimit);
+    } else {
+      for (const StaticAlloc& a : r.statics)
+        if (size_t(off) >= a.offset && size_t(off) < a.offset + a.size) {
+          var = std::string("__shared__ ") + (a.name ? a.name : "array");
+          off -= int64_t(a.offset);
+        }
+    }
+  } else {
+    const Extent e = find_extent(reinterpret_cast<const void*>(addr));
+    if (e.lo != e.hi) {
+      var = std::string("`") + (e.name ? e.name : "?") + "`";
+      off = int64_t(addr - e.lo);
+    }
+  }
+  const char* what = kind == Kind::Read ? "reads" : kind == Kind::Write ? "writes" : "atomically updates";
+  const char* owhat = rec_atomic(other) ? "atomically updated" : other_write ? "wrote" : "read";
+  const uint32_t tm = rec_thread(me), to = rec_thread(other);
+  const bool same_block = tm / r.threads == to / r.threads;
+  os << "data race on " << (shared ? "shared" : "global") << " memory " << var << " at byte offset " << off
+     << " (" << c10::demangle(type) << "): " << thread_of(r, tm) << " " << what << " it at " << pc_token(r, me.pc)
+     << ", and " << thread_of(r, to) << " " << owhat << " it at " << pc_token(r, other.pc)
+     << (same_block ? " with no __syncthreads or warp collective of both between them"
+                    : " (another block of the same launch: nothing orders them)");
+  if (rec_atomic(me) != rec_atomic(other)) os << "; an atomic and a plain access of one location race";
+  fail(os.str());
+}
+
+void add_reader(const Run& r, const Fiber& f, Cell& c, const Rec& me) {
+  if (c.r1.who == me.who) { c.r1 = me; return; }
+  if (c.r2.who == me.who) { c.r2 = me; return; }
+  if (c.r1.who == 0 || ordered(r, f, c.r1, me)) { c.r1 = me; return; }
+  if (c.r2.who == 0 || ordered(r, f, c.r2, me)) { c.r2 = me; return; }
+  // two unordered readers already: keep readers of two different warps if there are
+  const uint32_t w1 = rec_thread(c.r1) / kWarpSize, w2 = rec_thread(c.r2) / kWarpSize, wm = rec_thread(me) / kWarpSize;
+  if (w1 == w2 && wm != w1) c.r2 = me;
+}
+
+void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type) {
+  Run& r = *g_run;
+  Fiber& f = *r.cur;
+  Rec me;
+  me.who = uint32_t(r.block_linear * r.threads + f.tid + 1) | (kind == Kind::Atomic ? kAtomicBit : 0u);
+  me.pc = pc;
+  me.epoch = uint16_t(r.epoch);
+  me.wseq = uint16_t(f.wseq);
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(r.smem.data());
+  const bool shared = addr >= s0 && addr < s0 + r.smem.size();
+  const uint32_t stamp = shared ? r.block_stamp : r.launch_stamp;
+  for (size_t i = 0; i < size; ++i) {
+    const uintptr_t a = addr + i;
+    Cell& c = shared ? g_sshadow[a - s0] : g_gshadow.at(a);
+    if (c.stamp != stamp) {
+      c = Cell{};
+      c.stamp = stamp;
+    }
+    const bool atomic = kind == Kind::Atomic;
+    if (c.w.who != 0 && !ordered(r, f, c.w, me) && !(atomic && rec_atomic(c.w)))
+      report_race(r, kind, me, c.w, true, a, type, shared);
+    if (kind != Kind::Read) {
+      for (const Rec* rd : {&c.r1, &c.r2})
+        if (rd->who != 0 && !ordered(r, f, *rd, me) && !(atomic && rec_atomic(*rd)))
+          report_race(r, kind, me, *rd, false, a, type, shared);
+    } else {
+      for (const Rec* rd : {&c.r1, &c.r2})  // atomics are kept as readers too
+        if (rd->who != 0 && rec_atomic(*rd) && !ordered(r, f, *rd, me))
+          report_race(r, kind, me, *rd, true, a, type, shared);
+    }
+    if (kind == Kind::Write) {
+      c.w = me;
+      c.r1 = c.r2 = Rec{};
+    } else if (kind == Kind::Atomic) {
+      c.w = me;
+      add_reader(r, f, c, me);
+    } else {
+      add_reader(r, f, c, me);
+    }
+  }
+}
+
+// Decides the pending access of f: a store if its bytes changed since, else a load.
+void settle(Fiber& f) {
+  if (f.pend_size == 0) return;
+  const size_t n = f.pend_size;
+  f.pend_size = 0;
+  const bool wrote = std::memcmp(f.pend_old, reinterpret_cast<const void*>(f.pend_addr), n) != 0;
+  apply(wrote ? Kind::Write : Kind::Read, f.pend_addr, n, f.pend_pc, f.pend_type);
+}
+
+bool g_racecheck_on = racecheck_from_env();
+
+// file:line of a code address of the library (addr2line on its line table), or "code at lib+0x..".
+std::string source_line(uint32_t pc) {
+  if (pc == 0) return "an unknown line";
+  Dl_info info{};
+  dladdr(reinterpret_cast<void*>(&racecheck_from_env), &info);
+  std::ostringstream hex;
+  hex << "0x" << std::hex << (pc - 1);  // the call's own line, not the next one
+  const std::string fallback = std::string("code at ") + (info.dli_fname ? info.dli_fname : "?") + "+" + hex.str();
+  if (info.dli_fname == nullptr) return fallback;
+  const std::string cmd = std::string("addr2line -e '") + info.dli_fname + "' " + hex.str() + " 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return fallback;
+  char buf[4096];
+  std::string out = fgets(buf, sizeof buf, p) ? std::string(buf) : std::string();
+  pclose(p);
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  const auto disc = out.find(" (discriminator");
+  if (disc != std::string::npos) out.resize(disc);
+  if (out.empty() || out[0] == '?') return fallback;
+  for (const char* root : {"csrc/", "tools/cuda_sim/"}) {  // relative to the checkout
+    const auto at = out.rfind(root);
+    if (at != std::string::npos) return out.substr(at);
+  }
+  return out;
+}
+
+std::string symbolize(std::string msg, const std::vector<uint32_t>& pcs) {
+  for (size_t i = 0; i < pcs.size(); ++i) {
+    const std::string tok = "@@pc" + std::to_string(i) + "@@";
+    const auto at = msg.find(tok);
+    if (at != std::string::npos) msg.replace(at, tok.size(), source_line(pcs[i]));
+  }
+  return msg;
 }
 
 // ---- fiber stacks: reused across launches ------------------------------------
@@ -116,6 +396,7 @@ void fiber_main() {
   Run& r = *g_run;
   try {
     (*r.body)();
+    if (g_checking) settle(*r.cur);
   } catch (const KernelFailure& f) {
     if (r.error.empty()) r.error = f.what;
   } catch (const std::exception& e) {
@@ -254,8 +535,14 @@ bool release_warps(Run& r) {
           }
         }
       }
+      const uint32_t seq = ++r.warp_seq[w0 / kWarpSize];
       for (unsigned m = 0; m < lanes; ++m)
-        if (mask >> m & 1u) r.fibers[w0 + m].state = State::Ready;
+        if (mask >> m & 1u) {
+          Fiber& g = r.fibers[w0 + m];
+          g.state = State::Ready;
+          g.wseq = seq;
+          g.wmask = mask;
+        }
       released = true;
     }
   }
@@ -277,15 +564,21 @@ void describe_deadlock(Run& r) {
 // Runs one block to completion (or to its first failure, in r.error).
 void run_block(Run& r, Order order, std::mt19937_64& rng) {
   const unsigned n = unsigned(r.fibers.size());
-  std::fill(r.smem.begin(), r.smem.end(), kSmemFill);
+  fill_poison(r.smem.data(), r.smem.size());
   r.static_used = 0;
   r.statics.clear();
   r.error.clear();
+  r.epoch = 0;
+  std::fill(r.warp_seq.begin(), r.warp_seq.end(), 0u);
+  r.block_stamp = ++g_stamps;
   const dim3 bd = r.cfg.block;
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = r.fibers[t];
     f.state = State::Ready;
     f.tid = t;
+    f.wseq = 0;
+    f.wmask = 0;
+    f.pend_size = 0;
     f.tidx = dim3(t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y));
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -328,6 +621,7 @@ void run_block(Run& r, Order order, std::mt19937_64& rng) {
       }
       for (Fiber& f : r.fibers)
         if (f.state == State::AtBarrier) f.state = State::Ready;
+      ++r.epoch;
       if (order == Order::Random) arrange(idx, order, rng);
       continue;
     }
@@ -364,6 +658,7 @@ const dim3& grid_dim() { return g_run->cfg.grid; }
 
 void syncthreads(const char* file, int line) {
   Fiber& f = *g_run->cur;
+  if (g_checking) settle(f);
   f.state = State::AtBarrier;
   f.file = file;
   f.line = line;
@@ -375,6 +670,7 @@ void warp_collective(WarpOp op, unsigned mask, const void* in, size_t size, int 
   if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0)
     fail(std::string(op_name(op)) + ": width must be a power of 2 in [1, 32], got " + std::to_string(width));
   Fiber& f = *g_run->cur;
+  if (g_checking) settle(f);
   f.state = State::AtWarp;
   f.op = op;
   f.mask = mask;
@@ -389,7 +685,7 @@ void warp_collective(WarpOp op, unsigned mask, const void* in, size_t size, int 
   std::memcpy(out, f.out, op == WarpOp::All || op == WarpOp::Any || op == WarpOp::Ballot ? sizeof(unsigned) : size);
 }
 
-void* static_shared(const void* tag, size_t size, size_t align) {
+void* static_shared(const void* tag, size_t size, size_t align, const char* name) {
   Run& r = *g_run;
   for (const StaticAlloc& a : r.statics)
     if (a.tag == tag) return r.smem.data() + a.offset;
@@ -398,7 +694,7 @@ void* static_shared(const void* tag, size_t size, size_t align) {
   if (off + size + r.cfg.dynamic_smem > kStaticSmemLimit)
     fail("shared memory above the 48 KiB per block (static " + std::to_string(off + size) + " + dynamic " +
          std::to_string(r.cfg.dynamic_smem) + " bytes)");
-  r.statics.push_back({tag, off, size});
+  r.statics.push_back({tag, off, size, name});
   r.static_used = off + size;
   return r.smem.data() + off;
 }
@@ -422,6 +718,61 @@ void device_assert(const char* cond, const char* msg, const char* file, int line
        "` failed" + (msg && *msg ? std::string(": ") + msg : std::string()));
 }
 
+thread_local bool g_checking = false;
+
+bool mutant(int id) {
+  const char* v = std::getenv("PROTOSEG_SIM_MUTANT");
+  return v != nullptr && std::atoi(v) == id;
+}
+
+// Garbage: every byte 0x40..0x4F or 0xC0..0xCF (random), so that the exponent
+// field of every float16, bfloat16, float32 and float64 it makes is neither 0
+// nor all ones: finite, normal, of either sign, 2^-15 .. 2^32 in magnitude for
+// float32; as integers, large positive or negative values.
+void fill_poison(void* p, size_t bytes) {
+  if (!poison_garbage()) {
+    std::memset(p, kSmemFill, bytes);
+    return;
+  }
+  static thread_local uint64_t state = 0x9E3779B97F4A7C15ull;
+  unsigned char* b = static_cast<unsigned char*>(p);
+  size_t i = 0;
+  for (; i + 8 <= bytes; i += 8) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    const uint64_t w = (state & 0x8F8F8F8F8F8F8F8Full) | 0x4040404040404040ull;
+    std::memcpy(b + i, &w, 8);
+  }
+  for (; i < bytes; ++i) b[i] = static_cast<unsigned char>(((i * 0x9Du) & 0x8Fu) | 0x40u);
+}
+
+void note_read(const void* p, size_t size, const void* pc, const char* type) {
+  Fiber& f = *g_run->cur;
+  settle(f);
+  apply(Kind::Read, reinterpret_cast<uintptr_t>(p), size, pc_offset(pc), type);
+}
+
+void note_access(const void* p, size_t size, const void* pc, const char* type) {
+  Fiber& f = *g_run->cur;
+  settle(f);
+  if (size > sizeof(f.pend_old)) {  // too large to compare: a store
+    apply(Kind::Write, reinterpret_cast<uintptr_t>(p), size, pc_offset(pc), type);
+    return;
+  }
+  std::memcpy(f.pend_old, p, size);
+  f.pend_addr = reinterpret_cast<uintptr_t>(p);
+  f.pend_size = uint32_t(size);
+  f.pend_pc = pc_offset(pc);
+  f.pend_type = type;
+}
+
+void note_atomic(const void* p, size_t size, const void* pc, const char* type) {
+  Fiber& f = *g_run->cur;
+  settle(f);
+  apply(Kind::Atomic, reinterpret_cast<uintptr_t>(p), size, pc_offset(pc), type);
+}
+
 void register_extent(const void* data, size_t bytes, const char* name) {
   if (data == nullptr || bytes == 0) return;
   const uintptr_t lo = reinterpret_cast<uintptr_t>(data), hi = lo + bytes;
@@ -439,7 +790,8 @@ Extent find_extent(const void* p) {
     const uintptr_t s0 = reinterpret_cast<uintptr_t>(r->smem.data());
     if (a >= s0 && a < s0 + r->smem.size()) {
       for (const StaticAlloc& s : r->statics)
-        if (a >= s0 + s.offset && a < s0 + s.offset + s.size) return Extent{s0 + s.offset, s0 + s.offset + s.size, "__shared__ array"};
+        if (a >= s0 + s.offset && a < s0 + s.offset + s.size)
+          return Extent{s0 + s.offset, s0 + s.offset + s.size, s.name ? s.name : "__shared__ array"};
       const uintptr_t d0 = s0 + kStaticSmemLimit;
       if (a >= d0 && a <= d0 + r->cfg.dynamic_smem) return Extent{d0, d0 + r->cfg.dynamic_smem, "extern __shared__ array"};
       return Extent{};
@@ -494,6 +846,10 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
   r.body = &body;
   r.fibers.resize(threads);
   r.smem.assign(kStaticSmemLimit + cfg.dynamic_smem, kSmemFill);
+  r.threads = uint32_t(threads);
+  r.warp_seq.assign((threads + kWarpSize - 1) / kWarpSize, 0u);
+  r.launch_stamp = ++g_stamps;
+  if (g_racecheck_on && g_sshadow.size() < r.smem.size()) g_sshadow.resize(r.smem.size());
   for (uint64_t t = 0; t < threads; ++t) {
     r.fibers[t].stack = g_stacks.get(t);
     getcontext(&r.fibers[t].ctx);
@@ -504,15 +860,21 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
   std::vector<uint64_t> bidx(blocks);
   arrange(bidx, order, rng);
   struct Reset {
-    ~Reset() { g_run = nullptr; }
+    ~Reset() {
+      g_run = nullptr;
+      g_checking = false;
+      g_gshadow.release();
+    }
   } reset;
   g_run = &r;
+  g_checking = g_racecheck_on;
   for (uint64_t lin : bidx) {
     r.bidx = dim3(unsigned(lin % g.x), unsigned((lin / g.x) % g.y), unsigned(lin / (uint64_t(g.x) * g.y)));
+    r.block_linear = lin;
     run_block(r, order, rng);
     if (!r.error.empty()) {
       const std::string prefix = launch_prefix(r);
-      std::string what = r.error;
+      std::string what = symbolize(r.error, r.report_pcs);
       if (what.rfind("block ", 0) != 0) what = "block " + dim_str(r.bidx) + ": " + what;
       g_run = nullptr;
       TORCH_CHECK(false, prefix, ": ", what);

@@ -115,6 +115,47 @@ __global__ void dynamic_shared_kernel(float* y) {
   y[t] = dyn[n - 1 - t];
 }
 
+
+// ---- the race checker: each kernel below has one race, or none ----
+
+// Each thread reads its neighbour's slot with no barrier after the writes.
+__global__ void shared_race_kernel(float* y) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  s[t] = float(t);
+  y[t] = s[(t + 1) % 64];
+}
+
+// The same exchange inside one warp, ordered by __syncwarp: no race. With
+// `across` set, lanes read the slot of the other warp: __syncwarp orders
+// only its own warp, a race.
+__global__ void warp_exchange_kernel(float* y, bool across) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  s[t] = float(t);
+  __syncwarp();
+  y[t] = across ? s[(t + 32) % 64] : s[(t & ~31) + (t + 1) % 32];
+}
+
+// One thread in each of two blocks adds 1 to y[0] with a plain read-modify-write.
+__global__ void global_race_kernel(float* y) { y[0] += 1.0f; }
+
+// Block 0 adds atomically, block 1 plainly, to one location.
+__global__ void atomic_plain_kernel(float* y) {
+  if (blockIdx.x == 0) atomicAdd(y, 1.0f);
+  else y[0] += 1.0f;
+}
+
+// A two-dimensional shared array indexed one past its row: s[1][8] is s[2][0]
+// in memory, but out of bounds of row 1.
+__global__ void shared_2d_kernel(float* y, int col) {
+  __shared__ float s[4][8];
+  const int t = threadIdx.x;
+  s[t / 8][t % 8] = float(t);
+  __syncthreads();
+  if (t == 0) y[0] = s[1][col];
+}
+
 __global__ void assert_kernel(const int* __restrict__ x) {
   CUDA_KERNEL_ASSERT_MSG(x[threadIdx.x] >= 0, "x: an entry is negative");
 }
@@ -124,6 +165,11 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
   at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   auto fopt = x.options().dtype(at::kFloat);
+  if (name == "partial_write") {  // a buffer of 128 of which the kernel writes n
+    at::Tensor y = at::empty({128}, fopt);
+    shifted_copy_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n, 0);
+    return y;
+  }
   if (name == "shifted_copy" || name == "oob_read") {
     at::Tensor y = at::empty({n}, fopt);
     shifted_copy_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n,
@@ -168,6 +214,16 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
     const int threads = 64;
     const size_t bytes = (name == "dynamic_shared" ? threads : threads / 2) * sizeof(float);
     dynamic_shared_kernel<<<1, threads, bytes, stream>>>(y.data_ptr<float>());
+  } else if (name == "shared_race") {
+    shared_race_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "warp_exchange" || name == "warp_exchange_across") {
+    warp_exchange_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>(), name == "warp_exchange_across");
+  } else if (name == "global_race") {
+    global_race_kernel<<<2, 1, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "atomic_plain") {
+    atomic_plain_kernel<<<2, 1, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "shared_2d" || name == "shared_2d_oob") {
+    shared_2d_kernel<<<1, 32, 0, stream>>>(y.data_ptr<float>(), name == "shared_2d" ? 7 : 8);
   } else if (name == "device_assert") {
     assert_kernel<<<1, int(n), 0, stream>>>(x.data_ptr<int>());
   } else {
