@@ -618,12 +618,14 @@ def test_emulator_stops_a_faulty_kernel_and_names_it(sim, case, x, match):
                         r"thread \(0, 0, 0\) of block \(\d, 0, 0\) (writes|reads) it .*another block"),
         ("atomic_plain", r"atomic_plain_kernel.*data race on global memory `y`.*an atomic and a plain access"),
         ("shared_2d_oob", r"shared_2d_kernel.*out-of-bounds access of `s`: element 8 of float .*holds 8 elements"),
+        ("local_array_oob", r"local_array_kernel.*out-of-bounds index 4 of the local array `a` of 4 entries"),
+        ("view_copy_oob", r"view_copy_kernel.*thread \(5, 0, 0\).*out-of-bounds read of `xv`: element 5 of float.*holds 5 "),
     ],
 )
 def test_race_checker_names_the_race(sim, order, case, match):
     """Whatever the order of the threads: the kernel, both threads, the variable, the offset, both lines."""
     with pytest.raises(RuntimeError, match=match):
-        _selftest(sim, case, torch.zeros(1))
+        _selftest(sim, case, torch.arange(10.0) if case.startswith("view") else torch.zeros(1))
 
 
 def test_race_checker_lines_are_the_accesses(sim):
@@ -642,6 +644,9 @@ def test_race_checker_accepts_ordered_accesses(sim, order):
     y = _selftest(sim, "warp_exchange", torch.zeros(1))
     assert torch.equal(y, torch.tensor([float((t & ~31) + (t + 1) % 32) for t in range(64)]))
     assert _selftest(sim, "shared_2d", torch.zeros(1))[0] == 15.0
+    assert _selftest(sim, "local_array", torch.zeros(1))[0] == 4.0
+    x = torch.arange(10.0)
+    assert torch.equal(_selftest(sim, "view_copy", x), torch.cat([x[:5], torch.zeros(5)]))
     torch.testing.assert_close(_selftest(sim, "block_sum", torch.ones(256)), torch.full((2,), 128.0))
 
 
@@ -682,6 +687,129 @@ def test_rewrite_poisons_every_fresh_buffer():
     assert "::cudasim::empty({n}, o)" in out and "::cudasim::empty_like(a)" in out
     assert "::cudasim::empty_strided({2}, {1}, o)" in out and "::cudasim::new_empty(x.y, {3})" in out
     assert B.poison_fresh_memory("p->new_empty({1})") == "::cudasim::new_empty(*p, {1})"
+
+
+# --------------------------------------------------------------------------- the traffic meter
+
+
+def _metered(sim, case, x):
+    sim.cudasim_meter("start")
+    try:
+        y = _selftest(sim, case, x)
+    finally:
+        sim.cudasim_meter("stop")
+    return y, __import__("json").loads(sim.cudasim_meter("json"))
+
+
+def test_meter_coalesced_copy(sim, order):
+    """256 floats, 4 blocks of 64: 8 warps, each one load and one store of 32 consecutive floats (128 B, 4
+    sectors, ideal 4); 1 KiB loaded, 1 KiB stored, 2 KiB of distinct sectors."""
+    x = torch.randn(256)
+    y, ev = _metered(sim, "shifted_copy", x)
+    assert torch.equal(y, x)
+    (k,) = ev
+    assert k["name"] == "shifted_copy_kernel" and k["grid"] == [4, 1, 1]
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (1024, 1024)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (16, 64, 64)
+    assert k["unique_bytes"] == 2048 and k["l2_hit_bytes"] == 0
+
+
+def test_meter_strided_copy(sim):
+    """y[i] = x[2 i], 128 entries: each warp's load spans 256 B (8 sectors, ideal 4: half of each sector
+    unused), its store 128 B (4 sectors); distinct: all 32 sectors of x (1 KiB) and 512 B of y."""
+    x = torch.randn(256)
+    y, ev = _metered(sim, "strided_copy", x)
+    assert torch.equal(y, x[::2])
+    (k,) = ev
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (512, 512)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (8, 4 * 8 + 4 * 4, 4 * 4 + 4 * 4)
+    assert k["unique_bytes"] == 1024 + 512
+
+
+def test_meter_broadcast_load(sim):
+    """y[i] = x[0], 128 entries: each warp's load is one address (1 sector, ideal 1), its store 4 sectors."""
+    x = torch.randn(1)
+    y, ev = _metered(sim, "broadcast", x.expand(128).contiguous())
+    (k,) = ev
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (512, 512)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (8, 4 * 1 + 4 * 4, 4 * 1 + 4 * 4)
+    assert k["unique_bytes"] == 32 + 512
+
+
+@pytest.mark.parametrize("case", ["gemm", "gemm_bf16"])
+def test_meter_gemm_flops(sim, case):
+    """A host GEMM (m, n, k) = (16, 16, 8): 2 m n k = 4,096 flops; operands and output bytes by dtype. The
+    16-bit GEMM with fp32 output (mm.dtype_out) runs, as an fp32 GEMM of the upcast operands."""
+    x = torch.randn(128)
+    y, ev = _metered(sim, case, x)
+    a = x.view(16, 8)
+    if case == "gemm_bf16":
+        a = a.bfloat16().float()
+    torch.testing.assert_close(y, a @ a.T, atol=1e-6, rtol=1e-6)
+    (g,) = ev
+    elem = 2 if case == "gemm_bf16" else 4
+    assert g["type"] == "gemm" and (g["m"], g["n"], g["k"]) == (16, 16, 8) and g["flops"] == 4096
+    assert g["name"] == ("mm.dtype_out" if case == "gemm_bf16" else "mm")
+    assert (g["a"], g["out"]) == (("BFloat16" if case == "gemm_bf16" else "Float"), "Float")
+    assert g["bytes"] == 2 * 16 * 8 * elem + 16 * 16 * 4
+
+
+def test_meter_l2_hits(sim):
+    """The second of two copies of one buffer reads sectors the first touched: assumed L2 hits."""
+    x = torch.randn(256)
+    sim.cudasim_meter("start")
+    try:
+        _selftest(sim, "shifted_copy", x)
+        _selftest(sim, "shifted_copy", x)
+    finally:
+        sim.cudasim_meter("stop")
+    a, b = __import__("json").loads(sim.cudasim_meter("json"))
+    assert a["l2_hit_bytes"] == 0 and b["l2_hit_bytes"] == 1024  # x again; y is a fresh buffer
+
+
+def test_similarity_runs_the_16bit_gemm(sim):
+    """bfloat16 feats and prototypes: similarity_tile_gemm's tensor-core branch (mm.dtype_out) runs, and the
+    scores match the reference from the same rounded inputs."""
+    f, p, gt, _ = make_problem(N=300, D=40, C=6, K=4, dtype=torch.bfloat16, seed=21)
+    sim.cudasim_meter("start")
+    try:
+        seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
+    finally:
+        sim.cudasim_meter("stop")
+    gemms = [e for e in __import__("json").loads(sim.cudasim_meter("json")) if e["type"] == "gemm"]
+    assert [(g["name"], g["a"], g["b"], g["out"], g["m"], g["n"], g["k"]) for g in gemms] == [
+        ("mm.dtype_out", "BFloat16", "BFloat16", "Float", 300, 24, 40)]
+    _, _, ref_lse, ref_own = _ref(f, p, gt)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own.double(), ref_own, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_model_json():
+    """tools/gpu_model.py --json: one object, kernels and step, in the issue's schema; the step's modelled time
+    is the sum of its kernels', no kernel beats its ideal sectors, and the GEMMs' flops are 2 N D CK twice
+    (forward scores, backward d z) at least."""
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_model.py"), "--backend", "cuda", "--size",
+                        "cityscapes", "--dtype", "fp32", "--json"], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert set(out) == {"kernels", "step"}
+    keys = {"name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops",
+            "unit", "modelled_us"}
+    assert out["kernels"] and all(set(k) == keys for k in out["kernels"])
+    assert set(out["step"]) == {"compulsory_bytes", "unique_bytes", "flops", "modelled_us", "roofline_us", "launches"}
+    names = [k["name"] for k in out["kernels"]]
+    for kernel in ("embed_stats_kernel", "embed_backward_kernel", "sinkhorn_iterate_kernel", "prototype_ema_kernel"):
+        assert any(n.startswith(kernel) for n in names), names
+    assert all(k["sectors"] >= k["ideal_sectors"] > 0 for k in out["kernels"] if k["bytes_loaded"] > 1e5)
+    step = out["step"]
+    assert abs(step["modelled_us"] - sum(k["modelled_us"] for k in out["kernels"])) < 1e-6 * step["modelled_us"]
+    N, D, CK = 65536, 720, 190
+    assert step["flops"] >= 2 * (2 * N * D * CK) and step["roofline_us"] < step["modelled_us"]
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_model.py"), "--backend", "triton"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "Triton traffic meter" in r.stderr
 
 
 def test_emulator_warp_collectives(sim, order):
@@ -803,6 +931,10 @@ RACE_MUTANTS = {
     # a shared index off by one: the middle index of embed_stats_kernel's 3-D array
     14: ("similarity_cuda.cu", "v += part[j][h][lane];", "v += part[j][::cudasim::mutant(14) ? h + 1 : h][lane];",
          0, "embed", "out-of-bounds access of `part`"),
+    # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it)
+    16: ("similarity_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i * kStatCols;\n  const acc_t mu = st[0], r = st[1], inv = st[2];\n  acc_t* s",
+         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const acc_t* st = stats + i * kStatCols;\n  const acc_t mu = st[0], r = st[1], inv = st[2];\n  acc_t* s",
+         0, "embed", "out-of-bounds access of `S_tile`"),
     # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum
     15: ("sinkhorn_cuda.cu", "  if (threadIdx.x < K) {", "  if (threadIdx.x < K + (::cudasim::mutant(15) ? 1 : 0)) {",
          0, "sinkhorn", "data race on global memory `part_max`"),

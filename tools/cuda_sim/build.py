@@ -18,10 +18,17 @@ message back to the original file):
     checker of runtime.cpp), ``__shared__`` arrays come from the block's
     shared memory (``__shared__ T a[n][m]`` a ``gptr<T[m]>``: every index
     checked), and ``__launch_bounds__(n, ...)`` checks the block size;
-  - ``t.data_ptr<T>()`` in host code registers t's storage extent, and
+  - local arrays ``T a[n]`` become ``cudasim::local_array<T, n>`` (every
+    index checked, entries poisoned);
+  - ``t.data_ptr<T>()`` in host code registers t's storage and the extent of
+    the view t (the extent its pointer carries into a kernel), and
     ``at::empty`` / ``empty_like`` / ``empty_strided`` / ``t.new_empty`` there,
     and in the headers of csrc/, return poisoned memory (cuda_sim.h:
     ``PROTOSEG_SIM_POISON``);
+  - ``at::mm_out`` / ``at::mm`` / ``at::mv`` in host code go through the
+    traffic meter, and ``at::mm_out(out, a, b, at::kFloat)`` (the 16-bit GEMM
+    with fp32 output, no CPU kernel in ATen) runs as an fp32 GEMM of the
+    upcast operands;
   - ``TORCH_LIBRARY_IMPL(protoseg_ext, CUDA, m)`` registers for CPU tensors
     in the namespace ``protoseg_cudasim``, whose schemas come from
     ``TORCH_LIBRARY(protoseg_ext, m)`` of csrc/protoseg.cpp.
@@ -74,6 +81,7 @@ _TYPE = (
 _POINTER_DECL = re.compile(r"(?<![\w:.>])(" + _TYPE + r")\s*\*\s*(?:__restrict__\s*)?(?=[A-Za-z_]\w*\s*(?:[,)=;]))")
 _SHARED = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s*)?(" + _TYPE + r")\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s*)?(" + _TYPE + r")\s+(\w+)\s*\[\s*\]\s*;")
+_LOCAL_ARRAY = re.compile(r"(?<![\w:.>])(" + _TYPE + r")\s+([A-Za-z_]\w*)\s*((?:\[[^\]]+\])+)\s*(=\s*\{[^;{}]*\})?\s*;")
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;]*(?:<[^<>;]*>[^<>;]*)*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _DATA_PTR = re.compile(r"(?<![\w.>])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\.|->)(data_ptr|const_data_ptr|mutable_data_ptr)<")
 _IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*protoseg_ext\s*,\s*CUDA\s*,\s*(\w+)\s*\)")
@@ -176,6 +184,18 @@ def rewrite_device_code(text: str, types: set) -> str:
                 f'::cudasim::shared_array<{t}{inner}>(CUDASIM_TAG, {dims[0]}, "{name}");')
 
     text = _SHARED.sub(shared, text)
+
+    def local(m):
+        t, name, dims = m.group(1), m.group(2), re.findall(r"\[([^\]]+)\]", m.group(3))
+        if _base_type_name(t) not in types or t.split()[0] in ("return", "else", "case", "goto"):
+            return m.group(0)
+        ty = t
+        for d in reversed(dims):
+            ty = f"::cudasim::local_array<{ty}, {d}>"
+        init = f', {m.group(4).split("=", 1)[1].strip()}' if m.group(4) else ""
+        return f'{ty} {name}("{name}"{init});'
+
+    text = _LOCAL_ARRAY.sub(local, text)
     return text
 
 
@@ -213,6 +233,7 @@ def rewrite_cuda_source(src: str, relpath: str) -> str:
         lambda m: f'::cudasim::track({"*" if m.group(2) == "->" else ""}{m.group(1)}, "{m.group(1)}").{m.group(3)}<',
         out)
     out = poison_fresh_memory(out)
+    out = re.sub(r"(?<![\w:])at::(mm_out|mm|mv)\(", r"::cudasim::\1(", out)
     out = _IMPL.sub(lambda m: f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, {m.group(1)})", out)
     return f'#line 1 "{relpath}"\n' + out
 

@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 #include <c10/util/Type.h>
+#include <torch/library.h>
 #include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <unordered_set>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -135,6 +137,10 @@ struct Cell {
 };
 
 enum class Kind { Read, Write, Atomic };
+extern bool g_racecheck_on;
+void meter_access(Kind kind, uintptr_t addr, size_t size, uint32_t pc, uint32_t tid);
+struct Meter;
+bool meter_on();
 
 bool racecheck_from_env() {
   const char* v = std::getenv("PROTOSEG_SIM_RACECHECK");
@@ -280,6 +286,8 @@ void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type
   me.wseq = uint16_t(f.wseq);
   const uintptr_t s0 = reinterpret_cast<uintptr_t>(r.smem.data());
   const bool shared = addr >= s0 && addr < s0 + r.smem.size();
+  if (meter_on() && !shared) meter_access(kind, addr, size, pc, f.tid);
+  if (!g_racecheck_on) return;
   const uint32_t stamp = shared ? r.block_stamp : r.launch_stamp;
   for (size_t i = 0; i < size; ++i) {
     const uintptr_t a = addr + i;
@@ -310,6 +318,173 @@ void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type
       add_reader(r, f, c, me);
     }
   }
+}
+
+
+// ---- traffic meter ---------------------------------------------------------------
+//
+// Off unless switched on (cudasim_meter("start")). Per launch: bytes loaded
+// and stored through global memory (an atomic counts as both), the 32-byte
+// sectors of every warp-wide memory instruction (the lanes' k-th execution
+// of one code address, in one warp) against the ideal for the distinct bytes
+// it requests, the distinct sectors the launch touches, and of those the
+// sectors an earlier launch or GEMM touched while the bytes touched since
+// then stay within the 50 MB L2 (assumed L2 hits). Host GEMMs: shape, dtypes,
+// flops and operand bytes.
+
+struct LaunchMeter {
+  std::string kernel;
+  dim3 grid, block;
+  uint64_t bytes_loaded = 0, bytes_stored = 0, sectors = 0, ideal_sectors = 0, instructions = 0;
+  uint64_t unique_sectors = 0, l2_hit_sectors = 0;
+};
+struct GemmMeter {
+  std::string op;
+  int64_t m, n, k;
+  std::string a, b, out;
+  uint64_t bytes;
+};
+struct Meter {
+  bool on = false;
+  std::vector<std::string> events;  // JSON objects, in order
+  // sector -> the event count when it was last touched, and the bytes touched up to then
+  std::unordered_map<uint64_t, uint64_t> last_touch;  // sector -> cumulative bytes touched before that event ended
+  uint64_t touched = 0;  // cumulative bytes touched by every event so far
+  // the running launch
+  LaunchMeter cur;
+  std::unordered_set<uint64_t> launch_sectors;
+  // per block: the lanes' execution count of each code address, and each warp instruction's accesses
+  std::unordered_map<uint64_t, uint32_t> lane_count;  // (tid << 32 | pc) -> executions
+  struct InstKey {
+    uint64_t warp_pc;  // warp << 32 | pc
+    uint32_t n;        // the lanes' n-th execution of pc
+    bool operator==(const InstKey& o) const { return warp_pc == o.warp_pc && n == o.n; }
+  };
+  struct InstHash {
+    size_t operator()(const InstKey& k) const { return std::hash<uint64_t>()(k.warp_pc * 0x9E3779B97F4A7C15ull + k.n); }
+  };
+  std::unordered_map<InstKey, std::vector<std::pair<uintptr_t, uint32_t>>, InstHash> insts;  // accesses
+};
+thread_local Meter g_meter;
+bool meter_on() { return g_meter.on; }
+constexpr uint64_t kL2Bytes = uint64_t(50) << 20;
+
+void meter_access(Kind kind, uintptr_t addr, size_t size, uint32_t pc, uint32_t tid) {
+  Meter& m = g_meter;
+  if (kind != Kind::Write) m.cur.bytes_loaded += size;
+  if (kind != Kind::Read) m.cur.bytes_stored += size;
+  for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) m.launch_sectors.insert(s);
+  const uint32_t n = m.lane_count[(uint64_t(tid) << 32) | pc]++;
+  m.insts[Meter::InstKey{(uint64_t(tid / kWarpSize) << 32) | pc, n}].emplace_back(addr, uint32_t(size));
+}
+
+// At the end of a block: the sectors of its warp instructions.
+void meter_block_end() {
+  Meter& m = g_meter;
+  for (auto& kv : m.insts) {
+    auto& acc = kv.second;
+    std::sort(acc.begin(), acc.end());
+    uint64_t bytes = 0, sectors = 0;
+    uintptr_t covered = 0;  // bytes below this address are counted
+    uint64_t last_sector = ~uint64_t(0);
+    for (const auto& a : acc) {
+      const uintptr_t lo = std::max<uintptr_t>(a.first, covered), hi = a.first + a.second;
+      if (hi > lo) bytes += hi - lo;
+      covered = std::max<uintptr_t>(covered, hi);
+      for (uint64_t s = a.first >> 5; s <= (hi - 1) >> 5; ++s)
+        if (s != last_sector) {
+          ++sectors;
+          last_sector = s;
+        }
+    }
+    m.cur.sectors += sectors;
+    m.cur.ideal_sectors += (bytes + 31) / 32;
+    ++m.cur.instructions;
+  }
+  m.insts.clear();
+  m.lane_count.clear();
+}
+
+// Sectors an event touched: counted against the L2 history, then recorded in it.
+// Also fills `reuse`: the bytes an earlier event touched, by the bytes touched
+// in between (bucket b: 2^(b-1) < distance <= 2^b), as JSON, for a model at
+// another size (tools/gpu_model.py scales the distances).
+uint64_t meter_touch(const std::unordered_set<uint64_t>& sectors, std::string& reuse) {
+  Meter& m = g_meter;
+  uint64_t hits = 0;
+  std::map<int, uint64_t> by_distance;
+  for (uint64_t s : sectors) {
+    auto it = m.last_touch.find(s);
+    if (it == m.last_touch.end()) continue;
+    const uint64_t d = m.touched - it->second;
+    if (d <= kL2Bytes) ++hits;
+    int b = 0;
+    while ((uint64_t(1) << b) < d && b < 63) ++b;
+    by_distance[b] += 32;
+  }
+  m.touched += 32 * sectors.size();
+  for (uint64_t s : sectors) m.last_touch[s] = m.touched;
+  std::ostringstream os;
+  os << "{";
+  bool first = true;
+  for (const auto& kv : by_distance) {
+    os << (first ? "" : ", ") << "\"" << (uint64_t(1) << kv.first) << "\": " << kv.second;
+    first = false;
+  }
+  os << "}";
+  reuse = os.str();
+  return hits;
+}
+
+std::string json_str(const std::string& s) {
+  std::string o = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    o += c;
+  }
+  return o + "\"";
+}
+
+void meter_launch_end() {
+  Meter& m = g_meter;
+  m.cur.unique_sectors = m.launch_sectors.size();
+  std::string reuse;
+  m.cur.l2_hit_sectors = meter_touch(m.launch_sectors, reuse);
+  m.launch_sectors.clear();
+  const LaunchMeter& c = m.cur;
+  std::ostringstream os;
+  os << "{\"type\": \"kernel\", \"name\": " << json_str(c.kernel) << ", \"grid\": [" << c.grid.x << ", " << c.grid.y
+     << ", " << c.grid.z << "], \"block\": [" << c.block.x << ", " << c.block.y << ", " << c.block.z
+     << "], \"bytes_loaded\": " << c.bytes_loaded << ", \"bytes_stored\": " << c.bytes_stored
+     << ", \"instructions\": " << c.instructions << ", \"sectors\": " << c.sectors << ", \"ideal_sectors\": "
+     << c.ideal_sectors << ", \"unique_bytes\": " << 32 * c.unique_sectors << ", \"l2_hit_bytes\": "
+     << 32 * c.l2_hit_sectors << ", \"reuse\": " << reuse << "}";
+  m.events.push_back(os.str());
+}
+
+std::string meter_command(const std::string& cmd) {
+  Meter& m = g_meter;
+  if (cmd == "start") {
+    m.events.clear();
+    m.last_touch.clear();
+    m.touched = 0;
+    m.on = true;
+    return "{}";
+  }
+  if (cmd == "stop") {
+    m.on = false;
+    return "{}";
+  }
+  if (cmd == "json") {
+    std::string o = "[";
+    for (size_t i = 0; i < m.events.size(); ++i) o += (i ? ",\n" : "") + m.events[i];
+    return o + "]";
+  }
+  TORCH_CHECK_VALUE(false, "cudasim_meter: cmd must be start, stop or json, got '", cmd, "'");
+}
+
+TORCH_LIBRARY_FRAGMENT(protoseg_cudasim, lib) {
+  lib.def("cudasim_meter(str cmd) -> str", [](std::string cmd) { return meter_command(cmd); });
 }
 
 // Decides the pending access of f: a store if its bytes changed since, else a load.
@@ -381,6 +556,7 @@ thread_local StackPool g_stacks;
 struct Registry {
   std::mutex mu;
   std::map<uintptr_t, Extent> by_lo;  // storage extents, never overlapping
+  std::unordered_map<uintptr_t, Extent> views;  // data pointer -> the extent of the view it was taken from
 };
 Registry& registry() {
   static Registry r;
@@ -784,6 +960,18 @@ void register_extent(const void* data, size_t bytes, const char* name) {
   reg.by_lo[lo] = Extent{lo, hi, name};
 }
 
+void register_view(const void* data, uintptr_t lo, uintptr_t hi, const char* name) {
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  if (reg.views.size() > 4096) reg.views.clear();  // pointers of freed tensors; the live ones are registered again
+  reg.views[reinterpret_cast<uintptr_t>(data)] = Extent{lo, hi, name};
+}
+
+void fail_local_index(const char* name, int64_t i, int64_t n) {
+  fail("out-of-bounds index " + std::to_string(i) + " of the local array `" + (name ? name : "(row)") + "` of " +
+       std::to_string(n) + " entries");
+}
+
 Extent find_extent(const void* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (Run* r = g_run) {
@@ -799,6 +987,12 @@ Extent find_extent(const void* p) {
   }
   Registry& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mu);
+  auto v = reg.views.find(a);  // a pointer the host took from a tensor: that view's extent
+  if (v != reg.views.end()) {
+    auto s = reg.by_lo.upper_bound(a);
+    if (s != reg.by_lo.begin() && v->second.lo >= std::prev(s)->second.lo && v->second.hi <= std::prev(s)->second.hi)
+      return v->second;
+  }
   auto it = reg.by_lo.upper_bound(a);
   if (it == reg.by_lo.begin()) return Extent{};
   --it;
@@ -867,11 +1061,18 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
     }
   } reset;
   g_run = &r;
-  g_checking = g_racecheck_on;
+  g_checking = g_racecheck_on || g_meter.on;
+  if (g_meter.on) {
+    g_meter.cur = LaunchMeter{};
+    g_meter.cur.kernel = kernel;
+    g_meter.cur.grid = g;
+    g_meter.cur.block = b;
+  }
   for (uint64_t lin : bidx) {
     r.bidx = dim3(unsigned(lin % g.x), unsigned((lin / g.x) % g.y), unsigned(lin / (uint64_t(g.x) * g.y)));
     r.block_linear = lin;
     run_block(r, order, rng);
+    if (g_meter.on) meter_block_end();
     if (!r.error.empty()) {
       const std::string prefix = launch_prefix(r);
       std::string what = symbolize(r.error, r.report_pcs);
@@ -880,6 +1081,32 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
       TORCH_CHECK(false, prefix, ": ", what);
     }
   }
+  if (g_meter.on) meter_launch_end();
+}
+
+void record_gemm(const char* op, int64_t m, int64_t n, int64_t k, const at::Tensor& a, const at::Tensor& b,
+                 const at::Tensor& out) {
+  if (!g_meter.on) return;
+  std::unordered_set<uint64_t> sectors;  // the operands' and output's storage bytes (as laid out)
+  uint64_t bytes = 0;
+  for (const at::Tensor* t : {&a, &b, &out}) {
+    if (!t->defined() || t->numel() == 0) continue;
+    bytes += uint64_t(t->numel()) * t->element_size();
+    // the view's span (row-major views of 2-D operands: contiguous rows, possibly transposed)
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t->data_ptr());
+    int64_t span = 1;
+    for (int64_t d = 0; d < t->dim(); ++d) span += (t->size(d) - 1) * std::abs(t->stride(d));
+    for (uint64_t s = p >> 5; s <= (p + uint64_t(span) * t->element_size() - 1) >> 5; ++s) sectors.insert(s);
+  }
+  std::string reuse;
+  const uint64_t hits = meter_touch(sectors, reuse);
+  std::ostringstream os;
+  os << "{\"type\": \"gemm\", \"name\": " << json_str(op) << ", \"m\": " << m << ", \"n\": " << n << ", \"k\": " << k
+     << ", \"a\": " << json_str(c10::toString(a.scalar_type())) << ", \"b\": " << json_str(c10::toString(b.scalar_type()))
+     << ", \"out\": " << json_str(c10::toString(out.scalar_type())) << ", \"flops\": " << 2 * uint64_t(m) * n * k
+     << ", \"bytes\": " << bytes << ", \"unique_bytes\": " << 32 * sectors.size() << ", \"l2_hit_bytes\": "
+     << 32 * hits << ", \"reuse\": " << reuse << "}";
+  g_meter.events.push_back(os.str());
 }
 
 }  // namespace cudasim

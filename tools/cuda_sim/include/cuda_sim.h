@@ -99,9 +99,26 @@ void note_read(const void* p, size_t size, const void* pc, const char* type);
 void note_access(const void* p, size_t size, const void* pc, const char* type);
 void note_atomic(const void* p, size_t size, const void* pc, const char* type);
 
+// The extent that a pointer taken from `t.data_ptr()` carries into a kernel:
+// the bytes of that view (from its lowest to its highest element), not its
+// whole storage; keyed by the pointer's value (the latest view wins).
+void register_view(const void* data, uintptr_t lo, uintptr_t hi, const char* name);
+
 inline const at::Tensor& track(const at::Tensor& t, const char* name) {
-  if (t.defined() && t.has_storage() && t.storage().data() != nullptr)
+  if (t.defined() && t.has_storage() && t.storage().data() != nullptr) {
     register_extent(t.storage().data(), t.storage().nbytes(), name);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    int64_t lo = 0, hi = 0;  // element offsets from p
+    bool empty = false;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (t.size(d) == 0) empty = true;
+      const int64_t span = (t.size(d) - 1) * t.stride(d);
+      (span < 0 ? lo : hi) += span;
+    }
+    const int64_t item = int64_t(t.element_size());
+    if (empty) register_view(t.data_ptr(), p, p, name);
+    else register_view(t.data_ptr(), uintptr_t(int64_t(p) + lo * item), uintptr_t(int64_t(p) + (hi + 1) * item), name);
+  }
   return t;
 }
 
@@ -194,6 +211,41 @@ class gptr {
   Extent e_;
 };
 
+// ---- local arrays -----------------------------------------------------------
+// `T name[n];` in device code becomes `local_array<T, n> name("name");`
+// (`T name[n][m]` a local_array of local_arrays): every index checked, and
+// the entries start poisoned, as uninitialised registers hold garbage.
+[[noreturn]] void fail_local_index(const char* name, int64_t i, int64_t n);
+
+template <class T, int64_t N>
+struct local_array {
+  T v[N];
+  const char* name = nullptr;
+  local_array() { fill_poison_local(); }
+  explicit local_array(const char* n) : name(n) { fill_poison_local(); }
+  local_array(const char* n, std::initializer_list<T> init) : name(n) {
+    fill_poison_local();
+    int64_t i = 0;
+    for (const T& x : init) v[i++] = x;
+  }
+  T& operator[](int64_t i) {
+    if (i < 0 || i >= N) fail_local_index(name, i, N);
+    return v[i];
+  }
+  const T& operator[](int64_t i) const {
+    if (i < 0 || i >= N) fail_local_index(name, i, N);
+    return v[i];
+  }
+  // decays to a checked pointer to its first entry
+  operator gptr<T>() {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(&v[0]);
+    return gptr<T>(&v[0], Extent{a, a + sizeof(v), name});
+  }
+
+ private:
+  void fill_poison_local();
+};
+
 // ---- launches -----------------------------------------------------------------
 
 struct LaunchConfig {
@@ -246,6 +298,50 @@ inline at::Tensor new_empty(const at::Tensor& t, at::IntArrayRef size, const at:
 }
 
 [[noreturn]] void device_assert(const char* cond, const char* msg, const char* file, int line);
+
+// ---- GEMMs of the host code (build.py rewrites at::mm_out, at::mm, at::mv) ----
+// They run as ATen calls on the CPU tensors; the traffic meter (runtime.cpp)
+// records each one's shape, dtypes, flops and operand bytes.
+void record_gemm(const char* op, int64_t m, int64_t n, int64_t k, const at::Tensor& a, const at::Tensor& b,
+                 const at::Tensor& out);
+inline const at::Tensor& mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  record_gemm("mm", a.size(0), b.size(1), a.size(1), a, b, out);
+  at::Tensor o = out;
+  at::mm_out(o, a, b);
+  return out;
+}
+// mm.dtype_out: a 16-bit GEMM with fp32 accumulation and output (tensor cores
+// on a GPU). ATen has no CPU kernel for it; the emulator computes it as an
+// fp32 GEMM of the upcast operands (every product of two 16-bit values is
+// exact in fp32; only the order of the fp32 sums may differ from cuBLAS).
+inline const at::Tensor& mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                at::ScalarType out_dtype) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
+              "cuda_sim: mm_out with out_dtype: the operands must be both float16 or both bfloat16, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(out_dtype == at::kFloat && out.scalar_type() == at::kFloat,
+              "cuda_sim: mm_out with out_dtype: only float32 output is emulated, got ", out_dtype, " into ",
+              out.scalar_type());
+  record_gemm("mm.dtype_out", a.size(0), b.size(1), a.size(1), a, b, out);
+  at::Tensor o = out;
+  at::mm_out(o, a.to(at::kFloat), b.to(at::kFloat));
+  return out;
+}
+inline at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::mm(a, b);
+  record_gemm("mm", a.size(0), b.size(1), a.size(1), a, b, out);
+  return out;
+}
+inline at::Tensor mv(const at::Tensor& a, const at::Tensor& x) {
+  at::Tensor out = at::mv(a, x);
+  record_gemm("mv", a.size(0), 1, a.size(1), a, x, out);
+  return out;
+}
+
+template <class T, int64_t N>
+void local_array<T, N>::fill_poison_local() {
+  if constexpr (std::is_trivially_copyable_v<T>) fill_poison(static_cast<void*>(v), sizeof(v));
+}
 
 // Whether mutation `id` is switched on (PROTOSEG_SIM_MUTANT=id): the mutation
 // checks of tests/test_cuda_sim.py build one library in which every mutation
