@@ -807,9 +807,6 @@ def test_gpu_model_json():
     assert abs(step["modelled_us"] - sum(k["modelled_us"] for k in out["kernels"])) < 1e-6 * step["modelled_us"]
     N, D, CK = 65536, 720, 190
     assert step["flops"] >= 2 * (2 * N * D * CK) and step["roofline_us"] < step["modelled_us"]
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_model.py"), "--backend", "triton"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "Triton traffic meter" in r.stderr
 
 
 def test_emulator_warp_collectives(sim, order):

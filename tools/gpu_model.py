@@ -1,10 +1,12 @@
 """Modelled H100 time of the head's training step, from the memory traffic the kernels make.
 
-    python tools/gpu_model.py --backend cuda --size cityscapes --dtype bf16 [--json]
+    python tools/gpu_model.py --backend cuda|triton --size cityscapes --dtype bf16 [--json]
 
 Runs the step that ``ProtoSegHead`` runs (NCHW map, feat_norm on, forward,
 prototype update, CE + 0.01 PPC + 0.001 PPD, backward) with the CUDA kernels
-of csrc/cuda in the cuda_sim emulator (tools/cuda_sim), its traffic meter on:
+of csrc/cuda in the cuda_sim emulator (tools/cuda_sim), or the Triton kernels
+under the interpreter (tools/triton_meter.py: the same counts, an access
+being one tl.load/tl.store of one program, and tl.dot flops), meter on:
 per kernel launch, bytes loaded and stored, the 32-byte sectors of every
 warp-wide memory instruction against the ideal for the bytes it requests,
 and the distinct sectors it touches; per host GEMM, its shape, dtypes, flops
@@ -111,29 +113,29 @@ def _gemm_unit(ev) -> str:
     return "fp32 cuda cores"
 
 
-def measure_step(sim, torch, B, D, H, W, C, dtype):
-    """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind)."""
+def measure_step(meter, torch, backend, B, D, H, W, C, dtype):
+    """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind).
+
+    meter: a context manager whose value, after the block, is the list of events (cuda_sim's meter or
+    tools/triton_meter.TritonMeter)."""
     from protoseg_ext import ProtoSegHead
 
     torch.manual_seed(0)
-    head = ProtoSegHead(D, C, K, backend="cuda", feat_norm=True, gamma=0.999, assign="argmax").train()
+    head = ProtoSegHead(D, C, K, backend=backend, feat_norm=True, gamma=0.999, assign="argmax").train()
     feats = torch.randn(B, D, H, W).to(dtype).requires_grad_()
     gt = torch.randint(0, C, (B, H, W))
     gt[:, 0, :2] = -1  # a few ignored pixels
     head = head.to(dtype) if dtype != torch.float32 else head
-    sim.cudasim_meter("start")
-    try:
+    with meter() as m:
         out = head(feats, gt)
         loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
         loss = loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd
         loss.backward()
-    finally:
-        sim.cudasim_meter("stop")
-    events = json.loads(sim.cudasim_meter("json"))
+    events = m.events
     groups = {}
     for ev in events:
         if ev["type"] == "kernel":
-            name, unit, flops = ev["name"], "memory", 0
+            name, unit, flops = ev["name"], ev.get("unit", "memory"), ev.get("flops", 0)
             stored = ev["bytes_stored"]
             loaded = ev["bytes_loaded"]
             sectors, ideal = ev["sectors"], ev["ideal_sectors"]
@@ -220,16 +222,49 @@ def compulsory(B, D, H, W, C, dtype_name):
     return tot_b, tot_f
 
 
+class _SimMeter:
+    """cuda_sim's meter (torch.ops.protoseg_cudasim.cudasim_meter) as a context manager."""
+
+    def __init__(self, sim):
+        self.sim, self.events = sim, []
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.sim.cudasim_meter("start")
+        return self
+
+    def __exit__(self, *exc):
+        self.sim.cudasim_meter("stop")
+        self.events = json.loads(self.sim.cudasim_meter("json"))
+        return False
+
+
 def run(backend: str, size: str, dtype: str):
-    if backend != "cuda":
-        raise SystemExit("gpu_model: --backend triton needs the Triton traffic meter, which is not written yet "
-                         "(only the CUDA kernels are metered, through tools/cuda_sim)")
-    sim, torch = _cuda_backend()
+    if backend == "cuda":
+        sim, torch = _cuda_backend()
+        meter = _SimMeter(sim)
+    else:  # the Triton kernels under the interpreter, on CPU tensors
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("gpu_model: --backend triton meters the Triton interpreter: set TRITON_INTERPRET=1")
+        import torch
+
+        from tools.triton_meter import TritonMeter
+
+        try:
+            import protoseg_ext.kernels  # noqa: F401
+        except ImportError:  # a checkout without the package installed: kernels/ is protoseg_ext.kernels
+            import kernels
+
+            sys.modules["protoseg_ext.kernels"] = kernels
+
+        meter = TritonMeter
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     B, D, H, W, C = SIZES[size]
     runs, Ns = [], []
     for h, w in SMALL_HW:
-        runs.append(measure_step(sim, torch, B, D, h, w, C, dt))
+        runs.append(measure_step(meter, torch, backend, B, D, h, w, C, dt))
         Ns.append(B * h * w)
     N = B * H * W
     rows = model(extrapolate(runs, Ns, N))
@@ -239,7 +274,7 @@ def run(backend: str, size: str, dtype: str):
     step = dict(compulsory_bytes=cb, unique_bytes=sum(r["unique_bytes"] for r in rows), flops=flops,
                 modelled_us=sum(r["modelled_us"] for r in rows),
                 roofline_us=max(cb / HBM_BYTES_PER_S, cf / peak) * 1e6, launches=sum(r["launches"] for r in rows))
-    return rows, step, dict(N=N, B=B, D=D, H=H, W=W, C=C, K=K, Ns=Ns, compulsory_flops=cf)
+    return rows, step, dict(N=N, B=B, D=D, H=H, W=W, C=C, K=K, Ns=Ns, compulsory_flops=cf, backend=backend)
 
 
 KERNEL_KEYS = ("name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes",
@@ -255,9 +290,10 @@ def as_json(rows, step) -> str:
 def as_table(rows, step, info, size, dtype) -> str:
     mb = 1e6
     lines = [
-        f"Modelled H100 SXM time of the head's training step, cuda backend, {size} "
+        f"Modelled H100 SXM time of the head's training step, {info['backend']} backend, {size} "
         f"(N = {info['N']:,}, D = {info['D']}, C = {info['C']}, K = {info['K']}), {dtype}",
-        f"measured in the cuda_sim emulator at N = {', '.join(map(str, info['Ns']))} and extrapolated (see "
+        f"measured in the {'cuda_sim emulator' if info['backend'] == 'cuda' else 'Triton interpreter'} at N = "
+        f"{', '.join(map(str, info['Ns']))} and extrapolated (see "
         "`scaling`); HBM 3.35 TB/s, L2 50 MB, 989.5 TFLOPS bf16 dense, 67 TFLOPS fp32 (NVIDIA H100 SXM "
         "datasheet); L2 5.5 TB/s (an assumption)",
         "",
@@ -288,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--json", action="store_true", help="print one JSON object: kernels and step")
     a = p.parse_args(argv)
+    if a.backend == "triton":  # before anything imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     rows, step, info = run(a.backend, a.size, a.dtype)
     print(as_json(rows, step) if a.json else as_table(rows, step, info, a.size, a.dtype))
     return 0
