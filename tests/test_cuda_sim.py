@@ -619,6 +619,7 @@ def test_emulator_stops_a_faulty_kernel_and_names_it(sim, case, x, match):
         ("atomic_plain", r"atomic_plain_kernel.*data race on global memory `y`.*an atomic and a plain access"),
         ("shared_2d_oob", r"shared_2d_kernel.*out-of-bounds access of `s`: element 8 of float .*holds 8 elements"),
         ("local_array_oob", r"local_array_kernel.*out-of-bounds index 4 of the local array `a` of 4 entries"),
+        ("shared_scalar_race", r"shared_scalar_kernel.*data race on shared memory __shared__ flag at byte offset 0"),
         ("view_copy_oob", r"view_copy_kernel.*thread \(5, 0, 0\).*out-of-bounds read of `xv`: element 5 of float.*holds 5 "),
     ],
 )
@@ -645,6 +646,7 @@ def test_race_checker_accepts_ordered_accesses(sim, order):
     assert torch.equal(y, torch.tensor([float((t & ~31) + (t + 1) % 32) for t in range(64)]))
     assert _selftest(sim, "shared_2d", torch.zeros(1))[0] == 15.0
     assert _selftest(sim, "local_array", torch.zeros(1))[0] == 4.0
+    assert (_selftest(sim, "shared_scalar", torch.zeros(1)) == 7.0).all()
     x = torch.arange(10.0)
     assert torch.equal(_selftest(sim, "view_copy", x), torch.cat([x[:5], torch.zeros(5)]))
     torch.testing.assert_close(_selftest(sim, "block_sum", torch.ones(256)), torch.full((2,), 128.0))

@@ -17,7 +17,9 @@ message back to the original file):
     ``cudasim::gptr<T>`` (bounds-checked, and every access noted for the race
     checker of runtime.cpp), ``__shared__`` arrays come from the block's
     shared memory (``__shared__ T a[n][m]`` a ``gptr<T[m]>``: every index
-    checked), and ``__launch_bounds__(n, ...)`` checks the block size;
+    checked; a scalar ``__shared__ T x`` a one-entry array, each later use
+    of ``x`` in the function a checked ``*x``), and ``__launch_bounds__(n,
+    ...)`` checks the block size;
   - local arrays ``T a[n]`` become ``cudasim::local_array<T, n>`` (every
     index checked, entries poisoned);
   - ``t.data_ptr<T>()`` in host code registers t's storage and the extent of
@@ -174,16 +176,24 @@ def rewrite_device_code(text: str, types: set) -> str:
 
     text = _POINTER_DECL.sub(ptr, text)
     text = _EXTERN_SHARED.sub(lambda m: f"::cudasim::gptr<{m.group(1)}> {m.group(2)} = ::cudasim::shared_dynamic<{m.group(1)}>();", text)
+    scalars = []
+
     def shared(m):
         t, name, dims = m.group(1), m.group(2), re.findall(r"\[([^\]]+)\]", m.group(3))
-        if not dims:  # a scalar: a reference into the block's shared memory
-            return f'auto& {name} = ::cudasim::shared_var<{t}>(CUDASIM_TAG, "{name}");'
+        if not dims:  # a scalar: a checked pointer to one entry, every later use of the name dereferences it
+            scalars.append((name, m.start()))
+            return (f"::cudasim::gptr<{t}> {name}__cudasim_shared = "
+                    f'::cudasim::shared_array<{t}>(CUDASIM_TAG, 1, "{name}");')
         # an array: a bounds-checked pointer to its first row (decays like the array)
         inner = "".join(f"[{d}]" for d in dims[1:])
         return (f"::cudasim::gptr<{t}{inner}> {name} = "
                 f'::cudasim::shared_array<{t}{inner}>(CUDASIM_TAG, {dims[0]}, "{name}");')
 
     text = _SHARED.sub(shared, text)
+    for name, _ in scalars:  # uses after the declaration (the rewritten one ends with `;`)
+        decl = text.index(f"{name}__cudasim_shared = ")
+        end = text.index(";", decl) + 1
+        text = text[:end] + re.sub(rf"(?<![\w.>:])\b{name}\b", f"(*{name}__cudasim_shared)", text[end:])
 
     def local(m):
         t, name, dims = m.group(1), m.group(2), re.findall(r"\[([^\]]+)\]", m.group(3))

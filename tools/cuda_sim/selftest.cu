@@ -146,6 +146,15 @@ __global__ void atomic_plain_kernel(float* y) {
   else y[0] += 1.0f;
 }
 
+// A scalar __shared__ flag that thread 0 sets and every thread reads: with
+// `sync`, after a barrier (no race), else in the same epoch (a race).
+__global__ void shared_scalar_kernel(float* y, bool sync) {
+  __shared__ float flag;
+  if (threadIdx.x == 0) flag = 7.0f;
+  if (sync) __syncthreads();
+  y[threadIdx.x] = flag;
+}
+
 // A two-dimensional shared array indexed one past its row: s[1][8] is s[2][0]
 // in memory, but out of bounds of row 1.
 __global__ void shared_2d_kernel(float* y, int col) {
@@ -272,6 +281,8 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
     global_race_kernel<<<2, 1, 0, stream>>>(y.data_ptr<float>());
   } else if (name == "atomic_plain") {
     atomic_plain_kernel<<<2, 1, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "shared_scalar" || name == "shared_scalar_race") {
+    shared_scalar_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>(), name == "shared_scalar");
   } else if (name == "shared_2d" || name == "shared_2d_oob") {
     shared_2d_kernel<<<1, 32, 0, stream>>>(y.data_ptr<float>(), name == "shared_2d" ? 7 : 8);
   } else if (name == "local_array" || name == "local_array_oob") {
