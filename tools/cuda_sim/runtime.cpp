@@ -136,6 +136,14 @@ struct Cell {
   Rec w, r1, r2;
 };
 
+static_assert(sizeof(Cell) == 40, "Cell: five 8-byte words");
+inline bool same_cell(const Cell& a, const Cell& b) {
+  uint64_t x[5], y[5];
+  std::memcpy(x, &a, sizeof x);
+  std::memcpy(y, &b, sizeof y);
+  return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
+}
+
 enum class Kind { Read, Write, Atomic };
 extern bool g_racecheck_on;
 void meter_access(Kind kind, uintptr_t addr, size_t size, uint32_t pc, uint32_t tid);
@@ -289,13 +297,21 @@ void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type
   if (meter_on() && !shared) meter_access(kind, addr, size, pc, f.tid);
   if (!g_racecheck_on) return;
   const uint32_t stamp = shared ? r.block_stamp : r.launch_stamp;
+  GlobalShadow& gs = g_gshadow;
+  Cell* const scells = shared ? g_sshadow.data() : nullptr;
+  Cell before0, after0;  // the first byte's cell before and after: bytes whose cell equals it get the same
   for (size_t i = 0; i < size; ++i) {
     const uintptr_t a = addr + i;
-    Cell& c = shared ? g_sshadow[a - s0] : g_gshadow.at(a);
+    Cell& c = shared ? scells[a - s0] : gs.at(a);
     if (c.stamp != stamp) {
       c = Cell{};
       c.stamp = stamp;
     }
+    if (i > 0 && same_cell(c, before0)) {  // the same history as byte 0: the same verdict
+      c = after0;
+      continue;
+    }
+    if (i == 0) before0 = c;
     const bool atomic = kind == Kind::Atomic;
     if (c.w.who != 0 && !ordered(r, f, c.w, me) && !(atomic && rec_atomic(c.w)))
       report_race(r, kind, me, c.w, true, a, type, shared);
@@ -317,9 +333,9 @@ void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type
     } else {
       add_reader(r, f, c, me);
     }
+    if (i == 0) after0 = c;
   }
 }
-
 
 // ---- traffic meter ---------------------------------------------------------------
 //
@@ -894,7 +910,7 @@ void device_assert(const char* cond, const char* msg, const char* file, int line
        "` failed" + (msg && *msg ? std::string(": ") + msg : std::string()));
 }
 
-thread_local bool g_checking = false;
+bool g_checking = false;
 
 bool mutant(int id) {
   const char* v = std::getenv("PROTOSEG_SIM_MUTANT");
@@ -1056,12 +1072,11 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
   struct Reset {
     ~Reset() {
       g_run = nullptr;
-      g_checking = false;
       g_gshadow.release();
     }
   } reset;
   g_run = &r;
-  g_checking = g_racecheck_on || g_meter.on;
+  g_checking = g_racecheck_on || g_meter.on;  // (a process-wide switch: set, never cleared, while on)
   if (g_meter.on) {
     g_meter.cur = LaunchMeter{};
     g_meter.cur.kernel = kernel;

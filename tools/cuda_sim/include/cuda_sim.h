@@ -94,7 +94,7 @@ Extent find_extent(const void* p);  // global registry or the block's shared mem
 //   note_atomic: an atomic read-modify-write.
 // `type` names the element type for a report. No-ops outside a kernel, or
 // with PROTOSEG_SIM_RACECHECK=0.
-extern thread_local bool g_checking;  // a kernel runs on this OS thread and the checker is on
+extern bool g_checking;  // the race checker or the traffic meter is on (device code runs only in launches)
 void note_read(const void* p, size_t size, const void* pc, const char* type);
 void note_access(const void* p, size_t size, const void* pc, const char* type);
 void note_atomic(const void* p, size_t size, const void* pc, const char* type);
