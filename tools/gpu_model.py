@@ -19,10 +19,11 @@ fullres-ade20k 2 x 256 x 1024 x 2048, C = 150. The emulator cannot run those
 runs at three small maps of the same B, D, C, K (H x W = 8 x 8, 8 x 16,
 8 x 24 per image) and every count is fitted as a + b N on the first two and
 checked on the third: a count that the fit predicts within 1% is "linear"
-and is extrapolated to the size's N; any other (data-dependent counts, such
-as how many prototype slots a step hits) takes the least-squares line
-through all three and is marked "not linear" in the table (the JSON carries
-the same numbers). Launch counts are those of the measured runs: a tile
+and is extrapolated to the size's N. Any other is data-dependent (which
+prototypes a step updates, which pixels it sums) and is marked "not linear"
+in the table: within 25% across the three runs it takes the largest
+measured value, else it grows in proportion to N from the largest run (the
+JSON carries the same numbers). Launch counts are those of the measured runs: a tile
 kernel launches once per tile (16 MiB of S), more often at the real size.
 Assumed L2 hits are not extrapolated: the meter gives, per launch, the bytes
 an earlier launch or GEMM touched and how many bytes were touched in between;
@@ -180,11 +181,12 @@ def extrapolate(runs, Ns, N):
             pred = a + b * Ns[2]
             if abs(pred - v[2]) <= 0.01 * max(abs(v[2]), 1):
                 row[m] = max(0.0, a + b * N)
-            else:  # data-dependent (e.g. which slots a step hits): the least-squares line through all three
-                n_mean, v_mean = sum(Ns) / 3, sum(v) / 3
-                b = sum((n - n_mean) * (x - v_mean) for n, x in zip(Ns, v)) / sum((n - n_mean) ** 2 for n in Ns)
-                row[m] = max(0.0, v_mean + b * (N - n_mean))
-                row["scaling"] = f"not linear ({m}: least squares)"
+            elif max(v) <= 1.25 * min(v):  # data-dependent but flat (e.g. how many prototypes a step updates)
+                row[m] = max(v)
+                row["scaling"] = f"not linear ({m}: the largest measured)"
+            else:  # data-dependent and growing (e.g. how many pixels a step sums): in proportion to N
+                row[m] = v[2] * N / Ns[2]
+                row["scaling"] = f"not linear ({m}: proportional)"
         scale = N / Ns[-1]
         last = runs[-1].get(name, {})
         grow = row["unique_bytes"] / last["unique_bytes"] if last.get("unique_bytes") else 0.0
