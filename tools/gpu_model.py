@@ -22,8 +22,10 @@ checked on the third: a count that the fit predicts within 1% is "linear"
 and is extrapolated to the size's N. Any other is data-dependent (which
 prototypes a step updates, which pixels it sums) and is marked "not linear"
 in the table: within 25% across the three runs it takes the largest
-measured value, else it grows in proportion to N from the largest run (the
-JSON carries the same numbers). Launch counts are those of the measured runs: a tile
+measured value, else it grows in proportion to N from the largest run
+(sectors and ideal sectors then both in proportion, so that their ratio is
+the largest run's, as also where two linear fits would leave the measured
+range of that ratio); the JSON carries the same numbers. Launch counts are those of the measured runs: a tile
 kernel launches once per tile (16 MiB of S), more often at the real size.
 Assumed L2 hits are not extrapolated: the meter gives, per launch, the bytes
 an earlier launch or GEMM touched and how many bytes were touched in between;
@@ -187,6 +189,15 @@ def extrapolate(runs, Ns, N):
             else:  # data-dependent and growing (e.g. how many pixels a step sums): in proportion to N
                 row[m] = v[2] * N / Ns[2]
                 row["scaling"] = f"not linear ({m}: proportional)"
+        ratios = [a / b for a, b in zip(vals["sectors"], vals["ideal_sectors"]) if b]
+        nonlinear = "not linear (sectors" in row["scaling"] or "not linear (ideal_sectors" in row["scaling"]
+        extrap = row["sectors"] / row["ideal_sectors"] if row["ideal_sectors"] else float("inf")
+        if ratios and (nonlinear or not min(ratios) * 0.99 <= extrap <= max(ratios) * 1.01):
+            # keep the largest run's coalescing ratio rather than two counts extrapolated apart
+            row["ideal_sectors"] = vals["ideal_sectors"][2] * N / Ns[2]
+            row["sectors"] = row["ideal_sectors"] * ratios[-1]
+            if not nonlinear:
+                row["scaling"] = "not linear (sectors: proportional)"
         scale = N / Ns[-1]
         last = runs[-1].get(name, {})
         grow = row["unique_bytes"] / last["unique_bytes"] if last.get("unique_bytes") else 0.0
