@@ -607,14 +607,208 @@ def test_emulator_stops_a_faulty_kernel_and_names_it(sim, case, x, match):
         _selftest(sim, case, x)
 
 
-def test_emulator_shared_memory_starts_as_nan(sim, order):
-    # a read before the barrier that publishes the value: NaN, whatever the order
-    assert torch.isnan(_selftest(sim, "unpublished_shared", torch.zeros(1))).all()
-    # threads that exited before a barrier do not hold it up; what they did not write is NaN
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("shared_race", r"shared_race_kernel.*data race on shared memory __shared__ s at byte offset \d+ \(float\): "
+                        r"thread \(\d+, 0, 0\) of block \(0, 0, 0\) (writes|reads) it at tools/cuda_sim/selftest.cu:\d+, "
+                        r"and thread \(\d+, 0, 0\) of block \(0, 0, 0\) (wrote|read) it at tools/cuda_sim/selftest.cu:\d+"),
+        ("warp_exchange_across", r"warp_exchange_kernel.*data race on shared memory __shared__ s"),
+        ("global_race", r"global_race_kernel.*data race on global memory `y` at byte offset 0 \(float\): "
+                        r"thread \(0, 0, 0\) of block \(\d, 0, 0\) (writes|reads) it .*another block"),
+        ("atomic_plain", r"atomic_plain_kernel.*data race on global memory `y`.*an atomic and a plain access"),
+        ("shared_2d_oob", r"shared_2d_kernel.*out-of-bounds access of `s`: element 8 of float .*holds 8 elements"),
+        ("local_array_oob", r"local_array_kernel.*out-of-bounds index 4 of the local array `a` of 4 entries"),
+        ("shared_scalar_race", r"shared_scalar_kernel.*data race on shared memory __shared__ flag at byte offset 0"),
+        ("view_copy_oob", r"view_copy_kernel.*thread \(5, 0, 0\).*out-of-bounds read of `xv`: element 5 of float.*holds 5 "),
+    ],
+)
+def test_race_checker_names_the_race(sim, order, case, match):
+    """Whatever the order of the threads: the kernel, both threads, the variable, the offset, both lines."""
+    with pytest.raises(RuntimeError, match=match):
+        _selftest(sim, case, torch.arange(10.0) if case.startswith("view") else torch.zeros(1))
+
+
+def test_race_checker_lines_are_the_accesses(sim):
+    """The two source lines of a report are the lines of the two accesses (the write and the read)."""
+    src = (ROOT / "tools" / "cuda_sim" / "selftest.cu").read_text().splitlines()
+    write = 1 + next(i for i, l in enumerate(src) if "s[t] = float(t);" in l and "shared_race" in "".join(src[i - 4:i]))
+    read = write + 1
+    with pytest.raises(RuntimeError) as e:
+        _selftest(sim, "shared_race", torch.zeros(1))
+    lines = sorted(int(m) for m in __import__("re").findall(r"it at tools/cuda_sim/selftest.cu:(\d+)", str(e.value)))
+    assert lines == [write, read], str(e.value)
+
+
+def test_race_checker_accepts_ordered_accesses(sim, order):
+    """Ordered by __syncwarp within a warp, by __syncthreads, or atomic against atomic: no report."""
+    y = _selftest(sim, "warp_exchange", torch.zeros(1))
+    assert torch.equal(y, torch.tensor([float((t & ~31) + (t + 1) % 32) for t in range(64)]))
+    assert _selftest(sim, "shared_2d", torch.zeros(1))[0] == 15.0
+    assert _selftest(sim, "local_array", torch.zeros(1))[0] == 4.0
+    assert (_selftest(sim, "shared_scalar", torch.zeros(1)) == 7.0).all()
+    x = torch.arange(10.0)
+    assert torch.equal(_selftest(sim, "view_copy", x), torch.cat([x[:5], torch.zeros(5)]))
+    torch.testing.assert_close(_selftest(sim, "block_sum", torch.ones(256)), torch.full((2,), 128.0))
+
+
+GARBAGE = os.environ.get("PROTOSEG_SIM_POISON") == "garbage"  # CI runs this file with each poison
+
+
+def _stale(y):
+    """Where y holds the emulator's poison: NaN, or (PROTOSEG_SIM_POISON=garbage) finite floats whose bytes
+    are all 0x40..0x4F or 0xC0..0xCF (so |y| >= 2 and never an integer that a kernel here writes)."""
+    if not GARBAGE:
+        return torch.isnan(y)
+    b = y.contiguous().view(torch.uint8).view(-1, 4)
+    return torch.isfinite(y) & ((b & 0x70) == 0x40).all(1).view(y.shape)
+
+
+def test_emulator_shared_memory_starts_poisoned(sim, order):
+    # a read before the barrier that publishes the value: poison, whatever the order
+    assert _stale(_selftest(sim, "unpublished_shared", torch.zeros(1))).all()
+    # threads that exited before a barrier do not hold it up; what they did not write is poison
     y = _selftest(sim, "early_exit", torch.zeros(1))
-    assert torch.isnan(y[:32]).all() and torch.equal(y[32:], torch.arange(32.0))
+    assert _stale(y[:32]).all() and torch.equal(y[32:], torch.arange(32.0))
     y = _selftest(sim, "dynamic_shared", torch.zeros(1))
     assert torch.equal(y, torch.arange(63, -1, -1.0) * 10)
+
+
+def test_emulator_fresh_memory_is_poisoned(sim):
+    """at::empty of the host code: the kernel writes only the first 100 entries of a buffer of 128."""
+    y = _selftest(sim, "partial_write", torch.ones(100))
+    assert torch.equal(y[:100], torch.ones(100)) and _stale(y[100:]).all()
+
+
+def test_rewrite_poisons_every_fresh_buffer():
+    """The rewrite of every compiled file (csrc/*.h too): at::empty, empty_like, empty_strided, new_empty."""
+    B = _builder()
+    src = "a = at::empty({n}, o); b = at::empty_like(a); c = at::empty_strided({2}, {1}, o); d = x.y.new_empty({3});"
+    out = B.poison_fresh_memory(src)
+    assert "at::" not in out, out
+    assert "::cudasim::empty({n}, o)" in out and "::cudasim::empty_like(a)" in out
+    assert "::cudasim::empty_strided({2}, {1}, o)" in out and "::cudasim::new_empty(x.y, {3})" in out
+    assert B.poison_fresh_memory("p->new_empty({1})") == "::cudasim::new_empty(*p, {1})"
+
+
+# --------------------------------------------------------------------------- the traffic meter
+
+
+def _metered(sim, case, x):
+    sim.cudasim_meter("start")
+    try:
+        y = _selftest(sim, case, x)
+    finally:
+        sim.cudasim_meter("stop")
+    return y, __import__("json").loads(sim.cudasim_meter("json"))
+
+
+def test_meter_coalesced_copy(sim, order):
+    """256 floats, 4 blocks of 64: 8 warps, each one load and one store of 32 consecutive floats (128 B, 4
+    sectors, ideal 4); 1 KiB loaded, 1 KiB stored, 2 KiB of distinct sectors."""
+    x = torch.randn(256)
+    y, ev = _metered(sim, "shifted_copy", x)
+    assert torch.equal(y, x)
+    (k,) = ev
+    assert k["name"] == "shifted_copy_kernel" and k["grid"] == [4, 1, 1]
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (1024, 1024)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (16, 64, 64)
+    assert k["unique_bytes"] == 2048 and k["l2_hit_bytes"] == 0
+
+
+def test_meter_strided_copy(sim):
+    """y[i] = x[2 i], 128 entries: each warp's load spans 256 B (8 sectors, ideal 4: half of each sector
+    unused), its store 128 B (4 sectors); distinct: all 32 sectors of x (1 KiB) and 512 B of y."""
+    x = torch.randn(256)
+    y, ev = _metered(sim, "strided_copy", x)
+    assert torch.equal(y, x[::2])
+    (k,) = ev
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (512, 512)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (8, 4 * 8 + 4 * 4, 4 * 4 + 4 * 4)
+    assert k["unique_bytes"] == 1024 + 512
+
+
+def test_meter_broadcast_load(sim):
+    """y[i] = x[0], 128 entries: each warp's load is one address (1 sector, ideal 1), its store 4 sectors."""
+    x = torch.randn(1)
+    y, ev = _metered(sim, "broadcast", x.expand(128).contiguous())
+    (k,) = ev
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (512, 512)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (8, 4 * 1 + 4 * 4, 4 * 1 + 4 * 4)
+    assert k["unique_bytes"] == 32 + 512
+
+
+@pytest.mark.parametrize("case", ["gemm", "gemm_bf16"])
+def test_meter_gemm_flops(sim, case):
+    """A host GEMM (m, n, k) = (16, 16, 8): 2 m n k = 4,096 flops; operands and output bytes by dtype. The
+    16-bit GEMM with fp32 output (mm.dtype_out) runs, as an fp32 GEMM of the upcast operands."""
+    x = torch.randn(128)
+    y, ev = _metered(sim, case, x)
+    a = x.view(16, 8)
+    if case == "gemm_bf16":
+        a = a.bfloat16().float()
+    torch.testing.assert_close(y, a @ a.T, atol=1e-6, rtol=1e-6)
+    (g,) = ev
+    elem = 2 if case == "gemm_bf16" else 4
+    assert g["type"] == "gemm" and (g["m"], g["n"], g["k"]) == (16, 16, 8) and g["flops"] == 4096
+    assert g["name"] == ("mm.dtype_out" if case == "gemm_bf16" else "mm")
+    assert (g["a"], g["out"]) == (("BFloat16" if case == "gemm_bf16" else "Float"), "Float")
+    assert g["bytes"] == 2 * 16 * 8 * elem + 16 * 16 * 4
+
+
+def test_meter_l2_hits(sim):
+    """The second of two copies of one buffer reads sectors the first touched: assumed L2 hits."""
+    x = torch.randn(256)
+    sim.cudasim_meter("start")
+    try:
+        _selftest(sim, "shifted_copy", x)
+        _selftest(sim, "shifted_copy", x)
+    finally:
+        sim.cudasim_meter("stop")
+    a, b = __import__("json").loads(sim.cudasim_meter("json"))
+    assert a["l2_hit_bytes"] == 0 and b["l2_hit_bytes"] == 1024  # x again; y is a fresh buffer
+
+
+def test_similarity_runs_the_16bit_gemm(sim):
+    """bfloat16 feats and prototypes: similarity_tile_gemm's tensor-core branch (mm.dtype_out) runs, and the
+    scores match the reference from the same rounded inputs."""
+    f, p, gt, _ = make_problem(N=300, D=40, C=6, K=4, dtype=torch.bfloat16, seed=21)
+    sim.cudasim_meter("start")
+    try:
+        seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
+    finally:
+        sim.cudasim_meter("stop")
+    gemms = [e for e in __import__("json").loads(sim.cudasim_meter("json")) if e["type"] == "gemm"]
+    assert [(g["name"], g["a"], g["b"], g["out"], g["m"], g["n"], g["k"]) for g in gemms] == [
+        ("mm.dtype_out", "BFloat16", "BFloat16", "Float", 300, 24, 40)]
+    _, _, ref_lse, ref_own = _ref(f, p, gt)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own.double(), ref_own, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_model_json():
+    """tools/gpu_model.py --json: one object, kernels and step, in the issue's schema; the step's modelled time
+    is the sum of its kernels', no kernel beats its ideal sectors, and the GEMMs' flops are 2 N D CK twice
+    (forward scores, backward d z) at least."""
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_model.py"), "--backend", "cuda", "--size",
+                        "cityscapes", "--dtype", "fp32", "--json"], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert set(out) == {"kernels", "step"}
+    keys = {"name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops",
+            "unit", "modelled_us"}
+    assert out["kernels"] and all(set(k) == keys for k in out["kernels"])
+    assert set(out["step"]) == {"compulsory_bytes", "unique_bytes", "flops", "modelled_us", "roofline_us", "launches"}
+    names = [k["name"] for k in out["kernels"]]
+    for kernel in ("embed_stats_kernel", "embed_backward_kernel", "sinkhorn_iterate_kernel", "prototype_ema_kernel"):
+        assert any(n.startswith(kernel) for n in names), names
+    assert all(k["sectors"] >= k["ideal_sectors"] > 0 for k in out["kernels"] if k["bytes_loaded"] > 1e5)
+    step = out["step"]
+    assert abs(step["modelled_us"] - sum(k["modelled_us"] for k in out["kernels"])) < 1e-6 * step["modelled_us"]
+    N, D, CK = 65536, 720, 190
+    assert step["flops"] >= 2 * (2 * N * D * CK) and step["roofline_us"] < step["modelled_us"]
 
 
 def test_emulator_warp_collectives(sim, order):
@@ -645,6 +839,7 @@ _MUTATION_SCRIPT = textwrap.dedent(
     """
     import importlib.util, sys, torch
     root, which = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, root)  # protoseg_ext of this checkout (testing helpers, reference)
     spec = importlib.util.spec_from_file_location("b", root + "/tools/cuda_sim/build.py")
     B = importlib.util.module_from_spec(spec); spec.loader.exec_module(B)
     MUTATIONS = {
@@ -691,3 +886,152 @@ def test_a_mutated_kernel_fails_the_check(tmp_path, mutation):
     assert r.returncode == 0, r.stderr[-3000:]
     expect = "CHECK PASSED" if mutation == "none" else "CHECK FAILED"
     assert expect in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- mutations: the race checker catches them
+#
+# One library holds every mutant below: each site reads `::cudasim::mutant(ID) ? mutated : original`
+# (PROTOSEG_SIM_MUTANT=ID switches one on), so the kernels compile once. Each mutant must make the
+# emulator stop the launch with the error named here, with threads in forward order (the order in
+# which a schedule-dependent check would let most of them pass).
+
+# id: (file, original text, mutated text, which occurrence, the check that runs the kernel, expected error)
+_SYNC = "__syncthreads();"
+RACE_MUTANTS = {
+    1: ("prototype_update_cuda.cu", "  part[warp][lane] = acc;\n  " + _SYNC,
+        "  part[warp][lane] = acc;\n  if (!::cudasim::mutant(1)) " + _SYNC, 0, "sums_det", "data race on shared"),
+    2: ("cuda_common.cuh", "  if (lane == 0) scratch[warp] = v;\n  " + _SYNC,
+        "  if (lane == 0) scratch[warp] = v;\n  if (!::cudasim::mutant(2)) " + _SYNC, 0, "ema", "data race on shared"),
+    3: ("cuda_common.cuh", "  " + _SYNC + "  // scratch may be reused",
+        "  if (!::cudasim::mutant(3)) " + _SYNC + "  // scratch may be reused", 0, "ema", "data race on shared"),
+    4: ("sinkhorn_cuda.cu", "  red[threadIdx.x] = m;\n  " + _SYNC,
+        "  red[threadIdx.x] = m;\n  if (!::cudasim::mutant(4)) " + _SYNC, 0, "sinkhorn", "data race on shared"),
+    5: ("sinkhorn_cuda.cu", "  red[threadIdx.x] = sum;\n  " + _SYNC,
+        "  red[threadIdx.x] = sum;\n  if (!::cudasim::mutant(5)) " + _SYNC, 0, "sinkhorn", "data race on shared"),
+    6: ("sinkhorn_cuda.cu", "    vals[threadIdx.x] = v;\n    " + _SYNC,
+        "    vals[threadIdx.x] = v;\n    if (!::cudasim::mutant(6)) " + _SYNC, 0, "sinkhorn", "data race on shared"),
+    7: ("sinkhorn_cuda.cu", "(1 at the end)\n    }\n    " + _SYNC,
+        "(1 at the end)\n    }\n    if (!::cudasim::mutant(7)) " + _SYNC, 0, "sinkhorn", "data race on shared"),
+    8: ("sinkhorn_cuda.cu", "  red[threadIdx.x] = sum;\n  " + _SYNC,
+        "  red[threadIdx.x] = sum;\n  if (!::cudasim::mutant(8)) " + _SYNC, 1, "sinkhorn", "data race on shared"),
+    9: ("similarity_cuda.cu", "  part[8][g][lane] = bad;\n  " + _SYNC,
+        "  part[8][g][lane] = bad;\n  if (!::cudasim::mutant(9)) " + _SYNC, 0, "embed", "data race on shared"),
+    10: ("similarity_cuda.cu", "  red[4][g][lane] = a4;\n  " + _SYNC,
+         "  red[4][g][lane] = a4;\n  if (!::cudasim::mutant(10)) " + _SYNC, 0, "embed", "data race on shared"),
+    11: ("similarity_cuda.cu", "      tot[j][lane] = v;\n    }\n  }\n  " + _SYNC,
+         "      tot[j][lane] = v;\n    }\n  }\n  if (!::cudasim::mutant(11)) " + _SYNC, 0, "embed", "data race on shared"),
+    # the prototype sums' atomics made plain read-modify-writes
+    12: ("prototype_update_cuda.cu", "atomicAdd(dst + d, static_cast<acc_t>(f[d]));",
+         "if (::cudasim::mutant(12)) dst[d] += static_cast<acc_t>(f[d]); else atomicAdd(dst + d, static_cast<acc_t>(f[d]));",
+         0, "sums_atomic", "data race on global memory `sums`"),
+    13: ("prototype_update_cuda.cu", "if (lane == 0) atomicAdd(counts + s, 1ull);",
+         "if (lane == 0) { if (::cudasim::mutant(13)) counts[s] += 1ull; else atomicAdd(counts + s, 1ull); }",
+         0, "sums_atomic", "data race on global memory"),
+    # a shared index off by one: the middle index of embed_stats_kernel's 3-D array
+    14: ("similarity_cuda.cu", "v += part[j][h][lane];", "v += part[j][::cudasim::mutant(14) ? h + 1 : h][lane];",
+         0, "embed", "out-of-bounds access of `part`"),
+    # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it)
+    16: ("similarity_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i * kStatCols;\n  const acc_t mu = st[0], r = st[1], inv = st[2];\n  acc_t* s",
+         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const acc_t* st = stats + i * kStatCols;\n  const acc_t mu = st[0], r = st[1], inv = st[2];\n  acc_t* s",
+         0, "embed", "out-of-bounds access of `S_tile`"),
+    # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum
+    15: ("sinkhorn_cuda.cu", "  if (threadIdx.x < K) {", "  if (threadIdx.x < K + (::cudasim::mutant(15) ? 1 : 0)) {",
+         0, "sinkhorn", "data race on global memory `part_max`"),
+}
+
+_RACE_MUTANT_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, os, sys, torch
+    root, spec_json = sys.argv[1], sys.argv[2]
+    mutants = {int(k): v for k, v in json.loads(spec_json).items()}
+    sys.path.insert(0, root)  # protoseg_ext of this checkout (testing helpers, reference)
+    spec = importlib.util.spec_from_file_location("b", root + "/tools/cuda_sim/build.py")
+    B = importlib.util.module_from_spec(spec); spec.loader.exec_module(B)
+    def mutate(rel, text):
+        sites = []  # (position in the original text, length, replacement)
+        for mid, (fname, old, new, nth, _, _) in mutants.items():
+            if rel.endswith("/" + fname):
+                at = -1
+                for _ in range(nth + 1):
+                    at = text.find(old, at + 1)
+                    assert at >= 0, f"mutant {mid}: the site moved in {fname}: update tests/test_cuda_sim.py"
+                sites.append((at, len(old), new))
+        for at, n, new in sorted(sites, reverse=True):
+            text = text[:at] + new + text[at + n:]
+        return text
+    ops = B.load(root, mutate=mutate, tag="race-mutants-" + str(sorted(mutants.items())))
+    from protoseg_ext.testing import make_problem, embed_problem
+    from protoseg_ext import reference as R
+    def sinkhorn():
+        f, p, gt, _ = make_problem(N=3000, D=16, C=4, K=10, skew=True, seed=0)
+        own = R.similarity_outputs(f, p, gt, -1, 1.0, False, False, True)[3]
+        Q = ops.sinkhorn(own, gt, 4, -1, 3, 0.05)
+        return torch.allclose(Q, R.sinkhorn(own, gt, 4, -1, 3, 0.05).float(), atol=2e-6, rtol=1e-5)
+    def sums(det):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(600, 40, generator=g)
+        slot = torch.randint(-1, 6, (600,), generator=g)
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(det)
+        try:
+            s, c = ops.prototype_sums(x, slot, 6, False)
+        finally:
+            torch.use_deterministic_algorithms(prev)
+        rs, rc = R.prototype_sums(x.double(), slot, 6, False)
+        return torch.equal(c.double(), rc) and torch.allclose(s.double(), rs, atol=1e-4, rtol=1e-5)
+    def ema():
+        g = torch.Generator().manual_seed(2)
+        p = torch.nn.functional.normalize(torch.randn(3, 2, 200, generator=g), dim=-1)
+        s, c = torch.randn(6, 200, generator=g), torch.tensor([1.0, 0, 2, 1, 0, 3])
+        return torch.allclose(ops.prototype_ema(p, s, c, 0.9), R.prototype_ema(p, s, c, 0.9), atol=1e-6, rtol=1e-5)
+    def embed():
+        x, w, b, p, gt = embed_problem(2, 20, 5, 7, 4, 3, seed=3)
+        seg, argk, lse, own, _ = ops.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+        g = torch.Generator().manual_seed(4)
+        ups = [torch.randn(t.shape, generator=g) for t in (seg, lse, own)]
+        gx, gw, gb = ops.embed_similarity_backward(*ups, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
+        return bool(torch.isfinite(gx).all() and torch.isfinite(seg).all())
+    checks = dict(sinkhorn=sinkhorn, sums_det=lambda: sums(True), sums_atomic=lambda: sums(False), ema=ema,
+                  embed=embed)
+    out = {}
+    for mid in [0] + sorted(mutants):
+        os.environ["PROTOSEG_SIM_MUTANT"] = str(mid)
+        names = sorted(set(v[4] for v in mutants.values())) if mid == 0 else [mutants[mid][4]]
+        res = []
+        for name in names:
+            try:
+                res.append("PASSED" if checks[name]() else "VALUES DIFFER")
+            except RuntimeError as e:
+                res.append("ERROR: " + str(e).splitlines()[0])
+        out[mid] = res
+    print("RESULTS " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def race_mutant_results(tmp_path_factory):
+    import json
+
+    script = tmp_path_factory.mktemp("mutants") / "race_mutants.py"
+    script.write_text(_RACE_MUTANT_SCRIPT)
+    spec = {str(k): v for k, v in RACE_MUTANTS.items()}
+    r = subprocess.run([sys.executable, str(script), str(ROOT), json.dumps(spec)], capture_output=True, text=True,
+                       timeout=3000, env=dict(os.environ, PROTOSEG_SIM_ORDER="forward"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULTS ")]
+    assert line, r.stdout + r.stderr[-2000:]
+    return {int(k): v for k, v in json.loads(line[0][len("RESULTS "):]).items()}
+
+
+def test_race_mutants_control(race_mutant_results):
+    """The library with every mutation site in place, none switched on: every check passes, no report."""
+    assert all(r == "PASSED" for r in race_mutant_results[0]), race_mutant_results[0]
+
+
+@pytest.mark.parametrize("mid", sorted(RACE_MUTANTS))
+def test_race_mutant_is_caught(race_mutant_results, mid):
+    """A barrier removed (each one of every kernel that has one), an atomic made plain, an index off by one:
+    the emulator stops the launch and names the race (or the out-of-bounds index), in forward order."""
+    (res,) = race_mutant_results[mid]
+    assert res.startswith("ERROR: ") and RACE_MUTANTS[mid][5] in res, res

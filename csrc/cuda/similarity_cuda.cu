@@ -103,8 +103,8 @@ ProtoOperands proto_operands(const at::Tensor& feats, const at::Tensor& protos) 
 }
 
 // Set once if this torch has no 16-bit GEMM with fp32 output for the device
-// (the dispatcher has no mm.dtype_out kernel for it, e.g. CPU tensors in the
-// cuda_sim emulator): such GEMMs then convert feats to the working dtype.
+// (the dispatcher has no mm.dtype_out kernel for it): such GEMMs then convert
+// feats to the working dtype. (The cuda_sim emulator provides one.)
 std::atomic<bool> g_lowp_gemm_unsupported{false};
 
 // S_tile (rows, C*K) = feats_tile (rows, D) @ P.T, in the working dtype.

@@ -14,13 +14,28 @@ message back to the original file):
     ``cudasim::launch("kernel", __FILE__, __LINE__, LaunchConfig(grid, block,
     smem, stream), kernel, args)``;
   - in ``__global__`` and ``__device__`` functions, pointers become
-    ``cudasim::gptr<T>`` (bounds-checked), ``__shared__`` arrays come from the
-    block's shared memory, and ``__launch_bounds__(n, ...)`` checks the block size;
-  - ``t.data_ptr<T>()`` in host code registers t's storage extent, and
-    ``at::empty`` there returns memory filled with 0xFF bytes (NaN, -1);
+    ``cudasim::gptr<T>`` (bounds-checked, and every access noted for the race
+    checker of runtime.cpp), ``__shared__`` arrays come from the block's
+    shared memory (``__shared__ T a[n][m]`` a ``gptr<T[m]>``: every index
+    checked; a scalar ``__shared__ T x`` a one-entry array, each later use
+    of ``x`` in the function a checked ``*x``), and ``__launch_bounds__(n,
+    ...)`` checks the block size;
+  - local arrays ``T a[n]`` become ``cudasim::local_array<T, n>`` (every
+    index checked, entries poisoned);
+  - ``t.data_ptr<T>()`` in host code registers t's storage and the extent of
+    the view t (the extent its pointer carries into a kernel), and
+    ``at::empty`` / ``empty_like`` / ``empty_strided`` / ``t.new_empty`` there,
+    and in the headers of csrc/, return poisoned memory (cuda_sim.h:
+    ``PROTOSEG_SIM_POISON``);
+  - ``at::mm_out`` / ``at::mm`` / ``at::mv`` in host code go through the
+    traffic meter, and ``at::mm_out(out, a, b, at::kFloat)`` (the 16-bit GEMM
+    with fp32 output, no CPU kernel in ATen) runs as an fp32 GEMM of the
+    upcast operands;
   - ``TORCH_LIBRARY_IMPL(protoseg_ext, CUDA, m)`` registers for CPU tensors
     in the namespace ``protoseg_cudasim``, whose schemas come from
     ``TORCH_LIBRARY(protoseg_ext, m)`` of csrc/protoseg.cpp.
+The library is compiled with ``-g1``: a race report names source lines from
+its line table (``addr2line``).
 Everything else, the host code around the launches included, is compiled
 as written (its ATen calls, the GEMMs among them, run on the CPU tensors).
 tools/cuda_sim/selftest.cu, the emulator's own check kernels, goes through
@@ -68,6 +83,7 @@ _TYPE = (
 _POINTER_DECL = re.compile(r"(?<![\w:.>])(" + _TYPE + r")\s*\*\s*(?:__restrict__\s*)?(?=[A-Za-z_]\w*\s*(?:[,)=;]))")
 _SHARED = re.compile(r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s*)?(" + _TYPE + r")\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s*)?(" + _TYPE + r")\s+(\w+)\s*\[\s*\]\s*;")
+_LOCAL_ARRAY = re.compile(r"(?<![\w:.>])(" + _TYPE + r")\s+([A-Za-z_]\w*)\s*((?:\[[^\]]+\])+)\s*(=\s*\{[^;{}]*\})?\s*;")
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:\s*<[^<>;]*(?:<[^<>;]*>[^<>;]*)*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _DATA_PTR = re.compile(r"(?<![\w.>])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\.|->)(data_ptr|const_data_ptr|mutable_data_ptr)<")
 _IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*protoseg_ext\s*,\s*CUDA\s*,\s*(\w+)\s*\)")
@@ -160,15 +176,36 @@ def rewrite_device_code(text: str, types: set) -> str:
 
     text = _POINTER_DECL.sub(ptr, text)
     text = _EXTERN_SHARED.sub(lambda m: f"::cudasim::gptr<{m.group(1)}> {m.group(2)} = ::cudasim::shared_dynamic<{m.group(1)}>();", text)
+    scalars = []
+
     def shared(m):
         t, name, dims = m.group(1), m.group(2), re.findall(r"\[([^\]]+)\]", m.group(3))
-        if not dims:  # a scalar: a reference into the block's shared memory
-            return f"auto& {name} = ::cudasim::shared_var<{t}>(CUDASIM_TAG);"
+        if not dims:  # a scalar: a checked pointer to one entry, every later use of the name dereferences it
+            scalars.append((name, m.start()))
+            return (f"::cudasim::gptr<{t}> {name}__cudasim_shared = "
+                    f'::cudasim::shared_array<{t}>(CUDASIM_TAG, 1, "{name}");')
         # an array: a bounds-checked pointer to its first row (decays like the array)
         inner = "".join(f"[{d}]" for d in dims[1:])
-        return f"::cudasim::gptr<{t}{inner}> {name} = ::cudasim::shared_array<{t}{inner}>(CUDASIM_TAG, {dims[0]});"
+        return (f"::cudasim::gptr<{t}{inner}> {name} = "
+                f'::cudasim::shared_array<{t}{inner}>(CUDASIM_TAG, {dims[0]}, "{name}");')
 
     text = _SHARED.sub(shared, text)
+    for name, _ in scalars:  # uses after the declaration (the rewritten one ends with `;`)
+        decl = text.index(f"{name}__cudasim_shared = ")
+        end = text.index(";", decl) + 1
+        text = text[:end] + re.sub(rf"(?<![\w.>:])\b{name}\b", f"(*{name}__cudasim_shared)", text[end:])
+
+    def local(m):
+        t, name, dims = m.group(1), m.group(2), re.findall(r"\[([^\]]+)\]", m.group(3))
+        if _base_type_name(t) not in types or t.split()[0] in ("return", "else", "case", "goto"):
+            return m.group(0)
+        ty = t
+        for d in reversed(dims):
+            ty = f"::cudasim::local_array<{ty}, {d}>"
+        init = f', {m.group(4).split("=", 1)[1].strip()}' if m.group(4) else ""
+        return f'{ty} {name}("{name}"{init});'
+
+    text = _LOCAL_ARRAY.sub(local, text)
     return text
 
 
@@ -205,9 +242,19 @@ def rewrite_cuda_source(src: str, relpath: str) -> str:
     out = _DATA_PTR.sub(
         lambda m: f'::cudasim::track({"*" if m.group(2) == "->" else ""}{m.group(1)}, "{m.group(1)}").{m.group(3)}<',
         out)
-    out = re.sub(r"(?<![\w:])at::empty\(", "::cudasim::empty(", out)
+    out = poison_fresh_memory(out)
+    out = re.sub(r"(?<![\w:])at::(mm_out|mm|mv)\(", r"::cudasim::\1(", out)
     out = _IMPL.sub(lambda m: f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, {m.group(1)})", out)
     return f'#line 1 "{relpath}"\n' + out
+
+
+_NEW_EMPTY = re.compile(r"(?<![\w.>])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\.|->)new_empty\(")
+
+
+def poison_fresh_memory(src: str) -> str:
+    """at::empty / empty_like / empty_strided and t.new_empty -> the emulator's poisoned versions."""
+    src = re.sub(r"(?<![\w:])at::(empty|empty_like|empty_strided)\(", r"::cudasim::\1(", src)
+    return _NEW_EMPTY.sub(lambda m: f'::cudasim::new_empty({"*" if m.group(2) == "->" else ""}{m.group(1)}, ', src)
 
 
 def schema_source(protoseg_cpp: str) -> str:
@@ -254,7 +301,7 @@ def _flags():
 
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     inc = [f"-I{HERE / 'include'}"] + [f"-isystem{p}" for p in cpp_extension.include_paths()]
-    cflags = ["-std=c++20", "-O1", "-fPIC", "-g0", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DCUDASIM=1",
+    cflags = ["-std=c++20", "-O1", "-fPIC", "-g1", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DCUDASIM=1",
               "-Wno-unused-variable", "-Wno-unused-function"] + inc
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
     ldflags = ["-shared", f"-L{libdir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}"]
@@ -290,8 +337,8 @@ def build_key(root: Path, mutate=None) -> str:
 def _write_sources(root: Path, dst: Path, mutate=None):
     """Rewritten sources under dst; returns the translation units to compile."""
     (dst / "csrc" / "cuda").mkdir(parents=True)
-    for p in (root / "csrc").glob("*.h"):
-        shutil.copy(p, dst / "csrc" / p.name)
+    for p in (root / "csrc").glob("*.h"):  # headers: fresh memory poisoned too
+        (dst / "csrc" / p.name).write_text(poison_fresh_memory(p.read_text()))
     if not (dst / "csrc" / "build_info.h").exists():
         (dst / "csrc" / "build_info.h").write_text("#pragma once\n")
     units = []

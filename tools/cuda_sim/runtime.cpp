@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 #include <c10/util/Type.h>
+#include <torch/library.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -12,10 +14,12 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <unordered_set>
 #include <mutex>
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <unordered_map>
 #include <vector>
 
 namespace cudasim {
@@ -24,6 +28,18 @@ namespace {
 constexpr size_t kStackBytes = size_t(256) << 10;  // per fiber, plus one guard page
 constexpr size_t kStaticSmemLimit = size_t(48) << 10;  // CUDA's default per-block limit (static + dynamic)
 constexpr unsigned char kSmemFill = 0xFF;              // NaN in every float format, -1 in every integer
+
+// PROTOSEG_SIM_POISON: nan (0xFF bytes) or garbage (finite in every float format).
+bool poison_garbage() {
+  static const bool g = [] {
+    const char* v = std::getenv("PROTOSEG_SIM_POISON");
+    const std::string s = v ? v : "nan";
+    if (s.empty() || s == "nan") return false;
+    if (s == "garbage") return true;
+    TORCH_CHECK_VALUE(false, "PROTOSEG_SIM_POISON must be nan or garbage, got '", s, "'");
+  }();
+  return g;
+}
 
 // Thrown inside a fiber to stop the launch; caught by the fiber's entry.
 struct KernelFailure {
@@ -46,11 +62,23 @@ struct Fiber {
   size_t size = 0;
   alignas(16) unsigned char in[16];
   alignas(16) unsigned char out[16];
+  // race checker: the last warp collective this thread took part in (its
+  // warp's release count, and the lanes released with it)
+  uint32_t wseq = 0;
+  unsigned wmask = 0;
+  // the access through a non-const pointer whose kind (load or store) is
+  // decided at the thread's next access, wait or exit (note_access)
+  uintptr_t pend_addr = 0;
+  uint32_t pend_size = 0;
+  uint32_t pend_pc = 0;
+  const char* pend_type = nullptr;
+  alignas(16) unsigned char pend_old[16];
 };
 
 struct StaticAlloc {
   const void* tag;
   size_t offset, size;
+  const char* name;
 };
 
 // The launch being run on this OS thread.
@@ -68,6 +96,13 @@ struct Run {
   std::vector<unsigned char> smem;
   size_t static_used = 0;
   std::vector<StaticAlloc> statics;
+  // race checker
+  uint64_t block_linear = 0;  // of bidx
+  uint32_t threads = 0;       // per block
+  uint32_t epoch = 0;         // __syncthreads released so far in this block
+  std::vector<uint32_t> warp_seq;  // warp collectives released so far, per warp
+  uint32_t block_stamp = 0, launch_stamp = 0;
+  std::vector<uint32_t> report_pcs;  // code addresses a race report names (symbolised after the launch)
 };
 
 thread_local Run* g_run = nullptr;
@@ -76,6 +111,442 @@ std::string dim_str(const dim3& d) {
   std::ostringstream os;
   os << "(" << d.x << ", " << d.y << ", " << d.z << ")";
   return os.str();
+}
+
+// ---- race checker ------------------------------------------------------------------
+//
+// Shadow memory: one Cell per byte of shared memory (per block) and of the
+// global memory a launch touches (pages made on first touch, dropped after
+// the launch). A cell holds the last store (or atomic) and up to two loads
+// since, each as: thread (linear over the grid, + 1), code address, barrier
+// epoch of its block, and the count of warp collectives its warp had
+// released when the thread last took part in one. Cells of an older block
+// (shared) or launch (global) are empty. Two accesses are ordered when they
+// are by one thread, or by threads of one block in different barrier epochs,
+// or by lanes of one warp with a warp collective of both in between.
+
+struct Rec {
+  uint32_t who = 0;  // linear thread of the grid + 1; bit 31: atomic
+  uint32_t pc = 0;   // code address - library base (0: none)
+  uint16_t epoch = 0, wseq = 0;
+};
+constexpr uint32_t kAtomicBit = 0x80000000u;
+struct Cell {
+  uint32_t stamp = 0;
+  Rec w, r1, r2;
+};
+
+static_assert(sizeof(Cell) == 40, "Cell: five 8-byte words");
+inline bool same_cell(const Cell& a, const Cell& b) {
+  uint64_t x[5], y[5];
+  std::memcpy(x, &a, sizeof x);
+  std::memcpy(y, &b, sizeof y);
+  return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
+}
+
+enum class Kind { Read, Write, Atomic };
+extern bool g_racecheck_on;
+void meter_access(Kind kind, uintptr_t addr, size_t size, uint32_t pc, uint32_t tid);
+struct Meter;
+bool meter_on();
+
+bool racecheck_from_env() {
+  const char* v = std::getenv("PROTOSEG_SIM_RACECHECK");
+  return !(v && (std::string(v) == "0" || std::string(v) == "off"));
+}
+
+uintptr_t lib_base() {
+  static const uintptr_t base = [] {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&racecheck_from_env), &info);
+    return reinterpret_cast<uintptr_t>(info.dli_fbase);
+  }();
+  return base;
+}
+
+uint32_t pc_offset(const void* pc) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(pc), b = lib_base();
+  return a > b && a - b < 0xffffffffu ? uint32_t(a - b) : 0u;
+}
+
+struct GlobalShadow {
+  static constexpr int kPageBits = 12;
+  std::unordered_map<uintptr_t, Cell*> pages;
+  std::vector<Cell*> pool;
+  uintptr_t last_key = ~uintptr_t(0);
+  Cell* last = nullptr;
+  uint32_t stamp = 0;
+  Cell& at(uintptr_t a) {
+    const uintptr_t key = a >> kPageBits;
+    if (key != last_key) {
+      Cell*& page = pages[key];
+      if (page == nullptr) {
+        if (!pool.empty()) {
+          page = pool.back();
+          pool.pop_back();
+        } else {
+          page = static_cast<Cell*>(std::calloc(size_t(1) << kPageBits, sizeof(Cell)));
+          TORCH_CHECK(page != nullptr, "cuda_sim: out of memory for the race checker's shadow memory");
+        }
+      }
+      last_key = key;
+      last = page;
+    }
+    return last[a & ((uintptr_t(1) << kPageBits) - 1)];
+  }
+  // after a launch: keep a few pages for the next (their cells carry an old stamp)
+  void release() {
+    for (auto& kv : pages) {
+      if (pool.size() < 256) pool.push_back(kv.second);
+      else std::free(kv.second);
+    }
+    pages.clear();
+    last_key = ~uintptr_t(0);
+    last = nullptr;
+  }
+};
+thread_local GlobalShadow g_gshadow;
+thread_local std::vector<Cell> g_sshadow;  // shared memory of the running block
+thread_local uint32_t g_stamps = 0;        // block and launch stamps, never reused
+
+uint32_t rec_thread(const Rec& r) { return (r.who & ~kAtomicBit) - 1; }
+bool rec_atomic(const Rec& r) { return (r.who & kAtomicBit) != 0; }
+
+// Whether the earlier access `a` is ordered before the running thread's access `me`.
+bool ordered(const Run& r, const Fiber& f, const Rec& a, const Rec& me) {
+  const uint32_t ta = rec_thread(a), tm = rec_thread(me);
+  if (ta == tm) return true;
+  if (ta / r.threads != tm / r.threads) return false;  // another block of the launch
+  if (a.epoch != me.epoch) return true;               // a __syncthreads between them
+  const uint32_t la = ta % r.threads, lm = tm % r.threads;
+  if (la / kWarpSize != lm / kWarpSize) return false;
+  return int16_t(uint16_t(me.wseq - a.wseq)) > 0 && ((f.wmask >> (la % kWarpSize)) & 1u);
+}
+
+std::string thread_of(const Run& r, uint32_t linear) {
+  const uint64_t blk = linear / r.threads, t = linear % r.threads;
+  const dim3 g = r.cfg.grid, b = r.cfg.block;
+  const dim3 bi(unsigned(blk % g.x), unsigned((blk / g.x) % g.y), unsigned(blk / (uint64_t(g.x) * g.y)));
+  const dim3 ti(unsigned(t % b.x), unsigned((t / b.x) % b.y), unsigned(t / (uint64_t(b.x) * b.y)));
+  return "thread " + dim_str(ti) + " of block " + dim_str(bi);
+}
+
+std::string pc_token(Run& r, uint32_t pc) {
+  r.report_pcs.push_back(pc);
+  return "@@pc" + std::to_string(r.report_pcs.size() - 1) + "@@";
+}
+
+[[noreturn]] void report_race(Run& r, Kind kind, const Rec& me, const Rec& other, bool other_write, uintptr_t addr,
+                              const char* type, bool shared) {
+  std::ostringstream os;
+  std::string var = "?";
+  int64_t off = 0;
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(r.smem.data());
+  if (shared) {
+    off = int64_t(addr - s0);
+    if (off >= int64_t(kStaticSmemLimit)) {
+      var = "extern __shared__ array";
+      off -= int64_t(kStaticSmemLimit);
+    } else {
+      for (const StaticAlloc& a : r.statics)
+        if (size_t(off) >= a.offset && size_t(off) < a.offset + a.size) {
+          var = std::string("__shared__ ") + (a.name ? a.name : "array");
+          off -= int64_t(a.offset);
+        }
+    }
+  } else {
+    const Extent e = find_extent(reinterpret_cast<const void*>(addr));
+    if (e.lo != e.hi) {
+      var = std::string("`") + (e.name ? e.name : "?") + "`";
+      off = int64_t(addr - e.lo);
+    }
+  }
+  const char* what = kind == Kind::Read ? "reads" : kind == Kind::Write ? "writes" : "atomically updates";
+  const char* owhat = rec_atomic(other) ? "atomically updated" : other_write ? "wrote" : "read";
+  const uint32_t tm = rec_thread(me), to = rec_thread(other);
+  const bool same_block = tm / r.threads == to / r.threads;
+  os << "data race on " << (shared ? "shared" : "global") << " memory " << var << " at byte offset " << off
+     << " (" << c10::demangle(type) << "): " << thread_of(r, tm) << " " << what << " it at " << pc_token(r, me.pc)
+     << ", and " << thread_of(r, to) << " " << owhat << " it at " << pc_token(r, other.pc)
+     << (same_block ? " with no __syncthreads or warp collective of both between them"
+                    : " (another block of the same launch: nothing orders them)");
+  if (rec_atomic(me) != rec_atomic(other)) os << "; an atomic and a plain access of one location race";
+  fail(os.str());
+}
+
+void add_reader(const Run& r, const Fiber& f, Cell& c, const Rec& me) {
+  if (c.r1.who == me.who) { c.r1 = me; return; }
+  if (c.r2.who == me.who) { c.r2 = me; return; }
+  if (c.r1.who == 0 || ordered(r, f, c.r1, me)) { c.r1 = me; return; }
+  if (c.r2.who == 0 || ordered(r, f, c.r2, me)) { c.r2 = me; return; }
+  // two unordered readers already: keep readers of two different warps if there are
+  const uint32_t w1 = rec_thread(c.r1) / kWarpSize, w2 = rec_thread(c.r2) / kWarpSize, wm = rec_thread(me) / kWarpSize;
+  if (w1 == w2 && wm != w1) c.r2 = me;
+}
+
+void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type) {
+  Run& r = *g_run;
+  Fiber& f = *r.cur;
+  Rec me;
+  me.who = uint32_t(r.block_linear * r.threads + f.tid + 1) | (kind == Kind::Atomic ? kAtomicBit : 0u);
+  me.pc = pc;
+  me.epoch = uint16_t(r.epoch);
+  me.wseq = uint16_t(f.wseq);
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(r.smem.data());
+  const bool shared = addr >= s0 && addr < s0 + r.smem.size();
+  if (meter_on() && !shared) meter_access(kind, addr, size, pc, f.tid);
+  if (!g_racecheck_on) return;
+  const uint32_t stamp = shared ? r.block_stamp : r.launch_stamp;
+  GlobalShadow& gs = g_gshadow;
+  Cell* const scells = shared ? g_sshadow.data() : nullptr;
+  Cell before0, after0;  // the first byte's cell before and after: bytes whose cell equals it get the same
+  for (size_t i = 0; i < size; ++i) {
+    const uintptr_t a = addr + i;
+    Cell& c = shared ? scells[a - s0] : gs.at(a);
+    if (c.stamp != stamp) {
+      c = Cell{};
+      c.stamp = stamp;
+    }
+    if (i > 0 && same_cell(c, before0)) {  // the same history as byte 0: the same verdict
+      c = after0;
+      continue;
+    }
+    if (i == 0) before0 = c;
+    const bool atomic = kind == Kind::Atomic;
+    if (c.w.who != 0 && !ordered(r, f, c.w, me) && !(atomic && rec_atomic(c.w)))
+      report_race(r, kind, me, c.w, true, a, type, shared);
+    if (kind != Kind::Read) {
+      for (const Rec* rd : {&c.r1, &c.r2})
+        if (rd->who != 0 && !ordered(r, f, *rd, me) && !(atomic && rec_atomic(*rd)))
+          report_race(r, kind, me, *rd, false, a, type, shared);
+    } else {
+      for (const Rec* rd : {&c.r1, &c.r2})  // atomics are kept as readers too
+        if (rd->who != 0 && rec_atomic(*rd) && !ordered(r, f, *rd, me))
+          report_race(r, kind, me, *rd, true, a, type, shared);
+    }
+    if (kind == Kind::Write) {
+      c.w = me;
+      c.r1 = c.r2 = Rec{};
+    } else if (kind == Kind::Atomic) {
+      c.w = me;
+      add_reader(r, f, c, me);
+    } else {
+      add_reader(r, f, c, me);
+    }
+    if (i == 0) after0 = c;
+  }
+}
+
+// ---- traffic meter ---------------------------------------------------------------
+//
+// Off unless switched on (cudasim_meter("start")). Per launch: bytes loaded
+// and stored through global memory (an atomic counts as both), the 32-byte
+// sectors of every warp-wide memory instruction (the lanes' k-th execution
+// of one code address, in one warp) against the ideal for the distinct bytes
+// it requests, the distinct sectors the launch touches, and of those the
+// sectors an earlier launch or GEMM touched while the bytes touched since
+// then stay within the 50 MB L2 (assumed L2 hits). Host GEMMs: shape, dtypes,
+// flops and operand bytes.
+
+struct LaunchMeter {
+  std::string kernel;
+  dim3 grid, block;
+  uint64_t bytes_loaded = 0, bytes_stored = 0, sectors = 0, ideal_sectors = 0, instructions = 0;
+  uint64_t unique_sectors = 0, l2_hit_sectors = 0;
+};
+struct GemmMeter {
+  std::string op;
+  int64_t m, n, k;
+  std::string a, b, out;
+  uint64_t bytes;
+};
+struct Meter {
+  bool on = false;
+  std::vector<std::string> events;  // JSON objects, in order
+  // sector -> the event count when it was last touched, and the bytes touched up to then
+  std::unordered_map<uint64_t, uint64_t> last_touch;  // sector -> cumulative bytes touched before that event ended
+  uint64_t touched = 0;  // cumulative bytes touched by every event so far
+  // the running launch
+  LaunchMeter cur;
+  std::unordered_set<uint64_t> launch_sectors;
+  // per block: the lanes' execution count of each code address, and each warp instruction's accesses
+  std::unordered_map<uint64_t, uint32_t> lane_count;  // (tid << 32 | pc) -> executions
+  struct InstKey {
+    uint64_t warp_pc;  // warp << 32 | pc
+    uint32_t n;        // the lanes' n-th execution of pc
+    bool operator==(const InstKey& o) const { return warp_pc == o.warp_pc && n == o.n; }
+  };
+  struct InstHash {
+    size_t operator()(const InstKey& k) const { return std::hash<uint64_t>()(k.warp_pc * 0x9E3779B97F4A7C15ull + k.n); }
+  };
+  std::unordered_map<InstKey, std::vector<std::pair<uintptr_t, uint32_t>>, InstHash> insts;  // accesses
+};
+thread_local Meter g_meter;
+bool meter_on() { return g_meter.on; }
+constexpr uint64_t kL2Bytes = uint64_t(50) << 20;
+
+void meter_access(Kind kind, uintptr_t addr, size_t size, uint32_t pc, uint32_t tid) {
+  Meter& m = g_meter;
+  if (kind != Kind::Write) m.cur.bytes_loaded += size;
+  if (kind != Kind::Read) m.cur.bytes_stored += size;
+  for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) m.launch_sectors.insert(s);
+  const uint32_t n = m.lane_count[(uint64_t(tid) << 32) | pc]++;
+  m.insts[Meter::InstKey{(uint64_t(tid / kWarpSize) << 32) | pc, n}].emplace_back(addr, uint32_t(size));
+}
+
+// At the end of a block: the sectors of its warp instructions.
+void meter_block_end() {
+  Meter& m = g_meter;
+  for (auto& kv : m.insts) {
+    auto& acc = kv.second;
+    std::sort(acc.begin(), acc.end());
+    uint64_t bytes = 0, sectors = 0;
+    uintptr_t covered = 0;  // bytes below this address are counted
+    uint64_t last_sector = ~uint64_t(0);
+    for (const auto& a : acc) {
+      const uintptr_t lo = std::max<uintptr_t>(a.first, covered), hi = a.first + a.second;
+      if (hi > lo) bytes += hi - lo;
+      covered = std::max<uintptr_t>(covered, hi);
+      for (uint64_t s = a.first >> 5; s <= (hi - 1) >> 5; ++s)
+        if (s != last_sector) {
+          ++sectors;
+          last_sector = s;
+        }
+    }
+    m.cur.sectors += sectors;
+    m.cur.ideal_sectors += (bytes + 31) / 32;
+    ++m.cur.instructions;
+  }
+  m.insts.clear();
+  m.lane_count.clear();
+}
+
+// Sectors an event touched: counted against the L2 history, then recorded in it.
+// Also fills `reuse`: the bytes an earlier event touched, by the bytes touched
+// in between (bucket b: 2^(b-1) < distance <= 2^b), as JSON, for a model at
+// another size (tools/gpu_model.py scales the distances).
+uint64_t meter_touch(const std::unordered_set<uint64_t>& sectors, std::string& reuse) {
+  Meter& m = g_meter;
+  uint64_t hits = 0;
+  std::map<int, uint64_t> by_distance;
+  for (uint64_t s : sectors) {
+    auto it = m.last_touch.find(s);
+    if (it == m.last_touch.end()) continue;
+    const uint64_t d = m.touched - it->second;
+    if (d <= kL2Bytes) ++hits;
+    int b = 0;
+    while ((uint64_t(1) << b) < d && b < 63) ++b;
+    by_distance[b] += 32;
+  }
+  m.touched += 32 * sectors.size();
+  for (uint64_t s : sectors) m.last_touch[s] = m.touched;
+  std::ostringstream os;
+  os << "{";
+  bool first = true;
+  for (const auto& kv : by_distance) {
+    os << (first ? "" : ", ") << "\"" << (uint64_t(1) << kv.first) << "\": " << kv.second;
+    first = false;
+  }
+  os << "}";
+  reuse = os.str();
+  return hits;
+}
+
+std::string json_str(const std::string& s) {
+  std::string o = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    o += c;
+  }
+  return o + "\"";
+}
+
+void meter_launch_end() {
+  Meter& m = g_meter;
+  m.cur.unique_sectors = m.launch_sectors.size();
+  std::string reuse;
+  m.cur.l2_hit_sectors = meter_touch(m.launch_sectors, reuse);
+  m.launch_sectors.clear();
+  const LaunchMeter& c = m.cur;
+  std::ostringstream os;
+  os << "{\"type\": \"kernel\", \"name\": " << json_str(c.kernel) << ", \"grid\": [" << c.grid.x << ", " << c.grid.y
+     << ", " << c.grid.z << "], \"block\": [" << c.block.x << ", " << c.block.y << ", " << c.block.z
+     << "], \"bytes_loaded\": " << c.bytes_loaded << ", \"bytes_stored\": " << c.bytes_stored
+     << ", \"instructions\": " << c.instructions << ", \"sectors\": " << c.sectors << ", \"ideal_sectors\": "
+     << c.ideal_sectors << ", \"unique_bytes\": " << 32 * c.unique_sectors << ", \"l2_hit_bytes\": "
+     << 32 * c.l2_hit_sectors << ", \"reuse\": " << reuse << "}";
+  m.events.push_back(os.str());
+}
+
+std::string meter_command(const std::string& cmd) {
+  Meter& m = g_meter;
+  if (cmd == "start") {
+    m.events.clear();
+    m.last_touch.clear();
+    m.touched = 0;
+    m.on = true;
+    return "{}";
+  }
+  if (cmd == "stop") {
+    m.on = false;
+    return "{}";
+  }
+  if (cmd == "json") {
+    std::string o = "[";
+    for (size_t i = 0; i < m.events.size(); ++i) o += (i ? ",\n" : "") + m.events[i];
+    return o + "]";
+  }
+  TORCH_CHECK_VALUE(false, "cudasim_meter: cmd must be start, stop or json, got '", cmd, "'");
+}
+
+TORCH_LIBRARY_FRAGMENT(protoseg_cudasim, lib) {
+  lib.def("cudasim_meter(str cmd) -> str", [](std::string cmd) { return meter_command(cmd); });
+}
+
+// Decides the pending access of f: a store if its bytes changed since, else a load.
+void settle(Fiber& f) {
+  if (f.pend_size == 0) return;
+  const size_t n = f.pend_size;
+  f.pend_size = 0;
+  const bool wrote = std::memcmp(f.pend_old, reinterpret_cast<const void*>(f.pend_addr), n) != 0;
+  apply(wrote ? Kind::Write : Kind::Read, f.pend_addr, n, f.pend_pc, f.pend_type);
+}
+
+bool g_racecheck_on = racecheck_from_env();
+
+// file:line of a code address of the library (addr2line on its line table), or "code at lib+0x..".
+std::string source_line(uint32_t pc) {
+  if (pc == 0) return "an unknown line";
+  Dl_info info{};
+  dladdr(reinterpret_cast<void*>(&racecheck_from_env), &info);
+  std::ostringstream hex;
+  hex << "0x" << std::hex << (pc - 1);  // the call's own line, not the next one
+  const std::string fallback = std::string("code at ") + (info.dli_fname ? info.dli_fname : "?") + "+" + hex.str();
+  if (info.dli_fname == nullptr) return fallback;
+  const std::string cmd = std::string("addr2line -e '") + info.dli_fname + "' " + hex.str() + " 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return fallback;
+  char buf[4096];
+  std::string out = fgets(buf, sizeof buf, p) ? std::string(buf) : std::string();
+  pclose(p);
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  const auto disc = out.find(" (discriminator");
+  if (disc != std::string::npos) out.resize(disc);
+  if (out.empty() || out[0] == '?') return fallback;
+  for (const char* root : {"csrc/", "tools/cuda_sim/"}) {  // relative to the checkout
+    const auto at = out.rfind(root);
+    if (at != std::string::npos) return out.substr(at);
+  }
+  return out;
+}
+
+std::string symbolize(std::string msg, const std::vector<uint32_t>& pcs) {
+  for (size_t i = 0; i < pcs.size(); ++i) {
+    const std::string tok = "@@pc" + std::to_string(i) + "@@";
+    const auto at = msg.find(tok);
+    if (at != std::string::npos) msg.replace(at, tok.size(), source_line(pcs[i]));
+  }
+  return msg;
 }
 
 // ---- fiber stacks: reused across launches ------------------------------------
@@ -101,6 +572,7 @@ thread_local StackPool g_stacks;
 struct Registry {
   std::mutex mu;
   std::map<uintptr_t, Extent> by_lo;  // storage extents, never overlapping
+  std::unordered_map<uintptr_t, Extent> views;  // data pointer -> the extent of the view it was taken from
 };
 Registry& registry() {
   static Registry r;
@@ -116,6 +588,7 @@ void fiber_main() {
   Run& r = *g_run;
   try {
     (*r.body)();
+    if (g_checking) settle(*r.cur);
   } catch (const KernelFailure& f) {
     if (r.error.empty()) r.error = f.what;
   } catch (const std::exception& e) {
@@ -254,8 +727,14 @@ bool release_warps(Run& r) {
           }
         }
       }
+      const uint32_t seq = ++r.warp_seq[w0 / kWarpSize];
       for (unsigned m = 0; m < lanes; ++m)
-        if (mask >> m & 1u) r.fibers[w0 + m].state = State::Ready;
+        if (mask >> m & 1u) {
+          Fiber& g = r.fibers[w0 + m];
+          g.state = State::Ready;
+          g.wseq = seq;
+          g.wmask = mask;
+        }
       released = true;
     }
   }
@@ -277,15 +756,21 @@ void describe_deadlock(Run& r) {
 // Runs one block to completion (or to its first failure, in r.error).
 void run_block(Run& r, Order order, std::mt19937_64& rng) {
   const unsigned n = unsigned(r.fibers.size());
-  std::fill(r.smem.begin(), r.smem.end(), kSmemFill);
+  fill_poison(r.smem.data(), r.smem.size());
   r.static_used = 0;
   r.statics.clear();
   r.error.clear();
+  r.epoch = 0;
+  std::fill(r.warp_seq.begin(), r.warp_seq.end(), 0u);
+  r.block_stamp = ++g_stamps;
   const dim3 bd = r.cfg.block;
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = r.fibers[t];
     f.state = State::Ready;
     f.tid = t;
+    f.wseq = 0;
+    f.wmask = 0;
+    f.pend_size = 0;
     f.tidx = dim3(t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y));
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -328,6 +813,7 @@ void run_block(Run& r, Order order, std::mt19937_64& rng) {
       }
       for (Fiber& f : r.fibers)
         if (f.state == State::AtBarrier) f.state = State::Ready;
+      ++r.epoch;
       if (order == Order::Random) arrange(idx, order, rng);
       continue;
     }
@@ -364,6 +850,7 @@ const dim3& grid_dim() { return g_run->cfg.grid; }
 
 void syncthreads(const char* file, int line) {
   Fiber& f = *g_run->cur;
+  if (g_checking) settle(f);
   f.state = State::AtBarrier;
   f.file = file;
   f.line = line;
@@ -375,6 +862,7 @@ void warp_collective(WarpOp op, unsigned mask, const void* in, size_t size, int 
   if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0)
     fail(std::string(op_name(op)) + ": width must be a power of 2 in [1, 32], got " + std::to_string(width));
   Fiber& f = *g_run->cur;
+  if (g_checking) settle(f);
   f.state = State::AtWarp;
   f.op = op;
   f.mask = mask;
@@ -389,7 +877,7 @@ void warp_collective(WarpOp op, unsigned mask, const void* in, size_t size, int 
   std::memcpy(out, f.out, op == WarpOp::All || op == WarpOp::Any || op == WarpOp::Ballot ? sizeof(unsigned) : size);
 }
 
-void* static_shared(const void* tag, size_t size, size_t align) {
+void* static_shared(const void* tag, size_t size, size_t align, const char* name) {
   Run& r = *g_run;
   for (const StaticAlloc& a : r.statics)
     if (a.tag == tag) return r.smem.data() + a.offset;
@@ -398,7 +886,7 @@ void* static_shared(const void* tag, size_t size, size_t align) {
   if (off + size + r.cfg.dynamic_smem > kStaticSmemLimit)
     fail("shared memory above the 48 KiB per block (static " + std::to_string(off + size) + " + dynamic " +
          std::to_string(r.cfg.dynamic_smem) + " bytes)");
-  r.statics.push_back({tag, off, size});
+  r.statics.push_back({tag, off, size, name});
   r.static_used = off + size;
   return r.smem.data() + off;
 }
@@ -422,6 +910,61 @@ void device_assert(const char* cond, const char* msg, const char* file, int line
        "` failed" + (msg && *msg ? std::string(": ") + msg : std::string()));
 }
 
+bool g_checking = false;
+
+bool mutant(int id) {
+  const char* v = std::getenv("PROTOSEG_SIM_MUTANT");
+  return v != nullptr && std::atoi(v) == id;
+}
+
+// Garbage: every byte 0x40..0x4F or 0xC0..0xCF (random), so that the exponent
+// field of every float16, bfloat16, float32 and float64 it makes is neither 0
+// nor all ones: finite, normal, of either sign, 2^-15 .. 2^32 in magnitude for
+// float32; as integers, large positive or negative values.
+void fill_poison(void* p, size_t bytes) {
+  if (!poison_garbage()) {
+    std::memset(p, kSmemFill, bytes);
+    return;
+  }
+  static thread_local uint64_t state = 0x9E3779B97F4A7C15ull;
+  unsigned char* b = static_cast<unsigned char*>(p);
+  size_t i = 0;
+  for (; i + 8 <= bytes; i += 8) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    const uint64_t w = (state & 0x8F8F8F8F8F8F8F8Full) | 0x4040404040404040ull;
+    std::memcpy(b + i, &w, 8);
+  }
+  for (; i < bytes; ++i) b[i] = static_cast<unsigned char>(((i * 0x9Du) & 0x8Fu) | 0x40u);
+}
+
+void note_read(const void* p, size_t size, const void* pc, const char* type) {
+  Fiber& f = *g_run->cur;
+  settle(f);
+  apply(Kind::Read, reinterpret_cast<uintptr_t>(p), size, pc_offset(pc), type);
+}
+
+void note_access(const void* p, size_t size, const void* pc, const char* type) {
+  Fiber& f = *g_run->cur;
+  settle(f);
+  if (size > sizeof(f.pend_old)) {  // too large to compare: a store
+    apply(Kind::Write, reinterpret_cast<uintptr_t>(p), size, pc_offset(pc), type);
+    return;
+  }
+  std::memcpy(f.pend_old, p, size);
+  f.pend_addr = reinterpret_cast<uintptr_t>(p);
+  f.pend_size = uint32_t(size);
+  f.pend_pc = pc_offset(pc);
+  f.pend_type = type;
+}
+
+void note_atomic(const void* p, size_t size, const void* pc, const char* type) {
+  Fiber& f = *g_run->cur;
+  settle(f);
+  apply(Kind::Atomic, reinterpret_cast<uintptr_t>(p), size, pc_offset(pc), type);
+}
+
 void register_extent(const void* data, size_t bytes, const char* name) {
   if (data == nullptr || bytes == 0) return;
   const uintptr_t lo = reinterpret_cast<uintptr_t>(data), hi = lo + bytes;
@@ -433,13 +976,26 @@ void register_extent(const void* data, size_t bytes, const char* name) {
   reg.by_lo[lo] = Extent{lo, hi, name};
 }
 
+void register_view(const void* data, uintptr_t lo, uintptr_t hi, const char* name) {
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  if (reg.views.size() > 4096) reg.views.clear();  // pointers of freed tensors; the live ones are registered again
+  reg.views[reinterpret_cast<uintptr_t>(data)] = Extent{lo, hi, name};
+}
+
+void fail_local_index(const char* name, int64_t i, int64_t n) {
+  fail("out-of-bounds index " + std::to_string(i) + " of the local array `" + (name ? name : "(row)") + "` of " +
+       std::to_string(n) + " entries");
+}
+
 Extent find_extent(const void* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (Run* r = g_run) {
     const uintptr_t s0 = reinterpret_cast<uintptr_t>(r->smem.data());
     if (a >= s0 && a < s0 + r->smem.size()) {
       for (const StaticAlloc& s : r->statics)
-        if (a >= s0 + s.offset && a < s0 + s.offset + s.size) return Extent{s0 + s.offset, s0 + s.offset + s.size, "__shared__ array"};
+        if (a >= s0 + s.offset && a < s0 + s.offset + s.size)
+          return Extent{s0 + s.offset, s0 + s.offset + s.size, s.name ? s.name : "__shared__ array"};
       const uintptr_t d0 = s0 + kStaticSmemLimit;
       if (a >= d0 && a <= d0 + r->cfg.dynamic_smem) return Extent{d0, d0 + r->cfg.dynamic_smem, "extern __shared__ array"};
       return Extent{};
@@ -447,6 +1003,12 @@ Extent find_extent(const void* p) {
   }
   Registry& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mu);
+  auto v = reg.views.find(a);  // a pointer the host took from a tensor: that view's extent
+  if (v != reg.views.end()) {
+    auto s = reg.by_lo.upper_bound(a);
+    if (s != reg.by_lo.begin() && v->second.lo >= std::prev(s)->second.lo && v->second.hi <= std::prev(s)->second.hi)
+      return v->second;
+  }
   auto it = reg.by_lo.upper_bound(a);
   if (it == reg.by_lo.begin()) return Extent{};
   --it;
@@ -494,6 +1056,10 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
   r.body = &body;
   r.fibers.resize(threads);
   r.smem.assign(kStaticSmemLimit + cfg.dynamic_smem, kSmemFill);
+  r.threads = uint32_t(threads);
+  r.warp_seq.assign((threads + kWarpSize - 1) / kWarpSize, 0u);
+  r.launch_stamp = ++g_stamps;
+  if (g_racecheck_on && g_sshadow.size() < r.smem.size()) g_sshadow.resize(r.smem.size());
   for (uint64_t t = 0; t < threads; ++t) {
     r.fibers[t].stack = g_stacks.get(t);
     getcontext(&r.fibers[t].ctx);
@@ -504,20 +1070,58 @@ void run_grid(const char* kernel, const char* file, int line, const LaunchConfig
   std::vector<uint64_t> bidx(blocks);
   arrange(bidx, order, rng);
   struct Reset {
-    ~Reset() { g_run = nullptr; }
+    ~Reset() {
+      g_run = nullptr;
+      g_gshadow.release();
+    }
   } reset;
   g_run = &r;
+  g_checking = g_racecheck_on || g_meter.on;  // (a process-wide switch: set, never cleared, while on)
+  if (g_meter.on) {
+    g_meter.cur = LaunchMeter{};
+    g_meter.cur.kernel = kernel;
+    g_meter.cur.grid = g;
+    g_meter.cur.block = b;
+  }
   for (uint64_t lin : bidx) {
     r.bidx = dim3(unsigned(lin % g.x), unsigned((lin / g.x) % g.y), unsigned(lin / (uint64_t(g.x) * g.y)));
+    r.block_linear = lin;
     run_block(r, order, rng);
+    if (g_meter.on) meter_block_end();
     if (!r.error.empty()) {
       const std::string prefix = launch_prefix(r);
-      std::string what = r.error;
+      std::string what = symbolize(r.error, r.report_pcs);
       if (what.rfind("block ", 0) != 0) what = "block " + dim_str(r.bidx) + ": " + what;
       g_run = nullptr;
       TORCH_CHECK(false, prefix, ": ", what);
     }
   }
+  if (g_meter.on) meter_launch_end();
+}
+
+void record_gemm(const char* op, int64_t m, int64_t n, int64_t k, const at::Tensor& a, const at::Tensor& b,
+                 const at::Tensor& out) {
+  if (!g_meter.on) return;
+  std::unordered_set<uint64_t> sectors;  // the operands' and output's storage bytes (as laid out)
+  uint64_t bytes = 0;
+  for (const at::Tensor* t : {&a, &b, &out}) {
+    if (!t->defined() || t->numel() == 0) continue;
+    bytes += uint64_t(t->numel()) * t->element_size();
+    // the view's span (row-major views of 2-D operands: contiguous rows, possibly transposed)
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t->data_ptr());
+    int64_t span = 1;
+    for (int64_t d = 0; d < t->dim(); ++d) span += (t->size(d) - 1) * std::abs(t->stride(d));
+    for (uint64_t s = p >> 5; s <= (p + uint64_t(span) * t->element_size() - 1) >> 5; ++s) sectors.insert(s);
+  }
+  std::string reuse;
+  const uint64_t hits = meter_touch(sectors, reuse);
+  std::ostringstream os;
+  os << "{\"type\": \"gemm\", \"name\": " << json_str(op) << ", \"m\": " << m << ", \"n\": " << n << ", \"k\": " << k
+     << ", \"a\": " << json_str(c10::toString(a.scalar_type())) << ", \"b\": " << json_str(c10::toString(b.scalar_type()))
+     << ", \"out\": " << json_str(c10::toString(out.scalar_type())) << ", \"flops\": " << 2 * uint64_t(m) * n * k
+     << ", \"bytes\": " << bytes << ", \"unique_bytes\": " << 32 * sectors.size() << ", \"l2_hit_bytes\": "
+     << 32 * hits << ", \"reuse\": " << reuse << "}";
+  g_meter.events.push_back(os.str());
 }
 
 }  // namespace cudasim

@@ -115,6 +115,84 @@ __global__ void dynamic_shared_kernel(float* y) {
   y[t] = dyn[n - 1 - t];
 }
 
+
+// ---- the race checker: each kernel below has one race, or none ----
+
+// Each thread reads its neighbour's slot with no barrier after the writes.
+__global__ void shared_race_kernel(float* y) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  s[t] = float(t);
+  y[t] = s[(t + 1) % 64];
+}
+
+// The same exchange inside one warp, ordered by __syncwarp: no race. With
+// `across` set, lanes read the slot of the other warp: __syncwarp orders
+// only its own warp, a race.
+__global__ void warp_exchange_kernel(float* y, bool across) {
+  __shared__ float s[64];
+  const int t = threadIdx.x;
+  s[t] = float(t);
+  __syncwarp();
+  y[t] = across ? s[(t + 32) % 64] : s[(t & ~31) + (t + 1) % 32];
+}
+
+// One thread in each of two blocks adds 1 to y[0] with a plain read-modify-write.
+__global__ void global_race_kernel(float* y) { y[0] += 1.0f; }
+
+// Block 0 adds atomically, block 1 plainly, to one location.
+__global__ void atomic_plain_kernel(float* y) {
+  if (blockIdx.x == 0) atomicAdd(y, 1.0f);
+  else y[0] += 1.0f;
+}
+
+// A scalar __shared__ flag that thread 0 sets and every thread reads: with
+// `sync`, after a barrier (no race), else in the same epoch (a race).
+__global__ void shared_scalar_kernel(float* y, bool sync) {
+  __shared__ float flag;
+  if (threadIdx.x == 0) flag = 7.0f;
+  if (sync) __syncthreads();
+  y[threadIdx.x] = flag;
+}
+
+// A two-dimensional shared array indexed one past its row: s[1][8] is s[2][0]
+// in memory, but out of bounds of row 1.
+__global__ void shared_2d_kernel(float* y, int col) {
+  __shared__ float s[4][8];
+  const int t = threadIdx.x;
+  s[t / 8][t % 8] = float(t);
+  __syncthreads();
+  if (t == 0) y[0] = s[1][col];
+}
+
+// A local array indexed by the argument: i = 4 is one past its end.
+__global__ void local_array_kernel(float* y, int i) {
+  float a[4];
+  for (int k = 0; k < 4; ++k) a[k] = float(k + 1);
+  y[0] = a[i];
+}
+
+// y[i] = x[i] for i < n, x the view the host passes (half of a longer buffer):
+// n one more than the view reads past it, inside the storage.
+__global__ void view_copy_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = x[i];
+}
+
+// ---- the traffic meter: kernels whose counts tests/test_cuda_sim.py computes by hand ----
+
+// y[i] = x[i * stride] for i < n.
+__global__ void strided_copy_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int64_t stride) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = x[i * stride];
+}
+
+// y[i] = x[0] for i < n: every lane loads one address.
+__global__ void broadcast_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = x[0];
+}
+
 __global__ void assert_kernel(const int* __restrict__ x) {
   CUDA_KERNEL_ASSERT_MSG(x[threadIdx.x] >= 0, "x: an entry is negative");
 }
@@ -124,6 +202,33 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
   at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   auto fopt = x.options().dtype(at::kFloat);
+  if (name == "strided_copy") {  // y[i] = x[2 i], n / 2 entries
+    at::Tensor y = at::empty({n / 2}, fopt);
+    strided_copy_kernel<<<(n / 2 + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n / 2, 2);
+    return y;
+  }
+  if (name == "broadcast") {
+    at::Tensor y = at::empty({n}, fopt);
+    broadcast_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n);
+    return y;
+  }
+  if (name == "gemm" || name == "gemm_bf16") {  // x viewed as (n / 8, 8) times its transpose
+    at::Tensor a = x.view({n / 8, 8});
+    if (name == "gemm_bf16") {
+      a = a.to(at::kBFloat16);
+      at::Tensor out = at::empty({n / 8, n / 8}, fopt);
+      at::mm_out(out, a, a.t(), at::kFloat);
+      return out;
+    }
+    at::Tensor out = at::empty({n / 8, n / 8}, fopt);
+    at::mm_out(out, a, a.t());
+    return out;
+  }
+  if (name == "partial_write") {  // a buffer of 128 of which the kernel writes n
+    at::Tensor y = at::empty({128}, fopt);
+    shifted_copy_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n, 0);
+    return y;
+  }
   if (name == "shifted_copy" || name == "oob_read") {
     at::Tensor y = at::empty({n}, fopt);
     shifted_copy_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n,
@@ -168,6 +273,26 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
     const int threads = 64;
     const size_t bytes = (name == "dynamic_shared" ? threads : threads / 2) * sizeof(float);
     dynamic_shared_kernel<<<1, threads, bytes, stream>>>(y.data_ptr<float>());
+  } else if (name == "shared_race") {
+    shared_race_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "warp_exchange" || name == "warp_exchange_across") {
+    warp_exchange_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>(), name == "warp_exchange_across");
+  } else if (name == "global_race") {
+    global_race_kernel<<<2, 1, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "atomic_plain") {
+    atomic_plain_kernel<<<2, 1, 0, stream>>>(y.data_ptr<float>());
+  } else if (name == "shared_scalar" || name == "shared_scalar_race") {
+    shared_scalar_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>(), name == "shared_scalar");
+  } else if (name == "shared_2d" || name == "shared_2d_oob") {
+    shared_2d_kernel<<<1, 32, 0, stream>>>(y.data_ptr<float>(), name == "shared_2d" ? 7 : 8);
+  } else if (name == "local_array" || name == "local_array_oob") {
+    local_array_kernel<<<1, 1, 0, stream>>>(y.data_ptr<float>(), name == "local_array" ? 3 : 4);
+  } else if (name == "view_copy" || name == "view_copy_oob") {
+    at::Tensor xv = x.narrow(0, 0, n / 2);  // half of x: the kernel may read n / 2 entries
+    at::Tensor out = at::zeros({n}, fopt);
+    view_copy_kernel<<<1, 64, 0, stream>>>(xv.data_ptr<float>(), out.data_ptr<float>(),
+                                           name == "view_copy" ? n / 2 : n / 2 + 1);
+    return out;
   } else if (name == "device_assert") {
     assert_kernel<<<1, int(n), 0, stream>>>(x.data_ptr<int>());
   } else {

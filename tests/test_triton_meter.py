@@ -1,0 +1,116 @@
+"""tools/triton_meter.py: the traffic meter of the Triton interpreter, against counts computed by hand."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the meter patches the Triton interpreter (TRITON_INTERPRET=1)")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from tools.triton_meter import TritonMeter  # noqa: E402
+
+
+@triton.jit
+def _copy(x, y, n, stride, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y + offs, tl.load(x + offs * stride, mask=m), mask=m)
+
+
+@triton.jit
+def _broadcast(x, y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y + offs, tl.load(x + offs * 0, mask=m), mask=m)
+
+
+@triton.jit
+def _dot(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, IEEE: tl.constexpr):
+    rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    x = tl.load(a + rm[:, None] * K + rk[None, :])
+    w = tl.load(b + rk[:, None] * N + rn[None, :])
+    acc = tl.dot(x, w, input_precision="ieee") if IEEE else tl.dot(x, w)
+    tl.store(c + rm[:, None] * N + rn[None, :], acc)
+
+
+def test_coalesced_copy():
+    """256 floats in 4 programs of 64: each load and store is 256 contiguous bytes (8 sectors, ideal 8)."""
+    x, y = torch.randn(256), torch.empty(256)
+    with TritonMeter() as m:
+        _copy[(4,)](x, y, 256, 1, BLOCK=64)
+    assert torch.equal(x, y)
+    (k,) = m.events
+    assert k["name"] == "_copy" and (k["bytes_loaded"], k["bytes_stored"]) == (1024, 1024)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (8, 64, 64)
+    assert k["unique_bytes"] == 2048 and k["flops"] == 0
+
+
+def test_strided_copy():
+    """y[i] = x[2 i], 128 entries in 2 programs: each load spans 512 B (16 sectors, ideal 8)."""
+    x, y = torch.randn(256), torch.empty(128)
+    with TritonMeter() as m:
+        _copy[(2,)](x, y, 128, 2, BLOCK=64)
+    assert torch.equal(x[::2], y)
+    (k,) = m.events
+    assert (k["bytes_loaded"], k["bytes_stored"]) == (512, 512)
+    assert (k["instructions"], k["sectors"], k["ideal_sectors"]) == (4, 2 * 16 + 2 * 8, 2 * 8 + 2 * 8)
+    assert k["unique_bytes"] == 1024 + 512
+
+
+def test_broadcast_load_and_l2_reuse():
+    """Every lane loads x[0]: 1 sector per load (ideal 1); a second launch on the same buffers hits in L2."""
+    x, y = torch.randn(1), torch.empty(128)
+    with TritonMeter() as m:
+        _broadcast[(2,)](x, y, 128, BLOCK=64)
+        _broadcast[(2,)](x, y, 128, BLOCK=64)
+    a, b = m.events
+    assert (a["bytes_loaded"], a["bytes_stored"]) == (512, 512)
+    assert (a["sectors"], a["ideal_sectors"]) == (2 * 1 + 2 * 8, 2 * 1 + 2 * 8)
+    assert a["unique_bytes"] == 32 + 512 and a["l2_hit_bytes"] == 0 and b["l2_hit_bytes"] == 32 + 512
+
+
+@pytest.mark.parametrize("dtype, ieee, unit", [(torch.float16, False, "tensor cores (16-bit)"),
+                                               (torch.float32, False, "tensor cores (tf32)"),
+                                               (torch.float32, True, "fp32 cuda cores")])
+def test_dot_flops(dtype, ieee, unit):
+    """tl.dot of (16, 32) x (32, 16): 2 M N K = 16,384 flops, on the unit its dtype and precision pick."""
+    a, b = torch.randn(16, 32).to(dtype), torch.randn(32, 16).to(dtype)
+    c = torch.empty(16, 16)
+    with TritonMeter() as m:
+        _dot[(1,)](a, b, c, M=16, N=16, K=32, IEEE=ieee)
+    torch.testing.assert_close(c, a.float() @ b.float(), atol=1e-2, rtol=1e-2)
+    (k,) = m.events
+    assert k["flops"] == 2 * 16 * 16 * 32 and k["unit"] == unit
+
+
+def test_gpu_model_triton_json():
+    """tools/gpu_model.py --backend triton --json: the issue's schema; the similarity kernels' tl.dot flops
+    cover at least the two GEMMs of the step (2 N D CK each, forward and backward)."""
+    import json
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_model.py"), "--backend", "triton", "--size",
+                        "cityscapes", "--dtype", "fp32", "--json"], capture_output=True, text=True, timeout=1800,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert set(out) == {"kernels", "step"}
+    keys = {"name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops",
+            "unit", "modelled_us"}
+    assert out["kernels"] and all(set(k) == keys for k in out["kernels"])
+    dot = [k for k in out["kernels"] if k["flops"] > 0]
+    assert dot and all(k["unit"] != "memory" for k in dot)
+    assert sum(k["flops"] for k in dot) >= 2 * (2 * 65536 * 720 * 190)
+    step = out["step"]
+    assert abs(step["modelled_us"] - sum(k["modelled_us"] for k in out["kernels"])) < 1e-6 * step["modelled_us"]

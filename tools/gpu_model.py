@@ -1,0 +1,348 @@
+"""Modelled H100 time of the head's training step, from the memory traffic the kernels make.
+
+    python tools/gpu_model.py --backend cuda|triton --size cityscapes --dtype bf16 [--json]
+
+Runs the step that ``ProtoSegHead`` runs (NCHW map, feat_norm on, forward,
+prototype update, CE + 0.01 PPC + 0.001 PPD, backward) with the CUDA kernels
+of csrc/cuda in the cuda_sim emulator (tools/cuda_sim), or the Triton kernels
+under the interpreter (tools/triton_meter.py: the same counts, an access
+being one tl.load/tl.store of one program, and tl.dot flops), meter on:
+per kernel launch, bytes loaded and stored, the 32-byte sectors of every
+warp-wide memory instruction against the ideal for the bytes it requests,
+and the distinct sectors it touches; per host GEMM, its shape, dtypes, flops
+and operand bytes. No GPU is involved: every time printed is modelled.
+
+Sizes (K = 10): cityscapes N = 65,536 (2 x 128 x 256), D = 720, C = 19;
+ade20k N = 65,536, D = 720, C = 150; fullres 1 x 720 x 1024 x 2048, C = 19;
+fullres-ade20k 2 x 256 x 1024 x 2048, C = 150. The emulator cannot run those
+(about one CPU function call per access of every CUDA thread), so the step
+runs at three small maps of the same B, D, C, K (H x W = 8 x 8, 8 x 16,
+8 x 24 per image) and every count is fitted as a + b N on the first two and
+checked on the third: a count that the fit predicts within 1% is "linear"
+and is extrapolated to the size's N. Any other is data-dependent (which
+prototypes a step updates, which pixels it sums) and is marked "not linear"
+in the table: within 25% across the three runs it takes the largest
+measured value, else it grows in proportion to N from the largest run
+(sectors and ideal sectors then both in proportion, so that their ratio is
+the largest run's, as also where two linear fits would leave the measured
+range of that ratio); the JSON carries the same numbers. Launch counts are those of the measured runs: a tile
+kernel launches once per tile (16 MiB of S), more often at the real size.
+Assumed L2 hits are not extrapolated: the meter gives, per launch, the bytes
+an earlier launch or GEMM touched and how many bytes were touched in between;
+those distances are scaled by N / (the largest measured N) and a byte counts
+as an L2 hit at the real size only if its scaled distance is within 50 MB.
+
+The model, per kernel: the largest of DRAM bytes / HBM bandwidth, requested
+bytes (sectors x 32) / L2 bandwidth and flops / the peak of the unit that
+runs them; the step is the sum. DRAM bytes are the distinct sectors a launch
+touches, less the assumed L2 hits (the table lists them). Constants:
+  HBM3 3.35 TB/s, L2 50 MB, bf16/fp16 tensor cores 989.5 TFLOPS dense, fp32
+  67 TFLOPS (CUDA cores), TF32 tensor cores 494.5 TFLOPS dense: NVIDIA H100
+  SXM datasheet (tensor-core rates there are quoted with sparsity; dense is
+  half); TF32 counts only when torch.backends.cuda.matmul.allow_tf32 is on
+  (off by default, so fp32 GEMMs count at the CUDA-core rate).
+  L2 bandwidth 5.5 TB/s: an assumption (NVIDIA does not publish it; third-
+  party microbenchmarks of the H100 report about 5.5 to 7 TB/s).
+Not metered: ATen ops of the step other than the GEMMs (dtype conversions,
+the mask_norm LayerNorm over C, the CE loss, sorts, fills), so the modelled
+step is a lower bound for what the step's own kernels cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HBM_BYTES_PER_S = 3.35e12
+L2_BYTES = 50 << 20
+L2_BYTES_PER_S = 5.5e12  # an assumption, see the module docstring
+PEAKS = {"tensor cores (16-bit)": 989.5e12, "tensor cores (tf32)": 494.5e12, "fp32 cuda cores": 67e12,
+         "fp64 cuda cores": 34e12, "memory": None}
+
+SIZES = {  # B, D, H, W, C
+    "cityscapes": (2, 720, 128, 256, 19),
+    "ade20k": (2, 720, 128, 256, 150),
+    "fullres": (1, 720, 1024, 2048, 19),
+    "fullres-ade20k": (2, 256, 1024, 2048, 150),
+}
+K = 10
+SMALL_HW = ((8, 8), (8, 16), (8, 24))  # the measured maps (H, W) per image
+METRICS = ("launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops")
+
+
+def _load_emulator():
+    spec = importlib.util.spec_from_file_location("cuda_sim_build", ROOT / "tools" / "cuda_sim" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.load(ROOT)
+
+
+def _cuda_backend():
+    """The 'cuda' backend on the emulator's ops (torch.ops.protoseg_cudasim), for this process only."""
+    import torch
+    from protoseg_ext import backends, ops
+
+    sim = _load_emulator()
+    ops.register_similarity_autograd("protoseg_cudasim")
+    ops.register_embed_similarity("protoseg_cudasim")
+
+    class EmulatedCuda(backends._OpsBackend):
+        name = "cuda"
+        namespace = "protoseg_cudasim"
+
+        def not_supported_reasons(self, device):
+            return []
+
+    backends._INSTANCES["cuda"] = EmulatedCuda()
+    return sim, torch
+
+
+def _gemm_unit(ev) -> str:
+    import torch
+
+    if ev["a"] in ("Half", "BFloat16") and ev["b"] == ev["a"]:
+        return "tensor cores (16-bit)"
+    if ev["a"] == "Double":
+        return "fp64 cuda cores"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tensor cores (tf32)"
+    return "fp32 cuda cores"
+
+
+def measure_step(meter, torch, backend, B, D, H, W, C, dtype):
+    """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind).
+
+    meter: a context manager whose value, after the block, is the list of events (cuda_sim's meter or
+    tools/triton_meter.TritonMeter)."""
+    from protoseg_ext import ProtoSegHead
+
+    torch.manual_seed(0)
+    head = ProtoSegHead(D, C, K, backend=backend, feat_norm=True, gamma=0.999, assign="argmax").train()
+    feats = torch.randn(B, D, H, W).to(dtype).requires_grad_()
+    gt = torch.randint(0, C, (B, H, W))
+    gt[:, 0, :2] = -1  # a few ignored pixels
+    head = head.to(dtype) if dtype != torch.float32 else head
+    with meter() as m:
+        out = head(feats, gt)
+        loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
+        loss = loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd
+        loss.backward()
+    events = m.events
+    groups = {}
+    for ev in events:
+        if ev["type"] == "kernel":
+            name, unit, flops = ev["name"], ev.get("unit", "memory"), ev.get("flops", 0)
+            stored = ev["bytes_stored"]
+            loaded = ev["bytes_loaded"]
+            sectors, ideal = ev["sectors"], ev["ideal_sectors"]
+        else:
+            unit = _gemm_unit(ev)
+            name = f"GEMM {ev['name']} ({ev['a']} x {ev['b']} -> {ev['out']}, k = {ev['k']})"
+            flops = ev["flops"]
+            out_bytes = ev["m"] * ev["n"] * {"Float": 4, "Double": 8}.get(ev["out"], 2)
+            loaded, stored = ev["bytes"] - out_bytes, out_bytes
+            sectors = ideal = (ev["bytes"] + 31) // 32
+        g = groups.setdefault(name, dict(name=name, unit=unit, reuse={}, **{m: 0 for m in METRICS}))
+        for dist, nbytes in ev["reuse"].items():
+            g["reuse"][int(dist)] = g["reuse"].get(int(dist), 0) + nbytes
+        g["launches"] += 1
+        g["bytes_loaded"] += loaded
+        g["bytes_stored"] += stored
+        g["sectors"] += sectors
+        g["ideal_sectors"] += ideal
+        g["unique_bytes"] += ev["unique_bytes"]
+        g["flops"] += flops
+    return groups
+
+
+def extrapolate(runs, Ns, N):
+    """Per kernel: each count at N from the runs at Ns (a + b n on the first two, checked on the third), and
+    the assumed L2 hits at N: the bytes an earlier event touched while the bytes touched since, scaled by
+    N / Ns[-1], stay within the L2 (from the largest run's reuse distances)."""
+    names = []
+    for r in runs:
+        names += [n for n in r if n not in names]
+    out = []
+    for name in names:
+        vals = {m: [r.get(name, {}).get(m, 0) for r in runs] for m in METRICS}
+        row = dict(name=name, unit=next(r[name]["unit"] for r in runs if name in r), scaling="linear")
+        for m in METRICS:
+            v = vals[m]
+            if m == "launches":
+                row[m] = v[-1]
+                continue
+            b = (v[1] - v[0]) / (Ns[1] - Ns[0])
+            a = v[0] - b * Ns[0]
+            pred = a + b * Ns[2]
+            if abs(pred - v[2]) <= 0.01 * max(abs(v[2]), 1):
+                row[m] = max(0.0, a + b * N)
+            elif max(v) <= 1.25 * min(v):  # data-dependent but flat (e.g. how many prototypes a step updates)
+                row[m] = max(v)
+                row["scaling"] = f"not linear ({m}: the largest measured)"
+            else:  # data-dependent and growing (e.g. how many pixels a step sums): in proportion to N
+                row[m] = v[2] * N / Ns[2]
+                row["scaling"] = f"not linear ({m}: proportional)"
+        ratios = [a / b for a, b in zip(vals["sectors"], vals["ideal_sectors"]) if b]
+        nonlinear = "not linear (sectors" in row["scaling"] or "not linear (ideal_sectors" in row["scaling"]
+        extrap = row["sectors"] / row["ideal_sectors"] if row["ideal_sectors"] else float("inf")
+        if ratios and (nonlinear or not min(ratios) * 0.99 <= extrap <= max(ratios) * 1.01):
+            # keep the largest run's coalescing ratio rather than two counts extrapolated apart
+            row["ideal_sectors"] = vals["ideal_sectors"][2] * N / Ns[2]
+            row["sectors"] = row["ideal_sectors"] * ratios[-1]
+            if not nonlinear:
+                row["scaling"] = "not linear (sectors: proportional)"
+        scale = N / Ns[-1]
+        last = runs[-1].get(name, {})
+        grow = row["unique_bytes"] / last["unique_bytes"] if last.get("unique_bytes") else 0.0
+        hits = sum(b for dist, b in last.get("reuse", {}).items() if dist * scale <= L2_BYTES) * grow
+        row["l2_hit_bytes"] = min(hits, row["unique_bytes"])
+        out.append(row)
+    return out
+
+
+def model(rows):
+    for r in rows:
+        dram = max(0.0, r["unique_bytes"] - r["l2_hit_bytes"])
+        t = [dram / HBM_BYTES_PER_S, r["sectors"] * 32 / L2_BYTES_PER_S]
+        peak = PEAKS.get(r["unit"])
+        if peak:
+            t.append(r["flops"] / peak)
+        r["modelled_us"] = max(t) * 1e6
+        r["dram_bytes"] = dram
+    return rows
+
+
+def compulsory(B, D, H, W, C, dtype_name):
+    """The step's compulsory bytes and flops: the ops' own figures (protoseg_ext.kernels.roofline)."""
+    try:
+        from protoseg_ext.kernels.roofline import h100_roofline
+    except ImportError:  # a checkout without the package installed: kernels/ is protoseg_ext.kernels
+        from kernels.roofline import h100_roofline
+
+    N = B * H * W
+    tot_b = tot_f = 0.0
+    for op in ("embed_similarity", "embed_similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema"):
+        r = h100_roofline(op, N, D, C, K, dtype_name)
+        tot_b += r["bytes"]
+        tot_f += r["flops"]
+    return tot_b, tot_f
+
+
+class _SimMeter:
+    """cuda_sim's meter (torch.ops.protoseg_cudasim.cudasim_meter) as a context manager."""
+
+    def __init__(self, sim):
+        self.sim, self.events = sim, []
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.sim.cudasim_meter("start")
+        return self
+
+    def __exit__(self, *exc):
+        self.sim.cudasim_meter("stop")
+        self.events = json.loads(self.sim.cudasim_meter("json"))
+        return False
+
+
+def run(backend: str, size: str, dtype: str):
+    if backend == "cuda":
+        sim, torch = _cuda_backend()
+        meter = _SimMeter(sim)
+    else:  # the Triton kernels under the interpreter, on CPU tensors
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("gpu_model: --backend triton meters the Triton interpreter: set TRITON_INTERPRET=1")
+        import torch
+
+        from tools.triton_meter import TritonMeter
+
+        try:
+            import protoseg_ext.kernels  # noqa: F401
+        except ImportError:  # a checkout without the package installed: kernels/ is protoseg_ext.kernels
+            import kernels
+
+            sys.modules["protoseg_ext.kernels"] = kernels
+
+        meter = TritonMeter
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    B, D, H, W, C = SIZES[size]
+    runs, Ns = [], []
+    for h, w in SMALL_HW:
+        runs.append(measure_step(meter, torch, backend, B, D, h, w, C, dt))
+        Ns.append(B * h * w)
+    N = B * H * W
+    rows = model(extrapolate(runs, Ns, N))
+    cb, cf = compulsory(B, D, H, W, C, "bfloat16" if dtype == "bf16" else "float32")
+    flops = sum(r["flops"] for r in rows)
+    peak = PEAKS["tensor cores (16-bit)"] if dtype == "bf16" else PEAKS["fp32 cuda cores"]
+    step = dict(compulsory_bytes=cb, unique_bytes=sum(r["unique_bytes"] for r in rows), flops=flops,
+                modelled_us=sum(r["modelled_us"] for r in rows),
+                roofline_us=max(cb / HBM_BYTES_PER_S, cf / peak) * 1e6, launches=sum(r["launches"] for r in rows))
+    return rows, step, dict(N=N, B=B, D=D, H=H, W=W, C=C, K=K, Ns=Ns, compulsory_flops=cf, backend=backend)
+
+
+KERNEL_KEYS = ("name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes",
+               "flops", "unit", "modelled_us")
+
+
+def as_json(rows, step) -> str:
+    kernels = [{k: (int(round(r[k])) if isinstance(r[k], float) and k != "modelled_us" else r[k]) for k in KERNEL_KEYS}
+               for r in rows]
+    return json.dumps(dict(kernels=kernels, step=step), indent=1)
+
+
+def as_table(rows, step, info, size, dtype) -> str:
+    mb = 1e6
+    lines = [
+        f"Modelled H100 SXM time of the head's training step, {info['backend']} backend, {size} "
+        f"(N = {info['N']:,}, D = {info['D']}, C = {info['C']}, K = {info['K']}), {dtype}",
+        f"measured in the {'cuda_sim emulator' if info['backend'] == 'cuda' else 'Triton interpreter'} at N = "
+        f"{', '.join(map(str, info['Ns']))} and extrapolated (see "
+        "`scaling`); HBM 3.35 TB/s, L2 50 MB, 989.5 TFLOPS bf16 dense, 67 TFLOPS fp32 (NVIDIA H100 SXM "
+        "datasheet); L2 5.5 TB/s (an assumption)",
+        "",
+        "| kernel | launches (measured) | MB loaded | MB stored | sectors / ideal | unique MB | assumed L2 hits MB "
+        "| GFLOP | unit | modelled us | scaling |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["modelled_us"]):
+        ratio = r["sectors"] / r["ideal_sectors"] if r["ideal_sectors"] else float("nan")
+        lines.append(
+            f"| {r['name']} | {r['launches']} | {r['bytes_loaded'] / mb:.1f} | {r['bytes_stored'] / mb:.1f} | "
+            f"{ratio:.2f} | {r['unique_bytes'] / mb:.1f} | {r['l2_hit_bytes'] / mb:.1f} | {r['flops'] / 1e9:.2f} | "
+            f"{r['unit']} | {r['modelled_us']:.1f} | {r['scaling']} |")
+    lines += [
+        "",
+        f"step: modelled {step['modelled_us']:.1f} us (sum of the kernels; ATen ops other than the GEMMs not "
+        f"metered), {step['unique_bytes'] / mb:.1f} MB unique, {step['flops'] / 1e9:.1f} GFLOP",
+        f"roofline of the step: {step['roofline_us']:.1f} us ({step['compulsory_bytes'] / mb:.1f} MB compulsory, "
+        f"{info['compulsory_flops'] / 1e9:.1f} GFLOP; protoseg_ext.kernels.roofline)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=["cuda", "triton"], default="cuda")
+    p.add_argument("--size", choices=list(SIZES), default="cityscapes")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--json", action="store_true", help="print one JSON object: kernels and step")
+    a = p.parse_args(argv)
+    if a.backend == "triton":  # before anything imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    rows, step, info = run(a.backend, a.size, a.dtype)
+    print(as_json(rows, step) if a.json else as_table(rows, step, info, a.size, a.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

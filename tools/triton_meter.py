@@ -1,0 +1,156 @@
+"""A traffic meter for the Triton kernels under the interpreter (TRITON_INTERPRET=1): a test and model tool.
+
+    with TritonMeter() as m:
+        ...  # launch Triton kernels on CPU tensors
+    m.events  # one dict per launch, in the format of cuda_sim's meter (tools/cuda_sim/runtime.cpp)
+
+Per launch (one per GridExecutor call): bytes loaded and stored by tl.load /
+tl.store / atomics of every program (masked-off lanes excluded), the 32-byte
+sectors of each such access (one access = one tl.load or tl.store of one
+program: the interpreter runs a program's block as one operation) against the
+ideal for the distinct bytes it requests, the distinct sectors the launch
+touches, the bytes an earlier launch touched with their reuse distances (as
+cuda_sim's meter), and the flops of tl.dot (2 M N K each) with the unit that
+runs them on a GPU. How a compiled kernel spreads a block over its warps is
+not known here: an access's sectors are those of the whole block, as if its
+lanes were grouped perfectly, so the ratio to the ideal shows gathers and
+strides, not the compiler's layout choices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+L2_BYTES = 50 << 20
+
+
+class TritonMeter:
+    def __init__(self):
+        self.events = []
+        self._cur = None
+        self._last_touch = {}  # sector -> bytes touched when its last event ended
+        self._touched = 0
+        self._saved = []
+
+    # ------------------------------------------------------------------ patching
+    def __enter__(self):
+        from triton.runtime import interpreter as I
+
+        meter = self
+        B = I.InterpreterBuilder
+
+        def wrap(cls, name, fn):
+            orig = getattr(cls, name)
+            self._saved.append((cls, name, orig))
+
+            def patched(*a, **k):
+                return fn(orig, *a, **k)
+
+            setattr(cls, name, patched)
+
+        def masked_load(orig, b, ptrs, mask, *rest):
+            meter._access("load", ptrs, mask)
+            return orig(b, ptrs, mask, *rest)
+
+        def masked_store(orig, b, ptrs, value, mask, *rest):
+            meter._access("store", ptrs, mask)
+            return orig(b, ptrs, value, mask, *rest)
+
+        def atomic_rmw(orig, b, op, ptr, val, mask, *rest):
+            meter._access("atomic", ptr, mask)
+            return orig(b, op, ptr, val, mask, *rest)
+
+        def atomic_cas(orig, b, ptr, cmp, val, *rest):
+            meter._access("atomic", ptr, None)
+            return orig(b, ptr, cmp, val, *rest)
+
+        def dot(orig, b, x, y, d, input_precision, *rest):
+            meter._dot(x, y, input_precision)
+            return orig(b, x, y, d, input_precision, *rest)
+
+        def launch(orig, ex, *args, **kwargs):
+            meter._begin(ex.fn.__name__)
+            try:
+                return orig(ex, *args, **kwargs)
+            finally:
+                meter._end()
+
+        wrap(B, "create_masked_load", masked_load)
+        wrap(B, "create_masked_store", masked_store)
+        wrap(B, "create_atomic_rmw", atomic_rmw)
+        wrap(B, "create_atomic_cas", atomic_cas)
+        wrap(B, "create_dot", dot)
+        wrap(I.GridExecutor, "__call__", launch)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, orig in reversed(self._saved):
+            setattr(cls, name, orig)
+        self._saved.clear()
+        return False
+
+    # ------------------------------------------------------------------ recording
+    def _begin(self, name):
+        self._cur = dict(type="kernel", name=name, bytes_loaded=0, bytes_stored=0, instructions=0, sectors=0,
+                         ideal_sectors=0, flops=0, unit="memory", sector_set=set())
+
+    def _access(self, kind, ptrs, mask):
+        c = self._cur
+        if c is None:
+            return
+        elem = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        addrs = np.asarray(ptrs.data, dtype=np.uint64).reshape(-1)
+        if mask is not None:
+            addrs = addrs[np.asarray(mask.data, dtype=bool).reshape(-1)]
+        if addrs.size == 0:
+            return
+        n = int(addrs.size) * elem
+        if kind != "store":
+            c["bytes_loaded"] += n
+        if kind != "load":
+            c["bytes_stored"] += n
+        distinct = np.unique(addrs)
+        first, last = distinct >> np.uint64(5), (distinct + np.uint64(elem - 1)) >> np.uint64(5)
+        sectors = np.unique(np.concatenate([first, last]))
+        c["instructions"] += 1
+        c["sectors"] += int(sectors.size)
+        c["ideal_sectors"] += (int(distinct.size) * elem + 31) // 32
+        c["sector_set"].update(sectors.tolist())
+
+    def _dot(self, x, y, input_precision):
+        c = self._cur
+        if c is None:
+            return
+        M, K = x.data.shape[-2], x.data.shape[-1]
+        N = y.data.shape[-1]
+        batch = int(np.prod(x.data.shape[:-2])) if x.data.ndim > 2 else 1
+        c["flops"] += 2 * M * N * K * batch
+        bits = x.dtype.primitive_bitwidth
+        if bits <= 16:
+            c["unit"] = "tensor cores (16-bit)"
+        elif bits == 64:
+            c["unit"] = "fp64 cuda cores"
+        else:
+            prec = str(input_precision).lower()
+            c["unit"] = "fp32 cuda cores" if "ieee" in prec else "tensor cores (tf32)"
+
+    def _end(self):
+        c, self._cur = self._cur, None
+        sectors = c.pop("sector_set")
+        hits, reuse = 0, {}
+        for s in sectors:
+            t = self._last_touch.get(s)
+            if t is None:
+                continue
+            d = self._touched - t
+            if d <= L2_BYTES:
+                hits += 1
+            b = 1 << max(0, int(d - 1).bit_length()) if d > 0 else 1
+            reuse[b] = reuse.get(b, 0) + 32
+        self._touched += 32 * len(sectors)
+        for s in sectors:
+            self._last_touch[s] = self._touched
+        c["unique_bytes"] = 32 * len(sectors)
+        c["l2_hit_bytes"] = 32 * hits
+        c["reuse"] = {str(k): v for k, v in sorted(reuse.items())}
+        self.events.append(c)
