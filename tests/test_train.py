@@ -53,7 +53,18 @@ def test_tiny_training_run_writes_everything(tmp_path):
     assert -1.0 <= saved["prototype_cosine"] <= 1.0 and set(saved["prototype_cosine_per_class"]) == set(saved["per_class_iou"])
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("iter,lr,loss,ce,ppc,ppd") and len(rows) == 1 + 2 + 2  # 2 log rows, 2 evaluations
-    assert rows[0].endswith(",miou,proto_cos") and rows[-1].split(",")[-1] == f"{saved['prototype_cosine']:.6g}"
+    assert rows[0].endswith(",miou,proto_cos,protos_in_use")
+    assert rows[-1].split(",")[-2] == f"{saved['prototype_cosine']:.6g}"
+    usage = saved["prototype_usage"]
+    assert rows[-1].split(",")[-1] == f"{usage['mean_in_use']:.6g}"
+    assert usage["num_prototype"] == 10 and set(usage["per_class"]) <= set(saved["per_class_iou"])
+    for name, u in usage["per_class"].items():
+        assert len(u["counts"]) == 10 and sum(u["counts"]) == u["pixels"] > 0
+        assert u["in_use"] == sum(c >= 0.01 * u["pixels"] and c > 0 for c in u["counts"])
+    # every labeled validation pixel counted once (head at full resolution: the label size)
+    labels = [loop.build_dataset("synthetic", "val", synthetic_size=[32, 64], synthetic_count=[8, 4], seed=0,
+                                 root=None).load(i)[1] for i in range(4)]  # fmt: skip
+    assert sum(u["pixels"] for u in usage["per_class"].values()) == sum(int((lb != IGNORE_INDEX).sum()) for lb in labels)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["iter"] == 4 and "head.prototypes" in state["model"]
     assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["iter"] == 2  # the one before, kept
@@ -67,7 +78,7 @@ def test_loss_goes_down(tmp_path, head_stride):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("assign", ["argmax", "gumbel"])
+@pytest.mark.parametrize("assign", ["argmax", "gumbel", "sample"])
 def test_resume_equals_uninterrupted_run(tmp_path, assign):
     """2n iterations == n iterations, stop, resume, n more: bitwise (weights, prototypes, optimizer, RNG)."""
     common = ["--iters", "6", "--eval-every", "100", "--assign", assign, "--seed", "1"]
@@ -229,6 +240,35 @@ def test_evaluation_matches_the_official_cityscapes_rule(tmp_path):
     assert metrics["per_class_iou"]["train"] == 0.0  # absent from the ground truth, predicted: counts as 0
     assert metrics["per_class_iou"]["bus"] is None  # neither: left out of the mean
     assert metrics["miou"] == pytest.approx(miou)
+
+
+@pytest.mark.parametrize("head_stride", [1, 4])
+def test_prototype_usage_counts_the_nearest_prototype_of_the_class(head_stride):
+    """ProtoSegNet.predict's usage against a brute-force count over the head's embeddings."""
+    from protoseg_ext.train.model import ProtoSegNet, prototype_usage
+
+    torch.manual_seed(0)
+    net = ProtoSegNet(4, proj_dim=8, width=4, num_prototype=3, head_stride=head_stride, ignore_index=255,
+                      backend="reference").eval()  # fmt: skip
+    images = torch.randn(2, 3, 16, 24)
+    labels = torch.randint(0, 4, (2, 16, 24))
+    labels[:, :3] = 255
+    labels[labels == 2] = 255  # class 2 absent
+    seg, usage = net.predict(images, labels, chunk=100)  # several chunks
+    torch.testing.assert_close(seg, net(images)[0])
+    emb = net._head_input(images, labels.shape[-2:])
+    small = torch.nn.functional.interpolate(labels[:, None].float(), size=emb.shape[-2:], mode="nearest")[:, 0].long()
+    x = net.head.embed(emb)  # (N, D), LayerNorm and L2 as the head does
+    gt = small.reshape(-1)
+    P = torch.nn.functional.normalize(net.head.prototypes, dim=-1)
+    want = torch.zeros(4, 3, dtype=torch.int64)
+    for n in torch.nonzero(gt != 255)[:, 0].tolist():
+        c = int(gt[n])
+        want[c, int((P[c] @ x[n]).argmax())] += 1
+    assert torch.equal(usage, want) and usage[2].sum() == 0 and usage.sum() == (gt != 255).sum()
+    u = prototype_usage(torch.tensor([[97, 2, 1], [0, 0, 0], [50, 50, 0]]), min_share=0.015)
+    assert u["in_use"].tolist() == [2, 0, 2] and u["pixels"].tolist() == [100, 0, 100]
+    assert net.predict(images)[1] is None
 
 
 def test_prototype_cosine():

@@ -40,7 +40,7 @@ from .data import (
     default_crop,
 )
 from ..backends import resolve as resolve_backend
-from .model import BackboneError, ProtoSegNet, prototype_cosine
+from .model import BackboneError, ProtoSegNet, prototype_cosine, prototype_usage
 
 # settings a resumed run must share with its checkpoint (they define the schedule)
 SCHEDULE_KEYS = (
@@ -49,7 +49,7 @@ SCHEDULE_KEYS = (
     "ppc_weight", "ppd_weight", "gamma", "assign", "proto_sync", "seed", "synthetic_size",
     "synthetic_count", "world_size", "backbone",
 )  # fmt: skip
-LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou", "proto_cos")
+LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou", "proto_cos", "protos_in_use")
 
 # --recipe NAME: defaults for a published setting; a flag given on the command line overrides them.
 # cityscapes-hrnet48: the official ProtoSeg Cityscapes run (tfzhou/ProtoSeg, configs/cityscapes/
@@ -91,9 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--head-stride", type=int, choices=[1, 4], default=1,
         help="1: prototype head on every pixel (default); 4: official 1/4 resolution")  # fmt: skip
     arg("--gamma", type=float, default=0.999, help="prototype momentum (default: 0.999)")
-    arg("--assign", choices=["gumbel", "argmax"], default="gumbel",
-        help="assignment for the prototype update: gumbel (official, default) or argmax (deterministic, "
-             "keeps the K prototypes of a class apart; see the README)")  # fmt: skip
+    arg("--assign", choices=["gumbel", "argmax", "sample"], default="gumbel",
+        help="the prototype each pixel updates, from its Sinkhorn row Q: gumbel, argmax(Q + g) (official, "
+             "default; close to uniform), argmax, argmax(Q) (deterministic), or sample, argmax(log Q + g) "
+             "(a draw with probabilities Q); g standard Gumbel noise. See the README")  # fmt: skip
     arg("--proto-sync", choices=["official", "exact"], default="official",
         help="with several processes: average the updated prototypes (official, default) or sum the statistics")  # fmt: skip
     arg("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
@@ -283,12 +284,16 @@ def evaluate(net, val_set, args, device, rank, world, out: Path):
     view = EvalView(val_set, range(rank, n, world))
     loader = DataLoader(view, batch_size=1, num_workers=min(args.workers, 1), generator=torch.Generator())
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)  # row: ground truth, column: prediction
+    K = net.head.num_prototype
+    usage = torch.zeros(C, K, dtype=torch.int64, device=device)  # pixels nearest to each prototype of their class
     was_training = net.training
     net.eval()
     saved = 0
     for image, label, index in loader:
         image, label = image.to(device), label.to(device)
-        pred = net(image)[0].argmax(1)
+        seg, used = net.predict(image, label)
+        pred = seg.argmax(1)
+        usage += used
         valid = label != IGNORE_INDEX
         confusion += torch.bincount(label[valid] * C + pred[valid], minlength=C * C)
         if rank == 0 and saved < args.num_preds:
@@ -297,13 +302,38 @@ def evaluate(net, val_set, args, device, rank, world, out: Path):
     net.train(was_training)
     if world > 1:
         dist.all_reduce(confusion)
+        dist.all_reduce(usage)
     metrics = iou_metrics(confusion.view(C, C).cpu(), val_set.class_names)
     cos = prototype_cosine(net.head.prototypes).cpu()
     gt_present = confusion.view(C, C).sum(1).cpu() > 0
     # mean over the classes of the validation ground truth (absent classes keep their initial prototypes)
     metrics["prototype_cosine"] = float(cos[gt_present].mean()) if gt_present.any() else float(cos.mean())
     metrics["prototype_cosine_per_class"] = {name: float(cos[c]) for c, name in enumerate(val_set.class_names)}
+    metrics["prototype_usage"] = usage_metrics(usage.cpu(), val_set.class_names)
     return metrics
+
+
+USAGE_MIN_SHARE = 0.01
+
+
+def usage_metrics(usage: torch.Tensor, class_names) -> dict:
+    """``metrics.json``'s ``prototype_usage`` from the ``(C, K)`` counts of :meth:`ProtoSegNet.predict`.
+
+    Over the evaluation, every labeled pixel at the head's resolution counts
+    for the prototype of its ground-truth class nearest to it. A prototype is
+    in use when it is the nearest for at least ``USAGE_MIN_SHARE`` (1%) of its
+    class's pixels: K in use is every sub-centre serving, 1 is collapse or
+    dead prototypes. ``mean_in_use`` averages over the classes with pixels."""
+    u = prototype_usage(usage, USAGE_MIN_SHARE)
+    present = u["pixels"] > 0
+    per_class = {
+        name: {"pixels": int(u["pixels"][c]), "in_use": int(u["in_use"][c]), "counts": [int(v) for v in usage[c]]}
+        for c, name in enumerate(class_names) if present[c]
+    }  # fmt: skip
+    mean = float(u["in_use"][present].double().mean()) if present.any() else 0.0
+    return {"definition": "labeled pixels per prototype of their ground-truth class, nearest by cosine",
+            "min_share": USAGE_MIN_SHARE, "num_prototype": int(usage.shape[1]), "mean_in_use": mean,
+            "per_class": per_class}  # fmt: skip
 
 
 def iou_metrics(confusion: torch.Tensor, class_names) -> dict:
@@ -334,14 +364,22 @@ def save_prediction(folder: Path, dataset, index: int, label: np.ndarray, pred: 
 
 
 def iou_table(metrics: dict, it: int) -> str:
-    """The per-class IoU and prototype cosine of the scored classes, and the means."""
+    """The per-class IoU, prototype cosine and prototypes in use of the scored classes, and the means."""
     present = {n: v for n, v in metrics["per_class_iou"].items() if v is not None}
     cos = metrics.get("prototype_cosine_per_class", {})
+    usage = metrics.get("prototype_usage", {})
+    K, used = usage.get("num_prototype"), usage.get("per_class", {})
+    in_use = f", prototypes in use {usage['mean_in_use']:.1f} of {K}" if usage else ""
     lines = [f"iter {it}: mIoU {100 * metrics['miou']:.2f}  (pixel accuracy {100 * metrics['pixel_accuracy']:.2f}), "
-             f"prototype cosine {metrics.get('prototype_cosine', float('nan')):.3f}"]  # fmt: skip
+             f"prototype cosine {metrics.get('prototype_cosine', float('nan')):.3f}{in_use}"]  # fmt: skip
     width = max(len(n) for n in present) if present else 5
-    lines.append(f"  {'class':<{width}}  IoU (%)  proto cos")
-    lines += [f"  {name:<{width}}  {100 * v:7.2f}  {cos.get(name, float('nan')):9.3f}" for name, v in present.items()]
+    lines.append(f"  {'class':<{width}}  IoU (%)  proto cos  in use")
+
+    def use(name):
+        return f"{used[name]['in_use']:>3} / {K}" if name in used else "     -"
+
+    lines += [f"  {name:<{width}}  {100 * v:7.2f}  {cos.get(name, float('nan')):9.3f}  {use(name)}"
+              for name, v in present.items()]  # fmt: skip
     absent = len(metrics["per_class_iou"]) - len(present)
     if absent:
         lines.append(f"  ({absent} classes neither in the ground truth nor predicted, left out of the mean)")
@@ -454,9 +492,11 @@ def train(args) -> dict:
                 atomic_save({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"], "iters": it,
                              "pixel_accuracy": metrics["pixel_accuracy"],
                              "prototype_cosine": metrics["prototype_cosine"],
-                             "prototype_cosine_per_class": metrics["prototype_cosine_per_class"]},
+                             "prototype_cosine_per_class": metrics["prototype_cosine_per_class"],
+                             "prototype_usage": metrics["prototype_usage"]},
                             out / "metrics.json")  # fmt: skip
-                log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"])
+                log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"],
+                          protos_in_use=metrics["prototype_usage"]["mean_in_use"])
                 if args.num_pictures > 0:
                     save_pictures(net, val_set, out / "pictures", it, device, args.num_pictures)
         if rank == 0 and (evaluating or it == stop):

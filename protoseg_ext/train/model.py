@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..head import ProtoSegHead
 
 __all__ = [
@@ -275,15 +276,20 @@ class ProtoSegNet(nn.Module):
         """``(B, 3, H, W)`` -> L2-normalised embeddings ``(B, D, H/4, W/4)``."""
         return self.proj_head(self.cls_head(self.backbone(images)))
 
-    def forward(
-        self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        size = images.shape[-2:] if labels is None else labels.shape[-2:]
+    def _head_input(self, images: torch.Tensor, size) -> torch.Tensor:
+        """The embeddings the prototype head sees: at 1/4, or upsampled to ``size`` (head_stride 1)."""
         emb = self.embed(images)
         if self.head_stride == 1:  # full resolution: one embedding per labeled pixel
             # channels-last, so the head's (B, D, H, W) -> (N, D) is a view, not a copy
             emb = emb.contiguous(memory_format=torch.channels_last)
             emb = F.interpolate(emb, size=size, mode="bilinear", align_corners=True)
+        return emb
+
+    def forward(
+        self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        size = images.shape[-2:] if labels is None else labels.shape[-2:]
+        emb = self._head_input(images, size)
         out = self.head(emb, labels)
         seg = out.seg
         if seg.shape[-2:] != size:
@@ -295,6 +301,58 @@ class ProtoSegNet(nn.Module):
         ce = F.cross_entropy(seg, labels, ignore_index=self.ignore_index, reduction="sum") / n_valid
         loss = ce + self.ppc_weight * out.loss_ppc + self.ppd_weight * out.loss_ppd
         return seg, {"loss": loss, "ce": ce, "ppc": out.loss_ppc, "ppd": out.loss_ppd}
+
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, chunk: int = 1 << 16):
+        """Inference: ``(seg (B, C, H, W) logits at the image size, usage)``.
+
+        With ``labels (B, H, W)``, ``usage`` is the ``(C, K)`` int64 count of
+        prototype use: each labeled pixel at the head's resolution (labels
+        nearest-downsampled as in training) counted once, for the prototype of
+        its ground-truth class nearest to its embedding (``argmax_k`` of the
+        cosine, as the head's seg logits take it). Without labels it is None.
+        ``chunk`` pixels at a time, so the ``(N, D)`` embedding is never copied whole.
+        """
+        size = images.shape[-2:] if labels is None else labels.shape[-2:]
+        emb = self._head_input(images, size)
+        seg = self.head(emb).seg
+        if seg.shape[-2:] != size:
+            seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+        if labels is None:
+            return seg, None
+        head = self.head
+        B, D, h, w = emb.shape
+        C, K = head.num_classes, head.num_prototype
+        gt = head._labels_at(labels, B, h, w)  # (N,), ignored pixels marked head.target_ignore
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, D)
+        protos = F.normalize(head.prototypes, dim=-1)
+        be = backends.resolve(head.backend, emb.device)
+        usage = torch.zeros(C * K, dtype=torch.int64, device=emb.device)
+        for i in range(0, rows.shape[0], chunk):
+            g = gt[i:i + chunk]
+            keep = g != head.target_ignore
+            if not bool(keep.any()):
+                continue
+            x = F.normalize(head.feat_norm(rows[i:i + chunk][keep]), dim=-1).to(protos.dtype)
+            g = g[keep]
+            own = be.similarity(x, protos, g, ignore_index=head.target_ignore, seg=False, own=True).own
+            usage += torch.bincount(g * K + own.argmax(dim=1), minlength=C * K)
+        return seg, usage.view(C, K)
+
+
+def prototype_usage(counts: torch.Tensor, min_share: float = 0.01) -> dict:
+    """Summary of ``(C, K)`` pixel counts per prototype (:meth:`ProtoSegNet.predict`).
+
+    A prototype is *in use* when it is the nearest of its class for at least
+    ``min_share`` of the class's pixels. Returns ``pixels (C,)``, ``in_use (C,)``
+    (0 for a class with no pixel) and ``share (C, K)`` (each row sums to 1, or 0).
+    """
+    counts = counts.double()
+    pixels = counts.sum(1)
+    share = counts / pixels.clamp(min=1)[:, None]
+    in_use = ((share >= min_share) & (counts > 0)).sum(1)
+    return {"pixels": pixels.long(), "in_use": in_use, "share": share}
 
 
 @torch.no_grad()
