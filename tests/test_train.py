@@ -110,6 +110,15 @@ def test_resume_refuses_another_schedule(tmp_path):
         run(tmp_path, "--iters", "8", "--resume")
 
 
+def test_multi_look_scenes_train_and_belong_to_the_schedule(tmp_path):
+    run(tmp_path, "--iters", "2", "--eval-every", "2", "--synthetic-looks", "3", "--num-pictures", "0")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"]["synthetic_looks"] == 3
+    with pytest.raises(SystemExit, match="--synthetic-looks 3"):  # other scenes: not the same run
+        run(tmp_path, "--iters", "2", "--resume")
+    with pytest.raises(SystemExit):
+        main(["--dataset", "cityscapes", "--data-root", str(tmp_path), "--synthetic-looks", "3"])
+
+
 def test_unavailable_backend_says_why(tmp_path):
     with pytest.raises(SystemExit, match="cannot run on cpu"):
         run(tmp_path, "--backend", "cuda", "--device", "cpu")

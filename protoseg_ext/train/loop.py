@@ -47,7 +47,7 @@ SCHEDULE_KEYS = (
     "dataset", "iters", "batch_size", "crop", "scale_range", "no_flip", "lr", "momentum",
     "weight_decay", "poly_power", "width", "proj_dim", "num_prototype", "head_stride",
     "ppc_weight", "ppd_weight", "gamma", "assign", "proto_sync", "seed", "synthetic_size",
-    "synthetic_count", "world_size", "backbone",
+    "synthetic_count", "world_size", "backbone", "synthetic_looks",
 )  # fmt: skip
 LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou", "proto_cos", "protos_in_use")
 
@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--no-flip", action="store_true", help="no random horizontal flip")
     arg("--synthetic-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"), help="default: 128 256")
     arg("--synthetic-count", type=int, nargs=2, default=(256, 32), metavar=("TRAIN", "VAL"), help="default: 256 32")
+    arg("--synthetic-looks", type=int, choices=[1, 2, 3], default=1,
+        help="distinct looks (colour, texture, shape) per synthetic class, drawn in uneven shares (3: 57%%, 29%%, "
+             "14%% of the objects), so a class has several sub-centres for its K prototypes (default: 1)")  # fmt: skip
     arg("--workers", type=int, default=1, help="data loading processes per rank, 0: none (default: 1)")
     arg = p.add_argument_group("model").add_argument
     arg("--backbone", default="compact", metavar="NAME",
@@ -143,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pretrained {args.pretrained}: no such file")
     if args.dataset != "synthetic" and not args.data_root:
         p.error(f"--dataset {args.dataset} needs --data-root")
+    if args.dataset != "synthetic" and args.synthetic_looks != 1:
+        p.error(f"--synthetic-looks is for --dataset synthetic; write {args.dataset} files with several looks with "
+                f"python -m protoseg_ext.train.data {args.dataset} DIR --looks {args.synthetic_looks}")  # fmt: skip
     if args.crop is None:
         args.crop = default_crop(args.dataset, args.synthetic_size)
     # lists, as they come back from a checkpoint, so the resume check compares like with like
@@ -435,7 +441,8 @@ def train(args) -> dict:
     out = Path(args.out)
 
     # every check that can fail on the user's input runs before anything is written to OUT
-    data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count, seed=args.seed)
+    data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count,
+                   seed=args.seed, synthetic_looks=args.synthetic_looks)  # fmt: skip
     train_set, val_set = build_dataset(args.dataset, "train", **data_kw), build_dataset(args.dataset, "val", **data_kw)
     if not args.no_label_check:
         for ds in (train_set, val_set):
@@ -571,7 +578,7 @@ def load_checkpoint(state: dict, path: Path, args, net, opt, sched) -> int:
     """Restore a checkpoint of the same schedule; returns the iteration to continue from."""
     saved = state["args"]
     # a setting newer than the checkpoint had, when it was written, the value that was then the only one
-    before = {"backbone": "compact"}
+    before = {"backbone": "compact", "synthetic_looks": 1}
     diff = [f"--{k.replace('_', '-')} {saved.get(k, before.get(k))!r} (now {getattr(args, k)!r})"
             for k in SCHEDULE_KEYS if saved.get(k, before.get(k)) != getattr(args, k)]  # fmt: skip
     if diff:
