@@ -317,6 +317,92 @@ def test_recipe_sets_the_official_setting_and_flags_override(monkeypatch):
     assert loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs", "--batch-size", "3"]).batch_size == 3
 
 
+def test_recipe_holds_the_official_cityscapes_run(monkeypatch):
+    """The preset against the official run's values, written out here from tfzhou/ProtoSeg
+    configs/cityscapes/H_48_D_4_proto.json (loss.params.ce_weight, train_trans.random_brightness,
+    train_trans.random_resize, network.bn_type "torchsyncbn", data.workers 8) and
+    scripts/cityscapes/hrnet/run_h_48_d_4_proto.sh (MAX_ITERS 80000, BATCH_SIZE 8, BASE_LR 0.01)."""
+    ce_weight = [0.8373, 0.9180, 0.8660, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539, 0.9843,
+                 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    a = loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs"])
+    assert a.ce_weight == ce_weight
+    assert a.brightness == 10 and a.aspect_range == [0.9, 1.1] and a.scale_range == [0.5, 2.0] and not a.no_flip
+    assert a.sync_bn and a.workers == 8 and (a.iters, a.batch_size, a.lr) == (80000, 8, 0.01)
+    b = loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs", "--brightness", "0", "--no-sync-bn",
+                         "--aspect-range", "1", "1", "--ce-weight", *["1"] * 19])  # fmt: skip
+    assert (b.brightness, b.sync_bn, b.aspect_range, b.ce_weight) == (0, False, [1.0, 1.0], [1.0] * 19)
+    plain = loop.parse_args([])  # without the recipe: none of them
+    assert (plain.brightness, plain.aspect_range, plain.ce_weight) == (0, [1.0, 1.0], None)
+    for bad in (["--brightness", "-1"], ["--aspect-range", "1.1", "0.9"]):
+        with pytest.raises(SystemExit):
+            loop.parse_args(bad)
+
+
+def test_workers_capped_at_the_cores(monkeypatch):
+    monkeypatch.setattr(loop, "available_cores", lambda: 6)
+    assert loop.cap_workers(8) == 6 and loop.cap_workers(8, local_processes=4) == 1
+    assert loop.cap_workers(2, local_processes=2) == 2 and loop.cap_workers(4, local_processes=2) == 3
+    assert loop.cap_workers(0) == 0 and loop.cap_workers(1, local_processes=16) == 1
+
+
+def test_sync_batchnorm_under_ddp_on_gpus():
+    from protoseg_ext.train.model import ProtoSegNet
+
+    def kinds(net):
+        return {type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert kinds(loop.sync_batchnorm(ProtoSegNet(3, proj_dim=8, width=4), True, 2, torch.device("cuda"))) == {
+        "SyncBatchNorm"}  # fmt: skip
+    for enabled, world, dev in ((False, 2, "cuda"), (True, 1, "cuda"), (True, 2, "cpu")):
+        assert kinds(loop.sync_batchnorm(ProtoSegNet(3, proj_dim=8, width=4), enabled, world, torch.device(dev))) == {
+            "BatchNorm2d"}  # fmt: skip
+
+
+def test_weighted_cross_entropy_is_the_official_mean():
+    from protoseg_ext.train.model import ProtoSegNet
+
+    torch.manual_seed(0)
+    w = [0.5, 1.0, 2.0]
+    net = ProtoSegNet(3, proj_dim=8, width=4, num_prototype=2, ignore_index=255, ce_weight=w, backend="reference")
+    images, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    labels[0, :4] = 255
+    seg, losses = net(images, labels)
+    want = torch.nn.CrossEntropyLoss(weight=torch.tensor(w), ignore_index=255)(seg, labels)  # reduction "mean"
+    torch.testing.assert_close(losses["ce"], want)
+    plain = torch.nn.CrossEntropyLoss(ignore_index=255)(seg, labels)
+    assert not torch.allclose(losses["ce"], plain)
+    assert "ce_weight" not in net.state_dict()  # checkpoints stay as they were
+    with pytest.raises(ValueError, match="ce_weight"):
+        ProtoSegNet(3, proj_dim=8, width=4, ce_weight=[1.0, 2.0])
+
+
+def test_official_brightness_and_aspect_augmentation():
+    from protoseg_ext.train.data import random_scale_crop_flip
+
+    image = np.full((40, 40, 3), 100, np.uint8)
+    image[0, 0] = 250  # clipped at 255 when shifted up
+    label = np.zeros((40, 40), np.uint8)
+    shifts, sizes = set(), set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        img, lbl = random_scale_crop_flip(image, label, rng, (60, 60), (1.0, 1.0), flip=False,
+                                          aspect_range=(0.9, 1.1), brightness=10)  # fmt: skip
+        ref = np.random.default_rng(seed)
+        ref.uniform(1.0, 1.0)
+        a = ref.uniform(0.9, 1.1)
+        h, w = int(round(40 / np.sqrt(a))), int(round(40 * np.sqrt(a)))
+        assert (lbl != IGNORE_INDEX).sum() == h * w and (lbl[:h, :w] == 0).all()  # the resized image, padded
+        sizes.add((h, w))
+        shift = int(img[h // 2, w // 2, 0]) - 100
+        assert -10 <= shift <= 10 and (img[h // 2, w // 2] == 100 + shift).all()
+        shifts.add(shift)
+    assert len(shifts) > 5 and len(sizes) > 3 and any(h > w for h, w in sizes) and any(h < w for h, w in sizes)
+    # defaults: no brightness shift and no aspect draw (the old random stream)
+    img, lbl = random_scale_crop_flip(image, label, np.random.default_rng(0), (60, 60), (1.0, 1.0), flip=False)
+    assert (lbl != IGNORE_INDEX).sum() == 1600 and img[5, 5, 0] == 100
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -596,14 +596,26 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> Tuple[torch.Tensor, torc
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(label.astype(np.int64))
 
 
-def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip=True):
+def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip=True, aspect_range=(1.0, 1.0),
+                           brightness=0):  # fmt: skip
     """Official augmentation: resize by a random factor, pad to the crop (label: ignored),
-    take a random crop, flip horizontally with probability 1/2."""
+    take a random crop, flip horizontally with probability 1/2, shift the brightness.
+
+    ``aspect_range`` (official Cityscapes 0.9-1.1): the resize draws an aspect
+    ratio ``a`` too and scales the width by ``sqrt(a) * s``, the height by
+    ``s / sqrt(a)`` (the official RandomResize). ``brightness`` (official 10):
+    an integer shift drawn from ``[-brightness, brightness]`` added to every
+    channel, clipped to [0, 255] (the official RandomBrightness). Their defaults
+    draw nothing, so the other settings' random streams are unchanged."""
     Image = _pil()
     ch, cw = crop
     s = rng.uniform(*scale_range)
+    sh = sw = s
+    if tuple(aspect_range) != (1.0, 1.0):
+        a = rng.uniform(*aspect_range)
+        sh, sw = s / np.sqrt(a), s * np.sqrt(a)
     h, w = label.shape
-    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    nh, nw = max(1, int(round(h * sh))), max(1, int(round(w * sw)))
     if (nh, nw) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
         label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
@@ -617,6 +629,9 @@ def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip
     image, label = image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
     if flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
+    if brightness:
+        shift = int(rng.integers(-brightness, brightness + 1))
+        image = np.clip(image.astype(np.int16) + shift, 0, 255).astype(np.uint8)
     return image, label
 
 
@@ -625,8 +640,9 @@ class TrainView(Dataset):
     the augmentation of image ``i`` in ``epoch`` comes from a generator seeded by
     ``(seed, epoch, i)``."""
 
-    def __init__(self, base, crop, scale_range=(0.5, 2.0), flip=True, seed=0):
+    def __init__(self, base, crop, scale_range=(0.5, 2.0), flip=True, seed=0, aspect_range=(1.0, 1.0), brightness=0):
         self.base, self.crop, self.scale_range, self.flip, self.seed = base, tuple(crop), scale_range, flip, seed
+        self.aspect_range, self.brightness = tuple(aspect_range), int(brightness)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -635,7 +651,8 @@ class TrainView(Dataset):
         i, epoch = key
         image, label = self.base.load(i)
         rng = np.random.default_rng([self.seed, epoch, i])
-        image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip)
+        image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip,
+                                              self.aspect_range, self.brightness)  # fmt: skip
         return to_tensors(image, label)
 
 

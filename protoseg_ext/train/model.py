@@ -28,7 +28,7 @@ Resolution of the prototype head (``head_stride``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +235,8 @@ class ProtoSegNet(nn.Module):
     ``(seg (B, C, H, W), losses)``: logits at the image size and, with labels,
     ``{"loss", "ce", "ppc", "ppd"}`` where
     ``loss = ce + ppc_weight * ppc + ppd_weight * ppd`` (official 0.01, 0.001).
+    ``ce_weight`` (C values): per-class weights of the cross-entropy, as the
+    official configs' ``loss.params.ce_weight`` (None: unweighted).
     """
 
     def __init__(
@@ -253,8 +255,14 @@ class ProtoSegNet(nn.Module):
         sync: str = "official",
         backbone: str = "compact",
         pretrained: Optional[str] = None,
+        ce_weight: Optional[Sequence[float]] = None,
     ):
         super().__init__()
+        if ce_weight is not None and len(ce_weight) != num_classes:
+            raise ValueError(f"ce_weight has {len(ce_weight)} values for {num_classes} classes")
+        # the official loss's per-class CE weights (config loss.params.ce_weight); not part of the state_dict
+        weight = None if ce_weight is None else torch.tensor([float(w) for w in ce_weight])
+        self.register_buffer("ce_weight", weight, persistent=False)
         if head_stride not in (1, 4):
             raise ValueError(f"head_stride must be 1 (full resolution) or 4, got {head_stride}")
         self.head_stride, self.ignore_index = head_stride, ignore_index
@@ -296,9 +304,15 @@ class ProtoSegNet(nn.Module):
             seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
         if labels is None:
             return seg, None
-        # mean over labeled pixels; a crop with none gives 0, not NaN
-        n_valid = (labels != self.ignore_index).sum().clamp(min=1)
-        ce = F.cross_entropy(seg, labels, ignore_index=self.ignore_index, reduction="sum") / n_valid
+        # mean over labeled pixels (weighted: sum of w[y] * loss / sum of w[y], as nn.CrossEntropyLoss's
+        # mean); a crop with none gives 0, not NaN
+        valid = labels != self.ignore_index
+        if self.ce_weight is None:
+            n_valid = valid.sum().clamp(min=1)
+        else:
+            n_valid = self.ce_weight.to(seg.dtype)[labels[valid]].sum().clamp(min=1e-12)
+        ce = F.cross_entropy(seg, labels, weight=None if self.ce_weight is None else self.ce_weight.to(seg.dtype),
+                             ignore_index=self.ignore_index, reduction="sum") / n_valid  # fmt: skip
         loss = ce + self.ppc_weight * out.loss_ppc + self.ppd_weight * out.loss_ppd
         return seg, {"loss": loss, "ce": ce, "ppc": out.loss_ppc, "ppd": out.loss_ppd}
 
