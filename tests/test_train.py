@@ -1,6 +1,8 @@
 """The training script end to end, on tiny images: outputs, resume equivalence, errors, two processes."""
 
+import csv
 import importlib.util
+import math
 import json
 import os
 import socket
@@ -554,3 +556,57 @@ def test_checkpoint_from_before_the_backbone_option_resumes(tmp_path, capsys):
     if importlib.util.find_spec("timm") is not None:  # another backbone is another run
         with pytest.raises(SystemExit, match="--backbone 'compact'"):
             run(tmp_path, "--iters", "4", "--resume", "--backbone", "resnet18")
+
+
+# ---------------------------------------------------------------- the assignment sweep
+
+
+def test_sweep_writes_the_table_of_every_arm(tmp_path, monkeypatch, capsys):
+    import statistics
+
+    from protoseg_ext.train import sweep
+
+    argv = ["--out", str(tmp_path), "--seeds", "3", "5", "--assign", "gumbel", "sample", "--iters", "2", "--", *TINY,
+            "--num-pictures", "1"]  # fmt: skip
+    rows = sweep.main(argv)
+    assert [(r["dataset"], r["assign"]) for r in rows] == [
+        ("synthetic", "gumbel"), ("synthetic", "sample"), ("multilook", "gumbel"), ("multilook", "sample")]
+    for r in rows:
+        runs = [json.loads((tmp_path / "runs" / r["dataset"] / r["assign"] / f"seed{s}" / "metrics.json").read_text())
+                for s in (3, 5)]  # fmt: skip
+        args = torch.load(tmp_path / "runs" / r["dataset"] / r["assign"] / "seed5" / "checkpoint.pt",
+                          weights_only=True)["args"]  # fmt: skip
+        assert (args["assign"], args["seed"], args["iters"]) == (r["assign"], 5, 2)
+        assert args["synthetic_looks"] == (3 if r["dataset"] == "multilook" else 1)
+        assert r["seeds"] == [3, 5]
+        miou = [100 * m["miou"] for m in runs]
+        assert r["miou_mean"] == pytest.approx(statistics.mean(miou))
+        assert r["miou_std"] == pytest.approx(statistics.stdev(miou))
+        cos = [m["prototype_cosine"] for m in runs]
+        assert r["prototype_cosine_mean"] == pytest.approx(statistics.mean(cos))
+        assert r["prototype_cosine_std"] == pytest.approx(statistics.stdev(cos))
+        use = [m["prototype_usage"]["mean_in_use"] for m in runs]
+        assert r["prototypes_in_use_mean"] == pytest.approx(statistics.mean(use))
+        for c, v in r["prototype_cosine_per_class"].items():
+            assert v == pytest.approx(statistics.mean(m["prototype_cosine_per_class"][c] for m in runs))
+        assert (tmp_path / "pictures" / f"similarity_{r['dataset']}_{r['assign']}.png").is_file()
+    md = (tmp_path / "table.md").read_text()
+    first = rows[0]
+    assert f"| synthetic | gumbel | 2 | {first['miou_mean']:.1f} ± {first['miou_std']:.1f} |" in md
+    assert "Per-class prototype cosine, multilook" in md
+    table = list(csv.DictReader((tmp_path / "table.csv").read_text().splitlines()))
+    assert len(table) == 4 and float(table[3]["miou_mean"]) == pytest.approx(rows[3]["miou_mean"])
+    assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 8
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+    # finished runs are kept, not run again; the table of a partial sweep counts only the finished runs
+    def no_training(argv):
+        raise AssertionError("ran again")
+
+    monkeypatch.setattr(loop, "main", no_training)
+    assert sweep.main(argv) == rows
+    part = sweep.main(["--out", str(tmp_path), "--seeds", "3", "9", "--assign", "sample", "--datasets", "multilook",
+                       "--iters", "2", "--table-only"])  # fmt: skip
+    assert part[0]["seeds"] == [3] and math.isnan(part[0]["miou_std"])  # one seed: no spread
+    assert part[0]["miou_mean"] == pytest.approx(100 * json.loads(
+        (tmp_path / "runs" / "multilook" / "sample" / "seed3" / "metrics.json").read_text())["miou"])
