@@ -216,10 +216,14 @@ class ReplayNet(torch.nn.Module):
         self.preds, self.C = list(preds), num_classes
         self.head = torch.nn.Module()
         self.head.register_buffer("prototypes", torch.nn.functional.normalize(torch.randn(num_classes, 3, 4), dim=-1))
+        self.head.num_prototype = 3
 
     def forward(self, image):
         pred = torch.from_numpy(self.preds.pop(0)).long()
         return torch.nn.functional.one_hot(pred, self.C).permute(2, 0, 1)[None].float(), None
+
+    def predict(self, image, label):
+        return self(image)[0], torch.zeros(self.C, 3, dtype=torch.int64)
 
 
 def test_evaluation_matches_the_official_cityscapes_rule(tmp_path):
