@@ -9,7 +9,8 @@ after the other) in ``OUT/runs/<dataset>/<assign>/seed<S>``, with the same
 settings for every arm (``--iters``, ``--lr`` and everything after ``--`` go
 to every run; only ``--assign``, ``--seed`` and the dataset differ). A run
 that finished is not run again, an interrupted one resumes, so the command
-can be stopped and started again, or run several times with other
+can be stopped and started again (the runs go seed by seed, so the arms of
+a sweep stopped early have the same seeds), or run several times with other
 ``--seeds`` into the same ``OUT`` (the table collects every finished run).
 
 The datasets: ``synthetic`` (the procedural scenes, one look per class) and
@@ -221,7 +222,8 @@ def main(argv=None) -> list:
     from .loop import main as train
 
     if not args.table_only:
-        todo = [(d, a, s) for d in args.datasets for a in args.assign for s in args.seeds]
+        # seed by seed: a sweep stopped early has the same seeds in every arm
+        todo = [(d, a, s) for s in args.seeds for d in args.datasets for a in args.assign]
         for n, (dataset, assign, seed) in enumerate(todo, 1):
             folder = run_dir(Path(args.out), dataset, assign, seed)
             if finished(folder, args.iters) is not None:
