@@ -456,7 +456,7 @@ def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, retur
         look = pick()
         cx, cy = rng.uniform(0, W), horizon - rng.uniform(0, 0.15) * H
         r = rng.uniform(0.08, 0.18) * s
-        if look == 2:  # conifer: a dark blue-green triangle on a trunk
+        if look == 2:  # conifer: a tall dark blue-green triangle
             up = (yy - cy + 1.5 * r) / (2.5 * r)  # 0 at the tip, 1 at the base
             crown = (up >= 0) & (up <= 1) & (np.abs(xx - cx) <= up * 0.6 * r)
             paint(crown, jitter((25, 65, 60), 10) * (0.8 + 0.4 * rng.random((H, W, 1), dtype=np.float32)), 3)
