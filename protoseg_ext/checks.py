@@ -122,12 +122,13 @@ def sinkhorn_settings(iters, eps) -> None:
     positive(eps, "sinkhorn_eps")
 
 
-ASSIGN_MODES = ("gumbel", "argmax")
+# gumbel: the official draw argmax(Q + g); argmax: argmax(Q); sample: argmax(log Q + g), a draw from the row Q
+ASSIGN_MODES = ("gumbel", "argmax", "sample")
 
 
 def assign(value) -> None:
     if value not in ASSIGN_MODES:
-        raise ValueError(f"assign must be 'gumbel' or 'argmax', got {value!r}")
+        raise ValueError(f"assign must be 'gumbel', 'argmax' or 'sample', got {value!r}")
 
 
 def gumbel_noise(noise, N: int, K: int, device) -> None:

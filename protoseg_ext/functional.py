@@ -14,7 +14,7 @@ import torch
 
 from . import backends, checks, reference
 
-__all__ = ["proto_seg_logits", "prototype_learning", "proto_losses", "sample_gumbel"]
+__all__ = ["proto_seg_logits", "prototype_learning", "proto_losses", "sample_gumbel", "draw_slots"]
 
 sample_gumbel = reference.sample_gumbel
 
@@ -30,13 +30,36 @@ def proto_seg_logits(feats: torch.Tensor, protos: torch.Tensor, backend: str = "
     return be.similarity(feats, protos, seg=True).seg
 
 
+def draw_slots(Q: torch.Tensor, gumbel_noise: torch.Tensor, mode: str) -> torch.Tensor:
+    """The update slot of each row of the Sinkhorn plan ``Q (N, K)`` under noise ``g (N, K)``.
+
+    ``"gumbel"`` (official, the hard ``gumbel_softmax(Q, tau)``): ``argmax(Q + g)``.
+    ``"sample"``: ``argmax(log Q + g)``, the Gumbel-max draw from the
+    categorical distribution ``Q[n]``; ``log 0 = -inf`` entries are never drawn
+    (their score stays -inf whatever ``g``), so a row with any positive entry
+    draws one of those. All-zero rows (ignored pixels) give slot 0; callers mask them.
+    """
+    g = gumbel_noise.to(Q.dtype)
+    if mode == "gumbel":
+        return (Q + g).argmax(dim=1)
+    if mode == "sample":
+        neg_inf = torch.full_like(Q, float("-inf"))
+        return torch.where(Q > 0, Q.log() + g, neg_inf).argmax(dim=1)
+    raise ValueError(f"mode must be 'gumbel' or 'sample', got {mode!r}")
+
+
 def assign_slots(be, own, gt, pred, num_classes, mode, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps):
     """Steps 2a-2c of SPEC 2 from the own-class scores ``own (N, K)``, on backend ``be``.
 
     ``pred (N,)`` is the predicted class of each pixel (``seg.argmax(dim=1)``):
     only pixels with ``pred == gt`` take part in the prototype sums. Returns
     ``target (N,)`` and ``slot (N,)``: the prototype ``c*K + k`` each pixel
-    adds to (the Gumbel draw of the official mode), -1 for pixels that add to none.
+    adds to, -1 for pixels that add to none. ``mode`` picks the slot from the
+    Sinkhorn row ``Q[n]`` (see :func:`draw_slots`):
+    ``"gumbel"`` (official) ``argmax(Q + g)``, ``"argmax"`` ``argmax(Q)``,
+    ``"sample"`` ``argmax(log Q + g)``, a draw with probabilities ``Q[n]``;
+    ``g`` is ``gumbel_noise`` or, when None, drawn here from torch's global
+    generator (one ``(N, K)`` draw for every backend).
     """
     K = own.shape[1]
     gt = gt.long()
@@ -45,12 +68,9 @@ def assign_slots(be, own, gt, pred, num_classes, mode, gumbel_noise, ignore_inde
     valid = best > 0  # Sinkhorn rows sum to 1; zero rows are ignored or non-finite pixels
     base = gt.clamp(min=0) * K
     target = torch.where(valid, base + idx, torch.full_like(gt, ignore_index))
-    if mode == "gumbel":
-        if gumbel_noise is None:
-            gumbel_noise = reference.sample_gumbel(Q.shape, device=Q.device)
-        hard = (Q + gumbel_noise.to(Q.dtype)).argmax(dim=1)  # hard gumbel_softmax(Q, tau) sample
-    else:
-        hard = idx
+    if mode != "argmax" and gumbel_noise is None:
+        gumbel_noise = reference.sample_gumbel(Q.shape, device=Q.device)
+    hard = idx if mode == "argmax" else draw_slots(Q, gumbel_noise, mode)
     slot = torch.where(valid & (pred == gt), base + hard, torch.full_like(gt, -1))
     return target, slot
 
@@ -77,6 +97,15 @@ def prototype_learning(
     ``target (N,) int64`` (``gt*K + k``, ``ignore_index`` where ignored) and
     ``new_protos (C, K, D)``, L2-normalised (unchanged but normalised when
     ``update=False``). ``protos`` itself is not modified.
+
+    ``assign`` chooses the prototype each pixel updates, from its Sinkhorn row
+    ``Q[n]`` (which sums to 1): ``"gumbel"`` (official) ``argmax(Q + g)``,
+    close to uniform since ``Q`` lies in [0, 1] and ``g`` is standard Gumbel;
+    ``"argmax"`` ``argmax(Q)`` (deterministic, the PPC/PPD target);
+    ``"sample"`` ``argmax(log Q + g)``, a true draw with ``P(k) = Q[n, k]``
+    (entries with ``Q = 0`` are never drawn). ``gumbel_noise`` ``(N, K)``
+    fixes ``g`` (one stream shared by every backend); None draws it from
+    torch's global generator.
     """
     checks.feats_protos(feats, protos)
     N = feats.shape[0]

@@ -81,7 +81,10 @@ class ProtoSegHead(nn.Module):
         ignore_index: label of unlabeled pixels in ``gt``. ``out.target`` uses
             it too, unless it lies in ``[0, C*K)`` (where it would be a valid
             target): then ``out.target`` marks ignored pixels with -1.
-        assign: ``"gumbel"`` (official) or ``"argmax"`` (deterministic).
+        assign: the prototype each pixel updates, from its Sinkhorn row Q:
+            ``"gumbel"`` (official) ``argmax(Q + g)``, ``"argmax"`` ``argmax(Q)``
+            (deterministic) or ``"sample"`` ``argmax(log Q + g)`` (a draw with
+            probabilities Q); g standard Gumbel from torch's global generator.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
         feat_norm: apply the official LayerNorm over D before L2 normalisation.
         sync: with torch.distributed initialised, ``"official"`` averages the
@@ -118,8 +121,7 @@ class ProtoSegHead(nn.Module):
             raise ValueError(
                 f"need dim >= 1, num_classes >= 1 and 1 <= num_prototype <= 256, got {dim}, {num_classes}, {num_prototype}"
             )
-        if assign not in ("gumbel", "argmax"):
-            raise ValueError(f"assign must be 'gumbel' or 'argmax', got {assign!r}")
+        checks.assign(assign)
         if sync not in ("official", "exact", "none"):
             raise ValueError(f"sync must be 'official', 'exact' or 'none', got {sync!r}")
         if backend != "auto":

@@ -12,7 +12,8 @@ unlabeled pixels.
 
 Two deliberate, documented choices go beyond the official code:
 
-* Gumbel noise for the official ``assign="gumbel"`` mode is drawn once for all
+* Gumbel noise for the official ``assign="gumbel"`` mode (and for
+  ``assign="sample"``, ours: ``argmax(log L + g)``, a draw from the row L) is drawn once for all
   pixels, as an ``(N, K)`` tensor of standard Gumbel noise
   (:func:`sample_gumbel`), instead of class by class inside the loop. The
   distribution of the assignment is the same; drawing it once lets every
@@ -187,8 +188,8 @@ def prototype_learning(
     ``return_sums=True`` also ``(sums (C, K, D), counts (C, K))``, the
     per-prototype feature sums and pixel counts that drive the EMA.
     """
-    if assign not in ("gumbel", "argmax"):
-        raise ValueError(f"assign must be 'gumbel' or 'argmax', got {assign!r}")
+    if assign not in ("gumbel", "argmax", "sample"):
+        raise ValueError(f"assign must be 'gumbel', 'argmax' or 'sample', got {assign!r}")
     C, K, D = protos.shape
     N = feats.shape[0]
     gt = gt.long()
@@ -199,7 +200,7 @@ def prototype_learning(
     pred = seg.argmax(dim=1)
     correct = gt == pred
     ok = torch.isfinite(feats).all(dim=1)
-    if assign == "gumbel" and gumbel_noise is None:
+    if assign != "argmax" and gumbel_noise is None:
         gumbel_noise = sample_gumbel((N, K), device=feats.device)
 
     target = torch.full((N,), ignore_index, dtype=torch.long, device=feats.device)
@@ -216,6 +217,10 @@ def prototype_learning(
         if assign == "gumbel":
             # hard gumbel_softmax(L, tau): argmax of (L + g) / tau == argmax of L + g
             hard = (L + gumbel_noise[sel].to(L.dtype)).argmax(dim=1)
+        elif assign == "sample":
+            # Gumbel-max draw from the row L (a distribution): argmax of log L + g, never an L = 0 entry
+            s = torch.where(L > 0, L.log(), torch.full_like(L, float("-inf")))
+            hard = (s + gumbel_noise[sel].to(L.dtype)).argmax(dim=1)
         else:
             hard = idx
         q = F.one_hot(hard, K).to(work)  # (n_c, K)

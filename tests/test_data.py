@@ -19,6 +19,7 @@ from protoseg_ext.train.data import (  # noqa: E402
     build_dataset,
     cityscapes_id_to_train_id,
     export_synthetic,
+    look_shares,
 )
 
 SIZE = (32, 64)
@@ -45,6 +46,76 @@ def test_synthetic_scenes_are_deterministic_and_varied():
     assert not np.array_equal(img0, SyntheticScenes("train", SIZE, 4, seed=1).load(0)[0])
     labels = np.concatenate([a.load(i)[1].ravel() for i in range(4)])
     assert labels.max() < a.num_classes and len(np.unique(labels)) >= 4  # several classes per few scenes
+
+
+def _look_stats(scenes):
+    """Per (class, look): pixel count and summed RGB; per class: images (sky, ground) or pixels of each look."""
+    C, L = scenes.num_classes, scenes.looks
+    n = np.zeros((C, L))
+    rgb = np.zeros((C, L, 3))
+    first = np.zeros((2, L))  # the look of the sky and of the ground, one per image
+    for i in range(len(scenes)):
+        image, label, look = scenes.load_looks(i)
+        for c in range(C):
+            for k in range(L):
+                m = (label == c) & (look == k)
+                n[c, k] += m.sum()
+                rgb[c, k] += image[m].astype(np.float64).sum(0)
+        for c in (0, 1):
+            first[c, np.bincount(look[label == c], minlength=L).argmax()] += 1
+    return n, rgb / np.maximum(n, 1)[..., None], first
+
+
+def test_multi_look_scenes_have_distinct_looks_in_uneven_shares():
+    shares = look_shares(3)
+    np.testing.assert_allclose(shares, [4 / 7, 2 / 7, 1 / 7])
+    assert look_shares(1).tolist() == [1.0]
+    scenes = SyntheticScenes("train", (32, 64), 200, seed=0, looks=3)
+    n, mean, first = _look_stats(scenes)
+    assert (n > 0).all(), "every class shows each of its three looks"
+    # distinct looks: the mean colours of a class's looks lie far apart (0-255 scale)
+    for c in range(scenes.num_classes):
+        for a in range(3):
+            for b in range(a + 1, 3):
+                gap = np.linalg.norm(mean[c, a] - mean[c, b])
+                assert gap > 35, f"class {scenes.class_names[c]}: looks {a} and {b} differ by {gap:.0f} only"
+    # uneven shares: the sky's and the ground's look (one per image) against the shares, within
+    # 4 binomial standard errors, and in the order of the shares
+    T = len(scenes)
+    for c in (0, 1):
+        se = np.sqrt(T * shares * (1 - shares))
+        assert (np.abs(first[c] - T * shares) <= 4 * se).all(), (scenes.class_names[c], first[c])
+        assert first[c][0] > first[c][1] > first[c][2]
+    # deterministic by seed; one look is the one-look scene
+    again = SyntheticScenes("train", (32, 64), 3, seed=0, looks=3)
+    for i in range(3):
+        for x, y in zip(scenes.load_looks(i), again.load_looks(i)):
+            np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(scenes.load(0)[0], SyntheticScenes("train", (32, 64), 1, seed=1, looks=3).load(0)[0])
+    one, plain = SyntheticScenes("train", SIZE, 2, looks=1), SyntheticScenes("train", SIZE, 2)
+    np.testing.assert_array_equal(one.load(1)[0], plain.load(1)[0])
+    assert (one.load_looks(1)[2] == 0).all()
+    with pytest.raises(ValueError, match="looks"):
+        SyntheticScenes("train", SIZE, 2, looks=4)
+    with pytest.raises(ValueError, match="looks"):
+        look_shares(0)
+
+
+@pytest.mark.parametrize("layout", ["cityscapes", "ade20k"])
+def test_multi_look_scenes_in_the_file_layouts(tmp_path, layout):
+    """The on-disk writers write the multi-look scenes: the same labels, the pictures of the looks."""
+    root = export_synthetic(tmp_path, layout, train=2, val=1, size=SIZE, seed=3, looks=3)
+    ds = CityscapesDataset(root, "train") if layout == "cityscapes" else ADE20KDataset(root, "training")
+    scenes = SyntheticScenes("train", SIZE, 2, seed=3, looks=3)
+    sky = CITYSCAPES_CLASSES.index("sky") if layout == "cityscapes" else ADE20K_CLASSES.index("sky")
+    for i in range(2):
+        image, label = ds.load(i)
+        want_image, want_label = scenes.load(i)
+        np.testing.assert_array_equal(label == sky, want_label == 0)
+        if layout == "cityscapes":  # PNG: lossless
+            np.testing.assert_array_equal(image, want_image)
+    built = build_dataset("synthetic", "val", synthetic_size=SIZE, synthetic_count=(2, 2), seed=3, synthetic_looks=3)
+    assert built.looks == 3 and np.array_equal(built.load(1)[0], SyntheticScenes("val", SIZE, 2, 3, looks=3).load(1)[0])
 
 
 def test_cityscapes_reader(cityscapes_root):

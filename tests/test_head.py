@@ -82,6 +82,22 @@ def test_head_rejects_bad_input():
         ProtoSegHead(16, 5, sync="sometimes")
     with pytest.raises(ValueError, match="backend"):
         ProtoSegHead(16, 5, backend="tpu")
+    with pytest.raises(ValueError, match="assign must be 'gumbel', 'argmax' or 'sample'"):
+        ProtoSegHead(16, 5, assign="soft")
+
+
+def test_sample_assignment_is_seeded_and_differs_from_the_official_draw():
+    """assign="sample" in the head: the same global seed, the same prototypes; not the official draw's."""
+    x, gt = _data()
+    new = {}
+    for assign in ("sample", "sample", "gumbel"):
+        torch.manual_seed(0)
+        head = ProtoSegHead(16, 5, num_prototype=3, assign=assign, gamma=0.5, backend="reference")
+        torch.manual_seed(1)
+        head(x, gt)
+        new.setdefault(assign, []).append(head.prototypes.clone())
+    assert torch.equal(new["sample"][0], new["sample"][1])
+    assert not torch.allclose(new["sample"][0], new["gumbel"][0])
 
 
 def test_nan_pixels_do_not_corrupt_the_buffer():

@@ -1,6 +1,8 @@
 """The training script end to end, on tiny images: outputs, resume equivalence, errors, two processes."""
 
+import csv
 import importlib.util
+import math
 import json
 import os
 import socket
@@ -53,7 +55,18 @@ def test_tiny_training_run_writes_everything(tmp_path):
     assert -1.0 <= saved["prototype_cosine"] <= 1.0 and set(saved["prototype_cosine_per_class"]) == set(saved["per_class_iou"])
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("iter,lr,loss,ce,ppc,ppd") and len(rows) == 1 + 2 + 2  # 2 log rows, 2 evaluations
-    assert rows[0].endswith(",miou,proto_cos") and rows[-1].split(",")[-1] == f"{saved['prototype_cosine']:.6g}"
+    assert rows[0].endswith(",miou,proto_cos,protos_in_use")
+    assert rows[-1].split(",")[-2] == f"{saved['prototype_cosine']:.6g}"
+    usage = saved["prototype_usage"]
+    assert rows[-1].split(",")[-1] == f"{usage['mean_in_use']:.6g}"
+    assert usage["num_prototype"] == 10 and set(usage["per_class"]) <= set(saved["per_class_iou"])
+    for name, u in usage["per_class"].items():
+        assert len(u["counts"]) == 10 and sum(u["counts"]) == u["pixels"] > 0
+        assert u["in_use"] == sum(c >= 0.01 * u["pixels"] and c > 0 for c in u["counts"])
+    # every labeled validation pixel counted once (head at full resolution: the label size)
+    labels = [loop.build_dataset("synthetic", "val", synthetic_size=[32, 64], synthetic_count=[8, 4], seed=0,
+                                 root=None).load(i)[1] for i in range(4)]  # fmt: skip
+    assert sum(u["pixels"] for u in usage["per_class"].values()) == sum(int((lb != IGNORE_INDEX).sum()) for lb in labels)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["iter"] == 4 and "head.prototypes" in state["model"]
     assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["iter"] == 2  # the one before, kept
@@ -67,7 +80,7 @@ def test_loss_goes_down(tmp_path, head_stride):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("assign", ["argmax", "gumbel"])
+@pytest.mark.parametrize("assign", ["argmax", "gumbel", "sample"])
 def test_resume_equals_uninterrupted_run(tmp_path, assign):
     """2n iterations == n iterations, stop, resume, n more: bitwise (weights, prototypes, optimizer, RNG)."""
     common = ["--iters", "6", "--eval-every", "100", "--assign", assign, "--seed", "1"]
@@ -97,6 +110,15 @@ def test_resume_refuses_another_schedule(tmp_path):
     run(tmp_path, "--iters", "4", "--stop-at", "1")
     with pytest.raises(SystemExit, match="--iters 4"):
         run(tmp_path, "--iters", "8", "--resume")
+
+
+def test_multi_look_scenes_train_and_belong_to_the_schedule(tmp_path):
+    run(tmp_path, "--iters", "2", "--eval-every", "2", "--synthetic-looks", "3", "--num-pictures", "0")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"]["synthetic_looks"] == 3
+    with pytest.raises(SystemExit, match="--synthetic-looks 3"):  # other scenes: not the same run
+        run(tmp_path, "--iters", "2", "--resume")
+    with pytest.raises(SystemExit):
+        main(["--dataset", "cityscapes", "--data-root", str(tmp_path), "--synthetic-looks", "3"])
 
 
 def test_unavailable_backend_says_why(tmp_path):
@@ -194,10 +216,14 @@ class ReplayNet(torch.nn.Module):
         self.preds, self.C = list(preds), num_classes
         self.head = torch.nn.Module()
         self.head.register_buffer("prototypes", torch.nn.functional.normalize(torch.randn(num_classes, 3, 4), dim=-1))
+        self.head.num_prototype = 3
 
     def forward(self, image):
         pred = torch.from_numpy(self.preds.pop(0)).long()
         return torch.nn.functional.one_hot(pred, self.C).permute(2, 0, 1)[None].float(), None
+
+    def predict(self, image, label):
+        return self(image)[0], torch.zeros(self.C, 3, dtype=torch.int64)
 
 
 def test_evaluation_matches_the_official_cityscapes_rule(tmp_path):
@@ -229,6 +255,35 @@ def test_evaluation_matches_the_official_cityscapes_rule(tmp_path):
     assert metrics["per_class_iou"]["train"] == 0.0  # absent from the ground truth, predicted: counts as 0
     assert metrics["per_class_iou"]["bus"] is None  # neither: left out of the mean
     assert metrics["miou"] == pytest.approx(miou)
+
+
+@pytest.mark.parametrize("head_stride", [1, 4])
+def test_prototype_usage_counts_the_nearest_prototype_of_the_class(head_stride):
+    """ProtoSegNet.predict's usage against a brute-force count over the head's embeddings."""
+    from protoseg_ext.train.model import ProtoSegNet, prototype_usage
+
+    torch.manual_seed(0)
+    net = ProtoSegNet(4, proj_dim=8, width=4, num_prototype=3, head_stride=head_stride, ignore_index=255,
+                      backend="reference").eval()  # fmt: skip
+    images = torch.randn(2, 3, 16, 24)
+    labels = torch.randint(0, 4, (2, 16, 24))
+    labels[:, :3] = 255
+    labels[labels == 2] = 255  # class 2 absent
+    seg, usage = net.predict(images, labels, chunk=100)  # several chunks
+    torch.testing.assert_close(seg, net(images)[0])
+    emb = net._head_input(images, labels.shape[-2:])
+    small = torch.nn.functional.interpolate(labels[:, None].float(), size=emb.shape[-2:], mode="nearest")[:, 0].long()
+    x = net.head.embed(emb)  # (N, D), LayerNorm and L2 as the head does
+    gt = small.reshape(-1)
+    P = torch.nn.functional.normalize(net.head.prototypes, dim=-1)
+    want = torch.zeros(4, 3, dtype=torch.int64)
+    for n in torch.nonzero(gt != 255)[:, 0].tolist():
+        c = int(gt[n])
+        want[c, int((P[c] @ x[n]).argmax())] += 1
+    assert torch.equal(usage, want) and usage[2].sum() == 0 and usage.sum() == (gt != 255).sum()
+    u = prototype_usage(torch.tensor([[97, 2, 1], [0, 0, 0], [50, 50, 0]]), min_share=0.015)
+    assert u["in_use"].tolist() == [2, 0, 2] and u["pixels"].tolist() == [100, 0, 100]
+    assert net.predict(images)[1] is None
 
 
 def test_prototype_cosine():
@@ -266,6 +321,92 @@ def test_recipe_sets_the_official_setting_and_flags_override(monkeypatch):
     with pytest.raises(SystemExit):
         loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs"])
     assert loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs", "--batch-size", "3"]).batch_size == 3
+
+
+def test_recipe_holds_the_official_cityscapes_run(monkeypatch):
+    """The preset against the official run's values, written out here from tfzhou/ProtoSeg
+    configs/cityscapes/H_48_D_4_proto.json (loss.params.ce_weight, train_trans.random_brightness,
+    train_trans.random_resize, network.bn_type "torchsyncbn", data.workers 8) and
+    scripts/cityscapes/hrnet/run_h_48_d_4_proto.sh (MAX_ITERS 80000, BATCH_SIZE 8, BASE_LR 0.01)."""
+    ce_weight = [0.8373, 0.9180, 0.8660, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539, 0.9843,
+                 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    a = loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs"])
+    assert a.ce_weight == ce_weight
+    assert a.brightness == 10 and a.aspect_range == [0.9, 1.1] and a.scale_range == [0.5, 2.0] and not a.no_flip
+    assert a.sync_bn and a.workers == 8 and (a.iters, a.batch_size, a.lr) == (80000, 8, 0.01)
+    b = loop.parse_args(["--recipe", "cityscapes-hrnet48", "--data-root", "cs", "--brightness", "0", "--no-sync-bn",
+                         "--aspect-range", "1", "1", "--ce-weight", *["1"] * 19])  # fmt: skip
+    assert (b.brightness, b.sync_bn, b.aspect_range, b.ce_weight) == (0, False, [1.0, 1.0], [1.0] * 19)
+    plain = loop.parse_args([])  # without the recipe: none of them
+    assert (plain.brightness, plain.aspect_range, plain.ce_weight) == (0, [1.0, 1.0], None)
+    for bad in (["--brightness", "-1"], ["--aspect-range", "1.1", "0.9"]):
+        with pytest.raises(SystemExit):
+            loop.parse_args(bad)
+
+
+def test_workers_capped_at_the_cores(monkeypatch):
+    monkeypatch.setattr(loop, "available_cores", lambda: 6)
+    assert loop.cap_workers(8) == 6 and loop.cap_workers(8, local_processes=4) == 1
+    assert loop.cap_workers(2, local_processes=2) == 2 and loop.cap_workers(4, local_processes=2) == 3
+    assert loop.cap_workers(0) == 0 and loop.cap_workers(1, local_processes=16) == 1
+
+
+def test_sync_batchnorm_under_ddp_on_gpus():
+    from protoseg_ext.train.model import ProtoSegNet
+
+    def kinds(net):
+        return {type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert kinds(loop.sync_batchnorm(ProtoSegNet(3, proj_dim=8, width=4), True, 2, torch.device("cuda"))) == {
+        "SyncBatchNorm"}  # fmt: skip
+    for enabled, world, dev in ((False, 2, "cuda"), (True, 1, "cuda"), (True, 2, "cpu")):
+        assert kinds(loop.sync_batchnorm(ProtoSegNet(3, proj_dim=8, width=4), enabled, world, torch.device(dev))) == {
+            "BatchNorm2d"}  # fmt: skip
+
+
+def test_weighted_cross_entropy_is_the_official_mean():
+    from protoseg_ext.train.model import ProtoSegNet
+
+    torch.manual_seed(0)
+    w = [0.5, 1.0, 2.0]
+    net = ProtoSegNet(3, proj_dim=8, width=4, num_prototype=2, ignore_index=255, ce_weight=w, backend="reference")
+    images, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    labels[0, :4] = 255
+    seg, losses = net(images, labels)
+    want = torch.nn.CrossEntropyLoss(weight=torch.tensor(w), ignore_index=255)(seg, labels)  # reduction "mean"
+    torch.testing.assert_close(losses["ce"], want)
+    plain = torch.nn.CrossEntropyLoss(ignore_index=255)(seg, labels)
+    assert not torch.allclose(losses["ce"], plain)
+    assert "ce_weight" not in net.state_dict()  # checkpoints stay as they were
+    with pytest.raises(ValueError, match="ce_weight"):
+        ProtoSegNet(3, proj_dim=8, width=4, ce_weight=[1.0, 2.0])
+
+
+def test_official_brightness_and_aspect_augmentation():
+    from protoseg_ext.train.data import random_scale_crop_flip
+
+    image = np.full((40, 40, 3), 100, np.uint8)
+    image[0, 0] = 250  # clipped at 255 when shifted up
+    label = np.zeros((40, 40), np.uint8)
+    shifts, sizes = set(), set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        img, lbl = random_scale_crop_flip(image, label, rng, (60, 60), (1.0, 1.0), flip=False,
+                                          aspect_range=(0.9, 1.1), brightness=10)  # fmt: skip
+        ref = np.random.default_rng(seed)
+        ref.uniform(1.0, 1.0)
+        a = ref.uniform(0.9, 1.1)
+        h, w = int(round(40 / np.sqrt(a))), int(round(40 * np.sqrt(a)))
+        assert (lbl != IGNORE_INDEX).sum() == h * w and (lbl[:h, :w] == 0).all()  # the resized image, padded
+        sizes.add((h, w))
+        shift = int(img[h // 2, w // 2, 0]) - 100
+        assert -10 <= shift <= 10 and (img[h // 2, w // 2] == 100 + shift).all()
+        shifts.add(shift)
+    assert len(shifts) > 5 and len(sizes) > 3 and any(h > w for h, w in sizes) and any(h < w for h, w in sizes)
+    # defaults: no brightness shift and no aspect draw (the old random stream)
+    img, lbl = random_scale_crop_flip(image, label, np.random.default_rng(0), (60, 60), (1.0, 1.0), flip=False)
+    assert (lbl != IGNORE_INDEX).sum() == 1600 and img[5, 5, 0] == 100
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -419,3 +560,57 @@ def test_checkpoint_from_before_the_backbone_option_resumes(tmp_path, capsys):
     if importlib.util.find_spec("timm") is not None:  # another backbone is another run
         with pytest.raises(SystemExit, match="--backbone 'compact'"):
             run(tmp_path, "--iters", "4", "--resume", "--backbone", "resnet18")
+
+
+# ---------------------------------------------------------------- the assignment sweep
+
+
+def test_sweep_writes_the_table_of_every_arm(tmp_path, monkeypatch, capsys):
+    import statistics
+
+    from protoseg_ext.train import sweep
+
+    argv = ["--out", str(tmp_path), "--seeds", "3", "5", "--assign", "gumbel", "sample", "--iters", "2", "--", *TINY,
+            "--num-pictures", "1"]  # fmt: skip
+    rows = sweep.main(argv)
+    assert [(r["dataset"], r["assign"]) for r in rows] == [
+        ("synthetic", "gumbel"), ("synthetic", "sample"), ("multilook", "gumbel"), ("multilook", "sample")]
+    for r in rows:
+        runs = [json.loads((tmp_path / "runs" / r["dataset"] / r["assign"] / f"seed{s}" / "metrics.json").read_text())
+                for s in (3, 5)]  # fmt: skip
+        args = torch.load(tmp_path / "runs" / r["dataset"] / r["assign"] / "seed5" / "checkpoint.pt",
+                          weights_only=True)["args"]  # fmt: skip
+        assert (args["assign"], args["seed"], args["iters"]) == (r["assign"], 5, 2)
+        assert args["synthetic_looks"] == (3 if r["dataset"] == "multilook" else 1)
+        assert r["seeds"] == [3, 5]
+        miou = [100 * m["miou"] for m in runs]
+        assert r["miou_mean"] == pytest.approx(statistics.mean(miou))
+        assert r["miou_std"] == pytest.approx(statistics.stdev(miou))
+        cos = [m["prototype_cosine"] for m in runs]
+        assert r["prototype_cosine_mean"] == pytest.approx(statistics.mean(cos))
+        assert r["prototype_cosine_std"] == pytest.approx(statistics.stdev(cos))
+        use = [m["prototype_usage"]["mean_in_use"] for m in runs]
+        assert r["prototypes_in_use_mean"] == pytest.approx(statistics.mean(use))
+        for c, v in r["prototype_cosine_per_class"].items():
+            assert v == pytest.approx(statistics.mean(m["prototype_cosine_per_class"][c] for m in runs))
+        assert (tmp_path / "pictures" / f"similarity_{r['dataset']}_{r['assign']}.png").is_file()
+    md = (tmp_path / "table.md").read_text()
+    first = rows[0]
+    assert f"| synthetic | gumbel | 2 | {first['miou_mean']:.1f} ± {first['miou_std']:.1f} |" in md
+    assert "Per-class prototype cosine, multilook" in md
+    table = list(csv.DictReader((tmp_path / "table.csv").read_text().splitlines()))
+    assert len(table) == 4 and float(table[3]["miou_mean"]) == pytest.approx(rows[3]["miou_mean"])
+    assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 8
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+    # finished runs are kept, not run again; the table of a partial sweep counts only the finished runs
+    def no_training(argv):
+        raise AssertionError("ran again")
+
+    monkeypatch.setattr(loop, "main", no_training)
+    assert sweep.main(argv) == rows
+    part = sweep.main(["--out", str(tmp_path), "--seeds", "3", "9", "--assign", "sample", "--datasets", "multilook",
+                       "--iters", "2", "--table-only"])  # fmt: skip
+    assert part[0]["seeds"] == [3] and math.isnan(part[0]["miou_std"])  # one seed: no spread
+    assert part[0]["miou_mean"] == pytest.approx(100 * json.loads(
+        (tmp_path / "runs" / "multilook" / "sample" / "seed3" / "metrics.json").read_text())["miou"])

@@ -393,6 +393,86 @@ def test_prototype_learning_gumbel_seeded_same_as_reference(case):
     torch.testing.assert_close(new, newr, **case.tol)
 
 
+@pytest.mark.parametrize("ignore_index", [-1, 255])
+def test_prototype_learning_sample_with_noise(case, ignore_index):
+    """assign="sample": the same noise gives the reference's slots, so every backend draws the same prototypes."""
+    f, p, gt, seg = case.problem(N=500, C=6, K=5, ignore_index=ignore_index)
+    noise = R.sample_gumbel((f.shape[0], p.shape[1]), generator=torch.Generator().manual_seed(4)).to(f.device)
+    kw = dict(gamma=0.5, assign="sample", gumbel_noise=noise, ignore_index=ignore_index)
+    (t, new), (tr, newr) = _learn(case, f, p, gt, seg, **kw)
+    assert torch.equal(t, tr)
+    torch.testing.assert_close(new, newr, **case.tol)
+    own = case.be.similarity(f, p, gt, ignore_index=ignore_index, seg=False, own=True).own
+    _, slot = PF.assign_slots(case.be, own, gt, seg.argmax(dim=1), 6, "sample", noise, ignore_index, 3, 0.05)
+    _, _, sums_r, counts_r = R.prototype_learning(f, p, gt, seg, return_sums=True, **kw)
+    counts = torch.bincount(slot[slot >= 0], minlength=30).to(counts_r.dtype)
+    assert torch.equal(counts.view_as(counts_r), counts_r)  # the very same slots, pixel counts per prototype
+    # a different draw than the official one and than argmax under the same noise
+    _, new_g = PF.prototype_learning(f, p, gt, seg, gamma=0.5, gumbel_noise=noise, ignore_index=ignore_index,
+                                     backend=case.backend)
+    _, new_a = PF.prototype_learning(f, p, gt, seg, gamma=0.5, assign="argmax", ignore_index=ignore_index,
+                                     backend=case.backend)
+    assert not torch.allclose(new, new_g) and not torch.allclose(new, new_a)
+
+
+def test_prototype_learning_sample_seeded_same_as_reference(case):
+    f, p, gt, seg = case.problem(N=300, C=4, K=3)
+    torch.manual_seed(7)
+    t, new = PF.prototype_learning(f, p, gt, seg, gamma=0.5, assign="sample", backend=case.backend)
+    torch.manual_seed(7)
+    tr, newr = R.prototype_learning(f, p, gt, seg, gamma=0.5, assign="sample")
+    assert torch.equal(t, tr)
+    torch.testing.assert_close(new, newr, **case.tol)
+
+
+def test_assign_sample_draws_the_plan(case):
+    """Slot frequencies of assign="sample" against the Sinkhorn plan Q on a fixed problem.
+
+    T copies of 60 pixels (Sinkhorn is invariant to repeating a class's rows, so
+    each copy has the same plan row): the count of slot k for pixel n is
+    Binomial(T, Q[n, k]); every count must lie within 5 binomial standard
+    errors (+1 for the rounding of tiny Q) of T * Q[n, k]. The official draw
+    ``argmax(Q + g)`` fails this (it is close to uniform), as the last check shows.
+    """
+    T, n, C, K = 2000, 60, 3, 4
+    f, p, gt, seg = case.problem(N=n, D=8, C=C, K=K, seed=11)
+    gt = gt.clamp(min=0)
+    own1 = case.be.similarity(f, p, gt, seg=False, own=True).own
+    own = own1.repeat(T, 1)  # row n of copy t at t * n + n
+    gts = gt.repeat(T)
+    pred = gts  # every pixel correct: every pixel draws a slot
+    Q = case.be.sinkhorn(own1, gt, C, -1, 3, 0.5).double()  # eps 0.5: a plan far from one-hot
+    Qr = R.sinkhorn(own1.double(), gt, C, -1, 3, 0.5)
+    torch.testing.assert_close(Q, Qr, atol=1e-5, rtol=1e-4)
+    noise = R.sample_gumbel((n * T, K), generator=torch.Generator().manual_seed(5)).to(f.device)
+    freq = {}
+    for mode in ("sample", "gumbel"):
+        _, slot = PF.assign_slots(case.be, own, gts, pred, C, mode, noise, -1, 3, 0.5)
+        k = (slot - gts * K).view(T, n)
+        assert ((k >= 0) & (k < K)).all()
+        freq[mode] = F.one_hot(k, K).sum(0).double().cpu()  # (n, K)
+    Q = Q.cpu()
+    assert (Q.max(1).values - Q.min(1).values).max() > 0.3  # rows far from uniform, or the check says nothing
+    se = (T * Q * (1 - Q)).sqrt()
+    dev = (freq["sample"] - T * Q).abs()
+    assert (dev <= 5 * se + 1).all(), f"max deviation {(dev / (se + 1e-9)).max():.1f} standard errors"
+    assert ((freq["gumbel"] - T * Q).abs() > 5 * se + 1).any()
+
+
+def test_assign_sample_never_draws_a_zero_of_the_plan():
+    """log 0 = -inf: an entry with Q = 0 is never drawn, whatever the noise, while its row has a positive entry."""
+    Q = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.0, 1.0], [0.2, 0.3, 0.5]])
+    g = torch.tensor([[50.0, -5.0, 50.0], [-3.0, 80.0, -3.0], [1e30, 1e30, -1e30], [0.0, 0.0, 0.0]])
+    assert PF.draw_slots(Q, g, "sample").tolist() == [1, 0, 2, 2]
+    assert PF.draw_slots(Q, g, "gumbel").tolist() == [0, 1, 0, 2]  # the official draw takes the zeros
+    big = R.sample_gumbel((4000, 3), generator=torch.Generator().manual_seed(0)) * 20
+    k = PF.draw_slots(Q[:3].repeat(4000 // 3 + 1, 1)[:4000], big, "sample")
+    rows = torch.arange(4000) % 3
+    assert (Q[:3][rows, k] > 0).all()
+    with pytest.raises(ValueError, match="mode"):
+        PF.draw_slots(Q, g, "argmax")
+
+
 def test_prototype_learning_no_update_and_input_untouched(case):
     f, p, gt, seg = case.problem()
     p0 = p.clone()
@@ -521,45 +601,52 @@ def test_non_contiguous_inputs(case):
 # ---------------------------------------------------------------- edge cases (SPEC 5)
 
 
-def _check_learning(case, f, p, gt, seg, **kw):
-    t, new = PF.prototype_learning(f, p, gt, seg, assign="argmax", gamma=0.5, backend=case.backend, **kw)
-    tr, newr = R.prototype_learning(f, p, gt, seg, assign="argmax", gamma=0.5, **kw)
+def _check_learning(case, f, p, gt, seg, assign="argmax", **kw):
+    if assign != "argmax":  # one seeded noise for both: the same draw on every backend
+        g = torch.Generator().manual_seed(9)
+        kw["gumbel_noise"] = R.sample_gumbel((f.shape[0], p.shape[1]), generator=g).to(f.device)
+    t, new = PF.prototype_learning(f, p, gt, seg, assign=assign, gamma=0.5, backend=case.backend, **kw)
+    tr, newr = R.prototype_learning(f, p, gt, seg, assign=assign, gamma=0.5, **kw)
     assert torch.equal(t, tr)
     torch.testing.assert_close(new, newr, **case.tol)
     assert torch.isfinite(new).all()
     return t, new
 
 
-def test_absent_class_keeps_its_prototypes(case):
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
+def test_absent_class_keeps_its_prototypes(case, assign):
     f, p, gt, seg = case.problem(N=200, C=5, K=3)
     gt = torch.where(gt == 2, torch.full_like(gt, 4), gt)  # class 2 absent
-    _, new = _check_learning(case, f, p, gt, seg)
+    _, new = _check_learning(case, f, p, gt, seg, assign)
     torch.testing.assert_close(new[2], p[2], **case.tol)
 
 
-def test_single_pixel_class(case):
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
+def test_single_pixel_class(case, assign):
     f, p, gt, seg = case.problem(N=200, C=5, K=3)
     gt = torch.where(gt == 1, torch.full_like(gt, 0), gt)
     gt[17] = 1  # exactly one pixel of class 1, predicted correctly: its class's whole Sinkhorn problem
     seg[17, 1] += 100
-    t, new = _check_learning(case, f, p, gt, seg)
+    t, new = _check_learning(case, f, p, gt, seg, assign)
     assert 3 <= int(t[17]) < 6
     assert not torch.allclose(new[1], p[1])
 
 
-def test_class_with_every_pixel_mispredicted(case):
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
+def test_class_with_every_pixel_mispredicted(case, assign):
     f, p, gt, seg = case.problem(N=200, C=5, K=3)
     seg[:, 3] = -1e4  # class 3 never predicted
-    t, new = _check_learning(case, f, p, gt, seg)
+    t, new = _check_learning(case, f, p, gt, seg, assign)
     torch.testing.assert_close(new[3], p[3], **case.tol)  # no correct pixel: unchanged
     assert ((t >= 9) & (t < 12)).sum() == (gt == 3).sum()  # but its pixels still get targets
 
 
 @pytest.mark.parametrize("ignore_index", [-1, 255])
-def test_all_pixels_ignored(case, ignore_index):
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
+def test_all_pixels_ignored(case, ignore_index, assign):
     f, p, gt, seg = case.problem(N=64, C=5, K=3)
     gt = torch.full_like(gt, ignore_index)
-    t, new = _check_learning(case, f, p, gt, seg, ignore_index=ignore_index)
+    t, new = _check_learning(case, f, p, gt, seg, assign, ignore_index=ignore_index)
     assert (t == ignore_index).all()
     torch.testing.assert_close(new, p, **case.tol)
     a = f.clone().requires_grad_()
@@ -569,13 +656,14 @@ def test_all_pixels_ignored(case, ignore_index):
     assert torch.equal(a.grad, torch.zeros_like(a))
 
 
-def test_empty_batch(case):
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
+def test_empty_batch(case, assign):
     f, p, gt, seg = case.problem(N=0, C=5, K=3)
     C, K, D = 5, 3, f.shape[1]
     out = case.be.similarity(f, p, gt, seg=True, lse=True, own=True)
     assert out.seg.shape == (0, C) and out.argk.shape == (0, C) and out.lse.shape == (0,) and out.own.shape == (0, K)
     assert PF.proto_seg_logits(f, p, backend=case.backend).shape == (0, C)
-    t, new = _check_learning(case, f, p, gt, seg)
+    t, new = _check_learning(case, f, p, gt, seg, assign)
     assert t.shape == (0,)
     a = f.clone().requires_grad_()
     ppc, ppd = PF.proto_losses(a, p, t, backend=case.backend)
@@ -588,13 +676,14 @@ def test_empty_batch(case):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_rows_never_reach_the_prototypes(case, bad):
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
+def test_non_finite_rows_never_reach_the_prototypes(case, bad, assign):
     f, p, gt, seg = case.problem(N=300, C=4, K=3)
     seg[:, :] = 0
     seg[torch.arange(300), gt.clamp(min=0)] = 1  # every pixel correct: only the finiteness check keeps them out
     f[5, 3] = bad
     f[gt == 2] = bad  # a whole class of bad rows
-    t, new = _check_learning(case, f, p, gt, seg)
+    t, new = _check_learning(case, f, p, gt, seg, assign)
     assert torch.isfinite(new).all()
     assert t[5] == -1 and (t[gt == 2] == -1).all()
     torch.testing.assert_close(new[2], p[2], **case.tol)  # its class saw only bad rows
@@ -631,13 +720,15 @@ def test_op_argument_errors_name_the_argument(case):
 # ---------------------------------------------------------------- the head, end to end
 
 
+@pytest.mark.parametrize("assign", ["argmax", "sample"])
 @pytest.mark.parametrize("ignore_index", [-1, 255])
-def test_head_step_matches_the_official_step(case, ignore_index):
-    """ProtoSegHead on this backend against the official step written with the reference alone."""
+def test_head_step_matches_the_official_step(case, ignore_index, assign):
+    """ProtoSegHead on this backend against the official step written with the reference alone
+    (assign="sample": both draw their noise from the global generator, seeded alike)."""
     torch.manual_seed(0)
-    head = ProtoSegHead(16, 5, num_prototype=3, backend=case.backend, assign="argmax", gamma=0.9,
+    head = ProtoSegHead(16, 5, num_prototype=3, backend=case.backend, assign=assign, gamma=0.9,
                         ignore_index=ignore_index).to(case.device).train()
-    oracle = ProtoSegHead(16, 5, num_prototype=3, assign="argmax", gamma=0.9, ignore_index=ignore_index)
+    oracle = ProtoSegHead(16, 5, num_prototype=3, assign=assign, gamma=0.9, ignore_index=ignore_index)
     oracle.load_state_dict(head.state_dict())
     oracle.to(case.device).train()
     g = torch.Generator().manual_seed(1)
@@ -646,7 +737,9 @@ def test_head_step_matches_the_official_step(case, ignore_index):
     gt[torch.rand(2, 6, 7, generator=g) < 0.1] = ignore_index
     gt = gt.to(case.device)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(3)
     out = head(xa, gt)
+    torch.manual_seed(3)
     seg, ppc, ppd, target, new = official_head_step(oracle, xb, gt)
     torch.testing.assert_close(out.seg, seg, **case.tol)
     assert torch.equal(out.target, target)

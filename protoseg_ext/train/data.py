@@ -27,6 +27,7 @@ __all__ = [
     "CityscapesDataset",
     "ADE20KDataset",
     "SyntheticScenes",
+    "look_shares",
     "build_dataset",
     "default_crop",
     "TrainView",
@@ -303,17 +304,28 @@ class SyntheticScenes:
     slats); cars (dark-wheeled boxes of random colour); signs (triangles with a
     border); balls (shaded discs). Colours, sizes and positions are jittered, so
     no single cue gives the class away. Image ``i`` of a split depends only on
-    ``(seed, split, i)``.
+    ``(seed, split, i, looks)``.
+
+    ``looks`` (1 to 3): with more than one, every class comes in that many
+    distinct looks (colour, texture and shape), drawn per object in uneven
+    shares (:func:`look_shares`; 3 looks: 57%, 29%, 14% of the objects), e.g.
+    sky blue, overcast or sunset; ground earth, asphalt or sand; buildings grey
+    blocks, brick houses or glass towers; cars, buses or small round cars. A
+    class then has several sub-centres for its K prototypes to find.
+    :meth:`load_looks` gives the look of every pixel.
     """
 
     num_classes = len(SYNTHETIC_CLASSES)
     class_names = SYNTHETIC_CLASSES
     palette = SYNTHETIC_PALETTE
 
-    def __init__(self, split: str = "train", size: Tuple[int, int] = (128, 256), count: int = 256, seed: int = 0):
+    def __init__(
+        self, split: str = "train", size: Tuple[int, int] = (128, 256), count: int = 256, seed: int = 0, looks: int = 1
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.split, self.size, self.count, self.seed = split, tuple(size), count, seed
+        look_shares(looks)  # checks it
+        self.split, self.size, self.count, self.seed, self.looks = split, tuple(size), count, seed, int(looks)
 
     def __len__(self) -> int:
         return self.count
@@ -322,10 +334,14 @@ class SyntheticScenes:
         return f"synthetic_{self.split}_{i:05d}"
 
     def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        return self.load_looks(i)[:2]
+
+    def load_looks(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image, label, look (H, W) uint8)``: :meth:`load` and the look of every pixel."""
         if not 0 <= i < self.count:
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
-        return render_scene(rng, *self.size)
+        return render_scene(rng, *self.size, looks=self.looks, return_looks=True)
 
 
 def _noise(rng: np.random.Generator, H: int, W: int, cell: int) -> np.ndarray:
@@ -341,96 +357,208 @@ def _noise(rng: np.random.Generator, H: int, W: int, cell: int) -> np.ndarray:
     return a * (1 - fy) + b * fy
 
 
-def render_scene(rng: np.random.Generator, H: int, W: int) -> Tuple[np.ndarray, np.ndarray]:
-    """One scene: ``(image (H, W, 3) uint8, label (H, W) uint8)``."""
+MAX_LOOKS = 3
+
+
+def look_shares(looks: int) -> np.ndarray:
+    """How often each look of a class is drawn: ``2^-k``, normalised (3 looks: 4/7, 2/7, 1/7)."""
+    if isinstance(looks, bool) or not isinstance(looks, (int, np.integer)) or not 1 <= looks <= MAX_LOOKS:
+        raise ValueError(f"looks must be an int in [1, {MAX_LOOKS}], got {looks!r}")
+    w = 0.5 ** np.arange(looks)
+    return w / w.sum()
+
+
+def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, return_looks: bool = False):
+    """One scene: ``(image (H, W, 3) uint8, label (H, W) uint8)``.
+
+    ``looks`` (1 to 3): each object (the sky and the ground: each image) takes
+    one of its class's first ``looks`` looks, drawn with the shares of
+    :func:`look_shares`; the looks of a class differ in colour, texture and
+    shape (look 0 is the one-look scene, which ``looks=1`` renders exactly as
+    before). ``return_looks`` adds a third array, ``(H, W)`` uint8: the look of
+    every pixel.
+    """
+    shares = look_shares(looks)
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     img = np.zeros((H, W, 3), np.float32)
     lbl = np.zeros((H, W), np.uint8)
+    lk = np.zeros((H, W), np.uint8)
     s = min(H, W)  # the unit of object sizes
+    look = 0
+
+    def pick():
+        return int(rng.choice(looks, p=shares)) if looks > 1 else 0
 
     def paint(mask, colour, c):
         img[mask] = colour[mask] if colour.ndim == 3 else colour
         lbl[mask] = c
+        lk[mask] = look
 
     def jitter(rgb, amount=25.0):
         return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
 
+    def full(rgb):
+        return np.asarray(rgb, np.float32) + np.zeros((H, W, 3), np.float32)
+
     horizon = rng.uniform(0.35, 0.6) * H
-    # sky: vertical gradient from a jittered blue to a paler one
-    top, bottom = jitter((60, 110, 190)), jitter((170, 200, 235))
+    look = pick()
     t = (yy / max(horizon, 1.0)).clip(0, 1)[..., None]
-    paint(yy < horizon, top * (1 - t) + bottom * t, 0)
-    # ground: brown, grainy, with low-frequency blotches
-    grain = rng.normal(0, 12, (H, W, 1)).astype(np.float32)
-    blotch = _noise(rng, H, W, max(4, s // 6))[..., None]
-    paint(yy >= horizon, jitter((140, 115, 80)) * (0.75 + 0.5 * blotch) + grain, 1)
-    # buildings: grey boxes on the horizon with a grid of dark windows
+    if look == 0:  # sky: vertical gradient from a jittered blue to a paler one
+        top, bottom = jitter((60, 110, 190)), jitter((170, 200, 235))
+        paint(yy < horizon, top * (1 - t) + bottom * t, 0)
+    elif look == 1:  # overcast: flat pale grey with soft clouds
+        clouds = _noise(rng, H, W, max(4, s // 4))[..., None]
+        paint(yy < horizon, jitter((190, 190, 198), 15) * (0.85 + 0.3 * clouds), 0)
+    else:  # sunset: orange at the horizon up to purple
+        top, bottom = jitter((110, 50, 120), 15), jitter((245, 150, 60), 15)
+        paint(yy < horizon, top * (1 - t) + bottom * t, 0)
+    look = pick()
+    if look == 0:  # ground: brown, grainy, with low-frequency blotches
+        grain = rng.normal(0, 12, (H, W, 1)).astype(np.float32)
+        blotch = _noise(rng, H, W, max(4, s // 6))[..., None]
+        paint(yy >= horizon, jitter((140, 115, 80)) * (0.75 + 0.5 * blotch) + grain, 1)
+    elif look == 1:  # asphalt: dark grey, fine grain, white dashes along the middle
+        grain = rng.normal(0, 6, (H, W, 1)).astype(np.float32)
+        road = jitter((70, 70, 76), 10) + grain
+        mid = horizon + rng.uniform(0.3, 0.7) * (H - horizon)
+        dash = (np.abs(yy - mid) < 0.02 * s + 0.5) & ((xx + rng.uniform(0, W)) % (0.2 * W) < 0.1 * W)
+        paint(yy >= horizon, np.where(dash[..., None], np.float32(235), road), 1)
+    else:  # sand: pale yellow with wind ripples
+        ripple = np.sin((yy + 0.3 * xx) / max(1.0, 0.03 * s))[..., None]
+        paint(yy >= horizon, jitter((215, 190, 135), 15) * (0.92 + 0.08 * ripple), 1)
+    # buildings: boxes on the horizon
     for _ in range(rng.integers(1, 4)):
+        look = pick()
         w, h = rng.uniform(0.15, 0.4) * W, rng.uniform(0.2, 0.5) * H
         x0 = rng.uniform(-0.1, 0.9) * W
         y1 = horizon + rng.uniform(0, 0.05) * H
-        box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - h) & (yy < y1)
-        pitch = rng.uniform(0.06, 0.12) * s
-        window = ((xx - x0) % pitch < 0.55 * pitch) & ((yy - y1) % pitch < 0.5 * pitch)
-        grey = jitter((110, 110, 115), 30)
-        wall = np.where(window[..., None], grey * 0.35, grey)
-        paint(box, wall, 2)
-    # trees: clusters of discs, speckled green
+        if look == 0:  # grey with a grid of dark windows
+            box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - h) & (yy < y1)
+            pitch = rng.uniform(0.06, 0.12) * s
+            window = ((xx - x0) % pitch < 0.55 * pitch) & ((yy - y1) % pitch < 0.5 * pitch)
+            grey = jitter((110, 110, 115), 30)
+            paint(box, np.where(window[..., None], grey * 0.35, grey), 2)
+        elif look == 1:  # brick house: red, brick courses, a triangular roof
+            box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - 0.7 * h) & (yy < y1)
+            roof = (yy >= y1 - h) & (yy < y1 - 0.7 * h) & (np.abs(xx - x0 - w / 2) < (yy - y1 + h) / (0.3 * h) * w / 2)
+            course = max(2.0, 0.03 * s)
+            mortar = (yy - y1) % course < 0.3 * course
+            brick = jitter((160, 65, 45), 15)
+            paint(box | roof, np.where(mortar[..., None], brick * 0.55 + 60, brick), 2)
+        else:  # glass tower: narrow, tall, teal with vertical bands
+            w = 0.45 * w
+            box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - 1.6 * h) & (yy < y1)
+            band = (xx - x0) % max(2.0, 0.04 * s) < max(1.0, 0.015 * s)
+            glass = jitter((60, 150, 160), 15) * (0.8 + 0.4 * (yy / H))[..., None]
+            paint(box, np.where(band[..., None], glass * 0.5, glass), 2)
+    # trees
     for _ in range(rng.integers(0, 4)):
+        look = pick()
         cx, cy = rng.uniform(0, W), horizon - rng.uniform(0, 0.15) * H
         r = rng.uniform(0.08, 0.18) * s
+        if look == 2:  # conifer: a tall dark blue-green triangle
+            up = (yy - cy + 1.5 * r) / (2.5 * r)  # 0 at the tip, 1 at the base
+            crown = (up >= 0) & (up <= 1) & (np.abs(xx - cx) <= up * 0.6 * r)
+            paint(crown, jitter((25, 65, 60), 10) * (0.8 + 0.4 * rng.random((H, W, 1), dtype=np.float32)), 3)
+            continue
         blob = np.zeros((H, W), bool)
         for _ in range(4):
             ox, oy = rng.normal(0, 0.6 * r, 2)
             blob |= (xx - cx - ox) ** 2 + (yy - cy - oy) ** 2 < (r * rng.uniform(0.6, 1.0)) ** 2
-        leaves = jitter((60, 120, 40), 20) * (0.6 + 0.6 * rng.random((H, W, 1), dtype=np.float32))
+        base = (60, 120, 40) if look == 0 else (210, 110, 30)  # green, or autumn orange
+        leaves = jitter(base, 20) * (0.6 + 0.6 * rng.random((H, W, 1), dtype=np.float32))
         paint(blob, leaves, 3)
-    # fence: a band of light vertical slats across the horizon
+    # fence: a band across the horizon
     if rng.random() < 0.6:
+        look = pick()
         y1 = horizon + rng.uniform(0.02, 0.12) * H
         h = rng.uniform(0.06, 0.15) * H
         x0, x1 = sorted(rng.uniform(0, W, 2))
         pitch = rng.uniform(0.03, 0.06) * s
-        slats = ((xx - x0) % pitch < 0.5 * pitch) & (yy >= y1 - h) & (yy < y1) & (xx >= x0) & (xx < x1 + 0.2 * W)
-        rail = (np.abs(yy - (y1 - 0.7 * h)) < 0.1 * h) & (xx >= x0) & (xx < x1 + 0.2 * W)
-        paint(slats | rail, jitter((200, 170, 150), 20), 4)
-    # cars: a body of random colour with two dark wheels
+        span = (yy >= y1 - h) & (yy < y1) & (xx >= x0) & (xx < x1 + 0.2 * W)
+        if look == 0:  # light vertical slats on a rail
+            slats = ((xx - x0) % pitch < 0.5 * pitch) & span
+            rail = (np.abs(yy - (y1 - 0.7 * h)) < 0.1 * h) & (xx >= x0) & (xx < x1 + 0.2 * W)
+            paint(slats | rail, jitter((200, 170, 150), 20), 4)
+        elif look == 1:  # dark metal mesh: a diagonal lattice
+            mesh = (((xx + yy) % pitch < 0.25 * pitch) | ((xx - yy) % pitch < 0.25 * pitch)) & span
+            paint(mesh, jitter((45, 50, 60), 10), 4)
+        else:  # solid wooden boards, horizontal, with dark seams
+            seam = (yy - y1) % max(2.0, 0.3 * h) < 1
+            wood = jitter((135, 80, 35), 15)
+            paint(span, np.where(seam[..., None], wood * 0.5, wood), 4)
+    # cars
     for _ in range(rng.integers(0, 3)):
+        look = pick()
         w = rng.uniform(0.12, 0.25) * W
         h = w * rng.uniform(0.35, 0.5)
         x0 = rng.uniform(-0.05, 0.95) * W - w / 2
         y1 = rng.uniform(horizon + 0.1 * (H - horizon), H)
-        body = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - h) & (yy < y1 - 0.2 * h)
-        cabin = (xx >= x0 + 0.2 * w) & (xx < x0 + 0.75 * w) & (yy >= y1 - 1.45 * h) & (yy < y1 - h)
         r = 0.22 * h
-        wheels = ((xx - x0 - 0.22 * w) ** 2 + (yy - y1 + r) ** 2 < r**2) | (
-            (xx - x0 - 0.78 * w) ** 2 + (yy - y1 + r) ** 2 < r**2
+        if look == 0:  # a body of random colour with a cabin and two dark wheels
+            body = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - h) & (yy < y1 - 0.2 * h)
+            cabin = (xx >= x0 + 0.2 * w) & (xx < x0 + 0.75 * w) & (yy >= y1 - 1.45 * h) & (yy < y1 - h)
+            wx = (0.22, 0.78)
+            colour = rng.uniform(30, 230, 3).astype(np.float32)
+            shade = np.where(cabin[..., None], colour * 0.6 + 60, colour)
+            paint(body | cabin, shade, 5)
+        elif look == 1:  # bus: long, tall, yellow, a row of windows
+            w = 1.8 * w
+            body = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - 1.6 * h) & (yy < y1 - 0.2 * h)
+            win = body & (yy < y1 - 1.0 * h) & (yy >= y1 - 1.4 * h) & ((xx - x0) % (0.12 * w) < 0.08 * w)
+            wx = (0.15, 0.85)
+            yellow = jitter((235, 185, 25), 15)
+            paint(body, np.where(win[..., None], np.float32([40, 50, 70]), yellow), 5)
+        else:  # small round car: a silver ellipse with a dark window band
+            cy = y1 - 0.7 * h
+            body = ((xx - x0 - w / 2) / (0.45 * w)) ** 2 + ((yy - cy) / (0.6 * h)) ** 2 < 1
+            win = body & (yy < cy - 0.15 * h) & (yy > cy - 0.35 * h)
+            wx = (0.25, 0.75)
+            silver = jitter((240, 240, 244), 8)
+            paint(body, np.where(win[..., None], np.float32([30, 30, 40]), silver), 5)
+        wheels = ((xx - x0 - wx[0] * w) ** 2 + (yy - y1 + r) ** 2 < r**2) | (
+            (xx - x0 - wx[1] * w) ** 2 + (yy - y1 + r) ** 2 < r**2
         )
-        colour = rng.uniform(30, 230, 3).astype(np.float32)
-        shade = np.where(cabin[..., None], colour * 0.6 + 60, colour)
-        paint(body | cabin, shade, 5)
-        paint(wheels, np.float32([25, 25, 25]) + np.zeros((H, W, 3), np.float32), 5)
-    # signs: yellow or red triangles with a dark border, on the ground
+        paint(wheels, full((25, 25, 25)), 5)
+    # signs, on the ground
     for _ in range(rng.integers(0, 3)):
+        look = pick()
         cx, cy = rng.uniform(0, W), rng.uniform(horizon - 0.1 * H, H)
         r = rng.uniform(0.07, 0.13) * s
-        up = (yy - cy) / r + 0.5  # 0 at the apex, 1.5 at the base
-        inside = (up >= 0) & (up <= 1.5) & (np.abs(xx - cx) <= up * r * 0.7)
-        inner = (up >= 0.3) & (up <= 1.3) & (np.abs(xx - cx) <= (up - 0.15) * r * 0.55)
-        face = jitter((230, 200, 30) if rng.random() < 0.5 else (210, 40, 40), 15)
-        colour = np.where(inner[..., None], face, np.float32([30, 30, 30]))
-        paint(inside, colour, 6)
-    # balls: discs lit from the top left
+        if look == 0:  # yellow or red triangles with a dark border
+            up = (yy - cy) / r + 0.5  # 0 at the apex, 1.5 at the base
+            inside = (up >= 0) & (up <= 1.5) & (np.abs(xx - cx) <= up * r * 0.7)
+            inner = (up >= 0.3) & (up <= 1.3) & (np.abs(xx - cx) <= (up - 0.15) * r * 0.55)
+            face = jitter((230, 200, 30) if rng.random() < 0.5 else (210, 40, 40), 15)
+            paint(inside, np.where(inner[..., None], face, np.float32([30, 30, 30])), 6)
+        elif look == 1:  # blue disc with a white bar
+            d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
+            bar = (np.abs(yy - cy) < 0.18 * r) & (np.abs(xx - cx) < 0.6 * r)
+            paint(d2 < 1, np.where(bar[..., None], np.float32(240), jitter((30, 70, 200), 15)), 6)
+        else:  # green plate with white lines of text
+            plate = (np.abs(xx - cx) < 1.1 * r) & (np.abs(yy - cy) < 0.55 * r)
+            text = plate & ((yy - cy) % (0.35 * r) < 0.12 * r) & (np.abs(xx - cx) < 0.85 * r)
+            paint(plate, np.where(text[..., None], np.float32(235), jitter((20, 120, 60), 15)), 6)
+    # balls
     for _ in range(rng.integers(0, 4)):
+        look = pick()
         cx, cy = rng.uniform(0, W), rng.uniform(0, H)
         r = rng.uniform(0.05, 0.11) * s
         d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
         light = 1.3 - 0.8 * np.sqrt((((xx - cx + 0.4 * r) ** 2 + (yy - cy + 0.4 * r) ** 2) / r**2).clip(0, 4)) / 2
-        colour = rng.uniform(60, 255, 3).astype(np.float32) * light[..., None]
-        paint(d2 < 1, colour, 7)
+        if look == 0:  # discs of random colour lit from the top left
+            colour = rng.uniform(60, 255, 3).astype(np.float32) * light[..., None]
+            paint(d2 < 1, colour, 7)
+        elif look == 1:  # football: white with black patches
+            patch = np.sin(3.0 * (xx - cx) / r) * np.sin(3.0 * (yy - cy) / r) > 0.55
+            colour = np.where(patch[..., None], np.float32(20), jitter((235, 235, 235), 10)) * light[..., None]
+            paint(d2 < 1, colour, 7)
+        else:  # ring: an orange torus
+            paint((d2 < 1) & (d2 > 0.3), jitter((245, 125, 20), 10) * light[..., None], 7)
     # global brightness, contrast and sensor noise
     img = img * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20) + rng.normal(0, 4, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), lbl
+    out = np.clip(img, 0, 255).astype(np.uint8), lbl
+    return (*out, lk) if return_looks else out
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -438,13 +566,16 @@ def render_scene(rng: np.random.Generator, H: int, W: int) -> Tuple[np.ndarray, 
 DEFAULT_CROPS = {"cityscapes": (256, 512), "ade20k": (256, 256)}
 
 
-def build_dataset(name: str, split: str, root: Optional[str] = None, synthetic_size=(128, 256), synthetic_count=None, seed=0):
+def build_dataset(
+    name: str, split: str, root: Optional[str] = None, synthetic_size=(128, 256), synthetic_count=None, seed=0,
+    synthetic_looks: int = 1,
+):  # fmt: skip
     """The ``train`` or ``val`` split of ``name`` ("synthetic", "cityscapes" or "ade20k")."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synthetic":
         count = (synthetic_count or (256, 32))[0 if split == "train" else 1]
-        return SyntheticScenes(split, synthetic_size, count, seed)
+        return SyntheticScenes(split, synthetic_size, count, seed, synthetic_looks)
     if root is None:
         raise DatasetError(f"--dataset {name} needs --data-root")
     if name == "cityscapes":
@@ -465,14 +596,26 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> Tuple[torch.Tensor, torc
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(label.astype(np.int64))
 
 
-def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip=True):
+def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip=True, aspect_range=(1.0, 1.0),
+                           brightness=0):  # fmt: skip
     """Official augmentation: resize by a random factor, pad to the crop (label: ignored),
-    take a random crop, flip horizontally with probability 1/2."""
+    take a random crop, flip horizontally with probability 1/2, shift the brightness.
+
+    ``aspect_range`` (official Cityscapes 0.9-1.1): the resize draws an aspect
+    ratio ``a`` too and scales the width by ``sqrt(a) * s``, the height by
+    ``s / sqrt(a)`` (the official RandomResize). ``brightness`` (official 10):
+    an integer shift drawn from ``[-brightness, brightness]`` added to every
+    channel, clipped to [0, 255] (the official RandomBrightness). Their defaults
+    draw nothing, so the other settings' random streams are unchanged."""
     Image = _pil()
     ch, cw = crop
     s = rng.uniform(*scale_range)
+    sh = sw = s
+    if tuple(aspect_range) != (1.0, 1.0):
+        a = rng.uniform(*aspect_range)
+        sh, sw = s / np.sqrt(a), s * np.sqrt(a)
     h, w = label.shape
-    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    nh, nw = max(1, int(round(h * sh))), max(1, int(round(w * sw)))
     if (nh, nw) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
         label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
@@ -486,6 +629,9 @@ def random_scale_crop_flip(image, label, rng, crop, scale_range=(0.5, 2.0), flip
     image, label = image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
     if flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
+    if brightness:
+        shift = int(rng.integers(-brightness, brightness + 1))
+        image = np.clip(image.astype(np.int16) + shift, 0, 255).astype(np.uint8)
     return image, label
 
 
@@ -494,8 +640,9 @@ class TrainView(Dataset):
     the augmentation of image ``i`` in ``epoch`` comes from a generator seeded by
     ``(seed, epoch, i)``."""
 
-    def __init__(self, base, crop, scale_range=(0.5, 2.0), flip=True, seed=0):
+    def __init__(self, base, crop, scale_range=(0.5, 2.0), flip=True, seed=0, aspect_range=(1.0, 1.0), brightness=0):
         self.base, self.crop, self.scale_range, self.flip, self.seed = base, tuple(crop), scale_range, flip, seed
+        self.aspect_range, self.brightness = tuple(aspect_range), int(brightness)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -504,7 +651,8 @@ class TrainView(Dataset):
         i, epoch = key
         image, label = self.base.load(i)
         rng = np.random.default_rng([self.seed, epoch, i])
-        image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip)
+        image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip,
+                                              self.aspect_range, self.brightness)  # fmt: skip
         return to_tensors(image, label)
 
 
@@ -560,15 +708,17 @@ _EXPORT_NAMES = {
 
 
 def export_synthetic(
-    root, layout: str, train: int = 24, val: int = 8, size=(256, 512), seed: int = 0, label_ids: bool = False
-) -> Path:
+    root, layout: str, train: int = 24, val: int = 8, size=(256, 512), seed: int = 0, label_ids: bool = False,
+    looks: int = 1,
+) -> Path:  # fmt: skip
     """Write synthetic scenes to ``root`` in the Cityscapes or ADE20K file layout.
 
     A stand-in for the real datasets (to try the file readers, or to time
     training on files of a known size): labels are remapped to the train ids
     of the classes named in ``_EXPORT_NAMES``. ``label_ids`` (Cityscapes): write
     ``*_gtFine_labelIds.png`` holding Cityscapes labelIds, as downloaded, instead
-    of ``*_gtFine_labelTrainIds.png``. Returns the ``--data-root`` to use.
+    of ``*_gtFine_labelTrainIds.png``. ``looks``: the scenes'
+    looks per class (:class:`SyntheticScenes`). Returns the ``--data-root`` to use.
     """
     Image = _pil()
     root = Path(root)
@@ -581,7 +731,7 @@ def export_synthetic(
     else:
         raise ValueError(f"layout must be 'cityscapes' or 'ade20k', got {layout!r}")
     for split, count in (("train", train), ("val", val)):
-        scenes = SyntheticScenes(split, size, count, seed)
+        scenes = SyntheticScenes(split, size, count, seed, looks)
         for i in range(count):
             image, label = scenes.load(i)
             if layout == "cityscapes":
@@ -614,10 +764,12 @@ if __name__ == "__main__":
     p.add_argument("--val", type=int, default=8, help="validation images (default 8)")
     p.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--looks", type=int, choices=range(1, MAX_LOOKS + 1), default=1,
+                   help="distinct looks per class, in uneven shares (default 1)")  # fmt: skip
     p.add_argument("--label-ids", action="store_true",
                    help="cityscapes: write *_gtFine_labelIds.png (as downloaded) instead of *_gtFine_labelTrainIds.png")  # fmt: skip
     a = p.parse_args()
     if a.label_ids and a.layout != "cityscapes":
         p.error("--label-ids is for the cityscapes layout")
-    export_synthetic(a.root, a.layout, a.train, a.val, a.size, a.seed, a.label_ids)
+    export_synthetic(a.root, a.layout, a.train, a.val, a.size, a.seed, a.label_ids, a.looks)
     print(f"wrote {a.train} + {a.val} {a.layout} images to {a.root}")

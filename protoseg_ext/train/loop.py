@@ -40,28 +40,36 @@ from .data import (
     default_crop,
 )
 from ..backends import resolve as resolve_backend
-from .model import BackboneError, ProtoSegNet, prototype_cosine
+from .model import BackboneError, ProtoSegNet, prototype_cosine, prototype_usage
 
 # settings a resumed run must share with its checkpoint (they define the schedule)
 SCHEDULE_KEYS = (
     "dataset", "iters", "batch_size", "crop", "scale_range", "no_flip", "lr", "momentum",
     "weight_decay", "poly_power", "width", "proj_dim", "num_prototype", "head_stride",
     "ppc_weight", "ppd_weight", "gamma", "assign", "proto_sync", "seed", "synthetic_size",
-    "synthetic_count", "world_size", "backbone",
+    "synthetic_count", "world_size", "backbone", "synthetic_looks", "aspect_range", "brightness", "ce_weight",
 )  # fmt: skip
-LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou", "proto_cos")
+LOG_FIELDS = ("iter", "lr", "loss", "ce", "ppc", "ppd", "images_per_s", "miou", "proto_cos", "protos_in_use")
 
 # --recipe NAME: defaults for a published setting; a flag given on the command line overrides them.
 # cityscapes-hrnet48: the official ProtoSeg Cityscapes run (tfzhou/ProtoSeg, configs/cityscapes/
 # H_48_D_4_proto.json and scripts/cityscapes/hrnet/run_h_48_d_4_proto.sh): HRNet-W48, 80K iterations,
-# batch 8 over all processes, 1024x512 crops, SGD lr 0.01 momentum 0.9 weight decay 5e-4, poly
-# decay, gamma 0.999, PPC 0.01, PPD 0.001, K = 10, the head at 1/4 resolution, D = 720.
+# batch 8 over all processes, 1024x512 crops, random resize 0.5-2 with aspect 0.9-1.1, flip, random
+# brightness (shift 10), SGD lr 0.01 momentum 0.9 weight decay 5e-4, poly decay, gamma 0.999,
+# PPC 0.01, PPD 0.001, K = 10, the head at 1/4 resolution, D = 720, the CE weighted by the config's
+# loss.params.ce_weight, synchronised BN under DDP (bn_type torchsyncbn), 8 data workers (capped at
+# the machine's cores).
+CITYSCAPES_CE_WEIGHT = (
+    0.8373, 0.9180, 0.8660, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539, 0.9843, 1.1116,
+    0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507,
+)
 RECIPES = {
     "cityscapes-hrnet48": dict(
         dataset="cityscapes", backbone="hrnet_w48", iters=80000, total_batch=8, crop=(512, 1024),
-        scale_range=(0.5, 2.0), lr=0.01, momentum=0.9, weight_decay=5e-4, poly_power=0.9, gamma=0.999,
-        ppc_weight=0.01, ppd_weight=0.001, num_prototype=10, head_stride=4, proj_dim=720, eval_every=4000,
-        assign="gumbel", workers=4,
+        scale_range=(0.5, 2.0), aspect_range=(0.9, 1.1), brightness=10, lr=0.01, momentum=0.9,
+        weight_decay=5e-4, poly_power=0.9, gamma=0.999, ppc_weight=0.01, ppd_weight=0.001, num_prototype=10,
+        head_stride=4, proj_dim=720, eval_every=4000, assign="gumbel", workers=8,
+        ce_weight=list(CITYSCAPES_CE_WEIGHT), sync_bn=True,
     ),
 }  # fmt: skip
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
@@ -76,9 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="training crop (default: the image size for synthetic, 256 512 cityscapes, 256 256 ade20k)")  # fmt: skip
     arg("--scale-range", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"), help="default: 0.5 2.0")
     arg("--no-flip", action="store_true", help="no random horizontal flip")
+    arg("--aspect-range", type=float, nargs=2, default=(1.0, 1.0), metavar=("MIN", "MAX"),
+        help="random aspect ratio of the resize (official Cityscapes: 0.9 1.1; default: 1 1, none)")  # fmt: skip
+    arg("--brightness", type=int, default=0, metavar="SHIFT",
+        help="random brightness shift in [-SHIFT, SHIFT] on every channel (official Cityscapes: 10; default: 0)")  # fmt: skip
     arg("--synthetic-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"), help="default: 128 256")
     arg("--synthetic-count", type=int, nargs=2, default=(256, 32), metavar=("TRAIN", "VAL"), help="default: 256 32")
-    arg("--workers", type=int, default=1, help="data loading processes per rank, 0: none (default: 1)")
+    arg("--synthetic-looks", type=int, choices=[1, 2, 3], default=1,
+        help="distinct looks (colour, texture, shape) per synthetic class, drawn in uneven shares (3: 57%%, 29%%, "
+             "14%% of the objects), so a class has several sub-centres for its K prototypes (default: 1)")  # fmt: skip
+    arg("--workers", type=int, default=1,
+        help="data loading processes per rank, 0: none; capped so that the ranks of a machine use no more "
+             "than its cores (default: 1)")  # fmt: skip
     arg = p.add_argument_group("model").add_argument
     arg("--backbone", default="compact", metavar="NAME",
         help="compact (a small HRNet-style network, default) or a timm model with features_only, e.g. hrnet_w48 "
@@ -93,9 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--head-stride", type=int, choices=[1, 4], default=1,
         help="1: prototype head on every pixel (default); 4: official 1/4 resolution")  # fmt: skip
     arg("--gamma", type=float, default=0.999, help="prototype momentum (default: 0.999)")
-    arg("--assign", choices=["gumbel", "argmax"], default="gumbel",
-        help="assignment for the prototype update: gumbel (official, default) or argmax (deterministic, "
-             "keeps the K prototypes of a class apart; see the README)")  # fmt: skip
+    arg("--assign", choices=["gumbel", "argmax", "sample"], default="gumbel",
+        help="the prototype each pixel updates, from its Sinkhorn row Q: gumbel, argmax(Q + g) (official, "
+             "default; close to uniform), argmax, argmax(Q) (deterministic), or sample, argmax(log Q + g) "
+             "(a draw with probabilities Q); g standard Gumbel noise. See the README")  # fmt: skip
     arg("--proto-sync", choices=["official", "exact"], default="official",
         help="with several processes: average the updated prototypes (official, default) or sum the statistics")  # fmt: skip
     arg("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
@@ -109,6 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--poly-power", type=float, default=0.9, help="lr = LR * (1 - iter / ITERS) ** POWER (default: 0.9)")
     arg("--ppc-weight", type=float, default=0.01, help="default: 0.01")
     arg("--ppd-weight", type=float, default=0.001, help="default: 0.001")
+    arg("--ce-weight", type=float, nargs="+", metavar="W",
+        help="per-class weights of the cross-entropy, one per class (default: none; the cityscapes-hrnet48 "
+             "recipe: the official config's 19)")  # fmt: skip
+    arg("--no-sync-bn", dest="sync_bn", action="store_false",
+        help="keep BatchNorm per process under DDP on GPUs (default: synchronised, as the official runs)")  # fmt: skip
     arg("--seed", type=int, default=0, help="weights, prototypes, data order, augmentation (default: 0)")
     arg = p.add_argument_group("run").add_argument
     arg("--recipe", choices=sorted(RECIPES),
@@ -142,10 +165,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pretrained {args.pretrained}: no such file")
     if args.dataset != "synthetic" and not args.data_root:
         p.error(f"--dataset {args.dataset} needs --data-root")
+    if args.brightness < 0:
+        p.error(f"--brightness must be >= 0, got {args.brightness}")
+    if not 0 < args.aspect_range[0] <= args.aspect_range[1]:
+        p.error(f"--aspect-range needs 0 < MIN <= MAX, got {args.aspect_range[0]} {args.aspect_range[1]}")
+    if args.dataset != "synthetic" and args.synthetic_looks != 1:
+        p.error(f"--synthetic-looks is for --dataset synthetic; write {args.dataset} files with several looks with "
+                f"python -m protoseg_ext.train.data {args.dataset} DIR --looks {args.synthetic_looks}")  # fmt: skip
     if args.crop is None:
         args.crop = default_crop(args.dataset, args.synthetic_size)
     # lists, as they come back from a checkpoint, so the resume check compares like with like
-    args.crop, args.scale_range = list(args.crop), list(args.scale_range)
+    args.crop, args.scale_range, args.aspect_range = list(args.crop), list(args.scale_range), list(args.aspect_range)
     args.synthetic_size, args.synthetic_count = list(args.synthetic_size), list(args.synthetic_count)
     return args
 
@@ -159,6 +189,30 @@ def setup_distributed(device: str):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cap_workers(workers: int, local_processes: int = 1) -> int:
+    """Data workers per process such that the ``local_processes`` of this machine ask for no more
+    than its cores in all (at least 1 when any were asked for)."""
+    if workers <= 0:
+        return workers
+    return max(1, min(workers, available_cores() // max(local_processes, 1)))
+
+
+def sync_batchnorm(net, enabled: bool, world: int, device: torch.device):
+    """Official (``bn_type: torchsyncbn``): BatchNorm synchronised across the processes of a DDP
+    run on GPUs. PyTorch's SyncBatchNorm runs on GPUs only: a CPU run keeps BN per process."""
+    if enabled and world > 1 and device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -283,12 +337,16 @@ def evaluate(net, val_set, args, device, rank, world, out: Path):
     view = EvalView(val_set, range(rank, n, world))
     loader = DataLoader(view, batch_size=1, num_workers=min(args.workers, 1), generator=torch.Generator())
     confusion = torch.zeros(C * C, dtype=torch.int64, device=device)  # row: ground truth, column: prediction
+    K = net.head.num_prototype
+    usage = torch.zeros(C, K, dtype=torch.int64, device=device)  # pixels nearest to each prototype of their class
     was_training = net.training
     net.eval()
     saved = 0
     for image, label, index in loader:
         image, label = image.to(device), label.to(device)
-        pred = net(image)[0].argmax(1)
+        seg, used = net.predict(image, label)
+        pred = seg.argmax(1)
+        usage += used
         valid = label != IGNORE_INDEX
         confusion += torch.bincount(label[valid] * C + pred[valid], minlength=C * C)
         if rank == 0 and saved < args.num_preds:
@@ -297,13 +355,38 @@ def evaluate(net, val_set, args, device, rank, world, out: Path):
     net.train(was_training)
     if world > 1:
         dist.all_reduce(confusion)
+        dist.all_reduce(usage)
     metrics = iou_metrics(confusion.view(C, C).cpu(), val_set.class_names)
     cos = prototype_cosine(net.head.prototypes).cpu()
     gt_present = confusion.view(C, C).sum(1).cpu() > 0
     # mean over the classes of the validation ground truth (absent classes keep their initial prototypes)
     metrics["prototype_cosine"] = float(cos[gt_present].mean()) if gt_present.any() else float(cos.mean())
     metrics["prototype_cosine_per_class"] = {name: float(cos[c]) for c, name in enumerate(val_set.class_names)}
+    metrics["prototype_usage"] = usage_metrics(usage.cpu(), val_set.class_names)
     return metrics
+
+
+USAGE_MIN_SHARE = 0.01
+
+
+def usage_metrics(usage: torch.Tensor, class_names) -> dict:
+    """``metrics.json``'s ``prototype_usage`` from the ``(C, K)`` counts of :meth:`ProtoSegNet.predict`.
+
+    Over the evaluation, every labeled pixel at the head's resolution counts
+    for the prototype of its ground-truth class nearest to it. A prototype is
+    in use when it is the nearest for at least ``USAGE_MIN_SHARE`` (1%) of its
+    class's pixels: K in use is every sub-centre serving, 1 is collapse or
+    dead prototypes. ``mean_in_use`` averages over the classes with pixels."""
+    u = prototype_usage(usage, USAGE_MIN_SHARE)
+    present = u["pixels"] > 0
+    per_class = {
+        name: {"pixels": int(u["pixels"][c]), "in_use": int(u["in_use"][c]), "counts": [int(v) for v in usage[c]]}
+        for c, name in enumerate(class_names) if present[c]
+    }  # fmt: skip
+    mean = float(u["in_use"][present].double().mean()) if present.any() else 0.0
+    return {"definition": "labeled pixels per prototype of their ground-truth class, nearest by cosine",
+            "min_share": USAGE_MIN_SHARE, "num_prototype": int(usage.shape[1]), "mean_in_use": mean,
+            "per_class": per_class}  # fmt: skip
 
 
 def iou_metrics(confusion: torch.Tensor, class_names) -> dict:
@@ -334,14 +417,22 @@ def save_prediction(folder: Path, dataset, index: int, label: np.ndarray, pred: 
 
 
 def iou_table(metrics: dict, it: int) -> str:
-    """The per-class IoU and prototype cosine of the scored classes, and the means."""
+    """The per-class IoU, prototype cosine and prototypes in use of the scored classes, and the means."""
     present = {n: v for n, v in metrics["per_class_iou"].items() if v is not None}
     cos = metrics.get("prototype_cosine_per_class", {})
+    usage = metrics.get("prototype_usage", {})
+    K, used = usage.get("num_prototype"), usage.get("per_class", {})
+    in_use = f", prototypes in use {usage['mean_in_use']:.1f} of {K}" if usage else ""
     lines = [f"iter {it}: mIoU {100 * metrics['miou']:.2f}  (pixel accuracy {100 * metrics['pixel_accuracy']:.2f}), "
-             f"prototype cosine {metrics.get('prototype_cosine', float('nan')):.3f}"]  # fmt: skip
+             f"prototype cosine {metrics.get('prototype_cosine', float('nan')):.3f}{in_use}"]  # fmt: skip
     width = max(len(n) for n in present) if present else 5
-    lines.append(f"  {'class':<{width}}  IoU (%)  proto cos")
-    lines += [f"  {name:<{width}}  {100 * v:7.2f}  {cos.get(name, float('nan')):9.3f}" for name, v in present.items()]
+    lines.append(f"  {'class':<{width}}  IoU (%)  proto cos  in use")
+
+    def use(name):
+        return f"{used[name]['in_use']:>3} / {K}" if name in used else "     -"
+
+    lines += [f"  {name:<{width}}  {100 * v:7.2f}  {cos.get(name, float('nan')):9.3f}  {use(name)}"
+              for name, v in present.items()]  # fmt: skip
     absent = len(metrics["per_class_iou"]) - len(present)
     if absent:
         lines.append(f"  ({absent} classes neither in the ground truth nor predicted, left out of the mean)")
@@ -362,7 +453,7 @@ def build_model(args, num_classes: int, device):
         num_classes, proj_dim=args.proj_dim, width=args.width, num_prototype=args.num_prototype,
         head_stride=args.head_stride, ignore_index=IGNORE_INDEX, ppc_weight=args.ppc_weight,
         ppd_weight=args.ppd_weight, gamma=args.gamma, assign=args.assign, backend=args.backend,
-        sync=args.proto_sync, backbone=args.backbone, pretrained=args.pretrained,
+        sync=args.proto_sync, backbone=args.backbone, pretrained=args.pretrained, ce_weight=args.ce_weight,
     ).to(device)  # fmt: skip
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr(args.iters, args.poly_power))
@@ -372,7 +463,8 @@ def build_model(args, num_classes: int, device):
 def train_batches(train_set, args, rank: int, world: int, start: int):
     """Endless augmented batches for this rank, from iteration ``start`` of the schedule."""
     sampler = ScheduleSampler(train_set, rank, world, args.seed, start=start * args.batch_size)
-    view = TrainView(train_set, args.crop, args.scale_range, not args.no_flip, args.seed)
+    view = TrainView(train_set, args.crop, args.scale_range, not args.no_flip, args.seed, args.aspect_range,
+                     args.brightness)  # fmt: skip
     loader = DataLoader(
         view, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
         generator=torch.Generator(),  # leaves the global RNG (prototype init, Gumbel noise) alone
@@ -387,6 +479,11 @@ def train(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = setup_distributed(device.type)
     args.world_size = world
+    workers = cap_workers(args.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if workers != args.workers and rank == 0:
+        print(f"protoseg-train: --workers {args.workers} capped at {workers} per process "
+              f"({available_cores()} cores on this machine)", flush=True)  # fmt: skip
+    args.workers = workers
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -397,8 +494,11 @@ def train(args) -> dict:
     out = Path(args.out)
 
     # every check that can fail on the user's input runs before anything is written to OUT
-    data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count, seed=args.seed)
+    data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count,
+                   seed=args.seed, synthetic_looks=args.synthetic_looks)  # fmt: skip
     train_set, val_set = build_dataset(args.dataset, "train", **data_kw), build_dataset(args.dataset, "val", **data_kw)
+    if args.ce_weight is not None and len(args.ce_weight) != train_set.num_classes:
+        fail(f"--ce-weight has {len(args.ce_weight)} values but {args.dataset} has {train_set.num_classes} classes")
     if not args.no_label_check:
         for ds in (train_set, val_set):
             if hasattr(ds, "check_labels"):
@@ -407,6 +507,7 @@ def train(args) -> dict:
         net, opt, sched = build_model(args, train_set.num_classes, device)
     except BackboneError as e:
         fail(str(e))
+<<<<<<< HEAD
     if rank == 0 and net.pretrained_head:
         skipped = net.pretrained_skipped
         print(f"--pretrained {args.pretrained}: the head's prototypes, feat_norm and mask_norm loaded"
@@ -414,6 +515,9 @@ def train(args) -> dict:
                  f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""), flush=True)
     if world > 1 and device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # official: synchronised BN across GPUs
+=======
+    net = sync_batchnorm(net, args.sync_bn, world, device)
+>>>>>>> issue28
     start, resumed_from = 0, None
     if args.resume:
         start, resumed_from = resume(out, args, net, opt, sched, device)
@@ -459,9 +563,11 @@ def train(args) -> dict:
                 atomic_save({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"], "iters": it,
                              "pixel_accuracy": metrics["pixel_accuracy"],
                              "prototype_cosine": metrics["prototype_cosine"],
-                             "prototype_cosine_per_class": metrics["prototype_cosine_per_class"]},
+                             "prototype_cosine_per_class": metrics["prototype_cosine_per_class"],
+                             "prototype_usage": metrics["prototype_usage"]},
                             out / "metrics.json")  # fmt: skip
-                log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"])
+                log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"],
+                          protos_in_use=metrics["prototype_usage"]["mean_in_use"])
                 if args.num_pictures > 0:
                     save_pictures(net, val_set, out / "pictures", it, device, args.num_pictures)
         if rank == 0 and (evaluating or it == stop):
@@ -536,7 +642,7 @@ def load_checkpoint(state: dict, path: Path, args, net, opt, sched) -> int:
     """Restore a checkpoint of the same schedule; returns the iteration to continue from."""
     saved = state["args"]
     # a setting newer than the checkpoint had, when it was written, the value that was then the only one
-    before = {"backbone": "compact"}
+    before = {"backbone": "compact", "synthetic_looks": 1, "aspect_range": [1.0, 1.0], "brightness": 0, "ce_weight": None}
     diff = [f"--{k.replace('_', '-')} {saved.get(k, before.get(k))!r} (now {getattr(args, k)!r})"
             for k in SCHEDULE_KEYS if saved.get(k, before.get(k)) != getattr(args, k)]  # fmt: skip
     if diff:

@@ -28,12 +28,13 @@ Resolution of the prototype head (``head_stride``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..head import ProtoSegHead, read_official_state_dict
 
 __all__ = [
@@ -241,6 +242,8 @@ class ProtoSegNet(nn.Module):
     ``(seg (B, C, H, W), losses)``: logits at the image size and, with labels,
     ``{"loss", "ce", "ppc", "ppd"}`` where
     ``loss = ce + ppc_weight * ppc + ppd_weight * ppd`` (official 0.01, 0.001).
+    ``ce_weight`` (C values): per-class weights of the cross-entropy, as the
+    official configs' ``loss.params.ce_weight`` (None: unweighted).
     """
 
     def __init__(
@@ -259,8 +262,14 @@ class ProtoSegNet(nn.Module):
         sync: str = "official",
         backbone: str = "compact",
         pretrained: Optional[str] = None,
+        ce_weight: Optional[Sequence[float]] = None,
     ):
         super().__init__()
+        if ce_weight is not None and len(ce_weight) != num_classes:
+            raise ValueError(f"ce_weight has {len(ce_weight)} values for {num_classes} classes")
+        # the official loss's per-class CE weights (config loss.params.ce_weight); not part of the state_dict
+        weight = None if ce_weight is None else torch.tensor([float(w) for w in ce_weight])
+        self.register_buffer("ce_weight", weight, persistent=False)
         if head_stride not in (1, 4):
             raise ValueError(f"head_stride must be 1 (full resolution) or 4, got {head_stride}")
         self.head_stride, self.ignore_index = head_stride, ignore_index
@@ -295,26 +304,89 @@ class ProtoSegNet(nn.Module):
         """``(B, 3, H, W)`` -> L2-normalised embeddings ``(B, D, H/4, W/4)``."""
         return self.proj_head(self.cls_head(self.backbone(images)))
 
-    def forward(
-        self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        size = images.shape[-2:] if labels is None else labels.shape[-2:]
+    def _head_input(self, images: torch.Tensor, size) -> torch.Tensor:
+        """The embeddings the prototype head sees: at 1/4, or upsampled to ``size`` (head_stride 1)."""
         emb = self.embed(images)
         if self.head_stride == 1:  # full resolution: one embedding per labeled pixel
             # channels-last, so the head's (B, D, H, W) -> (N, D) is a view, not a copy
             emb = emb.contiguous(memory_format=torch.channels_last)
             emb = F.interpolate(emb, size=size, mode="bilinear", align_corners=True)
+        return emb
+
+    def forward(
+        self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        size = images.shape[-2:] if labels is None else labels.shape[-2:]
+        emb = self._head_input(images, size)
         out = self.head(emb, labels)
         seg = out.seg
         if seg.shape[-2:] != size:
             seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
         if labels is None:
             return seg, None
-        # mean over labeled pixels; a crop with none gives 0, not NaN
-        n_valid = (labels != self.ignore_index).sum().clamp(min=1)
-        ce = F.cross_entropy(seg, labels, ignore_index=self.ignore_index, reduction="sum") / n_valid
+        # mean over labeled pixels (weighted: sum of w[y] * loss / sum of w[y], as nn.CrossEntropyLoss's
+        # mean); a crop with none gives 0, not NaN
+        valid = labels != self.ignore_index
+        if self.ce_weight is None:
+            n_valid = valid.sum().clamp(min=1)
+        else:
+            n_valid = self.ce_weight.to(seg.dtype)[labels[valid]].sum().clamp(min=1e-12)
+        ce = F.cross_entropy(seg, labels, weight=None if self.ce_weight is None else self.ce_weight.to(seg.dtype),
+                             ignore_index=self.ignore_index, reduction="sum") / n_valid  # fmt: skip
         loss = ce + self.ppc_weight * out.loss_ppc + self.ppd_weight * out.loss_ppd
         return seg, {"loss": loss, "ce": ce, "ppc": out.loss_ppc, "ppd": out.loss_ppd}
+
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, chunk: int = 1 << 16):
+        """Inference: ``(seg (B, C, H, W) logits at the image size, usage)``.
+
+        With ``labels (B, H, W)``, ``usage`` is the ``(C, K)`` int64 count of
+        prototype use: each labeled pixel at the head's resolution (labels
+        nearest-downsampled as in training) counted once, for the prototype of
+        its ground-truth class nearest to its embedding (``argmax_k`` of the
+        cosine, as the head's seg logits take it). Without labels it is None.
+        ``chunk`` pixels at a time, so the ``(N, D)`` embedding is never copied whole.
+        """
+        size = images.shape[-2:] if labels is None else labels.shape[-2:]
+        emb = self._head_input(images, size)
+        seg = self.head(emb).seg
+        if seg.shape[-2:] != size:
+            seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+        if labels is None:
+            return seg, None
+        head = self.head
+        B, D, h, w = emb.shape
+        C, K = head.num_classes, head.num_prototype
+        gt = head._labels_at(labels, B, h, w)  # (N,), ignored pixels marked head.target_ignore
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, D)
+        protos = F.normalize(head.prototypes, dim=-1)
+        be = backends.resolve(head.backend, emb.device)
+        usage = torch.zeros(C * K, dtype=torch.int64, device=emb.device)
+        for i in range(0, rows.shape[0], chunk):
+            g = gt[i:i + chunk]
+            keep = g != head.target_ignore
+            if not bool(keep.any()):
+                continue
+            x = F.normalize(head.feat_norm(rows[i:i + chunk][keep]), dim=-1).to(protos.dtype)
+            g = g[keep]
+            own = be.similarity(x, protos, g, ignore_index=head.target_ignore, seg=False, own=True).own
+            usage += torch.bincount(g * K + own.argmax(dim=1), minlength=C * K)
+        return seg, usage.view(C, K)
+
+
+def prototype_usage(counts: torch.Tensor, min_share: float = 0.01) -> dict:
+    """Summary of ``(C, K)`` pixel counts per prototype (:meth:`ProtoSegNet.predict`).
+
+    A prototype is *in use* when it is the nearest of its class for at least
+    ``min_share`` of the class's pixels. Returns ``pixels (C,)``, ``in_use (C,)``
+    (0 for a class with no pixel) and ``share (C, K)`` (each row sums to 1, or 0).
+    """
+    counts = counts.double()
+    pixels = counts.sum(1)
+    share = counts / pixels.clamp(min=1)[:, None]
+    in_use = ((share >= min_share) & (counts > 0)).sum(1)
+    return {"pixels": pixels.long(), "in_use": in_use, "share": share}
 
 
 @torch.no_grad()
