@@ -507,17 +507,12 @@ def train(args) -> dict:
         net, opt, sched = build_model(args, train_set.num_classes, device)
     except BackboneError as e:
         fail(str(e))
-<<<<<<< HEAD
     if rank == 0 and net.pretrained_head:
         skipped = net.pretrained_skipped
         print(f"--pretrained {args.pretrained}: the head's prototypes, feat_norm and mask_norm loaded"
               + (f"; not loaded (another layout or backbone): {len(skipped)} keys ({', '.join(skipped[:3])}"
                  f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""), flush=True)
-    if world > 1 and device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # official: synchronised BN across GPUs
-=======
     net = sync_batchnorm(net, args.sync_bn, world, device)
->>>>>>> issue28
     start, resumed_from = 0, None
     if args.resume:
         start, resumed_from = resume(out, args, net, opt, sched, device)
