@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 from collections import OrderedDict
@@ -21,8 +22,9 @@ FIELDS = [
     "run_id", "timestamp", "machine", "device", "torch", "commit",
     "size", "N", "D", "C", "K", "labels", "provider", "mode", "status",
     "median_ms", "p20_ms", "p80_ms", "min_ms", "max_ms", "repeats", "first_ms",
-    "floor_ms", "x_floor", "vs_official",
-    "peak_mem_mb", "extra_mem_mb", "mem_kind",
+    "floor_ms", "x_floor", "floor_inproc_ms", "x_floor_inproc", "x_floor_strict", "vs_official",
+    "rounds", "round_ms", "failed_rounds",
+    "peak_mem_mb", "first_peak_mem_mb", "extra_mem_mb", "step_peaks_mb", "step_start_mb", "mem_kind", "phases",
     "ops", "views", "syncs", "sync_detail", "graph_breaks", "graphs", "load1",
 ]  # fmt: skip
 
@@ -31,21 +33,26 @@ PROVIDER_ORDER = ("official", "official+compile", "vectorized", "cpu", "triton",
 FLOOR = "floor"
 
 COLUMN_HELP = """\
-Columns: **median** and **p20-p80**: wall time of one step over the timed repeats
-(milliseconds; the first call is timed apart as *first*). **x floor**: median / the
-GEMM floor of the same size and mode (forward: `feats @ P.T`, N x D x CK; backward:
-`dS @ P`; full: both; update has none: the fused update needs only the K own-class
-columns), timed in the provider's process after each of its repeats (up to 262,144
-pixels: a shared machine's speed drifts over minutes), else once per size in the run. **vs official**: official median / this median.
-**peak MB**: the provider's own process, RSS high-water mark (CPU) or
-`max_memory_allocated` (GPU); **+step MB**: that peak less the process with its
-inputs, i.e. what the step itself needs (on CPU it includes some 150 MB of one-time
-runtime allocations, thread pools and workspaces, visible even at the tiny size). **ops**: aten and custom ops dispatched
-in one step (each is at least one kernel launch on a GPU; views included), **syncs**:
-those with a data-dependent output shape or a host value (boolean indexing,
-`nonzero`, `.item()`, `bool(tensor)`): each stops the host until the GPU catches up.
-Counted with a TorchDispatchMode; `official+compile` runs fused code and is not
-counted, its *graphs / breaks* are Dynamo's compiled graphs and graph breaks."""
+Columns: **median** and **p20-p80**: wall time of one step over the timed repeats of the provider's best
+round (milliseconds; the first call is timed apart as *first*); **rounds**: each round's median (each
+round runs the floor and every provider once, in turn, each in a fresh process). **x floor**: median / the
+GEMM floor of the same size and mode (forward: `feats @ P.T`, N x D x CK; backward: `dS @ P`; full: both;
+on contiguous (N, D) rows, into outputs allocated before the clock starts; update has none: the fused
+update needs only the K own-class columns), the floor timed in a process of its own in the same rounds;
+**in-proc**: the same ratio against the floor timed in the provider's process after each of its repeats
+(up to 262,144 pixels); the larger of the two is the one to quote (**strict** in the summary). **vs
+official**: official median / this median. **peak MB**: the highest RSS high-water mark (CPU) or
+`max_memory_allocated` (GPU) over every step the provider ran (warm-up and timed, every round: what a
+training run needs), **1st MB** the first step's; **+step MB**: the peak less the process with its
+inputs, i.e. what the steps themselves need (on CPU it includes some 150 MB of one-time runtime
+allocations, thread pools and workspaces, visible even at the tiny size). **ops**: aten and custom ops
+dispatched in one step (each is at least one kernel launch on a GPU; views included), **syncs**: those
+with a data-dependent output shape or a host value (boolean indexing, `nonzero`, `.item()`,
+`bool(tensor)`): each stops the host until the GPU catches up. Counted with a TorchDispatchMode;
+`official+compile` runs fused code and is not counted, its *graphs / breaks* are Dynamo's compiled graphs
+and graph breaks. **phases** (with `--phases`): one more step under torch.profiler, wall ms of each op
+at top level (backward nodes as `evaluate_function: <Node>`), `gemm` the ATen GEMMs' time (self time over
+all threads / threads)."""
 
 
 def read_csv(path):
@@ -119,7 +126,7 @@ def summary(rows, mode="full") -> list:
     fused = [p for p in ("cpu", "cuda", "triton") if p in providers]
     head = ["size", "labels", "GEMM floor"] + providers
     if fused:
-        head += ["fused vs official", "fused vs vectorized", "fused x floor"]
+        head += ["fused vs official", "fused vs vectorized", "fused x floor (strict)"]
     out = [f"{mode.capitalize()} step, median ms (fused = the fastest of {', '.join(fused) or 'none'}):", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "--:|" * (len(head) - 2)]
     for (size, labels), grp in _groups(rs).items():
@@ -135,7 +142,7 @@ def summary(rows, mode="full") -> list:
                 return f"{a / b:.2f}x" if a is not None and b else ""
 
             best_row = next((r for r in grp if r["provider"] in fused and _num(r.get("median_ms")) == best), {})
-            x_floor = _num(best_row.get("x_floor"))  # against the floor timed beside it
+            x_floor = _num(best_row.get("x_floor_strict"))  # the larger of the two floors' ratios
             cells += [ratio(med.get("official"), best), ratio(med.get("vectorized"), best),
                       f"{x_floor:.2f}x" if x_floor is not None else ratio(best, med.get(FLOOR))]
         out.append("| " + " | ".join(cells) + " |")
@@ -164,15 +171,15 @@ def markdown(rows) -> str:
         a = rs[0]
         out.append(f"**{size}**: N={int(a['N']):,}, D={a['D']}, C={a['C']}, K={a['K']}; labels {labels}, 10% ignored")
         out.append("")
-        out.append("| mode | provider | median ms | p20-p80 ms | x floor | vs official | peak MB | +step MB "
-                   "| ops | syncs | notes |")
-        out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+        out.append("| mode | provider | median ms | p20-p80 ms | rounds | x floor | in-proc | vs official | peak MB "
+                   "| 1st MB | +step MB | ops | syncs | notes |")
+        out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
         for r in rs:
             prov = "GEMM floor" if r["provider"] == FLOOR else r["provider"]
             if r["status"] != "ok":
                 status = r["status"].replace("|", "/")
                 status = status if len(status) <= 90 else status[:87] + "..."
-                out.append(f"| {r['mode']} | {prov} | {status} | | | | | | | | |")
+                out.append(f"| {r['mode']} | {prov} | {status} | | | | | | | | | | | |")
                 continue
             spread = f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}"
             notes = []
@@ -183,10 +190,17 @@ def markdown(rows) -> str:
                 notes.append(r["sync_detail"])
             if r["provider"] == FLOOR:
                 notes.append("the two GEMMs only" if r["mode"] == "full" else "")
+            if r.get("phases"):
+                notes.append("phases ms: " + ", ".join(f"{k} {v}" for k, v in json.loads(r["phases"]).items()))
+            if r.get("failed_rounds"):
+                notes.append("failed rounds: " + r["failed_rounds"])
             vs = _fmt(r.get("vs_official"), ".2f")
             out.append(
-                f"| {r['mode']} | {prov} | {_fmt_ms(r['median_ms'])} | {spread} | {_fmt(r.get('x_floor'), '.2f')} "
+                f"| {r['mode']} | {prov} | {_fmt_ms(r['median_ms'])} | {spread} "
+                f"| {(r.get('round_ms') or '').replace(';', ', ')} | {_fmt(r.get('x_floor'), '.2f')} "
+                f"| {_fmt(r.get('x_floor_inproc'), '.2f')} "
                 f"| {vs + 'x' if vs else ''} | {_fmt(r.get('peak_mem_mb'), ',.0f')} "
+                f"| {_fmt(r.get('first_peak_mem_mb'), ',.0f')} "
                 f"| {_fmt(r.get('extra_mem_mb'), ',.0f')} | {r.get('ops', '')} | {r.get('syncs', '')} "
                 f"| {'; '.join(n for n in notes if n)} |"
             )

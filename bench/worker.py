@@ -6,11 +6,16 @@ peak-memory figure belongs to that provider alone. The worker prints one line
 of memory) the parent knows which mode killed it and carries on.
 
 Modes run in the order the parent gives (it sends update, forward, backward,
-full: increasing memory), and the RSS high-water mark is reset before each, so
-memory a mode freed but the allocator kept rarely inflates the next one's peak.
-``peak_mem_mb`` is the process's peak (torch runtime and inputs included);
-``extra_mem_mb`` that peak less the process's memory just before the first
-mode (the memory the step needs beyond its inputs).
+full: increasing memory). The RSS high-water mark is reset before every step
+(warm-up and timed ones) and read after it: ``step_peaks_mb`` is each step's
+peak in order, ``first_peak_mem_mb`` the first step's, ``peak_mem_mb`` the
+highest over every step the process ran (what a training run needs: memory a
+step keeps for the next one shows there, not in the first step);
+``step_start_mb`` is the process's RSS as each step starts. Peaks are the
+process's (torch runtime and inputs included); ``extra_mem_mb`` is
+``peak_mem_mb`` less the process's memory just before the first mode (the
+memory the steps need beyond their inputs). GEMMs timed in the process
+(``--interleave-floor``) run outside these windows.
 
 Also ``--provider floor``: the GEMM floor of the size, ``feats @ P.T``
 (N x D x CK, forward) and ``dS @ P`` (its transpose-shaped counterpart, backward).
@@ -45,7 +50,9 @@ def _parse():
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop repeating a mode after this (>= 3 repeats)")
     p.add_argument("--no-ops", action="store_true", help="skip the op count")
     p.add_argument("--interleave-floor", action="store_true",
-                   help="time the GEMM floor after each timed repeat, in this process (reported as floor_ms)")
+                   help="time the GEMM floor after each timed repeat, in this process (reported as floor_inproc_ms)")
+    p.add_argument("--phases", action="store_true",
+                   help="profile one more full step and report its time per op (self CPU ms) as phases")
     p.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space limit (CPU), 0 = none")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -125,6 +132,29 @@ def _timer(device):
     return now
 
 
+class StepMemory:
+    """Each step's peak memory: wraps a step ``body`` so that the high-water mark is reset before it and
+    read after it (on CPU through /proc/self/clear_refs; where that is refused, the lifetime peak)."""
+
+    def __init__(self, mem):
+        self.mem, self.peaks, self.starts = mem, [], []
+
+    def wrap(self, body):
+        def tracked():
+            self.mem.reset()
+            self.starts.append(self.mem.base)
+            t = body()
+            self.peaks.append(self.mem.peak())
+            return t
+
+        return tracked
+
+    def fields(self):
+        mb = lambda xs: [round(x / 2**20) for x in xs]  # noqa: E731
+        return dict(first_peak_mem_mb=self.peaks[0] / 2**20, peak_mem_mb=max(self.peaks) / 2**20,
+                    step_peaks_mb=mb(self.peaks), step_start_mb=mb(self.starts))
+
+
 def time_repeats(body, *, repeats, warmup, max_seconds, device, after_first=None, between=None):
     """Run ``body()`` (which returns its own elapsed seconds) warmup + repeats times.
 
@@ -181,9 +211,14 @@ FLOOR_CHUNK = 1 << 18  # rows per GEMM of the floor: full-resolution S would not
 def floor_body(size, mode, inputs, args):
     """The GEMM floor: ``feats @ P.T`` (N x D x CK, forward), ``dS @ P`` (backward), both (full).
 
-    Returns a ``body()`` that runs it once and returns its seconds. Sizes above
-    ``FLOOR_CHUNK`` rows run as GEMMs of that many rows (the time of a GEMM that
-    large is its flops; only the memory differs).
+    Returns a ``body()`` that runs it once and returns its seconds. The GEMMs
+    read contiguous ``(N, D)`` rows (made before the clock starts when the
+    process holds the NCHW map: each image's rows copied) and write into
+    outputs allocated and written once before the clock starts, so the time is
+    the two GEMMs' alone: no layout copy, no page faults of fresh outputs.
+    Sizes above ``FLOOR_CHUNK`` rows run as GEMMs of that many rows (the time of
+    a GEMM that large is its flops; only the memory differs). The copies and
+    outputs are freed after each call: the provider's step windows never hold them.
     """
     import torch
 
@@ -192,23 +227,26 @@ def floor_body(size, mode, inputs, args):
     feats, protos, gt, _ = inputs
     N, D, C, K, _ = size
     P = protos.reshape(C * K, D)
+    Pt = P.t()
     now = _timer(args.device)
     rows = min(N, FLOOR_CHUNK)
     dS = torch.randn(rows, C * K, device=feats.device, dtype=feats.dtype) if mode != "forward" else None
-    images = image_rows(feats)  # (N, D), or each image's (HW, D) rows of the map, as views
 
     def body():
+        images = [x.contiguous() for x in image_rows(feats)]  # (N, D) rows: a view when feats is (N, D)
+        s_out = feats.new_zeros(rows, C * K) if mode in ("forward", "full", "update") else None
+        g_out = feats.new_zeros(rows, D) if mode in ("backward", "full") else None
         t0 = now()
         for x in images:
             for lo in range(0, x.shape[0], rows):
                 hi = min(x.shape[0], lo + rows)
-                if mode in ("forward", "full", "update"):
-                    s = x[lo:hi] @ P.t()
-                    del s
-                if mode in ("backward", "full"):
-                    g = dS[: hi - lo] @ P
-                    del g
-        return now() - t0
+                if s_out is not None:
+                    torch.mm(x[lo:hi], Pt, out=s_out[: hi - lo])
+                if g_out is not None:
+                    torch.mm(dS[: hi - lo], P, out=g_out[: hi - lo])
+        t = now() - t0
+        del images, s_out, g_out
+        return t
 
     return body
 
@@ -223,13 +261,15 @@ def pixel_rows(feats):
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-def measure_floor(size, mode, inputs, args):
+def measure_floor(size, mode, inputs, args, steps=None):
     body = floor_body(size, mode, inputs, args)
+    if steps is not None:
+        body = steps.wrap(body)
     return time_repeats(body, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
                         device=args.device), None
 
 
-def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_times=None):
+def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_times=None, steps=None):
     """Time ``mode`` of provider ``prov``; returns ``((first, times), op counter or None)``.
 
     With ``floor_times`` (a list), the GEMM floor of the mode is timed after
@@ -289,12 +329,17 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
     else:
         raise ValueError(f"unknown mode {mode!r}")
 
+    if steps is not None:
+        body = steps.wrap(body)
     between = None
     if floor_times is not None and mode != "update":
         fbody = floor_body(size, mode, inputs, args)
         between = lambda: floor_times.append(fbody())  # noqa: E731
     timing = time_repeats(body, repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds,
                           device=args.device, after_first=after_first, between=between)
+    phases = None
+    if args.phases and mode == "full" and not prov.compiled:
+        phases = profile_phases(run)
     counter = None
     if not args.no_ops and not prov.compiled:  # compiled code runs fused kernels, not aten ops
         counter = OpCounter()
@@ -306,7 +351,46 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
         else:
             with counter:
                 count()
-    return timing, counter
+    return timing, counter, phases
+
+
+PHASE_TOP = 10  # phases named in the breakdown; the rest are summed as "other"
+
+
+def profile_phases(run):
+    """Where one step's time goes, from one more step under torch.profiler.
+
+    ``{phase: ms}``: the wall time of each op the step runs at top level (the
+    forward's ops, and each autograd node of the backward, named by the
+    profiler as ``evaluate_function: <Node>``), summed by name, the
+    ``PHASE_TOP`` largest and the rest as ``other``; ``total`` the profiled
+    step (the profiler's own cost is in it); ``gemm`` the ATen GEMMs the step
+    ran (``aten::mm``/``addmm``/``bmm`` self time over every thread, divided by
+    the thread count: what the two-GEMM floor measures).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("bench_step"):
+            run()
+    total = time.perf_counter() - t0
+    events = prof.events()
+    step = next(e for e in events if e.name == "bench_step")
+    by, gemm = {}, 0.0
+    for e in events:
+        if e.cpu_parent is step:
+            name = e.name.replace("autograd::engine::evaluate_function: ", "evaluate_function: ")
+            by[name] = by.get(name, 0.0) + e.cpu_time_total / 1e3
+        if e.name in ("aten::mm", "aten::addmm", "aten::bmm"):
+            gemm += e.self_cpu_time_total / 1e3
+    top = sorted(by.items(), key=lambda kv: -kv[1])
+    out = {k: round(v, 1) for k, v in top[:PHASE_TOP]}
+    out["other"] = round(sum(v for _, v in top[PHASE_TOP:]), 1)
+    out["gemm"] = round(gemm / max(1, torch.get_num_threads()), 1)
+    out["total"] = round(total * 1e3, 1)
+    return out
 
 
 def main():
@@ -356,9 +440,10 @@ def main():
         gc.collect()
         mem.reset()
         extra = {}
+        steps = StepMemory(mem)
         try:
             if prov is None:
-                (first, times), counter = measure_floor(size, mode, inputs, args)
+                (first, times), counter = measure_floor(size, mode, inputs, args, steps)
             else:
                 if prov.compiled:
                     import torch._dynamo
@@ -366,13 +451,13 @@ def main():
                     torch._dynamo.reset()
                     torch._dynamo.utils.counters.clear()
                 floor_times = [] if args.interleave_floor else None
-                # the step's peak is read after its first call, before any floor GEMM allocates
-                peak_box = []
-                (first, times), counter = measure_provider(prov, size, mode, inputs, args,
-                                                           after_first=lambda: peak_box.append(mem.peak()),
-                                                           floor_times=floor_times)
+                (first, times), counter, phases = measure_provider(prov, size, mode, inputs, args,
+                                                                   floor_times=floor_times, steps=steps)
+                if phases:
+                    extra["phases"] = json.dumps(phases)
                 if floor_times:
-                    extra["floor_ms"] = statistics.median(floor_times) * 1e3
+                    extra["floor_inproc_ms"] = statistics.median(floor_times) * 1e3
+                    extra["floor_inproc_min_ms"] = min(floor_times) * 1e3
                 if prov.compiled:
                     c = torch._dynamo.utils.counters
                     extra["graph_breaks"] = sum(c["graph_break"].values())
@@ -382,9 +467,9 @@ def main():
                 torch.cuda.empty_cache()
             emit(mode, status="OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
-        peak = peak_box[0] if prov is not None and peak_box else mem.peak()
-        row = dict(status="ok", first_ms=first * 1e3, **summarise(times), peak_mem_mb=peak / 2**20,
-                   extra_mem_mb=max(0, peak - base0) / 2**20, mem_kind=mem.kind, **extra)
+        mem_fields = steps.fields()
+        row = dict(status="ok", first_ms=first * 1e3, **summarise(times), **mem_fields,
+                   extra_mem_mb=max(0.0, mem_fields["peak_mem_mb"] - base0 / 2**20), mem_kind=mem.kind, **extra)
         if counter is not None:
             row.update(ops=counter.ops, views=counter.views, syncs=counter.syncs, sync_detail=counter.sync_detail())
         emit(mode, **row)

@@ -376,6 +376,33 @@ def default_cache_bytes() -> int:
     return int(float(os.environ.get("PROTOSEG_CACHE_MB", "2048")) * (1 << 20))
 
 
+def cpu_buffer_pool_stats() -> dict:
+    """What the ``cpu`` kernels' buffer pool holds (``csrc/cpu/buffer_pool.h``), as a dict of ints.
+
+    ``idle_bytes`` / ``idle_buffers``: freed buffers kept for a later request of
+    the same size (the softmax cache, the feature gradient, the prototype sums'
+    partials of the last step's shapes; at most ``cap_bytes``, from
+    ``PROTOSEG_POOL_MB``, default 1024 MiB); ``live_bytes``: buffers of 16 MiB
+    and more handed out and still alive; ``reused`` / ``allocated``: requests
+    served from an idle buffer / with a fresh allocation; ``released``: idle
+    buffers handed back to the OS; ``peak_idle_bytes``. Raises when the compiled
+    library is not loaded.
+    """
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the compiled protoseg_ext library is not loaded: {_ext_error}")
+    return dict(ext.cpu_buffer_pool_stats())
+
+
+def release_cpu_buffers() -> int:
+    """Hands the ``cpu`` buffer pool's idle buffers back to the OS (say, before an evaluation at
+    another size); returns the bytes released. The next training step allocates them afresh."""
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the compiled protoseg_ext library is not loaded: {_ext_error}")
+    return int(ext.cpu_buffer_pool_release())
+
+
 def get_backend(name: str) -> Backend:
     if name not in _INSTANCES:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")

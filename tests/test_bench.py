@@ -123,7 +123,7 @@ def test_harness_tiny_run(tmp_path):
     providers = ["official", "vectorized"] + (["cpu"] if "cpu" in protoseg_ext.available_backends() else [])
     cmd = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--sizes", "tiny", "--labels", "uniform",
            "--providers", ",".join(providers + ["cuda"]), "--modes", "full,update", "--repeats", "1",
-           "--out-dir", str(tmp_path), "-q"]
+           "--rounds", "2", "--out-dir", str(tmp_path), "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "bench.csv", newline="") as f:
@@ -138,6 +138,16 @@ def test_harness_tiny_run(tmp_path):
     assert int(by[("official", "full")]["syncs"]) > 0
     assert int(by[("vectorized", "full")]["syncs"]) == 0
     assert float(by[("vectorized", "full")]["x_floor"]) > 0  # the floor was timed in the same run
+    for prov in providers + ["floor"]:
+        r = by[(prov, "full")]
+        assert r["rounds"] == "2" and len(r["round_ms"].split(";")) == 2, r  # interleaved rounds, each reported
+        # every step's peak is kept (warm-up + 1 repeat); the peak is the highest of them
+        peaks = [float(v) for v in r["step_peaks_mb"].split(";")]
+        assert len(peaks) == 2 and float(r["first_peak_mem_mb"]) > 0, r
+        assert float(r["peak_mem_mb"]) >= max(peaks) - 1 and float(r["peak_mem_mb"]) >= float(r["first_peak_mem_mb"])
+    r = by[("vectorized", "full")]  # both floors: its own process and the provider's
+    assert float(r["floor_inproc_ms"]) > 0 and float(r["x_floor_strict"]) == max(float(r["x_floor"]),
+                                                                                 float(r["x_floor_inproc"]))
     if not torch.cuda.is_available():
         assert by[("cuda", "full")]["status"].startswith("unavailable")
     md = (tmp_path / "bench.md").read_text()
@@ -157,3 +167,21 @@ def test_roofline_report_covers_every_op():
         assert f"| cityscapes | {op} |" in md
     r = h100_roofline("similarity", 65536, 720, 19, 10, "bfloat16")
     assert r["flops"] >= 2 * 65536 * 720 * 190 and r["bound"] in ("memory", "compute")
+
+
+def test_rounds_are_combined_as_documented():
+    """The best round's time, every round's median, the highest peak over all steps, the lowest in-process floor."""
+    from bench.run import add_ratios, combine_rounds
+
+    a = dict(status="ok", median_ms=12.0, p20_ms=11.0, p80_ms=13.0, peak_mem_mb=900.0, first_peak_mem_mb=800.0,
+             extra_mem_mb=100.0, step_peaks_mb=[800, 900], step_start_mb=[500, 600], floor_inproc_ms=10.0)
+    b = dict(a, median_ms=10.0, peak_mem_mb=850.0, first_peak_mem_mb=840.0, step_peaks_mb=[840, 850],
+             floor_inproc_ms=9.0)
+    r = combine_rounds([a, {"status": "OOM (killed)"}, b])
+    assert r["median_ms"] == 10.0 and r["round_ms"] == "12.0;10.0" and r["rounds"] == 2
+    assert r["peak_mem_mb"] == 900.0 and r["step_peaks_mb"] == "800;900" and r["first_peak_mem_mb"] == 840.0
+    assert r["floor_inproc_ms"] == 9.0 and r["failed_rounds"] == "OOM (killed)"
+    add_ratios(r, 8.0, 30.0)
+    assert r["x_floor"] == 10.0 / 8.0 and r["x_floor_inproc"] == 10.0 / 9.0 and r["x_floor_strict"] == 10.0 / 8.0
+    assert r["vs_official"] == 3.0
+    assert combine_rounds([{"status": "OOM"}]) == {"status": "OOM"}

@@ -105,3 +105,94 @@ def test_similarity_streamed_outputs_unaligned_tiles(dtype, normalize):
     ref = torch.autograd.grad((torch.logsumexp(R.similarity(xin, p), 1) * w).sum(), xr)[0]
     for gr in grads:
         torch.testing.assert_close(gr, ref, **tol)
+
+
+_POOL_SCRIPT = r"""
+import json, sys
+import torch, torch.nn.functional as F
+from protoseg_ext import ProtoSegHead, backends
+
+stats = backends.cpu_buffer_pool_stats
+OPS = torch.ops.protoseg_ext
+MiB = 1 << 20
+out = {"cap": stats()["cap_bytes"], "start": stats()}
+
+
+def similarity(N, D=512, C=64, K=10):  # the softmax cache (N, C*K) fp32 comes from the pool: N * 2560 bytes
+    g = torch.Generator().manual_seed(N)
+    f = torch.randn(N, D, generator=g)
+    p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
+    return OPS.similarity(f, p, torch.randint(0, C, (N,), generator=g), -1, 1.0, True, True, True, 1 << 30, True)
+
+
+r = similarity(8192)
+out["live_8192"] = stats()
+del r
+out["freed_8192"] = stats()
+r = similarity(8192)
+out["again_8192"] = stats()
+del r
+r = similarity(12288)  # another size: the idle buffer of 8192 rows is released, not kept beside it
+out["other_12288"] = stats()
+del r
+out["freed_12288"] = stats()
+
+# training steps of the head: map (1, 256, 128, 256), N = 32,768: the feature gradient (32 MiB) and the
+# softmax cache (23.75 MiB) are pooled (the prototype sums' partials, 6 MiB, are not: under 16 MiB)
+head = ProtoSegHead(256, 19, 10, backend="cpu", ignore_index=-1, assign="argmax")
+gt = torch.randint(0, 19, (1, 128, 256), generator=torch.Generator().manual_seed(1))
+x = torch.randn(1, 256, 128, 256).requires_grad_(True)
+out["steps"] = []
+for step in range(4):
+    o = head(x, gt)
+    (o.seg.sum() * 0 + o.loss_ppc + o.loss_ppd).backward()
+    del o
+    x.grad = None
+    out["steps"].append(stats())
+print("POOL " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif("cpu" not in backends.available_backends(), reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("pool_mb", [None, 30, 0])
+def test_buffer_pool_keeps_only_what_the_next_step_reuses(pool_mb):
+    """Freed buffers are kept for a request of the same size only: a new size releases the old ones,
+    steps of one shape hold the same buffers step after step (nothing accumulates), and a buffer over
+    PROTOSEG_POOL_MB goes back to the OS when freed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("PROTOSEG_POOL_MB", None)
+    if pool_mb is not None:
+        env["PROTOSEG_POOL_MB"] = str(pool_mb)
+    r = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("POOL "))[5:])
+    MiB = 1 << 20
+    cap = 1024 * MiB if pool_mb is None else pool_mb * MiB
+    assert s["cap"] == cap
+    assert s["start"]["idle_bytes"] == 0 and s["start"]["live_bytes"] == 0
+    p8, p12 = 8192 * 2560, 12288 * 2560  # 20 MiB, 30 MiB
+    grad, probs = 32768 * 256 * 4, 32768 * 190 * 4
+    assert s["live_8192"]["live_bytes"] == p8  # pooled or not, counted while alive
+    if pool_mb == 0:  # pool off: nothing is ever idle
+        for k in ("freed_8192", "freed_12288", *range(4)):
+            st = s["steps"][k] if isinstance(k, int) else s[k]
+            assert st["idle_bytes"] == 0 and st["live_bytes"] == 0 and st["reused"] == 0, (k, st)
+        return
+    assert s["freed_8192"]["idle_bytes"] == p8 and s["freed_8192"]["live_bytes"] == 0
+    assert s["again_8192"]["reused"] == 1 and s["again_8192"]["idle_bytes"] == 0
+    assert s["other_12288"]["idle_bytes"] == 0  # 8192's buffer is gone, not waiting beside it
+    assert s["freed_12288"]["idle_bytes"] == (p12 if p12 <= cap else 0)
+    steps = s["steps"]
+    kept = [b for b in (grad, probs) if b <= cap]
+    for st in steps:  # after every step: the buffers of this shape that fit the cap, nothing else
+        assert st["live_bytes"] == 0, st
+        assert st["idle_bytes"] == sum(kept) and st["idle_buffers"] == len(kept), st
+    # from the second step on, every pooled request is served by the previous step's buffers
+    assert steps[3]["reused"] - steps[0]["reused"] == 3 * len(kept)
+    assert steps[3]["allocated"] - steps[0]["allocated"] == 3 * (2 - len(kept))
+    assert max(st["peak_idle_bytes"] for st in steps) <= max(sum(kept), p12 if p12 <= cap else 0, p8)

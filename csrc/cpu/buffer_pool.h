@@ -1,13 +1,29 @@
-// Large CPU output buffers kept for reuse by the next training step.
+// The large CPU buffers of the kernels (the softmax cache N x C*K, the feature
+// gradient N x D, the prototype sums' partials): where they come from, and what
+// is kept of them between training steps.
 //
-// A fresh multi-megabyte allocation comes from the OS as untouched pages:
-// the first write to each 4 KiB page faults and the kernel zeroes it. For the
-// softmax cache (N x C*K) and the feature gradient (N x D) that is every step
-// again, about a third of the time of the pass that writes them (measured:
-// 200 MB written in 45 ms fresh, 15 ms reused, 2 cores). The pool hands out a
-// freed buffer of the same size instead. It holds at most
-// PROTOSEG_POOL_MB (default a quarter of physical memory, 0 disables) of idle buffers; a buffer is
-// only idle once every tensor viewing it is gone, so nothing is shared.
+// A fresh multi-megabyte allocation comes from the OS as untouched pages: the
+// first write to each page faults and the kernel zeroes it. In 4 KiB pages
+// that is slow (measured here, 2 cores: 200 MB written in 45 ms fresh, 15 ms
+// reused; 4 GiB in 7-29 s fresh, 0.8 s reused), in 2 MiB pages much less so
+// (4 GiB in 2-3.4 s fresh). So:
+//
+// - every buffer of kMinBytes (16 MiB) and more is 2 MiB aligned and advised
+//   MADV_HUGEPAGE, so that fresh pages fault 2 MiB at a time wherever
+//   transparent huge pages are on or "madvise";
+// - when freed, a buffer of at most PROTOSEG_POOL_MB (default 1024 MiB, 0
+//   disables) is kept idle for the next request of the same byte size: the
+//   next training step reuses it with no fault. A larger one (a full-resolution
+//   map's gradient) goes back to the OS at once: kept, it would sit idle
+//   through the next step's forward and raise that step's peak by its size;
+// - a request (of at most the cap) that finds no idle buffer of its size means the shapes changed:
+//   every idle buffer is released then (they would not be reused), so the pool
+//   never holds more than the buffers of the last step's shapes, and never more
+//   idle bytes than PROTOSEG_POOL_MB (the oldest go first).
+//
+// A buffer is only idle once every tensor viewing it is gone, so nothing is
+// shared. stats() and release() are exposed as protoseg_ext._C.cpu_buffer_pool_stats
+// and cpu_buffer_pool_release (protoseg_ext.backends.cpu_buffer_pool_stats).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
@@ -19,11 +35,22 @@
 #include <mutex>
 #include <vector>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 namespace protoseg {
+
+struct BufferPoolStats {
+  size_t idle_bytes = 0;     // held, waiting for a request of their size
+  size_t idle_buffers = 0;
+  size_t live_bytes = 0;     // handed out, not yet freed
+  size_t cap_bytes = 0;      // PROTOSEG_POOL_MB
+  size_t reused = 0;         // requests served from an idle buffer
+  size_t allocated = 0;      // requests served with a fresh allocation
+  size_t released = 0;       // idle buffers handed back to the OS (stale sizes, cap, release())
+  size_t peak_idle_bytes = 0;
+};
 
 class BufferPool {
  public:
@@ -37,61 +64,112 @@ class BufferPool {
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     const size_t bytes =
         static_cast<size_t>(c10::multiply_integers(sizes)) * at::elementSize(at::typeMetaToScalarType(options.dtype()));
-    if (bytes < kMinBytes || bytes > cap_) return at::empty(sizes, options);
+    if (bytes < kMinBytes) return at::empty(sizes, options);
     void* p = take(bytes);
     if (p == nullptr) {
-      p = std::aligned_alloc(kAlign, round_up(bytes));
+      p = allocate(bytes);
       if (p == nullptr) return at::empty(sizes, options);  // let the ATen allocator report the failure
     }
     return at::from_blob(p, sizes, [bytes](void* q) { BufferPool::get().give_back(q, bytes); }, options);
   }
 
+  BufferPoolStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    BufferPoolStats s = stats_;
+    s.idle_bytes = idle_bytes_;
+    s.idle_buffers = idle_.size();
+    s.cap_bytes = cap_;
+    return s;
+  }
+
+  // Hands every idle buffer back to the OS; returns the bytes released.
+  size_t release() {
+    std::vector<void*> drop;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      bytes = idle_bytes_;
+      drop_all_locked(drop);
+    }
+    for (void* q : drop) std::free(q);
+    return bytes;
+  }
+
  private:
   static constexpr size_t kMinBytes = size_t(16) << 20;  // smaller buffers are cheap to fault in
-  static constexpr size_t kAlign = 64;
+  static constexpr size_t kAlign = size_t(2) << 20;      // a huge page
 
   BufferPool() {
     const char* env = std::getenv("PROTOSEG_POOL_MB");
-    double mb = env ? std::atof(env) : default_mb();
+    const double mb = env ? std::atof(env) : 1024.0;
     cap_ = mb > 0 ? static_cast<size_t>(mb * (1 << 20)) : 0;
-  }
-
-  // a quarter of physical memory (room for a full-resolution map's gradient), at least 1 GiB
-  static double default_mb() {
-    double total_mb = 0.0;
-#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
-    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-    if (pages > 0 && page > 0) total_mb = double(pages) * double(page) / double(1 << 20);
-#endif
-    return std::max(1024.0, total_mb / 4);
   }
 
   static size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-  void* take(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (size_t i = 0; i < idle_.size(); ++i) {
-      if (idle_[i].bytes == bytes) {
-        void* p = idle_[i].ptr;
-        idle_bytes_ -= bytes;
-        idle_.erase(idle_.begin() + i);
-        return p;
-      }
-    }
-    return nullptr;
+  static void* allocate(size_t bytes) {
+    const size_t n = round_up(bytes);
+    void* p = std::aligned_alloc(kAlign, n);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (p != nullptr) madvise(p, n, MADV_HUGEPAGE);  // advice only: refused where THP is off
+#endif
+    return p;
   }
 
-  // Keeps the buffer idle, dropping the oldest idle ones beyond the cap.
+  void drop_all_locked(std::vector<void*>& drop) {
+    for (const Idle& i : idle_) drop.push_back(i.ptr);
+    stats_.released += idle_.size();
+    idle_.clear();
+    idle_bytes_ = 0;
+  }
+
+  void* take(size_t bytes) {
+    std::vector<void*> drop;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.live_bytes += bytes;
+      if (bytes > cap_) {  // never kept: no idle buffer of its size, and nothing said about the others
+        ++stats_.allocated;
+        return nullptr;
+      }
+      for (size_t i = 0; i < idle_.size(); ++i) {
+        if (idle_[i].bytes == bytes) {
+          p = idle_[i].ptr;
+          idle_bytes_ -= bytes;
+          idle_.erase(idle_.begin() + i);
+          break;
+        }
+      }
+      if (p != nullptr) {
+        ++stats_.reused;
+      } else {
+        ++stats_.allocated;
+        drop_all_locked(drop);  // the shapes changed: what is idle would not be reused
+      }
+    }
+    for (void* q : drop) std::free(q);
+    return p;
+  }
+
+  // Keeps the buffer idle when it fits the cap, dropping the oldest idle ones beyond it.
   void give_back(void* p, size_t bytes) {
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      idle_.push_back({p, bytes});
-      idle_bytes_ += bytes;
-      while (idle_bytes_ > cap_ && !idle_.empty()) {
-        drop.push_back(idle_.front().ptr);
-        idle_bytes_ -= idle_.front().bytes;
-        idle_.erase(idle_.begin());
+      stats_.live_bytes -= bytes;
+      if (bytes > cap_) {
+        drop.push_back(p);
+      } else {
+        idle_.push_back({p, bytes});
+        idle_bytes_ += bytes;
+        while (idle_bytes_ > cap_ && !idle_.empty()) {
+          drop.push_back(idle_.front().ptr);
+          idle_bytes_ -= idle_.front().bytes;
+          idle_.erase(idle_.begin());
+          ++stats_.released;
+        }
+        stats_.peak_idle_bytes = std::max(stats_.peak_idle_bytes, idle_bytes_);
       }
     }
     for (void* q : drop) std::free(q);
@@ -105,6 +183,7 @@ class BufferPool {
   std::vector<Idle> idle_;
   size_t idle_bytes_ = 0;
   size_t cap_ = 0;
+  BufferPoolStats stats_;
 };
 
 }  // namespace protoseg
