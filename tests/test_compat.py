@@ -8,22 +8,7 @@ from torch import nn
 from protoseg_ext import compat
 from protoseg_ext import reference as R
 from protoseg_ext.testing import make_problem
-
-
-def official_sinkhorn(out, sinkhorn_iterations=3, epsilon=0.05):
-    L = torch.exp(out / epsilon).t()
-    B, K = L.shape[1], L.shape[0]
-    L /= torch.sum(L)
-    for _ in range(sinkhorn_iterations):
-        L /= torch.sum(L, dim=1, keepdim=True)
-        L /= K
-        L /= torch.sum(L, dim=0, keepdim=True)
-        L /= B
-    L *= B
-    L = L.t()
-    indexs = torch.argmax(L, dim=1)
-    L = F.gumbel_softmax(L, tau=0.5, hard=True)
-    return L, indexs
+from protoseg_ext.testing.official import distributed_sinkhorn as official_sinkhorn
 
 
 def test_distributed_sinkhorn_matches_official():

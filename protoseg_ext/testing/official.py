@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import reference
 
-__all__ = ["OfficialProtoModel", "OfficialProtoLoss", "ListBackbone"]
+__all__ = ["OfficialProtoModel", "OfficialProtoLoss", "ListBackbone", "distributed_sinkhorn"]
 
 
 class ListBackbone(nn.Module):
@@ -37,8 +37,12 @@ class ListBackbone(nn.Module):
         return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _sinkhorn(out, noise, assign, iters=3, eps=0.05):
-    """Official ``distributed_sinkhorn`` (no communication), with the draw made explicit."""
+def distributed_sinkhorn(out, sinkhorn_iterations=3, epsilon=0.05, noise=None, assign="gumbel"):
+    """Official ``distributed_sinkhorn`` (no communication): ``(hard one-hot (n, K), argmax (n,))``.
+
+    ``noise (n, K)``: the Gumbel noise of the draw (default: ``F.gumbel_softmax`` draws it);
+    ``assign="argmax"``: the one-hot of the argmax instead of the draw."""
+    iters, eps = sinkhorn_iterations, epsilon
     L = torch.exp(out / eps).t()
     B, K = L.shape[1], L.shape[0]
     L /= torch.sum(L)
@@ -91,7 +95,7 @@ class OfficialProtoModel(nn.Module):
             if init_q.shape[0] == 0:
                 continue
             noise = None if self.gumbel_noise is None else self.gumbel_noise[gt_seg == k]
-            q, indexs = _sinkhorn(init_q, noise, self.assign)
+            q, indexs = distributed_sinkhorn(init_q, noise=noise, assign=self.assign)
             m_k = mask[gt_seg == k]
             c_k = _c[gt_seg == k, ...]
             m_q = q * m_k[:, None].expand(-1, self.num_prototype)

@@ -289,6 +289,20 @@ _BIG_OFFSETS = textwrap.dedent(
 )
 
 
+def _run_in_4_gib_of_address_space(script):
+    """Run ``script`` in a subprocess (a crash fails the calling test only); it must print ``ok``.
+
+    Its 4 GiB buffer is address space, not memory: skipped where that would be charged in full."""
+    if not INTERPRET and torch.cuda.get_device_properties(0).total_memory < 8 * 2**30:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    overcommit = "/proc/sys/vm/overcommit_memory"
+    if os.path.exists(overcommit) and open(overcommit).read().strip() == "2":
+        pytest.skip("strict overcommit: a 4 GiB reservation would be charged in full")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux lazy allocation of untouched pages")
 def test_element_offsets_beyond_int32():
     """feats with a row stride of 2**30 + 64: the offset of row 2 exceeds 2**31 - 1.
@@ -298,14 +312,7 @@ def test_element_offsets_beyond_int32():
     values or a crash). Runs in a subprocess so that a crash fails this test
     only; the 4 GiB buffer is address space, not memory (untouched pages).
     """
-    if not INTERPRET and torch.cuda.get_device_properties(0).total_memory < 8 * 2**30:
-        pytest.skip("needs 4 GiB of free GPU memory")
-    overcommit = "/proc/sys/vm/overcommit_memory"
-    if os.path.exists(overcommit) and open(overcommit).read().strip() == "2":
-        pytest.skip("strict overcommit: a 4 GiB reservation would be charged in full")
-    res = subprocess.run([sys.executable, "-c", _BIG_OFFSETS], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ))
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+    _run_in_4_gib_of_address_space(_BIG_OFFSETS)
 
 
 _BIG_CHANNEL_OFFSETS = textwrap.dedent(
@@ -375,14 +382,7 @@ def test_channel_offsets_beyond_int32():
     Every kernel forms channel offsets in int64; with int32 ``d * stride_d`` the offset
     wraps. A subprocess, as in :func:`test_element_offsets_beyond_int32`.
     """
-    if not INTERPRET and torch.cuda.get_device_properties(0).total_memory < 8 * 2**30:
-        pytest.skip("needs 4 GiB of free GPU memory")
-    overcommit = "/proc/sys/vm/overcommit_memory"
-    if os.path.exists(overcommit) and open(overcommit).read().strip() == "2":
-        pytest.skip("strict overcommit: a 4 GiB reservation would be charged in full")
-    res = subprocess.run([sys.executable, "-c", _BIG_CHANNEL_OFFSETS], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ))
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+    _run_in_4_gib_of_address_space(_BIG_CHANNEL_OFFSETS)
 
 
 # ---------------------------------------------------------------- roofline
