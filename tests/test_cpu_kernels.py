@@ -196,3 +196,40 @@ def test_buffer_pool_keeps_only_what_the_next_step_reuses(pool_mb):
     assert steps[3]["reused"] - steps[0]["reused"] == 3 * len(kept)
     assert steps[3]["allocated"] - steps[0]["allocated"] == 3 * (2 - len(kept))
     assert max(st["peak_idle_bytes"] for st in steps) <= max(sum(kept), p12 if p12 <= cap else 0, p8)
+
+
+@pytest.mark.parametrize("cache", [0, 1 << 30])
+def test_embed_backward_non_finite_pixels_inside_plane_tiles(cache):
+    """A NaN or inf pixel inside a plane tile (pixel 700 of the first 1,024-pixel tile, pixel
+    1,100 in the second): with the softmax cache the plane path's backward finds it and sends
+    the tile to the row path, without it the statistics do. Every finite pixel's gradient must
+    still be that of LayerNorm + F.normalize + the reference, and the weight's and bias's
+    gradients non-finite, as the reference's."""
+    from protoseg_ext.testing import embed_reference
+
+    B, D, H, W, C, K = 1, 24, 8, 160, 4, 3  # C*K = 12: 1,024-pixel tiles, the second partial
+    g = torch.Generator().manual_seed(21)
+    x0 = torch.randn(B, D, H, W, generator=g) * 2 + 0.5
+    x0.view(D, -1)[:, 700] = float("nan")
+    x0.view(D, -1)[:, 1100] = float("inf")
+    w0, b0 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g)
+    be = backends.resolve("cpu", "cpu")
+    xa, wa, ba = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    out = be.embed_similarity(xa, (wa, ba, 1e-5), p, gt, temperature=0.7, seg=True, lse=True, own=True,
+                              cache_bytes=cache)
+    xb, wb, bb = [t.double().requires_grad_() for t in (x0, w0, b0)]
+    ref = R.similarity_outputs(embed_reference(xb, (wb, bb, 1e-5)), p.double(), gt, -1, 0.7, True, True, True)
+    wts = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in (ref[0], ref[2], ref[3])]
+    la = sum((o.double() * w).sum() for o, w in zip((out.seg, out.lse, out.own), wts))
+    lb = sum((o * w).sum() for o, w in zip((ref[0], ref[2], ref[3]), wts))
+    ga = torch.autograd.grad(la, [xa, wa, ba])
+    gb = torch.autograd.grad(lb, [xb, wb, bb])
+    finite = torch.ones(H * W, dtype=torch.bool)
+    finite[[700, 1100]] = False
+    gxa, gxb = ga[0].view(D, -1), gb[0].view(D, -1)
+    torch.testing.assert_close(gxa[:, finite].double(), gxb[:, finite], atol=1e-4, rtol=1e-4)
+    assert not torch.isfinite(gxa[:, ~finite]).all()
+    for u, v in zip(ga[1:], gb[1:]):
+        assert not torch.isfinite(v).all() and not torch.isfinite(u).all()

@@ -141,9 +141,10 @@ struct Source {
   // S (rows, CK) <- the scores of tile t on the plane path, with the tile's
   // statistics in st; false (nothing written) when the tile takes the row path
   template <typename acc_t>
-  bool plane_scores(int64_t t, const plane::Fold<acc_t>& fold, plane::Stats<acc_t>& st, at::Tensor& S) const {
+  bool plane_scores(int64_t t, const plane::Fold<acc_t>& fold, plane::Stats<acc_t>& st, at::Tensor& S,
+                    at::Tensor& ST_buf) const {
     at::Tensor v = plane_tile(t);
-    return plane::scores(v.data_ptr<acc_t>(), v, v.stride(0), rows(t), D, fold, st, S);
+    return plane::scores(v.data_ptr<acc_t>(), v, v.stride(0), rows(t), D, fold, st, S, ST_buf);
   }
   // this tile of feats, (rows, D), a view of the input
   at::Tensor raw(int64_t t) const {
@@ -260,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor S_buf = at::empty({T, CK}, aopt);  // this task's tile, reused
+      at::Tensor ST_buf = fold ? at::empty({CK, T}, aopt) : at::Tensor();  // the plane path's GEMM output
       std::vector<int32_t> abuf(compute_seg ? C : 0);     // one row's arg-max k per class
       std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(T) : nullptr);
       for (int64_t t = t0; t < t1; ++t) {
@@ -267,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         at::Tensor S = S_buf.narrow(0, 0, rows);
         // S (rows, K*C), in cache: scaled as the rows of feats already on the plane path
         at::Tensor xt;
-        const bool scaled = fold && src.plane_scores<acc_t>(t, *fold, *st, S);
+        const bool scaled = fold && src.plane_scores<acc_t>(t, *fold, *st, S, ST_buf);
         if (!scaled) {
           xt = src.load<acc_t>(t);
           at::mm_out(S, xt, Pt);
@@ -427,6 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       at::Tensor dS_buf = has_lse ? at::empty({T, CK}, P.options()) : at::Tensor();  // reused across tiles
       at::Tensor out_buf = has_lse || tiled ? at::empty({T, D}, P.options()) : at::Tensor();
+      at::Tensor ST_buf = fold && !cached ? at::empty({CK, T}, P.options()) : at::Tensor();  // S recomputed
       std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(T) : nullptr);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = src.row0(t), rows = src.rows(t);
@@ -438,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
           if (cached || plane::stats(xp, v.stride(0), rows, D, *fold, *st)) {
             at::Tensor dS = dS_buf.narrow(0, 0, rows);
             if (!cached) {  // S recomputed on the plane path, then e as below
-              at::mm_out(dS, v.t(), fold->Pw.t());
+              plane::raw_scores<acc_t>(v, fold->Pw, ST_buf, dS);  // the forward's S
               plane::scores_epilogue(dS.data_ptr<acc_t>(), rows, CK, *fold, *st);
               if (temperature != 1.0) dS.div_(temperature);
               dS.sub_(l.narrow(0, r0, rows).unsqueeze(1)).exp_().mul_(glse.narrow(0, r0, rows).unsqueeze(1));
