@@ -10,9 +10,9 @@ Public API (see README.md):
 * :mod:`protoseg_ext.reference` - the eager oracle (official semantics).
 """
 
-from . import backends as _backends
+from . import ops as _ops
 
-_backends.load_extension()  # a missing or mismatched library only warns
+_ops.load_extension()  # a missing or mismatched library only warns
 
 from . import compat, functional, reference  # noqa: E402
 from .backends import available_backends  # noqa: E402
