@@ -88,9 +88,3 @@ class OpCounter(TorchDispatchMode):
         """``'aten._local_scalar_dense x20, aten.index x19'``: the most frequent host syncs."""
         return ", ".join(f"{n} x{c}" for n, c in self.sync_names.most_common(top))
 
-
-def count_ops(fn, *args, **kwargs):
-    """Run ``fn`` once under an :class:`OpCounter`; returns ``(counter, result)``."""
-    with OpCounter() as c:
-        out = fn(*args, **kwargs)
-    return c, out

@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoseg_ext.functional import PPC_WEIGHT, PPD_WEIGHT, official_objective  # noqa: F401
 from protoseg_ext.testing import LABELS, class_weights, make_inputs  # noqa: F401 (the shared factory)
 
 IGNORE = -1
 GAMMA = 0.999
-PPC_WEIGHT = 0.01
-PPD_WEIGHT = 0.001
 
 
 class Size(NamedTuple):
@@ -113,7 +112,7 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
 
 def sinkhorn_all_classes(own: torch.Tensor, lab: torch.Tensor, valid: torch.Tensor, num_classes: int,
                          iters: int = 3, eps: float = 0.05) -> torch.Tensor:
-    """Sinkhorn of every class at once, in the official order (SPEC 2a).
+    """Sinkhorn of every class at once, in the official order (docs/design.md, "Prototype learning", step 1).
 
     ``own (N, K)`` each pixel's similarity to its own class's K prototypes,
     ``lab (N,)`` its class (any value in ``[0, C)`` where not valid),
@@ -142,7 +141,7 @@ def sinkhorn_all_classes(own: torch.Tensor, lab: torch.Tensor, valid: torch.Tens
 
 def vectorized_assign(S, feats, protos, gt, seg, *, assign="argmax", gumbel_noise=None, ignore_index=IGNORE,
                       iters=3, eps=0.05):
-    """Targets and per-prototype sums (SPEC 2a-2d) from the full ``S (N, C*K)``, no class loop.
+    """Targets and per-prototype sums (docs/design.md, "Prototype learning", steps 1-4) from the full ``S (N, C*K)``, no class loop.
 
     Returns ``target (N,)`` int64, ``sums (C*K, D)`` and ``counts (C*K,)`` over
     the correctly predicted pixels.
@@ -171,7 +170,7 @@ def vectorized_assign(S, feats, protos, gt, seg, *, assign="argmax", gumbel_nois
 
 
 def vectorized_ema(protos, sums, counts, gamma=GAMMA):
-    """SPEC 2e + 3 without boolean indexing: EMA where ``count > 0``, then L2-normalise."""
+    """The momentum update (docs/design.md, "Prototype learning", steps 5-6) without boolean indexing: EMA where ``count > 0``, then L2-normalise."""
     C, K, D = protos.shape
     work = sums.dtype
     P = protos.to(work)
@@ -244,7 +243,7 @@ class VectorizedHead(nn.Module):
 
 def step_loss(seg, gt, ppc, ppd):
     """The official Cityscapes objective: ``CE(seg) + 0.01 PPC + 0.001 PPD``."""
-    return F.cross_entropy(seg, gt, ignore_index=IGNORE) + PPC_WEIGHT * ppc + PPD_WEIGHT * ppd
+    return official_objective(F.cross_entropy(seg, gt, ignore_index=IGNORE), ppc, ppd)
 
 
 def provider_device(name: str) -> Optional[str]:

@@ -157,9 +157,9 @@ def provider_unavailable(provider, device):
     base, isa = split_isa(provider)
     reason = unavailable_reason(base, device)
     if reason is None and isa is not None:
-        from protoseg_ext import backends
+        from protoseg_ext import ops
 
-        supported = backends.load_extension().cpu_isa_supported()
+        supported = ops.load_extension().cpu_isa_supported()
         if isa not in supported:
             reason = f"this CPU does not run the {isa} kernels (it runs {', '.join(supported)})"
     return reason

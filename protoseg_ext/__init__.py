@@ -10,9 +10,15 @@ Public API (see README.md):
 * :mod:`protoseg_ext.reference` - the eager oracle (official semantics).
 """
 
-from . import backends as _backends
+from ._layout import installed_copy as _installed_copy
 
-_backends.load_extension()  # a missing or mismatched library only warns
+_installed = _installed_copy(__path__[0])
+if _installed is not None:  # an unbuilt checkout shadowing the installed package (protoseg_ext/_layout.py):
+    __path__[:] = [_installed]  # its modules, _C and kernels come from the installed copy
+
+from . import ops as _ops  # noqa: E402
+
+_ops.load_extension()  # a missing or mismatched library only warns
 
 from . import compat, functional, reference  # noqa: E402
 from .backends import available_backends  # noqa: E402

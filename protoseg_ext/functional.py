@@ -1,4 +1,6 @@
-"""Functional API (SPEC section 6): seg logits, prototype learning, PPC/PPD losses.
+"""Functional API: seg logits, prototype learning, PPC/PPD losses, and the training objective.
+
+The semantics are those of docs/design.md; the public names are README's "Usage".
 
 Each function checks its arguments (:mod:`protoseg_ext.checks`; a
 ``ValueError`` names the bad one), picks a backend (see
@@ -14,9 +16,24 @@ import torch
 
 from . import backends, checks, reference
 
-__all__ = ["proto_seg_logits", "prototype_learning", "proto_losses", "sample_gumbel", "draw_slots"]
+__all__ = ["proto_seg_logits", "prototype_learning", "proto_losses", "sample_gumbel", "draw_slots",
+           "official_objective", "PPC_WEIGHT", "PPD_WEIGHT"]
 
 sample_gumbel = reference.sample_gumbel
+
+# the official Cityscapes weights of the two prototype losses (docs/design.md, "Losses")
+PPC_WEIGHT = 0.01
+PPD_WEIGHT = 0.001
+
+
+def official_objective(ce, ppc, ppd, ppc_weight: float = PPC_WEIGHT, ppd_weight: float = PPD_WEIGHT):
+    """The training objective of the official ProtoSeg: ``ce + 0.01 * ppc + 0.001 * ppd`` (by default).
+
+    ``ce`` the segmentation cross-entropy, ``ppc`` and ``ppd`` the prototype losses (as
+    :func:`proto_losses` or ``ProtoSegHead``'s ``loss_ppc`` / ``loss_ppd`` give them). The
+    trainer, the benchmarks and the selftest all call this one function.
+    """
+    return ce + ppc_weight * ppc + ppd_weight * ppd
 
 
 def proto_seg_logits(feats: torch.Tensor, protos: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -48,8 +65,10 @@ def draw_slots(Q: torch.Tensor, gumbel_noise: torch.Tensor, mode: str) -> torch.
     raise ValueError(f"mode must be 'gumbel' or 'sample', got {mode!r}")
 
 
-def assign_slots(be, own, gt, pred, num_classes, mode, gumbel_noise, ignore_index, sinkhorn_iters, sinkhorn_eps):
-    """Steps 2a-2c of SPEC 2 from the own-class scores ``own (N, K)``, on backend ``be``.
+def assign_slots(be, own, gt, pred, num_classes, *, mode: str = "gumbel", gumbel_noise=None, ignore_index: int = -1,
+                 sinkhorn_iters: int = 3, sinkhorn_eps: float = 0.05):
+    """Sinkhorn, targets and update slots (docs/design.md, "Prototype learning", steps 1-4) from
+    the own-class scores ``own (N, K)``, on backend ``be``.
 
     ``pred (N,)`` is the predicted class of each pixel (``seg.argmax(dim=1)``):
     only pixels with ``pred == gt`` take part in the prototype sums. Returns
@@ -90,7 +109,7 @@ def prototype_learning(
     update: bool = True,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sinkhorn assignment and momentum update of the prototypes (SPEC 2); no autograd.
+    """Sinkhorn assignment and momentum update of the prototypes (docs/design.md, "Prototype learning"); no autograd.
 
     ``feats (N, D)``, ``protos (C, K, D)``, ``gt (N,)`` integer, ``seg (N, C)``
     the logits whose arg-max decides which pixels are correct. Returns
@@ -122,8 +141,8 @@ def prototype_learning(
     be = backends.resolve(backend, feats.device)
     gt = gt.long()
     own = be.similarity(feats, protos, gt, ignore_index=ignore_index, seg=False, own=True).own
-    target, slot = assign_slots(be, own, gt, seg.argmax(dim=1), C, assign, gumbel_noise, ignore_index, sinkhorn_iters,
-                                sinkhorn_eps)
+    target, slot = assign_slots(be, own, gt, seg.argmax(dim=1), C, mode=assign, gumbel_noise=gumbel_noise,
+                                ignore_index=ignore_index, sinkhorn_iters=sinkhorn_iters, sinkhorn_eps=sinkhorn_eps)
     sums, counts = be.prototype_sums(feats, slot, C * K)
     if not update:
         counts = torch.zeros_like(counts)
@@ -154,7 +173,7 @@ def proto_losses(
     temperature: float = 1.0,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """PPC and PPD losses (SPEC 3), differentiable w.r.t. ``feats``.
+    """PPC and PPD losses (docs/design.md, "Losses"), differentiable w.r.t. ``feats``.
 
     ``target (N,)`` in ``[0, C*K)`` or ``ignore_index``. PPC is the
     cross-entropy of ``S / temperature`` over all ``C*K`` prototypes; PPD the

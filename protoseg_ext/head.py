@@ -179,26 +179,28 @@ class ProtoSegHead(nn.Module):
         be = backends.resolve(self.backend, feats.device)
         # the map as it lies and the official LayerNorm, fused into the similarity (any other
         # feat_norm module runs as it is, on the (N, D) rows)
-        x, ln = (feats, self._layer_norm()) if self._fused_feat_norm() else (self.embed(feats, normalize=False), None)
+        x, feat_ln = ((feats, self._layer_norm()) if self._fused_feat_norm()
+                      else (self.embed(feats, normalize=False), None))
         protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)  # official: re-normalised every forward
         if gt is None:
-            seg = be.embed_similarity(x, ln, protos).seg
+            seg = be.embed_similarity(x, feat_ln, protos).seg
             return ProtoSegOutput(self._mask_norm(seg, be, B, H, W)[0], None, None, None)
 
         gt = self._labels_at(gt, B, H, W)  # (N,)
         ign = self.target_ignore
-        backward = torch.is_grad_enabled() and (x.requires_grad or ln is not None and ln[0].requires_grad)
+        backward = torch.is_grad_enabled() and (x.requires_grad or feat_ln is not None and feat_ln[0].requires_grad)
         # one pass over S: seg logits, row log-sum-exp (PPC), own-class scores; it validates the labels
         with _labels_named_gt():
-            sim = be.embed_similarity(x, ln, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True,
+            sim = be.embed_similarity(x, feat_ln, protos, gt, ignore_index=ign, temperature=self.temperature, seg=True,
                                       lse=True, own=True, cache_bytes=self._cache_bytes() if backward else 0)
         seg, pred = self._mask_norm(sim.seg, be, B, H, W)
         with torch.no_grad():
-            target, slot = functional.assign_slots(be, sim.own.detach(), gt, pred, self.num_classes, self.assign, None,
-                                                   ign, self.sinkhorn_iters, self.sinkhorn_eps)
+            target, slot = functional.assign_slots(be, sim.own.detach(), gt, pred, self.num_classes, mode=self.assign,
+                                                   ignore_index=ign, sinkhorn_iters=self.sinkhorn_iters,
+                                                   sinkhorn_eps=self.sinkhorn_eps)
             if self.training and self.update_prototype:
-                ln_d = None if ln is None else (ln[0].detach(), ln[1].detach(), ln[2])
-                sums, counts = be.embed_prototype_sums(x.detach(), ln_d, slot, self.num_classes * self.num_prototype)
+                feat_ln_d = None if feat_ln is None else (feat_ln[0].detach(), feat_ln[1].detach(), feat_ln[2])
+                sums, counts = be.embed_prototype_sums(x.detach(), feat_ln_d, slot, self.num_classes * self.num_prototype)
                 self._apply_update(protos, sums, counts, be.prototype_ema)
         ppc, ppd = functional.losses_from_scores(sim.lse, sim.own, target, self.num_prototype, ign, self.temperature)
         return ProtoSegOutput(seg, ppc, ppd, target)
@@ -306,14 +308,18 @@ class ProtoSegHead(nn.Module):
         """``mask_norm`` of the seg logits ``(B*H*W, C)`` as ``(B, C, H, W)``, and its arg-max over C ``(B*H*W,)``.
 
         The stock ``LayerNorm(C)`` runs as the backend's ``mask_norm`` op (on
-        ``"cpu"`` a fused kernel whose image needs no layout copy); any other
-        module, and the stock one under ``torch.export``, runs as it is.
+        ``"cpu"`` a fused kernel whose image needs no layout copy) where the backend
+        takes these inputs (``be.not_supported_reasons(..., "mask_norm", ...)``, e.g. the
+        ``cpu`` kernel's dtypes); any other module, the stock one on inputs the backend
+        does not take, and the stock one under ``torch.export``, runs as it is.
         """
-        ln, C = self.mask_norm, self.num_classes
+        norm, C = self.mask_norm, self.num_classes
         # (under torch.export the module itself: the op's int batch argument would fix the exported batch size)
-        fused = type(ln) is nn.LayerNorm and tuple(ln.normalized_shape) == (C,) and ln.elementwise_affine
-        if fused and not torch.compiler.is_exporting():
-            out, pred = be.mask_norm(seg, ln.weight, ln.bias, ln.eps, B)
+        fused = (type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (C,) and norm.elementwise_affine
+                 and not torch.compiler.is_exporting()
+                 and not be.not_supported_reasons(seg.device, "mask_norm", seg=seg, weight=norm.weight, bias=norm.bias))
+        if fused:
+            out, pred = be.mask_norm(seg, norm.weight, norm.bias, norm.eps, B)
             return out.view(B, C, H, W), pred
-        seg = ln(seg)
+        seg = norm(seg)
         return seg.reshape(B, H, W, C).permute(0, 3, 1, 2), seg.detach().argmax(dim=1)

@@ -13,9 +13,9 @@ import torch
 
 def build_info() -> dict:
     """Build metadata of the compiled library (empty values when it did not load)."""
-    from . import backends
+    from . import ops
 
-    ext = backends.load_extension()
+    ext = ops.load_extension()
     info = {
         "protoseg_ext": None,
         "torch (running)": torch.__version__,
@@ -24,7 +24,7 @@ def build_info() -> dict:
         "CUDA arch list": None,
         "compiled backends": [],
         "CPU kernels (ISA)": None,
-        "compiled library error": backends._ext_error,
+        "compiled library error": ops.extension_error(),
     }
     from . import __version__
 
@@ -100,9 +100,9 @@ def gpu_coverage(capabilities=None, arch_list=None, names=None) -> Optional[str]
         capabilities = [torch.cuda.get_device_capability(i) for i in range(n)]
         names = [torch.cuda.get_device_name(i) for i in range(n)]
     if arch_list is None:
-        from . import backends
+        from . import ops
 
-        ext = backends.load_extension()
+        ext = ops.load_extension()
         if ext is None or not ext.WITH_CUDA:
             return None
         arch_list = ext.BUILD_CUDA_ARCH_LIST

@@ -1,20 +1,116 @@
-"""Fake kernels and autograd of the compiled ops (``torch.ops.protoseg_ext``).
+"""The compiled ops: loading ``protoseg_ext._C``, and what Python registers for every op family.
 
-The schemas are defined once, in ``csrc/protoseg.cpp``; the CPU and CUDA
-implementations are registered there by ``csrc/cpu`` and ``csrc/cuda``. This
-module adds what Python owns: shape inference for ``torch.compile`` and the
-autograd formula, whose backward calls another registered op so that it is
-dispatched by device too. The Triton backend registers ops with the same
-schemas under ``torch.ops.protoseg_triton`` and reuses everything here.
+The schemas are defined in ``csrc/protoseg.cpp`` (``torch.ops.protoseg_ext``;
+the CPU and CUDA kernels are registered there by ``csrc/cpu`` and
+``csrc/cuda``) and, with the same text, by the ``torch.library.custom_op`` of
+``protoseg_ext/triton_ops.py`` (``torch.ops.protoseg_triton``); the CUDA
+emulator (``tools/cuda_sim``) copies the C++ ones as
+``torch.ops.protoseg_cudasim``. For each op family this module adds, in one
+place, what Python owns: the fake (meta) kernels, for ``torch.compile`` and
+``torch.export``, and the autograd formula, whose backward calls the family's
+registered ``*_backward`` op so that it is dispatched by device too.
+
+:func:`register` is the one entry point, for every namespace: it registers
+each family whose ops the namespace defines, once. :func:`load_extension`
+imports ``_C`` and calls it for ``protoseg_ext``.
+
+| family | ops | autograd |
+|---|---|---|
+| ``similarity`` | ``similarity``, ``similarity_backward`` | d ``feats`` |
+| ``embed`` | ``embed_similarity``, ``embed_similarity_backward``, ``embed_prototype_sums`` | d ``feats``, ``ln_weight``, ``ln_bias`` |
+| ``sinkhorn`` | ``sinkhorn`` | none (no gradient) |
+| ``prototype_update`` | ``prototype_sums``, ``prototype_ema`` | none (no gradient) |
+| ``mask_norm`` | ``mask_norm``, ``mask_norm_backward`` | d ``seg``, ``weight``, ``bias`` |
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .checks import acc_dtype as _acc_dtype
 
-__all__ = ["register_fakes", "register_similarity_autograd", "register_mask_norm"]
+__all__ = ["load_extension", "extension_error", "register", "FAMILIES", "cache_fits", "cpu_buffer_pool_stats",
+           "release_cpu_buffers"]
+
+# ---------------------------------------------------------------------------------------------------------
+# the compiled library
+
+_ext = None
+_ext_error: Optional[str] = None
+_ext_loaded = False
+
+
+def _base_version(v: str) -> str:
+    return v.split("+")[0]
+
+
+def load_extension():
+    """Import ``protoseg_ext._C`` once and register its ops' fakes and autograd; ``None`` (after a
+    warning) when it does not load or was built for another torch (:func:`extension_error` says why)."""
+    global _ext, _ext_error, _ext_loaded
+    if _ext_loaded:
+        return _ext
+    _ext_loaded = True
+    try:
+        from . import _C  # registers torch.ops.protoseg_ext.*
+    except Exception as e:  # ImportError, OSError (undefined symbol), ...
+        _ext_error = (
+            f"the compiled library protoseg_ext._C did not load ({type(e).__name__}: {e}); "
+            "rebuild it with `pip install --no-build-isolation -e .`"
+        )
+        warnings.warn(_ext_error + "; the 'reference' (and 'triton') backends still work", RuntimeWarning, stacklevel=3)
+        return None
+    built, running = _C.BUILD_TORCH_VERSION, torch.__version__
+    if _base_version(built) != _base_version(running):
+        _ext_error = (
+            f"protoseg_ext._C was built for torch {built} but torch {running} is installed; "
+            "rebuild with `pip install --no-build-isolation -e .`"
+        )
+        warnings.warn(_ext_error, RuntimeWarning, stacklevel=3)
+        return None
+    register("protoseg_ext")
+    _ext = _C
+    return _ext
+
+
+def extension_error() -> Optional[str]:
+    """Why ``protoseg_ext._C`` is not loaded (``None`` when it is, or before :func:`load_extension`)."""
+    return _ext_error
+
+
+def _loaded():
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the compiled protoseg_ext library is not loaded: {_ext_error}")
+    return ext
+
+
+def cpu_buffer_pool_stats() -> dict:
+    """What the ``cpu`` kernels' buffer pool holds (``csrc/cpu/buffer_pool.h``), as a dict of ints.
+
+    ``idle_bytes`` / ``idle_buffers``: freed buffers kept for a later request of
+    the same size (the softmax cache, the feature gradient, the prototype sums'
+    partials of the last step's shapes; at most ``cap_bytes``, from
+    ``PROTOSEG_POOL_MB``, default 1024 MiB); ``live_bytes``: buffers of 16 MiB
+    and more handed out and still alive; ``reused`` / ``allocated``: requests
+    served from an idle buffer / with a fresh allocation; ``released``: idle
+    buffers handed back to the OS; ``peak_idle_bytes``. Raises when the compiled
+    library is not loaded. (Documented as ``protoseg_ext.backends.cpu_buffer_pool_stats``.)
+    """
+    return dict(_loaded().cpu_buffer_pool_stats())
+
+
+def release_cpu_buffers() -> int:
+    """Hands the ``cpu`` buffer pool's idle buffers back to the OS (say, before an evaluation at
+    another size); returns the bytes released. The next training step allocates them afresh."""
+    return int(_loaded().cpu_buffer_pool_release())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the op families: per family, its fakes and autograd together
 
 
 def cache_fits(N, CK, dtype, cache_bytes) -> bool:
@@ -23,7 +119,7 @@ def cache_fits(N, CK, dtype, cache_bytes) -> bool:
 
 
 def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                     cache_bytes=0, normalize=False):
+                     cache_bytes=0, normalize=False, *, keeps_probs=True):
     N = feats.shape[0]
     C, K = protos.shape[0], protos.shape[1]
     acc = _acc_dtype(feats.dtype)
@@ -31,60 +127,36 @@ def _fake_similarity(feats, protos, labels, ignore_index, temperature, compute_s
     argk = feats.new_empty((N, C) if compute_seg else (0,), dtype=torch.uint8)
     lse = feats.new_empty((N,) if compute_lse else (0,), dtype=acc)
     own = feats.new_empty((N, K) if compute_own else (0,), dtype=acc)
-    cached = compute_lse and cache_fits(N, C * K, feats.dtype, cache_bytes)
+    # keeps_probs=False: the backend never keeps softmax(S), so the fake must not promise (N, C*K)
+    cached = keeps_probs and compute_lse and cache_fits(N, C * K, feats.dtype, cache_bytes)
     probs = feats.new_empty((N, C * K) if cached else (0,), dtype=acc)
     return seg, argk, lse, own, probs
 
 
-def _fake_similarity_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index, temperature,
-                              probs=None, normalize=False):
-    return torch.empty_like(feats, memory_format=torch.contiguous_format)
-
-
-def _fake_sinkhorn(own, labels, num_classes, ignore_index, iters, eps):
-    return own.new_empty(own.shape, dtype=_acc_dtype(own.dtype))
-
-
-def _fake_prototype_sums(feats, slot, num_slots, normalize=False):
+def _sums_fake(feats, num_slots):
     acc = _acc_dtype(feats.dtype)
     return feats.new_empty((num_slots, feats.shape[1]), dtype=acc), feats.new_empty((num_slots,), dtype=acc)
 
 
-def _fake_prototype_ema(protos, sums, counts, gamma):
-    return torch.empty_like(protos, memory_format=torch.contiguous_format)
+def _register_similarity(ns: str, keeps_probs: bool) -> None:
+    """``similarity`` and its autograd through ``similarity_backward``.
 
-
-def _no_cache(fake):
-    """``fake`` for a backend that never keeps the softmax: ``probs`` is always ``(0,)``."""
-
-    def wrapped(*args, **kwargs):
-        out = fake(*args, **kwargs)
-        return out[:4] + (out[4].new_empty((0,)),)
-
-    return wrapped
-
-
-def register_fakes(ns: str, keeps_probs: bool = True) -> None:
-    """Register the fake (meta) kernels of the five ops of namespace ``ns`` (schemas of csrc/protoseg.cpp).
-
-    ``keeps_probs=False``: the backend never keeps softmax(S) (its ``probs`` is always ``(0,)``), so
-    the fake must not promise ``(N, C*K)`` when ``cache_bytes`` would fit it.
+    Only ``feats`` receives a gradient: prototypes are buffers (docs/design.md,
+    "Losses"), and ``argk`` is an index. Gradients of unused outputs arrive as
+    None, so a step that does not use ``lse`` never recomputes S in the backward.
     """
-    torch.library.register_fake(f"{ns}::similarity")(_fake_similarity if keeps_probs else _no_cache(_fake_similarity))
-    torch.library.register_fake(f"{ns}::similarity_backward")(_fake_similarity_backward)
-    torch.library.register_fake(f"{ns}::sinkhorn")(_fake_sinkhorn)
-    torch.library.register_fake(f"{ns}::prototype_sums")(_fake_prototype_sums)
-    torch.library.register_fake(f"{ns}::prototype_ema")(_fake_prototype_ema)
+    lib = getattr(torch.ops, ns)
 
+    @torch.library.register_fake(f"{ns}::similarity")
+    def fake(*args, **kwargs):
+        return _fake_similarity(*args, **kwargs, keeps_probs=keeps_probs)
 
-def register_similarity_autograd(ns: str) -> None:
-    """Autograd of ``{ns}::similarity`` through ``{ns}::similarity_backward``.
+    @torch.library.register_fake(f"{ns}::similarity_backward")
+    def fake_backward(grad_seg, grad_lse, grad_own, feats, protos, labels, argk, lse, ignore_index, temperature,
+                      probs=None, normalize=False):
+        return torch.empty_like(feats, memory_format=torch.contiguous_format)
 
-    Only ``feats`` receives a gradient: prototypes are buffers (SPEC 3), and
-    ``argk`` is an index. Gradients of unused outputs arrive as None, so a
-    step that does not use ``lse`` never recomputes S in the backward.
-    """
-    backward_op = getattr(getattr(torch.ops, ns), "similarity_backward").default
+    backward_op = lib.similarity_backward.default
 
     def setup_context(ctx, inputs, output):
         feats, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own, _, normalize = inputs
@@ -110,70 +182,34 @@ def register_similarity_autograd(ns: str) -> None:
     torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)
 
 
-def register_mask_norm(ns: str) -> None:
-    """Fake kernels and autograd of ``{ns}::mask_norm`` (the head's LayerNorm over C).
+def _register_embed(ns: str, keeps_probs: bool) -> None:
+    """``embed_similarity`` (the head's embedding fused into ``similarity``) and its autograd
+    through ``embed_similarity_backward``; ``embed_prototype_sums``.
 
-    Gradients flow to ``seg``, ``weight`` and ``bias`` through
-    ``{ns}::mask_norm_backward``; ``mean`` and ``rstd`` are saved statistics,
-    ``pred`` an index.
+    Gradients reach ``feats`` and the LayerNorm's ``ln_weight`` and ``ln_bias``.
     """
+    lib = getattr(torch.ops, ns)
 
-    def fake(seg, weight, bias, eps, batch):
-        N, C = seg.shape
-        return (seg.new_empty((batch, C, N // batch)), seg.new_empty((N,)), seg.new_empty((N,)),
-                seg.new_empty((N,), dtype=torch.long))
-
-    def fake_backward(grad_out, seg, weight, mean, rstd):
-        return torch.empty_like(seg, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
-
-    torch.library.register_fake(f"{ns}::mask_norm")(fake)
-    torch.library.register_fake(f"{ns}::mask_norm_backward")(fake_backward)
-    backward_op = getattr(torch.ops, ns).mask_norm_backward.default
-
-    def setup_context(ctx, inputs, output):
-        seg, weight = inputs[0], inputs[1]
-        _, mean, rstd, pred = output
-        ctx.save_for_backward(seg, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd, pred)
-
-    def backward(ctx, grad_out, grad_mean, grad_rstd, grad_pred):
-        seg, weight, mean, rstd = ctx.saved_tensors
-        grad_seg, grad_weight, grad_bias = backward_op(grad_out, seg, weight, mean, rstd)
-        need = ctx.needs_input_grad
-        return (grad_seg if need[0] else None, grad_weight if need[1] else None, grad_bias if need[2] else None,
-                None, None)
-
-    torch.library.register_autograd(f"{ns}::mask_norm", backward, setup_context=setup_context)
-
-
-def register_embed_similarity(ns: str, keeps_probs: bool = True) -> None:
-    """Fake kernels and autograd of ``{ns}::embed_similarity`` (the head's embedding fused into ``similarity``).
-
-    Gradients reach ``feats`` and the LayerNorm's ``ln_weight`` and ``ln_bias``
-    through ``{ns}::embed_similarity_backward``. ``keeps_probs``: as for :func:`register_fakes`.
-    """
-
+    @torch.library.register_fake(f"{ns}::embed_similarity")
     def fake(feats, ln_weight, ln_bias, ln_eps, protos, labels, ignore_index, temperature, compute_seg, compute_lse,
              compute_own, cache_bytes=0):
         N = feats.shape[0] if feats.dim() == 2 else feats.shape[0] * feats.shape[2] * feats.shape[3]
         rows = feats.new_empty((N, feats.shape[1]))
         return _fake_similarity(rows, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                                cache_bytes)
+                                cache_bytes, keeps_probs=keeps_probs)
 
+    @torch.library.register_fake(f"{ns}::embed_similarity_backward")
     def fake_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk, lse,
                       ignore_index, temperature, probs=None):
         gw = torch.empty_like(ln_weight) if ln_weight is not None else feats.new_empty((0,))
         gb = torch.empty_like(ln_bias) if ln_bias is not None else feats.new_empty((0,))
         return torch.empty_like(feats), gw, gb
 
-    torch.library.register_fake(f"{ns}::embed_similarity")(fake if keeps_probs else _no_cache(fake))
-
     @torch.library.register_fake(f"{ns}::embed_prototype_sums")
     def fake_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots):
-        dt = _acc_dtype(feats.dtype)
-        return feats.new_empty((num_slots, feats.shape[1]), dtype=dt), feats.new_empty((num_slots,), dtype=dt)
-    torch.library.register_fake(f"{ns}::embed_similarity_backward")(fake_backward)
-    backward_op = getattr(torch.ops, ns).embed_similarity_backward.default
+        return _sums_fake(feats, num_slots)
+
+    backward_op = lib.embed_similarity_backward.default
 
     def setup_context(ctx, inputs, output):
         feats, ln_weight, ln_bias, ln_eps, protos, labels, ignore_index, temperature, seg, lse_on, own_on, _ = inputs
@@ -197,3 +233,103 @@ def register_embed_similarity(ns: str, keeps_probs: bool = True) -> None:
                 gb if need[2] and ln_bias is not None else None) + (None,) * 9
 
     torch.library.register_autograd(f"{ns}::embed_similarity", backward, setup_context=setup_context)
+
+
+def _register_sinkhorn(ns: str, keeps_probs: bool) -> None:
+    """``sinkhorn``: ``Q`` has ``own``'s shape, in the accumulation dtype; no gradient."""
+
+    @torch.library.register_fake(f"{ns}::sinkhorn")
+    def fake(own, labels, num_classes, ignore_index, iters, eps):
+        return own.new_empty(own.shape, dtype=_acc_dtype(own.dtype))
+
+
+def _register_prototype_update(ns: str, keeps_probs: bool) -> None:
+    """``prototype_sums`` and ``prototype_ema``: the prototype update; no gradient."""
+
+    @torch.library.register_fake(f"{ns}::prototype_sums")
+    def fake_sums(feats, slot, num_slots, normalize=False):
+        return _sums_fake(feats, num_slots)
+
+    @torch.library.register_fake(f"{ns}::prototype_ema")
+    def fake_ema(protos, sums, counts, gamma):
+        return torch.empty_like(protos, memory_format=torch.contiguous_format)
+
+
+def _register_mask_norm(ns: str, keeps_probs: bool) -> None:
+    """``mask_norm`` (the head's LayerNorm over C) and its autograd through ``mask_norm_backward``.
+
+    Gradients flow to ``seg``, ``weight`` and ``bias``; ``mean`` and ``rstd``
+    are saved statistics, ``pred`` an index.
+    """
+
+    @torch.library.register_fake(f"{ns}::mask_norm")
+    def fake(seg, weight, bias, eps, batch):
+        N, C = seg.shape
+        return (seg.new_empty((batch, C, N // batch)), seg.new_empty((N,)), seg.new_empty((N,)),
+                seg.new_empty((N,), dtype=torch.long))
+
+    @torch.library.register_fake(f"{ns}::mask_norm_backward")
+    def fake_backward(grad_out, seg, weight, mean, rstd):
+        return (torch.empty_like(seg, memory_format=torch.contiguous_format), torch.empty_like(weight),
+                torch.empty_like(weight))
+
+    backward_op = getattr(torch.ops, ns).mask_norm_backward.default
+
+    def setup_context(ctx, inputs, output):
+        seg, weight = inputs[0], inputs[1]
+        _, mean, rstd, pred = output
+        ctx.save_for_backward(seg, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd, pred)
+
+    def backward(ctx, grad_out, grad_mean, grad_rstd, grad_pred):
+        seg, weight, mean, rstd = ctx.saved_tensors
+        grad_seg, grad_weight, grad_bias = backward_op(grad_out, seg, weight, mean, rstd)
+        need = ctx.needs_input_grad
+        return (grad_seg if need[0] else None, grad_weight if need[1] else None, grad_bias if need[2] else None,
+                None, None)
+
+    torch.library.register_autograd(f"{ns}::mask_norm", backward, setup_context=setup_context)
+
+
+# family -> (its ops, its registration)
+FAMILIES: Dict[str, Tuple[Tuple[str, ...], Callable[[str, bool], None]]] = {
+    "similarity": (("similarity", "similarity_backward"), _register_similarity),
+    "embed": (("embed_similarity", "embed_similarity_backward", "embed_prototype_sums"), _register_embed),
+    "sinkhorn": (("sinkhorn",), _register_sinkhorn),
+    "prototype_update": (("prototype_sums", "prototype_ema"), _register_prototype_update),
+    "mask_norm": (("mask_norm", "mask_norm_backward"), _register_mask_norm),
+}
+
+_registered: Dict[str, Tuple[str, ...]] = {}
+
+
+def _defines(ns: str, op: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, ns), op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def register(ns: str, *, keeps_probs: bool = True) -> Tuple[str, ...]:
+    """Register the fakes and autograd of every op family that namespace ``ns`` defines; returns the
+    families registered. Idempotent: a second call for ``ns`` registers nothing again.
+
+    ``keeps_probs=False``: the namespace's ``similarity`` never keeps softmax(S) (its ``probs`` is
+    always ``(0,)``, as Triton's), so the fakes must not promise ``(N, C*K)`` when ``cache_bytes``
+    would fit it. A family whose ops the namespace defines only in part is an error.
+    """
+    if ns in _registered:
+        return _registered[ns]
+    done = []
+    for family, (names, reg) in FAMILIES.items():
+        present = [_defines(ns, op) for op in names]
+        if not any(present):
+            continue
+        if not all(present):
+            missing = [op for op, p in zip(names, present) if not p]
+            raise RuntimeError(f"torch.ops.{ns} defines the {family} family only in part: no {', '.join(missing)}")
+        reg(ns, keeps_probs)
+        done.append(family)
+    _registered[ns] = tuple(done)
+    return _registered[ns]

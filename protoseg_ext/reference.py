@@ -182,7 +182,7 @@ def prototype_learning(
     update: bool = True,
     return_sums: bool = False,
 ):
-    """Official ``prototype_learning`` (SPEC section 2), with a Python loop over classes.
+    """Official ``prototype_learning`` (docs/design.md, "Prototype learning"), with a Python loop over classes.
 
     Returns ``(target (N,) int64, new_protos (C, K, D))``; with
     ``return_sums=True`` also ``(sums (C, K, D), counts (C, K))``, the
@@ -246,7 +246,7 @@ def proto_losses(
     ignore_index: int = -1,
     temperature: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """PPC and PPD (SPEC section 3) on the full ``(N, C*K)`` similarity matrix.
+    """PPC and PPD (docs/design.md, "Losses") on the full ``(N, C*K)`` similarity matrix.
 
     PPC: cross-entropy of ``S / temperature`` with ``target``, mean over
     non-ignored pixels. PPD: mean of ``(1 - S[n, target[n]])^2``. A batch with
@@ -266,7 +266,7 @@ def proto_losses(
 
 
 def prototype_ema(protos: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
-    """SPEC 2e + 3 from per-prototype ``sums (C, K, D)`` and ``counts (C, K)``.
+    """The momentum update (docs/design.md, "Prototype learning", steps 5-6) from per-prototype ``sums (C, K, D)`` and ``counts (C, K)``.
 
     Used by the exact distributed mode, where sums and counts are all-reduced
     before the momentum update.

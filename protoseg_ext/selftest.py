@@ -173,6 +173,7 @@ def bench_backend(backend: str, device: str, shape: Tuple[int, int, int, int], d
     (forward, prototype update, CE + 0.01 PPC + 0.001 PPD, backward). The
     floor is ``S = X P^T`` then ``S P`` at the same N, D and C*K.
     """
+    from .functional import official_objective
     from .head import ProtoSegHead
     from .testing import make_inputs
 
@@ -188,7 +189,7 @@ def bench_backend(backend: str, device: str, shape: Tuple[int, int, int, int], d
         with torch.autocast(device, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
             out = head(xi, gt)
             loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
-        (loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd).backward()
+        official_objective(loss, out.loss_ppc, out.loss_ppd).backward()
 
     X = feats.to(dtype)
     P = torch.nn.functional.normalize(torch.randn(C * K, D, device=device), dim=1).to(dtype)

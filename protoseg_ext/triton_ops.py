@@ -303,6 +303,4 @@ def embed_prototype_sums(
                                            deterministic=deterministic, chunk=EMBED_CHUNK)
 
 
-ops.register_fakes(NAMESPACE, keeps_probs=False)  # probs is always (0,)
-ops.register_similarity_autograd(NAMESPACE)
-ops.register_embed_similarity(NAMESPACE, keeps_probs=False)
+ops.register(NAMESPACE, keeps_probs=False)  # probs is always (0,)

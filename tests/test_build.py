@@ -63,3 +63,42 @@ def test_info_reports_build_and_backends():
     for name in ("cpu", "cuda", "triton", "reference"):
         assert f"\n  {name}" in out
     assert "cpu        available on cpu" in out
+
+
+def test_an_unbuilt_checkout_runs_its_tests_against_the_installed_package(tmp_path):
+    """After a plain ``pip install .`` the checkout's own protoseg_ext/ (no _C, kernels/ beside it)
+    comes first on sys.path when Python runs from its root. The layout decides: the import hands
+    over to the installed copy, and ``python -m pytest tests`` from the root collects and runs."""
+    import glob
+    import os
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site, src = tmp_path / "site", tmp_path / "src"
+    # the installed package, as a wheel lays it out: the Python modules, _C, kernels/ inside
+    shutil.copytree(os.path.join(root, "protoseg_ext"), site / "protoseg_ext",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(root, "kernels"), site / "protoseg_ext" / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    if not glob.glob(str(site / "protoseg_ext" / "_C.*")):
+        import pytest
+
+        pytest.skip("this checkout has no in-place build of _C to copy")
+    # the checkout, never built in place
+    shutil.copytree(os.path.join(root, "protoseg_ext"), src / "protoseg_ext",
+                    ignore=shutil.ignore_patterns("__pycache__", "_C.*"))
+    for d in ("kernels", "tests"):
+        shutil.copytree(os.path.join(root, d), src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(root, "pyproject.toml"), src)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import protoseg_ext.ops as o, protoseg_ext.kernels as k; "
+                               "print(o.__file__); print(k.__file__); print(o.load_extension() is not None)"],
+        cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    ops_file, kernels_file, loaded = probe.stdout.split()
+    assert ops_file.startswith(str(site)) and kernels_file.startswith(str(site)) and loaded == "True", probe.stdout
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_build.py",
+                        "-k", "mismatched_torch_version"], cwd=src, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 import protoseg_ext
 import protoseg_ext.functional as PF
-from protoseg_ext import backends
+from protoseg_ext import backends, ops
 from protoseg_ext import reference as R
 from protoseg_ext.testing import make_problem
 
-_C = backends.load_extension()
+_C = ops.load_extension()
 pytestmark = pytest.mark.skipif(_C is None, reason="the compiled library did not load")
 
 ISAS = ["baseline", "avx2", "avx512"]
@@ -174,8 +174,8 @@ def test_every_supported_variant_against_reference(isa):
 
 _CALL_OP = """
 import torch, protoseg_ext, protoseg_ext.functional as PF
-from protoseg_ext import backends
-ext = backends.load_extension()
+from protoseg_ext import ops
+ext = ops.load_extension()
 try:
     ext.cpu_isa()
 except {exc} as e:

@@ -1,6 +1,6 @@
 """The errors of bad input and the process-level corner cases (threads, environment).
 
-The legal corner cases of SPEC 5 (absent, single-pixel and mispredicted classes, all
+The legal corner cases of docs/design.md, "Numerics and edge cases" (absent, single-pixel and mispredicted classes, all
 pixels ignored, empty batch, non-finite rows, labels out of range) run on every backend in the op x
 backend table, protoseg_ext/testing/test_backends.py."""
 

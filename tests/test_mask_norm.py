@@ -129,6 +129,38 @@ def test_head_uses_the_op_and_falls_back_for_other_norms():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_backend_states_its_mask_norm_limits():
+    """The cpu backend names the inputs its mask_norm kernel does not take (instead of quietly
+    computing something else), raises on them, and the head routes them to the module."""
+    from protoseg_ext import backends
+
+    be = backends.get_backend("cpu")
+    seg, w, b = _inputs(2, 6, 4, torch.float32)
+    assert be.not_supported_reasons(seg.device, "mask_norm", seg=seg, weight=w, bias=b) == []
+    assert be.not_supported_reasons(seg.device) == []  # the device-only form of the public API
+    half = seg.to(torch.bfloat16)
+    reasons = be.not_supported_reasons(seg.device, "mask_norm", seg=half, weight=w, bias=b)
+    assert any("bfloat16" in r for r in reasons), reasons
+    assert any("no bias" in r or "needs a bias" in r
+               for r in be.not_supported_reasons(seg.device, "mask_norm", seg=seg, weight=w, bias=None))
+    with pytest.raises(ValueError, match="float32 or float64 seg, got torch.bfloat16"):
+        be.mask_norm(half, w.to(torch.bfloat16), b.to(torch.bfloat16), 1e-5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert any("autocast" in r for r in be.not_supported_reasons(seg.device, "mask_norm", seg=seg, weight=w,
+                                                                      bias=b))
+    assert backends.get_backend("reference").not_supported_reasons(seg.device, "mask_norm", seg=half) == []
+    # the head: a bfloat16 step on the cpu backend takes the module path, with the module's values
+    head = ProtoSegHead(8, 4, num_prototype=2, assign="argmax", backend="cpu").to(torch.bfloat16).eval()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = head(x).seg
+        h32 = head.float()  # the same step in float32: bfloat16 rounding apart, the same values
+        raw = reference.proto_seg_logits(h32.embed(x.float()), torch.nn.functional.normalize(h32.prototypes, dim=-1))
+        ref = h32.mask_norm(raw).view(2, 5, 6, 4).permute(0, 3, 1, 2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
 def test_pooled_buffers_are_never_shared_while_alive():
     """The softmax cache and the feature gradient come from a reuse pool; two live ones never alias."""
     code = r"""

@@ -88,19 +88,19 @@ def _cuda_backend():
     """The 'cuda' backend on the emulator's ops (torch.ops.protoseg_cudasim), for this process only."""
     import torch
     from protoseg_ext import backends, ops
+    from protoseg_ext.compiled_backends import OpsBackend
 
     sim = _load_emulator()
-    ops.register_similarity_autograd("protoseg_cudasim")
-    ops.register_embed_similarity("protoseg_cudasim")
+    ops.register("protoseg_cudasim")
 
-    class EmulatedCuda(backends._OpsBackend):
+    class EmulatedCuda(OpsBackend):
         name = "cuda"
         namespace = "protoseg_cudasim"
 
-        def not_supported_reasons(self, device):
+        def device_reasons(self, device):
             return []
 
-    backends._INSTANCES["cuda"] = EmulatedCuda()
+    backends._instances()["cuda"] = EmulatedCuda()
     return sim, torch
 
 

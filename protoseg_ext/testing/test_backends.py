@@ -219,7 +219,8 @@ def test_embed_similarity_tiles_and_offsets(case, layer_norm, cache, monkeypatch
     (|mean| / std = 30: the CPU backend's LayerNorm folded into the GEMM would lose digits, so
     those tiles take its row path), against LayerNorm + F.normalize + the reference. The
     composed default runs in chunks of 700 pixels here (14 image rows; the last one partial)."""
-    monkeypatch.setattr(case.be, "embed_chunk", 700)
+    if case.backend == "reference":  # the composed embedding: several chunks
+        monkeypatch.setattr(case.be, "embed_chunk", 700)
     B, D, H, W, C, K = 2, 24, 30, 50, 3, 4  # 1,500 pixels per image
     g = torch.Generator().manual_seed(14)
     x0 = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2
@@ -276,7 +277,8 @@ def test_embed_prototype_sums(case, layout, layer_norm, HW, monkeypatch):
     xf = x.float().to(case.device)
     lnf = tuple(t.float().to(case.device) for t in ln[:2]) + (1e-5,) if layer_norm else None
     xin = as_layout(xf, layout)
-    monkeypatch.setattr(case.be, "embed_chunk", 500)  # the composed default: several chunks
+    if case.backend == "reference":  # the composed embedding: several chunks
+        monkeypatch.setattr(case.be, "embed_chunk", 500)
     sums, counts = case.be.embed_prototype_sums(xin, lnf, slot, 12)
     rs, rc = R.prototype_sums(embed_reference(x, ln).to(case.device), slot, 12)  # the embedding in float64
     torch.testing.assert_close(sums.double(), rs, atol=1e-4, rtol=1e-5)
@@ -404,7 +406,8 @@ def test_prototype_learning_sample_with_noise(case, ignore_index):
     assert torch.equal(t, tr)
     torch.testing.assert_close(new, newr, **case.tol)
     own = case.be.similarity(f, p, gt, ignore_index=ignore_index, seg=False, own=True).own
-    _, slot = PF.assign_slots(case.be, own, gt, seg.argmax(dim=1), 6, "sample", noise, ignore_index, 3, 0.05)
+    _, slot = PF.assign_slots(case.be, own, gt, seg.argmax(dim=1), 6, mode="sample", gumbel_noise=noise,
+                              ignore_index=ignore_index, sinkhorn_iters=3, sinkhorn_eps=0.05)
     _, _, sums_r, counts_r = R.prototype_learning(f, p, gt, seg, return_sums=True, **kw)
     counts = torch.bincount(slot[slot >= 0], minlength=30).to(counts_r.dtype)
     assert torch.equal(counts.view_as(counts_r), counts_r)  # the very same slots, pixel counts per prototype
@@ -448,7 +451,8 @@ def test_assign_sample_draws_the_plan(case):
     noise = R.sample_gumbel((n * T, K), generator=torch.Generator().manual_seed(5)).to(f.device)
     freq = {}
     for mode in ("sample", "gumbel"):
-        _, slot = PF.assign_slots(case.be, own, gts, pred, C, mode, noise, -1, 3, 0.5)
+        _, slot = PF.assign_slots(case.be, own, gts, pred, C, mode=mode, gumbel_noise=noise, ignore_index=-1,
+                                  sinkhorn_iters=3, sinkhorn_eps=0.5)
         k = (slot - gts * K).view(T, n)
         assert ((k >= 0) & (k < K)).all()
         freq[mode] = F.one_hot(k, K).sum(0).double().cpu()  # (n, K)
@@ -489,7 +493,8 @@ def test_prototype_learning_update_sums(case, N):
     """The per-prototype sums/counts of the composed step, checked directly against the reference."""
     f, p, gt, seg = case.problem(N=N, C=5, K=4)
     own = case.be.similarity(f, p, gt, seg=False, own=True).own
-    t, slot = PF.assign_slots(case.be, own, gt, seg.argmax(dim=1), 5, "argmax", None, -1, 3, 0.05)
+    t, slot = PF.assign_slots(case.be, own, gt, seg.argmax(dim=1), 5, mode="argmax", ignore_index=-1,
+                              sinkhorn_iters=3, sinkhorn_eps=0.05)
     sums, counts = case.be.prototype_sums(f, slot, 5 * 4)
     tr, _, sums_r, counts_r = R.prototype_learning(f, p, gt, seg, assign="argmax", return_sums=True)
     assert torch.equal(t, tr)
@@ -599,7 +604,7 @@ def test_non_contiguous_inputs(case):
     torch.testing.assert_close(x.grad, y.grad, **case.tol)
 
 
-# ---------------------------------------------------------------- edge cases (SPEC 5)
+# ---------------------------------------------------------------- edge cases (docs/design.md, "Numerics and edge cases")
 
 
 def _check_learning(case, f, p, gt, seg, assign="argmax", **kw):

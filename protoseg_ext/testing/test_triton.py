@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 import protoseg_ext  # noqa: E402
 import protoseg_ext.functional as PF  # noqa: E402
-from protoseg_ext import backends  # noqa: E402
+from protoseg_ext import backends, ops  # noqa: E402
 from protoseg_ext import reference as R  # noqa: E402
 from protoseg_ext.testing import as_layout, embed_reference, make_problem  # noqa: E402
 from protoseg_ext.testing import embed_problem as _embed_problem  # noqa: E402
@@ -80,7 +80,7 @@ def test_backend_is_available_and_chosen():
 
 def test_schemas_match_the_compiled_ops():
     """One contract: the Triton ops have exactly the C++ schemas (arguments, defaults, outputs)."""
-    if backends.load_extension() is None:
+    if ops.load_extension() is None:
         pytest.skip("protoseg_ext._C did not load")
     for op in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema",
                "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"):

@@ -40,6 +40,7 @@ from .data import (
     default_crop,
 )
 from ..backends import resolve as resolve_backend
+from ..functional import PPC_WEIGHT, PPD_WEIGHT
 from .model import BackboneError, ProtoSegNet, prototype_cosine, prototype_usage
 
 # settings a resumed run must share with its checkpoint (they define the schedule)
@@ -125,8 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--momentum", type=float, default=0.9, help="default: 0.9")
     arg("--weight-decay", type=float, default=5e-4, help="default: 5e-4")
     arg("--poly-power", type=float, default=0.9, help="lr = LR * (1 - iter / ITERS) ** POWER (default: 0.9)")
-    arg("--ppc-weight", type=float, default=0.01, help="default: 0.01")
-    arg("--ppd-weight", type=float, default=0.001, help="default: 0.001")
+    arg("--ppc-weight", type=float, default=PPC_WEIGHT, help=f"default: {PPC_WEIGHT}")
+    arg("--ppd-weight", type=float, default=PPD_WEIGHT, help=f"default: {PPD_WEIGHT}")
     arg("--ce-weight", type=float, nargs="+", metavar="W",
         help="per-class weights of the cross-entropy, one per class (default: none; the cityscapes-hrnet48 "
              "recipe: the official config's 19)")  # fmt: skip

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
+from ..functional import PPC_WEIGHT, PPD_WEIGHT, official_objective
 from ..head import ProtoSegHead, read_official_state_dict
 
 __all__ = [
@@ -254,8 +255,8 @@ class ProtoSegNet(nn.Module):
         num_prototype: int = 10,
         head_stride: int = 1,
         ignore_index: int = 255,
-        ppc_weight: float = 0.01,
-        ppd_weight: float = 0.001,
+        ppc_weight: float = PPC_WEIGHT,
+        ppd_weight: float = PPD_WEIGHT,
         gamma: float = 0.999,
         assign: str = "gumbel",
         backend: str = "auto",
@@ -333,7 +334,7 @@ class ProtoSegNet(nn.Module):
             n_valid = self.ce_weight.to(seg.dtype)[labels[valid]].sum().clamp(min=1e-12)
         ce = F.cross_entropy(seg, labels, weight=None if self.ce_weight is None else self.ce_weight.to(seg.dtype),
                              ignore_index=self.ignore_index, reduction="sum") / n_valid  # fmt: skip
-        loss = ce + self.ppc_weight * out.loss_ppc + self.ppd_weight * out.loss_ppd
+        loss = official_objective(ce, out.loss_ppc, out.loss_ppd, self.ppc_weight, self.ppd_weight)
         return seg, {"loss": loss, "ce": ce, "ppc": out.loss_ppc, "ppd": out.loss_ppd}
 
 
