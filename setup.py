@@ -58,19 +58,26 @@ def _write_build_info(with_cuda, arch_list):
             f.write(text)
 
 
-# The CPU kernel files compiled once more per instruction-set variant (the
-# same list as CMakeLists.txt), and each variant's flags; cpu_isa.cpp checks
-# the same extensions at run time.
-CPU_ISA_SOURCES = [
-    "csrc/cpu/mask_norm_cpu.cpp",
-    "csrc/cpu/prototype_update_cpu.cpp",
-    "csrc/cpu/similarity_cpu.cpp",
-    "csrc/cpu/sinkhorn_cpu.cpp",
-]
-CPU_ISA_FLAGS = {
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
-}
+def _read_isa_variants(path="csrc/cpu/isa_variants.txt"):
+    """The CPU kernel files compiled once more per instruction-set variant, and
+    each variant's flags: csrc/cpu/isa_variants.txt, which CMakeLists.txt reads
+    too; cpu_isa.cpp checks the same extensions at run time."""
+    sources, flags = [], {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path)) as f:
+        for line in f:
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if words[0] == "source" and len(words) == 2:
+                sources.append(words[1])
+            elif words[0] == "flags" and len(words) >= 3:
+                flags[words[1]] = words[2:]
+            else:
+                raise SystemExit(f"{path}: cannot read the line {line.strip()!r}")
+    return sources, flags
+
+
+CPU_ISA_SOURCES, CPU_ISA_FLAGS = _read_isa_variants()
 
 
 def _want_cpu_variants():

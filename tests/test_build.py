@@ -102,3 +102,50 @@ def test_an_unbuilt_checkout_runs_its_tests_against_the_installed_package(tmp_pa
                         "-k", "mismatched_torch_version"], cwd=src, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_isa_variant_list_is_one_file_read_by_setup_and_cmake(tmp_path):
+    """setup.py and CMakeLists.txt take the per-ISA sources and flags from
+    csrc/cpu/isa_variants.txt, not from lists of their own."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listing = (root / "csrc/cpu/isa_variants.txt").read_text()
+    sources = re.findall(r"^source (\S+)$", listing, re.M)
+    flags = dict((m[0], m[1].split()) for m in re.findall(r"^flags (\S+) (.+)$", listing, re.M))
+    assert sources and set(flags) == {"avx2", "avx512"}, listing
+    for s in sources:
+        assert (root / s).is_file(), s
+    for build_file in ("setup.py", "CMakeLists.txt"):
+        text = (root / build_file).read_text()
+        assert "isa_variants.txt" in text, build_file
+        assert "-mavx512dq" not in text and "sinkhorn_cpu.cpp" not in text, f"{build_file} keeps a list of its own"
+
+    # setup.py's reader, run without running setup()
+    setup_src = (root / "setup.py").read_text()
+    start = setup_src.index("def _read_isa_variants")
+    end = setup_src.index("CPU_ISA_SOURCES, CPU_ISA_FLAGS = _read_isa_variants()")
+    ns = {"__file__": str(root / "setup.py")}
+    exec("import os\n" + setup_src[start:end], ns)
+    assert ns["_read_isa_variants"]() == (sources, flags)
+
+    # CMakeLists.txt's reader, run as a script
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        return
+    cml = (root / "CMakeLists.txt").read_text()
+    block = cml[cml.index('set(PROTOSEG_CPU_ISA_SOURCES "")'):]
+    block = block[:block.index("endforeach()") + len("endforeach()")]
+    script = tmp_path / "isa.cmake"
+    script.write_text(
+        f"set(CMAKE_CURRENT_SOURCE_DIR {root.as_posix()})\n{block}\n"
+        'message("S=${PROTOSEG_CPU_ISA_SOURCES}")\n'
+        'foreach(isa IN LISTS PROTOSEG_CPU_ISAS)\n  message("F=${isa}:${PROTOSEG_CPU_ISA_FLAGS_${isa}}")\nendforeach()\n'
+    )
+    out = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True, check=True).stderr
+    got_sources = re.search(r"^S=(.*)$", out, re.M).group(1).split(";")
+    assert got_sources == [(root / s).as_posix() for s in sources]
+    got_flags = dict((isa, fl.split(";")) for isa, fl in re.findall(r"^F=(\w+):(.*)$", out, re.M))
+    assert got_flags == flags
