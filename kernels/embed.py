@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import prototype_update as _update
 from . import similarity as _sim
-from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, pow2
 from .similarity import _embed_tile, _load_stats, _pixel_block
 from .tiles import EMBED_GPU_TILES, kind_of, similarity_tiles
 
@@ -318,7 +318,7 @@ def _readable(feats):
 
 def _embed_cfg(D: int, hwc: int, acc, tiles) -> dict:
     """Block sizes of the stats, backward and rows kernels (``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D`` override)."""
-    if INTERPRET:
+    if INTERPRET_TILES:
         cfg = dict(BLOCK_N=pow2(hwc, 16, 256), BLOCK_D=pow2(D, 16, 256), num_warps=4)
     else:
         n, d, warps = EMBED_GPU_TILES[("embed", "fp64" if acc == torch.float64 else "fp32")]
@@ -336,7 +336,7 @@ def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
     overrides them (its ``EMBED_*`` entries are the embedding kernels')."""
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     kind = kind_of(name(feats.dtype), name(protos.dtype))
-    cfg = similarity_tiles(pass_, kind, C, K, D, N, INTERPRET, layer_norm=layer_norm)
+    cfg = similarity_tiles(pass_, kind, C, K, D, N, INTERPRET_TILES, layer_norm=layer_norm)
     cfg.update({k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")})
     return cfg
 
@@ -401,8 +401,8 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
     if compute_own and not (compute_seg or compute_lse):
         # own only: the K columns of each pixel's class, gathered by label; GPU: 32 px x BLOCK_D 32
         # (fp64: 16), half the plain launcher's BLOCK_D (at 64 the LayerNorm'd tile spilled)
-        ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET else 32,
-                    BLOCK_D=pow2(D, 16, 256) if INTERPRET else (32 if acc == torch.float32 else 16))
+        ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET_TILES else 32,
+                    BLOCK_D=pow2(D, 16, 256) if INTERPRET_TILES else (32 if acc == torch.float32 else 16))
         ocfg.update({k: v for k, v in (tiles or {}).items() if k in ocfg})
         for b0, nb, hw0, hwc in e.chunks():
             e.compute_stats(b0, nb, hw0, hwc)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, pow2
 from .tiles import kind_of, similarity_tiles
 
 
@@ -494,7 +494,7 @@ def similarity_bwd_kernel(
 # ----------------------------------------------------------------- launchers
 
 def tile_config(pass_: str, feats_dtype, protos_dtype, N: int, C: int, K: int, D: int,
-                interpret: bool = INTERPRET) -> dict:
+                interpret: bool = INTERPRET_TILES) -> dict:
     """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) kernel.
 
     See :func:`protoseg_ext.kernels.tiles.similarity_tiles`: GPU tiles from
@@ -535,8 +535,8 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
     P = protos.reshape(C * K, D).contiguous()
     lab = labels if compute_own else _dummy(torch.int64, dev)
     if compute_own and not (compute_seg or compute_lse):
-        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET else 32,
-                   BLOCK_D=pow2(D, 16, 256) if INTERPRET else (64 if acc == torch.float32 else 32))
+        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET_TILES else 32,
+                   BLOCK_D=pow2(D, 16, 256) if INTERPRET_TILES else (64 if acc == torch.float32 else 32))
         cfg.update({k: v for k, v in (tiles or {}).items() if k in cfg})
         own_class_scores_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0), own, N, D, C, K,
