@@ -12,8 +12,12 @@ normalised copy of the map.
 Per chunk of pixels (``CHUNK_PIXELS``, 65,536 by default: whole images, or a
 pixel range of one image):
 
-* ``embed_stats_kernel``: ``(mu, r, inv)`` of each pixel, ``(chunk, 3)`` in the
-  accumulation dtype (float32; float64 for float64 feats);
+* statistics ``(mu, r, inv)`` of each pixel in the accumulation dtype
+  (float32; float64 for float64 feats): each kernel that needs them computes
+  its pixel block's (``similarity._pixel_stats``) before its main loop, which
+  then finds the block's rows in L2: the map leaves HBM once per kernel, with
+  no statistics launch; only the own-only forward reads them from
+  ``embed_stats_kernel``'s ``(chunk, 3)`` buffer;
 * forward: ``similarity_fwd_kernel`` in EMBED mode (kernels/similarity.py; own
   alone: ``own_class_scores_kernel`` in EMBED mode, gathered by label): each
   feats tile is LayerNorm'd in registers before the dot, each S tile scaled by
@@ -31,7 +35,7 @@ pixel range of one image):
   writes d feats straight into the gradient in feats' own layout and dtype,
   with per-block partials ``(blocks, D)`` of d ln_weight and d ln_bias summed
   by ``torch.sum`` (deterministic, no atomics);
-* sums: ``embed_rows_kernel`` writes the chunk's z into a ``(chunk, D)`` buffer
+* sums: ``embed_rows_kernel`` (its own statistics) writes the chunk's z into a ``(chunk, D)`` buffer
   and ``prototype_update.prototype_sums`` sums it (non-finite pixels give
   non-finite z, which the sums skip); chunk results are added in order.
 """
@@ -45,7 +49,7 @@ import triton.language as tl
 from . import prototype_update as _update
 from . import similarity as _sim
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, pow2
-from .similarity import _dot, _embed_tile, _load_stats, _pixel_block
+from .similarity import _dot, _embed_tile, _pixel_block, _pixel_stats
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles, kind_of, similarity_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
@@ -54,71 +58,6 @@ __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forwa
 # pixels per chunk: the size of the statistics, d z and z buffers (tests lower it)
 CHUNK_PIXELS = 1 << 16
 MAX_IMAGES = 65535  # images per chunk: CUDA's limit on grid axis 1
-
-
-@triton.jit
-def _sqrt(x):
-    # correctly rounded: sqrt_rn for float32 (tl.sqrt is the approximate one there), sqrt for float64
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
-
-
-@triton.jit
-def _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE: tl.constexpr,
-                 LAYER_NORM: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # The statistics of BLOCK_N pixels (rows x_row of feats), over D in BLOCK_D
-    # chunks: (mu, r, inv, norm, s_yw, s_ywx). LayerNorm: pass 1 sums x - shift
-    # and its square, shift = the pixel's channel 0 (the variance keeps its
-    # digits when |mean| >> std), pass 2 sums ||y||^2 of the LayerNorm'd pixel
-    # (and, BACKWARD, sum_d y_d w_d and sum_d y_d w_d xhat_d, which the
-    # LayerNorm backward needs); without it one pass of ||x||^2 (mu = 0, r = 1).
-    # norm = ||y||, inv = 1 / max(norm, 1e-12).
-    sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_yw = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_ywx = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    if LAYER_NORM:
-        shift = tl.load(X_ptr + x_row, mask=row_ok & (D > 0), other=0.0).to(ACC_DTYPE)
-        s1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
-        s2 = tl.zeros((BLOCK_N,), ACC_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (d < D)[None, :]
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-            v = tl.where(m, x - shift[:, None], 0.0)
-            s1 += tl.sum(v, axis=1)
-            s2 += tl.sum(v * v, axis=1)
-        m1 = s1 / D
-        mu = shift + m1
-        var = tl.maximum(s2 / D - m1 * m1, 0.0)  # biased, as F.layer_norm
-        r = 1.0 / _sqrt(var + tl.full((), eps, ACC_DTYPE))
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=row_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
-            sq += tl.sum(y * y, axis=1)
-            if BACKWARD:
-                w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-                m = row_ok[:, None] & d_ok[None, :]
-                xh = tl.where(m, (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None], 0.0)
-                yw = y * w[None, :]
-                s_yw += tl.sum(yw, axis=1)
-                s_ywx += tl.sum(yw * xh, axis=1)
-    else:
-        mu = tl.zeros((BLOCK_N,), ACC_DTYPE)
-        r = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (d < D)[None, :]
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-            sq += tl.sum(x * x, axis=1)
-    norm = _sqrt(sq)
-    # F.normalize's eps, in the accumulation dtype (a bare literal is float32: 1e-12 * (1 - 4e-9))
-    inv = 1.0 / tl.maximum(norm, tl.full((), 1e-12, ACC_DTYPE))
-    return mu, r, inv, norm, s_yw, s_ywx
 
 
 @triton.jit
@@ -392,12 +331,12 @@ def embed_rows_kernel(
     X_stride_d,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, r, inv
     Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv
     B0,
     HW0,
     HWC,
     D,
+    eps: tl.float64,
     ACC_DTYPE: tl.constexpr,
     LAYER_NORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -409,7 +348,8 @@ def embed_rows_kernel(
     # prototype_sums skips. GPU: the stats kernel's tile, one read of feats;
     # 54-64 registers on sm_90, no spills.
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
-    mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
+    mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
+                                                  ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
@@ -517,7 +457,13 @@ class _Embedding:
             self.nb_max, self.hwc_max = min(MAX_IMAGES, self.B, max(1, self.chunk // max(1, self.HW))), self.HW
         self.rows = self.nb_max * self.hwc_max
         self.cfg = _embed_cfg(self.D, self.hwc_max, self.acc, tiles)  # one tile for every chunk
-        self.stats = torch.empty((max(1, self.rows), 3), dtype=self.acc, device=self.dev)
+        self._stats = None  # (rows, 3): the own-only forward's statistics (embed_stats_kernel)
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            self._stats = torch.empty((max(1, self.rows), 3), dtype=self.acc, device=self.dev)
+        return self._stats
 
     def chunks(self):
         return pixel_chunks(self.B, self.HW, self.chunk)
@@ -566,15 +512,14 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
             )
         return seg, argk, lse, own
     cfg = _sim_cfg("fwd", feats, protos, N, C, K, D, e.ln, tiles)
-    for b0, nb, hw0, hwc in e.chunks():
-        e.compute_stats(b0, nb, hw0, hwc)
+    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
         _sim.similarity_fwd_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
             e.x, e.shw, e.sd, P, lab, lab.stride(0),
             seg if compute_seg else torch.empty(1, dtype=feats.dtype, device=dev),
             argk if compute_seg else torch.empty(1, dtype=torch.uint8, device=dev),
             lse if compute_lse else dummy,
             own if compute_own else dummy,
-            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW,
             ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
             DOT_UPCAST=dots["DOT_UPCAST"], EMBED=True, LAYER_NORM=e.ln, COMPUTE_SEG=compute_seg,
             COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
@@ -674,11 +619,11 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
             counts += torch.bincount(ok, minlength=S).to(acc)
         return sums, counts
     z = torch.empty((e.rows, D), dtype=acc, device=dev)
-    for b0, nb, hw0, hwc in e.chunks():
-        e.compute_stats(b0, nb, hw0, hwc)
+    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
         cfg = e.cfg
         embed_rows_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
-            *e.feats_args(), z, b0, hw0, hwc, D, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln, **cfg,
+            e.x, e.sb, e.shw, e.sd, e.w, e.b, z, b0, hw0, hwc, D, e.eps, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln,
+            **cfg,
         )
         n0 = b0 * e.HW + hw0
         rows = nb * hwc
