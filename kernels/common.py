@@ -2,7 +2,9 @@
 
 * ``INTERPRET``: ``TRITON_INTERPRET=1`` was set when triton was imported; the
   kernels then run on CPU tensors (tests) and the launchers choose large blocks,
-  since the interpreter's cost is per program instance.
+  since the interpreter's cost is per program instance (``INTERPRET_TILES``;
+  ``PROTOSEG_TRITON_GPU_TILES=1`` keeps the GPU's tiles under the interpreter,
+  for the traffic meter).
 * dtype maps: the accumulation dtype of an input (float64 for float64, else
   float32) and the dtypes and precisions the GEMM tiles are fed to ``tl.dot`` in.
 """
@@ -17,6 +19,9 @@ import triton.language as tl
 from .tiles import pow2  # noqa: F401  (re-exported: the launchers' block sizes)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the launchers' tile choice: the interpreter's large tiles, unless PROTOSEG_TRITON_GPU_TILES=1 asks for the
+# GPU's (tools/gpu_model.py meters the kernels under the interpreter as a GPU would launch them)
+INTERPRET_TILES = INTERPRET and os.environ.get("PROTOSEG_TRITON_GPU_TILES", "0") != "1"
 
 TL_DTYPE = {
     torch.float16: tl.float16,

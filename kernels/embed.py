@@ -12,21 +12,30 @@ normalised copy of the map.
 Per chunk of pixels (``CHUNK_PIXELS``, 65,536 by default: whole images, or a
 pixel range of one image):
 
-* ``embed_stats_kernel``: ``(mu, r, inv)`` of each pixel, ``(chunk, 3)`` in the
-  accumulation dtype (float32; float64 for float64 feats);
+* statistics ``(mu, r, inv)`` of each pixel in the accumulation dtype
+  (float32; float64 for float64 feats): each kernel that needs them computes
+  its pixel block's (``similarity._pixel_stats``) before its main loop, which
+  then finds the block's rows in L2: the map leaves HBM once per kernel, with
+  no statistics launch; only the own-only forward reads them from
+  ``embed_stats_kernel``'s ``(chunk, 3)`` buffer;
 * forward: ``similarity_fwd_kernel`` in EMBED mode (kernels/similarity.py; own
   alone: ``own_class_scores_kernel`` in EMBED mode, gathered by label): each
   feats tile is LayerNorm'd in registers before the dot, each S tile scaled by
   ``inv`` before the epilogue. Exact: w is not folded into the prototypes (no
   cancellation when |mean| / std is large), and half feats give y rounded to
   the dot dtype, as the eager half LayerNorm's output is;
-* backward: ``similarity_bwd_kernel`` in EMBED mode writes ``g = dS @ protos``
-  (the gradient w.r.t. z) into a ``(chunk, D)`` buffer in the accumulation
-  dtype, then ``embed_backward_kernel`` chains it through the L2 normalisation
-  and the LayerNorm and writes d feats straight into the gradient in feats'
-  own layout and dtype, with per-program partials ``(programs, D)`` of
-  d ln_weight and d ln_bias summed by ``torch.sum`` (deterministic, no atomics);
-* sums: ``embed_rows_kernel`` writes the chunk's z into a ``(chunk, D)`` buffer
+* backward: ``embed_ds_kernel`` computes each 64-pixel block's statistics
+  itself (feats' rows then sit in L2), recomputes S once per (pixel block,
+  class block) over all of D, and writes dS ``(chunk, C*K)`` and six
+  per-pixel scalars in the accumulation dtype: the L2 and LayerNorm backward's
+  sums over D follow from the S and dS tiles (``sum_d g_d z_d = sum_j dS_j
+  S_j`` and the like, with ``protos @ w`` and ``protos @ b``), so g = dS @
+  protos is never stored; then ``embed_dx_kernel`` multiplies dS @ protos
+  over the C*K real columns per (pixel block, D slice) and its epilogue
+  writes d feats straight into the gradient in feats' own layout and dtype,
+  with per-block partials ``(blocks, D)`` of d ln_weight and d ln_bias summed
+  by ``torch.sum`` (deterministic, no atomics);
+* sums: ``embed_rows_kernel`` (its own statistics) writes the chunk's z into a ``(chunk, D)`` buffer
   and ``prototype_update.prototype_sums`` sums it (non-finite pixels give
   non-finite z, which the sums skip); chunk results are added in order.
 """
@@ -39,9 +48,9 @@ import triton.language as tl
 
 from . import prototype_update as _update
 from . import similarity as _sim
-from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
-from .similarity import _embed_tile, _load_stats, _pixel_block
-from .tiles import EMBED_GPU_TILES, kind_of, similarity_tiles
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, pow2
+from .similarity import _dot, _embed_tile, _pixel_block, _pixel_stats
+from .tiles import EMBED_GPU_TILES, embed_dx_tiles, kind_of, similarity_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
            "embed_prototype_sums"]
@@ -49,15 +58,6 @@ __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forwa
 # pixels per chunk: the size of the statistics, d z and z buffers (tests lower it)
 CHUNK_PIXELS = 1 << 16
 MAX_IMAGES = 65535  # images per chunk: CUDA's limit on grid axis 1
-
-
-@triton.jit
-def _sqrt(x):
-    # correctly rounded: sqrt_rn for float32 (tl.sqrt is the approximate one there), sqrt for float64
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -80,10 +80,8 @@ def embed_stats_kernel(
     BLOCK_D: tl.constexpr,
 ):
     X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
-    # The statistics of BLOCK_N pixels, over D in BLOCK_D chunks. LayerNorm:
-    # pass 1 sums x - shift and its square, shift = the pixel's channel 0 (the
-    # variance keeps its digits when |mean| >> std), pass 2 sums ||y||^2 of
-    # the LayerNorm'd pixel; without it one pass of ||x||^2 (mu = 0, r = 1).
+    # The statistics of BLOCK_N pixels (_pixel_stats) for the forward and the
+    # prototype sums.
     # GPU (kernels/tiles.py EMBED_GPU_TILES): 32 px x BLOCK_D 32 (fp64: 16),
     # 4 warps, CUDA-core FMAs; 40-64 registers on sm_90 with the LayerNorm,
     # 32 without (tests/compile_kernels.py), no spills, <= 1 KB shared memory
@@ -91,144 +89,238 @@ def embed_stats_kernel(
     # feats is read twice (the second time from L2: 32 px x 720 channels are
     # 90 KB in fp32), 12 B a pixel written.
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
-    sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    if LAYER_NORM:
-        shift = tl.load(X_ptr + x_row, mask=row_ok & (D > 0), other=0.0).to(ACC_DTYPE)
-        s1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
-        s2 = tl.zeros((BLOCK_N,), ACC_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (d < D)[None, :]
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-            v = tl.where(m, x - shift[:, None], 0.0)
-            s1 += tl.sum(v, axis=1)
-            s2 += tl.sum(v * v, axis=1)
-        m1 = s1 / D
-        mu = shift + m1
-        var = tl.maximum(s2 / D - m1 * m1, 0.0)  # biased, as F.layer_norm
-        r = 1.0 / _sqrt(var + tl.full((), eps, ACC_DTYPE))
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=row_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
-            sq += tl.sum(y * y, axis=1)
-    else:
-        mu = tl.zeros((BLOCK_N,), ACC_DTYPE)
-        r = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            m = row_ok[:, None] & (d < D)[None, :]
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-            sq += tl.sum(x * x, axis=1)
-    # F.normalize's eps, in the accumulation dtype (a bare literal is float32: 1e-12 * (1 - 4e-9))
-    inv = 1.0 / tl.maximum(_sqrt(sq), tl.full((), 1e-12, ACC_DTYPE))
+    mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
+                                                 LAYER_NORM, True, BLOCK_N, BLOCK_D)
     tl.store(STAT_ptr + loc * 3, mu, mask=row_ok)
     tl.store(STAT_ptr + loc * 3 + 1, r, mask=row_ok)
     tl.store(STAT_ptr + loc * 3 + 2, inv, mask=row_ok)
 
 
 @triton.jit
-def embed_backward_kernel(
-    X_ptr,  # feats, as in embed_stats_kernel
+def embed_ds_kernel(
+    GSEG_ptr,  # d loss / d seg (N, C), any strides (if HAS_SEG)
+    GSEG_stride_n,
+    GSEG_stride_c,
+    GLSE_ptr,  # d loss / d lse (N,) (if HAS_LSE)
+    GLSE_stride,
+    GOWN_ptr,  # d loss / d own (N, K), any strides (if HAS_OWN)
+    GOWN_stride_n,
+    GOWN_stride_k,
+    X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
+    X_stride_b,
+    X_stride_hw,
+    X_stride_d,
+    P_ptr,  # protos (C*K, D) contiguous
+    PW_ptr,  # (C*K,) acc dtype: protos @ ln_weight (if LAYER_NORM)
+    PB_ptr,  # (C*K,) acc dtype: protos @ ln_bias (if LAYER_NORM)
+    LAB_ptr,  # labels (N,) (if HAS_OWN)
+    LAB_stride,
+    ARGK_ptr,  # saved arg-max k (N, C) uint8 (if HAS_SEG)
+    ARGK_stride_n,
+    ARGK_stride_c,
+    LSE_ptr,  # saved row log-sum-exp (N,) (if HAS_LSE)
+    LSE_stride,
+    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
+    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    DS_ptr,  # out (pixels of the chunk, C*K) acc dtype: dS = d loss / d S of the embedding
+    SC_ptr,  # out (pixels of the chunk, 6) acc dtype: mu, r, inv, a1, m1, m2 (embed_dx_kernel's scalars)
+    B0,  # first image of the chunk (grid axis 1: its images)
+    HW0,  # first pixel of the chunk in each image
+    HWC,  # pixels of the chunk in each image
+    HW,  # pixels per image: pixel n = b*HW + hw
+    D,
+    C,
+    K,
+    temperature: tl.float64,
+    eps: tl.float64,
+    ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    HAS_OWN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
+    # The backward's first half, per BLOCK_N pixels: their statistics
+    # (_pixel_stats: feats' rows then sit in L2 for the GEMM), then, one class
+    # block at a time, the S tile of the embedding z = y inv recomputed once
+    # (full D), turned into
+    #   dS[n, j] = softmax_j(S[n] / t) * grad_lse[n] / t            (PPC)
+    #            + grad_seg[n, c]  if j == c*K + argk[n, c]          (max over K)
+    #            + grad_own[n, k]  if j == labels[n]*K + k           (PPD, Sinkhorn)
+    # and written (fp32: the PPC/PPD terms, ~1e-9, need its range and digits)
+    # for embed_dx_kernel's GEMM g = dS @ protos (g = d loss / d z). The
+    # per-pixel scalars of the L2 and LayerNorm backward follow from the S and
+    # dS tiles, with no g:
+    #   a1 = sum_d g_d z_d = sum_j dS_j S_j = inv sum_j dS_j (y . protos_j)   (0 when ||y|| <= 1e-12)
+    #   sum_d g_d w_d = sum_j dS_j (protos_j . w)
+    #   sum_d g_d w_d xhat_d = sum_j dS_j (y . protos_j - protos_j . b)   (y = xhat w + b)
+    # so that m1 = inv (sum g w - a1 sum z w) / D, m2 = inv (sum g w xhat - a1 sum z w xhat) / D
+    # are written with mu, r, inv: dx = r (inv (g - z a1) w - m1 - xhat m2).
+    BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
+    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    rows = (B0 + tl.program_id(1).to(tl.int64)) * HW + hw  # pixel n: labels, the saved and upstream vectors
+    # the (n, j) tiles' addresses: a 64-bit base of the block's first pixel, 32-bit offsets within
+    # the block (the launcher passes contiguous (N, C), (N, K) gradients: offsets below 2**31);
+    # a tile of 64-bit addresses costs twice the registers
+    n0 = (B0 + tl.program_id(1).to(tl.int64)) * HW + HW0 + tl.program_id(0).to(tl.int64) * BLOCK_N
+    l0 = tl.program_id(1).to(tl.int64) * HWC + tl.program_id(0).to(tl.int64) * BLOCK_N  # the chunk's row of n0
+    i = tl.arange(0, BLOCK_N)
+    mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
+                                                 LAYER_NORM, True, BLOCK_N, BLOCK_D)
+    CK = C * K
+    jj = tl.arange(0, BLOCK_J)
+    j_cls = jj // BLOCK_K
+    j_k = jj % BLOCK_K
+    t = tl.full((), temperature, ACC_DTYPE)
+    if HAS_LSE:
+        lse = tl.load(LSE_ptr + rows * LSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        g_lse = tl.load(GLSE_ptr + rows * GLSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE) / t
+    if HAS_OWN:
+        lab = tl.load(LAB_ptr + rows * LAB_stride, mask=row_ok, other=-1).to(tl.int64)
+    t1 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (y . protos_j): a1 = inv t1
+    t2 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . w) = sum_d g_d w_d
+    t3 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . b): sum_d g_d w_d xhat_d = t1 - t3
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + j_cls
+        col_ok = (cls < C) & (j_k < K)
+        prow = cls * K + j_k  # < C*K: 32-bit
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        ys = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # y . protos_j, recomputed; S = ys inv
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            x = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE)
+            p = tl.load(P_ptr + prow[None, :].to(tl.int64) * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            ys = _dot(x, p, ys, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
+        ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
+        if HAS_LSE:
+            ds = tl.where(tile_ok, tl.exp(ys * inv[:, None] / t - lse[:, None]) * g_lse[:, None], 0.0)
+        if HAS_SEG:
+            g_seg = tl.load(GSEG_ptr + n0 * GSEG_stride_n + (i[:, None] * GSEG_stride_n + cls[None, :] * GSEG_stride_c),
+                            mask=tile_ok, other=0.0).to(ACC_DTYPE)
+            arg_k = tl.load(ARGK_ptr + n0 * ARGK_stride_n + (i[:, None] * ARGK_stride_n + cls[None, :] * ARGK_stride_c),
+                            mask=tile_ok, other=0).to(tl.int32)
+            ds += tl.where(arg_k == j_k[None, :], g_seg, 0.0)
+        if HAS_OWN:
+            mine = tile_ok & (cls[None, :] == lab[:, None])
+            ds += tl.load(GOWN_ptr + n0 * GOWN_stride_n + (i[:, None] * GOWN_stride_n + j_k[None, :] * GOWN_stride_k),
+                          mask=mine, other=0.0).to(ACC_DTYPE)
+        tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
+        t1 += tl.sum(tl.where(tile_ok, ds * ys, 0.0), axis=1)
+        if LAYER_NORM:
+            pw = tl.load(PW_ptr + prow, mask=col_ok, other=0.0)
+            pb = tl.load(PB_ptr + prow, mask=col_ok, other=0.0)
+            t2 += tl.sum(ds * pw[None, :], axis=1)
+            t3 += tl.sum(ds * pb[None, :], axis=1)
+    a1 = tl.where(norm > tl.full((), 1e-12, ACC_DTYPE), inv * t1, 0.0)
+    m1 = inv * (t2 - a1 * inv * s_yw) / D
+    m2 = inv * (t1 - t3 - a1 * inv * s_ywx) / D
+    tl.store(SC_ptr + loc * 6, mu, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 1, r, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 2, inv, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 3, a1, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 4, m1, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 5, m2, mask=row_ok)
+
+
+@triton.jit
+def embed_dx_kernel(
+    DS_ptr,  # (pixels of the chunk, C*K) acc dtype: dS (embed_ds_kernel)
+    SC_ptr,  # (pixels of the chunk, 6) acc dtype: mu, r, inv, a1, m1, m2 (embed_ds_kernel)
+    P_ptr,  # protos (C*K, D) contiguous
+    X_ptr,  # feats, as in embed_ds_kernel
     X_stride_b,
     X_stride_hw,
     X_stride_d,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, r, inv
-    G_ptr,  # (pixels of the chunk, D) acc dtype: g = d loss / d z (similarity_bwd_kernel, EMBED)
     DX_ptr,  # out d feats, feats' shape, layout and dtype: (image, pixel, channel) strides below
     DX_stride_b,
     DX_stride_hw,
     DX_stride_d,
-    DW_ptr,  # out (programs, D) acc dtype: this program's part of d ln_weight (if LAYER_NORM)
-    DB_ptr,  # out (programs, D) acc dtype: this program's part of d ln_bias (if LAYER_NORM)
+    DW_ptr,  # out (pixel blocks, D) acc dtype: this pixel block's part of d ln_weight (if LAYER_NORM)
+    DB_ptr,  # out (pixel blocks, D) acc dtype: this pixel block's part of d ln_bias (if LAYER_NORM)
     B0,
     HW0,
     HWC,
     D,
+    CK,  # C*K
     ACC_DTYPE: tl.constexpr,
+    DS_DTYPE: tl.constexpr,
+    DS_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     LAYER_NORM: tl.constexpr,
+    FMA_SECOND_GEMM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
-    # d * stride_d passes 2**31 when D * H * W does
+    # d feats of BLOCK_N pixels and a BLOCK_DO slice of D (grid: pixel blocks
+    # x D slices, the slices of one block adjacent: they share its dS rows in
+    # L2): g = dS @ protos[:, slice] over the C*K real columns in BLOCK_J
+    # chunks (no class padding), then the epilogue chains g through the L2
+    # normalisation and the LayerNorm with embed_ds_kernel's scalars,
+    #   dy = inv (g - z a1), dx = r (dy w - m1 - xhat m2) (LayerNorm; else dx = dy),
+    # with xhat = (x - mu) r, z = (xhat w + b) inv from feats' slice, writes dx
+    # in feats' layout and dtype, and the block's column sums of d w = dy xhat
+    # and d b = dy (summed over the blocks by torch.sum: deterministic).
+    # The product multiplies dS as TF32 (fp32 range) for half inputs, tf32x3
+    # for float32, FMAs for float64 (Triton's fp64 MMA cannot take an operand
+    # from registers).
     X_stride_d, DX_stride_d = tl.cast(X_stride_d, tl.int64), tl.cast(DX_stride_d, tl.int64)
-    # d feats of BLOCK_N pixels from g, through z = y inv and the LayerNorm,
-    # with xhat = (x - mu) r and y = xhat w + b recomputed from feats:
-    #   a1 = sum_d g_d z_d (0 when ||y|| <= 1e-12: F.normalize divides by eps)
-    #   dy = inv (g - z a1)
-    #   LayerNorm: dxhat = dy w, m1 = mean_d dxhat, m2 = mean_d dxhat xhat,
-    #              dx = r (dxhat - m1 - xhat m2); d w += dy xhat, d b += dy
-    #   else dx = dy.
-    # Pass 1 over D gathers ||y||^2, a1 and the four sums m1, m2 are linear in
-    # (sum g w, sum g w xhat, sum z w, sum z w xhat), so two passes suffice;
-    # pass 2 writes dx and the program's column sums of d w and d b.
-    # GPU (EMBED_GPU_TILES): 32 px x BLOCK_D 32 (fp64: 16), 4 warps,
-    # CUDA-core FMAs, no MMA; sm_90: 120-159 registers with the LayerNorm
-    # (fp64: 128-156), 32-56 without; sm_80 128-168; no spills, 4 KB shared
-    # memory (the column sums). Memory-bound: feats and g read twice (the
-    # second time mostly from L2), d feats written once.
-    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
+    n_slices = tl.cdiv(D, BLOCK_DO)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid // n_slices
+    pid_d = pid % n_slices
+    hw, row_ok, loc, x_row = _pixel_block(pid_n, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     img = tl.program_id(1).to(tl.int64)
-    prog = img * tl.num_programs(0) + tl.program_id(0).to(tl.int64)  # row of the partials
+    blk = img * tl.cdiv(HWC, BLOCK_N) + pid_n  # row of the partials
     dx_row = (B0 + img) * DX_stride_b + hw * DX_stride_hw
-    mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
-    sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    a1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_gw = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_gwx = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_zw = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_zwx = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        m = row_ok[:, None] & d_ok[None, :]
-        x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-        g = tl.load(G_ptr + loc[:, None] * D + d[None, :], mask=m, other=0.0)
-        if LAYER_NORM:
-            w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-            b = tl.load(BIAS_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-            xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
-            y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
+    dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dout_ok = dout < D
+    g = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)
+    for j0 in range(0, CK, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        j_ok = jj < CK
+        ds = tl.load(DS_ptr + loc[:, None] * CK + jj[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        p = tl.load(P_ptr + jj[:, None].to(tl.int64) * D + dout[None, :], mask=j_ok[:, None] & dout_ok[None, :],
+                    other=0.0)
+        if FMA_SECOND_GEMM:
+            g += tl.sum(ds[:, :, None] * p.to(ACC_DTYPE)[None, :, :], axis=1)
         else:
-            y = x
-        z = y * inv[:, None]
-        sq += tl.sum(y * y, axis=1)
-        a1 += tl.sum(g * z, axis=1)
-        if LAYER_NORM:
-            gw = g * w[None, :]
-            zw = z * w[None, :]
-            s_gw += tl.sum(gw, axis=1)
-            s_gwx += tl.sum(gw * xh, axis=1)
-            s_zw += tl.sum(zw, axis=1)
-            s_zwx += tl.sum(zw * xh, axis=1)
-    a1 = tl.where(_sqrt(sq) > tl.full((), 1e-12, ACC_DTYPE), a1, 0.0)
-    m1 = inv * (s_gw - a1 * s_zw) / D
-    m2 = inv * (s_gwx - a1 * s_zwx) / D
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        m = row_ok[:, None] & d_ok[None, :]
-        x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-        g = tl.load(G_ptr + loc[:, None] * D + d[None, :], mask=m, other=0.0)
-        if LAYER_NORM:
-            w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-            b = tl.load(BIAS_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-            xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
-            y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
-        else:
-            y = x
-        dy = tl.where(m, inv[:, None] * (g - y * inv[:, None] * a1[:, None]), 0.0)
-        if LAYER_NORM:
-            dx = r[:, None] * (dy * w[None, :] - m1[:, None] - xh * m2[:, None])
-            tl.store(DW_ptr + prog * D + d, tl.sum(dy * xh, axis=0), mask=d_ok)
-            tl.store(DB_ptr + prog * D + d, tl.sum(dy, axis=0), mask=d_ok)
-        else:
-            dx = dy
-        tl.store(DX_ptr + dx_row[:, None] + d[None, :] * DX_stride_d, dx.to(DX_ptr.dtype.element_ty), mask=m)
+            g = _dot(ds, p, g, DS_DTYPE, DS_PRECISION, DOT_UPCAST, ACC_DTYPE)
+    mu = tl.load(SC_ptr + loc * 6, mask=row_ok, other=0.0)
+    r = tl.load(SC_ptr + loc * 6 + 1, mask=row_ok, other=0.0)
+    inv = tl.load(SC_ptr + loc * 6 + 2, mask=row_ok, other=0.0)
+    a1 = tl.load(SC_ptr + loc * 6 + 3, mask=row_ok, other=0.0)
+    m = row_ok[:, None] & dout_ok[None, :]
+    x = tl.load(X_ptr + x_row[:, None] + dout[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+    if LAYER_NORM:
+        m1 = tl.load(SC_ptr + loc * 6 + 4, mask=row_ok, other=0.0)
+        m2 = tl.load(SC_ptr + loc * 6 + 5, mask=row_ok, other=0.0)
+        w = tl.load(W_ptr + dout, mask=dout_ok, other=0.0).to(ACC_DTYPE)
+        b = tl.load(BIAS_ptr + dout, mask=dout_ok, other=0.0).to(ACC_DTYPE)
+        xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
+        y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
+    else:
+        y = x
+    dy = tl.where(m, inv[:, None] * (g - y * inv[:, None] * a1[:, None]), 0.0)
+    if LAYER_NORM:
+        dx = r[:, None] * (dy * w[None, :] - m1[:, None] - xh * m2[:, None])
+        tl.store(DW_ptr + blk * D + dout, tl.sum(dy * xh, axis=0), mask=dout_ok)
+        tl.store(DB_ptr + blk * D + dout, tl.sum(dy, axis=0), mask=dout_ok)
+    else:
+        dx = dy
+    tl.store(DX_ptr + dx_row[:, None] + dout[None, :] * DX_stride_d, dx.to(DX_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -239,12 +331,12 @@ def embed_rows_kernel(
     X_stride_d,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, r, inv
     Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv
     B0,
     HW0,
     HWC,
     D,
+    eps: tl.float64,
     ACC_DTYPE: tl.constexpr,
     LAYER_NORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -256,7 +348,8 @@ def embed_rows_kernel(
     # prototype_sums skips. GPU: the stats kernel's tile, one read of feats;
     # 54-64 registers on sm_90, no spills.
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
-    mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
+    mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
+                                                  ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
@@ -318,7 +411,7 @@ def _readable(feats):
 
 def _embed_cfg(D: int, hwc: int, acc, tiles) -> dict:
     """Block sizes of the stats, backward and rows kernels (``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D`` override)."""
-    if INTERPRET:
+    if INTERPRET_TILES:
         cfg = dict(BLOCK_N=pow2(hwc, 16, 256), BLOCK_D=pow2(D, 16, 256), num_warps=4)
     else:
         n, d, warps = EMBED_GPU_TILES[("embed", "fp64" if acc == torch.float64 else "fp32")]
@@ -336,7 +429,7 @@ def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
     overrides them (its ``EMBED_*`` entries are the embedding kernels')."""
     name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
     kind = kind_of(name(feats.dtype), name(protos.dtype))
-    cfg = similarity_tiles(pass_, kind, C, K, D, N, INTERPRET, layer_norm=layer_norm)
+    cfg = similarity_tiles(pass_, kind, C, K, D, N, INTERPRET_TILES, layer_norm=layer_norm)
     cfg.update({k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")})
     return cfg
 
@@ -364,7 +457,13 @@ class _Embedding:
             self.nb_max, self.hwc_max = min(MAX_IMAGES, self.B, max(1, self.chunk // max(1, self.HW))), self.HW
         self.rows = self.nb_max * self.hwc_max
         self.cfg = _embed_cfg(self.D, self.hwc_max, self.acc, tiles)  # one tile for every chunk
-        self.stats = torch.empty((max(1, self.rows), 3), dtype=self.acc, device=self.dev)
+        self._stats = None  # (rows, 3): the own-only forward's statistics (embed_stats_kernel)
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            self._stats = torch.empty((max(1, self.rows), 3), dtype=self.acc, device=self.dev)
+        return self._stats
 
     def chunks(self):
         return pixel_chunks(self.B, self.HW, self.chunk)
@@ -401,8 +500,8 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
     if compute_own and not (compute_seg or compute_lse):
         # own only: the K columns of each pixel's class, gathered by label; GPU: 32 px x BLOCK_D 32
         # (fp64: 16), half the plain launcher's BLOCK_D (at 64 the LayerNorm'd tile spilled)
-        ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET else 32,
-                    BLOCK_D=pow2(D, 16, 256) if INTERPRET else (32 if acc == torch.float32 else 16))
+        ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET_TILES else 32,
+                    BLOCK_D=pow2(D, 16, 256) if INTERPRET_TILES else (32 if acc == torch.float32 else 16))
         ocfg.update({k: v for k, v in (tiles or {}).items() if k in ocfg})
         for b0, nb, hw0, hwc in e.chunks():
             e.compute_stats(b0, nb, hw0, hwc)
@@ -413,15 +512,14 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
             )
         return seg, argk, lse, own
     cfg = _sim_cfg("fwd", feats, protos, N, C, K, D, e.ln, tiles)
-    for b0, nb, hw0, hwc in e.chunks():
-        e.compute_stats(b0, nb, hw0, hwc)
+    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
         _sim.similarity_fwd_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
             e.x, e.shw, e.sd, P, lab, lab.stride(0),
             seg if compute_seg else torch.empty(1, dtype=feats.dtype, device=dev),
             argk if compute_seg else torch.empty(1, dtype=torch.uint8, device=dev),
             lse if compute_lse else dummy,
             own if compute_own else dummy,
-            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW,
             ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
             DOT_UPCAST=dots["DOT_UPCAST"], EMBED=True, LAYER_NORM=e.ln, COMPUTE_SEG=compute_seg,
             COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
@@ -452,35 +550,48 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
         dx.zero_()
         return (dx, gw.to(ln_weight.dtype), gb.to(ln_bias.dtype)) if e.ln else (dx, gw, gb)
     P = protos.reshape(C * K, D).contiguous()
-    cfg = _sim_cfg("bwd", feats, protos, N, C, K, D, e.ln, tiles)
-    ecfg = e.cfg
+    CK = C * K
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    kind = kind_of(name(feats.dtype), name(protos.dtype))
+    over = {k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")}
+    cfg = similarity_tiles("bwd_ds", kind, C, K, D, N, INTERPRET_TILES, layer_norm=e.ln)
+    cfg.update({k: v for k, v in over.items() if k in cfg and k != "BLOCK_DO"})
+    xcfg = embed_dx_tiles(kind, CK, D, e.hwc_max, INTERPRET_TILES)
+    xcfg.update({k: v for k, v in over.items() if k in ("BLOCK_N", "BLOCK_J", "BLOCK_DO")})
     dummy = torch.empty(1, dtype=acc, device=dev)
-    gs = grad_seg if has_seg else dummy.view(1, 1)
-    ak = argk if has_seg else torch.empty((1, 1), dtype=torch.uint8, device=dev)
+    # contiguous (N, C) and (N, K) gradients: embed_ds_kernel's 32-bit offsets within a pixel block
+    gs = grad_seg.contiguous() if has_seg else dummy.view(1, 1)
+    ak = argk.contiguous() if has_seg else torch.empty((1, 1), dtype=torch.uint8, device=dev)
     gl = grad_lse if has_lse else dummy
     ls = lse if has_lse else dummy
-    go = grad_own if has_own else dummy.view(1, 1)
+    go = grad_own.contiguous() if has_own else dummy.view(1, 1)
     lab = labels if has_own else torch.empty(1, dtype=torch.int64, device=dev)
-    g = torch.empty((e.rows, D), dtype=acc, device=dev)  # d loss / d z of one chunk
-    most = e.nb_max * triton.cdiv(e.hwc_max, ecfg["BLOCK_N"])  # programs of a chunk, at most
+    if e.ln:  # protos . w and protos . b in the accumulation dtype: the LayerNorm backward's sums from dS
+        pw = P.to(acc) @ e.w.to(acc)
+        pb = P.to(acc) @ e.b.to(acc)
+    else:
+        pw = pb = dummy
+    ds = torch.empty((e.rows, CK), dtype=acc, device=dev)  # dS of one chunk
+    sc = torch.empty((e.rows, 6), dtype=acc, device=dev)  # its per-pixel scalars
+    most = e.nb_max * triton.cdiv(e.hwc_max, xcfg["BLOCK_N"])  # pixel blocks of a chunk, at most
     parts = torch.empty((2, most if e.ln else 1, D), dtype=acc, device=dev)
     _, _, dsb, dshw, dsd = dx_view
+    dots = dot_config(feats.dtype, protos.dtype)
     for b0, nb, hw0, hwc in e.chunks():
-        e.compute_stats(b0, nb, hw0, hwc)
-        grid = (triton.cdiv(hwc, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_DO"]), nb)
-        _sim.similarity_bwd_kernel[grid](
+        embed_ds_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
             gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
-            e.x, e.shw, e.sd, P, lab, lab.stride(0), ak, ak.stride(0), ak.stride(1), ls, ls.stride(0), g,
-            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
-            ACC_DTYPE=TL_DTYPE[acc], **dot_config(feats.dtype, protos.dtype), EMBED=True, LAYER_NORM=e.ln,
-            HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, FMA_SECOND_GEMM=acc == torch.float64, **cfg,
+            e.x, e.sb, e.shw, e.sd, P, pw, pb, lab, lab.stride(0), ak, ak.stride(0), ak.stride(1), ls, ls.stride(0),
+            e.w, e.b, ds, sc, b0, hw0, hwc, e.HW, D, C, K, float(temperature), e.eps,
+            ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
+            DOT_UPCAST=dots["DOT_UPCAST"], LAYER_NORM=e.ln, HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, **cfg,
         )
-        n_blocks = triton.cdiv(hwc, ecfg["BLOCK_N"])
-        embed_backward_kernel[(n_blocks, nb)](
-            *e.feats_args(), g, dx, dsb, dshw, dsd, parts[0], parts[1], b0, hw0, hwc, D,
-            ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln, **ecfg,
+        n_blocks = triton.cdiv(hwc, xcfg["BLOCK_N"])
+        embed_dx_kernel[(n_blocks * triton.cdiv(D, xcfg["BLOCK_DO"]), nb)](
+            ds, sc, P, e.x, e.sb, e.shw, e.sd, e.w, e.b, dx, dsb, dshw, dsd, parts[0], parts[1], b0, hw0, hwc, D, CK,
+            ACC_DTYPE=TL_DTYPE[acc], DS_DTYPE=dots["DS_DTYPE"], DS_PRECISION=dots["DS_PRECISION"],
+            DOT_UPCAST=dots["DOT_UPCAST"], LAYER_NORM=e.ln, FMA_SECOND_GEMM=acc == torch.float64, **xcfg,
         )
-        if e.ln:  # the programs' partials, in a fixed order
+        if e.ln:  # the pixel blocks' partials, in a fixed order
             used = parts[:, : n_blocks * nb]
             gw += used[0].sum(dim=0)
             gb += used[1].sum(dim=0)
@@ -508,11 +619,11 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
             counts += torch.bincount(ok, minlength=S).to(acc)
         return sums, counts
     z = torch.empty((e.rows, D), dtype=acc, device=dev)
-    for b0, nb, hw0, hwc in e.chunks():
-        e.compute_stats(b0, nb, hw0, hwc)
+    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
         cfg = e.cfg
         embed_rows_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
-            *e.feats_args(), z, b0, hw0, hwc, D, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln, **cfg,
+            e.x, e.sb, e.shw, e.sd, e.w, e.b, z, b0, hw0, hwc, D, e.eps, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln,
+            **cfg,
         )
         n0 = b0 * e.HW + hw0
         rows = nb * hwc

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, TL_DTYPE, acc_dtype, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, pow2
 
 
 @triton.jit
@@ -221,8 +221,8 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     acc = acc_dtype(feats.dtype)
     if N == 0 or S == 0:
         return torch.zeros((S, D), dtype=acc, device=dev), torch.zeros((S,), dtype=acc, device=dev)
-    BLOCK_N = block_n or (pow2(N, 16, 256) if INTERPRET else 32)
-    BLOCK_D = block_d or (pow2(D, 16, 256) if INTERPRET else 128)
+    BLOCK_N = block_n or (pow2(N, 16, 256) if INTERPRET_TILES else 32)
+    BLOCK_D = block_d or (pow2(D, 16, 256) if INTERPRET_TILES else 128)
     if not deterministic:
         sums = torch.zeros((S, D), dtype=acc, device=dev)
         counts = torch.zeros((S,), dtype=acc, device=dev)
@@ -240,12 +240,12 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     offsets = torch.searchsorted(sorted_key, torch.arange(S + 1, device=dev, dtype=torch.int64))
     counts = (offsets[1:] - offsets[:-1]).to(acc)
     if split is None:
-        split = 1 if INTERPRET else min(64, triton.cdiv(N, 8192))
+        split = 1 if INTERPRET_TILES else min(64, triton.cdiv(N, 8192))
     if D == 0:
         return torch.zeros((S, D), dtype=acc, device=dev), counts
     partial = torch.empty((split, S, D), dtype=acc, device=dev)
     # GPU: a 64 x 128 float32 (32 x 128 float64) accumulator, 64 registers a thread at 4 warps
-    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET else (64 if acc == torch.float32 else 32))
+    BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET_TILES else (64 if acc == torch.float32 else 32))
     grid = (S, triton.cdiv(D, BLOCK_D), split)
     prototype_sums_segmented_kernel[grid](
         feats, feats.stride(0), feats.stride(1), perm, offsets, partial, D, S, split,
@@ -268,6 +268,6 @@ def prototype_ema(protos, sums, counts, gamma):
     out = torch.empty((CK, D), dtype=acc, device=protos.device)
     prototype_ema_kernel[(CK,)](
         P, Sm, cnt, out, D, float(gamma), ACC_DTYPE=TL_DTYPE[acc],
-        BLOCK_D=pow2(D, 16, 4096 if INTERPRET else 256), num_warps=4,
+        BLOCK_D=pow2(D, 16, 4096 if INTERPRET_TILES else 256), num_warps=4,
     )
     return out.view(C, K, D).to(protos.dtype)

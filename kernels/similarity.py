@@ -18,8 +18,13 @@ and pixel n = b*HW + hw for every per-pixel input and output. In EMBED mode
 feats tile is normalised in registers before the dot, ``y = (x - mu) r w + b``
 (the LayerNorm over D, when LAYER_NORM), and each S tile is scaled by the
 pixel's ``inv = 1 / max(||y||, 1e-12)`` (the L2 normalisation) before its
-epilogue; ``mu, r, inv`` come from ``embed_stats_kernel``. The plain calls
-compile with EMBED = False and pay nothing for it.
+epilogue; the forward computes its pixel block's ``mu, r, inv`` itself
+(``_pixel_stats``, a pass over the block's rows that leaves them in L2 for
+the GEMM), the gathered own-class kernel reads them from
+``embed_stats_kernel``. The plain calls compile with EMBED = False and pay
+nothing for it. The embedded backward has its own kernels
+(kernels/embed.py: ``embed_ds_kernel``, ``embed_dx_kernel``); the EMBED
+branch of ``similarity_bwd_kernel`` is no longer launched.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, TL_DTYPE, acc_dtype, dot_config, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, pow2
 from .tiles import kind_of, similarity_tiles
 
 
@@ -61,6 +66,71 @@ def _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM: tl.const
         return tl.where(row_ok[:, None] & d_ok[None, :], y, 0.0)
     else:
         return x
+
+
+@triton.jit
+def _sqrt(x):
+    # correctly rounded: sqrt_rn for float32 (tl.sqrt is the approximate one there), sqrt for float64
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE: tl.constexpr,
+                 LAYER_NORM: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The statistics of BLOCK_N pixels (rows x_row of feats), over D in BLOCK_D
+    # chunks: (mu, r, inv, norm, s_yw, s_ywx). LayerNorm: pass 1 sums x - shift
+    # and its square, shift = the pixel's channel 0 (the variance keeps its
+    # digits when |mean| >> std), pass 2 sums ||y||^2 of the LayerNorm'd pixel
+    # (and, BACKWARD, sum_d y_d w_d and sum_d y_d w_d xhat_d, which the
+    # LayerNorm backward needs); without it one pass of ||x||^2 (mu = 0, r = 1).
+    # norm = ||y||, inv = 1 / max(norm, 1e-12).
+    sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_yw = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_ywx = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    if LAYER_NORM:
+        shift = tl.load(X_ptr + x_row, mask=row_ok & (D > 0), other=0.0).to(ACC_DTYPE)
+        s1 = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        s2 = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (d < D)[None, :]
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+            v = tl.where(m, x - shift[:, None], 0.0)
+            s1 += tl.sum(v, axis=1)
+            s2 += tl.sum(v * v, axis=1)
+        m1 = s1 / D
+        mu = shift + m1
+        var = tl.maximum(s2 / D - m1 * m1, 0.0)  # biased, as F.layer_norm
+        r = 1.0 / _sqrt(var + tl.full((), eps, ACC_DTYPE))
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
+            sq += tl.sum(y * y, axis=1)
+            if BACKWARD:
+                w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+                m = row_ok[:, None] & d_ok[None, :]
+                xh = tl.where(m, (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None], 0.0)
+                yw = y * w[None, :]
+                s_yw += tl.sum(yw, axis=1)
+                s_ywx += tl.sum(yw * xh, axis=1)
+    else:
+        mu = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        r = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (d < D)[None, :]
+            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+            sq += tl.sum(x * x, axis=1)
+    norm = _sqrt(sq)
+    # F.normalize's eps, in the accumulation dtype (a bare literal is float32: 1e-12 * (1 - 4e-9))
+    inv = 1.0 / tl.maximum(norm, tl.full((), 1e-12, ACC_DTYPE))
+    return mu, r, inv, norm, s_yw, s_ywx
 
 
 @triton.jit
@@ -107,7 +177,7 @@ def similarity_fwd_kernel(
     X_stride_b,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, rstd, inv of each pixel
+    eps: tl.float64,  # LayerNorm eps
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HW,  # pixels per image: pixel n = b*HW + hw
@@ -175,7 +245,9 @@ def similarity_fwd_kernel(
     if EMBED:
         hw, row_ok, loc, x_row = _pixel_block(pid, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
         rows = (B0 + tl.program_id(1).to(tl.int64)) * HW + hw  # pixel n: labels and the outputs
-        mu, r, inv = _load_stats(STAT_ptr, loc, row_ok)
+        # the block's statistics, computed here: no statistics launch, and feats' rows are in L2 for the GEMM
+        mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
+                                                      ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
     else:  # rows (N, D): one image, one chunk; the plain kernel's addressing, no extra registers
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_hw cannot overflow
         row_ok = rows < HWC
@@ -494,7 +566,7 @@ def similarity_bwd_kernel(
 # ----------------------------------------------------------------- launchers
 
 def tile_config(pass_: str, feats_dtype, protos_dtype, N: int, C: int, K: int, D: int,
-                interpret: bool = INTERPRET) -> dict:
+                interpret: bool = INTERPRET_TILES) -> dict:
     """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) kernel.
 
     See :func:`protoseg_ext.kernels.tiles.similarity_tiles`: GPU tiles from
@@ -535,8 +607,8 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
     P = protos.reshape(C * K, D).contiguous()
     lab = labels if compute_own else _dummy(torch.int64, dev)
     if compute_own and not (compute_seg or compute_lse):
-        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET else 32,
-                   BLOCK_D=pow2(D, 16, 256) if INTERPRET else (64 if acc == torch.float32 else 32))
+        cfg = dict(BLOCK_N=pow2(N, 16, 256) if INTERPRET_TILES else 32,
+                   BLOCK_D=pow2(D, 16, 256) if INTERPRET_TILES else (64 if acc == torch.float32 else 32))
         cfg.update({k: v for k, v in (tiles or {}).items() if k in cfg})
         own_class_scores_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0), own, N, D, C, K,
@@ -555,7 +627,7 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
         argk if compute_seg else _dummy(torch.uint8, dev),
         lse if compute_lse else dummy,
         own if compute_own else dummy,
-        N, D, C, K, float(temperature), 0, dummy, dummy, dummy, 0, 0, N,
+        N, D, C, K, float(temperature), 0, dummy, dummy, 0.0, 0, 0, N,
         ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
         DOT_UPCAST=dots["DOT_UPCAST"], EMBED=False, LAYER_NORM=False, COMPUTE_SEG=compute_seg,
         COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, TL_DTYPE, acc_dtype, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, pow2
 
 PHASE_COLMAX = 0
 PHASE_EXP = 1
@@ -158,9 +158,9 @@ def sinkhorn(own, labels, num_classes, iters, eps, split=None, block_n=None):
     sorted_key, perm = torch.sort(key, stable=True)
     offsets = torch.searchsorted(sorted_key, torch.arange(C + 1, device=dev, dtype=sorted_key.dtype))
     if split is None:
-        split = 1 if INTERPRET else min(256, triton.cdiv(N, 4096))
+        split = 1 if INTERPRET_TILES else min(256, triton.cdiv(N, 4096))
     BLOCK_K = pow2(K)
-    BLOCK_N = block_n or (pow2(N, 16, 1024) if INTERPRET else max(16, 2048 // BLOCK_K))
+    BLOCK_N = block_n or (pow2(N, 16, 1024) if INTERPRET_TILES else max(16, 2048 // BLOCK_K))
     W = torch.empty((N, BLOCK_K), dtype=acc, device=dev)
     partials = torch.empty((3, split, C, BLOCK_K), dtype=acc, device=dev)
     grid = (C, split)

@@ -10,7 +10,8 @@ elements of one block (:data:`MAX_NUMEL`) in every tensor the kernels build.
 
 from __future__ import annotations
 
-__all__ = ["GPU_TILES", "EMBED_GPU_TILES", "MAX_NUMEL", "kind_of", "similarity_tiles", "largest_block", "pow2"]
+__all__ = ["GPU_TILES", "EMBED_GPU_TILES", "EMBED_DX_GPU_TILES", "MAX_NUMEL", "kind_of", "similarity_tiles",
+           "embed_dx_tiles", "largest_block", "pow2"]
 
 # Triton's limit on the elements of one tensor (triton.language.core.TRITON_MAX_TENSOR_NUMEL)
 MAX_NUMEL = 1 << 20
@@ -56,12 +57,50 @@ EMBED_GPU_TILES = {
     # spilled 8 B at BLOCK_D 32
     ("fwd", "fp64"): (32, 64, 16, None, 8, 2),
     ("bwd", "fp64"): (16, 16, 16, 16, 8, 2),
-    # statistics / LN + L2 backward / embedding rows, by accumulation dtype
+    # the embedded backward's dS kernel (embed.embed_ds_kernel: the statistics, S recomputed once per
+    # class block, dS and the per-pixel scalars out), so that each program reads the prototypes
+    # once for 64 pixels (the old backward: 32, once per D slice of 256, 3 at D = 720); its S, dS
+    # and epilogue tiles at 128 x 64 (and fp32 64 x 64, fp64 32 x 64) spilled
+    ("bwd_ds", "half"): (64, 32, 64, None, 8, 3),
+    ("bwd_ds", "fp32"): (64, 32, 16, None, 8, 3),
+    ("bwd_ds", "fp64"): (32, 32, 16, None, 8, 2),
+    # statistics / embedding rows, by accumulation dtype
     # (fp16, bf16 and fp32 feats accumulate in float32); 32 x 64 put the
     # backward at 168-216 registers, 32 x 32 at 120-163
     ("embed", "fp32"): (32, 32, 4),
     ("embed", "fp64"): (32, 16, 4),
 }
+
+
+# embed.embed_dx_kernel (g = dS @ protos over the C*K columns, the L2 + LayerNorm backward in its
+# epilogue): (BLOCK_N, BLOCK_J, BLOCK_DO, num_warps, num_stages) by GEMM kind
+EMBED_DX_GPU_TILES = {
+    "half": (64, 32, 128, 8, 3),
+    "fp32": (64, 32, 128, 8, 3),
+    "fp64": (16, 16, 32, 8, 2),
+}
+
+
+def embed_dx_tiles(kind: str, CK: int, D: int, N: int, interpret: bool) -> dict:
+    """Block sizes and launch options of ``embed_dx_kernel``: the GPU's, or the interpreter's largest
+    within Triton's element limit (the float64 FMA product's (n, j, dout) block included)."""
+    if interpret:
+        cfg = dict(BLOCK_N=pow2(N, 16, 256), BLOCK_J=pow2(CK, 16, 1024), BLOCK_DO=pow2(D, 16, 1024),
+                   num_warps=4, num_stages=1)
+    else:
+        n, j, do, warps, stages = EMBED_DX_GPU_TILES[kind]
+        cfg = dict(BLOCK_N=n, BLOCK_J=j, BLOCK_DO=min(do, pow2(D, 16)), num_warps=warps, num_stages=stages)
+
+    def largest(c):
+        n, j, do = c["BLOCK_N"], c["BLOCK_J"], c["BLOCK_DO"]
+        return max(n * j, j * do, n * do, n * j * do if kind == "fp64" else 0)
+
+    while largest(cfg) > MAX_NUMEL:
+        key = max(("BLOCK_J", "BLOCK_DO", "BLOCK_N"), key=lambda k: (cfg[k], k == "BLOCK_J"))
+        if cfg[key] <= 16:
+            raise ValueError(f"no embed_dx tile within Triton's element limit ({cfg})")
+        cfg[key] //= 2
+    return cfg
 
 
 def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
@@ -98,13 +137,15 @@ def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, inte
     A tile holds BLOCK_C whole classes of BLOCK_K = next_pow2(K) prototypes
     (BLOCK_C * BLOCK_K >= 16: the tensor cores' smallest dimension).
     ``layer_norm``: the EMBED + LAYER_NORM variant (its GPU tiles from
-    :data:`EMBED_GPU_TILES` where given).
+    :data:`EMBED_GPU_TILES` where given). ``pass_ = "bwd_ds"``: the embedded
+    backward's dS kernel (the forward's tile shape, its own GPU tiles).
     """
     if interpret:
         BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = (
             pow2(N, 16, 256), 1024, pow2(D, 16, 256), pow2(D, 16, 1024), 4, 1)
     else:
-        table = EMBED_GPU_TILES if layer_norm and (pass_, kind) in EMBED_GPU_TILES else GPU_TILES
+        use_embed = (pass_, kind) in EMBED_GPU_TILES and (layer_norm or (pass_, kind) not in GPU_TILES)
+        table = EMBED_GPU_TILES if use_embed else GPU_TILES
         BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = table[(pass_, kind)]
     BLOCK_K = pow2(K)
     BLOCK_C = max(1, min(pow2(C), max_j // BLOCK_K))

@@ -16,9 +16,10 @@ Prints a first JSON line ``{"all_kernels": [...]}`` (every launched
 ``@triton.jit`` function of the kernel modules), then one per (kernel
 specialisation, arch): ``{"kernel", "variant", "arch", "num_warps",
 "num_stages", "ok", "error", "shared", "registers", "stack", "spill_stores",
-"spill_loads", "pipelined", "smem_buffers", "seconds"}`` (``pipelined``: the
+"spill_loads", "pipelined", "smem_buffers", "dot_operands", "seconds"}`` (``pipelined``: the
 PTX copies operands with ``cp.async``; ``smem_buffers``: the depth of the
-pipeliner's shared-memory ring, 2+ when the loop is software-pipelined),
+pipeliner's shared-memory ring, 2+ when the loop is software-pipelined;
+``dot_operands``: the element types the kernel's MMAs multiply),
 then a table of the same (lines not starting with ``{``). Exits 1 if a
 kernel fails to compile or uses local memory (a spill or a stack frame).
 
@@ -284,6 +285,17 @@ def smem_buffers(ttgir: str) -> int:
     return max(depths, default=1)
 
 
+def dot_operand_types(ttgir: str) -> list:
+    """Element types of the operands of every MMA in the TTGIR (``tt.dot``, sm_90's ``warp_group_dot``):
+    what the tensor cores multiply, e.g. ``["bf16"]`` for a half GEMM, ``["f32"]`` for TF32."""
+    types = set()
+    for line in ttgir.splitlines():
+        if re.search(r"\b(tt\.dot|ttng\.warp_group_dot)\b", line) and " : " in line:
+            operands = line.split(" : ", 1)[1].split("->")[0]
+            types.update(re.findall(r"\dx(bf16|f16|f32|f64|tf32)\b", operands))
+    return sorted(types)
+
+
 def uses_local_memory(rec: dict) -> bool:
     return bool(rec.get("stack") or rec.get("spill_stores") or rec.get("spill_loads"))
 
@@ -298,6 +310,7 @@ def compile_one(fn, sig, constexprs, attrs, options, arch):
         rec = dict(ok=True, error=None, shared=out.metadata.shared, **ptxas_usage(out.asm["ptx"]))
         rec["pipelined"] = pipelined(out.asm["ptx"])
         rec["smem_buffers"] = smem_buffers(out.asm["ttgir"])
+        rec["dot_operands"] = dot_operand_types(out.asm["ttgir"])
         return rec
     except Exception as e:  # report, do not stop: the test lists every failure
         return dict(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")

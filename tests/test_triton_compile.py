@@ -84,3 +84,20 @@ def test_half_forward_is_software_pipelined(compiled, arch):
     for r in fwd:
         assert r["num_stages"] >= 2, r
         assert r["pipelined"] and r["smem_buffers"] >= 2, f"{r['variant']}: not pipelined on sm_{arch} ({r})"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_maps_multiply_16_bit_operands(compiled, arch):
+    """No float32 GEMM on a 16-bit map: with fp16/bf16 feats and prototypes the S products (the forward,
+    the embedded backward's dS kernel) multiply 16-bit operands on the tensor cores (fp32 accumulation),
+    and the dS @ protos products fp32 dS as TF32 (dS keeps fp32's range; the interpreter alone upcasts)."""
+    rc, lines, err = compiled[arch]
+    half = [r for r in lines[1:] if r["ok"] and ("bfloat16" in r["variant"] or "float16" in r["variant"])
+            and "_protos" not in r["variant"]]
+    s_kernels = [r for r in half if r["kernel"] in ("similarity_fwd_kernel", "embed_ds_kernel")]
+    assert {r["kernel"] for r in s_kernels} == {"similarity_fwd_kernel", "embed_ds_kernel"}
+    for r in s_kernels:
+        want = ["bf16"] if "bfloat16" in r["variant"] else ["f16"]
+        assert r["dot_operands"] == want, (r["kernel"], r["variant"], r["dot_operands"])
+    dx = [r for r in half if r["kernel"] == "embed_dx_kernel"]
+    assert dx and all(r["dot_operands"] == ["f32"] for r in dx), [(r["variant"], r["dot_operands"]) for r in dx]

@@ -6,7 +6,9 @@ Runs the step that ``ProtoSegHead`` runs (NCHW map, feat_norm on, forward,
 prototype update, CE + 0.01 PPC + 0.001 PPD, backward) with the CUDA kernels
 of csrc/cuda in the cuda_sim emulator (tools/cuda_sim), or the Triton kernels
 under the interpreter (tools/triton_meter.py: the same counts, an access
-being one tl.load/tl.store of one program, and tl.dot flops), meter on:
+being one tl.load/tl.store of one program, and tl.dot flops on the unit a GPU
+would use; the launchers pick their GPU tiles, PROTOSEG_TRITON_GPU_TILES=1,
+unless the environment sets it to 0), meter on:
 per kernel launch, bytes loaded and stored, the 32-byte sectors of every
 warp-wide memory instruction against the ideal for the bytes it requests,
 and the distinct sectors it touches; per host GEMM, its shape, dtypes, flops
@@ -37,7 +39,8 @@ bytes (sectors x 32) / L2 bandwidth and flops / the peak of the unit that
 runs them; the step is the sum. DRAM bytes are the distinct sectors a launch
 touches, less the assumed L2 hits (the table lists them). Constants:
   HBM3 3.35 TB/s, L2 50 MB, bf16/fp16 tensor cores 989.5 TFLOPS dense, fp32
-  67 TFLOPS (CUDA cores), TF32 tensor cores 494.5 TFLOPS dense: NVIDIA H100
+  67 TFLOPS (CUDA cores), TF32 tensor cores 494.5 TFLOPS dense (a Triton
+  tf32x3 product, three TF32 products, at a third of it): NVIDIA H100
   SXM datasheet (tensor-core rates there are quoted with sparsity; dense is
   half); TF32 counts only when torch.backends.cuda.matmul.allow_tf32 is on
   (off by default, so fp32 GEMMs count at the CUDA-core rate).
@@ -63,7 +66,8 @@ sys.path.insert(0, str(ROOT))
 HBM_BYTES_PER_S = 3.35e12
 L2_BYTES = 50 << 20
 L2_BYTES_PER_S = 5.5e12  # an assumption, see the module docstring
-PEAKS = {"tensor cores (16-bit)": 989.5e12, "tensor cores (tf32)": 494.5e12, "fp32 cuda cores": 67e12,
+PEAKS = {"tensor cores (16-bit)": 989.5e12, "tensor cores (tf32)": 494.5e12,
+         "tensor cores (tf32x3)": 494.5e12 / 3, "fp32 cuda cores": 67e12,
          "fp64 cuda cores": 34e12, "memory": None}
 
 SIZES = {  # B, D, H, W, C
@@ -339,6 +343,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.backend == "triton":  # before anything imports triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("PROTOSEG_TRITON_GPU_TILES", "1")  # the launchers' GPU tiles, not the interpreter's
     rows, step, info = run(a.backend, a.size, a.dtype)
     print(as_json(rows, step) if a.json else as_table(rows, step, info, a.size, a.dtype))
     return 0

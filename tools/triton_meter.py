@@ -11,7 +11,11 @@ program: the interpreter runs a program's block as one operation) against the
 ideal for the distinct bytes it requests, the distinct sectors the launch
 touches, the bytes an earlier launch touched with their reuse distances (as
 cuda_sim's meter), and the flops of tl.dot (2 M N K each) with the unit that
-runs them on a GPU. How a compiled kernel spreads a block over its warps is
+runs them on a GPU: the similarity kernels multiply under the interpreter in
+float32 what a GPU multiplies in bf16 / fp16 or TF32 (``DOT_UPCAST``), so
+their unit is the one ``kernels.common.dot_config`` picks for the launch's
+feats and prototype dtypes ("tensor cores (tf32x3)": three TF32 products per
+float32 product). How a compiled kernel spreads a block over its warps is
 not known here: an access's sectors are those of the whole block, as if its
 lanes were grouped perfectly, so the ratio to the ideal shows gathers and
 strides, not the compiler's layout choices.
@@ -22,6 +26,18 @@ from __future__ import annotations
 import numpy as np
 
 L2_BYTES = 50 << 20
+
+
+def _unit(bits: int, precision) -> str:
+    """The unit a GPU runs a tl.dot of ``bits``-bit operands at ``precision`` on."""
+    if bits <= 16:
+        return "tensor cores (16-bit)"
+    if bits == 64:
+        return "fp64 cuda cores"
+    prec = str(precision).lower()
+    if "ieee" in prec:
+        return "fp32 cuda cores"
+    return "tensor cores (tf32x3)" if "tf32x3" in prec else "tensor cores (tf32)"
 
 
 class TritonMeter:
@@ -70,6 +86,9 @@ class TritonMeter:
 
         def launch(orig, ex, *args, **kwargs):
             meter._begin(ex.fn.__name__)
+            bound = dict(zip(ex.arg_names, args))
+            bound.update(kwargs)
+            meter._gpu_dots(bound)
             try:
                 return orig(ex, *args, **kwargs)
             finally:
@@ -117,6 +136,29 @@ class TritonMeter:
         c["ideal_sectors"] += (int(distinct.size) * elem + 31) // 32
         c["sector_set"].update(sectors.tolist())
 
+    def _gpu_dots(self, bound):
+        """The GEMM units a GPU would use for this launch's tl.dot calls, where the interpreter cannot tell.
+
+        Under the interpreter the similarity kernels (``DOT_UPCAST``) multiply
+        operands already rounded to the GPU's operand dtype in float32 ("ieee"):
+        bf16 tl.dot is wrong in the interpreter. The GPU's choice is
+        ``kernels.common.dot_config`` of the feats and prototype dtypes: the S
+        products (``DOT_DTYPE``) and the dS @ protos products (``DS_DTYPE``).
+        """
+        self._cur["gpu_dots"] = None
+        if not bound.get("DOT_UPCAST"):
+            return
+        x, p = bound.get("X_ptr"), bound.get("P_ptr")
+        if not (hasattr(x, "dtype") and hasattr(p, "dtype")):
+            return
+        from protoseg_ext.kernels.common import dot_config
+
+        cfg = dot_config(x.dtype, p.dtype, interpret=False)
+        units = {"S": _unit(cfg["DOT_DTYPE"].primitive_bitwidth, cfg["DOT_PRECISION"]),
+                 "dS": _unit(cfg["DS_DTYPE"].primitive_bitwidth, cfg["DS_PRECISION"])}
+        has_s, has_ds = "DOT_DTYPE" in bound, "DS_DTYPE" in bound
+        self._cur["gpu_dots"] = (units, has_s, has_ds, bound.get("BLOCK_D"))
+
     def _dot(self, x, y, input_precision):
         c = self._cur
         if c is None:
@@ -125,17 +167,18 @@ class TritonMeter:
         N = y.data.shape[-1]
         batch = int(np.prod(x.data.shape[:-2])) if x.data.ndim > 2 else 1
         c["flops"] += 2 * M * N * K * batch
-        bits = x.dtype.primitive_bitwidth
-        if bits <= 16:
-            c["unit"] = "tensor cores (16-bit)"
-        elif bits == 64:
-            c["unit"] = "fp64 cuda cores"
+        gpu = c.get("gpu_dots")
+        if gpu:
+            units, has_s, has_ds, block_d = gpu
+            # which product: the kernel's only kind, else the S products reduce over a BLOCK_D chunk
+            is_s = has_s and (not has_ds or K == block_d)
+            c["unit"] = units["S" if is_s else "dS"]
         else:
-            prec = str(input_precision).lower()
-            c["unit"] = "fp32 cuda cores" if "ieee" in prec else "tensor cores (tf32)"
+            c["unit"] = _unit(x.dtype.primitive_bitwidth, input_precision)
 
     def _end(self):
         c, self._cur = self._cur, None
+        c.pop("gpu_dots", None)
         sectors = c.pop("sector_set")
         hits, reuse = 0, {}
         for s in sectors:

@@ -463,6 +463,18 @@ def test_tiles_within_triton_element_limit(interpret, dtype):
             assert cfg["BLOCK_C"] * cfg["BLOCK_K"] >= 16 and cfg["BLOCK_K"] >= K, cfg
             if pass_ == "bwd" and kind == "fp64":  # the FMA second product, the block that used to overflow
                 assert cfg["BLOCK_N"] * cfg["BLOCK_C"] * cfg["BLOCK_K"] * cfg["BLOCK_DO"] <= KT.MAX_NUMEL
+        # the embedded backward: its dS kernel (the forward's tile shape) and its dS @ protos kernel
+        kind = KT.kind_of(str(dtype).split(".")[-1], str(dtype).split(".")[-1])
+        for ln in (True, False):
+            cfg = KT.similarity_tiles("bwd_ds", kind, C, K, D, N, interpret, layer_norm=ln)
+            assert KT.largest_block("bwd_ds", kind, cfg) <= KT.MAX_NUMEL, ((N, D, C, K), cfg)
+            assert cfg["BLOCK_C"] * cfg["BLOCK_K"] >= 16 and cfg["BLOCK_K"] >= K, cfg
+            if not interpret:
+                assert cfg["BLOCK_N"] >= (64 if kind != "fp64" else 32), cfg  # prototypes read once per 64+ px
+        x = KT.embed_dx_tiles(kind, C * K, D, N, interpret)
+        n, j, do = x["BLOCK_N"], x["BLOCK_J"], x["BLOCK_DO"]
+        assert max(n * j, j * do, n * do, n * j * do if kind == "fp64" else 0) <= KT.MAX_NUMEL, x
+        assert min(n, j, do) >= 16, x  # tl.dot's smallest dimension
 
 
 def test_largest_block_counts_the_float64_backward_product():
@@ -622,7 +634,7 @@ def test_embed_kernels_small_tiles_and_chunks(layout, layer_norm, chunk):
     images), far from zero mean (|mean| / std = 15): the launchers with tile overrides."""
     B, D, H, W, C, K = 3, 40, 5, 13, 9, 3  # 65 pixels an image
     x, w, b, p, gt = embed_problem(B, D, H, W, C, K, seed=1, offset=30.0, dtype=torch.float32)
-    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16, BLOCK_DO=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16, BLOCK_DO=16, BLOCK_J=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
 
     def call(xin, w_, b_, p_, gt_):
         out = KE.embed_similarity_forward(xin, w_, b_, 1e-5, p_, gt_, 0.7, True, True, True, tiles=tiles, chunk=chunk)
