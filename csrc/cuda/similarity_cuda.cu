@@ -529,6 +529,7 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
   __shared__ acc_t part[kStatSums][kEmbedGroups][kWarp];
   __shared__ acc_t kshift[kWarp];
+  __shared__ acc_t wb[2][kEmbedGroups][W];  // the chunk's w and b (one load per chunk, not one per pixel)
   const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
   const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
   const bool valid = i < rows, ln = w != nullptr, xpf = sp == 1;
@@ -557,17 +558,20 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
       stage_index(e, xpf, W, p, j);
       if (p0 + p < rows && d0 + j < D) xs[g][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
     }
+    if (ln && lane < W && d0 + lane < D) {
+      wb[0][g][lane] = w[d0 + lane];
+      wb[1][g][lane] = b[d0 + lane];
+    }
     __syncwarp();
     const int nj = int(D - d0 < W ? D - d0 : W);
     for (int j = 0; valid && j < nj; ++j) {
-      const int64_t d = d0 + j;
       const acc_t v = xs[g][lane][j];
       if (!is_finite(v)) bad += acc_t(1);
       const acc_t t = v - k;
       s1 += t;
       s2 += t * t;
       if (ln) {
-        const acc_t wd = w[d], bd = b[d], ww = wd * wd;
+        const acc_t wd = wb[0][g][j], bd = wb[1][g][j], ww = wd * wd;
         s3 += ww * t * t;
         s4 += ww * t;
         s5 += wd * bd * t;
@@ -691,6 +695,7 @@ __global__ void __launch_bounds__(kEmbedThreads, 2)
                       unsigned long long* __restrict__ counts) {
   constexpr int W = kStageW<acc_t>;
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
+  __shared__ acc_t wb[2][kEmbedGroups][W];  // the chunk's w and b
   const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
   const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
   const bool valid = i < rows, xpf = sp == 1;
@@ -714,12 +719,15 @@ __global__ void __launch_bounds__(kEmbedThreads, 2)
       stage_index(e, xpf, W, p, j);
       if (p0 + p < rows && d0 + j < D) xs[g][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
     }
+    if (w != nullptr && lane < W && d0 + lane < D) {
+      wb[0][g][lane] = w[d0 + lane];
+      wb[1][g][lane] = b[d0 + lane];
+    }
     __syncwarp();
     const int nj = int(D - d0 < W ? D - d0 : W);
     for (int j = 0; valid && j < nj; ++j) {
-      const int64_t d = d0 + j;
       const acc_t v = xs[g][lane][j];
-      const acc_t y = w != nullptr ? (v - mu) * r * w[d] + b[d] : v;
+      const acc_t y = w != nullptr ? (v - mu) * r * wb[0][g][j] + wb[1][g][j] : v;
       xs[g][lane][j] = y * inv;
     }
     __syncwarp();
@@ -787,18 +795,22 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
       stage_index(e, gpf, W, p, j);
       if (p0 + p < rows && d0 + j < D) gs[g][p][j] = G[(p0 + p) * gp + (d0 + j) * gd];
     }
+    if (ln && lane < W && d0 + lane < D) {  // the chunk's w and b, in the tiles' padding column
+      xs[g][lane][W] = w[d0 + lane];
+      gs[g][lane][W] = b[d0 + lane];
+    }
     __syncwarp();
     const int nj = int(D - d0 < W ? D - d0 : W);
     for (int j = 0; valid && j < nj; ++j) {
-      const int64_t d = d0 + j;
       const acc_t gv = gs[g][lane][j], v = xs[g][lane][j];
       if (ln) {
-        const acc_t xh = (v - mu) * r, z = (xh * w[d] + b[d]) * inv;
+        const acc_t wd = xs[g][j][W], bd = gs[g][j][W];
+        const acc_t xh = (v - mu) * r, z = (xh * wd + bd) * inv;
         a0 += gv * z;
-        a1 += w[d] * gv;
-        a2 += w[d] * gv * xh;
-        a3 += w[d] * z;
-        a4 += w[d] * z * xh;
+        a1 += wd * gv;
+        a2 += wd * gv * xh;
+        a3 += wd * z;
+        a4 += wd * z * xh;
       } else {
         a0 += gv * v * inv;
       }
@@ -831,6 +843,10 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
       stage_index(e, gpf, W, p, j);
       if (p0 + p < rows && d0 + j < D) gs[g][p][j] = G[(p0 + p) * gp + (d0 + j) * gd];
     }
+    if (ln && lane < W && d0 + lane < D) {
+      xs[g][lane][W] = w[d0 + lane];
+      gs[g][lane][W] = b[d0 + lane];
+    }
     __syncwarp();
     const int nj = int(D - d0 < W ? D - d0 : W);
     for (int j = 0; j < nj; ++j) {  // every lane: the warp sums below
@@ -838,10 +854,11 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
       acc_t dy = 0, xh = 0;
       if (valid) {
         const acc_t gv = gs[g][lane][j], v = xs[g][lane][j];
+        const acc_t wd = ln ? xs[g][j][W] : acc_t(0), bd = ln ? gs[g][j][W] : acc_t(0);
         xh = ln ? (v - mu) * r : v;
-        const acc_t z = (ln ? xh * w[d] + b[d] : v) * inv;
+        const acc_t z = (ln ? xh * wd + bd : v) * inv;
         dy = inv * (gv - z * fg);
-        gs[g][lane][j] = ln ? r * (w[d] * dy - m1 - xh * m2) : dy;  // d x, in place of G's entry
+        gs[g][lane][j] = ln ? r * (wd * dy - m1 - xh * m2) : dy;  // d x, in place of G's entry
       }
       if (part_w != nullptr) {
         const acc_t pw = cuda::warp_sum(dy * xh), pb = cuda::warp_sum(dy);
