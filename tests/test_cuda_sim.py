@@ -278,6 +278,90 @@ def test_embed_similarity_dtypes(sim, dtype):
     _embed_check(sim, x, w, b, p, gt, "nchw", True, False, tol)
 
 
+def _gemms(sim, fn):
+    """fn() under the meter: its result and the GEMM records (name, a, b, out, m, n, k)."""
+    sim.cudasim_meter("start")
+    try:
+        out = fn()
+    finally:
+        sim.cudasim_meter("stop")
+    evs = __import__("json").loads(sim.cudasim_meter("json"))
+    return out, [(e["name"], e["a"], e["b"], e["out"], e["m"], e["n"], e["k"]) for e in evs if e["type"] == "gemm"]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+@pytest.mark.parametrize("dtype, pdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float16)])
+def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype):
+    """16-bit maps: the folded forward GEMM and the backward's dS @ P run as 16-bit GEMMs with fp32 output
+    (mm.dtype_out; tensor cores on a GPU), never as an fp32 GEMM on the map (only the (C*K, D) x (D,) mv of
+    the prototypes' bias term is fp32): forward X [hi; lo]^T (N = 2 C*K),
+    backward [hi | lo (| hi)] @ [P; P (; Plo)] (K = 2 C*K for bf16 prototypes, 3 C*K otherwise). The split
+    keeps fp32-level accuracy: with fp32 LayerNorm and prototypes, lse, own, d weight and d bias (all fp32)
+    match the reference from the same rounded map to the float32 tolerance, where one rounding of P * w or
+    of dS to bfloat16 is off by about 1e-3."""
+    x, w, b, p, gt = _embed_problem(2, 40, 4, 5, 6, 3, seed=23)
+    x = x.to(dtype)
+    w, b, p = w.to(pdtype), b.to(pdtype), p.to(pdtype)
+    N, CK = gt.numel(), 6 * 3
+    tol = dict(atol=2e-2, rtol=2e-2) if pdtype != torch.float32 else dict(atol=2e-5, rtol=2e-5)
+    xin = as_layout(x, layout)
+    (seg, argk, lse, own, _), fwd = _gemms(sim, lambda: sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.7, True,
+                                                                              True, True, 0))
+    name = {torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]
+    tiles = 2 if layout == "nchw" else 1  # a tile per image of a map, one of the (N, D) rows
+    n = N // tiles
+    assert [g for g in fwd if g[0] != "mv"] == [("mm.dtype_out", name, name, "Float", n, 2 * CK, 40)] * tiles, fwd
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(embed_reference(leaves[0], (leaves[1], leaves[2], 1e-5)), p.double(), gt, -1, 0.7,
+                               True, True, True)
+    for u, v in ((lse, ref[2]), (own, ref[3])):
+        torch.testing.assert_close(u.double(), v, **tol)
+    torch.testing.assert_close(seg.double(), ref[0], atol=2e-2, rtol=2e-2)  # seg is stored in the map's dtype
+    g = torch.Generator().manual_seed(3)
+    ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in (ref[0], ref[2], ref[3])]
+    (gx, gw, gb), bwd = _gemms(sim, lambda: sim.embed_similarity_backward(
+        *[u.float() for u in ups], xin, w, b, 1e-5, p, gt, argk, lse, -1, 0.7, None))
+    terms = 2 if pdtype == torch.bfloat16 else 3
+    assert [g for g in bwd if g[0] != "mv"] == [("mm.dtype_out", name, name, "Float", n, 2 * CK, 40),  # S again
+                                                ("mm.dtype_out", "BFloat16", "BFloat16", "Float", n, 40, terms * CK)
+                                                ] * tiles, bwd
+    want = torch.autograd.grad(sum((r * u).sum() for r, u in zip((ref[0], ref[2], ref[3]), ups)), leaves)
+    torch.testing.assert_close(gx.double(), as_layout(want[0], layout), atol=2e-2, rtol=2e-2)  # stored in 16 bits
+    torch.testing.assert_close(gw.double(), want[1], **tol)
+    torch.testing.assert_close(gb.double(), want[2], **tol)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_kernels_coalesced(sim, layout, dtype):
+    """The per-pixel kernels over the map (statistics, the prototype sums' fused embedding, the backward) read
+    and write whole sectors in every layout: within 1.25x of the ideal sectors of the bytes they request, as
+    the meter counts them (a lane per pixel along a unit channel stride would be about 8x in bf16)."""
+    import json
+
+    x, w, b, p, gt = _embed_problem(2, 64, 8, 16, 5, 3, seed=24)
+    x, w, b, p = x.to(dtype), w.to(dtype), b.to(dtype), p.to(dtype)
+    xin = as_layout(x, layout)
+    slot = gt.clamp(min=-1) * 3
+    sim.cudasim_meter("start")
+    try:
+        _, argk, lse, _, _ = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+        gl = torch.randn(lse.shape, dtype=lse.dtype)
+        sim.embed_similarity_backward(None, gl, None, xin, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
+        sim.embed_prototype_sums(xin, w, b, 1e-5, slot, 15)
+    finally:
+        sim.cudasim_meter("stop")
+    evs = [e for e in json.loads(sim.cudasim_meter("json")) if e["type"] == "kernel"]
+    seen = set()
+    for e in evs:
+        name = e["name"].split("<")[0]
+        if name in ("embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel"):
+            seen.add(name)
+            assert e["sectors"] <= 1.25 * e["ideal_sectors"], (name, e["sectors"], e["ideal_sectors"])
+    assert seen == {"embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel"}, seen
+
+
 def test_embed_similarity_offsets_overflow_and_nan(sim):
     """Pixels far from zero mean (|mean| / std = 30: recomputed from z, not through the folded GEMM), a
     finite pixel whose float32 sums of squares overflow (its statistics in float64), and a NaN pixel (NaN
@@ -916,9 +1000,9 @@ RACE_MUTANTS = {
     14: ("similarity_cuda.cu", "v += part[j][h][lane];", "v += part[j][::cudasim::mutant(14) ? h + 1 : h][lane];",
          0, "embed", "out-of-bounds access of `part`"),
     # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it)
-    16: ("similarity_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i * kStatCols;\n  const acc_t mu = st[0], r = st[1], inv = st[2];\n  acc_t* s",
-         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const acc_t* st = stats + i * kStatCols;\n  const acc_t mu = st[0], r = st[1], inv = st[2];\n  acc_t* s",
-         0, "embed", "out-of-bounds access of `S_tile`"),
+    16: ("similarity_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
+         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
+         0, "embed", "out-of-bounds access of `Sbuf`"),
     # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum
     15: ("sinkhorn_cuda.cu", "  if (threadIdx.x < K) {", "  if (threadIdx.x < K + (::cudasim::mutant(15) ? 1 : 0)) {",
          0, "sinkhorn", "data race on global memory `part_max`"),
