@@ -83,9 +83,8 @@ def embed_stats_kernel(
     # The statistics of BLOCK_N pixels (_pixel_stats) for the forward and the
     # prototype sums.
     # GPU (kernels/tiles.py EMBED_GPU_TILES): 32 px x BLOCK_D 32 (fp64: 16),
-    # 4 warps, CUDA-core FMAs; 40-64 registers on sm_90 with the LayerNorm,
-    # 32 without (tests/compile_kernels.py), no spills, <= 1 KB shared memory
-    # (the row reductions). Memory-bound:
+    # 4 warps, CUDA-core FMAs; shared memory only for the row reductions
+    # (registers per arch: docs/kernels.md). Memory-bound:
     # feats is read twice (the second time from L2: 32 px x 720 channels are
     # 90 KB in fp32), 12 B a pixel written.
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
@@ -345,8 +344,7 @@ def embed_rows_kernel(
     X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # The chunk's embedding rows for the prototype sums. A non-finite pixel
     # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
-    # prototype_sums skips. GPU: the stats kernel's tile, one read of feats;
-    # 54-64 registers on sm_90, no spills.
+    # prototype_sums skips. GPU: the stats kernel's tile, one read of feats.
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
                                                   ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
@@ -499,7 +497,7 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
     dots = dot_config(feats.dtype, protos.dtype)
     if compute_own and not (compute_seg or compute_lse):
         # own only: the K columns of each pixel's class, gathered by label; GPU: 32 px x BLOCK_D 32
-        # (fp64: 16), half the plain launcher's BLOCK_D (at 64 the LayerNorm'd tile spilled)
+        # (fp64: 16), half the plain launcher's BLOCK_D (at 64 the LayerNorm'd tile spills)
         ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET_TILES else 32,
                     BLOCK_D=pow2(D, 16, 256) if INTERPRET_TILES else (32 if acc == torch.float32 else 16))
         ocfg.update({k: v for k, v in (tiles or {}).items() if k in ocfg})

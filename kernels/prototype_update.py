@@ -63,9 +63,9 @@ def prototype_slot_key_kernel(
 ):
     X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # Sort key of BLOCK_N rows: their slot where they take part, else num_slots.
-    # GPU: 32 rows x BLOCK_D 128, 4 warps; 32-56 registers on sm_90 at the
-    # Cityscapes size (up to 214 for fp64 with an odd D, whose loads cannot
-    # be vectorised), no spills. Reads feats once and does no arithmetic
+    # GPU: 32 rows x BLOCK_D 128, 4 warps (registers per arch:
+    # docs/kernels.md; fp64 with an odd D, whose loads cannot be vectorised,
+    # costs the most). Reads feats once and does no arithmetic
     # beyond the finiteness test: purely memory-bound (94 MB in bf16).
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,9 +96,8 @@ def prototype_sums_segmented_kernel(
     # is read once (gathered through perm); the fixed chunking and order make
     # the sums bitwise reproducible without atomics.
     # GPU: 64 rows (32 for fp64) x BLOCK_D 128 accumulator, 4 warps, a
-    # (slot, D-block, split) grid; 96-128 registers on sm_90, <= 2 KB shared
-    # memory (the final row reduction), no spills (the 64-row fp64
-    # accumulator spilled). One add per element read: 0.5 FLOP/B in bf16,
+    # (slot, D-block, split) grid; shared memory only for the final row
+    # reduction (a 64-row fp64 accumulator spills). One add per element read: 0.5 FLOP/B in bf16,
     # memory-bound; the rows of a slot are gathered through perm, so
     # coalescing holds within a row only (D contiguous).
     s = tl.program_id(0).to(tl.int64)
@@ -142,8 +141,7 @@ def prototype_sums_atomic_kernel(
     # BLOCK_N rows: first pass over D checks that each row is finite, second
     # pass adds the finite rows into sums[slot] with float atomics (the tile
     # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.
-    # GPU: 32 rows x BLOCK_D 128, 4 warps; 79-86 registers on sm_90, no
-    # spills. Memory-bound: feats is read twice (the second time mostly from
+    # GPU: 32 rows x BLOCK_D 128, 4 warps. Memory-bound: feats is read twice (the second time mostly from
     # L2) and every element is one float atomic into the (C*K, D) sums, which
     # stay in L2 (190 x 720 x 4 B = 547 KB at Cityscapes).
     pid = tl.program_id(0).to(tl.int64)
@@ -174,8 +172,7 @@ def prototype_ema_kernel(
     # when counts[j] > 0; then p / ||p||. Three sweeps over D (norm of f,
     # updated p and its norm, scaled store), each re-reading the row from L1.
     # GPU: BLOCK_D 256 (3 chunks for D = 720; a 1024-wide float64 block
-    # spilled on sm_80), 4 warps, one program per prototype (190 at
-    # Cityscapes); 32 registers on sm_90. Tiny and memory-bound (C*K*D
+    # spills), 4 warps, one program per prototype (190 at Cityscapes). Tiny and memory-bound (C*K*D
     # values in and out).
     j = tl.program_id(0).to(tl.int64)
     g = tl.full((), gamma, ACC_DTYPE)
@@ -244,7 +241,7 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     if D == 0:
         return torch.zeros((S, D), dtype=acc, device=dev), counts
     partial = torch.empty((split, S, D), dtype=acc, device=dev)
-    # GPU: a 64 x 128 float32 (32 x 128 float64) accumulator, 64 registers a thread at 4 warps
+    # GPU: a 64 x 128 float32 (32 x 128 float64) accumulator, 64 values a thread at 4 warps
     BLOCK_N_SEG = block_n or (pow2(N, 16, 256) if INTERPRET_TILES else (64 if acc == torch.float32 else 32))
     grid = (S, triton.cdiv(D, BLOCK_D), split)
     prototype_sums_segmented_kernel[grid](

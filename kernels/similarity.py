@@ -204,28 +204,22 @@ def similarity_fwd_kernel(
     # Fused so that S costs registers only: N*(C + C + 1 + K) values leave the
     # chip instead of N*C*K.
     #
-    # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size (N = 65,536,
-    # D = 720, C = 19, K = 10) from tests/compile_kernels.py on sm_90:
-    #   fp16/bf16: 64 px x 128 cols (8 classes x 16), BLOCK_D 64, 8 warps,
-    #     3 stages (cp.async into a 3-deep shared ring, wgmma on sm_90; 2-deep
-    #     with mma.sync on sm_80); 194-196 registers (102-111 seg only; sm_80:
-    #     240), 72 KB shared memory, no spills.
-    #   fp32 (tf32x3): same tile, BLOCK_D 16: 221 registers (sm_80: 255, no
-    #     spill: the tightest of all; 32 px would give 178 at twice the
-    #     prototype traffic from L2), 44 KB. fp64: 32 px x 64 cols, BLOCK_D 32:
-    #     151 registers (sm_80: 176), 24 KB.
-    #   Wider tiles spill: 64 x 256 cols reached 255 registers and spilled
-    #   (sm_80: 564 B) because the epilogue holds the tile, its exp and its
-    #   (n, c, k) view at once; 128 x 128 spilled on sm_80.
-    # Arithmetic intensity (bf16): 17.9 GFLOP of real S against 102 MB of
-    # compulsory HBM traffic (feats once, seg/argk/lse/own out): 176 FLOP/B,
+    # GPU tiles: kernels/tiles.py (the choice); their registers, shared memory
+    # and pipelining per arch: docs/kernels.md (generated). The half tile's
+    # D loop streams its operands through a cp.async shared-memory ring
+    # (wgmma on sm_90, mma.sync on sm_80); fp32 multiplies tf32x3 and so takes
+    # a shorter BLOCK_D. Wider tiles spill because the epilogue holds the S
+    # tile, its exp and its (n, c, k) view at once.
+    # Arithmetic intensity at Cityscapes (N = 65,536, D = 720, C = 19,
+    # K = 10; bf16): 17.9 GFLOP of real S against 102 MB of compulsory HBM
+    # traffic (feats once, seg/argk/lse/own out): 176 FLOP/B,
     # under the H100's bf16 ridge (295 FLOP/B), so the fused forward is
     # memory-bound at heart. The padded tiles execute 36.2 GFLOP (356 FLOP/B,
     # compute-bound). Per BLOCK_D step a tile multiplies 24 KB of staged
     # operands: 43 FLOP/B from L2/shared memory; feats is read once from HBM
     # and ceil(C / BLOCK_C) = 3 times from L2.
     # Padding: K = 10 -> BLOCK_K 16 (1.6x) and C = 19 -> 3 blocks of 8 = 24
-    # classes: 384 columns for 190, 2.02x (the old 16-class tile: 32 classes,
+    # classes: 384 columns for 190, 2.02x (a 16-class tile: 32 classes,
     # 2.69x). 4-class tiles give 20 classes, 1.68x (5 passes over the feats
     # tile in L2); the K padding stays with any tile of whole classes: only a
     # k-major column order (the k-th prototype of every class in one tile, the
@@ -233,13 +227,10 @@ def similarity_fwd_kernel(
     # ADE20K (C = 150): 19 blocks of 8 = 152 classes, 1.62x.
     # EMBED (the head's embedding fused in, kernels/embed.py): each feats tile
     # is LayerNorm'd in registers (_embed_tile) and the S tile scaled by the
-    # pixels' inverse norms before the epilogue. Its GPU tiles with the
-    # LayerNorm (tiles.EMBED_GPU_TILES), all outputs, Cityscapes, sm_90
-    # (sm_80): fp16/bf16 64 px x 64 cols, BLOCK_D 64: 181-183 registers (214),
-    # 56 KB shared; fp32 32 px x 64 cols, BLOCK_D 32: 182 (182); fp64 32 x 64,
-    # BLOCK_D 16: 191 (180). L2 only (GPU_TILES), seg only: bf16 107 (161),
-    # fp32 198 (166). No spills (tests/compile_kernels.py --full). The plain
-    # calls (EMBED = False) keep the addressing and registers above.
+    # pixels' inverse norms before the epilogue. With the LayerNorm it takes
+    # narrower tiles (tiles.EMBED_GPU_TILES: the normalised tile, its
+    # statistics and w, b are live too); L2 only keeps the plain tiles. The
+    # plain calls (EMBED = False) keep the plain kernel's addressing.
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     pid = tl.program_id(0).to(tl.int64)
     if EMBED:
@@ -341,15 +332,15 @@ def own_class_scores_kernel(
     # (prototype learning outside the head's fused step). The feats tile is
     # read once per D chunk and dotted with the K gathered prototype rows.
     # GPU: 32 px x BLOCK_D 64 (32 for fp64), 4 warps, CUDA-core FMAs (no MMA:
-    # each pixel has its own K prototypes); 80-96 registers on sm_90, <= 1 KB
-    # shared memory. Intensity at Cityscapes: 2*N*K*D = 0.94 GFLOP against
+    # each pixel has its own K prototypes; registers: docs/kernels.md).
+    # Intensity at Cityscapes: 2*N*K*D = 0.94 GFLOP against
     # 94 MB of feats (bf16): 10 FLOP/B, memory-bound; the gathered prototype
     # rows (N*K*D elements) come from L2 (190 rows, 270 KB). No padding
     # beyond BLOCK_K = 16 lanes of the (n, k) accumulator.
     # EMBED: grid (pixel block, image of the chunk); the feats tile is
     # LayerNorm'd in registers (and rounded to feats' dtype, as the eager half
     # LayerNorm's output is), the scores scaled by the pixels' inverse norms;
-    # GPU: 32 px x BLOCK_D 32 (fp64: 16): 92-96 registers on sm_90 and sm_80.
+    # GPU: 32 px x BLOCK_D 32 (fp64: 16).
     pid = tl.program_id(0).to(tl.int64)
     if EMBED:
         hw, row_ok, loc, x_row = _pixel_block(pid, B0, HW0, N, X_stride_b, X_stride_n, BLOCK_N)
@@ -451,34 +442,29 @@ def similarity_bwd_kernel(
     # (each feats tile LayerNorm'd in registers, the S tile scaled by inv),
     # and the kernel writes g = dS @ protos, the gradient w.r.t. z, in the
     # accumulation dtype into the chunk's buffer; embed_backward_kernel chains
-    # it through the L2 normalisation and the LayerNorm. GPU tiles with the
-    # LayerNorm, all gradients, Cityscapes, sm_90 (sm_80): fp16/bf16 32 px x
-    # 64 cols, BLOCK_D 32, slice 256: 224-226 registers (238-242); fp32 (the
-    # plain tile) 244 (231); fp64 16 x 16 cols, BLOCK_D 16, slice 16: 128
-    # (128). No spills.
+    # it through the L2 normalisation and the LayerNorm (tiles.EMBED_GPU_TILES:
+    # with the LayerNorm'd operand live the half tile takes BLOCK_D 32, fp64
+    # a D slice of 16).
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     #
-    # GPU tiles (kernels/tiles.py), numbers at the Cityscapes size on sm_90:
-    #   fp16/bf16: 32 px x 64 cols (4 classes x 16), BLOCK_D 64, D slice 256
-    #     (3 slices for D = 720), 8 warps, 3 stages (the S recompute streams
-    #     through a 2-deep cp.async ring; at 2 stages it had a single buffer);
-    #     176 registers (seg only: 172; sm_80: 188), 40 KB shared memory
-    #     (72 KB seg only), no spills. The second product multiplies dS as
-    #     TF32 (fp32 range: the PPC/PPD terms of dS, ~1e-9, underflow fp16),
-    #     at half the fp16 tensor-core rate.
-    #   fp32 (tf32x3 both products): 32 x 64 cols, BLOCK_D 32, slice 64:
-    #     251 registers (sm_80: 235), 24 KB (a 128 slice spills: the tf32x3
-    #     split keeps a big and a small copy of each operand).
-    #   fp64: 16 x 16 cols, slice 32, FMA second product: 128 registers, 8 KB.
-    #   The old half tile (32 x 128 cols, slice 256) needed 233-244 registers
-    #   with dS rounded to half; with dS in fp32 it spills (212-316 B).
+    # GPU tiles: kernels/tiles.py; their registers, shared memory and
+    # pipelining per arch: docs/kernels.md (generated).
+    #   fp16/bf16: 4 classes x 16 columns, D slices of 256 (3 for D = 720);
+    #     the S recompute streams through a cp.async ring (3 stages: with 2
+    #     there is a single buffer). The second product multiplies dS as TF32
+    #     (fp32 range: the PPC/PPD terms of dS, ~1e-9, underflow fp16), at
+    #     half the fp16 tensor-core rate; dS in fp32 is why 8-class tiles
+    #     spill.
+    #   fp32 (tf32x3 both products): a narrower slice (the tf32x3 split keeps
+    #     a big and a small copy of each operand; a 128 slice spills).
+    #   fp64: small tiles, FMA second product.
     # Arithmetic intensity (bf16): two GEMMs of 17.9 GFLOP against 196 MB of
     # HBM traffic (feats in, d feats out, the saved and upstream vectors):
     # 183 FLOP/B, memory-bound at heart. As tiled it executes 120.8 GFLOP
     # (3.37x): S is recomputed once per D slice (3 of 4 GEMM passes) on
     # 320 padded columns (5 blocks of 4 classes = 20 classes x 16 for 190,
     # 1.68x). One 720-wide slice would cut that to 2 passes but needs the
-    # (32, 720) fp32 d feats tile in registers (90 a thread): it spills.
+    # (32, 720) fp32 d feats tile in registers (90 values a thread): it spills.
     # Padding: K = 10 -> 16 (1.6x, as in the forward) and C = 19 -> 20; a
     # tile of 2 classes gives the same 20, 8 classes give 24 (2.02x); the K
     # padding goes only with a k-major column order (see the forward).

@@ -64,8 +64,8 @@ def sinkhorn_pass_kernel(
     # (exp, column scale, row normalisation) and the next pass's column sums
     # are fused so each iteration reads and writes the class's rows once.
     # GPU: BLOCK_N = 2048 / BLOCK_K rows (128 at K = 10) x BLOCK_K, 4 warps,
-    # CUDA cores only; 48-74 registers on sm_90 (by phase), <= 2 KB shared
-    # memory (the column reductions), no spills. Intensity: a few FLOPs per
+    # CUDA cores only; shared memory only for the column reductions
+    # (registers per arch and phase: docs/kernels.md). Intensity: a few FLOPs per
     # 4-8 bytes of the work buffer (< 1 FLOP/B): memory-bound, 2 + iters
     # passes over N x BLOCK_K values. Padding: the work buffer's rows are
     # BLOCK_K = 16 wide for K = 10, 1.6x its traffic (masked lanes are not

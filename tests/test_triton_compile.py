@@ -9,9 +9,12 @@ the architecture's shared memory, and uses no local memory (no register
 spill, no stack); the half-precision forward at the Cityscapes size is
 software-pipelined (cp.async into a ring of 2+ shared-memory stages). The two
 architectures compile in parallel; Triton's cache (and the script's cache of
-ptxas results) makes reruns fast.
+ptxas results) makes reruns fast. The same records, rendered, must equal the
+committed ``docs/kernels.md`` (the measured figures live there, not in the
+kernels' comments).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,6 +26,7 @@ pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "compile_kernels.py")
+DOC = os.path.join(os.path.dirname(HERE), "docs", "kernels.md")
 ARCHS = (90, 80)
 # most dynamic shared memory one block may use (CUDA programming guide, compute capabilities table)
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -101,3 +105,30 @@ def test_half_maps_multiply_16_bit_operands(compiled, arch):
         assert r["dot_operands"] == want, (r["kernel"], r["variant"], r["dot_operands"])
     dx = [r for r in half if r["kernel"] == "embed_dx_kernel"]
     assert dx and all(r["dot_operands"] == ["f32"] for r in dx), [(r["variant"], r["dot_operands"]) for r in dx]
+
+
+def _compile_kernels_module():
+    """tests/compile_kernels.py as a module (its render_doc and doc_mismatch; importing compiles nothing)."""
+    spec = importlib.util.spec_from_file_location("compile_kernels", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_doc_is_current(compiled):
+    """docs/kernels.md is what ``compile_kernels.py --write-doc`` makes of these compiles, byte for byte.
+
+    The two archs' records of the default set (the ones the tests above check) are
+    rendered as the script renders them; a tile, launcher or kernel change that moves a
+    register count, a constexpr or the shared memory makes this fail until the file is
+    regenerated with the command the message names."""
+    assert tuple(compiled) == (90, 80)
+    records = []
+    for arch in compiled:
+        rc, lines, err = compiled[arch]
+        assert lines, err[-4000:]
+        records += lines[1:]
+    ck = _compile_kernels_module()
+    assert tuple(ck.DOC_ARCHS) == tuple(compiled)
+    msg = ck.doc_mismatch(records, DOC)
+    assert not msg, msg
