@@ -97,9 +97,9 @@ def prototype_sums_segmented_kernel(
     # the sums bitwise reproducible without atomics.
     # GPU: 64 rows (32 for fp64) x BLOCK_D 128 accumulator, 4 warps, a
     # (slot, D-block, split) grid; shared memory only for the final row
-    # reduction (a 64-row fp64 accumulator spills). One add per element read: 0.5 FLOP/B in bf16,
-    # memory-bound; the rows of a slot are gathered through perm, so
-    # coalescing holds within a row only (D contiguous).
+    # reduction (a 64-row fp64 accumulator spills). One add per element
+    # read: 0.5 FLOP/B in bf16, memory-bound; the rows of a slot are gathered
+    # through perm, so coalescing holds within a row only (D contiguous).
     s = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2).to(tl.int64)
@@ -141,9 +141,10 @@ def prototype_sums_atomic_kernel(
     # BLOCK_N rows: first pass over D checks that each row is finite, second
     # pass adds the finite rows into sums[slot] with float atomics (the tile
     # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.
-    # GPU: 32 rows x BLOCK_D 128, 4 warps. Memory-bound: feats is read twice (the second time mostly from
-    # L2) and every element is one float atomic into the (C*K, D) sums, which
-    # stay in L2 (190 x 720 x 4 B = 547 KB at Cityscapes).
+    # GPU: 32 rows x BLOCK_D 128, 4 warps. Memory-bound: feats is read twice
+    # (the second time mostly from L2) and every element is one float atomic
+    # into the (C*K, D) sums, which stay in L2 (190 x 720 x 4 B = 547 KB at
+    # Cityscapes).
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slot, take = _rows_taking_part(X_ptr, X_stride_n, X_stride_d, SLOT_ptr, SLOT_stride, rows, N, D, num_slots,
@@ -172,8 +173,8 @@ def prototype_ema_kernel(
     # when counts[j] > 0; then p / ||p||. Three sweeps over D (norm of f,
     # updated p and its norm, scaled store), each re-reading the row from L1.
     # GPU: BLOCK_D 256 (3 chunks for D = 720; a 1024-wide float64 block
-    # spills), 4 warps, one program per prototype (190 at Cityscapes). Tiny and memory-bound (C*K*D
-    # values in and out).
+    # spills), 4 warps, one program per prototype (190 at Cityscapes). Tiny
+    # and memory-bound (C*K*D values in and out).
     j = tl.program_id(0).to(tl.int64)
     g = tl.full((), gamma, ACC_DTYPE)
     hit = tl.load(COUNTS_ptr + j).to(ACC_DTYPE) > 0
