@@ -150,6 +150,11 @@ def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, inte
     BLOCK_C = max(1, min(pow2(C), max_j // BLOCK_K))
     while BLOCK_C * BLOCK_K < 16:
         BLOCK_C *= 2
+    if pass_ == "bwd_ds" and kind == "fp32" and not interpret and BLOCK_C * BLOCK_K <= 16:
+        # the 16-column fp32 dS tile (small C*K): ptxas for sm_80 fits the
+        # 64-pixel block in 128 registers (two CTAs per SM) and spills at an
+        # odd D; 32 pixels fit, and re-reading so few prototypes costs little
+        BLOCK_N = 32
     cfg = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
                num_warps=num_warps, num_stages=num_stages)
     if pass_ == "bwd":
