@@ -470,7 +470,10 @@ def test_tiles_within_triton_element_limit(interpret, dtype):
             assert KT.largest_block("bwd_ds", kind, cfg) <= KT.MAX_NUMEL, ((N, D, C, K), cfg)
             assert cfg["BLOCK_C"] * cfg["BLOCK_K"] >= 16 and cfg["BLOCK_K"] >= K, cfg
             if not interpret:
-                assert cfg["BLOCK_N"] >= (64 if kind != "fp64" else 32), cfg  # prototypes read once per 64+ px
+                # prototypes read once per 64+ px (32 for float64, and for the 16-column float32
+                # tile of a small C*K, which spills on sm_80 at 64: kernels/tiles.py)
+                small_fp32 = kind == "fp32" and cfg["BLOCK_C"] * cfg["BLOCK_K"] <= 16
+                assert cfg["BLOCK_N"] >= (32 if kind == "fp64" or small_fp32 else 64), cfg
         x = KT.embed_dx_tiles(kind, C * K, D, N, interpret)
         n, j, do = x["BLOCK_N"], x["BLOCK_J"], x["BLOCK_DO"]
         assert max(n * j, j * do, n * do, n * j * do if kind == "fp64" else 0) <= KT.MAX_NUMEL, x
