@@ -840,10 +840,11 @@ def test_meter_l2_hits(sim):
     x = torch.randn(256)
     sim.cudasim_meter("start")
     try:
-        _selftest(sim, "shifted_copy", x)
-        _selftest(sim, "shifted_copy", x)
+        y1 = _selftest(sim, "shifted_copy", x)  # held, so that the second y cannot reuse its memory
+        y2 = _selftest(sim, "shifted_copy", x)
     finally:
         sim.cudasim_meter("stop")
+    assert y1.data_ptr() != y2.data_ptr()
     a, b = __import__("json").loads(sim.cudasim_meter("json"))
     assert a["l2_hit_bytes"] == 0 and b["l2_hit_bytes"] == 1024  # x again; y is a fresh buffer
 
