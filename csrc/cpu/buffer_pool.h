@@ -16,10 +16,18 @@
 //   next training step reuses it with no fault. A larger one (a full-resolution
 //   map's gradient) goes back to the OS at once: kept, it would sit idle
 //   through the next step's forward and raise that step's peak by its size;
-// - a request (of at most the cap) that finds no idle buffer of its size means the shapes changed:
-//   every idle buffer is released then (they would not be reused), so the pool
-//   never holds more than the buffers of the last step's shapes, and never more
-//   idle bytes than PROTOSEG_POOL_MB (the oldest go first).
+// - a request (of at most the cap) of a byte size never requested before
+//   means the shapes changed: every idle buffer is released then (they would
+//   not be reused). A request of a size seen before closes a cycle, e.g. a
+//   training step (the sizes requested since the last request of this size):
+//   an idle buffer of a size outside that cycle is released, one inside it is
+//   kept for its next request, however the cycle's requests and frees
+//   interleave. (Releasing every idle buffer on any miss, as before, made a
+//   step whose prototype sums' partial is freed before the backward asks for
+//   the feature gradient drop that gradient's buffer, and fault a fresh one
+//   in every step.) So the pool never holds more than the buffers of the last
+//   step's shapes, and never more idle bytes than PROTOSEG_POOL_MB (the oldest
+//   go first).
 //
 // A buffer is only idle once every tensor viewing it is gone, so nothing is
 // shared. stats() and release() are exposed as protoseg_ext._C.cpu_buffer_pool_stats
@@ -98,6 +106,7 @@ class BufferPool {
  private:
   static constexpr size_t kMinBytes = size_t(16) << 20;  // smaller buffers are cheap to fault in
   static constexpr size_t kAlign = size_t(2) << 20;      // a huge page
+  static constexpr size_t kHistory = 64;                 // pooled requests remembered, the newest last
 
   BufferPool() {
     const char* env = std::getenv("PROTOSEG_POOL_MB");
@@ -133,6 +142,7 @@ class BufferPool {
         ++stats_.allocated;
         return nullptr;
       }
+      drop_outside_cycle_locked(bytes, drop);
       for (size_t i = 0; i < idle_.size(); ++i) {
         if (idle_[i].bytes == bytes) {
           p = idle_[i].ptr;
@@ -145,11 +155,34 @@ class BufferPool {
         ++stats_.reused;
       } else {
         ++stats_.allocated;
-        drop_all_locked(drop);  // the shapes changed: what is idle would not be reused
       }
     }
     for (void* q : drop) std::free(q);
     return p;
+  }
+
+  // Before a request of `bytes`: releases the idle buffers of sizes outside
+  // the cycle it closes (all of them when the size is new), then records it.
+  void drop_outside_cycle_locked(size_t bytes, std::vector<void*>& drop) {
+    const auto last = std::find(history_.rbegin(), history_.rend(), bytes);
+    if (last == history_.rend()) {
+      drop_all_locked(drop);
+    } else {
+      const std::vector<size_t> cycle(history_.rbegin(), last + 1);  // this size and those requested since
+      std::vector<Idle> keep;
+      for (const Idle& i : idle_) {
+        if (std::find(cycle.begin(), cycle.end(), i.bytes) != cycle.end()) {
+          keep.push_back(i);
+        } else {
+          drop.push_back(i.ptr);
+          idle_bytes_ -= i.bytes;
+          ++stats_.released;
+        }
+      }
+      idle_.swap(keep);
+    }
+    history_.push_back(bytes);
+    if (history_.size() > kHistory) history_.erase(history_.begin());
   }
 
   // Keeps the buffer idle when it fits the cap, dropping the oldest idle ones beyond it.
@@ -181,6 +214,7 @@ class BufferPool {
   };
   std::mutex mu_;
   std::vector<Idle> idle_;
+  std::vector<size_t> history_;  // byte sizes of the latest pooled requests, oldest first
   size_t idle_bytes_ = 0;
   size_t cap_ = 0;
   BufferPoolStats stats_;

@@ -648,16 +648,110 @@ bool pixel_embedding(const T* x, int64_t ld, int64_t D, const Source& src, T* z)
 
 }  // namespace
 
+namespace {
+
+// Scratch of plane_tile_sums, reused across tiles.
+template <typename T>
+struct TileSums {
+  std::vector<int32_t> order, start, used;  // pixels grouped by slot; group s = order[start[s]:start[s+1]]
+  std::vector<T> mu, a;                     // per grouped pixel
+  TileSums(int64_t n, int64_t num_slots) : order(n), start(num_slots + 1), mu(n), a(n) {}
+};
+
+// The plane path of embed_prototype_sums for tile t, added into the block's
+// float64 partial `part` laid out (D, num_slots). The embedding of a pixel is
+//   z_d = (x_d - mu) a w_d + c b_d  (a = r inv, c = inv; without the
+// LayerNorm a = inv, mu = 0 and no w, b), so
+//   sums[s][d] = w_d sum_{slot = s} (x_d - mu) a + b_d sum_{slot = s} c:
+// the tile's statistics (one pass over the plane), its pixels grouped by slot
+// (a counting sort), then for four rows of the plane at a time, each group's
+// sum of (x_d - mu) a in registers, added into part once per group and row.
+// No store per pixel, and four independent chains of adds per group. Adds
+// c to csum[s] and 1 to cnt[s] per pixel with a slot and finite sums; a
+// pixel whose float sums overflowed (entries finite) is left to `late`
+// (summed in float64 afterwards).
+template <typename T>
+void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, plane::Stats<T>& st,
+                     const int64_t* slot, int64_t num_slots, TileSums<T>& g, double* part, double* csum,
+                     double* cnt, std::vector<int64_t>& late) {
+  const at::Tensor v = src.plane_tile(t);
+  const T* x = v.data_ptr<T>();
+  const int64_t ld = v.stride(0), n = src.rows(t), D = src.D;
+  plane::stats(x, ld, n, D, fold, st);
+  // group the pixels by slot (stable), skipping those that add nothing
+  std::fill(g.start.begin(), g.start.end(), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t s = slot[j];
+    if (s >= 0 && st.finite[j]) {
+      ++g.start[s + 1];
+      csum[s] += double(st.inv[j]);
+      cnt[s] += 1.0;
+    } else if (s >= 0) {
+      late.push_back(src.row0(t) + j);
+    }
+  }
+  g.used.clear();
+  for (int64_t s = 0; s < num_slots; ++s) {
+    if (g.start[s + 1] > 0) g.used.push_back(int32_t(s));
+    g.start[s + 1] += g.start[s];
+  }
+  std::vector<int32_t> fill(g.start.begin(), g.start.end() - 1);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t s = slot[j];
+    if (s < 0 || !st.finite[j]) continue;
+    const int32_t i = fill[s]++;
+    g.order[i] = int32_t(j);
+    g.mu[i] = fold.ln ? st.k[j] + st.delta[j] : T(0);
+    g.a[i] = fold.ln ? st.r[j] * st.inv[j] : st.inv[j];
+  }
+  const int32_t* ord = g.order.data();
+  const T* mu = g.mu.data();
+  const T* a = g.a.data();
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const T* x0 = x + d * ld;
+    const T* x1 = x0 + ld;
+    const T* x2 = x1 + ld;
+    const T* x3 = x2 + ld;
+    double* p = part + d * num_slots;
+    for (const int32_t s : g.used) {
+      T u0 = 0, u1 = 0, u2 = 0, u3 = 0;
+      for (int32_t i = g.start[s], e = g.start[s + 1]; i < e; ++i) {
+        const int32_t j = ord[i];
+        const T m = mu[i], ai = a[i];
+        u0 += (x0[j] - m) * ai;
+        u1 += (x1[j] - m) * ai;
+        u2 += (x2[j] - m) * ai;
+        u3 += (x3[j] - m) * ai;
+      }
+      p[s] += double(u0);
+      p[num_slots + s] += double(u1);
+      p[2 * num_slots + s] += double(u2);
+      p[3 * num_slots + s] += double(u3);
+    }
+  }
+  for (; d < D; ++d) {
+    const T* xr = x + d * ld;
+    double* p = part + d * num_slots;
+    for (const int32_t s : g.used) {
+      T u = 0;
+      for (int32_t i = g.start[s], e = g.start[s + 1]; i < e; ++i) u += (xr[ord[i]] - mu[i]) * a[i];
+      p[s] += double(u);
+    }
+  }
+}
+
+}  // namespace
+
 // sums[s] = the sum of the head's embedding (LayerNorm'd, L2-normalised: the
 // rows embed_similarity scores) over the pixels with slot == s and a finite
 // feature row, counts[s] = how many; read from the map as embed_similarity
 // reads it, with no (N, D) copy. On the plane path a tile's statistics come
-// from one pass over the plane (plane_embed.h) and its embedding is formed in
-// blocks of 16 pixels transposed in cache; otherwise from the tile's
-// LayerNorm'd rows. Tiles are grouped in blocks (a number fixed by the tile
-// count), each summed in the accumulation type and flushed into its float64
-// partial after every tile; partials merge in block order: the same bits for
-// any thread count.
+// from one pass over the plane (plane_embed.h) and its sums from a second,
+// over the pixels grouped by slot (plane_tile_sums); otherwise from the tile's LayerNorm'd rows.
+// Tiles are grouped in blocks (a number fixed by the tile count), each summed
+// in the accumulation type and flushed into its float64 partial after every
+// tile; partials merge in block order: the same bits for any thread count.
 std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& feats,
                                                             const c10::optional<at::Tensor>& ln_weight,
                                                             const c10::optional<at::Tensor>& ln_bias, double ln_eps,
@@ -677,19 +771,22 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
   }
   const int64_t nb = std::max<int64_t>(
       1, std::min<int64_t>({kSumBlocks, src.ntiles, kSumPartialBytes / std::max<int64_t>(1, SD * 8)}));
-  // from the pool: a fresh buffer this large would page-fault in every step
+  // from the pool: a fresh buffer this large would page-fault in every step.
+  // On the plane path a block's partial is (D, num_slots), on the row path
+  // (num_slots, D).
   at::Tensor partial_t = BufferPool::get().empty({nb * SD}, rows.options().dtype(at::kDouble)).zero_();
   double* partial = partial_t.data_ptr<double>();
-  std::vector<double> block_counts(nb * num_slots, 0.0);
+  std::vector<double> block_counts(nb * num_slots, 0.0), block_csum(nb * num_slots, 0.0);
+  std::vector<std::vector<int64_t>> late(nb);  // plane path: pixels summed in float64 afterwards
+  const bool on_plane = src.plane_path(true);
   AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_cpu", [&] {
     using acc_t = scalar_t;
     std::unique_ptr<plane::Fold<acc_t>> fold;
-    if (src.plane_path(true)) fold = std::make_unique<plane::Fold<acc_t>>(at::Tensor(), src.weight, src.bias, src.eps);
+    if (on_plane) fold = std::make_unique<plane::Fold<acc_t>>(at::Tensor(), src.weight, src.bias, src.eps);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;
-      constexpr int64_t kB = 16, kD = 128;  // pixels per transposed block, rows per pass
-      rows::SlotSums<acc_t> scratch(num_slots, D);
-      std::vector<acc_t> buf(kB * kD), zbuf(D);
+      rows::SlotSums<acc_t> scratch(on_plane ? 0 : num_slots, D);
+      std::unique_ptr<TileSums<acc_t>> groups(on_plane ? new TileSums<acc_t>(kSumTile, num_slots) : nullptr);
       std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(kSumTile) : nullptr);
       for (int64_t b = b0; b < b1; ++b) {
         double* part = partial + b * SD;
@@ -698,57 +795,17 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
           const int64_t n = src.rows(t);
           const int64_t* s = sp + src.row0(t);
           if (fold) {
-            at::Tensor v = src.plane_tile(t);
-            const acc_t* x = v.data_ptr<acc_t>();
-            const int64_t ld = v.stride(0);
-            plane::stats(x, ld, n, D, *fold, *st);
-            const bool ln = src.ln();
-            const acc_t* w = ln ? fold->w.data() : nullptr;
-            const acc_t* bb = ln ? fold->b.data() : nullptr;
-            for (int64_t j0 = 0; j0 < n; j0 += kB) {
-              const int64_t m = std::min(kB, n - j0);
-              acc_t mu[kB], a[kB], c[kB];  // z = (x - mu) a w + c b
-              for (int64_t i = 0; i < m; ++i) {
-                const int64_t j = j0 + i;
-                mu[i] = ln ? st->k[j] + st->delta[j] : acc_t(0);
-                a[i] = ln ? st->r[j] * st->inv[j] : st->inv[j];
-                c[i] = st->inv[j];
-              }
-              // kD rows at a time: the block's embedding (m, kD) stays in L1
-              for (int64_t d0 = 0; d0 < D; d0 += kD) {
-                const int64_t d1 = std::min(D, d0 + kD);
-                for (int64_t d = d0; d < d1; ++d) {
-                  const acc_t* xr = x + d * ld + j0;
-                  const acc_t wd = ln ? w[d] : acc_t(1), bd = ln ? bb[d] : acc_t(0);
-                  for (int64_t i = 0; i < m; ++i) buf[i * kD + d - d0] = (xr[i] - mu[i]) * a[i] * wd + c[i] * bd;
-                }
-                for (int64_t i = 0; i < m; ++i) {
-                  const int64_t j = j0 + i;
-                  if (s[j] >= 0 && st->finite[j])
-                    rows::axpy(scratch.row(s[j]) + d0, buf.data() + i * kD, acc_t(1), d1 - d0);
-                }
-              }
-              for (int64_t i = 0; i < m; ++i) {
-                const int64_t j = j0 + i;
-                if (s[j] < 0) continue;
-                if (st->finite[j]) {
-                  cnt[s[j]] += 1.0;
-                } else if (pixel_embedding(x + j, ld, D, src, zbuf.data())) {
-                  // finite entries whose float sums overflowed: the pixel in float64
-                  rows::axpy(scratch.row(s[j]), zbuf.data(), acc_t(1), D);
-                  cnt[s[j]] += 1.0;
-                }
-              }
-            }
-          } else {
-            at::Tensor xt = src.load<acc_t>(t);  // LayerNorm'd rows (n, D)
-            const acc_t* x = xt.data_ptr<acc_t>();
-            for (int64_t i = 0; i < n; ++i) {
-              acc_t a = acc_t(1);
-              if (s[i] >= 0 && rows::row_scale<acc_t>(x + i * D, D, true, a)) {
-                rows::axpy(scratch.row(s[i]), x + i * D, a, D);
-                cnt[s[i]] += 1.0;
-              }
+            plane_tile_sums(src, t, *fold, *st, s, num_slots, *groups, part, block_csum.data() + b * num_slots, cnt,
+                            late[b]);
+            continue;
+          }
+          at::Tensor xt = src.load<acc_t>(t);  // LayerNorm'd rows (n, D)
+          const acc_t* x = xt.data_ptr<acc_t>();
+          for (int64_t i = 0; i < n; ++i) {
+            acc_t a = acc_t(1);
+            if (s[i] >= 0 && rows::row_scale<acc_t>(x + i * D, D, true, a)) {
+              rows::axpy(scratch.row(s[i]), x + i * D, a, D);
+              cnt[s[i]] += 1.0;
             }
           }
           scratch.flush(part);  // the tile into the block's partial
@@ -757,14 +814,42 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
     });
   });
   // merge the partials in block order
-  std::vector<double> total(SD, 0.0), total_counts(num_slots, 0.0);
+  std::vector<double> total(SD, 0.0), total_counts(num_slots, 0.0), total_c(num_slots, 0.0);
   at::parallel_for(0, SD, 4096, [&](int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t j = j0; j < j1; ++j) total[j] += partial[b * SD + j];
   });
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t j = 0; j < num_slots; ++j) total_counts[j] += block_counts[b * num_slots + j];
-  sums.copy_(at::from_blob(total.data(), {num_slots, D}, at::kDouble));
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t j = 0; j < num_slots; ++j) {
+      total_counts[j] += block_counts[b * num_slots + j];
+      total_c[j] += block_csum[b * num_slots + j];
+    }
+  }
+  at::Tensor out = at::from_blob(total.data(), {num_slots, D}, at::kDouble);
+  if (on_plane) {
+    // (D, num_slots) sums of (x - mu) a -> (num_slots, D) embeddings: times w_d, plus b_d sum c
+    out = at::from_blob(total.data(), {D, num_slots}, at::kDouble).t().contiguous();
+    if (src.ln()) {
+      at::Tensor csum = at::from_blob(total_c.data(), {num_slots, 1}, at::kDouble);
+      out = out * src.weight.to(at::kDouble).unsqueeze(0) + csum * src.bias.to(at::kDouble).unsqueeze(0);
+    }
+    // pixels whose float sums overflowed (entries finite): in float64, block by block, in order
+    AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_late", [&] {
+      using acc_t = scalar_t;
+      std::vector<acc_t> z(D);
+      double* o = out.data_ptr<double>();
+      for (const auto& pixels : late) {
+        for (int64_t n : pixels) {
+          const int64_t img = n / src.HW, j = n % src.HW;
+          const acc_t* x = src.feats.select(0, img).data_ptr<acc_t>() + j;
+          if (!pixel_embedding(x, src.feats.stride(1), D, src, z.data())) continue;
+          for (int64_t d = 0; d < D; ++d) o[sp[n] * D + d] += double(z[d]);
+          total_counts[sp[n]] += 1.0;
+        }
+      }
+    });
+  }
+  sums.copy_(out);
   counts.copy_(at::from_blob(total_counts.data(), {num_slots}, at::kDouble));
   return {sums, counts};
 }
