@@ -23,7 +23,7 @@
 //   ||y||^2 = r^2 Q + 2 r L + sum b^2
 // follow. The GEMM's rounding grows with |mu| while the result scales with
 // 1 / r: a tile with a pixel whose |mu| r exceeds kMaxOffset (or a NaN) takes
-// the row path of similarity_cpu.cpp instead (see finish_stats).
+// the row path of similarity_cpu.h instead (see finish_stats).
 //
 // Backward, given G = d loss / d z as a (D, n) tile (P^T dS^T, one GEMM), with
 // t1 = sum (x - k) w g, t2 = sum w g, t3 = sum b g (one pass):

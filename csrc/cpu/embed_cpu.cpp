@@ -1,0 +1,343 @@
+// CPU kernels of the head's embedding: `embed_similarity`,
+// `embed_similarity_backward` and `embed_prototype_sums`.
+//
+// They read the backbone's map where it lies. Planes of an NCHW map in the
+// accumulation dtype take the plane path of plane_embed.h: the GEMMs read the
+// plane, the LayerNorm is folded into the prototypes, and the per-pixel
+// passes run in plane layout. Everything else (channels-last or (N, D) rows,
+// half-precision maps, a tile far from zero mean) takes the row path: the
+// tile's rows are loaded (transposed in 16 x 16 blocks from a plane) and
+// LayerNorm'd in cache. The similarity's tiles run the forward and backward
+// of similarity_cpu.cpp (similarity_cpu.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "../checks.h"
+#include "../protoseg_math.h"
+#include "buffer_pool.h"
+#include "cpu_isa.h"
+#include "plane_embed.h"
+#include "rows.h"
+#include "similarity_cpu.h"
+
+namespace protoseg {
+namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
+namespace {
+
+// the LayerNorm's weight and bias (D,): both given or both absent
+Source embed_source(const at::Tensor& rows, const c10::optional<at::Tensor>& weight,
+                    const c10::optional<at::Tensor>& bias, double eps, int64_t tile) {
+  const bool ln = check_embed_layer_norm(rows, weight, bias, eps);
+  return Source(rows, ln ? *weight : at::Tensor(), ln ? *bias : at::Tensor(), eps, tile);
+}
+
+// the similarity's tile: about 1 MiB of S
+int64_t score_tile(const at::Tensor& rows, const at::Tensor& protos) {
+  return tile_rows(protos.size(0) * protos.size(1), at::elementSize(acc_type(rows.scalar_type())));
+}
+
+}  // namespace
+
+// The head's embedding fused into the similarity: feats (N, D) or the NCHW
+// map (B, D, H, W) as it lies, the optional LayerNorm over D, the L2
+// normalisation, then `similarity`; nothing of size (N, D) is stored.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cpu(
+    const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+    double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
+  const at::Tensor rows = embed_rows(feats);
+  check_similarity_args(embed_checked_shape(rows), protos, labels, compute_own, temperature);
+  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
+  return similarity_impl(src, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
+                         cache_bytes, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
+    const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
+    const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& protos, const at::Tensor& labels,
+    const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
+    const c10::optional<at::Tensor>& probs) {
+  const bool has_own = grad_own.has_value() && grad_own->defined();
+  const at::Tensor rows = embed_rows(feats);
+  const at::Tensor shape = embed_checked_shape(rows);
+  check_similarity_args(shape, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
+  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
+  auto out = similarity_backward_impl(src, grad_seg, grad_lse, grad_own, protos, labels, argk, lse, ignore_index,
+                                      temperature, probs, true, cached);
+  const at::Tensor g = embed_grad_as_feats(std::get<0>(out), rows, feats);  // (N, D) or (B, D, HW) as feats
+  at::Tensor dw = std::get<1>(out), db = std::get<2>(out);
+  if (dw.defined()) {
+    dw = dw.to(ln_weight->scalar_type());
+    db = db.to(ln_bias->scalar_type());
+  } else {
+    dw = at::empty({0}, feats.options());
+    db = at::empty({0}, feats.options());
+  }
+  return {g, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor> prototype_sums_cpu(const at::Tensor& feats, const at::Tensor& slot,
+                                                      int64_t num_slots, bool normalize);  // prototype_update_cpu.cpp
+
+namespace {
+
+constexpr int64_t kSumTile = 1024;    // pixels per tile of the prototype sums
+constexpr int64_t kSumBlocks = 16;    // blocks of tiles, at most (each with a float64 partial)
+constexpr int64_t kSumPartialBytes = int64_t(128) << 20;  // all partials, at most
+
+// z (D,) <- the embedding of one pixel, column j of a plane tile (D rows of
+// stride ld), in float64 (a pixel whose float sums overflowed); false when
+// an entry is NaN or inf.
+template <typename T>
+bool pixel_embedding(const T* x, int64_t ld, int64_t D, const Source& src, T* z) {
+  std::vector<double> y(D);
+  for (int64_t d = 0; d < D; ++d) {
+    y[d] = double(x[d * ld]);
+    if (!std::isfinite(y[d])) return false;
+  }
+  if (src.ln()) {
+    double mean = 0, var = 0;
+    for (double v : y) mean += v;
+    mean /= double(D);
+    for (double v : y) var += (v - mean) * (v - mean);
+    const double r = 1.0 / std::sqrt(var / double(D) + src.eps);
+    const T* w = src.weight.data_ptr<T>();
+    const T* b = src.bias.data_ptr<T>();
+    for (int64_t d = 0; d < D; ++d) y[d] = (y[d] - mean) * r * double(w[d]) + double(b[d]);
+  }
+  double sq = 0;
+  for (double v : y) sq += v * v;
+  const double inv = inv_norm(sq);
+  for (int64_t d = 0; d < D; ++d) z[d] = T(y[d] * inv);
+  return true;
+}
+
+}  // namespace
+
+namespace {
+
+// Scratch of plane_tile_sums, reused across tiles.
+template <typename T>
+struct TileSums {
+  std::vector<int32_t> order, start, used;  // pixels grouped by slot; group s = order[start[s]:start[s+1]]
+  std::vector<T> mu, a;                     // per grouped pixel
+  TileSums(int64_t n, int64_t num_slots) : order(n), start(num_slots + 1), mu(n), a(n) {}
+};
+
+// The plane path of embed_prototype_sums for tile t, added into the block's
+// float64 partial `part` laid out (D, num_slots). The embedding of a pixel is
+//   z_d = (x_d - mu) a w_d + c b_d  (a = r inv, c = inv; without the
+// LayerNorm a = inv, mu = 0 and no w, b), so
+//   sums[s][d] = w_d sum_{slot = s} (x_d - mu) a + b_d sum_{slot = s} c:
+// the tile's statistics (one pass over the plane), its pixels grouped by slot
+// (a counting sort), then for four rows of the plane at a time, each group's
+// sum of (x_d - mu) a in registers, added into part once per group and row.
+// No store per pixel, and four independent chains of adds per group. Adds
+// c to csum[s] and 1 to cnt[s] per pixel with a slot and finite sums; a
+// pixel whose float sums overflowed (entries finite) is left to `late`
+// (summed in float64 afterwards).
+template <typename T>
+void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, plane::Stats<T>& st,
+                     const int64_t* slot, int64_t num_slots, TileSums<T>& g, double* part, double* csum,
+                     double* cnt, std::vector<int64_t>& late) {
+  const at::Tensor v = src.plane_tile(t);
+  const T* x = v.data_ptr<T>();
+  const int64_t ld = v.stride(0), n = src.rows(t), D = src.D;
+  plane::stats(x, ld, n, D, fold, st);
+  // group the pixels by slot (stable), skipping those that add nothing
+  std::fill(g.start.begin(), g.start.end(), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t s = slot[j];
+    if (s >= 0 && st.finite[j]) {
+      ++g.start[s + 1];
+      csum[s] += double(st.inv[j]);
+      cnt[s] += 1.0;
+    } else if (s >= 0) {
+      late.push_back(src.row0(t) + j);
+    }
+  }
+  g.used.clear();
+  for (int64_t s = 0; s < num_slots; ++s) {
+    if (g.start[s + 1] > 0) g.used.push_back(int32_t(s));
+    g.start[s + 1] += g.start[s];
+  }
+  std::vector<int32_t> fill(g.start.begin(), g.start.end() - 1);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t s = slot[j];
+    if (s < 0 || !st.finite[j]) continue;
+    const int32_t i = fill[s]++;
+    g.order[i] = int32_t(j);
+    g.mu[i] = fold.ln ? st.k[j] + st.delta[j] : T(0);
+    g.a[i] = fold.ln ? st.r[j] * st.inv[j] : st.inv[j];
+  }
+  const int32_t* ord = g.order.data();
+  const T* mu = g.mu.data();
+  const T* a = g.a.data();
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const T* x0 = x + d * ld;
+    const T* x1 = x0 + ld;
+    const T* x2 = x1 + ld;
+    const T* x3 = x2 + ld;
+    double* p = part + d * num_slots;
+    for (const int32_t s : g.used) {
+      T u0 = 0, u1 = 0, u2 = 0, u3 = 0;
+      for (int32_t i = g.start[s], e = g.start[s + 1]; i < e; ++i) {
+        const int32_t j = ord[i];
+        const T m = mu[i], ai = a[i];
+        u0 += (x0[j] - m) * ai;
+        u1 += (x1[j] - m) * ai;
+        u2 += (x2[j] - m) * ai;
+        u3 += (x3[j] - m) * ai;
+      }
+      p[s] += double(u0);
+      p[num_slots + s] += double(u1);
+      p[2 * num_slots + s] += double(u2);
+      p[3 * num_slots + s] += double(u3);
+    }
+  }
+  for (; d < D; ++d) {
+    const T* xr = x + d * ld;
+    double* p = part + d * num_slots;
+    for (const int32_t s : g.used) {
+      T u = 0;
+      for (int32_t i = g.start[s], e = g.start[s + 1]; i < e; ++i) u += (xr[ord[i]] - mu[i]) * a[i];
+      p[s] += double(u);
+    }
+  }
+}
+
+}  // namespace
+
+// sums[s] = the sum of the head's embedding (LayerNorm'd, L2-normalised: the
+// rows embed_similarity scores) over the pixels with slot == s and a finite
+// feature row, counts[s] = how many; read from the map as embed_similarity
+// reads it, with no (N, D) copy. On the plane path a tile's statistics come
+// from one pass over the plane (plane_embed.h) and its sums from a second,
+// over the pixels grouped by slot (plane_tile_sums); otherwise from the tile's LayerNorm'd rows.
+// Tiles are grouped in blocks (a number fixed by the tile count), each summed
+// in the accumulation type and flushed into its float64 partial after every
+// tile; partials merge in block order: the same bits for any thread count.
+std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& feats,
+                                                            const c10::optional<at::Tensor>& ln_weight,
+                                                            const c10::optional<at::Tensor>& ln_bias, double ln_eps,
+                                                            const at::Tensor& slot, int64_t num_slots) {
+  at::NoGradGuard no_grad;
+  const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
+  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
+  if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
+  const int64_t N = src.N, D = src.D, SD = num_slots * D;
+  at::Tensor sums = at::zeros({num_slots, D}, rows.options().dtype(src.acc));
+  at::Tensor counts = at::zeros({num_slots}, rows.options().dtype(src.acc));
+  if (N == 0 || num_slots == 0) return {sums, counts};
+  at::Tensor sl = slot.to(at::kLong).contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(sp[n] < num_slots, "slot[", n, "] = ", sp[n], " is >= num_slots (", num_slots, ")");
+  }
+  const int64_t nb = std::max<int64_t>(
+      1, std::min<int64_t>({kSumBlocks, src.ntiles, kSumPartialBytes / std::max<int64_t>(1, SD * 8)}));
+  // from the pool: a fresh buffer this large would page-fault in every step.
+  // On the plane path a block's partial is (D, num_slots), on the row path
+  // (num_slots, D).
+  at::Tensor partial_t = BufferPool::get().empty({nb * SD}, rows.options().dtype(at::kDouble)).zero_();
+  double* partial = partial_t.data_ptr<double>();
+  std::vector<double> block_counts(nb * num_slots, 0.0), block_csum(nb * num_slots, 0.0);
+  std::vector<std::vector<int64_t>> late(nb);  // plane path: pixels summed in float64 afterwards
+  const bool on_plane = src.plane_path(true);
+  AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_cpu", [&] {
+    using acc_t = scalar_t;
+    std::unique_ptr<plane::Fold<acc_t>> fold;
+    if (on_plane) fold = std::make_unique<plane::Fold<acc_t>>(at::Tensor(), src.weight, src.bias, src.eps);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad_worker;
+      rows::SlotSums<acc_t> scratch(on_plane ? 0 : num_slots, D);
+      std::unique_ptr<TileSums<acc_t>> groups(on_plane ? new TileSums<acc_t>(kSumTile, num_slots) : nullptr);
+      std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(kSumTile) : nullptr);
+      for (int64_t b = b0; b < b1; ++b) {
+        double* part = partial + b * SD;
+        double* cnt = block_counts.data() + b * num_slots;
+        for (int64_t t = src.ntiles * b / nb, t1 = src.ntiles * (b + 1) / nb; t < t1; ++t) {
+          const int64_t n = src.rows(t);
+          const int64_t* s = sp + src.row0(t);
+          if (fold) {
+            plane_tile_sums(src, t, *fold, *st, s, num_slots, *groups, part, block_csum.data() + b * num_slots, cnt,
+                            late[b]);
+            continue;
+          }
+          at::Tensor xt = src.load<acc_t>(t);  // LayerNorm'd rows (n, D)
+          const acc_t* x = xt.data_ptr<acc_t>();
+          for (int64_t i = 0; i < n; ++i) {
+            acc_t a = acc_t(1);
+            if (s[i] >= 0 && rows::row_scale<acc_t>(x + i * D, D, true, a)) {
+              rows::axpy(scratch.row(s[i]), x + i * D, a, D);
+              cnt[s[i]] += 1.0;
+            }
+          }
+          scratch.flush(part);  // the tile into the block's partial
+        }
+      }
+    });
+  });
+  // merge the partials in block order
+  std::vector<double> total(SD, 0.0), total_counts(num_slots, 0.0), total_c(num_slots, 0.0);
+  at::parallel_for(0, SD, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = j0; j < j1; ++j) total[j] += partial[b * SD + j];
+  });
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t j = 0; j < num_slots; ++j) {
+      total_counts[j] += block_counts[b * num_slots + j];
+      total_c[j] += block_csum[b * num_slots + j];
+    }
+  }
+  at::Tensor out = at::from_blob(total.data(), {num_slots, D}, at::kDouble);
+  if (on_plane) {
+    // (D, num_slots) sums of (x - mu) a -> (num_slots, D) embeddings: times w_d, plus b_d sum c
+    out = at::from_blob(total.data(), {D, num_slots}, at::kDouble).t().contiguous();
+    if (src.ln()) {
+      at::Tensor csum = at::from_blob(total_c.data(), {num_slots, 1}, at::kDouble);
+      out = out * src.weight.to(at::kDouble).unsqueeze(0) + csum * src.bias.to(at::kDouble).unsqueeze(0);
+    }
+    // pixels whose float sums overflowed (entries finite): in float64, block by block, in order
+    AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_late", [&] {
+      using acc_t = scalar_t;
+      std::vector<acc_t> z(D);
+      double* o = out.data_ptr<double>();
+      for (const auto& pixels : late) {
+        for (int64_t n : pixels) {
+          const int64_t img = n / src.HW, j = n % src.HW;
+          const acc_t* x = src.feats.select(0, img).data_ptr<acc_t>() + j;
+          if (!pixel_embedding(x, src.feats.stride(1), D, src, z.data())) continue;
+          for (int64_t d = 0; d < D; ++d) o[sp[n] * D + d] += double(z[d]);
+          total_counts[sp[n]] += 1.0;
+        }
+      }
+    });
+  }
+  sums.copy_(out);
+  counts.copy_(at::from_blob(total_counts.data(), {num_slots}, at::kDouble));
+  return {sums, counts};
+}
+
+}  // namespace PROTOSEG_CPU_CAPABILITY
+
+#if PROTOSEG_CPU_BASELINE  // registered once, with a dispatcher over the variants
+PROTOSEG_CPU_VARIANTS(embed_similarity_cpu)
+PROTOSEG_CPU_VARIANTS(embed_similarity_backward_cpu)
+PROTOSEG_CPU_VARIANTS(embed_prototype_sums_cpu)
+TORCH_LIBRARY_IMPL(protoseg_ext, CPU, m) {
+  m.impl("embed_similarity", PROTOSEG_CPU_DISPATCH(embed_similarity_cpu));
+  m.impl("embed_similarity_backward", PROTOSEG_CPU_DISPATCH(embed_similarity_backward_cpu));
+  m.impl("embed_prototype_sums", PROTOSEG_CPU_DISPATCH(embed_prototype_sums_cpu));
+}
+#endif
+
+}  // namespace protoseg
