@@ -214,6 +214,87 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
   }
 }
 
+// The row path of embed_prototype_sums for tile t: its LayerNorm'd rows,
+// each scaled by its 1 / ||y|| and added into its slot's running row, then
+// flushed into the block's float64 partial (num_slots, D).
+template <typename acc_t>
+void row_tile_sums(const Source& src, int64_t t, const int64_t* slot, rows::SlotSums<acc_t>& scratch, double* part,
+                   double* cnt) {
+  const int64_t n = src.rows(t), D = src.D;
+  at::Tensor xt = src.load<acc_t>(t);  // LayerNorm'd rows (n, D)
+  const acc_t* x = xt.data_ptr<acc_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t a = acc_t(1);
+    if (slot[i] >= 0 && rows::row_scale<acc_t>(x + i * D, D, true, a)) {
+      rows::axpy(scratch.row(slot[i]), x + i * D, a, D);
+      cnt[slot[i]] += 1.0;
+    }
+  }
+  scratch.flush(part);
+}
+
+// The blocks of embed_prototype_sums: a number fixed by the tile count, each
+// with its float64 partial sums (from the pool: a fresh buffer this large
+// would page-fault in every step), laid out (D, num_slots) on the plane path
+// and (num_slots, D) on the row path, its counts, its sums of c (plane path)
+// and its pixels left to float64 (plane path).
+struct SumBlocks {
+  int64_t nb, num_slots, D, SD;
+  bool on_plane;
+  at::Tensor partial;  // (nb * SD,) float64
+  std::vector<double> counts, csum;         // (nb, num_slots)
+  std::vector<std::vector<int64_t>> late;   // per block
+
+  SumBlocks(const Source& src, int64_t slots, bool plane_path)
+      : num_slots(slots), D(src.D), SD(slots * src.D), on_plane(plane_path) {
+    const int64_t fit = kSumPartialBytes / std::max<int64_t>(1, SD * 8);  // partials within the budget
+    nb = std::max<int64_t>(1, std::min<int64_t>({kSumBlocks, src.ntiles, fit}));
+    partial = BufferPool::get().empty({nb * SD}, src.feats.options().dtype(at::kDouble)).zero_();
+    counts.assign(nb * num_slots, 0.0);
+    csum.assign(nb * num_slots, 0.0);
+    late.resize(nb);
+  }
+  double* part(int64_t b) { return partial.data_ptr<double>() + b * SD; }
+
+  // sums (num_slots, D) and counts (num_slots,) in float64: the partials
+  // merged in block order (the same bits for any thread count); on the plane
+  // path (x - mu) a summed per (d, slot) becomes the embeddings' sums (times
+  // w_d, plus b_d sum c), then the pixels left to float64 are added.
+  std::tuple<at::Tensor, at::Tensor> merge(const Source& src, const int64_t* slot) const {
+    at::Tensor total = at::zeros({SD}, at::kDouble);
+    double* tp = total.data_ptr<double>();
+    const double* pp = partial.data_ptr<double>();
+    at::parallel_for(0, SD, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t j = j0; j < j1; ++j) tp[j] += pp[b * SD + j];
+    });
+    at::Tensor cnt = at::zeros({num_slots}, at::kDouble), cs = at::zeros({num_slots, 1}, at::kDouble);
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t j = 0; j < num_slots; ++j) {
+        cnt.data_ptr<double>()[j] += counts[b * num_slots + j];
+        cs.data_ptr<double>()[j] += csum[b * num_slots + j];
+      }
+    }
+    if (!on_plane) return {total.view({num_slots, D}), cnt};
+    at::Tensor out = total.view({D, num_slots}).t().contiguous();
+    if (src.ln()) out = out * src.weight.to(at::kDouble).unsqueeze(0) + cs * src.bias.to(at::kDouble).unsqueeze(0);
+    AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_late", [&] {
+      using acc_t = scalar_t;
+      std::vector<acc_t> z(D);
+      double* o = out.data_ptr<double>();
+      for (const auto& pixels : late) {
+        for (int64_t n : pixels) {  // finite entries whose float sums overflowed
+          const acc_t* x = src.feats.select(0, n / src.HW).data_ptr<acc_t>() + n % src.HW;
+          if (!pixel_embedding(x, src.feats.stride(1), D, src, z.data())) continue;
+          for (int64_t d = 0; d < D; ++d) o[slot[n] * D + d] += double(z[d]);
+          cnt.data_ptr<double>()[slot[n]] += 1.0;
+        }
+      }
+    });
+    return {out, cnt};
+  }
+};
+
 }  // namespace
 
 // sums[s] = the sum of the head's embedding (LayerNorm'd, L2-normalised: the
@@ -221,10 +302,11 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
 // feature row, counts[s] = how many; read from the map as embed_similarity
 // reads it, with no (N, D) copy. On the plane path a tile's statistics come
 // from one pass over the plane (plane_embed.h) and its sums from a second,
-// over the pixels grouped by slot (plane_tile_sums); otherwise from the tile's LayerNorm'd rows.
-// Tiles are grouped in blocks (a number fixed by the tile count), each summed
-// in the accumulation type and flushed into its float64 partial after every
-// tile; partials merge in block order: the same bits for any thread count.
+// over the pixels grouped by slot (plane_tile_sums); otherwise from the
+// tile's LayerNorm'd rows (row_tile_sums). Tiles are grouped in blocks
+// (SumBlocks), each summed in the accumulation type and added into its
+// float64 partial after every tile; partials merge in block order: the same
+// bits for any thread count.
 std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& feats,
                                                             const c10::optional<at::Tensor>& ln_weight,
                                                             const c10::optional<at::Tensor>& ln_bias, double ln_eps,
@@ -233,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
   const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
   const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
   if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
-  const int64_t N = src.N, D = src.D, SD = num_slots * D;
+  const int64_t N = src.N, D = src.D;
   at::Tensor sums = at::zeros({num_slots, D}, rows.options().dtype(src.acc));
   at::Tensor counts = at::zeros({num_slots}, rows.options().dtype(src.acc));
   if (N == 0 || num_slots == 0) return {sums, counts};
@@ -242,88 +324,33 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
   for (int64_t n = 0; n < N; ++n) {
     TORCH_CHECK_VALUE(sp[n] < num_slots, "slot[", n, "] = ", sp[n], " is >= num_slots (", num_slots, ")");
   }
-  const int64_t nb = std::max<int64_t>(
-      1, std::min<int64_t>({kSumBlocks, src.ntiles, kSumPartialBytes / std::max<int64_t>(1, SD * 8)}));
-  // from the pool: a fresh buffer this large would page-fault in every step.
-  // On the plane path a block's partial is (D, num_slots), on the row path
-  // (num_slots, D).
-  at::Tensor partial_t = BufferPool::get().empty({nb * SD}, rows.options().dtype(at::kDouble)).zero_();
-  double* partial = partial_t.data_ptr<double>();
-  std::vector<double> block_counts(nb * num_slots, 0.0), block_csum(nb * num_slots, 0.0);
-  std::vector<std::vector<int64_t>> late(nb);  // plane path: pixels summed in float64 afterwards
-  const bool on_plane = src.plane_path(true);
+  SumBlocks blocks(src, num_slots, src.plane_path(true));
   AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_cpu", [&] {
     using acc_t = scalar_t;
     std::unique_ptr<plane::Fold<acc_t>> fold;
-    if (on_plane) fold = std::make_unique<plane::Fold<acc_t>>(at::Tensor(), src.weight, src.bias, src.eps);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    if (blocks.on_plane) fold = std::make_unique<plane::Fold<acc_t>>(at::Tensor(), src.weight, src.bias, src.eps);
+    at::parallel_for(0, blocks.nb, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;
-      rows::SlotSums<acc_t> scratch(on_plane ? 0 : num_slots, D);
-      std::unique_ptr<TileSums<acc_t>> groups(on_plane ? new TileSums<acc_t>(kSumTile, num_slots) : nullptr);
+      rows::SlotSums<acc_t> scratch(fold ? 0 : num_slots, D);
+      std::unique_ptr<TileSums<acc_t>> groups(fold ? new TileSums<acc_t>(kSumTile, num_slots) : nullptr);
       std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(kSumTile) : nullptr);
       for (int64_t b = b0; b < b1; ++b) {
-        double* part = partial + b * SD;
-        double* cnt = block_counts.data() + b * num_slots;
-        for (int64_t t = src.ntiles * b / nb, t1 = src.ntiles * (b + 1) / nb; t < t1; ++t) {
-          const int64_t n = src.rows(t);
+        double* cnt = blocks.counts.data() + b * num_slots;
+        for (int64_t t = src.ntiles * b / blocks.nb, t1 = src.ntiles * (b + 1) / blocks.nb; t < t1; ++t) {
           const int64_t* s = sp + src.row0(t);
           if (fold) {
-            plane_tile_sums(src, t, *fold, *st, s, num_slots, *groups, part, block_csum.data() + b * num_slots, cnt,
-                            late[b]);
-            continue;
+            plane_tile_sums(src, t, *fold, *st, s, num_slots, *groups, blocks.part(b),
+                            blocks.csum.data() + b * num_slots, cnt, blocks.late[b]);
+          } else {
+            row_tile_sums(src, t, s, scratch, blocks.part(b), cnt);
           }
-          at::Tensor xt = src.load<acc_t>(t);  // LayerNorm'd rows (n, D)
-          const acc_t* x = xt.data_ptr<acc_t>();
-          for (int64_t i = 0; i < n; ++i) {
-            acc_t a = acc_t(1);
-            if (s[i] >= 0 && rows::row_scale<acc_t>(x + i * D, D, true, a)) {
-              rows::axpy(scratch.row(s[i]), x + i * D, a, D);
-              cnt[s[i]] += 1.0;
-            }
-          }
-          scratch.flush(part);  // the tile into the block's partial
         }
       }
     });
   });
-  // merge the partials in block order
-  std::vector<double> total(SD, 0.0), total_counts(num_slots, 0.0), total_c(num_slots, 0.0);
-  at::parallel_for(0, SD, 4096, [&](int64_t j0, int64_t j1) {
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = j0; j < j1; ++j) total[j] += partial[b * SD + j];
-  });
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int64_t j = 0; j < num_slots; ++j) {
-      total_counts[j] += block_counts[b * num_slots + j];
-      total_c[j] += block_csum[b * num_slots + j];
-    }
-  }
-  at::Tensor out = at::from_blob(total.data(), {num_slots, D}, at::kDouble);
-  if (on_plane) {
-    // (D, num_slots) sums of (x - mu) a -> (num_slots, D) embeddings: times w_d, plus b_d sum c
-    out = at::from_blob(total.data(), {D, num_slots}, at::kDouble).t().contiguous();
-    if (src.ln()) {
-      at::Tensor csum = at::from_blob(total_c.data(), {num_slots, 1}, at::kDouble);
-      out = out * src.weight.to(at::kDouble).unsqueeze(0) + csum * src.bias.to(at::kDouble).unsqueeze(0);
-    }
-    // pixels whose float sums overflowed (entries finite): in float64, block by block, in order
-    AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_late", [&] {
-      using acc_t = scalar_t;
-      std::vector<acc_t> z(D);
-      double* o = out.data_ptr<double>();
-      for (const auto& pixels : late) {
-        for (int64_t n : pixels) {
-          const int64_t img = n / src.HW, j = n % src.HW;
-          const acc_t* x = src.feats.select(0, img).data_ptr<acc_t>() + j;
-          if (!pixel_embedding(x, src.feats.stride(1), D, src, z.data())) continue;
-          for (int64_t d = 0; d < D; ++d) o[sp[n] * D + d] += double(z[d]);
-          total_counts[sp[n]] += 1.0;
-        }
-      }
-    });
-  }
-  sums.copy_(out);
-  counts.copy_(at::from_blob(total_counts.data(), {num_slots}, at::kDouble));
+  auto merged = blocks.merge(src, sp);
+  sums.copy_(std::get<0>(merged));
+  counts.copy_(std::get<1>(merged));
   return {sums, counts};
 }
 
