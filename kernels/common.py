@@ -6,7 +6,13 @@
   ``PROTOSEG_TRITON_GPU_TILES=1`` keeps the GPU's tiles under the interpreter,
   for the traffic meter).
 * dtype maps: the accumulation dtype of an input (float64 for float64, else
-  float32) and the dtypes and precisions the GEMM tiles are fed to ``tl.dot`` in.
+  float32), the GEMM kind of a dtype pair and the dtypes and precisions the
+  GEMM tiles are fed to ``tl.dot`` in;
+* launch helpers: the one-element dummy passed for a pointer a
+  specialisation never reads, the segments of a sorted key (Sinkhorn's
+  classes, the prototype sums' slots) and the programs per segment.
+
+The ``@triton.jit`` functions the kernels share are in ``device.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
+from .tiles import kind_of
 from .tiles import pow2  # noqa: F401  (re-exported: the launchers' block sizes)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -34,6 +42,38 @@ TL_DTYPE = {
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Working dtype: float64 for float64 inputs, else float32 (as the C++ kernels)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gemm_kind(feats_dtype: torch.dtype, protos_dtype: torch.dtype) -> str:
+    """GEMM kind of an input dtype pair (``tiles.kind_of``): "half", "fp32" (also mixed dtypes) or "fp64"."""
+    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+    return kind_of(name(feats_dtype), name(protos_dtype))
+
+
+def dummy(dtype: torch.dtype, device, dims: int = 1) -> torch.Tensor:
+    """A one-element tensor (``dims`` dimensions) for a pointer argument the launched specialisation never reads."""
+    return torch.empty((1,) * dims, dtype=dtype, device=device)
+
+
+def sorted_segments(key: torch.Tensor, num_segments: int):
+    """``(perm, offsets)``: the stable sort of the int64 ``key`` (its permutation) and where each segment
+    ``0 .. num_segments - 1`` starts in it (``num_segments + 1`` offsets; keys >= num_segments sort last)."""
+    sorted_key, perm = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(sorted_key, torch.arange(num_segments + 1, device=key.device, dtype=torch.int64))
+    return perm, offsets
+
+
+def programs_per_segment(N: int, rows_per_program: int, most: int) -> int:
+    """Programs that share one segment of a segmented reduction: one per ``rows_per_program`` rows of N, at
+    most ``most``; one under the interpreter's tiles. Depends on the shape only (deterministic results)."""
+    return 1 if INTERPRET_TILES else min(most, triton.cdiv(N, rows_per_program))
+
+
+def s_dots(feats_dtype: torch.dtype, protos_dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """The constexprs of :func:`dot_config` that the S products take (``DOT_DTYPE``, ``DOT_PRECISION``,
+    ``DOT_UPCAST``): the forward's and the embedded dS kernel's."""
+    cfg = dot_config(feats_dtype, protos_dtype, interpret)
+    return {k: cfg[k] for k in ("DOT_DTYPE", "DOT_PRECISION", "DOT_UPCAST")}
 
 
 def dot_config(feats_dtype: torch.dtype, protos_dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:

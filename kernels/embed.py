@@ -14,7 +14,7 @@ pixel range of one image):
 
 * statistics ``(mu, r, inv)`` of each pixel in the accumulation dtype
   (float32; float64 for float64 feats): each kernel that needs them computes
-  its pixel block's (``similarity._pixel_stats``) before its main loop, which
+  its pixel block's (``device._pixel_stats``) before its main loop, which
   then finds the block's rows in L2: the map leaves HBM once per kernel, with
   no statistics launch; only the own-only forward reads them from
   ``embed_stats_kernel``'s ``(chunk, 3)`` buffer;
@@ -48,9 +48,11 @@ import triton.language as tl
 
 from . import prototype_update as _update
 from . import similarity as _sim
-from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, pow2
-from .similarity import _dot, _embed_tile, _pixel_block, _pixel_stats
-from .tiles import EMBED_GPU_TILES, embed_dx_tiles, kind_of, similarity_tiles
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
+from .device import (_class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile, _feats_chunk,
+                     _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _s_tile, _store_stats, _tile_columns,
+                     _upstream_rows)
+from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
            "embed_prototype_sums"]
@@ -79,30 +81,53 @@ def embed_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
-    # The statistics of BLOCK_N pixels (_pixel_stats) for the forward and the
-    # prototype sums.
-    # GPU (kernels/tiles.py EMBED_GPU_TILES): 32 px x BLOCK_D 32 (fp64: 16),
-    # 4 warps, CUDA-core FMAs; shared memory only for the row reductions
-    # (registers per arch: docs/kernels.md). Memory-bound:
-    # feats is read twice (the second time from L2: 32 px x 720 channels are
-    # 90 KB in fp32), 12 B a pixel written.
+    # The statistics of BLOCK_N pixels (_pixel_stats) for the own-only forward.
+    # GPU (kernels/tiles.py EMBED_GPU_TILES): CUDA-core FMAs; shared memory
+    # only for the row reductions. Memory-bound: feats is read twice (the
+    # second time from L2: 32 px x 720 channels are 90 KB in fp32), 12 B a
+    # pixel written.
+    X_stride_d = tl.cast(X_stride_d, tl.int64)
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
                                                  LAYER_NORM, True, BLOCK_N, BLOCK_D)
-    tl.store(STAT_ptr + loc * 3, mu, mask=row_ok)
-    tl.store(STAT_ptr + loc * 3 + 1, r, mask=row_ok)
-    tl.store(STAT_ptr + loc * 3 + 2, inv, mask=row_ok)
+    _store_stats(STAT_ptr, loc, row_ok, mu, r, inv, 3)
+
+
+@triton.jit
+def _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM: tl.constexpr):
+    # the dS tile's share of the L2 and LayerNorm backward's per-pixel sums:
+    # t1 += sum_j dS_j (y . protos_j), t2 += sum_j dS_j (protos_j . w), t3 += sum_j dS_j (protos_j . b)
+    t1 += tl.sum(tl.where(tile_ok, ds * ys, 0.0), axis=1)
+    if LAYER_NORM:
+        pw = tl.load(PW_ptr + prow, mask=col_ok, other=0.0)
+        pb = tl.load(PB_ptr + prow, mask=col_ok, other=0.0)
+        t2 += tl.sum(ds * pw[None, :], axis=1)
+        t3 += tl.sum(ds * pb[None, :], axis=1)
+    return t1, t2, t3
+
+
+@triton.jit
+def _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D,
+                            ACC_DTYPE: tl.constexpr):
+    # embed_dx_kernel's per-pixel scalars (mu, r, inv, a1, m1, m2) from the
+    # statistics and the sums over the pixel's dS row (see embed_ds_kernel)
+    a1 = tl.where(norm > tl.full((), 1e-12, ACC_DTYPE), inv * t1, 0.0)
+    m1 = inv * (t2 - a1 * inv * s_yw) / D
+    m2 = inv * (t1 - t3 - a1 * inv * s_ywx) / D
+    _store_stats(SC_ptr, loc, row_ok, mu, r, inv, 6)
+    tl.store(SC_ptr + loc * 6 + 3, a1, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 4, m1, mask=row_ok)
+    tl.store(SC_ptr + loc * 6 + 5, m2, mask=row_ok)
 
 
 @triton.jit
 def embed_ds_kernel(
-    GSEG_ptr,  # d loss / d seg (N, C), any strides (if HAS_SEG)
+    GSEG_ptr,  # d loss / d seg (N, C), contiguous (if HAS_SEG)
     GSEG_stride_n,
     GSEG_stride_c,
     GLSE_ptr,  # d loss / d lse (N,) (if HAS_LSE)
     GLSE_stride,
-    GOWN_ptr,  # d loss / d own (N, K), any strides (if HAS_OWN)
+    GOWN_ptr,  # d loss / d own (N, K), contiguous (if HAS_OWN)
     GOWN_stride_n,
     GOWN_stride_k,
     X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
@@ -114,7 +139,7 @@ def embed_ds_kernel(
     PB_ptr,  # (C*K,) acc dtype: protos @ ln_bias (if LAYER_NORM)
     LAB_ptr,  # labels (N,) (if HAS_OWN)
     LAB_stride,
-    ARGK_ptr,  # saved arg-max k (N, C) uint8 (if HAS_SEG)
+    ARGK_ptr,  # saved arg-max k (N, C) uint8, contiguous (if HAS_SEG)
     ARGK_stride_n,
     ARGK_stride_c,
     LSE_ptr,  # saved row log-sum-exp (N,) (if HAS_LSE)
@@ -145,7 +170,6 @@ def embed_ds_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # The backward's first half, per BLOCK_N pixels: their statistics
     # (_pixel_stats: feats' rows then sit in L2 for the GEMM), then, one class
     # block at a time, the S tile of the embedding z = y inv recomputed once
@@ -162,73 +186,87 @@ def embed_ds_kernel(
     #   sum_d g_d w_d xhat_d = sum_j dS_j (y . protos_j - protos_j . b)   (y = xhat w + b)
     # so that m1 = inv (sum g w - a1 sum z w) / D, m2 = inv (sum g w xhat - a1 sum z w xhat) / D
     # are written with mu, r, inv: dx = r (inv (g - z a1) w - m1 - xhat m2).
+    X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
-    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
-    rows = (B0 + tl.program_id(1).to(tl.int64)) * HW + hw  # pixel n: labels, the saved and upstream vectors
+    rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
     # the (n, j) tiles' addresses: a 64-bit base of the block's first pixel, 32-bit offsets within
-    # the block (the launcher passes contiguous (N, C), (N, K) gradients: offsets below 2**31);
-    # a tile of 64-bit addresses costs twice the registers
+    # the block (the launcher passes contiguous (N, C), (N, K) gradients: offsets below 2**31)
     n0 = (B0 + tl.program_id(1).to(tl.int64)) * HW + HW0 + tl.program_id(0).to(tl.int64) * BLOCK_N
     l0 = tl.program_id(1).to(tl.int64) * HWC + tl.program_id(0).to(tl.int64) * BLOCK_N  # the chunk's row of n0
     i = tl.arange(0, BLOCK_N)
     mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
                                                  LAYER_NORM, True, BLOCK_N, BLOCK_D)
     CK = C * K
-    jj = tl.arange(0, BLOCK_J)
-    j_cls = jj // BLOCK_K
-    j_k = jj % BLOCK_K
+    j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
-    if HAS_LSE:
-        lse = tl.load(LSE_ptr + rows * LSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE)
-        g_lse = tl.load(GLSE_ptr + rows * GLSE_stride, mask=row_ok, other=0.0).to(ACC_DTYPE) / t
-    if HAS_OWN:
-        lab = tl.load(LAB_ptr + rows * LAB_stride, mask=row_ok, other=-1).to(tl.int64)
+    lse, g_lse, lab = _upstream_rows(LSE_ptr, LSE_stride, GLSE_ptr, GLSE_stride, LAB_ptr, LAB_stride, rows, row_ok,
+                                     t, ACC_DTYPE, HAS_LSE, HAS_OWN, BLOCK_N)
     t1 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (y . protos_j): a1 = inv t1
     t2 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . w) = sum_d g_d w_d
     t3 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . b): sum_d g_d w_d xhat_d = t1 - t3
     for c0 in range(0, C, BLOCK_C):
-        cls = c0 + j_cls
-        col_ok = (cls < C) & (j_k < K)
-        prow = cls * K + j_k  # < C*K: 32-bit
+        cls, col_ok, prow = _class_columns(c0, j_cls, j_k, C, K, False)  # prow < C*K: 32-bit
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        ys = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)  # y . protos_j, recomputed; S = ys inv
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=row_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            x = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE)
-            p = tl.load(P_ptr + prow[None, :].to(tl.int64) * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            ys = _dot(x, p, ys, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
+        ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
+                     BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
+                     BLOCK_D)  # y . protos_j, recomputed; S = ys inv
         ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
         if HAS_LSE:
-            ds = tl.where(tile_ok, tl.exp(ys * inv[:, None] / t - lse[:, None]) * g_lse[:, None], 0.0)
-        if HAS_SEG:
-            g_seg = tl.load(GSEG_ptr + n0 * GSEG_stride_n + (i[:, None] * GSEG_stride_n + cls[None, :] * GSEG_stride_c),
-                            mask=tile_ok, other=0.0).to(ACC_DTYPE)
-            arg_k = tl.load(ARGK_ptr + n0 * ARGK_stride_n + (i[:, None] * ARGK_stride_n + cls[None, :] * ARGK_stride_c),
-                            mask=tile_ok, other=0).to(tl.int32)
-            ds += tl.where(arg_k == j_k[None, :], g_seg, 0.0)
-        if HAS_OWN:
-            mine = tile_ok & (cls[None, :] == lab[:, None])
-            ds += tl.load(GOWN_ptr + n0 * GOWN_stride_n + (i[:, None] * GOWN_stride_n + j_k[None, :] * GOWN_stride_k),
-                          mask=mine, other=0.0).to(ACC_DTYPE)
+            ds = _ds_softmax(ys * inv[:, None], lse, g_lse, t, tile_ok)
+        ds = _ds_gathered(ds, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
+                          GOWN_ptr, GOWN_stride_n, GOWN_stride_k, n0, i, cls, j_k, lab, tile_ok, ACC_DTYPE, HAS_SEG,
+                          HAS_OWN, True)
         tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
-        t1 += tl.sum(tl.where(tile_ok, ds * ys, 0.0), axis=1)
-        if LAYER_NORM:
-            pw = tl.load(PW_ptr + prow, mask=col_ok, other=0.0)
-            pb = tl.load(PB_ptr + prow, mask=col_ok, other=0.0)
-            t2 += tl.sum(ds * pw[None, :], axis=1)
-            t3 += tl.sum(ds * pb[None, :], axis=1)
-    a1 = tl.where(norm > tl.full((), 1e-12, ACC_DTYPE), inv * t1, 0.0)
-    m1 = inv * (t2 - a1 * inv * s_yw) / D
-    m2 = inv * (t1 - t3 - a1 * inv * s_ywx) / D
-    tl.store(SC_ptr + loc * 6, mu, mask=row_ok)
-    tl.store(SC_ptr + loc * 6 + 1, r, mask=row_ok)
-    tl.store(SC_ptr + loc * 6 + 2, inv, mask=row_ok)
-    tl.store(SC_ptr + loc * 6 + 3, a1, mask=row_ok)
-    tl.store(SC_ptr + loc * 6 + 4, m1, mask=row_ok)
-    tl.store(SC_ptr + loc * 6 + 5, m2, mask=row_ok)
+        t1, t2, t3 = _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM)
+    _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D, ACC_DTYPE)
+
+
+@triton.jit
+def _ds_protos_slice(DS_ptr, P_ptr, loc, row_ok, dout, dout_ok, D, CK, ACC_DTYPE: tl.constexpr,
+                     DS_DTYPE: tl.constexpr, DS_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, FMA: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DO: tl.constexpr):
+    # g = dS @ protos[:, dout] for the pixels loc of the chunk, over the C*K
+    # real columns in BLOCK_J chunks (no class padding)
+    g = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)
+    for j0 in range(0, CK, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        j_ok = jj < CK
+        ds = tl.load(DS_ptr + loc[:, None] * CK + jj[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        p = tl.load(P_ptr + jj[:, None].to(tl.int64) * D + dout[None, :], mask=j_ok[:, None] & dout_ok[None, :],
+                    other=0.0)
+        g = _ds_times_protos(ds, p, g, DS_DTYPE, DS_PRECISION, DOT_UPCAST, ACC_DTYPE, FMA)
+    return g
+
+
+@triton.jit
+def _store_embed_dx(g, X_ptr, x_row, X_stride_d, SC_ptr, loc, row_ok, W_ptr, BIAS_ptr, dout, dout_ok, DX_ptr, dx_row,
+                    DX_stride_d, DW_ptr, DB_ptr, blk, D, ACC_DTYPE: tl.constexpr, LAYER_NORM: tl.constexpr):
+    # g (d loss / d z) through the L2 normalisation and the LayerNorm with
+    # embed_ds_kernel's scalars: dy = inv (g - z a1), dx = r (dy w - m1 - xhat m2)
+    # (LayerNorm; else dx = dy), xhat = (x - mu) r and z = (xhat w + b) inv from
+    # feats' slice; dx stored in feats' layout and dtype, and (LayerNorm) the
+    # block's column sums of d w = dy xhat and d b = dy into its row blk of the partials
+    mu, r, inv = _load_stats(SC_ptr, loc, row_ok, 6)
+    a1 = tl.load(SC_ptr + loc * 6 + 3, mask=row_ok, other=0.0)
+    m = row_ok[:, None] & dout_ok[None, :]
+    x = tl.load(X_ptr + x_row[:, None] + dout[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
+    if LAYER_NORM:
+        m1 = tl.load(SC_ptr + loc * 6 + 4, mask=row_ok, other=0.0)
+        m2 = tl.load(SC_ptr + loc * 6 + 5, mask=row_ok, other=0.0)
+        w = tl.load(W_ptr + dout, mask=dout_ok, other=0.0).to(ACC_DTYPE)
+        b = tl.load(BIAS_ptr + dout, mask=dout_ok, other=0.0).to(ACC_DTYPE)
+        xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
+        y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
+    else:
+        y = x
+    dy = tl.where(m, inv[:, None] * (g - y * inv[:, None] * a1[:, None]), 0.0)
+    if LAYER_NORM:
+        dx = r[:, None] * (dy * w[None, :] - m1[:, None] - xh * m2[:, None])
+        tl.store(DW_ptr + blk * D + dout, tl.sum(dy * xh, axis=0), mask=dout_ok)
+        tl.store(DB_ptr + blk * D + dout, tl.sum(dy, axis=0), mask=dout_ok)
+    else:
+        dx = dy
+    tl.store(DX_ptr + dx_row[:, None] + dout[None, :] * DX_stride_d, dx.to(DX_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -265,16 +303,11 @@ def embed_dx_kernel(
 ):
     # d feats of BLOCK_N pixels and a BLOCK_DO slice of D (grid: pixel blocks
     # x D slices, the slices of one block adjacent: they share its dS rows in
-    # L2): g = dS @ protos[:, slice] over the C*K real columns in BLOCK_J
-    # chunks (no class padding), then the epilogue chains g through the L2
-    # normalisation and the LayerNorm with embed_ds_kernel's scalars,
-    #   dy = inv (g - z a1), dx = r (dy w - m1 - xhat m2) (LayerNorm; else dx = dy),
-    # with xhat = (x - mu) r, z = (xhat w + b) inv from feats' slice, writes dx
-    # in feats' layout and dtype, and the block's column sums of d w = dy xhat
-    # and d b = dy (summed over the blocks by torch.sum: deterministic).
-    # The product multiplies dS as TF32 (fp32 range) for half inputs, tf32x3
-    # for float32, FMAs for float64 (Triton's fp64 MMA cannot take an operand
-    # from registers).
+    # L2): g = dS @ protos[:, slice] (_ds_protos_slice), then the epilogue
+    # chains g through the L2 normalisation and the LayerNorm and writes dx
+    # and the block's partials of d w and d b (_store_embed_dx; summed over the
+    # blocks by torch.sum: deterministic). The product multiplies dS as TF32
+    # (fp32 range) for half inputs, tf32x3 for float32, FMAs for float64.
     X_stride_d, DX_stride_d = tl.cast(X_stride_d, tl.int64), tl.cast(DX_stride_d, tl.int64)
     n_slices = tl.cdiv(D, BLOCK_DO)
     pid = tl.program_id(0).to(tl.int64)
@@ -286,40 +319,10 @@ def embed_dx_kernel(
     dx_row = (B0 + img) * DX_stride_b + hw * DX_stride_hw
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dout_ok = dout < D
-    g = tl.zeros((BLOCK_N, BLOCK_DO), ACC_DTYPE)
-    for j0 in range(0, CK, BLOCK_J):
-        jj = j0 + tl.arange(0, BLOCK_J)
-        j_ok = jj < CK
-        ds = tl.load(DS_ptr + loc[:, None] * CK + jj[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        p = tl.load(P_ptr + jj[:, None].to(tl.int64) * D + dout[None, :], mask=j_ok[:, None] & dout_ok[None, :],
-                    other=0.0)
-        if FMA_SECOND_GEMM:
-            g += tl.sum(ds[:, :, None] * p.to(ACC_DTYPE)[None, :, :], axis=1)
-        else:
-            g = _dot(ds, p, g, DS_DTYPE, DS_PRECISION, DOT_UPCAST, ACC_DTYPE)
-    mu = tl.load(SC_ptr + loc * 6, mask=row_ok, other=0.0)
-    r = tl.load(SC_ptr + loc * 6 + 1, mask=row_ok, other=0.0)
-    inv = tl.load(SC_ptr + loc * 6 + 2, mask=row_ok, other=0.0)
-    a1 = tl.load(SC_ptr + loc * 6 + 3, mask=row_ok, other=0.0)
-    m = row_ok[:, None] & dout_ok[None, :]
-    x = tl.load(X_ptr + x_row[:, None] + dout[None, :] * X_stride_d, mask=m, other=0.0).to(ACC_DTYPE)
-    if LAYER_NORM:
-        m1 = tl.load(SC_ptr + loc * 6 + 4, mask=row_ok, other=0.0)
-        m2 = tl.load(SC_ptr + loc * 6 + 5, mask=row_ok, other=0.0)
-        w = tl.load(W_ptr + dout, mask=dout_ok, other=0.0).to(ACC_DTYPE)
-        b = tl.load(BIAS_ptr + dout, mask=dout_ok, other=0.0).to(ACC_DTYPE)
-        xh = tl.where(m, (x - mu[:, None]) * r[:, None], 0.0)
-        y = tl.where(m, xh * w[None, :] + b[None, :], 0.0)
-    else:
-        y = x
-    dy = tl.where(m, inv[:, None] * (g - y * inv[:, None] * a1[:, None]), 0.0)
-    if LAYER_NORM:
-        dx = r[:, None] * (dy * w[None, :] - m1[:, None] - xh * m2[:, None])
-        tl.store(DW_ptr + blk * D + dout, tl.sum(dy * xh, axis=0), mask=dout_ok)
-        tl.store(DB_ptr + blk * D + dout, tl.sum(dy, axis=0), mask=dout_ok)
-    else:
-        dx = dy
-    tl.store(DX_ptr + dx_row[:, None] + dout[None, :] * DX_stride_d, dx.to(DX_ptr.dtype.element_ty), mask=m)
+    g = _ds_protos_slice(DS_ptr, P_ptr, loc, row_ok, dout, dout_ok, D, CK, ACC_DTYPE, DS_DTYPE, DS_PRECISION,
+                         DOT_UPCAST, FMA_SECOND_GEMM, BLOCK_N, BLOCK_J, BLOCK_DO)
+    _store_embed_dx(g, X_ptr, x_row, X_stride_d, SC_ptr, loc, row_ok, W_ptr, BIAS_ptr, dout, dout_ok, DX_ptr, dx_row,
+                    DX_stride_d, DW_ptr, DB_ptr, blk, D, ACC_DTYPE, LAYER_NORM)
 
 
 @triton.jit
@@ -341,18 +344,15 @@ def embed_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
     # The chunk's embedding rows for the prototype sums. A non-finite pixel
     # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
     # prototype_sums skips. GPU: the stats kernel's tile, one read of feats.
+    X_stride_d = tl.cast(X_stride_d, tl.int64)
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
                                                   ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        m = row_ok[:, None] & d_ok[None, :]
-        x = tl.load(X_ptr + x_row[:, None] + d[None, :] * X_stride_d, mask=m, other=0.0)
+        x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
         y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE).to(ACC_DTYPE)
         tl.store(Z_ptr + loc[:, None] * D + d[None, :], y * inv[:, None], mask=m)
 
@@ -408,7 +408,7 @@ def _readable(feats):
 
 
 def _embed_cfg(D: int, hwc: int, acc, tiles) -> dict:
-    """Block sizes of the stats, backward and rows kernels (``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D`` override)."""
+    """Block sizes of the stats and rows kernels (``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D`` override)."""
     if INTERPRET_TILES:
         cfg = dict(BLOCK_N=pow2(hwc, 16, 256), BLOCK_D=pow2(D, 16, 256), num_warps=4)
     else:
@@ -423,12 +423,12 @@ def _embed_cfg(D: int, hwc: int, acc, tiles) -> dict:
 
 
 def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
-    """Tiles of the similarity kernel's EMBED variant (tiles.EMBED_GPU_TILES with the LayerNorm); ``tiles``
-    overrides them (its ``EMBED_*`` entries are the embedding kernels')."""
-    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
-    kind = kind_of(name(feats.dtype), name(protos.dtype))
-    cfg = similarity_tiles(pass_, kind, C, K, D, N, INTERPRET_TILES, layer_norm=layer_norm)
-    cfg.update({k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")})
+    """Tiles of the similarity kernel's EMBED variant (``"fwd"``) or of ``embed_ds_kernel`` (``"bwd_ds"``)
+    (:func:`similarity.tile_config`); ``tiles`` overrides them (its ``EMBED_*`` entries are the embedding
+    kernels'; the dS kernel takes only the entries it has)."""
+    cfg = _sim.tile_config(pass_, feats.dtype, protos.dtype, N, C, K, D, layer_norm=layer_norm)
+    over = {k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")}
+    cfg.update(over if pass_ == "fwd" else {k: v for k, v in over.items() if k in cfg})
     return cfg
 
 
@@ -442,9 +442,8 @@ class _Embedding:
         self.acc = acc_dtype(feats.dtype)
         self.dev = feats.device
         self.ln = ln_weight is not None
-        dummy = torch.empty(1, dtype=self.acc, device=self.dev)
-        self.w = ln_weight.contiguous() if self.ln else dummy
-        self.b = ln_bias.contiguous() if self.ln else dummy
+        self.w = ln_weight.contiguous() if self.ln else dummy(self.acc, self.dev)
+        self.b = ln_bias.contiguous() if self.ln else self.w
         self.eps = float(ln_eps)
         self.tiles = tiles
         self.chunk = int(chunk or CHUNK_PIXELS)
@@ -466,13 +465,14 @@ class _Embedding:
     def chunks(self):
         return pixel_chunks(self.B, self.HW, self.chunk)
 
-    def feats_args(self):
-        return (self.x, self.sb, self.shw, self.sd, self.w, self.b, self.stats)
+    def grid(self, hwc, nb, block_n):
+        """The (pixel block, image) grid of a chunk of ``nb`` images of ``hwc`` pixels."""
+        return (triton.cdiv(hwc, block_n), nb)
 
     def compute_stats(self, b0, nb, hw0, hwc):
         cfg = self.cfg
-        embed_stats_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
-            *self.feats_args(), b0, hw0, hwc, self.D, self.eps,
+        embed_stats_kernel[self.grid(hwc, nb, cfg["BLOCK_N"])](
+            self.x, self.sb, self.shw, self.sd, self.w, self.b, self.stats, b0, hw0, hwc, self.D, self.eps,
             ACC_DTYPE=TL_DTYPE[self.acc], LAYER_NORM=self.ln, **cfg,
         )
 
@@ -488,41 +488,45 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
     e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     C, K = protos.shape[0], protos.shape[1]
-    seg, argk, lse, own = _sim.forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own)
+    outputs = _sim.forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own)
     if N == 0:
-        return seg, argk, lse, own
+        return outputs
     P = protos.reshape(C * K, D).contiguous()
-    dummy = torch.empty(1, dtype=acc, device=dev)
-    lab = labels if compute_own else torch.empty(1, dtype=torch.int64, device=dev)
-    dots = dot_config(feats.dtype, protos.dtype)
     if compute_own and not (compute_seg or compute_lse):
-        # own only: the K columns of each pixel's class, gathered by label; GPU: 32 px x BLOCK_D 32
-        # (fp64: 16), half the plain launcher's BLOCK_D (at 64 the LayerNorm'd tile spills)
-        ocfg = dict(BLOCK_N=pow2(e.hwc_max, 16, 256) if INTERPRET_TILES else 32,
-                    BLOCK_D=pow2(D, 16, 256) if INTERPRET_TILES else (32 if acc == torch.float32 else 16))
-        ocfg.update({k: v for k, v in (tiles or {}).items() if k in ocfg})
+        # own only: the K columns of each pixel's class, gathered by label, with the statistics of embed_stats_kernel
+        ocfg = _sim.own_config(e.hwc_max, D, acc, embed=True, tiles=tiles)
         for b0, nb, hw0, hwc in e.chunks():
             e.compute_stats(b0, nb, hw0, hwc)
-            _sim.own_class_scores_kernel[(triton.cdiv(hwc, ocfg["BLOCK_N"]), nb)](
-                e.x, e.shw, e.sd, P, labels, labels.stride(0), own, hwc, D, C, K,
+            _sim.own_class_scores_kernel[e.grid(hwc, nb, ocfg["BLOCK_N"])](
+                e.x, e.shw, e.sd, P, labels, labels.stride(0), outputs[3], hwc, D, C, K,
                 e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
-                ACC_DTYPE=TL_DTYPE[acc], EMBED=True, LAYER_NORM=e.ln, BLOCK_K=pow2(K), num_warps=4, **ocfg,
+                ACC_DTYPE=TL_DTYPE[acc], EMBED=True, LAYER_NORM=e.ln, BLOCK_K=pow2(K), **ocfg,
             )
-        return seg, argk, lse, own
+        return outputs
+    lab = labels if compute_own else dummy(torch.int64, dev)
     cfg = _sim_cfg("fwd", feats, protos, N, C, K, D, e.ln, tiles)
+    outs = _sim.forward_kernel_outputs(outputs, feats.dtype, dev, compute_seg, compute_lse, compute_own)
+    consts = _sim.forward_constexprs(feats.dtype, protos.dtype, compute_seg, compute_lse, compute_own, embed=True,
+                                     layer_norm=e.ln)
     for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
-        _sim.similarity_fwd_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
-            e.x, e.shw, e.sd, P, lab, lab.stride(0),
-            seg if compute_seg else torch.empty(1, dtype=feats.dtype, device=dev),
-            argk if compute_seg else torch.empty(1, dtype=torch.uint8, device=dev),
-            lse if compute_lse else dummy,
-            own if compute_own else dummy,
-            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW,
-            ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
-            DOT_UPCAST=dots["DOT_UPCAST"], EMBED=True, LAYER_NORM=e.ln, COMPUTE_SEG=compute_seg,
-            COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own, **cfg,
+        _sim.similarity_fwd_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
+            e.x, e.shw, e.sd, P, lab, lab.stride(0), *outs,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW, **consts, **cfg,
         )
-    return seg, argk, lse, own
+    return outputs
+
+
+def _backward_outputs(feats, e: _Embedding):
+    """``(dx, its (image, pixel, channel) strides, d ln_weight, d ln_bias)``: d feats in feats' shape and
+    layout (``torch.empty_like``; a non-dense view's suggested layout) and dtype, the LayerNorm's gradients
+    zeroed in the accumulation dtype (``(0,)`` of feats' dtype without the LayerNorm)."""
+    dx = torch.empty_like(feats)
+    dx_view = pixel_view(dx)
+    if dx_view is None:  # empty_like of a non-dense view: its suggested layout
+        dx = torch.empty(feats.shape, dtype=feats.dtype, device=e.dev)
+        dx_view = pixel_view(dx)
+    gw = torch.zeros((e.D,) if e.ln else (0,), dtype=e.acc if e.ln else feats.dtype, device=e.dev)
+    return dx, dx_view[2:], gw, torch.zeros_like(gw)
 
 
 def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk,
@@ -536,56 +540,37 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
     e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     C, K = protos.shape[0], protos.shape[1]
-    has_seg, has_lse, has_own = grad_seg is not None, grad_lse is not None, grad_own is not None
-    dx = torch.empty_like(feats)
-    dx_view = pixel_view(dx)
-    if dx_view is None:  # empty_like of a non-dense view: its suggested layout
-        dx = torch.empty(feats.shape, dtype=feats.dtype, device=dev)
-        dx_view = pixel_view(dx)
-    gw = torch.zeros((D,) if e.ln else (0,), dtype=acc if e.ln else feats.dtype, device=dev)
-    gb = torch.zeros_like(gw)
-    if N == 0 or D == 0 or not (has_seg or has_lse or has_own):
+    dx, dx_strides, gw, gb = _backward_outputs(feats, e)
+    if N == 0 or D == 0 or (grad_seg is None and grad_lse is None and grad_own is None):
         dx.zero_()
         return (dx, gw.to(ln_weight.dtype), gb.to(ln_bias.dtype)) if e.ln else (dx, gw, gb)
     P = protos.reshape(C * K, D).contiguous()
     CK = C * K
-    name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
-    kind = kind_of(name(feats.dtype), name(protos.dtype))
-    over = {k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")}
-    cfg = similarity_tiles("bwd_ds", kind, C, K, D, N, INTERPRET_TILES, layer_norm=e.ln)
-    cfg.update({k: v for k, v in over.items() if k in cfg and k != "BLOCK_DO"})
-    xcfg = embed_dx_tiles(kind, CK, D, e.hwc_max, INTERPRET_TILES)
-    xcfg.update({k: v for k, v in over.items() if k in ("BLOCK_N", "BLOCK_J", "BLOCK_DO")})
-    dummy = torch.empty(1, dtype=acc, device=dev)
+    cfg = _sim_cfg("bwd_ds", feats, protos, N, C, K, D, e.ln, tiles)
+    xcfg = embed_dx_tiles(gemm_kind(feats.dtype, protos.dtype), CK, D, e.hwc_max, INTERPRET_TILES)
+    xcfg.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_J", "BLOCK_DO")})
     # contiguous (N, C) and (N, K) gradients: embed_ds_kernel's 32-bit offsets within a pixel block
-    gs = grad_seg.contiguous() if has_seg else dummy.view(1, 1)
-    ak = argk.contiguous() if has_seg else torch.empty((1, 1), dtype=torch.uint8, device=dev)
-    gl = grad_lse if has_lse else dummy
-    ls = lse if has_lse else dummy
-    go = grad_own.contiguous() if has_own else dummy.view(1, 1)
-    lab = labels if has_own else torch.empty(1, dtype=torch.int64, device=dev)
+    upstream, saved, flags = _sim.gradient_args(grad_seg, grad_lse, grad_own, labels, argk, lse, acc, dev,
+                                                contiguous=True)
     if e.ln:  # protos . w and protos . b in the accumulation dtype: the LayerNorm backward's sums from dS
         pw = P.to(acc) @ e.w.to(acc)
         pb = P.to(acc) @ e.b.to(acc)
     else:
-        pw = pb = dummy
+        pw = pb = dummy(acc, dev)
     ds = torch.empty((e.rows, CK), dtype=acc, device=dev)  # dS of one chunk
     sc = torch.empty((e.rows, 6), dtype=acc, device=dev)  # its per-pixel scalars
     most = e.nb_max * triton.cdiv(e.hwc_max, xcfg["BLOCK_N"])  # pixel blocks of a chunk, at most
     parts = torch.empty((2, most if e.ln else 1, D), dtype=acc, device=dev)
-    _, _, dsb, dshw, dsd = dx_view
     dots = dot_config(feats.dtype, protos.dtype)
     for b0, nb, hw0, hwc in e.chunks():
-        embed_ds_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
-            gs, gs.stride(0), gs.stride(1), gl, gl.stride(0), go, go.stride(0), go.stride(1),
-            e.x, e.sb, e.shw, e.sd, P, pw, pb, lab, lab.stride(0), ak, ak.stride(0), ak.stride(1), ls, ls.stride(0),
-            e.w, e.b, ds, sc, b0, hw0, hwc, e.HW, D, C, K, float(temperature), e.eps,
-            ACC_DTYPE=TL_DTYPE[acc], DOT_DTYPE=dots["DOT_DTYPE"], DOT_PRECISION=dots["DOT_PRECISION"],
-            DOT_UPCAST=dots["DOT_UPCAST"], LAYER_NORM=e.ln, HAS_SEG=has_seg, HAS_LSE=has_lse, HAS_OWN=has_own, **cfg,
+        embed_ds_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
+            *upstream, e.x, e.sb, e.shw, e.sd, P, pw, pb, *saved, e.w, e.b, ds, sc, b0, hw0, hwc, e.HW, D, C, K,
+            float(temperature), e.eps, ACC_DTYPE=TL_DTYPE[acc], **s_dots(feats.dtype, protos.dtype), LAYER_NORM=e.ln,
+            **flags, **cfg,
         )
         n_blocks = triton.cdiv(hwc, xcfg["BLOCK_N"])
         embed_dx_kernel[(n_blocks * triton.cdiv(D, xcfg["BLOCK_DO"]), nb)](
-            ds, sc, P, e.x, e.sb, e.shw, e.sd, e.w, e.b, dx, dsb, dshw, dsd, parts[0], parts[1], b0, hw0, hwc, D, CK,
+            ds, sc, P, e.x, e.sb, e.shw, e.sd, e.w, e.b, dx, *dx_strides, parts[0], parts[1], b0, hw0, hwc, D, CK,
             ACC_DTYPE=TL_DTYPE[acc], DS_DTYPE=dots["DS_DTYPE"], DS_PRECISION=dots["DS_PRECISION"],
             DOT_UPCAST=dots["DOT_UPCAST"], LAYER_NORM=e.ln, FMA_SECOND_GEMM=acc == torch.float64, **xcfg,
         )
@@ -617,9 +602,9 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
             counts += torch.bincount(ok, minlength=S).to(acc)
         return sums, counts
     z = torch.empty((e.rows, D), dtype=acc, device=dev)
+    cfg = e.cfg
     for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
-        cfg = e.cfg
-        embed_rows_kernel[(triton.cdiv(hwc, cfg["BLOCK_N"]), nb)](
+        embed_rows_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
             e.x, e.sb, e.shw, e.sd, e.w, e.b, z, b0, hw0, hwc, D, e.eps, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln,
             **cfg,
         )

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, pow2, programs_per_segment, sorted_segments
+from .device import _segment_chunk
 
 
 @triton.jit
@@ -61,7 +62,7 @@ def prototype_slot_key_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
+    X_stride_d = tl.cast(X_stride_d, tl.int64)
     # Sort key of BLOCK_N rows: their slot where they take part, else num_slots.
     # GPU: 32 rows x BLOCK_D 128, 4 warps (registers per arch:
     # docs/kernels.md; fp64 with an odd D, whose loads cannot be vectorised,
@@ -89,7 +90,7 @@ def prototype_sums_segmented_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
+    X_stride_d = tl.cast(X_stride_d, tl.int64)
     # Program (s, d-block, j): sum of feats[perm[i], d-block] over the j-th
     # chunk of slot s's segment, BLOCK_N rows at a time into a BLOCK_N x
     # BLOCK_D accumulator that is reduced once at the end. Each row of feats
@@ -103,11 +104,7 @@ def prototype_sums_segmented_kernel(
     s = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2).to(tl.int64)
-    start = tl.load(OFFS_ptr + s)
-    end = tl.load(OFFS_ptr + s + 1)
-    chunk = tl.cdiv(end - start, SPLIT)
-    lo = start + j * chunk
-    hi = tl.minimum(lo + chunk, end)
+    lo, hi, _n = _segment_chunk(OFFS_ptr, s, j, SPLIT)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
@@ -137,7 +134,7 @@ def prototype_sums_atomic_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    X_stride_d = tl.cast(X_stride_d, tl.int64)  # d * stride_d passes 2**31 when D * H * W does
+    X_stride_d = tl.cast(X_stride_d, tl.int64)
     # BLOCK_N rows: first pass over D checks that each row is finite, second
     # pass adds the finite rows into sums[slot] with float atomics (the tile
     # is still in L1/L2). One kernel, no sort; non-deterministic bit-wise.
@@ -156,6 +153,21 @@ def prototype_sums_atomic_kernel(
         tl.atomic_add(SUMS_ptr + slot[:, None] * D + d[None, :], x.to(ACC_DTYPE), mask=m, sem="relaxed")
     one = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
     tl.atomic_add(COUNTS_ptr + slot, one, mask=take, sem="relaxed")  # integers: exact in any order
+
+
+@triton.jit
+def _inv_norm(sq):
+    # 1 / max(||v||, 1e-12) from the lanes' partial sums of squares sq
+    return 1.0 / tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), 1e-12)
+
+
+@triton.jit
+def _ema_chunk(P_ptr, SUMS_ptr, j, d, D, D_f, hit, g, inv_f, ACC_DTYPE: tl.constexpr):
+    # columns d of prototype j after the momentum update, g p + (1 - g) f inv_f
+    # with f its sum (only where it got pixels: hit; D_f = 0 otherwise)
+    p = tl.load(P_ptr + j * D + d, mask=d < D, other=0.0).to(ACC_DTYPE)
+    f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
+    return tl.where(hit, g * p + (1.0 - g) * (f * inv_f), p)
 
 
 @triton.jit
@@ -184,20 +196,16 @@ def prototype_ema_kernel(
         d = d0 + tl.arange(0, BLOCK_D)
         f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
         sq_f += f * f
-    inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_f, axis=0)), 1e-12)
+    inv_f = _inv_norm(sq_f)
     sq_p = tl.zeros((BLOCK_D,), ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        p = tl.load(P_ptr + j * D + d, mask=d < D, other=0.0).to(ACC_DTYPE)
-        f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
-        p = tl.where(hit, g * p + (1.0 - g) * (f * inv_f), p)
+        p = _ema_chunk(P_ptr, SUMS_ptr, j, d, D, D_f, hit, g, inv_f, ACC_DTYPE)
         sq_p += p * p
-    inv_p = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_p, axis=0)), 1e-12)
+    inv_p = _inv_norm(sq_p)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        p = tl.load(P_ptr + j * D + d, mask=d < D, other=0.0).to(ACC_DTYPE)
-        f = tl.load(SUMS_ptr + j * D + d, mask=d < D_f, other=0.0).to(ACC_DTYPE)
-        p = tl.where(hit, g * p + (1.0 - g) * (f * inv_f), p)
+        p = _ema_chunk(P_ptr, SUMS_ptr, j, d, D, D_f, hit, g, inv_f, ACC_DTYPE)
         tl.store(OUT_ptr + j * D + d, p * inv_p, mask=d < D)
 
 
@@ -234,11 +242,10 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
         feats, feats.stride(0), feats.stride(1), slot, slot.stride(0), key, N, D, S,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
     )
-    sorted_key, perm = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(sorted_key, torch.arange(S + 1, device=dev, dtype=torch.int64))
+    perm, offsets = sorted_segments(key, S)
     counts = (offsets[1:] - offsets[:-1]).to(acc)
     if split is None:
-        split = 1 if INTERPRET_TILES else min(64, triton.cdiv(N, 8192))
+        split = programs_per_segment(N, 8192, 64)
     if D == 0:
         return torch.zeros((S, D), dtype=acc, device=dev), counts
     partial = torch.empty((split, S, D), dtype=acc, device=dev)

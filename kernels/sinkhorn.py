@@ -30,11 +30,45 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, pow2
+from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, pow2, programs_per_segment, sorted_segments
+from .device import _segment_chunk
 
 PHASE_COLMAX = 0
 PHASE_EXP = 1
 PHASE_ITERATE = 2
+
+
+@triton.jit
+def _merged_columns(PIN_ptr, c, C, K, SPLIT, kk, ACC_DTYPE: tl.constexpr, PHASE: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    # The K column statistics of class c from the previous pass's SPLIT
+    # partials, merged in a fixed order: PHASE 1 the column max (exp's
+    # shift), PHASE 2 the column scale 1 / (K colsum) (each prototype column
+    # of the class then sums to 1/K); PHASE 0 has none (zeros, unused)
+    col = tl.zeros((BLOCK_K,), ACC_DTYPE)
+    if PHASE == 1:
+        col = tl.full((BLOCK_K,), float("-inf"), ACC_DTYPE)
+        for sp in range(0, SPLIT):
+            col = tl.maximum(col, tl.load(PIN_ptr + (sp * C + c) * BLOCK_K + kk))
+    if PHASE == 2:
+        for sp in range(0, SPLIT):
+            col += tl.load(PIN_ptr + (sp * C + c) * BLOCK_K + kk)
+        col = tl.where(col > 0, 1.0 / tl.where(col > 0, col * K, 1.0), 0.0)
+    return col
+
+
+@triton.jit
+def _scaled_rows(W_ptr, w_off, m, col, n_c, LAST: tl.constexpr):
+    # One Sinkhorn iteration on rows w_off of the work buffer: each column
+    # scaled by col, then each row to 1/n_c (LAST: to 1, the official L *= n_c)
+    v = tl.load(W_ptr + w_off, mask=m, other=0.0) * col[None, :]
+    row_sum = tl.sum(v, axis=1)
+    if LAST:
+        den = row_sum
+    else:
+        den = row_sum * n_c
+    rs = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, den, 1.0), 0.0)
+    return v * rs[:, None]
 
 
 @triton.jit
@@ -73,28 +107,11 @@ def sinkhorn_pass_kernel(
     # remove that at the price of unaligned rows.
     c = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64)
-    start = tl.load(OFFS_ptr + c)
-    end = tl.load(OFFS_ptr + c + 1)
-    n_c = end - start
-    chunk = tl.cdiv(n_c, SPLIT)
-    lo = start + j * chunk
-    hi = tl.minimum(lo + chunk, end)
+    lo, hi, n_c = _segment_chunk(OFFS_ptr, c, j, SPLIT)
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     e = tl.full((), eps, ACC_DTYPE)
-
-    # column statistics of class c from the previous pass (fixed merge order)
-    if PHASE == 1:
-        col = tl.full((BLOCK_K,), float("-inf"), ACC_DTYPE)
-        for sp in range(0, SPLIT):
-            col = tl.maximum(col, tl.load(PIN_ptr + (sp * C + c) * BLOCK_K + kk))
-    if PHASE == 2:
-        col = tl.zeros((BLOCK_K,), ACC_DTYPE)
-        for sp in range(0, SPLIT):
-            col += tl.load(PIN_ptr + (sp * C + c) * BLOCK_K + kk)
-        # each prototype column of the class sums to 1/K after this scale
-        col = tl.where(col > 0, 1.0 / tl.where(col > 0, col * K, 1.0), 0.0)
-
+    col = _merged_columns(PIN_ptr, c, C, K, SPLIT, kk, ACC_DTYPE, PHASE, BLOCK_K)
     if PHASE == 0:
         part = tl.full((BLOCK_N, BLOCK_K), float("-inf"), ACC_DTYPE)
     else:
@@ -115,14 +132,7 @@ def sinkhorn_pass_kernel(
                 tl.store(W_ptr + w_off, v, mask=m)
                 part += v
         else:
-            v = tl.load(W_ptr + w_off, mask=m, other=0.0) * col[None, :]
-            row_sum = tl.sum(v, axis=1)
-            if LAST:
-                den = row_sum  # rows sum to 1 (official L *= n_c)
-            else:
-                den = row_sum * n_c  # each pixel row to 1/n_c
-            rs = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, den, 1.0), 0.0)
-            v = v * rs[:, None]
+            v = _scaled_rows(W_ptr, w_off, m, col, n_c, LAST)
             if LAST:
                 r = tl.load(PERM_ptr + i, mask=i_ok, other=0)
                 tl.store(Q_ptr + r[:, None] * K + kk[None, :], v, mask=m)
@@ -154,11 +164,9 @@ def sinkhorn(own, labels, num_classes, iters, eps, split=None, block_n=None):
     lab = labels.long()
     # a row takes part when its label is a class and its K scores are finite
     ok = torch.isfinite(own).all(dim=1) & (lab >= 0) & (lab < C)
-    key = torch.where(ok, lab, torch.full_like(lab, C))
-    sorted_key, perm = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(sorted_key, torch.arange(C + 1, device=dev, dtype=sorted_key.dtype))
+    perm, offsets = sorted_segments(torch.where(ok, lab, torch.full_like(lab, C)), C)
     if split is None:
-        split = 1 if INTERPRET_TILES else min(256, triton.cdiv(N, 4096))
+        split = programs_per_segment(N, 4096, 256)
     BLOCK_K = pow2(K)
     BLOCK_N = block_n or (pow2(N, 16, 1024) if INTERPRET_TILES else max(16, 2048 // BLOCK_K))
     W = torch.empty((N, BLOCK_K), dtype=acc, device=dev)

@@ -10,8 +10,8 @@ elements of one block (:data:`MAX_NUMEL`) in every tensor the kernels build.
 
 from __future__ import annotations
 
-__all__ = ["GPU_TILES", "EMBED_GPU_TILES", "EMBED_DX_GPU_TILES", "MAX_NUMEL", "kind_of", "similarity_tiles",
-           "embed_dx_tiles", "largest_block", "pow2"]
+__all__ = ["GPU_TILES", "EMBED_GPU_TILES", "EMBED_DX_GPU_TILES", "OWN_GPU_TILES", "MAX_NUMEL", "kind_of",
+           "similarity_tiles", "embed_dx_tiles", "own_tiles", "largest_block", "pow2"]
 
 # Triton's limit on the elements of one tensor (triton.language.core.TRITON_MAX_TENSOR_NUMEL)
 MAX_NUMEL = 1 << 20
@@ -78,6 +78,26 @@ EMBED_DX_GPU_TILES = {
     "fp32": (64, 32, 128, 8, 3),
     "fp64": (16, 16, 32, 8, 2),
 }
+
+
+# similarity.own_class_scores_kernel (own-class scores alone, gathered by label; 4 warps, CUDA-core
+# FMAs): (BLOCK_N, BLOCK_D) by accumulation dtype, plain and in EMBED mode, whose BLOCK_D is half the
+# plain one (at 64 the LayerNorm'd tile spills)
+OWN_GPU_TILES = {
+    ("plain", "fp32"): (32, 64),
+    ("plain", "fp64"): (32, 32),
+    ("embed", "fp32"): (32, 32),
+    ("embed", "fp64"): (32, 16),
+}
+
+
+def own_tiles(N: int, D: int, fp64: bool, embed: bool, interpret: bool) -> dict:
+    """``BLOCK_N`` / ``BLOCK_D`` of ``own_class_scores_kernel``: the GPU's (:data:`OWN_GPU_TILES`), or the
+    interpreter's (up to 256 x 256) for N pixels (per chunk in EMBED mode)."""
+    if interpret:
+        return dict(BLOCK_N=pow2(N, 16, 256), BLOCK_D=pow2(D, 16, 256))
+    n, d = OWN_GPU_TILES[("embed" if embed else "plain", "fp64" if fp64 else "fp32")]
+    return dict(BLOCK_N=n, BLOCK_D=d)
 
 
 def embed_dx_tiles(kind: str, CK: int, D: int, N: int, interpret: bool) -> dict:

@@ -85,6 +85,28 @@ def _assert_labels_on_gpu(labels: Tensor, hi: int, ignore_index: int, name: str 
         torch._assert_async(ok.all(), f"{name}: a label is outside [0, {hi}) and is not ignore_index ({ignore_index})")
 
 
+@contextlib.contextmanager
+def _launching(feats: Tensor, protos: Tensor, labels: Tensor, ignore_index: int, reads_labels: bool):
+    """The launches of a similarity op: on feats' device (:func:`_on_device`), after the device-side label
+    check when the kernels read the labels (``reads_labels``: own scores asked for, or their gradient)."""
+    with _on_device(feats, "feats"):
+        if reads_labels:
+            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+        yield
+
+
+def _no_probs(feats: Tensor) -> Tensor:
+    """The ``probs`` output: ``(0,)`` in the accumulation dtype (the softmax cache is never kept)."""
+    return feats.new_empty((0,), dtype=checks.acc_dtype(feats.dtype))
+
+
+def _flat_lse(grad_lse: Optional[Tensor], lse: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+    """``grad_lse`` and ``lse`` as the kernels take them: ``(N,)`` (both as given without grad_lse)."""
+    if grad_lse is None:
+        return None, lse
+    return grad_lse.reshape(-1), lse.reshape(-1)
+
+
 def _normalize_backward(grad: Tensor, feats: Tensor) -> Tensor:
     """Gradient w.r.t. the raw rows of ``F.normalize(feats)`` given the gradient ``grad`` w.r.t. the result."""
     acc = checks.acc_dtype(feats.dtype)
@@ -120,12 +142,10 @@ def similarity(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One pass over S: ``seg (N, C)``, ``argk (N, C)`` uint8, ``lse (N,)``, ``own (N, K)``, ``probs (0,)``."""
     checks.similarity_args(feats, protos, labels, ignore_index, temperature, compute_own)
-    with _on_device(feats, "feats"):
-        if compute_own:
-            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+    with _launching(feats, protos, labels, ignore_index, compute_own):
         x = F.normalize(feats, p=2, dim=-1) if normalize else feats
         out = _similarity.similarity_forward(x, protos, labels, temperature, compute_seg, compute_lse, compute_own)
-        return (*out, feats.new_empty((0,), dtype=checks.acc_dtype(feats.dtype)))
+        return (*out, _no_probs(feats))
 
 
 @torch.library.custom_op(
@@ -149,17 +169,13 @@ def similarity_backward(
     normalize: bool = False,
 ) -> Tensor:
     """``d feats (N, D)`` from the gradients of seg, lse and own; S recomputed tile by tile (``probs`` unused)."""
-    has_lse, has_own = grad_lse is not None, grad_own is not None
+    has_own = grad_own is not None
     checks.similarity_args(feats, protos, labels, ignore_index, temperature, has_own)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, feats, protos, argk, lse)
-    with _on_device(feats, "feats"):
-        if has_own:
-            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+    with _launching(feats, protos, labels, ignore_index, has_own):
         x = F.normalize(feats, p=2, dim=-1) if normalize else feats
-        grad = _similarity.similarity_backward(
-            grad_seg, grad_lse.reshape(-1) if has_lse else None, grad_own, x, protos, labels, argk,
-            lse.reshape(-1) if has_lse else lse, temperature,
-        )
+        g_lse, lse = _flat_lse(grad_lse, lse)
+        grad = _similarity.similarity_backward(grad_seg, g_lse, grad_own, x, protos, labels, argk, lse, temperature)
         return _normalize_backward(grad, feats) if normalize else grad
 
 
@@ -235,12 +251,10 @@ def embed_similarity(
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
-    with _on_device(feats, "feats"):
-        if compute_own:
-            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+    with _launching(feats, protos, labels, ignore_index, compute_own):
         out = _embed.embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature,
                                               compute_seg, compute_lse, compute_own, chunk=EMBED_CHUNK)
-        return (*out, feats.new_empty((0,), dtype=checks.acc_dtype(feats.dtype)))
+        return (*out, _no_probs(feats))
 
 
 @torch.library.custom_op(
@@ -268,18 +282,15 @@ def embed_similarity_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(d feats (feats' shape and layout), d ln_weight, d ln_bias)`` ((0,) without the LayerNorm);
     S recomputed tile by tile (``probs`` unused)."""
-    has_lse, has_own = grad_lse is not None, grad_own is not None
+    has_own = grad_own is not None
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, rows, protos, argk, lse)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
-    with _on_device(feats, "feats"):
-        if has_own:
-            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
-        return _embed.embed_similarity_backward(
-            grad_seg, grad_lse.reshape(-1) if has_lse else None, grad_own, feats, ln_weight, ln_bias, ln_eps, protos,
-            labels, argk, lse.reshape(-1) if has_lse else lse, temperature, chunk=EMBED_CHUNK,
-        )
+    with _launching(feats, protos, labels, ignore_index, has_own):
+        g_lse, lse = _flat_lse(grad_lse, lse)
+        return _embed.embed_similarity_backward(grad_seg, g_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos,
+                                                labels, argk, lse, temperature, chunk=EMBED_CHUNK)
 
 
 @torch.library.custom_op(
