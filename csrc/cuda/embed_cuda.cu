@@ -88,6 +88,41 @@ __device__ __forceinline__ void stage_index(int e, bool pixel_fast, int W, int& 
   }
 }
 
+// The warp's chunk of a (pixel, channel) strided array src (pixel stride
+// sp, channel stride sd; `rows` pixels of D channels): pixels p0 .. p0 + 31,
+// channels d0 .. d0 + W - 1, into its shared tile t (t[p][j], 32 x (W + 1)),
+// in acc_t; the lanes take consecutive entries along the pixels
+// (pixel_fast) or along the channels (see kStageW). Entries past the
+// pixels or channels are not written. Every lane of the warp calls it; the
+// caller syncs the warp before other lanes read the tile.
+template <int W, typename acc_t, typename Src, typename Tile>
+__device__ __forceinline__ void stage_chunk(Tile t, const Src* src, int64_t sp, int64_t sd, bool pixel_fast,
+                                            int64_t p0, int64_t rows, int64_t d0, int64_t D, int lane) {
+  for (int e = lane; e < kWarp * W; e += kWarp) {
+    int p, j;
+    stage_index(e, pixel_fast, W, p, j);
+    if (p0 + p < rows && d0 + j < D) t[p][j] = static_cast<acc_t>(src[(p0 + p) * sp + (d0 + j) * sd]);
+  }
+}
+
+// The converse of stage_chunk: the warp's tile t back to its chunk of dst
+// (strides sp, sd), in dst's dtype.
+template <int W, typename Dst, typename Tile>
+__device__ __forceinline__ void unstage_chunk(Tile t, Dst* dst, int64_t sp, int64_t sd, bool pixel_fast, int64_t p0,
+                                              int64_t rows, int64_t d0, int64_t D, int lane) {
+  for (int e = lane; e < kWarp * W; e += kWarp) {
+    int p, j;
+    stage_index(e, pixel_fast, W, p, j);
+    if (p0 + p < rows && d0 + j < D) dst[(p0 + p) * sp + (d0 + j) * sd] = static_cast<Dst>(t[p][j]);
+  }
+}
+
+// Channels of the warp's chunk from d0: W, or fewer at the end of the row.
+template <int W>
+__device__ __forceinline__ int chunk_width(int64_t D, int64_t d0) {
+  return int(D - d0 < W ? D - d0 : W);
+}
+
 template <typename T>
 __device__ __forceinline__ T clamp_nonneg(T v) {
   return v > T(0) ? v : T(0);
@@ -123,6 +158,61 @@ __device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, cons
   out[3 * so] = acc_t(flags);
 }
 
+// Warp 0 of embed_stats_kernel: the shift of the sums of the lane's pixel
+// p0 + lane (its first entry xi[0]; 0 without the LayerNorm, or past the
+// tile), read through warp 0's tile t when the channels are contiguous.
+template <int W, typename acc_t, typename scalar_t, typename Tile>
+__device__ __forceinline__ acc_t pixel_shift(Tile t, const scalar_t* x, const scalar_t* xi, int64_t sp, int64_t sd,
+                                             int64_t p0, int64_t rows, int64_t D, int lane, bool ln) {
+  const bool valid = p0 + lane < rows;
+  acc_t first = 0;
+  if (sp == 1) {
+    if (valid) first = static_cast<acc_t>(xi[0]);
+  } else {
+    stage_chunk<W, acc_t>(t, x, sp, sd, false, p0, rows, 0, D, lane);
+    __syncwarp();
+    if (valid && D > 0) first = t[lane][0];
+  }
+  return ln ? first : acc_t(0);
+}
+
+// Warp 0 of embed_stats_kernel, one lane per pixel: its statistics out[c *
+// rows], c = 0..3, from tot, its sums over the 8 groups (s1 .. s5, W2, WB,
+// B2 of the shifted entries, and the count of non-finite entries), and the
+// shift k; the exact fallback reads the pixel's entries xi (stride sd).
+template <typename scalar_t, typename acc_t, typename Totals>
+__device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, const scalar_t* xi, int64_t sd, int64_t D,
+                                            const acc_t* w, const acc_t* b, double eps, acc_t* out, int64_t rows) {
+  const bool ln = w != nullptr;
+  if (tot[8] > acc_t(0)) {  // a NaN or inf entry
+    const acc_t nan = acc_t(NAN);
+    out[0] = out[rows] = out[2 * rows] = nan;
+    out[3 * rows] = acc_t(0);
+    return;
+  }
+  acc_t mu = 0, r = 1, sq = tot[1];
+  if (ln) {
+    const acc_t Dt = acc_t(D);
+    const acc_t dl = tot[0] / Dt;
+    const acc_t var = clamp_nonneg(tot[1] / Dt - dl * dl);
+    r = acc_t(1) / fsqrt(var + acc_t(eps));
+    const acc_t Q = clamp_nonneg(tot[2] - acc_t(2) * dl * tot[3] + dl * dl * tot[5]);
+    const acc_t L = tot[4] - dl * tot[6];
+    sq = clamp_nonneg(r * r * Q + acc_t(2) * r * L + tot[7]);
+    mu = k + dl;
+  }
+  if (!is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) {  // finite entries, overflowed sums
+    embed_stats_exact(xi, sd, D, w, b, eps, out, rows);
+    return;
+  }
+  out[0] = mu;
+  out[rows] = r;
+  out[2 * rows] = inv_norm(sq);
+  int flags = fsqrt(sq) > acc_t(kNormEps) ? kFlagRadial : 0;
+  if (ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset)) flags |= kFlagDirect;
+  out[3 * rows] = acc_t(flags);
+}
+
 // stats[c * rows + i], c = 0..3: (mu, r, inv, flags) of pixel i of a tile (w == nullptr: no
 // LayerNorm, mu = 0, r = 1, inv = 1 / max(||x||, eps)); a pixel with a NaN or
 // inf entry gets NaN statistics (its scores and gradient are NaN, as the
@@ -154,35 +244,17 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
   const bool valid = i < rows, ln = w != nullptr, xpf = sp == 1;
   acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, W2 = 0, WB = 0, B2 = 0, bad = 0;
   const scalar_t* xi = x + (valid ? i : 0) * sp;
-  if (g == 0) {  // the pixels' first entries (the shift), through warp 0's tile when the channels are contiguous
-    acc_t first = 0;
-    if (xpf) {
-      if (valid) first = static_cast<acc_t>(xi[0]);
-    } else {
-      for (int e = lane; e < kWarp * W; e += kWarp) {
-        int p, j;
-        stage_index(e, false, W, p, j);
-        if (p0 + p < rows && j < D) xs[0][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + j * sd]);
-      }
-      __syncwarp();
-      if (valid && D > 0) first = xs[0][lane][0];
-    }
-    kshift[lane] = ln ? first : acc_t(0);
-  }
+  if (g == 0) kshift[lane] = pixel_shift<W, acc_t>(xs[0], x, xi, sp, sd, p0, rows, D, lane, ln);
   __syncthreads();  // kshift published; warp 0's reads of xs precede its first chunk below
   const acc_t k = kshift[lane];
   for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
-    for (int e = lane; e < kWarp * W; e += kWarp) {
-      int p, j;
-      stage_index(e, xpf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) xs[g][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
-    }
+    stage_chunk<W, acc_t>(xs[g], x, sp, sd, xpf, p0, rows, d0, D, lane);
     if (ln && lane < W && d0 + lane < D) {
       wb[0][g][lane] = w[d0 + lane];
       wb[1][g][lane] = b[d0 + lane];
     }
     __syncwarp();
-    const int nj = int(D - d0 < W ? D - d0 : W);
+    const int nj = chunk_width<W>(D, d0);
     for (int j = 0; valid && j < nj; ++j) {
       const acc_t v = xs[g][lane][j];
       if (!is_finite(v)) bad += acc_t(1);
@@ -219,34 +291,7 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
     for (int h = 0; h < kEmbedGroups; ++h) v += part[j][h][lane];
     tot[j] = v;
   }
-  acc_t* out = stats + i;  // column c of the stats at out[c * rows]
-  if (tot[8] > acc_t(0)) {  // a NaN or inf entry
-    const acc_t nan = acc_t(NAN);
-    out[0] = out[rows] = out[2 * rows] = nan;
-    out[3 * rows] = acc_t(0);
-    return;
-  }
-  acc_t mu = 0, r = 1, sq = tot[1];
-  if (ln) {
-    const acc_t Dt = acc_t(D);
-    const acc_t dl = tot[0] / Dt;
-    const acc_t var = clamp_nonneg(tot[1] / Dt - dl * dl);
-    r = acc_t(1) / fsqrt(var + acc_t(eps));
-    const acc_t Q = clamp_nonneg(tot[2] - acc_t(2) * dl * tot[3] + dl * dl * tot[5]);
-    const acc_t L = tot[4] - dl * tot[6];
-    sq = clamp_nonneg(r * r * Q + acc_t(2) * r * L + tot[7]);
-    mu = k + dl;
-  }
-  if (!is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) {  // finite entries, overflowed sums
-    embed_stats_exact(xi, sd, D, w, b, eps, out, rows);
-    return;
-  }
-  out[0] = mu;
-  out[rows] = r;
-  out[2 * rows] = inv_norm(sq);
-  int flags = fsqrt(sq) > acc_t(kNormEps) ? kFlagRadial : 0;
-  if (ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset)) flags |= kFlagDirect;
-  out[3 * rows] = acc_t(flags);
+  pixel_stats(tot, k, xi, sd, D, w, b, eps, stats + i, rows);  // column c of the stats at stats[c * rows + i]
 }
 
 // The tile of S from the folded GEMM's (rows, C*K) output, in place (row
@@ -333,29 +378,25 @@ __global__ void __launch_bounds__(kEmbedThreads, 2)
     if (g == 0 && my_slot >= 0) atomicAdd(counts + my_slot, 1ull);
   }
   for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
-    for (int e = lane; e < kWarp * W; e += kWarp) {
-      int p, j;
-      stage_index(e, xpf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) xs[g][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
-    }
+    stage_chunk<W, acc_t>(xs[g], x, sp, sd, xpf, p0, rows, d0, D, lane);
     if (w != nullptr && lane < W && d0 + lane < D) {
       wb[0][g][lane] = w[d0 + lane];
       wb[1][g][lane] = b[d0 + lane];
     }
     __syncwarp();
-    const int nj = int(D - d0 < W ? D - d0 : W);
+    const int nj = chunk_width<W>(D, d0);
     for (int j = 0; valid && j < nj; ++j) {
       const acc_t v = xs[g][lane][j];
       const acc_t y = w != nullptr ? (v - mu) * r * wb[0][g][j] + wb[1][g][j] : v;
       xs[g][lane][j] = y * inv;
     }
     __syncwarp();
-    for (int e = lane; e < kWarp * W; e += kWarp) {  // z (or the sums) along its rows
-      int p, j;
-      stage_index(e, false, W, p, j);
-      if (slot == nullptr) {
-        if (p0 + p < rows && d0 + j < D) z[(p0 + p) * D + d0 + j] = xs[g][p][j];
-      } else {
+    if (slot == nullptr) {  // z along its rows
+      unstage_chunk<W>(xs[g], z, D, 1, false, p0, rows, d0, D, lane);
+    } else {  // the sums, along their rows: entry (p, j) added into row my_slot of pixel p
+      for (int e = lane; e < kWarp * W; e += kWarp) {
+        int p, j;
+        stage_index(e, false, W, p, j);
         const int s = __shfl_sync(cuda::kFullMask, my_slot, p);  // every lane (e's loop is warp-uniform)
         if (s >= 0 && d0 + j < D) atomicAdd(z + int64_t(s) * D + d0 + j, xs[g][p][j]);
       }
@@ -364,12 +405,89 @@ __global__ void __launch_bounds__(kEmbedThreads, 2)
   }
 }
 
+// The warp's chunk [d0, d0 + W) of x and of G into its tiles xs_g and gs_g,
+// and with the LayerNorm (w given) the chunk's w and b into the tiles'
+// padding column (xs_g[j][W] = w[d0 + j], gs_g[j][W] = b[d0 + j]):
+// embed_backward_kernel's two passes. x and G go in one loop, an entry of
+// each per step (two stage_chunk calls give the float kernel 8 more
+// registers on sm_90).
+template <int W, typename scalar_t, typename acc_t, typename Tile>
+__device__ __forceinline__ void stage_grad_chunk(Tile xs_g, Tile gs_g, const scalar_t* x, int64_t sp, int64_t sd,
+                                                 const acc_t* G, int64_t gp, int64_t gd, const acc_t* w,
+                                                 const acc_t* b, int64_t p0, int64_t rows, int64_t d0, int64_t D,
+                                                 int lane) {
+  for (int e = lane; e < kWarp * W; e += kWarp) {  // stage_chunk of x and of G, entry by entry
+    int p, j;
+    stage_index(e, sp == 1, W, p, j);
+    if (p0 + p < rows && d0 + j < D) xs_g[p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
+    stage_index(e, gp == 1, W, p, j);
+    if (p0 + p < rows && d0 + j < D) gs_g[p][j] = G[(p0 + p) * gp + (d0 + j) * gd];
+  }
+  if (w != nullptr && lane < W && d0 + lane < D) {
+    xs_g[lane][W] = w[d0 + lane];
+    gs_g[lane][W] = b[d0 + lane];
+  }
+}
+
+// Pass 1 of embed_backward_kernel on one staged chunk of nj channels: adds
+// the lane's pixel's entries to its sums a0 .. a4 (z.G, w.G, (w xhat).G,
+// w.z, (w xhat).z; a0 alone without the LayerNorm).
+template <int W, typename acc_t, typename Tile>
+__device__ __forceinline__ void grad_chunk_sums(Tile xs_g, Tile gs_g, int nj, int lane, bool ln, acc_t mu, acc_t r,
+                                                acc_t inv, acc_t& a0, acc_t& a1, acc_t& a2, acc_t& a3, acc_t& a4) {
+  for (int j = 0; j < nj; ++j) {
+    const acc_t gv = gs_g[lane][j], v = xs_g[lane][j];
+    if (ln) {
+      const acc_t wd = xs_g[j][W], bd = gs_g[j][W];
+      const acc_t xh = (v - mu) * r, z = (xh * wd + bd) * inv;
+      a0 += gv * z;
+      a1 += wd * gv;
+      a2 += wd * gv * xh;
+      a3 += wd * z;
+      a4 += wd * z * xh;
+    } else {
+      a0 += gv * v * inv;
+    }
+  }
+}
+
+// Pass 2 of embed_backward_kernel on one staged chunk (channels d0 ...): d x
+// of the lane's pixel in place of G's entries in gs_g, and (part_w given)
+// the warp's partial d w, d b of each channel into row blockIdx.x of part_w,
+// part_b. Every lane runs the same j loop (the warp sums; a lane past the
+// tile adds 0).
+template <int W, typename acc_t, typename Tile>
+__device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, int64_t D, int lane, bool valid,
+                                              bool ln, acc_t mu, acc_t r, acc_t inv, acc_t fg, acc_t m1, acc_t m2,
+                                              acc_t* part_w, acc_t* part_b) {
+  const int nj = chunk_width<W>(D, d0);
+  for (int j = 0; j < nj; ++j) {
+    const int64_t d = d0 + j;
+    acc_t dy = 0, xh = 0;
+    if (valid) {
+      const acc_t gv = gs_g[lane][j], v = xs_g[lane][j];
+      const acc_t wd = ln ? xs_g[j][W] : acc_t(0), bd = ln ? gs_g[j][W] : acc_t(0);
+      xh = ln ? (v - mu) * r : v;
+      const acc_t z = (ln ? xh * wd + bd : v) * inv;
+      dy = inv * (gv - z * fg);
+      gs_g[lane][j] = ln ? r * (wd * dy - m1 - xh * m2) : dy;  // d x, in place of G's entry
+    }
+    if (part_w != nullptr) {
+      const acc_t pw = cuda::warp_sum(dy * xh), pb = cuda::warp_sum(dy);
+      if (lane == 0) {
+        part_w[int64_t(blockIdx.x) * D + d] = pw;
+        part_b[int64_t(blockIdx.x) * D + d] = pb;
+      }
+    }
+  }
+}
+
 // d feats of a tile from G = d loss / d z (rows, D; strides gp, gd), written
 // to out (strides op, od; out may be G itself: a chunk of G is read into the
 // tile before the same warp writes that chunk of out, and no other warp
 // touches those channels), and (w != nullptr) the block's partial sums of
 // d w and d b into row blockIdx.x of part_w, part_b (gridDim.x, D). See the
-// section comment for the maths.
+// file comment for the maths.
 // Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i, warp g
 // = the channel chunks staged through xs and gs (kStageW): x, G and out each
 // accessed along its own unit stride. Bounds: pixel < rows and d < D checked
@@ -395,7 +513,7 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
   __shared__ acc_t tot[kSums][kWarp];
   const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
   const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
-  const bool valid = i < rows, ln = w != nullptr, xpf = sp == 1, gpf = gp == 1, opf = op == 1;
+  const bool valid = i < rows, ln = w != nullptr;
   acc_t mu = 0, r = 1, inv = 0;
   bool radial = false;
   if (valid) {
@@ -405,35 +523,12 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
     inv = st[2 * rows];
     radial = (int(st[3 * rows]) & kFlagRadial) != 0;
   }
+  // pass 1: the pixel's sums over its channels, per group
   acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;  // z.G, w.G, (w xhat).G, w.z, (w xhat).z
   for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
-    for (int e = lane; e < kWarp * W; e += kWarp) {
-      int p, j;
-      stage_index(e, xpf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) xs[g][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
-      stage_index(e, gpf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) gs[g][p][j] = G[(p0 + p) * gp + (d0 + j) * gd];
-    }
-    if (ln && lane < W && d0 + lane < D) {  // the chunk's w and b, in the tiles' padding column
-      xs[g][lane][W] = w[d0 + lane];
-      gs[g][lane][W] = b[d0 + lane];
-    }
+    stage_grad_chunk<W>(xs[g], gs[g], x, sp, sd, G, gp, gd, w, b, p0, rows, d0, D, lane);
     __syncwarp();
-    const int nj = int(D - d0 < W ? D - d0 : W);
-    for (int j = 0; valid && j < nj; ++j) {
-      const acc_t gv = gs[g][lane][j], v = xs[g][lane][j];
-      if (ln) {
-        const acc_t wd = xs[g][j][W], bd = gs[g][j][W];
-        const acc_t xh = (v - mu) * r, z = (xh * wd + bd) * inv;
-        a0 += gv * z;
-        a1 += wd * gv;
-        a2 += wd * gv * xh;
-        a3 += wd * z;
-        a4 += wd * z * xh;
-      } else {
-        a0 += gv * v * inv;
-      }
-    }
+    if (valid) grad_chunk_sums<W>(xs[g], gs[g], chunk_width<W>(D, d0), lane, ln, mu, r, inv, a0, a1, a2, a3, a4);
     __syncwarp();  // the tiles are read before the next chunk overwrites them
   }
   red[0][g][lane] = a0;
@@ -451,48 +546,16 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
     }
   }
   __syncthreads();
+  // pass 2: d x of each chunk, in place of G's entries in the tile, then out
   const acc_t fg = radial ? tot[0][lane] : acc_t(0);
   const acc_t m1 = inv * (tot[1][lane] - fg * tot[3][lane]) / acc_t(D);
   const acc_t m2 = inv * (tot[2][lane] - fg * tot[4][lane]) / acc_t(D);
   for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
-    for (int e = lane; e < kWarp * W; e += kWarp) {
-      int p, j;
-      stage_index(e, xpf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) xs[g][p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
-      stage_index(e, gpf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) gs[g][p][j] = G[(p0 + p) * gp + (d0 + j) * gd];
-    }
-    if (ln && lane < W && d0 + lane < D) {
-      xs[g][lane][W] = w[d0 + lane];
-      gs[g][lane][W] = b[d0 + lane];
-    }
+    stage_grad_chunk<W>(xs[g], gs[g], x, sp, sd, G, gp, gd, w, b, p0, rows, d0, D, lane);
     __syncwarp();
-    const int nj = int(D - d0 < W ? D - d0 : W);
-    for (int j = 0; j < nj; ++j) {  // every lane: the warp sums below
-      const int64_t d = d0 + j;
-      acc_t dy = 0, xh = 0;
-      if (valid) {
-        const acc_t gv = gs[g][lane][j], v = xs[g][lane][j];
-        const acc_t wd = ln ? xs[g][j][W] : acc_t(0), bd = ln ? gs[g][j][W] : acc_t(0);
-        xh = ln ? (v - mu) * r : v;
-        const acc_t z = (ln ? xh * wd + bd : v) * inv;
-        dy = inv * (gv - z * fg);
-        gs[g][lane][j] = ln ? r * (wd * dy - m1 - xh * m2) : dy;  // d x, in place of G's entry
-      }
-      if (part_w != nullptr) {
-        const acc_t pw = cuda::warp_sum(dy * xh), pb = cuda::warp_sum(dy);
-        if (lane == 0) {
-          part_w[int64_t(blockIdx.x) * D + d] = pw;
-          part_b[int64_t(blockIdx.x) * D + d] = pb;
-        }
-      }
-    }
+    grad_chunk_dx<W>(xs[g], gs[g], d0, D, lane, valid, ln, mu, r, inv, fg, m1, m2, part_w, part_b);
     __syncwarp();
-    for (int e = lane; e < kWarp * W; e += kWarp) {  // d x along out's unit stride
-      int p, j;
-      stage_index(e, opf, W, p, j);
-      if (p0 + p < rows && d0 + j < D) out[(p0 + p) * op + (d0 + j) * od] = static_cast<scalar_t>(gs[g][p][j]);
-    }
+    unstage_chunk<W>(gs[g], out, op, od, op == 1, p0, rows, d0, D, lane);  // d x along out's unit stride
     __syncwarp();
   }
 }
@@ -651,45 +714,74 @@ void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const at::
   });
 }
 
+// The backward's buffers for tiles of T pixels, reused in stream order (the
+// op keeps them until it returns): dS (rows of 2 C*K for the recomputed S
+// of the split GEMM), A (dS's bf16 parts, SplitProtos), the stats, G (when
+// the gradient's dtype is not the working one) and the per-block partial
+// d w, d b (with the LayerNorm).
+struct EmbedGradBuffers {
+  int64_t T;
+  bool recompute, direct;  // S recomputed (no softmax cache); G written straight into the gradient
+  cuda::SplitProtos sp;
+  at::Tensor dS, A, stats, G, part_w, part_b;
+
+  EmbedGradBuffers(const EmbedOperands& e, int64_t N, at::ScalarType protos_dtype, bool recompute_,
+                   const at::Tensor& grad)
+      : recompute(recompute_) {
+    const int64_t D = e.P.size(1), CK = e.P.size(0);
+    const auto acc = e.P.scalar_type();
+    auto aopt = grad.options().dtype(acc);
+    direct = grad.scalar_type() == acc;
+    T = cuda::tile_rows(N, CK, at::elementSize(acc));
+    sp = cuda::split_protos(e.P, grad.scalar_type(), protos_dtype);
+    dS = at::empty({T, recompute && e.Pw16.defined() ? 2 * CK : CK}, aopt);
+    A = sp.B.defined() ? at::empty({T, sp.terms * CK}, grad.options().dtype(at::kBFloat16)) : at::Tensor();
+    stats = at::empty({kStatCols, T}, aopt);
+    G = direct ? at::Tensor() : at::empty({T, D}, aopt);
+    const int64_t max_blocks = ceil_div(T, kWarp);
+    part_w = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
+    part_b = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
+  }
+};
+
 // The backward's tiles: per tile, dS as in similarity_backward (S recomputed
-// through the folded GEMM when recompute), G = dS P into the gradient's own
-// tile (or a working-dtype buffer), then embed_backward_kernel in place;
-// the tiles' partial d w, d b added into dw, db in block order.
-void embed_backward_tiles(const at::Tensor& rows, int64_t N, const at::Tensor& protos, const EmbedOperands& e,
-                          const cuda::GradInputs& gin, bool recompute, at::Tensor& grad, at::Tensor& dw,
-                          at::Tensor& db, cudaStream_t stream) {
-  const int64_t D = e.P.size(1), CK = e.P.size(0);
-  const auto acc = e.P.scalar_type();
-  auto aopt = grad.options().dtype(acc);
-  const bool ln = e.w.defined();
-  const bool direct = grad.scalar_type() == acc;  // else G goes through a working-dtype buffer
-  const int64_t T = cuda::tile_rows(N, CK, at::elementSize(acc));
-  const cuda::SplitProtos sp = cuda::split_protos(e.P, rows.scalar_type(), protos.scalar_type());
-  at::Tensor dS = at::empty({T, recompute && e.Pw16.defined() ? 2 * CK : CK}, aopt);
-  at::Tensor A = sp.B.defined() ? at::empty({T, sp.terms * CK}, grad.options().dtype(at::kBFloat16)) : at::Tensor();
-  at::Tensor stats = at::empty({kStatCols, T}, aopt);
-  at::Tensor G = direct ? at::Tensor() : at::empty({T, D}, aopt);
-  const int64_t max_blocks = ceil_div(T, kWarp);
-  at::Tensor part_w = ln ? at::empty({max_blocks, D}, aopt) : at::Tensor();  // per-block partial d w, d b
-  at::Tensor part_b = ln ? at::empty({max_blocks, D}, aopt) : at::Tensor();
-  for (const PixelTile& t : pixel_tiles(rows, T)) {
+// through the folded GEMM when buf.recompute), G = dS P into the gradient's
+// own tile (or buf.G), then embed_backward_kernel in place; the tiles'
+// partial d w, d b added into dw, db in block order.
+void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const cuda::GradInputs& gin,
+                          EmbedGradBuffers& buf, at::Tensor& grad, at::Tensor& dw, at::Tensor& db,
+                          cudaStream_t stream) {
+  const int64_t CK = e.P.size(0);
+  for (const PixelTile& t : pixel_tiles(rows, buf.T)) {
     const at::Tensor X = t.of(rows);
-    at::Tensor dS_tile = dS.narrow(0, 0, t.count).narrow(1, 0, CK);
+    at::Tensor dS_tile = buf.dS.narrow(0, 0, t.count).narrow(1, 0, CK);
     at::Tensor grad_tile = t.of(grad);
-    at::Tensor G_tile = direct ? grad_tile : G.narrow(0, 0, t.count);
-    if (recompute) {
-      embed_tile_scores(dS.narrow(0, 0, t.count), CK, X, e, stats, stream);  // S, the stats
+    at::Tensor G_tile = buf.direct ? grad_tile : buf.G.narrow(0, 0, t.count);
+    if (buf.recompute) {
+      embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, buf.stats, stream);  // S, the stats
     } else {
-      embed_tile_stats(X, e, stats, stream);
+      embed_tile_stats(X, e, buf.stats, stream);
     }
-    cuda::dS_times_protos(G_tile, dS_tile, A, sp, e.P, gin, at::Tensor(), t.n0, stream);  // d loss / d z
-    embed_tile_backward(X, e, stats, G_tile, grad_tile, part_w, part_b, stream);
-    if (ln) {  // the tile's partials, in block order
+    cuda::dS_times_protos(G_tile, dS_tile, buf.A, buf.sp, e.P, gin, at::Tensor(), t.n0, stream);  // d loss / d z
+    embed_tile_backward(X, e, buf.stats, G_tile, grad_tile, buf.part_w, buf.part_b, stream);
+    if (e.w.defined()) {  // the tile's partials, in block order
       const int64_t blocks = ceil_div(t.count, kWarp);
-      dw.add_(part_w.narrow(0, 0, blocks).sum(0));
-      db.add_(part_b.narrow(0, 0, blocks).sum(0));
+      dw.add_(buf.part_w.narrow(0, 0, blocks).sum(0));
+      db.add_(buf.part_b.narrow(0, 0, blocks).sum(0));
     }
   }
+}
+
+// The backward's results as the op returns them: d feats laid out as feats,
+// d ln_weight and d ln_bias in their parameters' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_grads(const at::Tensor& grad, const at::Tensor& dw,
+                                                           const at::Tensor& db, const at::Tensor& rows,
+                                                           const at::Tensor& feats,
+                                                           const c10::optional<at::Tensor>& ln_weight,
+                                                           const c10::optional<at::Tensor>& ln_bias) {
+  at::Tensor g = embed_grad_as_feats(grad, rows, feats);
+  if (!(ln_weight.has_value() && ln_weight->defined())) return {g, dw, db};
+  return {g, dw.to(ln_weight->scalar_type()), db.to(ln_bias->scalar_type())};
 }
 
 }  // namespace
@@ -799,16 +891,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
   at::Tensor db = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
   if (N == 0 || (!has_seg && !has_lse && !has_own)) {
     grad.zero_();
-  } else {
-    const cuda::GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc,
-                               ignore_index, temperature);
-    const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
-    embed_backward_tiles(rows, N, protos, e, gin, has_lse && !cached, grad, dw, db,
-                         c10::cuda::getCurrentCUDAStream());
+    return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
   }
-  at::Tensor g = embed_grad_as_feats(grad, rows, feats);
-  if (!ln) return {g, dw, db};
-  return {g, dw.to(ln_weight->scalar_type()), db.to(ln_bias->scalar_type())};
+  const cuda::GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc,
+                             ignore_index, temperature);
+  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
+  EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, grad);
+  embed_backward_tiles(rows, e, gin, buf, grad, dw, db, c10::cuda::getCurrentCUDAStream());
+  return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
 }
 
 // prototype_sums of the head's embedding, never a copy of the whole map:
