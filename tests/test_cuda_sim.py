@@ -984,11 +984,11 @@ RACE_MUTANTS = {
         "(1 at the end)\n    }\n    if (!::cudasim::mutant(7)) " + _SYNC, 0, "sinkhorn", "data race on shared"),
     8: ("sinkhorn_cuda.cu", "  red[threadIdx.x] = sum;\n  " + _SYNC,
         "  red[threadIdx.x] = sum;\n  if (!::cudasim::mutant(8)) " + _SYNC, 1, "sinkhorn", "data race on shared"),
-    9: ("similarity_cuda.cu", "  part[8][g][lane] = bad;\n  " + _SYNC,
+    9: ("embed_cuda.cu", "  part[8][g][lane] = bad;\n  " + _SYNC,
         "  part[8][g][lane] = bad;\n  if (!::cudasim::mutant(9)) " + _SYNC, 0, "embed", "data race on shared"),
-    10: ("similarity_cuda.cu", "  red[4][g][lane] = a4;\n  " + _SYNC,
+    10: ("embed_cuda.cu", "  red[4][g][lane] = a4;\n  " + _SYNC,
          "  red[4][g][lane] = a4;\n  if (!::cudasim::mutant(10)) " + _SYNC, 0, "embed", "data race on shared"),
-    11: ("similarity_cuda.cu", "      tot[j][lane] = v;\n    }\n  }\n  " + _SYNC,
+    11: ("embed_cuda.cu", "      tot[j][lane] = v;\n    }\n  }\n  " + _SYNC,
          "      tot[j][lane] = v;\n    }\n  }\n  if (!::cudasim::mutant(11)) " + _SYNC, 0, "embed", "data race on shared"),
     # the prototype sums' atomics made plain read-modify-writes
     12: ("prototype_update_cuda.cu", "atomicAdd(dst + d, static_cast<acc_t>(f[d]));",
@@ -998,10 +998,10 @@ RACE_MUTANTS = {
          "if (lane == 0) { if (::cudasim::mutant(13)) counts[s] += 1ull; else atomicAdd(counts + s, 1ull); }",
          0, "sums_atomic", "data race on global memory"),
     # a shared index off by one: the middle index of embed_stats_kernel's 3-D array
-    14: ("similarity_cuda.cu", "v += part[j][h][lane];", "v += part[j][::cudasim::mutant(14) ? h + 1 : h][lane];",
+    14: ("embed_cuda.cu", "v += part[j][h][lane];", "v += part[j][::cudasim::mutant(14) ? h + 1 : h][lane];",
          0, "embed", "out-of-bounds access of `part`"),
     # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it)
-    16: ("similarity_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
+    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
          "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
          0, "embed", "out-of-bounds access of `Sbuf`"),
     # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum

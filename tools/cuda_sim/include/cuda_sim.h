@@ -375,7 +375,9 @@ template <class T> [[gnu::always_inline]] inline T& atomic_ref(T* p, const void*
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+// inlined here too: the meter counts a warp instruction per code address, and a
+// helper called at two places of a kernel is two instructions on a GPU
+#define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__
 #define __launch_bounds__(...)
 #define __restrict__

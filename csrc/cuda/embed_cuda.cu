@@ -1,0 +1,937 @@
+// CUDA kernels of the head's embedding fused into `similarity`:
+// `embed_similarity`, `embed_similarity_backward` and `embed_prototype_sums`
+// (mirrors csrc/cpu/plane_embed.h and the CPU embedding ops). The tiles, the
+// GEMMs and the epilogue are those of `similarity` (similarity_cuda.cu,
+// through similarity_common.cuh).
+//
+// The embedding ops read feats as checks.h's embed_rows gives them: one
+// image's NCHW planes (a tile is a (pixels, D) view of stride (1, H*W): the
+// map as it lies, no transposed copy) or (N, D) rows; every kernel below takes
+// a tile through its (pixel, channel) strides. The algebra is that of
+// csrc/cpu/plane_embed.h: with y = (x - mu) r w + b the LayerNorm's output
+// (r = 1 / sqrt(var + eps)), z = y inv (inv = 1 / max(||y||, eps)) and p a
+// prototype, z . p = inv (r (x . (w * p) - mu rho) + beta) where
+// rho = sum_d w_d p_d and beta = sum_d b_d p_d. So one GEMM on the raw tile
+// against the prototypes times w gives S, after a per-row affine map
+// (embed_scores_kernel), and no normalised copy of the tile is ever written.
+// That GEMM's rounding grows with |mu| while z . p does not: a pixel with
+// |mu| r > kMaxFoldOffset has its row recomputed from z instead.
+//
+// Backward, with G = dS P = d loss / d z (one GEMM, written into the
+// gradient's tile when that has the working dtype): per pixel, from one pass
+// over the tile,
+//   fg = z . G (0 where ||y|| <= eps: F.normalize's constant scale there),
+//   dy = inv (G - z fg)                               (L2 normalisation)
+//   m1 = mean_d w dy = inv (sum w G - fg sum w z) / D,
+//   m2 = mean_d w dy xhat = inv (sum w G xhat - fg sum w z xhat) / D,
+//   d x = r (w dy - m1 - xhat m2),  d w += dy xhat,  d b += dy   (LayerNorm)
+// and a second pass writes d x in place of G; d w and d b are per-block
+// partial sums, added in block order (deterministic).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../protoseg_math.h"
+#include "cuda_common.cuh"
+#include "similarity_common.cuh"
+
+namespace protoseg {
+namespace {
+
+using cuda::ceil_div;
+using cuda::kRowsPerBlock;
+using cuda::kRowThreads;
+using cuda::kWarp;
+
+constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
+constexpr int kEmbedGroups = kEmbedThreads / kWarp;
+constexpr double kMaxFoldOffset = 16.0;                 // as plane_embed.h's kMaxOffset
+constexpr int kStatCols = 4;  // stats: mu, r, inv, flags, each a column of the tile's pixels (stride rows)
+constexpr int kFlagDirect = 1;                          // the row is recomputed from z (offset or overflow)
+constexpr int kFlagRadial = 2;                          // ||y|| > eps: the L2 backward has its radial term
+constexpr int kStatSums = 9;                            // per-thread sums of embed_stats_kernel
+template <typename acc_t>
+constexpr int kEmbedStatsBlocks = sizeof(acc_t) == 8 ? 1 : 2;  // its minimum blocks per SM
+
+// Staging. A block of the per-pixel kernels takes 32 pixels; warp g takes
+// the channel chunks [d0, d0 + W), d0 = g W, g W + 8 W, ... Each chunk of the
+// map (and of G, out, z) goes through the warp's (32 x W) tile of shared
+// memory, loaded and stored along whichever of the pixel and channel strides
+// is 1: NCHW planes (pixel stride 1) by 32 pixels of one channel, (N, D)
+// rows and channels-last maps (channel stride 1) by W channels of 32 / W
+// pixels, so each warp-wide access covers whole 32-byte sectors (W = 16 of
+// 4 bytes: 64 B per pixel; 16-bit: 32 B, one sector) in either layout; the
+// lane of pixel p then reads row p of the tile. Rows padded to W + 1
+// entries against bank conflicts. W = 8 in float64 (64 B per pixel) keeps the
+// backward's two tiles and its reductions under 48 KiB of shared memory.
+template <typename acc_t>
+constexpr int kStageW = sizeof(acc_t) == 8 ? 8 : 16;
+
+// Entry e (0 <= e < 32 W) of a staged tile: pixel p, channel j, consecutive
+// e along the pixels (pixel_fast: pixel stride 1) or along the channels.
+__device__ __forceinline__ void stage_index(int e, bool pixel_fast, int W, int& p, int& j) {
+  if (pixel_fast) {
+    p = e & (kWarp - 1);
+    j = e / kWarp;
+  } else {
+    p = e / W;
+    j = e - p * W;
+  }
+}
+
+// The warp's chunk of a (pixel, channel) strided array src (pixel stride
+// sp, channel stride sd; `rows` pixels of D channels): pixels p0 .. p0 + 31,
+// channels d0 .. d0 + W - 1, into its shared tile t (t[p][j], 32 x (W + 1)),
+// in acc_t; the lanes take consecutive entries along the pixels
+// (pixel_fast) or along the channels (see kStageW). Entries past the
+// pixels or channels are not written. Every lane of the warp calls it; the
+// caller syncs the warp before other lanes read the tile.
+template <int W, typename acc_t, typename Src, typename Tile>
+__device__ __forceinline__ void stage_chunk(Tile t, const Src* src, int64_t sp, int64_t sd, bool pixel_fast,
+                                            int64_t p0, int64_t rows, int64_t d0, int64_t D, int lane) {
+  for (int e = lane; e < kWarp * W; e += kWarp) {
+    int p, j;
+    stage_index(e, pixel_fast, W, p, j);
+    if (p0 + p < rows && d0 + j < D) t[p][j] = static_cast<acc_t>(src[(p0 + p) * sp + (d0 + j) * sd]);
+  }
+}
+
+// The converse of stage_chunk: the warp's tile t back to its chunk of dst
+// (strides sp, sd), in dst's dtype.
+template <int W, typename Dst, typename Tile>
+__device__ __forceinline__ void unstage_chunk(Tile t, Dst* dst, int64_t sp, int64_t sd, bool pixel_fast, int64_t p0,
+                                              int64_t rows, int64_t d0, int64_t D, int lane) {
+  for (int e = lane; e < kWarp * W; e += kWarp) {
+    int p, j;
+    stage_index(e, pixel_fast, W, p, j);
+    if (p0 + p < rows && d0 + j < D) dst[(p0 + p) * sp + (d0 + j) * sd] = static_cast<Dst>(t[p][j]);
+  }
+}
+
+// Channels of the warp's chunk from d0: W, or fewer at the end of the row.
+template <int W>
+__device__ __forceinline__ int chunk_width(int64_t D, int64_t d0) {
+  return int(D - d0 < W ? D - d0 : W);
+}
+
+template <typename T>
+__device__ __forceinline__ T clamp_nonneg(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+// Statistics of one pixel in double, two passes over its D entries (stride
+// sd): for a finite pixel whose float sums overflowed.
+template <typename scalar_t, typename acc_t>
+__device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, const acc_t* w, const acc_t* b, double eps,
+                                  acc_t* out, int64_t so) {
+  double mu = 0, r = 1;
+  if (w != nullptr) {
+    for (int64_t d = 0; d < D; ++d) mu += double(static_cast<acc_t>(x[d * sd]));
+    mu /= double(D);
+    double var = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double t = double(static_cast<acc_t>(x[d * sd])) - mu;
+      var += t * t;
+    }
+    r = 1.0 / sqrt(var / double(D) + eps);
+  }
+  double sq = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = double(static_cast<acc_t>(x[d * sd]));
+    const double y = w != nullptr ? (v - mu) * r * double(w[d]) + double(b[d]) : v;
+    sq += y * y;
+  }
+  out[0] = acc_t(mu);
+  out[so] = acc_t(r);
+  out[2 * so] = acc_t(inv_norm(sq));
+  int flags = sqrt(sq) > kNormEps ? kFlagRadial : 0;
+  if (w != nullptr && (mu < 0 ? -mu : mu) * r > kMaxFoldOffset) flags |= kFlagDirect;
+  out[3 * so] = acc_t(flags);
+}
+
+// Warp 0 of embed_stats_kernel: the shift of the sums of the lane's pixel
+// p0 + lane (its first entry xi[0]; 0 without the LayerNorm, or past the
+// tile), read through warp 0's tile t when the channels are contiguous.
+template <int W, typename acc_t, typename scalar_t, typename Tile>
+__device__ __forceinline__ acc_t pixel_shift(Tile t, const scalar_t* x, const scalar_t* xi, int64_t sp, int64_t sd,
+                                             int64_t p0, int64_t rows, int64_t D, int lane, bool ln) {
+  const bool valid = p0 + lane < rows;
+  acc_t first = 0;
+  if (sp == 1) {
+    if (valid) first = static_cast<acc_t>(xi[0]);
+  } else {
+    stage_chunk<W, acc_t>(t, x, sp, sd, false, p0, rows, 0, D, lane);
+    __syncwarp();
+    if (valid && D > 0) first = t[lane][0];
+  }
+  return ln ? first : acc_t(0);
+}
+
+// Warp 0 of embed_stats_kernel, one lane per pixel: its statistics out[c *
+// rows], c = 0..3, from tot, its sums over the 8 groups (s1 .. s5, W2, WB,
+// B2 of the shifted entries, and the count of non-finite entries), and the
+// shift k; the exact fallback reads the pixel's entries xi (stride sd).
+template <typename scalar_t, typename acc_t, typename Totals>
+__device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, const scalar_t* xi, int64_t sd, int64_t D,
+                                            const acc_t* w, const acc_t* b, double eps, acc_t* out, int64_t rows) {
+  const bool ln = w != nullptr;
+  if (tot[8] > acc_t(0)) {  // a NaN or inf entry
+    const acc_t nan = acc_t(NAN);
+    out[0] = out[rows] = out[2 * rows] = nan;
+    out[3 * rows] = acc_t(0);
+    return;
+  }
+  acc_t mu = 0, r = 1, sq = tot[1];
+  if (ln) {
+    const acc_t Dt = acc_t(D);
+    const acc_t dl = tot[0] / Dt;
+    const acc_t var = clamp_nonneg(tot[1] / Dt - dl * dl);
+    r = acc_t(1) / fsqrt(var + acc_t(eps));
+    const acc_t Q = clamp_nonneg(tot[2] - acc_t(2) * dl * tot[3] + dl * dl * tot[5]);
+    const acc_t L = tot[4] - dl * tot[6];
+    sq = clamp_nonneg(r * r * Q + acc_t(2) * r * L + tot[7]);
+    mu = k + dl;
+  }
+  if (!is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) {  // finite entries, overflowed sums
+    embed_stats_exact(xi, sd, D, w, b, eps, out, rows);
+    return;
+  }
+  out[0] = mu;
+  out[rows] = r;
+  out[2 * rows] = inv_norm(sq);
+  int flags = fsqrt(sq) > acc_t(kNormEps) ? kFlagRadial : 0;
+  if (ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset)) flags |= kFlagDirect;
+  out[3 * rows] = acc_t(flags);
+}
+
+// stats[c * rows + i], c = 0..3: (mu, r, inv, flags) of pixel i of a tile (w == nullptr: no
+// LayerNorm, mu = 0, r = 1, inv = 1 / max(||x||, eps)); a pixel with a NaN or
+// inf entry gets NaN statistics (its scores and gradient are NaN, as the
+// reference's). Sums are shifted by the pixel's first entry (LayerNorm), so
+// that the variance does not cancel; W2, WB, B2 (sums of w^2, w b, b^2) are
+// summed alongside, so the kernel needs no other input.
+// Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i of the
+// block, warp g = the channel chunks staged through xs (see kStageW). Bounds:
+// i < rows and d < D checked at every access of x; each lane reads only
+// tile entries its warp wrote (its own pixel, j < D - d0). Sync: __syncwarp
+// between a chunk's stores to xs and the loads of other lanes, and between
+// those loads and the next chunk's stores; per-thread sums go to shared memory, one barrier,
+// then warp 0 adds the 8 groups of its pixel in group order (deterministic);
+// no thread returns before the barrier.
+// float64 asks for one block per SM: its 9 double sums need more than 128 registers.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
+    embed_stats_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
+                       const acc_t* __restrict__ w, const acc_t* __restrict__ b, double eps,
+                       acc_t* __restrict__ stats) {
+  constexpr int W = kStageW<acc_t>;
+  __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
+  __shared__ acc_t part[kStatSums][kEmbedGroups][kWarp];
+  __shared__ acc_t kshift[kWarp];
+  __shared__ acc_t wb[2][kEmbedGroups][W];  // the chunk's w and b (one load per chunk, not one per pixel)
+  const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
+  const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
+  const bool valid = i < rows, ln = w != nullptr, xpf = sp == 1;
+  acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, W2 = 0, WB = 0, B2 = 0, bad = 0;
+  const scalar_t* xi = x + (valid ? i : 0) * sp;
+  if (g == 0) kshift[lane] = pixel_shift<W, acc_t>(xs[0], x, xi, sp, sd, p0, rows, D, lane, ln);
+  __syncthreads();  // kshift published; warp 0's reads of xs precede its first chunk below
+  const acc_t k = kshift[lane];
+  for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
+    stage_chunk<W, acc_t>(xs[g], x, sp, sd, xpf, p0, rows, d0, D, lane);
+    if (ln && lane < W && d0 + lane < D) {
+      wb[0][g][lane] = w[d0 + lane];
+      wb[1][g][lane] = b[d0 + lane];
+    }
+    __syncwarp();
+    const int nj = chunk_width<W>(D, d0);
+    for (int j = 0; valid && j < nj; ++j) {
+      const acc_t v = xs[g][lane][j];
+      if (!is_finite(v)) bad += acc_t(1);
+      const acc_t t = v - k;
+      s1 += t;
+      s2 += t * t;
+      if (ln) {
+        const acc_t wd = wb[0][g][j], bd = wb[1][g][j], ww = wd * wd;
+        s3 += ww * t * t;
+        s4 += ww * t;
+        s5 += wd * bd * t;
+        W2 += ww;
+        WB += wd * bd;
+        B2 += bd * bd;
+      }
+    }
+    __syncwarp();  // the tile is read before the next chunk overwrites it
+  }
+  part[0][g][lane] = s1;
+  part[1][g][lane] = s2;
+  part[2][g][lane] = s3;
+  part[3][g][lane] = s4;
+  part[4][g][lane] = s5;
+  part[5][g][lane] = W2;
+  part[6][g][lane] = WB;
+  part[7][g][lane] = B2;
+  part[8][g][lane] = bad;
+  __syncthreads();
+  if (g != 0 || !valid) return;
+  acc_t tot[kStatSums];
+#pragma unroll
+  for (int j = 0; j < kStatSums; ++j) {
+    acc_t v = 0;
+    for (int h = 0; h < kEmbedGroups; ++h) v += part[j][h][lane];
+    tot[j] = v;
+  }
+  pixel_stats(tot, k, xi, sd, D, w, b, eps, stats + i, rows);  // column c of the stats at stats[c * rows + i]
+}
+
+// The tile of S from the folded GEMM's (rows, C*K) output, in place (row
+// stride ld; split: the GEMM's output is (rows, 2 C*K), the hi and lo halves
+// of EmbedOperands, added here): S = inv (r (S - mu rho_j) + beta_j)
+// (rho == nullptr: no LayerNorm, S = inv S); a row flagged kFlagDirect is
+// recomputed as z . p_j from the tile of x and the unfolded prototypes P (C*K, D).
+// Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
+// Bounds: i < rows (warp-uniform return), j < C*K (CK + j < ld when split), d < D. Sync: each warp
+// owns its row; lane 0 writes the recomputed entries after the warp sum
+// (all lanes present: the branch is per row, so per warp).
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
+    acc_t* __restrict__ S, int64_t ld, bool split, int64_t rows, int64_t CK, const acc_t* __restrict__ stats,
+    const acc_t* __restrict__ rho,
+    const acc_t* __restrict__ beta, const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t D,
+    const acc_t* __restrict__ P, const acc_t* __restrict__ w, const acc_t* __restrict__ b) {
+  const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (i >= rows) return;
+  const acc_t* st = stats + i;  // column c at st[c * rows]
+  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];
+  acc_t* s = S + i * ld;
+  if (!(int(st[3 * rows]) & kFlagDirect)) {
+    for (int64_t j = lane; j < CK; j += kWarp) {
+      const acc_t v = split ? s[j] + s[CK + j] : s[j];
+      s[j] = rho != nullptr ? inv * (r * (v - mu * rho[j]) + beta[j]) : v * inv;
+    }
+    return;
+  }
+  const scalar_t* xi = x + i * sp;
+  for (int64_t j = 0; j < CK; ++j) {
+    acc_t a = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t y = (static_cast<acc_t>(xi[d * sd]) - mu) * r * w[d] + b[d];
+      a += y * P[j * D + d];
+    }
+    a = cuda::warp_sum(a);
+    if (lane == 0) s[j] = a * inv;
+  }
+}
+
+// z (rows, D) contiguous: the embedding of the tile's pixels (NaN rows for
+// non-finite pixels), for the prototype sums; or, with slot given (the
+// prototype sums' atomic path, fused), no z at all: row i of the embedding is
+// added into row slot[i] of z = sums (num_slots, D) with atomics and counted
+// in counts[slot[i]], if slot[i] >= 0 and the pixel is finite (finite
+// statistics: a pixel with a NaN or inf entry has NaN ones), as
+// prototype_sums_atomic_kernel does for a row of z.
+// Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel, warp g =
+// the channel chunks staged through xs (kStageW): x loaded along its unit
+// stride, z stored along the channels. Bounds: pixel < rows and d < D checked
+// at every access of x and z; a lane computes only its own pixel's row of
+// the tile, entries j < D - d0 (written by its warp). Sync: __syncwarp
+// between the tile's stores and other lanes' loads, both ways, per chunk;
+// writes to z are disjoint (with slot: concurrent pixels of one slot meet
+// only in atomicAdd; the slot of pixel p reaches the lanes that add its
+// entries by a shuffle, every lane present; slot[i] asserted < num_slots).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEmbedThreads, 2)
+    embed_rows_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
+                      const acc_t* __restrict__ stats, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
+                      acc_t* __restrict__ z, const int64_t* __restrict__ slot, int64_t num_slots,
+                      unsigned long long* __restrict__ counts) {
+  constexpr int W = kStageW<acc_t>;
+  __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
+  __shared__ acc_t wb[2][kEmbedGroups][W];  // the chunk's w and b
+  const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
+  const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
+  const bool valid = i < rows, xpf = sp == 1;
+  acc_t mu = 0, r = 1, inv = 0;
+  if (valid) {
+    const acc_t* st = stats + i;  // column c at st[c * rows]: lanes on consecutive pixels
+    mu = st[0];
+    r = st[rows];
+    inv = st[2 * rows];
+  }
+  int my_slot = -1;  // slot of this lane's pixel, -1: it takes no part (with slot)
+  if (slot != nullptr && valid) {
+    const int64_t sl = slot[i];
+    CUDA_KERNEL_ASSERT_MSG(sl < num_slots, "slot: an entry is >= num_slots");
+    if (sl >= 0 && is_finite(mu) && is_finite(r) && is_finite(inv)) my_slot = int(sl);
+    if (g == 0 && my_slot >= 0) atomicAdd(counts + my_slot, 1ull);
+  }
+  for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
+    stage_chunk<W, acc_t>(xs[g], x, sp, sd, xpf, p0, rows, d0, D, lane);
+    if (w != nullptr && lane < W && d0 + lane < D) {
+      wb[0][g][lane] = w[d0 + lane];
+      wb[1][g][lane] = b[d0 + lane];
+    }
+    __syncwarp();
+    const int nj = chunk_width<W>(D, d0);
+    for (int j = 0; valid && j < nj; ++j) {
+      const acc_t v = xs[g][lane][j];
+      const acc_t y = w != nullptr ? (v - mu) * r * wb[0][g][j] + wb[1][g][j] : v;
+      xs[g][lane][j] = y * inv;
+    }
+    __syncwarp();
+    if (slot == nullptr) {  // z along its rows
+      unstage_chunk<W>(xs[g], z, D, 1, false, p0, rows, d0, D, lane);
+    } else {  // the sums, along their rows: entry (p, j) added into row my_slot of pixel p
+      for (int e = lane; e < kWarp * W; e += kWarp) {
+        int p, j;
+        stage_index(e, false, W, p, j);
+        const int s = __shfl_sync(cuda::kFullMask, my_slot, p);  // every lane (e's loop is warp-uniform)
+        if (s >= 0 && d0 + j < D) atomicAdd(z + int64_t(s) * D + d0 + j, xs[g][p][j]);
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// The warp's chunk [d0, d0 + W) of x and of G into its tiles xs_g and gs_g,
+// and with the LayerNorm (w given) the chunk's w and b into the tiles'
+// padding column (xs_g[j][W] = w[d0 + j], gs_g[j][W] = b[d0 + j]):
+// embed_backward_kernel's two passes. x and G go in one loop, an entry of
+// each per step (two stage_chunk calls give the float kernel 8 more
+// registers on sm_90).
+template <int W, typename scalar_t, typename acc_t, typename Tile>
+__device__ __forceinline__ void stage_grad_chunk(Tile xs_g, Tile gs_g, const scalar_t* x, int64_t sp, int64_t sd,
+                                                 const acc_t* G, int64_t gp, int64_t gd, const acc_t* w,
+                                                 const acc_t* b, int64_t p0, int64_t rows, int64_t d0, int64_t D,
+                                                 int lane) {
+  for (int e = lane; e < kWarp * W; e += kWarp) {  // stage_chunk of x and of G, entry by entry
+    int p, j;
+    stage_index(e, sp == 1, W, p, j);
+    if (p0 + p < rows && d0 + j < D) xs_g[p][j] = static_cast<acc_t>(x[(p0 + p) * sp + (d0 + j) * sd]);
+    stage_index(e, gp == 1, W, p, j);
+    if (p0 + p < rows && d0 + j < D) gs_g[p][j] = G[(p0 + p) * gp + (d0 + j) * gd];
+  }
+  if (w != nullptr && lane < W && d0 + lane < D) {
+    xs_g[lane][W] = w[d0 + lane];
+    gs_g[lane][W] = b[d0 + lane];
+  }
+}
+
+// Pass 1 of embed_backward_kernel on one staged chunk of nj channels: adds
+// the lane's pixel's entries to its sums a0 .. a4 (z.G, w.G, (w xhat).G,
+// w.z, (w xhat).z; a0 alone without the LayerNorm).
+template <int W, typename acc_t, typename Tile>
+__device__ __forceinline__ void grad_chunk_sums(Tile xs_g, Tile gs_g, int nj, int lane, bool ln, acc_t mu, acc_t r,
+                                                acc_t inv, acc_t& a0, acc_t& a1, acc_t& a2, acc_t& a3, acc_t& a4) {
+  for (int j = 0; j < nj; ++j) {
+    const acc_t gv = gs_g[lane][j], v = xs_g[lane][j];
+    if (ln) {
+      const acc_t wd = xs_g[j][W], bd = gs_g[j][W];
+      const acc_t xh = (v - mu) * r, z = (xh * wd + bd) * inv;
+      a0 += gv * z;
+      a1 += wd * gv;
+      a2 += wd * gv * xh;
+      a3 += wd * z;
+      a4 += wd * z * xh;
+    } else {
+      a0 += gv * v * inv;
+    }
+  }
+}
+
+// Pass 2 of embed_backward_kernel on one staged chunk (channels d0 ...): d x
+// of the lane's pixel in place of G's entries in gs_g, and (part_w given)
+// the warp's partial d w, d b of each channel into row blockIdx.x of part_w,
+// part_b. Every lane runs the same j loop (the warp sums; a lane past the
+// tile adds 0).
+template <int W, typename acc_t, typename Tile>
+__device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, int64_t D, int lane, bool valid,
+                                              bool ln, acc_t mu, acc_t r, acc_t inv, acc_t fg, acc_t m1, acc_t m2,
+                                              acc_t* part_w, acc_t* part_b) {
+  const int nj = chunk_width<W>(D, d0);
+  for (int j = 0; j < nj; ++j) {
+    const int64_t d = d0 + j;
+    acc_t dy = 0, xh = 0;
+    if (valid) {
+      const acc_t gv = gs_g[lane][j], v = xs_g[lane][j];
+      const acc_t wd = ln ? xs_g[j][W] : acc_t(0), bd = ln ? gs_g[j][W] : acc_t(0);
+      xh = ln ? (v - mu) * r : v;
+      const acc_t z = (ln ? xh * wd + bd : v) * inv;
+      dy = inv * (gv - z * fg);
+      gs_g[lane][j] = ln ? r * (wd * dy - m1 - xh * m2) : dy;  // d x, in place of G's entry
+    }
+    if (part_w != nullptr) {
+      const acc_t pw = cuda::warp_sum(dy * xh), pb = cuda::warp_sum(dy);
+      if (lane == 0) {
+        part_w[int64_t(blockIdx.x) * D + d] = pw;
+        part_b[int64_t(blockIdx.x) * D + d] = pb;
+      }
+    }
+  }
+}
+
+// d feats of a tile from G = d loss / d z (rows, D; strides gp, gd), written
+// to out (strides op, od; out may be G itself: a chunk of G is read into the
+// tile before the same warp writes that chunk of out, and no other warp
+// touches those channels), and (w != nullptr) the block's partial sums of
+// d w and d b into row blockIdx.x of part_w, part_b (gridDim.x, D). See the
+// file comment for the maths.
+// Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i, warp g
+// = the channel chunks staged through xs and gs (kStageW): x, G and out each
+// accessed along its own unit stride. Bounds: pixel < rows and d < D checked
+// at every access of x, G, out; a lane reads only its own pixel's row of the
+// tiles, entries j < D - d0 (written by its warp). Sync: __syncwarp between
+// a tile's stores and other lanes' loads, both ways, per chunk; pass-1 sums
+// go through shared memory (one barrier), warp 0 adds the 8 groups in order
+// and publishes the pixel's totals (second barrier: every pass-1 read of G
+// precedes every write of out); in pass 2 every lane runs the same j loop
+// (bounds depend on the warp only), so the warp sums of the partials have
+// all 32 lanes (out-of-range pixels add 0); lane 0 writes its warp's partials.
+// Hot kernel: must not spill.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
+    const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D, const acc_t* __restrict__ stats,
+    const acc_t* __restrict__ w, const acc_t* __restrict__ b, const acc_t* G, int64_t gp, int64_t gd, scalar_t* out,
+    int64_t op, int64_t od, acc_t* __restrict__ part_w, acc_t* __restrict__ part_b) {
+  constexpr int kSums = 5;
+  constexpr int W = kStageW<acc_t>;
+  __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
+  __shared__ acc_t gs[kEmbedGroups][kWarp][W + 1];
+  __shared__ acc_t red[kSums][kEmbedGroups][kWarp];
+  __shared__ acc_t tot[kSums][kWarp];
+  const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
+  const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
+  const bool valid = i < rows, ln = w != nullptr;
+  acc_t mu = 0, r = 1, inv = 0;
+  bool radial = false;
+  if (valid) {
+    const acc_t* st = stats + i;  // column c at st[c * rows]: lanes on consecutive pixels
+    mu = st[0];
+    r = st[rows];
+    inv = st[2 * rows];
+    radial = (int(st[3 * rows]) & kFlagRadial) != 0;
+  }
+  // pass 1: the pixel's sums over its channels, per group
+  acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;  // z.G, w.G, (w xhat).G, w.z, (w xhat).z
+  for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
+    stage_grad_chunk<W>(xs[g], gs[g], x, sp, sd, G, gp, gd, w, b, p0, rows, d0, D, lane);
+    __syncwarp();
+    if (valid) grad_chunk_sums<W>(xs[g], gs[g], chunk_width<W>(D, d0), lane, ln, mu, r, inv, a0, a1, a2, a3, a4);
+    __syncwarp();  // the tiles are read before the next chunk overwrites them
+  }
+  red[0][g][lane] = a0;
+  red[1][g][lane] = a1;
+  red[2][g][lane] = a2;
+  red[3][g][lane] = a3;
+  red[4][g][lane] = a4;
+  __syncthreads();
+  if (g == 0) {
+#pragma unroll
+    for (int j = 0; j < kSums; ++j) {
+      acc_t v = 0;
+      for (int h = 0; h < kEmbedGroups; ++h) v += red[j][h][lane];
+      tot[j][lane] = v;
+    }
+  }
+  __syncthreads();
+  // pass 2: d x of each chunk, in place of G's entries in the tile, then out
+  const acc_t fg = radial ? tot[0][lane] : acc_t(0);
+  const acc_t m1 = inv * (tot[1][lane] - fg * tot[3][lane]) / acc_t(D);
+  const acc_t m2 = inv * (tot[2][lane] - fg * tot[4][lane]) / acc_t(D);
+  for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
+    stage_grad_chunk<W>(xs[g], gs[g], x, sp, sd, G, gp, gd, w, b, p0, rows, d0, D, lane);
+    __syncwarp();
+    grad_chunk_dx<W>(xs[g], gs[g], d0, D, lane, valid, ln, mu, r, inv, fg, m1, m2, part_w, part_b);
+    __syncwarp();
+    unstage_chunk<W>(gs[g], out, op, od, op == 1, p0, rows, d0, D, lane);  // d x along out's unit stride
+    __syncwarp();
+  }
+}
+
+// A tile of the embedding ops' pixels (embed_rows): `count` pixels from
+// `first` of image `image` (planes) or of the rows, pixel indices n0 ...
+struct PixelTile {
+  int64_t n0, image, first, count;
+  // the tile of t (laid out as the rows): a (count, D) view
+  at::Tensor of(const at::Tensor& t) const {
+    return t.dim() == 3 ? t.select(0, image).narrow(1, first, count).t() : t.narrow(0, first, count);
+  }
+};
+
+// Tiles of at most T pixels, none across two images.
+std::vector<PixelTile> pixel_tiles(const at::Tensor& rows, int64_t T) {
+  std::vector<PixelTile> tiles;
+  const int64_t images = rows.dim() == 3 ? rows.size(0) : 1;
+  const int64_t per = rows.dim() == 3 ? rows.size(2) : rows.size(0);
+  for (int64_t b = 0; b < images; ++b)
+    for (int64_t f = 0; f < per; f += T) tiles.push_back({b * per + f, b, f, std::min(T, per - f)});
+  return tiles;
+}
+
+// The embedding's constants in the working dtype: the LayerNorm's w, b (D,),
+// the prototypes P (C*K, D), the GEMM operand P * w, rho = (P * w) 1 and
+// beta = P b (C*K,); w undefined without LayerNorm (Pw is then P).
+//
+// 16-bit maps: the folded GEMM runs on tensor cores, the raw tile against
+// Pw16 = [hi; lo] (2 C*K, D) in the map's dtype, hi = Pw rounded to it and
+// lo = Pw - hi rounded again: one GEMM of N = 2 C*K whose two column halves
+// the scores kernel adds (X hi^T + X lo^T). Pw itself is not rounded to 16
+// bits (2^-9 relative per entry in bf16, magnified up to kMaxFoldOffset
+// times by the fold's cancellation of mu rho): hi + lo carries 16 (bf16) or
+// 22 (fp16) significant bits, and is exact when w and P are bf16 (the
+// product of two 8-bit significands has 16 bits). Pw and rho are then those
+// of hi + lo, so that the fold's mu rho cancels what the GEMM computed.
+// fp16 has a narrow range: an fp16 map takes the split only when every
+// |Pw| < 2^15 (else Pw16 stays undefined and the tile goes to fp32).
+struct EmbedOperands {
+  at::Tensor w, b, P, Pw, rho, beta;
+  at::Tensor Pw16;  // (2 C*K, D) in the map's 16-bit dtype, or undefined
+  double eps = 0;
+};
+
+EmbedOperands embed_operands(const at::Tensor& rows, const at::Tensor& protos, bool ln,
+                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                             double eps) {
+  const auto acc = acc_type(rows.scalar_type());
+  EmbedOperands e;
+  e.eps = eps;
+  if (ln) {
+    e.w = weight->to(acc).contiguous();
+    e.b = bias->to(acc).contiguous();
+  }
+  if (protos.defined()) {
+    e.P = protos.reshape({-1, protos.size(2)}).to(acc).contiguous();
+    e.Pw = ln ? (e.P * e.w).contiguous() : e.P;
+    const auto st = rows.scalar_type();
+    if (cuda::is_16bit(st) && cuda::lowp_gemm_available() &&
+        (st == at::kBFloat16 || e.Pw.abs().max().item<double>() < 32768.0)) {  // fp16: one check per call
+      const at::Tensor hi = e.Pw.to(st), lo = (e.Pw - hi.to(acc)).to(st);
+      e.Pw16 = at::cat({hi, lo}).contiguous();
+      e.Pw = (hi.to(acc) + lo.to(acc)).contiguous();
+    }
+    if (ln) {
+      e.rho = e.Pw.sum(1);
+      e.beta = at::mv(e.P, e.b);
+    }
+  }
+  return e;
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+// Host launchers of the kernels above, each for one tile X (count, D) of the
+// pixels (PixelTile::of: any (pixel, channel) strides), one dtype dispatch each.
+
+// stats of the tile X (count, D): column c (mu, r, inv, flags) at stats[c * count ...], in a buffer of at
+// least kStatCols * count entries.
+void embed_tile_stats(const at::Tensor& X, const EmbedOperands& e, at::Tensor& stats, cudaStream_t stream) {
+  const int64_t n = X.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    embed_stats_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
+        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), ptr_or_null<acc_t>(e.w),
+        ptr_or_null<acc_t>(e.b), e.eps, stats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The scores of the tile X's embedding, and its stats, into Sbuf (count,
+// ld) rows of the tile buffer (ld = 2 C*K when e.Pw16 is defined: the split
+// GEMM's output fills the whole row, else C*K); returns S_tile, the (count,
+// C*K) view of the scores (row stride ld).
+at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tensor& X, const EmbedOperands& e,
+                             at::Tensor& stats, cudaStream_t stream) {
+  const int64_t n = X.size(0), D = X.size(1);
+  embed_tile_stats(X, e, stats, stream);
+  at::Tensor S_tile = Sbuf.narrow(1, 0, CK);
+  bool split = false;
+  if (e.Pw16.defined()) {  // tensor cores, (n, 2 C*K): X hi^T | X lo^T
+    at::Tensor S2 = Sbuf.narrow(1, 0, 2 * CK);
+    split = cuda::lowp_mm_out(S2, X, e.Pw16.t());
+  }
+  if (!split)
+    at::mm_out(S_tile, X.scalar_type() == S_tile.scalar_type() ? X : X.to(S_tile.scalar_type()), e.Pw.t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    embed_scores_kernel<scalar_t, acc_t><<<ceil_div(n, kRowsPerBlock), kRowThreads, 0, stream>>>(
+        Sbuf.data_ptr<acc_t>(), Sbuf.stride(0), split, n, CK, stats.data_ptr<acc_t>(), ptr_or_null<acc_t>(e.rho),
+        ptr_or_null<acc_t>(e.beta), X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), D, e.P.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return S_tile;
+}
+
+// The embedding of the tile X (embed_rows_kernel): into z (count, D), or,
+// with slot_tile (count,) int64 given, added into the rows slot of z =
+// sums (num_slots, D) and counted in counts (num_slots,) int64.
+void embed_tile_rows(const at::Tensor& X, const EmbedOperands& e, const at::Tensor& stats, at::Tensor& z,
+                     const at::Tensor& slot_tile, int64_t num_slots, at::Tensor& counts, cudaStream_t stream) {
+  const int64_t n = X.size(0);
+  const bool fused = slot_tile.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_prototype_sums_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    embed_rows_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
+        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), stats.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), z.data_ptr<acc_t>(),
+        fused ? slot_tile.data_ptr<int64_t>() : nullptr, fused ? num_slots : 0,
+        fused ? reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()) : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// d feats of the tile X into grad_tile from G_tile = d loss / d z
+// (embed_backward_kernel; G_tile may be grad_tile), and with the LayerNorm
+// the per-block partial d w, d b into the first rows of part_w, part_b.
+void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const at::Tensor& stats,
+                         const at::Tensor& G_tile, at::Tensor& grad_tile, at::Tensor& part_w, at::Tensor& part_b,
+                         cudaStream_t stream) {
+  const int64_t n = X.size(0);
+  const bool ln = e.w.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    embed_backward_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
+        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), stats.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), G_tile.data_ptr<acc_t>(), G_tile.stride(0),
+        G_tile.stride(1), grad_tile.data_ptr<scalar_t>(), grad_tile.stride(0), grad_tile.stride(1),
+        ln ? part_w.data_ptr<acc_t>() : nullptr, ln ? part_b.data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The backward's buffers for tiles of T pixels, reused in stream order (the
+// op keeps them until it returns): dS (rows of 2 C*K for the recomputed S
+// of the split GEMM), A (dS's bf16 parts, SplitProtos), the stats, G (when
+// the gradient's dtype is not the working one) and the per-block partial
+// d w, d b (with the LayerNorm).
+struct EmbedGradBuffers {
+  int64_t T;
+  bool recompute, direct;  // S recomputed (no softmax cache); G written straight into the gradient
+  cuda::SplitProtos sp;
+  at::Tensor dS, A, stats, G, part_w, part_b;
+
+  EmbedGradBuffers(const EmbedOperands& e, int64_t N, at::ScalarType protos_dtype, bool recompute_,
+                   const at::Tensor& grad)
+      : recompute(recompute_) {
+    const int64_t D = e.P.size(1), CK = e.P.size(0);
+    const auto acc = e.P.scalar_type();
+    auto aopt = grad.options().dtype(acc);
+    direct = grad.scalar_type() == acc;
+    T = cuda::tile_rows(N, CK, at::elementSize(acc));
+    sp = cuda::split_protos(e.P, grad.scalar_type(), protos_dtype);
+    dS = at::empty({T, recompute && e.Pw16.defined() ? 2 * CK : CK}, aopt);
+    A = sp.B.defined() ? at::empty({T, sp.terms * CK}, grad.options().dtype(at::kBFloat16)) : at::Tensor();
+    stats = at::empty({kStatCols, T}, aopt);
+    G = direct ? at::Tensor() : at::empty({T, D}, aopt);
+    const int64_t max_blocks = ceil_div(T, kWarp);
+    part_w = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
+    part_b = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
+  }
+};
+
+// The backward's tiles: per tile, dS as in similarity_backward (S recomputed
+// through the folded GEMM when buf.recompute), G = dS P into the gradient's
+// own tile (or buf.G), then embed_backward_kernel in place; the tiles'
+// partial d w, d b added into dw, db in block order.
+void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const cuda::GradInputs& gin,
+                          EmbedGradBuffers& buf, at::Tensor& grad, at::Tensor& dw, at::Tensor& db,
+                          cudaStream_t stream) {
+  const int64_t CK = e.P.size(0);
+  for (const PixelTile& t : pixel_tiles(rows, buf.T)) {
+    const at::Tensor X = t.of(rows);
+    at::Tensor dS_tile = buf.dS.narrow(0, 0, t.count).narrow(1, 0, CK);
+    at::Tensor grad_tile = t.of(grad);
+    at::Tensor G_tile = buf.direct ? grad_tile : buf.G.narrow(0, 0, t.count);
+    if (buf.recompute) {
+      embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, buf.stats, stream);  // S, the stats
+    } else {
+      embed_tile_stats(X, e, buf.stats, stream);
+    }
+    cuda::dS_times_protos(G_tile, dS_tile, buf.A, buf.sp, e.P, gin, at::Tensor(), t.n0, stream);  // d loss / d z
+    embed_tile_backward(X, e, buf.stats, G_tile, grad_tile, buf.part_w, buf.part_b, stream);
+    if (e.w.defined()) {  // the tile's partials, in block order
+      const int64_t blocks = ceil_div(t.count, kWarp);
+      dw.add_(buf.part_w.narrow(0, 0, blocks).sum(0));
+      db.add_(buf.part_b.narrow(0, 0, blocks).sum(0));
+    }
+  }
+}
+
+// The backward's results as the op returns them: d feats laid out as feats,
+// d ln_weight and d ln_bias in their parameters' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_grads(const at::Tensor& grad, const at::Tensor& dw,
+                                                           const at::Tensor& db, const at::Tensor& rows,
+                                                           const at::Tensor& feats,
+                                                           const c10::optional<at::Tensor>& ln_weight,
+                                                           const c10::optional<at::Tensor>& ln_bias) {
+  at::Tensor g = embed_grad_as_feats(grad, rows, feats);
+  if (!(ln_weight.has_value() && ln_weight->defined())) return {g, dw, db};
+  return {g, dw.to(ln_weight->scalar_type()), db.to(ln_bias->scalar_type())};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prototype_sums_cuda(const at::Tensor& feats, const at::Tensor& slot,
+                                                       int64_t num_slots, bool normalize);  // prototype_update_cuda.cu
+
+namespace {
+
+// embed_prototype_sums' atomic path, fused: per image, the statistics, then
+// each pixel's embedding added straight into the sums (embed_rows_kernel
+// with slot): two launches per image, no z buffer, nothing zeroed but the
+// outputs.
+void embed_prototype_sums_atomic(const at::Tensor& rows, const EmbedOperands& e, const at::Tensor& slot,
+                                 int64_t num_slots, at::Tensor& sums, at::Tensor& counts, cudaStream_t stream) {
+  const int64_t T = rows.dim() == 3 ? rows.size(2) : rows.size(0);  // one tile per image
+  at::Tensor stats = at::empty({kStatCols, T}, sums.options());
+  at::Tensor sl = slot.to(at::kLong).contiguous();
+  at::Tensor icounts = at::zeros({num_slots}, sums.options().dtype(at::kLong));
+  for (const PixelTile& t : pixel_tiles(rows, T)) {
+    const at::Tensor X = t.of(rows);
+    const at::Tensor sl_tile = sl.narrow(0, t.n0, t.count);
+    embed_tile_stats(X, e, stats, stream);
+    embed_tile_rows(X, e, stats, sums, sl_tile, num_slots, icounts, stream);
+  }
+  counts.copy_(icounts);
+}
+
+// embed_prototype_sums' deterministic path: per tile, the statistics, the
+// tile's embedding z (count, D) in a reused buffer, and prototype_sums_cuda's
+// sorted segments on it, tiles added in order.
+void embed_prototype_sums_sorted(const at::Tensor& rows, int64_t N, const EmbedOperands& e, const at::Tensor& slot,
+                                 int64_t num_slots, at::Tensor& sums, at::Tensor& counts, cudaStream_t stream) {
+  const int64_t D = sums.size(1);
+  const int64_t T = std::min<int64_t>(
+      N, std::max<int64_t>(128, cuda::kTileBytes / std::max<int64_t>(1, D * int64_t(sums.element_size()))));
+  at::Tensor Z = at::empty({T, D}, sums.options());
+  at::Tensor stats = at::empty({kStatCols, T}, sums.options());
+  at::Tensor no_slot;
+  for (const PixelTile& t : pixel_tiles(rows, T)) {
+    const at::Tensor X = t.of(rows);
+    at::Tensor Z_tile = Z.narrow(0, 0, t.count);
+    embed_tile_stats(X, e, stats, stream);
+    embed_tile_rows(X, e, stats, Z_tile, at::Tensor(), 0, no_slot, stream);
+    auto part = prototype_sums_cuda(Z_tile, slot.narrow(0, t.n0, t.count), num_slots, false);
+    sums.add_(std::get<0>(part));
+    counts.add_(std::get<1>(part));
+  }
+}
+
+}  // namespace
+
+// `similarity` of the head's embedding (see the file comment): per tile, the
+// statistics, one GEMM on the raw tile, the per-row affine map, then the
+// epilogue of `similarity`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cuda(
+    const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+    double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
+  at::NoGradGuard no_grad;  // the GEMMs write into buffers
+  const at::Tensor rows = embed_rows(feats);
+  const at::Tensor shape = embed_checked_shape(rows);
+  check_similarity_args(shape, protos, labels, compute_own, temperature);
+  const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = shape.size(0), C = protos.size(0), K = protos.size(1), CK = C * K;
+  const auto acc = acc_type(feats.scalar_type());
+  auto aopt = feats.options().dtype(acc);
+  cuda::SimilarityOutputs out(feats.options(), N, C, K, compute_seg, compute_lse, compute_own, cache_bytes);
+  if (N == 0 || !out.any()) return out.tuple();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor lab = compute_own ? labels.to(at::kLong).contiguous() : at::Tensor();
+  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
+  const int64_t T = cuda::tile_rows(N, CK, at::elementSize(acc));
+  const int64_t ld = e.Pw16.defined() ? 2 * CK : CK;
+  at::Tensor S = at::empty({T, ld}, aopt);  // one tile buffer, reused in stream order
+  at::Tensor stats = at::empty({kStatCols, T}, aopt);
+  for (const PixelTile& t : pixel_tiles(rows, T)) {
+    const at::Tensor S_tile = embed_tile_scores(S.narrow(0, 0, t.count), CK, t.of(rows), e, stats, stream);
+    cuda::similarity_epilogue(S_tile, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream);
+  }
+  return out.tuple();
+}
+
+// d feats, d ln_weight, d ln_bias of embed_similarity (embed_backward_tiles).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
+    const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
+    const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& protos, const at::Tensor& labels,
+    const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
+    const c10::optional<at::Tensor>& probs_opt) {
+  at::NoGradGuard no_grad;  // the GEMMs write into buffers
+  const bool has_seg = grad_seg.has_value() && grad_seg->defined();
+  const bool has_lse = grad_lse.has_value() && grad_lse->defined();
+  const bool has_own = grad_own.has_value() && grad_own->defined();
+  const at::Tensor rows = embed_rows(feats);
+  const at::Tensor shape = embed_checked_shape(rows);
+  check_similarity_args(shape, protos, labels, has_own, temperature);
+  const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
+  const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = shape.size(0), D = shape.size(1), C = protos.size(0), K = protos.size(1);
+  const auto acc = acc_type(feats.scalar_type());
+  auto aopt = feats.options().dtype(acc);
+  at::Tensor grad = at::empty(rows.sizes(), feats.options());  // laid out as the rows
+  at::Tensor dw = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
+  at::Tensor db = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
+  if (N == 0 || (!has_seg && !has_lse && !has_own)) {
+    grad.zero_();
+    return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
+  }
+  const cuda::GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc,
+                             ignore_index, temperature);
+  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
+  EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, grad);
+  embed_backward_tiles(rows, e, gin, buf, grad, dw, db, c10::cuda::getCurrentCUDAStream());
+  return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
+}
+
+// prototype_sums of the head's embedding, never a copy of the whole map:
+// the atomic path by default, the sorted one under
+// torch.use_deterministic_algorithms (see the two functions above).
+std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cuda(const at::Tensor& feats,
+                                                             const c10::optional<at::Tensor>& ln_weight,
+                                                             const c10::optional<at::Tensor>& ln_bias, double ln_eps,
+                                                             const at::Tensor& slot, int64_t num_slots) {
+  at::NoGradGuard no_grad;
+  const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
+  const at::Tensor shape = embed_checked_shape(rows);
+  const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  c10::cuda::CUDAGuard guard(feats.device());
+  const int64_t N = shape.size(0), D = shape.size(1);
+  auto aopt = feats.options().dtype(acc_type(feats.scalar_type()));
+  at::Tensor sums = at::zeros({num_slots, D}, aopt);
+  at::Tensor counts = at::zeros({num_slots}, aopt);
+  if (N == 0 || num_slots == 0) return {sums, counts};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const EmbedOperands e = embed_operands(rows, at::Tensor(), ln, ln_weight, ln_bias, ln_eps);
+  if (at::globalContext().deterministicAlgorithms()) {
+    embed_prototype_sums_sorted(rows, N, e, slot, num_slots, sums, counts, stream);
+  } else {
+    embed_prototype_sums_atomic(rows, e, slot, num_slots, sums, counts, stream);
+  }
+  return {sums, counts};
+}
+
+TORCH_LIBRARY_IMPL(protoseg_ext, CUDA, m) {
+  m.impl("embed_similarity", &embed_similarity_cuda);
+  m.impl("embed_similarity_backward", &embed_similarity_backward_cuda);
+  m.impl("embed_prototype_sums", &embed_prototype_sums_cuda);
+}
+
+}  // namespace protoseg
