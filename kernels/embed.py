@@ -110,7 +110,12 @@ def _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok,
 def _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D,
                             ACC_DTYPE: tl.constexpr):
     # embed_dx_kernel's per-pixel scalars (mu, r, inv, a1, m1, m2) from the
-    # statistics and the sums over the pixel's dS row (see embed_ds_kernel)
+    # statistics and the sums over the pixel's dS row (_ln_backward_sums), so
+    # that g = dS @ protos is never stored (embed_dx_kernel makes its slice):
+    #   a1 = sum_d g_d z_d = sum_j dS_j S_j = inv t1        (0 when ||y|| <= 1e-12)
+    #   sum_d g_d w_d = t2,  sum_d g_d w_d xhat_d = t1 - t3    (y = xhat w + b)
+    #   m1 = inv (sum g w - a1 sum z w) / D,  m2 = inv (sum g w xhat - a1 sum z w xhat) / D
+    # then dx = r (inv (g - z a1) w - m1 - xhat m2)
     a1 = tl.where(norm > tl.full((), 1e-12, ACC_DTYPE), inv * t1, 0.0)
     m1 = inv * (t2 - a1 * inv * s_yw) / D
     m2 = inv * (t1 - t3 - a1 * inv * s_ywx) / D
@@ -121,54 +126,39 @@ def _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, 
 
 
 @triton.jit
+def _block_bases(B0, HW0, HWC, HW, BLOCK_N: tl.constexpr):
+    # (n0, l0, i): the block's first pixel n0 and its row l0 of the chunk in 64 bits, offsets i within the block
+    # in 32 (the (n, j) tiles' addresses: the gradients and dS are contiguous, so i * row < 2**31; see _tile_ptrs)
+    n0 = (B0 + tl.program_id(1).to(tl.int64)) * HW + HW0 + tl.program_id(0).to(tl.int64) * BLOCK_N
+    l0 = tl.program_id(1).to(tl.int64) * HWC + tl.program_id(0).to(tl.int64) * BLOCK_N
+    return n0, l0, tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def embed_ds_kernel(
-    GSEG_ptr,  # d loss / d seg (N, C), contiguous (if HAS_SEG)
-    GSEG_stride_n,
-    GSEG_stride_c,
-    GLSE_ptr,  # d loss / d lse (N,) (if HAS_LSE)
-    GLSE_stride,
-    GOWN_ptr,  # d loss / d own (N, K), contiguous (if HAS_OWN)
-    GOWN_stride_n,
-    GOWN_stride_k,
-    X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
-    X_stride_b,
-    X_stride_hw,
-    X_stride_d,
+    GSEG_ptr, GSEG_stride_n, GSEG_stride_c,  # d loss / d seg (N, C), contiguous (if HAS_SEG)
+    GLSE_ptr, GLSE_stride,  # d loss / d lse (N,) (if HAS_LSE)
+    GOWN_ptr, GOWN_stride_n, GOWN_stride_k,  # d loss / d own (N, K), contiguous (if HAS_OWN)
+    # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
+    X_ptr, X_stride_b, X_stride_hw, X_stride_d,
     P_ptr,  # protos (C*K, D) contiguous
-    PW_ptr,  # (C*K,) acc dtype: protos @ ln_weight (if LAYER_NORM)
-    PB_ptr,  # (C*K,) acc dtype: protos @ ln_bias (if LAYER_NORM)
-    LAB_ptr,  # labels (N,) (if HAS_OWN)
-    LAB_stride,
-    ARGK_ptr,  # saved arg-max k (N, C) uint8, contiguous (if HAS_SEG)
-    ARGK_stride_n,
-    ARGK_stride_c,
-    LSE_ptr,  # saved row log-sum-exp (N,) (if HAS_LSE)
-    LSE_stride,
-    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
-    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    PW_ptr, PB_ptr,  # (C*K,) acc dtype: protos @ ln_weight, protos @ ln_bias (if LAYER_NORM)
+    LAB_ptr, LAB_stride,  # labels (N,) (if HAS_OWN)
+    ARGK_ptr, ARGK_stride_n, ARGK_stride_c,  # saved arg-max k (N, C) uint8, contiguous (if HAS_SEG)
+    LSE_ptr, LSE_stride,  # saved row log-sum-exp (N,) (if HAS_LSE)
+    W_ptr, BIAS_ptr,  # LayerNorm weight, bias (D,) (if LAYER_NORM)
     DS_ptr,  # out (pixels of the chunk, C*K) acc dtype: dS = d loss / d S of the embedding
     SC_ptr,  # out (pixels of the chunk, 6) acc dtype: mu, r, inv, a1, m1, m2 (embed_dx_kernel's scalars)
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HWC,  # pixels of the chunk in each image
     HW,  # pixels per image: pixel n = b*HW + hw
-    D,
-    C,
-    K,
+    D, C, K,
     temperature: tl.float64,
     eps: tl.float64,
-    ACC_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    LAYER_NORM: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    HAS_OWN: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    LAYER_NORM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_LSE: tl.constexpr, HAS_OWN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # The backward's first half, per BLOCK_N pixels: their statistics
     # (_pixel_stats: feats' rows then sit in L2 for the GEMM), then, one class
@@ -180,20 +170,11 @@ def embed_ds_kernel(
     # and written (fp32: the PPC/PPD terms, ~1e-9, need its range and digits)
     # for embed_dx_kernel's GEMM g = dS @ protos (g = d loss / d z). The
     # per-pixel scalars of the L2 and LayerNorm backward follow from the S and
-    # dS tiles, with no g:
-    #   a1 = sum_d g_d z_d = sum_j dS_j S_j = inv sum_j dS_j (y . protos_j)   (0 when ||y|| <= 1e-12)
-    #   sum_d g_d w_d = sum_j dS_j (protos_j . w)
-    #   sum_d g_d w_d xhat_d = sum_j dS_j (y . protos_j - protos_j . b)   (y = xhat w + b)
-    # so that m1 = inv (sum g w - a1 sum z w) / D, m2 = inv (sum g w xhat - a1 sum z w xhat) / D
-    # are written with mu, r, inv: dx = r (inv (g - z a1) w - m1 - xhat m2).
+    # dS tiles, with no g (_ln_backward_sums, _store_backward_scalars).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
-    # the (n, j) tiles' addresses: a 64-bit base of the block's first pixel, 32-bit offsets within
-    # the block (the launcher passes contiguous (N, C), (N, K) gradients: offsets below 2**31)
-    n0 = (B0 + tl.program_id(1).to(tl.int64)) * HW + HW0 + tl.program_id(0).to(tl.int64) * BLOCK_N
-    l0 = tl.program_id(1).to(tl.int64) * HWC + tl.program_id(0).to(tl.int64) * BLOCK_N  # the chunk's row of n0
-    i = tl.arange(0, BLOCK_N)
+    n0, l0, i = _block_bases(B0, HW0, HWC, HW, BLOCK_N)
     mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
                                                  LAYER_NORM, True, BLOCK_N, BLOCK_D)
     CK = C * K
