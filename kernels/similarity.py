@@ -123,43 +123,47 @@ def _store_own_scores(s, OWN_ptr, rows, row_ok, lab, c0, cc, kk, C, K, BLOCK_N: 
 
 
 @triton.jit
+def _forward_rows(pid, X_ptr, X_stride_b, X_stride_hw, X_stride_d, W_ptr, BIAS_ptr, D, eps, B0, HW0, HWC, HW,
+                  ACC_DTYPE: tl.constexpr, EMBED: tl.constexpr, LAYER_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    # (rows, row_ok, x_row, mu, r, inv) of program pid's pixels. EMBED: the chunk's pixel block and its statistics,
+    # computed here (no statistics launch; feats' rows then sit in L2 for the GEMM). Plain: rows of (N, D) in int64
+    # (rows * X_stride_hw cannot overflow), the plain kernel's addressing with no extra registers; the rest unused
+    if EMBED:
+        rows, row_ok, loc, x_row = _pixel_rows(pid, B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
+        mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
+                                                      ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < HWC
+        x_row, mu, r, inv = rows, rows, rows, rows
+    return rows, row_ok, x_row, mu, r, inv
+
+
+@triton.jit
 def similarity_fwd_kernel(
-    X_ptr,  # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d
-    X_stride_hw,
-    X_stride_d,
+    # feats: pixel hw of image b, channel d at b*X_stride_b + hw*X_stride_hw + d*X_stride_d (plain: rows, n = hw)
+    X_ptr, X_stride_hw, X_stride_d,
     P_ptr,  # protos (C*K, D) contiguous; row c*K + k is prototype k of class c
-    LAB_ptr,  # labels (N,) integer (read if COMPUTE_OWN)
-    LAB_stride,
+    LAB_ptr, LAB_stride,  # labels (N,) integer (read if COMPUTE_OWN)
     SEG_ptr,  # out (N, C) feats dtype: max_k S[n, c*K + k]
     ARGK_ptr,  # out (N, C) uint8: its arg-max k
     LSE_ptr,  # out (N,) acc dtype: logsumexp_j S[n, j] / temperature
     OWN_ptr,  # out (N, K) acc dtype, zero-initialised: S[n, labels[n]*K + k]
     HWC,  # pixels of the chunk in each image (plain: N)
-    D,
-    C,
-    K,
+    D, C, K,
     temperature: tl.float64,
     # EMBED only (after the plain kernel's arguments, which keep their order)
     X_stride_b,
-    W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
-    BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
+    W_ptr, BIAS_ptr,  # LayerNorm weight, bias (D,) (if LAYER_NORM)
     eps: tl.float64,  # LayerNorm eps
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HW,  # pixels per image: pixel n = b*HW + hw
-    ACC_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    EMBED: tl.constexpr,
-    LAYER_NORM: tl.constexpr,
-    COMPUTE_SEG: tl.constexpr,
-    COMPUTE_LSE: tl.constexpr,
-    COMPUTE_OWN: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    EMBED: tl.constexpr, LAYER_NORM: tl.constexpr,
+    COMPUTE_SEG: tl.constexpr, COMPUTE_LSE: tl.constexpr, COMPUTE_OWN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program: BLOCK_N pixels against all C*K prototypes, BLOCK_C classes
     # at a time. Each (BLOCK_N, BLOCK_C*BLOCK_K) tile of S is a GEMM over D in
@@ -171,16 +175,9 @@ def similarity_fwd_kernel(
     # tile LayerNorm'd in registers, the tile scaled by the inverse norms).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
-    pid = tl.program_id(0).to(tl.int64)
-    if EMBED:
-        rows, row_ok, loc, x_row = _pixel_rows(pid, B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
-        # the block's statistics, computed here: no statistics launch, and feats' rows are in L2 for the GEMM
-        mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
-                                                      ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
-    else:  # rows (N, D): one image, one chunk; the plain kernel's addressing, no extra registers
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * X_stride_hw cannot overflow
-        row_ok = rows < HWC
-        x_row, mu, r = rows, rows, rows  # unused without EMBED
+    rows, row_ok, x_row, mu, r, inv = _forward_rows(tl.program_id(0).to(tl.int64), X_ptr, X_stride_b, X_stride_hw,
+                                                    X_stride_d, W_ptr, BIAS_ptr, D, eps, B0, HW0, HWC, HW,
+                                                    ACC_DTYPE, EMBED, LAYER_NORM, BLOCK_N, BLOCK_D)
     j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
