@@ -12,7 +12,9 @@ are named after the step they take:
   :func:`_ds_times_protos` (the products, rounded as the GPU rounds them);
 * the backward's dS tile: :func:`_upstream_rows` (the saved and upstream
   per-pixel vectors), :func:`_ds_softmax` (the PPC term),
-  :func:`_ds_gathered` (the max-over-K and own-class terms);
+  :func:`_ds_gathered` (the max-over-K and own-class terms); the d feats
+  kernels' grid: :func:`_row_block_and_slice` (a program's row block and D
+  slice);
 * the head's embedding (``embed.py`` and the EMBED mode of ``similarity.py``):
   :func:`_pixel_block` / :func:`_pixel_rows` (a block's pixels in a chunk and
   in feats), :func:`_pixel_stats` (LayerNorm and L2 statistics),
@@ -119,6 +121,15 @@ def _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, co
 
 
 # ----------------------------------------------------------------- the backward's dS
+
+
+@triton.jit
+def _row_block_and_slice(D, BLOCK_DO: tl.constexpr):
+    # (pid_n, pid_d): the row block and BLOCK_DO slice of D of program_id(0) in a 1-D grid with the D slices
+    # of one row block adjacent: they run together and share its rows in L2, which leave HBM about once
+    n_slices = tl.cdiv(D, BLOCK_DO)
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // n_slices, pid % n_slices
 
 
 @triton.jit

@@ -50,8 +50,8 @@ from . import prototype_update as _update
 from . import similarity as _sim
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
 from .device import (_class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile, _feats_chunk,
-                     _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _s_tile, _store_stats, _tile_columns,
-                     _upstream_rows)
+                     _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile, _store_stats,
+                     _tile_columns, _upstream_rows)
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
@@ -290,10 +290,7 @@ def embed_dx_kernel(
     # blocks by torch.sum: deterministic). The product multiplies dS as TF32
     # (fp32 range) for half inputs, tf32x3 for float32, FMAs for float64.
     X_stride_d, DX_stride_d = tl.cast(X_stride_d, tl.int64), tl.cast(DX_stride_d, tl.int64)
-    n_slices = tl.cdiv(D, BLOCK_DO)
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid // n_slices
-    pid_d = pid % n_slices
+    pid_n, pid_d = _row_block_and_slice(D, BLOCK_DO)
     hw, row_ok, loc, x_row = _pixel_block(pid_n, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     img = tl.program_id(1).to(tl.int64)
     blk = img * tl.cdiv(HWC, BLOCK_N) + pid_n  # row of the partials

@@ -81,7 +81,7 @@ import triton.language as tl
 
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
 from .device import (_class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile, _load_stats,
-                     _pixel_rows, _pixel_stats, _s_tile, _tile_columns, _upstream_rows)
+                     _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile, _tile_columns, _upstream_rows)
 from .tiles import own_tiles, similarity_tiles
 
 
@@ -273,45 +273,21 @@ def own_class_scores_kernel(
 
 @triton.jit
 def similarity_bwd_kernel(
-    GSEG_ptr,  # d loss / d seg (N, C), any strides (if HAS_SEG)
-    GSEG_stride_n,
-    GSEG_stride_c,
-    GLSE_ptr,  # d loss / d lse (N,) (if HAS_LSE)
-    GLSE_stride,
-    GOWN_ptr,  # d loss / d own (N, K), any strides (if HAS_OWN)
-    GOWN_stride_n,
-    GOWN_stride_k,
-    X_ptr,  # feats (N, D), any strides
-    X_stride_n,
-    X_stride_d,
+    GSEG_ptr, GSEG_stride_n, GSEG_stride_c,  # d loss / d seg (N, C), any strides (if HAS_SEG)
+    GLSE_ptr, GLSE_stride,  # d loss / d lse (N,) (if HAS_LSE)
+    GOWN_ptr, GOWN_stride_n, GOWN_stride_k,  # d loss / d own (N, K), any strides (if HAS_OWN)
+    X_ptr, X_stride_n, X_stride_d,  # feats (N, D), any strides
     P_ptr,  # protos (C*K, D) contiguous
-    LAB_ptr,  # labels (N,) (if HAS_OWN)
-    LAB_stride,
-    ARGK_ptr,  # saved arg-max k (N, C) uint8 (if HAS_SEG)
-    ARGK_stride_n,
-    ARGK_stride_c,
-    LSE_ptr,  # saved row log-sum-exp (N,) (if HAS_LSE)
-    LSE_stride,
+    LAB_ptr, LAB_stride,  # labels (N,) (if HAS_OWN)
+    ARGK_ptr, ARGK_stride_n, ARGK_stride_c,  # saved arg-max k (N, C) uint8 (if HAS_SEG)
+    LSE_ptr, LSE_stride,  # saved row log-sum-exp (N,) (if HAS_LSE)
     DX_ptr,  # out (N, D) contiguous: d feats in feats' dtype
-    N,
-    D,
-    C,
-    K,
+    N, D, C, K,
     temperature: tl.float64,
-    ACC_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-    DS_DTYPE: tl.constexpr,
-    DS_PRECISION: tl.constexpr,
-    HAS_SEG: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    HAS_OWN: tl.constexpr,
-    FMA_SECOND_GEMM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DS_DTYPE: tl.constexpr, DS_PRECISION: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_LSE: tl.constexpr, HAS_OWN: tl.constexpr, FMA_SECOND_GEMM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
     # d feats[rows, dout] = dS @ protos[:, dout] for BLOCK_N pixels and a
@@ -327,12 +303,7 @@ def similarity_bwd_kernel(
     # seg and own terms need no S at all).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
-    # 1-D grid, the D slices of one row block adjacent: they run together and
-    # share its feats rows in L2, so feats leaves HBM about once
-    n_slices = tl.cdiv(D, BLOCK_DO)
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid // n_slices
-    pid_d = pid % n_slices
+    pid_n, pid_d = _row_block_and_slice(D, BLOCK_DO)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
