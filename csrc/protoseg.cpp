@@ -168,7 +168,7 @@ TORCH_LIBRARY(protoseg_ext, m) {
   // pred (N,) int64 the arg-max over c of out (torch.argmax semantics), the
   // predicted class of each pixel. CPU only (other devices use
   // torch.nn.LayerNorm).
-  m.def("mask_norm(Tensor seg, Tensor weight, Tensor bias, float eps, int batch) "
+  m.def("mask_norm(Tensor seg, Tensor weight, Tensor bias, float eps, SymInt batch) "
         "-> (Tensor out, Tensor mean, Tensor rstd, Tensor pred)");
   m.def("mask_norm_backward(Tensor grad_out, Tensor seg, Tensor weight, Tensor mean, Tensor rstd) "
         "-> (Tensor grad_seg, Tensor grad_weight, Tensor grad_bias)");

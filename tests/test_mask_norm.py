@@ -186,3 +186,25 @@ print("ok")
         r = subprocess.run([sys.executable, "-c", code, str(reuse)], capture_output=True, text=True,
                            env={**os.environ, **env}, timeout=300)
         assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_batch_stays_symbolic_under_export():
+    """`batch` is a SymInt: an exported graph keeps the batch dimension dynamic and runs at another batch."""
+
+    class Norm(torch.nn.Module):
+        def __init__(self, C):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(C))
+            self.bias = torch.nn.Parameter(torch.randn(C))
+
+        def forward(self, x):  # (B, HW, C)
+            return OPS.mask_norm(x.reshape(-1, x.shape[-1]), self.weight, self.bias, 1e-5, x.shape[0])[0]
+
+    m = Norm(5)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(m, (torch.randn(2, 7, 5),), dynamic_shapes={"x": {0: batch}})
+    x = torch.randn(3, 7, 5)
+    out = program.module()(x)
+    ref = reference.mask_norm(x.reshape(-1, 5), m.weight.detach(), m.bias.detach(), 1e-5, 3)
+    assert out.shape == (3, 5, 7)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])

@@ -16,10 +16,11 @@
 //   next training step reuses it with no fault. A larger one (a full-resolution
 //   map's gradient) goes back to the OS at once: kept, it would sit idle
 //   through the next step's forward and raise that step's peak by its size;
-// - a request (of at most the cap) of a byte size never requested before
-//   means the shapes changed: every idle buffer is released then (they would
-//   not be reused). A request of a size seen before closes a cycle, e.g. a
-//   training step (the sizes requested since the last request of this size):
+// - a request of a byte size never requested before (whether or not it fits
+//   the cap) means the shapes changed: every idle buffer is released then
+//   (they would not be reused). A request of a size seen before closes a cycle, e.g. a
+//   training step (the sizes requested since the last request of this size,
+//   or since the one before it: a size may be requested twice in a step):
 //   an idle buffer of a size outside that cycle is released, one inside it is
 //   kept for its next request, however the cycle's requests and frees
 //   interleave. (Releasing every idle buffer on any miss, as before, made a
@@ -138,10 +139,6 @@ class BufferPool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.live_bytes += bytes;
-      if (bytes > cap_) {  // never kept: no idle buffer of its size, and nothing said about the others
-        ++stats_.allocated;
-        return nullptr;
-      }
       drop_outside_cycle_locked(bytes, drop);
       for (size_t i = 0; i < idle_.size(); ++i) {
         if (idle_[i].bytes == bytes) {
@@ -163,11 +160,17 @@ class BufferPool {
 
   // Before a request of `bytes`: releases the idle buffers of sizes outside
   // the cycle it closes (all of them when the size is new), then records it.
+  // The cycle reaches back to the second-latest request of this size when
+  // there is one: a size requested twice per step (e.g. the softmax cache
+  // and the feature gradient when D == C * K) would otherwise close a
+  // half-step cycle and release what the other half requests.
   void drop_outside_cycle_locked(size_t bytes, std::vector<void*>& drop) {
-    const auto last = std::find(history_.rbegin(), history_.rend(), bytes);
+    auto last = std::find(history_.rbegin(), history_.rend(), bytes);
     if (last == history_.rend()) {
       drop_all_locked(drop);
     } else {
+      const auto before = std::find(last + 1, history_.rend(), bytes);
+      if (before != history_.rend()) last = before;
       const std::vector<size_t> cycle(history_.rbegin(), last + 1);  // this size and those requested since
       std::vector<Idle> keep;
       for (const Idle& i : idle_) {

@@ -14,8 +14,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../checks.h"
 #include "../protoseg_math.h"
@@ -123,12 +128,56 @@ bool pixel_embedding(const T* x, int64_t ld, int64_t D, const Source& src, T* z)
 
 namespace {
 
+constexpr int64_t kB = 16;  // rows and pixels of a block of plane_tile_sums
+
+// out (16 pixels x 16 rows, row-major) <- the transpose of the block of 16
+// rows (stride ld) of 16 pixels at src. In float with AVX-512: 16 loads and
+// 64 in-register shuffles (pairs of rows interleaved by element, then by
+// pairs, then 128-bit lanes twice); otherwise element by element.
+template <typename T>
+inline void transpose_block(const T* src, int64_t ld, T* out) {
+  for (int64_t d = 0; d < kB; ++d)
+    for (int64_t j = 0; j < kB; ++j) out[j * kB + d] = src[d * ld + j];
+}
+
+#if defined(__AVX512F__)
+template <>
+inline void transpose_block<float>(const float* src, int64_t ld, float* out) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane L: rows 2i, 2i+1 of columns 4L, 4L+1 (lo) and 4L+2, 4L+3 (hi)
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // r[4g + c], lane L: column 4L + c, rows 4g..4g+3
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane L of r[c], r[4 + c], r[8 + c], r[12 + c]: column 4L + c
+    const __m512 v = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), w = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    _mm512_storeu_ps(out + c * 16, _mm512_shuffle_f32x4(v, v2, 0x88));
+    _mm512_storeu_ps(out + (8 + c) * 16, _mm512_shuffle_f32x4(v, v2, 0xdd));
+    _mm512_storeu_ps(out + (4 + c) * 16, _mm512_shuffle_f32x4(w, w2, 0x88));
+    _mm512_storeu_ps(out + (12 + c) * 16, _mm512_shuffle_f32x4(w, w2, 0xdd));
+  }
+}
+#endif
+
 // Scratch of plane_tile_sums, reused across tiles.
 template <typename T>
 struct TileSums {
-  std::vector<int32_t> order, start, used;  // pixels grouped by slot; group s = order[start[s]:start[s+1]]
-  std::vector<T> mu, a;                     // per grouped pixel
-  TileSums(int64_t n, int64_t num_slots) : order(n), start(num_slots + 1), mu(n), a(n) {}
+  std::vector<int32_t> slot, used;  // per pixel: its slot, or -1 (adds nothing); the slots present
+  std::vector<T> mu, a;             // per pixel
+  std::vector<T> run;               // (num_slots, 16): one block of rows' running sums per slot
+  std::vector<T> block, padded;     // 16 x 16: a transposed block; a block read past the tile's edge
+  TileSums(int64_t n, int64_t num_slots)
+      : slot(n), mu(n), a(n), run(num_slots * kB), block(kB * kB), padded(kB * kB) {}
 };
 
 // The plane path of embed_prototype_sums for tile t, added into the block's
@@ -136,13 +185,13 @@ struct TileSums {
 //   z_d = (x_d - mu) a w_d + c b_d  (a = r inv, c = inv; without the
 // LayerNorm a = inv, mu = 0 and no w, b), so
 //   sums[s][d] = w_d sum_{slot = s} (x_d - mu) a + b_d sum_{slot = s} c:
-// the tile's statistics (one pass over the plane), its pixels grouped by slot
-// (a counting sort), then for four rows of the plane at a time, each group's
-// sum of (x_d - mu) a in registers, added into part once per group and row.
-// No store per pixel, and four independent chains of adds per group. Adds
-// c to csum[s] and 1 to cnt[s] per pixel with a slot and finite sums; a
-// pixel whose float sums overflowed (entries finite) is left to `late`
-// (summed in float64 afterwards).
+// the tile's statistics (one pass over the plane), then for each block of 16
+// rows (16 runs of contiguous pixels), each 16 x 16 block transposed in
+// registers and each pixel's 16 values, (x_d - mu) a, added into its slot's
+// running sums (num_slots x 16 floats, in L1), flushed into part once per
+// block of rows. Adds c to csum[s] and 1 to cnt[s] per pixel with a slot and
+// finite sums; a pixel whose float sums overflowed (entries finite) is left
+// to `late` (summed in float64 afterwards).
 template <typename T>
 void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, plane::Stats<T>& st,
                      const int64_t* slot, int64_t num_slots, TileSums<T>& g, double* part, double* csum,
@@ -151,65 +200,51 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
   const T* x = v.data_ptr<T>();
   const int64_t ld = v.stride(0), n = src.rows(t), D = src.D;
   plane::stats(x, ld, n, D, fold, st);
-  // group the pixels by slot (stable), skipping those that add nothing
-  std::fill(g.start.begin(), g.start.end(), 0);
+  std::vector<uint8_t> present(num_slots, 0);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t s = slot[j];
+    g.slot[j] = -1;
     if (s >= 0 && st.finite[j]) {
-      ++g.start[s + 1];
+      g.slot[j] = int32_t(s);
+      g.mu[j] = fold.ln ? st.k[j] + st.delta[j] : T(0);
+      g.a[j] = fold.ln ? st.r[j] * st.inv[j] : st.inv[j];
       csum[s] += double(st.inv[j]);
       cnt[s] += 1.0;
+      present[s] = 1;
     } else if (s >= 0) {
       late.push_back(src.row0(t) + j);
     }
   }
   g.used.clear();
-  for (int64_t s = 0; s < num_slots; ++s) {
-    if (g.start[s + 1] > 0) g.used.push_back(int32_t(s));
-    g.start[s + 1] += g.start[s];
-  }
-  std::vector<int32_t> fill(g.start.begin(), g.start.end() - 1);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t s = slot[j];
-    if (s < 0 || !st.finite[j]) continue;
-    const int32_t i = fill[s]++;
-    g.order[i] = int32_t(j);
-    g.mu[i] = fold.ln ? st.k[j] + st.delta[j] : T(0);
-    g.a[i] = fold.ln ? st.r[j] * st.inv[j] : st.inv[j];
-  }
-  const int32_t* ord = g.order.data();
-  const T* mu = g.mu.data();
-  const T* a = g.a.data();
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    const T* x0 = x + d * ld;
-    const T* x1 = x0 + ld;
-    const T* x2 = x1 + ld;
-    const T* x3 = x2 + ld;
-    double* p = part + d * num_slots;
-    for (const int32_t s : g.used) {
-      T u0 = 0, u1 = 0, u2 = 0, u3 = 0;
-      for (int32_t i = g.start[s], e = g.start[s + 1]; i < e; ++i) {
-        const int32_t j = ord[i];
-        const T m = mu[i], ai = a[i];
-        u0 += (x0[j] - m) * ai;
-        u1 += (x1[j] - m) * ai;
-        u2 += (x2[j] - m) * ai;
-        u3 += (x3[j] - m) * ai;
+  for (int64_t s = 0; s < num_slots; ++s)
+    if (present[s]) g.used.push_back(int32_t(s));
+  for (int64_t d0 = 0; d0 < D; d0 += kB) {
+    const int64_t nd = std::min(kB, D - d0);
+    for (const int32_t s : g.used) std::fill(g.run.begin() + s * kB, g.run.begin() + (s + 1) * kB, T(0));
+    for (int64_t j0 = 0; j0 < n; j0 += kB) {
+      const int64_t nj = std::min(kB, n - j0);
+      const T* blk = x + d0 * ld + j0;
+      int64_t bld = ld;
+      if (nd < kB || nj < kB) {  // the tile's edge: a zero-padded copy
+        std::fill(g.padded.begin(), g.padded.end(), T(0));
+        for (int64_t d = 0; d < nd; ++d) std::copy(blk + d * ld, blk + d * ld + nj, g.padded.begin() + d * kB);
+        blk = g.padded.data();
+        bld = kB;
       }
-      p[s] += double(u0);
-      p[num_slots + s] += double(u1);
-      p[2 * num_slots + s] += double(u2);
-      p[3 * num_slots + s] += double(u3);
+      transpose_block(blk, bld, g.block.data());
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const int32_t s = g.slot[j0 + jj];
+        if (s < 0) continue;
+        T* run = g.run.data() + s * kB;
+        const T* xj = g.block.data() + jj * kB;
+        const T m = g.mu[j0 + jj], a = g.a[j0 + jj];
+#pragma omp simd
+        for (int64_t d = 0; d < kB; ++d) run[d] += (xj[d] - m) * a;
+      }
     }
-  }
-  for (; d < D; ++d) {
-    const T* xr = x + d * ld;
-    double* p = part + d * num_slots;
-    for (const int32_t s : g.used) {
-      T u = 0;
-      for (int32_t i = g.start[s], e = g.start[s + 1]; i < e; ++i) u += (xr[ord[i]] - mu[i]) * a[i];
-      p[s] += double(u);
+    for (int64_t d = 0; d < nd; ++d) {
+      double* p = part + (d0 + d) * num_slots;
+      for (const int32_t s : g.used) p[s] += double(g.run[s * kB + d]);
     }
   }
 }
@@ -302,7 +337,7 @@ struct SumBlocks {
 // feature row, counts[s] = how many; read from the map as embed_similarity
 // reads it, with no (N, D) copy. On the plane path a tile's statistics come
 // from one pass over the plane (plane_embed.h) and its sums from a second,
-// over the pixels grouped by slot (plane_tile_sums); otherwise from the
+// in 16 x 16 blocks transposed in registers (plane_tile_sums); otherwise from the
 // tile's LayerNorm'd rows (row_tile_sums). Tiles are grouped in blocks
 // (SumBlocks), each summed in the accumulation type and added into its
 // float64 partial after every tile; partials merge in block order: the same
