@@ -181,7 +181,7 @@ struct TileSums {
 };
 
 // The plane path of embed_prototype_sums for tile t, added into the block's
-// float64 partial `part` laid out (D, num_slots). The embedding of a pixel is
+// float64 partial `part` laid out (num_slots, D). The embedding of a pixel is
 //   z_d = (x_d - mu) a w_d + c b_d  (a = r inv, c = inv; without the
 // LayerNorm a = inv, mu = 0 and no w, b), so
 //   sums[s][d] = w_d sum_{slot = s} (x_d - mu) a + b_d sum_{slot = s} c:
@@ -242,9 +242,10 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
         for (int64_t d = 0; d < kB; ++d) run[d] += (xj[d] - m) * a;
       }
     }
-    for (int64_t d = 0; d < nd; ++d) {
-      double* p = part + (d0 + d) * num_slots;
-      for (const int32_t s : g.used) p[s] += double(g.run[s * kB + d]);
+    for (const int32_t s : g.used) {
+      double* p = part + s * D + d0;
+      const T* run = g.run.data() + s * kB;
+      for (int64_t d = 0; d < nd; ++d) p[d] += double(run[d]);
     }
   }
 }
@@ -270,9 +271,8 @@ void row_tile_sums(const Source& src, int64_t t, const int64_t* slot, rows::Slot
 
 // The blocks of embed_prototype_sums: a number fixed by the tile count, each
 // with its float64 partial sums (from the pool: a fresh buffer this large
-// would page-fault in every step), laid out (D, num_slots) on the plane path
-// and (num_slots, D) on the row path, its counts, its sums of c (plane path)
-// and its pixels left to float64 (plane path).
+// would page-fault in every step), laid out (num_slots, D), its counts, its
+// sums of c (plane path) and its pixels left to float64 (plane path).
 struct SumBlocks {
   int64_t nb, num_slots, D, SD;
   bool on_plane;
@@ -293,7 +293,7 @@ struct SumBlocks {
 
   // sums (num_slots, D) and counts (num_slots,) in float64: the partials
   // merged in block order (the same bits for any thread count); on the plane
-  // path (x - mu) a summed per (d, slot) becomes the embeddings' sums (times
+  // path (x - mu) a summed per (slot, d) becomes the embeddings' sums (times
   // w_d, plus b_d sum c), then the pixels left to float64 are added.
   std::tuple<at::Tensor, at::Tensor> merge(const Source& src, const int64_t* slot) const {
     at::Tensor total = at::zeros({SD}, at::kDouble);
@@ -310,8 +310,8 @@ struct SumBlocks {
         cs.data_ptr<double>()[j] += csum[b * num_slots + j];
       }
     }
-    if (!on_plane) return {total.view({num_slots, D}), cnt};
-    at::Tensor out = total.view({D, num_slots}).t().contiguous();
+    at::Tensor out = total.view({num_slots, D});
+    if (!on_plane) return {out, cnt};
     if (src.ln()) out = out * src.weight.to(at::kDouble).unsqueeze(0) + cs * src.bias.to(at::kDouble).unsqueeze(0);
     AT_DISPATCH_FLOATING_TYPES(src.acc, "embed_prototype_sums_late", [&] {
       using acc_t = scalar_t;
