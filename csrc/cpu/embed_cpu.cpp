@@ -17,10 +17,6 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "../checks.h"
 #include "../protoseg_math.h"
 #include "buffer_pool.h"
@@ -127,46 +123,7 @@ bool pixel_embedding(const T* x, int64_t ld, int64_t D, const Source& src, T* z)
 
 namespace {
 
-constexpr int64_t kB = 16;  // rows and pixels of a block of plane_tile_sums
-
-// out (16 pixels x 16 rows, row-major) <- the transpose of the block of 16
-// rows (stride ld) of 16 pixels at src. In float with AVX-512: 16 loads and
-// 64 in-register shuffles (pairs of rows interleaved by element, then by
-// pairs, then 128-bit lanes twice); otherwise element by element.
-template <typename T>
-inline void transpose_block(const T* src, int64_t ld, T* out) {
-  for (int64_t d = 0; d < kB; ++d)
-    for (int64_t j = 0; j < kB; ++j) out[j * kB + d] = src[d * ld + j];
-}
-
-#if defined(__AVX512F__)
-template <>
-inline void transpose_block<float>(const float* src, int64_t ld, float* out) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane L: rows 2i, 2i+1 of columns 4L, 4L+1 (lo) and 4L+2, 4L+3 (hi)
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // r[4g + c], lane L: column 4L + c, rows 4g..4g+3
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int c = 0; c < 4; ++c) {  // gather lane L of r[c], r[4 + c], r[8 + c], r[12 + c]: column 4L + c
-    const __m512 v = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), w = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
-    const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 w2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
-    _mm512_storeu_ps(out + c * 16, _mm512_shuffle_f32x4(v, v2, 0x88));
-    _mm512_storeu_ps(out + (8 + c) * 16, _mm512_shuffle_f32x4(v, v2, 0xdd));
-    _mm512_storeu_ps(out + (4 + c) * 16, _mm512_shuffle_f32x4(w, w2, 0x88));
-    _mm512_storeu_ps(out + (12 + c) * 16, _mm512_shuffle_f32x4(w, w2, 0xdd));
-  }
-}
-#endif
+constexpr int64_t kB = kTransposeBlock;  // rows and pixels of a block of plane_tile_sums
 
 // Scratch of plane_tile_sums, reused across tiles.
 template <typename T>
@@ -230,7 +187,7 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
         blk = g.padded.data();
         bld = kB;
       }
-      transpose_block(blk, bld, g.block.data());
+      transpose_block(blk, bld, g.block.data(), kB);
       for (int64_t jj = 0; jj < nj; ++jj) {
         const int32_t s = g.slot[j0 + jj];
         if (s < 0) continue;

@@ -11,6 +11,7 @@
 #include "cpu_isa.h"
 #include "plane_embed.h"
 #include "rows.h"
+#include "transpose.h"
 
 namespace protoseg {
 namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
@@ -19,23 +20,6 @@ namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cp
 inline int64_t tile_rows(int64_t CK, int64_t elem_size) {
   int64_t rows = (int64_t(1) << 20) / std::max<int64_t>(1, CK * elem_size);
   return std::min<int64_t>(1024, std::max<int64_t>(16, rows));
-}
-
-// dst (cols, rows) <- the transpose of src (rows, cols), with row strides
-// ld_dst and ld_src: a block of an image's (D, HW) plane to (n, D) rows and
-// back. 16 x 16 blocks, so both sides stream whole cache lines (a strided
-// element-wise copy would touch one line per element).
-template <typename T>
-void transpose(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols) {
-  constexpr int64_t kB = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
-    const int64_t r1 = std::min(rows, r0 + kB);
-    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
-      const int64_t c1 = std::min(cols, c0 + kB);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-    }
-  }
 }
 
 // Where the rows of the embedding matrix X (N, D) come from: `feats` (N, D)
