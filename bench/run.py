@@ -259,20 +259,17 @@ def add_ratios(r, floor_ms, official_ms):
         r["vs_official"] = official_ms / r["median_ms"]
 
 
-def main(argv=None):
-    args = _parse(argv)
-    if args.list:
-        for name, s in SIZES.items():
-            print(f"size {name:16s} N={s.N:>9,} D={s.D:>4} C={s.C:>3} K={s.K:>2}  {s.about}")
-        print("providers:", ", ".join(PROVIDERS))
-        print("modes:", ", ".join(MODES))
-        print("labels:", ", ".join(LABELS))
-        return 0
-    import torch
+def _print_list():
+    """``--list``: the sizes, providers, modes and label sets."""
+    for name, s in SIZES.items():
+        print(f"size {name:16s} N={s.N:>9,} D={s.D:>4} C={s.C:>3} K={s.K:>2}  {s.about}")
+    print("providers:", ", ".join(PROVIDERS))
+    print("modes:", ", ".join(MODES))
+    print("labels:", ", ".join(LABELS))
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+def _choices(args):
+    """The sizes, modes, label sets and providers the options name, checked; providers in report order."""
     sizes = [s for s in args.sizes.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     labels_list = [lab for lab in args.labels.split(",") if lab]
@@ -296,18 +293,23 @@ def main(argv=None):
         providers = sorted(set(providers), key=_provider_order)
     else:  # all that can run here; an explicitly named one that cannot gets an "unavailable" row
         providers = [p for p in PROVIDERS if unavailable_reason(p, args.device) is None]
+    return sizes, modes, labels_list, providers
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    csv_path = os.path.join(args.out_dir, "bench.csv")
-    meta = dict(
+
+def _run_meta(device, torch_version):
+    """The columns every CSV row of this run carries: run id, time, machine, device, torch, commit."""
+    return dict(
         run_id=datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
         timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
-        machine=machine_info(args.device),
-        device=args.device,
-        torch=torch.__version__,
+        machine=machine_info(device),
+        device=device,
+        torch=torch_version,
         commit=git_commit(),
     )
-    log(f"run {meta['run_id']}: {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}")
+
+
+def _prepare_csv(csv_path):
+    """Whether the CSV is new; one written by an older harness is rewritten with today's columns."""
     new_file = not os.path.exists(csv_path)
     if not new_file:
         with open(csv_path, newline="") as f:
@@ -318,6 +320,116 @@ def main(argv=None):
                 w = csv.DictWriter(f, fieldnames=report.FIELDS, extrasaction="ignore")
                 w.writeheader()
                 w.writerows(old)
+    return new_file
+
+
+def _plan(size, modes, labels_list, providers, args, capacity):
+    """What runs at one size: ``(provider, labels, modes, fixed)``, the floor first; ``fixed`` is
+    ``{mode: result}`` for a provider that cannot run (unavailable, or too big), else None."""
+    floor_modes = [m for m in modes if m != "update"] if not args.no_floor else []
+    plan = []
+    if floor_modes:
+        need = estimate_bytes("floor", size)
+        plan.append(("floor", labels_list[0], floor_modes,
+                     {m: {"status": f"skipped: needs ~{need / GiB:.0f} GB of {capacity / GiB:.0f}"}
+                      for m in floor_modes} if need > capacity else None))
+    for labels in labels_list:
+        for prov in providers:
+            reason = provider_unavailable(prov, args.device)
+            need = estimate_bytes(split_isa(prov)[0], size)
+            fixed = None
+            if reason is not None:
+                fixed = {m: {"status": f"unavailable: {reason}"} for m in modes}
+            elif need > capacity:
+                fixed = {m: {"status": f"skipped: needs ~{need / GiB:.0f} GB of {capacity / GiB:.0f}"}
+                         for m in modes}
+            plan.append((prov, labels, modes, fixed))
+    return plan
+
+
+def _run_rounds(plan, size_name, args, log):
+    """Run the plan's rounds; returns ``{(provider, labels): [{mode: result} per round]}``.
+
+    Each round runs the floor and every provider once, in turn, each in a process of its own, so that all
+    see the machine's state of the same minutes; the best round of each is reported."""
+    per_round = {(prov, labels): [] for prov, labels, _, _ in plan}
+    for rnd in range(args.rounds):
+        for prov, labels, pmodes, fixed in plan:
+            if fixed is not None:
+                continue
+            t0 = time.perf_counter()
+            load = os.getloadavg()[0]
+            res = run_worker(prov, size_name, labels, pmodes, args, log)
+            for r in res.values():
+                r.setdefault("load1", round(load, 2))
+            per_round[(prov, labels)].append(res)
+            log(f"  {size_name} {labels} {prov} round {rnd + 1}/{args.rounds}: "
+                f"{time.perf_counter() - t0:.0f} s")
+    return per_round
+
+
+def _log_result(log, m, prov, r):
+    """One line per (mode, provider): its time, spread, peaks and ratios, or its status."""
+    if r.get("status") != "ok":
+        log(f"    {m:8s} {prov:16s} {r['status']}")
+        return
+    log(f"    {m:8s} {prov:16s} {r['median_ms']:10.1f} ms  "
+        f"[{r['p20_ms']:.1f}-{r['p80_ms']:.1f}]  peak {r['peak_mem_mb']:.0f} MB "
+        f"(first step {r['first_peak_mem_mb']:.0f})"
+        + (f"  x{r['x_floor']:.2f} floor" if "x_floor" in r else "")
+        + (f" (in-process floor: x{r['x_floor_inproc']:.2f})" if "x_floor_inproc" in r else "")
+        + (f"  ops {r['ops']} syncs {r['syncs']}" if "ops" in r else "")
+        + (f"\n      phases {r['phases']}" if r.get("phases") else ""))
+
+
+def _results(plan, per_round, log):
+    """Yield ``(provider, labels, mode, row)``: each provider's rounds combined, with its ratios to the floor
+    and to official (both come first in the plan)."""
+    floor, official = {}, {}  # mode -> ms; (labels, mode) -> ms
+    for prov, labels, pmodes, fixed in plan:
+        for m in pmodes:
+            r = dict(fixed[m]) if fixed is not None else combine_rounds(
+                [res.get(m, {"status": "not run"}) for res in per_round[(prov, labels)]])
+            if r.get("status") == "ok":
+                if prov == "floor":
+                    floor[m] = r["median_ms"]
+                elif prov == "official":
+                    official[(labels, m)] = r["median_ms"]
+                add_ratios(r, floor.get(m), official.get((labels, m)) if prov != "official" else None)
+            _log_result(log, m, prov, r)
+            yield prov, labels, m, r
+
+
+def _write_report(rows, out_dir, csv_path, t_start, log):
+    """This run's markdown table and chart, then the closing log line."""
+    md_path = os.path.join(out_dir, "bench.md")
+    png_path = os.path.join(out_dir, "bench.png")
+    report.write_markdown(rows, md_path)
+    try:
+        report.plot(rows, png_path)
+    except ImportError:
+        png_path = "(no PNG: matplotlib is not installed)"
+    log(f"done in {time.perf_counter() - t_start:.0f} s: {csv_path}, {md_path}, {png_path}")
+
+
+def main(argv=None):
+    """Run the chosen providers x sizes x labels x modes; append the rows to the CSV, write the table and chart."""
+    args = _parse(argv)
+    if args.list:
+        _print_list()
+        return 0
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    sizes, modes, labels_list, providers = _choices(args)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    csv_path = os.path.join(args.out_dir, "bench.csv")
+    meta = _run_meta(args.device, torch.__version__)
+    log(f"run {meta['run_id']}: {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}")
+    new_file = _prepare_csv(csv_path)
     rows = []
     capacity = total_memory_bytes(args.device) * args.mem_fraction
     t_start = time.perf_counter()
@@ -326,79 +438,18 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=report.FIELDS, extrasaction="ignore")
         if new_file:
             writer.writeheader()
-
-        def emit(row):
-            rows.append(row)
-            writer.writerow(row)
-            f.flush()
-
         for size_name in sizes:
             size = SIZES[size_name]
             shape = dict(size=size_name, N=size.N, D=size.D, C=size.C, K=size.K)
-            floor_modes = [m for m in modes if m != "update"] if not args.no_floor else []
-            # what runs: (provider, labels) -> {mode: result} for those that cannot run, else None
-            plan = []
-            if floor_modes:
-                need = estimate_bytes("floor", size)
-                plan.append(("floor", labels_list[0], floor_modes,
-                             {m: {"status": f"skipped: needs ~{need / GiB:.0f} GB of {capacity / GiB:.0f}"}
-                              for m in floor_modes} if need > capacity else None))
-            for labels in labels_list:
-                for prov in providers:
-                    reason = provider_unavailable(prov, args.device)
-                    need = estimate_bytes(split_isa(prov)[0], size)
-                    fixed = None
-                    if reason is not None:
-                        fixed = {m: {"status": f"unavailable: {reason}"} for m in modes}
-                    elif need > capacity:
-                        fixed = {m: {"status": f"skipped: needs ~{need / GiB:.0f} GB of {capacity / GiB:.0f}"}
-                                 for m in modes}
-                    plan.append((prov, labels, modes, fixed))
-            # rounds: the floor and every provider once each, in turn, each in a process of its own, so
-            # that all see the machine's state of the same minutes; the best round of each is reported
-            per_round = {(prov, labels): [] for prov, labels, _, _ in plan}
-            for rnd in range(args.rounds):
-                for prov, labels, pmodes, fixed in plan:
-                    if fixed is not None:
-                        continue
-                    t0 = time.perf_counter()
-                    load = os.getloadavg()[0]
-                    res = run_worker(prov, size_name, labels, pmodes, args, log)
-                    for r in res.values():
-                        r.setdefault("load1", round(load, 2))
-                    per_round[(prov, labels)].append(res)
-                    log(f"  {size_name} {labels} {prov} round {rnd + 1}/{args.rounds}: "
-                        f"{time.perf_counter() - t0:.0f} s")
-            floor, official = {}, {}  # mode -> ms; (labels, mode) -> ms
-            for prov, labels, pmodes, fixed in plan:
-                for m in pmodes:
-                    r = dict(fixed[m]) if fixed is not None else combine_rounds(
-                        [res.get(m, {"status": "not run"}) for res in per_round[(prov, labels)]])
-                    if r.get("status") == "ok":
-                        if prov == "floor":
-                            floor[m] = r["median_ms"]
-                        elif prov == "official":
-                            official[(labels, m)] = r["median_ms"]
-                        add_ratios(r, floor.get(m), official.get((labels, m)) if prov != "official" else None)
-                        log(f"    {m:8s} {prov:16s} {r['median_ms']:10.1f} ms  "
-                            f"[{r['p20_ms']:.1f}-{r['p80_ms']:.1f}]  peak {r['peak_mem_mb']:.0f} MB "
-                            f"(first step {r['first_peak_mem_mb']:.0f})"
-                            + (f"  x{r['x_floor']:.2f} floor" if "x_floor" in r else "")
-                            + (f" (in-process floor: x{r['x_floor_inproc']:.2f})" if "x_floor_inproc" in r else "")
-                            + (f"  ops {r['ops']} syncs {r['syncs']}" if "ops" in r else "")
-                            + (f"\n      phases {r['phases']}" if r.get("phases") else ""))
-                    else:
-                        log(f"    {m:8s} {prov:16s} {r['status']}")
-                    emit({**meta, **shape, "labels": labels, "provider": prov, "mode": m, **r})
+            plan = _plan(size, modes, labels_list, providers, args, capacity)
+            per_round = _run_rounds(plan, size_name, args, log)
+            for prov, labels, m, r in _results(plan, per_round, log):
+                row = {**meta, **shape, "labels": labels, "provider": prov, "mode": m, **r}
+                rows.append(row)
+                writer.writerow(row)
+                f.flush()
 
-    md_path = os.path.join(args.out_dir, "bench.md")
-    png_path = os.path.join(args.out_dir, "bench.png")
-    report.write_markdown(rows, md_path)
-    try:
-        report.plot(rows, png_path)
-    except ImportError:
-        png_path = "(no PNG: matplotlib is not installed)"
-    log(f"done in {time.perf_counter() - t_start:.0f} s: {csv_path}, {md_path}, {png_path}")
+    _write_report(rows, args.out_dir, csv_path, t_start, log)
     return 0
 
 

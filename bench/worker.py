@@ -269,19 +269,10 @@ def measure_floor(size, mode, inputs, args, steps=None):
                         device=args.device), None
 
 
-def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_times=None, steps=None):
-    """Time ``mode`` of provider ``prov``; returns ``((first, times), op counter or None)``.
-
-    With ``floor_times`` (a list), the GEMM floor of the mode is timed after
-    each timed repeat and appended to it: provider and floor then see the same
-    machine state, which on a shared machine drifts over minutes.
-    """
-    from bench.opcount import OpCounter
-
+def _mode_step(prov, mode, inputs, x, now):
+    """``(run, body)`` of one mode: ``run()`` one untimed step (None for backward, whose forward is not
+    counted), ``body()`` one step that returns the seconds of the timed part."""
     feats, protos, gt, seg = inputs
-    now = _timer(args.device)
-    x = prov.input(feats).detach().requires_grad_(True)  # the NCHW map (or the -rows variant's (N, D) view)
-
     if mode == "update":
         rows = pixel_rows(feats)
 
@@ -293,7 +284,6 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
             run()
             return now() - t0
 
-        count = run
     elif mode == "forward":
         def run():
             return prov.forward(x, gt)
@@ -305,7 +295,6 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
             del loss
             return t
 
-        count = run
     elif mode == "full":
         def run():
             x.grad = None
@@ -316,8 +305,9 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
             run()
             return now() - t0
 
-        count = run
     elif mode == "backward":
+        run = None
+
         def body():
             x.grad = None
             loss = prov.forward(x, gt)
@@ -325,9 +315,37 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
             loss.backward()
             return now() - t0
 
-        count = None
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    return run, body
+
+
+def _count_ops(counter, prov, mode, x, gt, run):
+    """Count into ``counter`` the aten ops, views and syncs of one more step (the backward alone in backward mode)."""
+    if mode == "backward":
+        x.grad = None
+        loss = prov.forward(x, gt)
+        with counter:
+            loss.backward()
+    else:
+        with counter:
+            run()
+    return counter
+
+
+def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_times=None, steps=None):
+    """Time ``mode`` of provider ``prov``; returns ``((first, times), op counter or None, phases or None)``.
+
+    With ``floor_times`` (a list), the GEMM floor of the mode is timed after
+    each timed repeat and appended to it: provider and floor then see the same
+    machine state, which on a shared machine drifts over minutes.
+    """
+    from bench.opcount import OpCounter
+
+    feats, protos, gt, seg = inputs
+    now = _timer(args.device)
+    x = prov.input(feats).detach().requires_grad_(True)  # the NCHW map (or the -rows variant's (N, D) view)
+    run, body = _mode_step(prov, mode, inputs, x, now)
 
     if steps is not None:
         body = steps.wrap(body)
@@ -342,15 +360,7 @@ def measure_provider(prov, size, mode, inputs, args, after_first=None, floor_tim
         phases = profile_phases(run)
     counter = None
     if not args.no_ops and not prov.compiled:  # compiled code runs fused kernels, not aten ops
-        counter = OpCounter()
-        if mode == "backward":
-            x.grad = None
-            loss = prov.forward(x, gt)
-            with counter:
-                loss.backward()
-        else:
-            with counter:
-                count()
+        counter = _count_ops(OpCounter(), prov, mode, x, gt, run)
     return timing, counter, phases
 
 
@@ -393,7 +403,58 @@ def profile_phases(run):
     return out
 
 
+def _setup(args, size, modes):
+    """``(inputs, provider)``: the step's inputs, made in place, and the provider (None for the floor)."""
+    import torch
+
+    from bench.providers import Provider, make_inputs, map_shape, official_seg
+
+    # the map the step reads, made in place (no (N, D) copy next to it); the floor and the
+    # "-rows" variant read (N, D) rows
+    reads_map = args.provider != "floor" and not args.provider.endswith("-rows")
+    feats, protos, gt = make_inputs(size, args.labels, device=args.device, seed=args.seed,
+                                    map_shape=map_shape(size.N, size.D) if reads_map else None)
+    seg = None
+    if "update" in modes and args.provider != "floor":  # the update mode's input, made before it is measured
+        seg = official_seg(pixel_rows(feats), protos, torch.nn.LayerNorm(size.C).to(feats.device))
+    inputs = (feats, protos, gt, seg)
+    prov = None
+    if args.provider != "floor":
+        prov = Provider(args.provider, size, args.device)
+        prov.set_prototypes(inputs[1])
+    return inputs, prov
+
+
+def _measure_mode(prov, size, mode, inputs, args, steps):
+    """``(first, times, op counter or None, extra columns)`` of one mode of the floor or a provider."""
+    import torch
+
+    extra = {}
+    if prov is None:
+        (first, times), counter = measure_floor(size, mode, inputs, args, steps)
+        return first, times, counter, extra
+    if prov.compiled:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    floor_times = [] if args.interleave_floor else None
+    (first, times), counter, phases = measure_provider(prov, size, mode, inputs, args,
+                                                       floor_times=floor_times, steps=steps)
+    if phases:
+        extra["phases"] = json.dumps(phases)
+    if floor_times:
+        extra["floor_inproc_ms"] = statistics.median(floor_times) * 1e3
+        extra["floor_inproc_min_ms"] = min(floor_times) * 1e3
+    if prov.compiled:
+        c = torch._dynamo.utils.counters
+        extra["graph_breaks"] = sum(c["graph_break"].values())
+        extra["graphs"] = c["stats"]["unique_graphs"]
+    return first, times, counter, extra
+
+
 def main():
+    """Measure the modes of one provider at one size; print one ``RESULT {json}`` line per mode."""
     args = _parse()
     if args.mem_limit_gb > 0 and args.device == "cpu":
         lim = int(args.mem_limit_gb * (1 << 30))
@@ -405,7 +466,7 @@ def main():
 
     import torch
 
-    from bench.providers import SIZES, Provider, make_inputs, map_shape, official_seg
+    from bench.providers import SIZES
 
     size = SIZES[args.size]
     modes = [m for m in args.modes.split(",") if m]
@@ -415,19 +476,7 @@ def main():
         print("RESULT " + json.dumps({"mode": mode, **kw}), flush=True)
 
     try:
-        # the map the step reads, made in place (no (N, D) copy next to it); the floor and the
-        # "-rows" variant read (N, D) rows
-        reads_map = args.provider != "floor" and not args.provider.endswith("-rows")
-        feats, protos, gt = make_inputs(size, args.labels, device=args.device, seed=args.seed,
-                                        map_shape=map_shape(size.N, size.D) if reads_map else None)
-        seg = None
-        if "update" in modes and args.provider != "floor":  # the update mode's input, made before it is measured
-            seg = official_seg(pixel_rows(feats), protos, torch.nn.LayerNorm(size.C).to(feats.device))
-        inputs = (feats, protos, gt, seg)
-        prov = None
-        if args.provider != "floor":
-            prov = Provider(args.provider, size, args.device)
-            prov.set_prototypes(inputs[1])
+        inputs, prov = _setup(args, size, modes)
     except Exception as e:  # noqa: BLE001 - reported per mode
         status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
         for m in modes:
@@ -439,29 +488,9 @@ def main():
     for mode in modes:
         gc.collect()
         mem.reset()
-        extra = {}
         steps = StepMemory(mem)
         try:
-            if prov is None:
-                (first, times), counter = measure_floor(size, mode, inputs, args, steps)
-            else:
-                if prov.compiled:
-                    import torch._dynamo
-
-                    torch._dynamo.reset()
-                    torch._dynamo.utils.counters.clear()
-                floor_times = [] if args.interleave_floor else None
-                (first, times), counter, phases = measure_provider(prov, size, mode, inputs, args,
-                                                                   floor_times=floor_times, steps=steps)
-                if phases:
-                    extra["phases"] = json.dumps(phases)
-                if floor_times:
-                    extra["floor_inproc_ms"] = statistics.median(floor_times) * 1e3
-                    extra["floor_inproc_min_ms"] = min(floor_times) * 1e3
-                if prov.compiled:
-                    c = torch._dynamo.utils.counters
-                    extra["graph_breaks"] = sum(c["graph_break"].values())
-                    extra["graphs"] = c["stats"]["unique_graphs"]
+            first, times, counter, extra = _measure_mode(prov, size, mode, inputs, args, steps)
         except Exception as e:  # noqa: BLE001
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -23,6 +23,8 @@ their compute peak is 494.5 / 3 TFLOPS.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from . import tiles
 
 __all__ = ["h100_roofline", "H100_PEAKS", "OPS"]
@@ -94,6 +96,149 @@ def _result(flops_gemm, flops_elem, nbytes, bytes_impl, dtype):
     }
 
 
+class _Problem(NamedTuple):
+    """One call's shape and dtype, with the compulsory bytes of its operands and the FLOPs of S."""
+
+    N: int
+    D: int
+    C: int
+    K: int
+    dt: str  # the dtype's name
+    iters: int  # Sinkhorn iterations
+    e: int  # bytes per input element
+    a: int  # bytes per accumulation element (lse, own, Q, sums)
+    CK: int
+    feats: int  # bytes of feats (N, D)
+    protos: int  # bytes of protos (C, K, D)
+    labels: int  # bytes of the int64 labels (N,)
+    gemm: float  # FLOPs of S = feats @ protos^T
+
+
+def _problem(N: int, D: int, C: int, K: int, dtype, iters: int) -> _Problem:
+    """The call's :class:`_Problem`; a dtype other than float32, float16, bfloat16, float64 raises."""
+    dt = _dtype_name(dtype)
+    e = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[dt]  # input element
+    a = 8 if dt == "float64" else 4  # accumulation dtype (lse, own, Q, sums)
+    CK = C * K
+    return _Problem(N, D, C, K, dt, iters, e, a, CK, N * D * e, CK * D * e, N * 8, 2.0 * N * D * CK)
+
+
+def _similarity_forward(op: str, p: _Problem) -> dict:
+    """similarity, seg_logits, proto_losses: S and its epilogue, each output written once."""
+    N, C, K, CK, e, a = p.N, p.C, p.K, p.CK, p.e, p.a
+    seg = op in ("similarity", "seg_logits")
+    lse = op in ("similarity", "proto_losses")
+    out = (N * C * (e + 1) if seg else 0) + (N * a if lse else 0) + (N * K * a if lse else 0)
+    # epilogue per S element: max/compare (seg), scale + exp + add (lse), select (own)
+    elem = N * CK * ((2 if seg else 0) + (4 if lse else 0))
+    nbytes = p.feats + p.protos + (p.labels if lse else 0) + out
+    res = _result(p.gemm, elem, nbytes, nbytes, p.dt)
+    res["flops_impl"] = p.gemm * _padding(C, K, p.dt, "fwd")
+    return res
+
+
+def _own_scores(op: str, p: _Problem) -> dict:
+    """The own-class scores, gathered: no full S."""
+    nbytes = p.feats + p.protos + p.labels + p.N * p.K * p.a
+    return _result(0.0, 2.0 * p.N * p.K * p.D, nbytes, nbytes, p.dt)
+
+
+def _similarity_backward(op: str, p: _Problem) -> dict:
+    """d feats: S recomputed, then dS @ protos (two GEMMs); softmax weights per S element."""
+    N, D, C, K, e, a, dt = p.N, p.D, p.C, p.K, p.e, p.a, p.dt
+    nbytes = p.feats + p.protos + p.labels + N * C * (e + 1) + 2 * N * a + N * K * a + N * D * e
+    # as written: S is recomputed (and feats re-read) once per BLOCK_DO slice of D
+    slices = -(-D // tiles.similarity_tiles("bwd", _kind(dt), C, K, D, N, interpret=False)["BLOCK_DO"])
+    res = _result(2 * p.gemm, 4.0 * N * p.CK, nbytes, nbytes + (slices - 1) * p.feats, dt)
+    res["flops_impl"] = p.gemm * _padding(C, K, dt, "bwd") * (slices + 1)
+    return res
+
+
+def _embed_similarity(op: str, p: _Problem) -> dict:
+    """embed_similarity(_backward): the similarity op with the LayerNorm over D and the L2 norm fused in."""
+    N, D, a, feats, gemm = p.N, p.D, p.a, p.feats, p.gemm
+    # the raw map in, the LayerNorm's weight and bias (D,) beside it; per map element the
+    # statistics (two passes: 3 + 4 FLOPs) and the LayerNorm of each loaded tile (3 FLOPs)
+    stats = N * 3 * a  # (mu, rstd, inv) per pixel, written once and read back
+    ln = 2 * D * a
+    if op == "embed_similarity":
+        res = _similarity_forward("similarity", p)
+        elem = 10.0 * N * D
+        nbytes = res["bytes"] + ln
+        # as written (kernels/embed.py): the statistics kernel reads the map once more
+        # from HBM (its second pass hits L2) and writes the statistics the forward reads
+        out = _result(gemm, res["flops"] - gemm + elem, nbytes, res["bytes_impl"] + ln + feats + 2 * stats, p.dt)
+        out["flops_impl"] = res["flops_impl"]
+        return out
+    res = _similarity_backward("similarity_backward", p)
+    # the L2 + LayerNorm backward: two passes over d z and the map, ~20 FLOPs per element
+    elem = 10.0 * N * D + 20.0 * N * D
+    nbytes = res["bytes"] + 2 * ln  # + d weight, d bias out
+    # as written: the statistics again (map + stats), d z (N, D) in the accumulation dtype
+    # written by the similarity backward and read by the embedding backward (its second
+    # read from L2), the map read once more, the per-program weight and bias partials
+    bytes_impl = res["bytes_impl"] + 2 * ln + feats + 2 * stats + 2 * N * D * a + feats
+    out = _result(2 * gemm, 4.0 * N * p.CK + elem, nbytes, bytes_impl, p.dt)
+    out["flops_impl"] = res["flops_impl"]
+    return out
+
+
+def _sinkhorn(op: str, p: _Problem) -> dict:
+    """The balanced assignment of each class's pixels to its K prototypes, ``iters`` iterations."""
+    N, K, iters = p.N, p.K, p.iters
+    own = N * K * p.a
+    nbytes = own + p.labels + own  # read own, write Q
+    # as written: sort (read labels, write key/perm ~3 N*8), pass 0 reads own,
+    # pass 1 reads own and writes the work buffer, each iteration reads and writes it
+    bytes_impl = 4 * p.labels + 2 * own + own + iters * 2 * own + N * 8
+    return _result(0.0, (2 + 4 * iters) * N * K, nbytes, bytes_impl, p.dt)
+
+
+def _prototype_sums(op: str, p: _Problem) -> dict:
+    """Each prototype's sum of its assigned pixels' features, and their count."""
+    nbytes = p.feats + p.labels + p.CK * p.D * p.a + p.CK * p.a
+    bytes_impl = nbytes + p.feats + 4 * p.labels  # finiteness check, then the sorted sum
+    return _result(0.0, 2.0 * p.N * p.D, nbytes, bytes_impl, p.dt)
+
+
+def _prototype_ema(op: str, p: _Problem) -> dict:
+    """The prototypes' moving-average update from the sums."""
+    nbytes = p.protos + p.CK * p.D * p.a + p.CK * p.a + p.protos
+    return _result(0.0, 10.0 * p.CK * p.D, nbytes, nbytes, p.dt)
+
+
+def _prototype_learning(op: str, p: _Problem) -> dict:
+    """own_scores + sinkhorn + prototype_sums + prototype_ema, each op's times summed."""
+    parts = [_OP_MODELS[q](q, p) for q in ("own_scores", "sinkhorn", "prototype_sums", "prototype_ema")]
+    tc = sum(q["t_compute_s"] for q in parts)
+    tm = sum(q["t_memory_s"] for q in parts)
+    return {
+        "flops": sum(q["flops"] for q in parts),
+        "bytes": sum(q["bytes"] for q in parts),
+        "t_compute_s": tc,
+        "t_memory_s": tm,
+        "bound": "compute" if tc >= tm else "memory",
+        "bytes_impl": sum(q["bytes_impl"] for q in parts),
+        "t_roofline_s": sum(q["t_roofline_s"] for q in parts),
+    }
+
+
+_OP_MODELS = {
+    "similarity": _similarity_forward,
+    "seg_logits": _similarity_forward,
+    "proto_losses": _similarity_forward,
+    "own_scores": _own_scores,
+    "similarity_backward": _similarity_backward,
+    "embed_similarity": _embed_similarity,
+    "embed_similarity_backward": _embed_similarity,
+    "sinkhorn": _sinkhorn,
+    "prototype_sums": _prototype_sums,
+    "prototype_ema": _prototype_ema,
+    "prototype_learning": _prototype_learning,
+}
+assert set(_OP_MODELS) == set(OPS)
+
+
 def h100_roofline(op: str, N: int, D: int, C: int, K: int, dtype="float32", iters: int = 3) -> dict:
     """Roofline of ``op`` for ``feats (N, D)``, ``protos (C, K, D)`` of ``dtype`` on an H100 SXM.
 
@@ -101,85 +246,7 @@ def h100_roofline(op: str, N: int, D: int, C: int, K: int, dtype="float32", iter
     t_roofline_s)``. ``op`` is one of :data:`OPS`; ``iters`` is the number of
     Sinkhorn iterations.
     """
-    dt = _dtype_name(dtype)
-    e = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[dt]  # input element
-    a = 8 if dt == "float64" else 4  # accumulation dtype (lse, own, Q, sums)
-    CK = C * K
-    feats, protos, labels = N * D * e, CK * D * e, N * 8
-    gemm = 2.0 * N * D * CK  # S = feats @ protos^T
-
-    if op in ("similarity", "seg_logits", "proto_losses"):
-        seg = op in ("similarity", "seg_logits")
-        lse = op in ("similarity", "proto_losses")
-        out = (N * C * (e + 1) if seg else 0) + (N * a if lse else 0) + (N * K * a if lse else 0)
-        # epilogue per S element: max/compare (seg), scale + exp + add (lse), select (own)
-        elem = N * CK * ((2 if seg else 0) + (4 if lse else 0))
-        nbytes = feats + protos + (labels if lse else 0) + out
-        res = _result(gemm, elem, nbytes, nbytes, dt)
-        res["flops_impl"] = gemm * _padding(C, K, dt, "fwd")
-        return res
-    if op == "own_scores":
-        nbytes = feats + protos + labels + N * K * a
-        return _result(0.0, 2.0 * N * K * D, nbytes, nbytes, dt)
-    if op == "similarity_backward":
-        # recompute S, then dS @ protos: two GEMMs; softmax weights per S element
-        nbytes = feats + protos + labels + N * C * (e + 1) + 2 * N * a + N * K * a + N * D * e
-        # as written: S is recomputed (and feats re-read) once per BLOCK_DO slice of D
-        slices = -(-D // tiles.similarity_tiles("bwd", _kind(dt), C, K, D, N, interpret=False)["BLOCK_DO"])
-        res = _result(2 * gemm, 4.0 * N * CK, nbytes, nbytes + (slices - 1) * feats, dt)
-        res["flops_impl"] = gemm * _padding(C, K, dt, "bwd") * (slices + 1)
-        return res
-    if op in ("embed_similarity", "embed_similarity_backward"):
-        # the raw map in, the LayerNorm's weight and bias (D,) beside it; per map element the
-        # statistics (two passes: 3 + 4 FLOPs) and the LayerNorm of each loaded tile (3 FLOPs)
-        stats = N * 3 * a  # (mu, rstd, inv) per pixel, written once and read back
-        ln = 2 * D * a
-        if op == "embed_similarity":
-            res = h100_roofline("similarity", N, D, C, K, dtype, iters)
-            elem = 10.0 * N * D
-            nbytes = res["bytes"] + ln
-            # as written (kernels/embed.py): the statistics kernel reads the map once more
-            # from HBM (its second pass hits L2) and writes the statistics the forward reads
-            out = _result(gemm, res["flops"] - gemm + elem, nbytes, res["bytes_impl"] + ln + feats + 2 * stats, dt)
-            out["flops_impl"] = res["flops_impl"]
-            return out
-        res = h100_roofline("similarity_backward", N, D, C, K, dtype, iters)
-        # the L2 + LayerNorm backward: two passes over d z and the map, ~20 FLOPs per element
-        elem = 10.0 * N * D + 20.0 * N * D
-        nbytes = res["bytes"] + 2 * ln  # + d weight, d bias out
-        # as written: the statistics again (map + stats), d z (N, D) in the accumulation dtype
-        # written by the similarity backward and read by the embedding backward (its second
-        # read from L2), the map read once more, the per-program weight and bias partials
-        bytes_impl = res["bytes_impl"] + 2 * ln + feats + 2 * stats + 2 * N * D * a + feats
-        out = _result(2 * gemm, 4.0 * N * CK + elem, nbytes, bytes_impl, dt)
-        out["flops_impl"] = res["flops_impl"]
-        return out
-    if op == "sinkhorn":
-        own = N * K * a
-        nbytes = own + labels + own  # read own, write Q
-        # as written: sort (read labels, write key/perm ~3 N*8), pass 0 reads own,
-        # pass 1 reads own and writes the work buffer, each iteration reads and writes it
-        bytes_impl = 4 * labels + 2 * own + own + iters * 2 * own + N * 8
-        return _result(0.0, (2 + 4 * iters) * N * K, nbytes, bytes_impl, dt)
-    if op == "prototype_sums":
-        nbytes = feats + labels + CK * D * a + CK * a
-        bytes_impl = nbytes + feats + 4 * labels  # finiteness check, then the sorted sum
-        return _result(0.0, 2.0 * N * D, nbytes, bytes_impl, dt)
-    if op == "prototype_ema":
-        nbytes = protos + CK * D * a + CK * a + protos
-        return _result(0.0, 10.0 * CK * D, nbytes, nbytes, dt)
-    if op == "prototype_learning":
-        parts = [h100_roofline(p, N, D, C, K, dtype, iters)
-                 for p in ("own_scores", "sinkhorn", "prototype_sums", "prototype_ema")]
-        tc = sum(p["t_compute_s"] for p in parts)
-        tm = sum(p["t_memory_s"] for p in parts)
-        return {
-            "flops": sum(p["flops"] for p in parts),
-            "bytes": sum(p["bytes"] for p in parts),
-            "t_compute_s": tc,
-            "t_memory_s": tm,
-            "bound": "compute" if tc >= tm else "memory",
-            "bytes_impl": sum(p["bytes_impl"] for p in parts),
-            "t_roofline_s": sum(p["t_roofline_s"] for p in parts),
-        }
-    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    p = _problem(N, D, C, K, dtype, iters)
+    if op not in _OP_MODELS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return _OP_MODELS[op](op, p)

@@ -29,6 +29,7 @@ records each test's (device, backend) and outcome into the JSON file named by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -283,7 +284,8 @@ def _header(devices: List[str]) -> List[str]:
     return lines
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m protoseg_ext.selftest``."""
     ap = argparse.ArgumentParser(prog="python -m protoseg_ext.selftest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu", "all"), default="cuda",
                     help="which device's backends to check (default: cuda)")
@@ -298,124 +300,156 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16", help="benchmark dtypes on the GPU")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per step (median reported)")
     ap.add_argument("--require-gpu", action="store_true", help="exit 2 when there is no GPU to check")
-    args = ap.parse_args(argv)
+    return ap
 
-    gpu = torch.cuda.is_available()
-    devices = ["cuda", "cpu"] if args.device == "all" else [args.device]
-    print("\n".join(_header(devices)), flush=True)
 
+@dataclasses.dataclass
+class _Run:
+    """What the checks found so far: the two tables, the notes under them, and the verdict's two flags."""
+
+    failed: bool = False
+    checked: bool = False
+    notes: List[str] = dataclasses.field(default_factory=list)
+    suite_rows: List[Sequence[str]] = dataclasses.field(
+        default_factory=lambda: [("backend", "device", "tests", "passed", "failed", "skipped", "result")])
+    bench_rows: List[Sequence[str]] = dataclasses.field(default_factory=list)
+
+
+def _run_tests(run: _Run, device: str, args: argparse.Namespace) -> Dict[str, Dict[str, int]]:
+    """Run the device's tests in a subprocess; return their outcome counts per backend, noting what failed."""
+    if args.no_tests:
+        return {}
+    if importlib.util.find_spec("pytest") is None:
+        run.failed = True
+        run.notes.append("the tests need pytest: pip install pytest")
+        return {}
+    print(f"\nrunning the {device} tests: pytest --pyargs {' '.join(SUITE)} -k '{_selector(device)}' ...",
+          flush=True)
+    res = run_suite(device, shlex.split(args.pytest_args), args.timeout)
+    groups = summarise(res.get("tests", {}), device)
+    if res.get("error") or res.get("returncode") not in (0, 5):
+        run.failed = True
+        run.notes.append(f"{device} test suite: {res.get('error') or 'pytest exit status ' + str(res['returncode'])}")
+        if res.get("log"):
+            run.notes.append(res["log"])
+    for rec in res.get("tests", {}).values():
+        if rec["device"] == device and rec["outcome"] == "failed" and rec["message"]:
+            run.notes.append(f"FAILED ({rec['backend']}): " + rec["message"].strip().splitlines()[-1][:300])
+    return groups
+
+
+def _add_suite_rows(run: _Run, device: str, fused: List[str], usable: Dict[str, List[str]],
+                    groups: Dict[str, Dict[str, int]], no_tests: bool) -> None:
+    """One row per fused backend of the device, then one per other group of its tests; updates the verdict."""
+    for b in fused:
+        g = groups.get(b)
+        if no_tests:
+            run.suite_rows.append((b, device, "-", "-", "-", "-", "not run (--no-tests)"))
+        elif usable[b]:
+            run.suite_rows.append((b, device, "-", "-", "-", "-", "unavailable: " + "; ".join(usable[b])[:80]))
+        elif not g:
+            run.suite_rows.append((b, device, "0", "0", "0", "0", "no tests ran"))
+            run.failed = True
+        else:
+            total = sum(g.values())
+            ok = g["failed"] == 0 and g["passed"] > 0
+            run.failed |= not ok
+            run.checked |= ok
+            run.suite_rows.append((b, device, str(total), str(g["passed"]), str(g["failed"]), str(g["skipped"]),
+                                   "PASS" if ok else "FAIL"))
+    other = {k: v for k, v in groups.items() if k not in fused}
+    for b, g in sorted(other.items()):  # tests of the device not tied to one fused backend
+        total = sum(g.values())
+        run.failed |= g["failed"] > 0
+        run.suite_rows.append((b if b != "-" else "(other)", device, str(total), str(g["passed"]), str(g["failed"]),
+                               str(g["skipped"]), "FAIL" if g["failed"] else "PASS"))
+
+
+def _run_benchmarks(run: _Run, device: str, fused: List[str], args: argparse.Namespace) -> None:
+    """Time every usable backend (and the reference) at each shape and dtype of the device; one row each."""
     from . import backends
 
-    failed = False
-    checked = False
-    notes: List[str] = []
-    suite_rows = [("backend", "device", "tests", "passed", "failed", "skipped", "result")]
-    bench_rows: List[Sequence[str]] = []
-    has_pytest = importlib.util.find_spec("pytest") is not None
-
-    for device in devices:
-        fused = [b for b in FUSED if (b == "cpu") == (device == "cpu")]
-        if device == "cuda" and not gpu:
-            for b in fused:
-                suite_rows.append((b, device, "-", "-", "-", "-", "skipped: no GPU"))
-            notes.append("no GPU: the CUDA and Triton backends were not checked (nothing to run them on)")
-            continue
-        usable = {b: backends.get_backend(b).not_supported_reasons(torch.device(device)) for b in fused}
-        # -- tests
-        groups: Dict[str, Dict[str, int]] = {}
-        if args.no_tests:
-            pass
-        elif not has_pytest:
-            failed = True
-            notes.append("the tests need pytest: pip install pytest")
-        else:
-            print(f"\nrunning the {device} tests: pytest --pyargs {' '.join(SUITE)} -k '{_selector(device)}' ...",
-                  flush=True)
-            res = run_suite(device, shlex.split(args.pytest_args), args.timeout)
-            groups = summarise(res.get("tests", {}), device)
-            if res.get("error") or res.get("returncode") not in (0, 5):
-                failed = True
-                notes.append(f"{device} test suite: {res.get('error') or 'pytest exit status ' + str(res['returncode'])}")
-                if res.get("log"):
-                    notes.append(res["log"])
-            for rec in res.get("tests", {}).values():
-                if rec["device"] == device and rec["outcome"] == "failed" and rec["message"]:
-                    notes.append(f"FAILED ({rec['backend']}): " + rec["message"].strip().splitlines()[-1][:300])
-        for b in fused:
-            g = groups.get(b)
-            if args.no_tests:
-                suite_rows.append((b, device, "-", "-", "-", "-", "not run (--no-tests)"))
-            elif usable[b]:
-                suite_rows.append((b, device, "-", "-", "-", "-", "unavailable: " + "; ".join(usable[b])[:80]))
-            elif not g:
-                suite_rows.append((b, device, "0", "0", "0", "0", "no tests ran"))
-                failed = True
-            else:
-                total = sum(g.values())
-                ok = g["failed"] == 0 and g["passed"] > 0
-                failed |= not ok
-                checked |= ok
-                suite_rows.append((b, device, str(total), str(g["passed"]), str(g["failed"]), str(g["skipped"]),
-                                   "PASS" if ok else "FAIL"))
-        other = {k: v for k, v in groups.items() if k not in fused}
-        for b, g in sorted(other.items()):  # tests of the device not tied to one fused backend
-            total = sum(g.values())
-            failed |= g["failed"] > 0
-            suite_rows.append((b if b != "-" else "(other)", device, str(total), str(g["passed"]), str(g["failed"]),
-                               str(g["skipped"]), "FAIL" if g["failed"] else "PASS"))
-        # -- compute-sanitizer
-        if device == "cuda" and not args.no_sanitizer:
-            print("\ncompute-sanitizer (memcheck, racecheck) on a small step ...", flush=True)
-            for name, tool, result in run_sanitizer(args.timeout):
-                suite_rows.append((name, device, "-", "-", "-", "-", f"{tool}: {result}"))
-                failed |= result.startswith("FAIL")
-        # -- benchmark
-        if args.no_bench:
-            continue
-        shapes = [tuple(int(x) for x in sh.split(",")) for sh in (args.shape if device == "cuda" else
-                                                                   args.cpu_shape).split(";")]
-        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if device == "cuda" else [torch.float32]
-        for shape, dtype in [(sh, dt) for sh in shapes for dt in dtypes]:
-            for b in list(fused) + ["reference"]:
-                if backends.get_backend(b).not_supported_reasons(torch.device(device)):
-                    continue
-                label = f"N={shape[0]} D={shape[1]} C={shape[2]} K={shape[3]} {str(dtype).replace('torch.', '')}"
-                print(f"benchmark {b} on {device}, {label} ...", flush=True)
-                try:
-                    r = bench_backend(b, device, shape, dtype, reps=args.reps)
-                except Exception as e:  # a crash here is a failure of the build, reported, not raised
-                    failed = True
-                    notes.append(f"benchmark {b} ({label}) failed: {type(e).__name__}: {e}"[:400])
-                    bench_rows.append((b, device, label, "error", "error", "-", "-"))
-                    continue
-                peak = f"{r['peak MiB']:.0f}" if "peak MiB" in r else "-"
-                bench_rows.append((b, device, label, f"{r['step']:.2f}", f"{r['floor']:.2f}",
+    shapes = [tuple(int(x) for x in sh.split(",")) for sh in (args.shape if device == "cuda" else
+                                                               args.cpu_shape).split(";")]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if device == "cuda" else [torch.float32]
+    for shape, dtype in [(sh, dt) for sh in shapes for dt in dtypes]:
+        for b in list(fused) + ["reference"]:
+            if backends.get_backend(b).not_supported_reasons(torch.device(device)):
+                continue
+            label = f"N={shape[0]} D={shape[1]} C={shape[2]} K={shape[3]} {str(dtype).replace('torch.', '')}"
+            print(f"benchmark {b} on {device}, {label} ...", flush=True)
+            try:
+                r = bench_backend(b, device, shape, dtype, reps=args.reps)
+            except Exception as e:  # a crash here is a failure of the build, reported, not raised
+                run.failed = True
+                run.notes.append(f"benchmark {b} ({label}) failed: {type(e).__name__}: {e}"[:400])
+                run.bench_rows.append((b, device, label, "error", "error", "-", "-"))
+                continue
+            peak = f"{r['peak MiB']:.0f}" if "peak MiB" in r else "-"
+            run.bench_rows.append((b, device, label, f"{r['step']:.2f}", f"{r['floor']:.2f}",
                                    f"{r['step'] / r['floor']:.2f}x", peak))
 
+
+def _check_device(run: _Run, device: str, args: argparse.Namespace) -> None:
+    """Tests, compute-sanitizer (CUDA) and benchmark of one device's fused backends."""
+    from . import backends
+
+    fused = [b for b in FUSED if (b == "cpu") == (device == "cpu")]
+    if device == "cuda" and not torch.cuda.is_available():
+        for b in fused:
+            run.suite_rows.append((b, device, "-", "-", "-", "-", "skipped: no GPU"))
+        run.notes.append("no GPU: the CUDA and Triton backends were not checked (nothing to run them on)")
+        return
+    usable = {b: backends.get_backend(b).not_supported_reasons(torch.device(device)) for b in fused}
+    groups = _run_tests(run, device, args)
+    _add_suite_rows(run, device, fused, usable, groups, args.no_tests)
+    if device == "cuda" and not args.no_sanitizer:
+        print("\ncompute-sanitizer (memcheck, racecheck) on a small step ...", flush=True)
+        for name, tool, result in run_sanitizer(args.timeout):
+            run.suite_rows.append((name, device, "-", "-", "-", "-", f"{tool}: {result}"))
+            run.failed |= result.startswith("FAIL")
+    if not args.no_bench:
+        _run_benchmarks(run, device, fused, args)
+
+
+def _report(run: _Run, devices: List[str], gpu: bool, require_gpu: bool) -> int:
+    """Print the tables, the notes and the RESULT line; return the exit status."""
     print("\nTests (each fused backend against the eager reference)")
-    print(_table(suite_rows))
-    if bench_rows:
+    print(_table(run.suite_rows))
+    if run.bench_rows:
         print("\nTraining step of ProtoSegHead vs. the two-GEMM floor (median ms; peak = extra GPU memory)")
         print(_table([("backend", "device", "problem", "step ms", "floor ms", "step/floor", "peak MiB")]
-                     + bench_rows))
-    for n in notes:
+                     + run.bench_rows))
+    for n in run.notes:
         print("\n" + n)
     print()
-    counts = [r for r in suite_rows[1:] if r[2] not in ("-",)]
+    counts = [r for r in run.suite_rows[1:] if r[2] not in ("-",)]
     n_failed = sum(int(r[4]) for r in counts if r[4].isdigit())
     n_total = sum(int(r[2]) for r in counts if r[2].isdigit())
-    if failed:
+    if run.failed:
         print(f"RESULT: FAIL ({n_failed} of {n_total} tests failed" + (
-            "; see the notes above)" if notes else ")"))
+            "; see the notes above)" if run.notes else ")"))
         return 1
-    if checked:
+    if run.checked:
         print(f"RESULT: PASS ({n_total} tests on {', '.join(devices)})")
         return 0
     if "cuda" in devices and not gpu:
         print("RESULT: SKIPPED (no GPU: nothing was checked on a GPU; `--device cpu` checks the CPU backend)")
-        return 2 if args.require_gpu else 0
+        return 2 if require_gpu else 0
     print("RESULT: NOTHING CHECKED")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Check each chosen device's backends (tests, sanitizer, benchmark), print the report, return the exit status."""
+    args = _parser().parse_args(argv)
+    gpu = torch.cuda.is_available()
+    devices = ["cuda", "cpu"] if args.device == "all" else [args.device]
+    print("\n".join(_header(devices)), flush=True)
+    run = _Run()
+    for device in devices:
+        _check_device(run, device, args)
+    return _report(run, devices, gpu, args.require_gpu)
 
 
 if __name__ == "__main__":

@@ -368,67 +368,79 @@ def look_shares(looks: int) -> np.ndarray:
     return w / w.sum()
 
 
-def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, return_looks: bool = False):
-    """One scene: ``(image (H, W, 3) uint8, label (H, W) uint8)``.
+class _Canvas:
+    """A scene being painted: the pixel grids, the image, label and look arrays, and the scene's random draws."""
 
-    ``looks`` (1 to 3): each object (the sky and the ground: each image) takes
-    one of its class's first ``looks`` looks, drawn with the shares of
-    :func:`look_shares`; the looks of a class differ in colour, texture and
-    shape (look 0 is the one-look scene, which ``looks=1`` renders exactly as
-    before). ``return_looks`` adds a third array, ``(H, W)`` uint8: the look of
-    every pixel.
-    """
-    shares = look_shares(looks)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    img = np.zeros((H, W, 3), np.float32)
-    lbl = np.zeros((H, W), np.uint8)
-    lk = np.zeros((H, W), np.uint8)
-    s = min(H, W)  # the unit of object sizes
-    look = 0
+    def __init__(self, rng: np.random.Generator, H: int, W: int, looks: int):
+        self.rng, self.H, self.W, self.looks = rng, H, W, looks
+        self.shares = look_shares(looks)
+        self.yy, self.xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        self.img = np.zeros((H, W, 3), np.float32)
+        self.lbl = np.zeros((H, W), np.uint8)
+        self.lk = np.zeros((H, W), np.uint8)
+        self.s = min(H, W)  # the unit of object sizes
+        self.look = 0  # the look of the object being painted
 
-    def pick():
-        return int(rng.choice(looks, p=shares)) if looks > 1 else 0
+    def pick(self) -> int:
+        """Draw the next object's look (no draw with one look)."""
+        self.look = int(self.rng.choice(self.looks, p=self.shares)) if self.looks > 1 else 0
+        return self.look
 
-    def paint(mask, colour, c):
-        img[mask] = colour[mask] if colour.ndim == 3 else colour
-        lbl[mask] = c
-        lk[mask] = look
+    def paint(self, mask, colour, c):
+        """Paint class ``c`` in the current look where ``mask`` holds: a colour per pixel or one for all."""
+        self.img[mask] = colour[mask] if colour.ndim == 3 else colour
+        self.lbl[mask] = c
+        self.lk[mask] = self.look
 
-    def jitter(rgb, amount=25.0):
-        return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
+    def jitter(self, rgb, amount=25.0):
+        """``rgb`` moved by up to ``amount`` on each channel, within [0, 255]."""
+        return np.clip(np.asarray(rgb, np.float32) + self.rng.uniform(-amount, amount, 3), 0, 255)
 
-    def full(rgb):
-        return np.asarray(rgb, np.float32) + np.zeros((H, W, 3), np.float32)
+    def full(self, rgb):
+        """``rgb`` at every pixel: an (H, W, 3) image."""
+        return np.asarray(rgb, np.float32) + np.zeros((self.H, self.W, 3), np.float32)
 
-    horizon = rng.uniform(0.35, 0.6) * H
-    look = pick()
+
+def _paint_sky(cv: _Canvas, horizon: float) -> None:
+    """Class 0 above the horizon: a blue gradient, an overcast grey or a sunset."""
+    rng, H, W, s, yy, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.jitter
+    look = cv.pick()
     t = (yy / max(horizon, 1.0)).clip(0, 1)[..., None]
     if look == 0:  # sky: vertical gradient from a jittered blue to a paler one
         top, bottom = jitter((60, 110, 190)), jitter((170, 200, 235))
-        paint(yy < horizon, top * (1 - t) + bottom * t, 0)
+        cv.paint(yy < horizon, top * (1 - t) + bottom * t, 0)
     elif look == 1:  # overcast: flat pale grey with soft clouds
         clouds = _noise(rng, H, W, max(4, s // 4))[..., None]
-        paint(yy < horizon, jitter((190, 190, 198), 15) * (0.85 + 0.3 * clouds), 0)
+        cv.paint(yy < horizon, jitter((190, 190, 198), 15) * (0.85 + 0.3 * clouds), 0)
     else:  # sunset: orange at the horizon up to purple
         top, bottom = jitter((110, 50, 120), 15), jitter((245, 150, 60), 15)
-        paint(yy < horizon, top * (1 - t) + bottom * t, 0)
-    look = pick()
+        cv.paint(yy < horizon, top * (1 - t) + bottom * t, 0)
+
+
+def _paint_ground(cv: _Canvas, horizon: float) -> None:
+    """Class 1 below the horizon: earth, asphalt with dashes, or rippled sand."""
+    rng, H, W, s, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.xx, cv.jitter
+    look = cv.pick()
     if look == 0:  # ground: brown, grainy, with low-frequency blotches
         grain = rng.normal(0, 12, (H, W, 1)).astype(np.float32)
         blotch = _noise(rng, H, W, max(4, s // 6))[..., None]
-        paint(yy >= horizon, jitter((140, 115, 80)) * (0.75 + 0.5 * blotch) + grain, 1)
+        cv.paint(yy >= horizon, jitter((140, 115, 80)) * (0.75 + 0.5 * blotch) + grain, 1)
     elif look == 1:  # asphalt: dark grey, fine grain, white dashes along the middle
         grain = rng.normal(0, 6, (H, W, 1)).astype(np.float32)
         road = jitter((70, 70, 76), 10) + grain
         mid = horizon + rng.uniform(0.3, 0.7) * (H - horizon)
         dash = (np.abs(yy - mid) < 0.02 * s + 0.5) & ((xx + rng.uniform(0, W)) % (0.2 * W) < 0.1 * W)
-        paint(yy >= horizon, np.where(dash[..., None], np.float32(235), road), 1)
+        cv.paint(yy >= horizon, np.where(dash[..., None], np.float32(235), road), 1)
     else:  # sand: pale yellow with wind ripples
         ripple = np.sin((yy + 0.3 * xx) / max(1.0, 0.03 * s))[..., None]
-        paint(yy >= horizon, jitter((215, 190, 135), 15) * (0.92 + 0.08 * ripple), 1)
-    # buildings: boxes on the horizon
+        cv.paint(yy >= horizon, jitter((215, 190, 135), 15) * (0.92 + 0.08 * ripple), 1)
+
+
+def _paint_buildings(cv: _Canvas, horizon: float) -> None:
+    """Class 2: one to three boxes on the horizon (office block, brick house, glass tower)."""
+    rng, H, W, s, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.xx, cv.jitter
     for _ in range(rng.integers(1, 4)):
-        look = pick()
+        look = cv.pick()
         w, h = rng.uniform(0.15, 0.4) * W, rng.uniform(0.2, 0.5) * H
         x0 = rng.uniform(-0.1, 0.9) * W
         y1 = horizon + rng.uniform(0, 0.05) * H
@@ -437,29 +449,33 @@ def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, retur
             pitch = rng.uniform(0.06, 0.12) * s
             window = ((xx - x0) % pitch < 0.55 * pitch) & ((yy - y1) % pitch < 0.5 * pitch)
             grey = jitter((110, 110, 115), 30)
-            paint(box, np.where(window[..., None], grey * 0.35, grey), 2)
+            cv.paint(box, np.where(window[..., None], grey * 0.35, grey), 2)
         elif look == 1:  # brick house: red, brick courses, a triangular roof
             box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - 0.7 * h) & (yy < y1)
             roof = (yy >= y1 - h) & (yy < y1 - 0.7 * h) & (np.abs(xx - x0 - w / 2) < (yy - y1 + h) / (0.3 * h) * w / 2)
             course = max(2.0, 0.03 * s)
             mortar = (yy - y1) % course < 0.3 * course
             brick = jitter((160, 65, 45), 15)
-            paint(box | roof, np.where(mortar[..., None], brick * 0.55 + 60, brick), 2)
+            cv.paint(box | roof, np.where(mortar[..., None], brick * 0.55 + 60, brick), 2)
         else:  # glass tower: narrow, tall, teal with vertical bands
             w = 0.45 * w
             box = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - 1.6 * h) & (yy < y1)
             band = (xx - x0) % max(2.0, 0.04 * s) < max(1.0, 0.015 * s)
             glass = jitter((60, 150, 160), 15) * (0.8 + 0.4 * (yy / H))[..., None]
-            paint(box, np.where(band[..., None], glass * 0.5, glass), 2)
-    # trees
+            cv.paint(box, np.where(band[..., None], glass * 0.5, glass), 2)
+
+
+def _paint_trees(cv: _Canvas, horizon: float) -> None:
+    """Class 3: up to three trees near the horizon (green or autumn blobs, or a conifer)."""
+    rng, H, W, s, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.xx, cv.jitter
     for _ in range(rng.integers(0, 4)):
-        look = pick()
+        look = cv.pick()
         cx, cy = rng.uniform(0, W), horizon - rng.uniform(0, 0.15) * H
         r = rng.uniform(0.08, 0.18) * s
         if look == 2:  # conifer: a tall dark blue-green triangle
             up = (yy - cy + 1.5 * r) / (2.5 * r)  # 0 at the tip, 1 at the base
             crown = (up >= 0) & (up <= 1) & (np.abs(xx - cx) <= up * 0.6 * r)
-            paint(crown, jitter((25, 65, 60), 10) * (0.8 + 0.4 * rng.random((H, W, 1), dtype=np.float32)), 3)
+            cv.paint(crown, jitter((25, 65, 60), 10) * (0.8 + 0.4 * rng.random((H, W, 1), dtype=np.float32)), 3)
             continue
         blob = np.zeros((H, W), bool)
         for _ in range(4):
@@ -467,29 +483,38 @@ def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, retur
             blob |= (xx - cx - ox) ** 2 + (yy - cy - oy) ** 2 < (r * rng.uniform(0.6, 1.0)) ** 2
         base = (60, 120, 40) if look == 0 else (210, 110, 30)  # green, or autumn orange
         leaves = jitter(base, 20) * (0.6 + 0.6 * rng.random((H, W, 1), dtype=np.float32))
-        paint(blob, leaves, 3)
-    # fence: a band across the horizon
-    if rng.random() < 0.6:
-        look = pick()
-        y1 = horizon + rng.uniform(0.02, 0.12) * H
-        h = rng.uniform(0.06, 0.15) * H
-        x0, x1 = sorted(rng.uniform(0, W, 2))
-        pitch = rng.uniform(0.03, 0.06) * s
-        span = (yy >= y1 - h) & (yy < y1) & (xx >= x0) & (xx < x1 + 0.2 * W)
-        if look == 0:  # light vertical slats on a rail
-            slats = ((xx - x0) % pitch < 0.5 * pitch) & span
-            rail = (np.abs(yy - (y1 - 0.7 * h)) < 0.1 * h) & (xx >= x0) & (xx < x1 + 0.2 * W)
-            paint(slats | rail, jitter((200, 170, 150), 20), 4)
-        elif look == 1:  # dark metal mesh: a diagonal lattice
-            mesh = (((xx + yy) % pitch < 0.25 * pitch) | ((xx - yy) % pitch < 0.25 * pitch)) & span
-            paint(mesh, jitter((45, 50, 60), 10), 4)
-        else:  # solid wooden boards, horizontal, with dark seams
-            seam = (yy - y1) % max(2.0, 0.3 * h) < 1
-            wood = jitter((135, 80, 35), 15)
-            paint(span, np.where(seam[..., None], wood * 0.5, wood), 4)
-    # cars
+        cv.paint(blob, leaves, 3)
+
+
+def _paint_fence(cv: _Canvas, horizon: float) -> None:
+    """Class 4, in 60% of the scenes: a band across the horizon (slats, metal mesh or boards)."""
+    rng, H, W, s, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.xx, cv.jitter
+    if rng.random() >= 0.6:
+        return
+    look = cv.pick()
+    y1 = horizon + rng.uniform(0.02, 0.12) * H
+    h = rng.uniform(0.06, 0.15) * H
+    x0, x1 = sorted(rng.uniform(0, W, 2))
+    pitch = rng.uniform(0.03, 0.06) * s
+    span = (yy >= y1 - h) & (yy < y1) & (xx >= x0) & (xx < x1 + 0.2 * W)
+    if look == 0:  # light vertical slats on a rail
+        slats = ((xx - x0) % pitch < 0.5 * pitch) & span
+        rail = (np.abs(yy - (y1 - 0.7 * h)) < 0.1 * h) & (xx >= x0) & (xx < x1 + 0.2 * W)
+        cv.paint(slats | rail, jitter((200, 170, 150), 20), 4)
+    elif look == 1:  # dark metal mesh: a diagonal lattice
+        mesh = (((xx + yy) % pitch < 0.25 * pitch) | ((xx - yy) % pitch < 0.25 * pitch)) & span
+        cv.paint(mesh, jitter((45, 50, 60), 10), 4)
+    else:  # solid wooden boards, horizontal, with dark seams
+        seam = (yy - y1) % max(2.0, 0.3 * h) < 1
+        wood = jitter((135, 80, 35), 15)
+        cv.paint(span, np.where(seam[..., None], wood * 0.5, wood), 4)
+
+
+def _paint_cars(cv: _Canvas, horizon: float) -> None:
+    """Class 5: up to two vehicles on the ground (car, bus or small round car), each on two wheels."""
+    rng, H, W, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.yy, cv.xx, cv.jitter
     for _ in range(rng.integers(0, 3)):
-        look = pick()
+        look = cv.pick()
         w = rng.uniform(0.12, 0.25) * W
         h = w * rng.uniform(0.35, 0.5)
         x0 = rng.uniform(-0.05, 0.95) * W - w / 2
@@ -501,28 +526,32 @@ def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, retur
             wx = (0.22, 0.78)
             colour = rng.uniform(30, 230, 3).astype(np.float32)
             shade = np.where(cabin[..., None], colour * 0.6 + 60, colour)
-            paint(body | cabin, shade, 5)
+            cv.paint(body | cabin, shade, 5)
         elif look == 1:  # bus: long, tall, yellow, a row of windows
             w = 1.8 * w
             body = (xx >= x0) & (xx < x0 + w) & (yy >= y1 - 1.6 * h) & (yy < y1 - 0.2 * h)
             win = body & (yy < y1 - 1.0 * h) & (yy >= y1 - 1.4 * h) & ((xx - x0) % (0.12 * w) < 0.08 * w)
             wx = (0.15, 0.85)
             yellow = jitter((235, 185, 25), 15)
-            paint(body, np.where(win[..., None], np.float32([40, 50, 70]), yellow), 5)
+            cv.paint(body, np.where(win[..., None], np.float32([40, 50, 70]), yellow), 5)
         else:  # small round car: a silver ellipse with a dark window band
             cy = y1 - 0.7 * h
             body = ((xx - x0 - w / 2) / (0.45 * w)) ** 2 + ((yy - cy) / (0.6 * h)) ** 2 < 1
             win = body & (yy < cy - 0.15 * h) & (yy > cy - 0.35 * h)
             wx = (0.25, 0.75)
             silver = jitter((240, 240, 244), 8)
-            paint(body, np.where(win[..., None], np.float32([30, 30, 40]), silver), 5)
+            cv.paint(body, np.where(win[..., None], np.float32([30, 30, 40]), silver), 5)
         wheels = ((xx - x0 - wx[0] * w) ** 2 + (yy - y1 + r) ** 2 < r**2) | (
             (xx - x0 - wx[1] * w) ** 2 + (yy - y1 + r) ** 2 < r**2
         )
-        paint(wheels, full((25, 25, 25)), 5)
-    # signs, on the ground
+        cv.paint(wheels, cv.full((25, 25, 25)), 5)
+
+
+def _paint_signs(cv: _Canvas, horizon: float) -> None:
+    """Class 6: up to two signs on the ground (warning triangle, blue disc, green plate)."""
+    rng, H, W, s, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.xx, cv.jitter
     for _ in range(rng.integers(0, 3)):
-        look = pick()
+        look = cv.pick()
         cx, cy = rng.uniform(0, W), rng.uniform(horizon - 0.1 * H, H)
         r = rng.uniform(0.07, 0.13) * s
         if look == 0:  # yellow or red triangles with a dark border
@@ -530,35 +559,59 @@ def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, retur
             inside = (up >= 0) & (up <= 1.5) & (np.abs(xx - cx) <= up * r * 0.7)
             inner = (up >= 0.3) & (up <= 1.3) & (np.abs(xx - cx) <= (up - 0.15) * r * 0.55)
             face = jitter((230, 200, 30) if rng.random() < 0.5 else (210, 40, 40), 15)
-            paint(inside, np.where(inner[..., None], face, np.float32([30, 30, 30])), 6)
+            cv.paint(inside, np.where(inner[..., None], face, np.float32([30, 30, 30])), 6)
         elif look == 1:  # blue disc with a white bar
             d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
             bar = (np.abs(yy - cy) < 0.18 * r) & (np.abs(xx - cx) < 0.6 * r)
-            paint(d2 < 1, np.where(bar[..., None], np.float32(240), jitter((30, 70, 200), 15)), 6)
+            cv.paint(d2 < 1, np.where(bar[..., None], np.float32(240), jitter((30, 70, 200), 15)), 6)
         else:  # green plate with white lines of text
             plate = (np.abs(xx - cx) < 1.1 * r) & (np.abs(yy - cy) < 0.55 * r)
             text = plate & ((yy - cy) % (0.35 * r) < 0.12 * r) & (np.abs(xx - cx) < 0.85 * r)
-            paint(plate, np.where(text[..., None], np.float32(235), jitter((20, 120, 60), 15)), 6)
-    # balls
+            cv.paint(plate, np.where(text[..., None], np.float32(235), jitter((20, 120, 60), 15)), 6)
+
+
+def _paint_balls(cv: _Canvas) -> None:
+    """Class 7: up to three balls anywhere, lit from the top left (plain disc, football, ring)."""
+    rng, H, W, s, yy, xx, jitter = cv.rng, cv.H, cv.W, cv.s, cv.yy, cv.xx, cv.jitter
     for _ in range(rng.integers(0, 4)):
-        look = pick()
+        look = cv.pick()
         cx, cy = rng.uniform(0, W), rng.uniform(0, H)
         r = rng.uniform(0.05, 0.11) * s
         d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
         light = 1.3 - 0.8 * np.sqrt((((xx - cx + 0.4 * r) ** 2 + (yy - cy + 0.4 * r) ** 2) / r**2).clip(0, 4)) / 2
         if look == 0:  # discs of random colour lit from the top left
             colour = rng.uniform(60, 255, 3).astype(np.float32) * light[..., None]
-            paint(d2 < 1, colour, 7)
+            cv.paint(d2 < 1, colour, 7)
         elif look == 1:  # football: white with black patches
             patch = np.sin(3.0 * (xx - cx) / r) * np.sin(3.0 * (yy - cy) / r) > 0.55
             colour = np.where(patch[..., None], np.float32(20), jitter((235, 235, 235), 10)) * light[..., None]
-            paint(d2 < 1, colour, 7)
+            cv.paint(d2 < 1, colour, 7)
         else:  # ring: an orange torus
-            paint((d2 < 1) & (d2 > 0.3), jitter((245, 125, 20), 10) * light[..., None], 7)
+            cv.paint((d2 < 1) & (d2 > 0.3), jitter((245, 125, 20), 10) * light[..., None], 7)
+
+
+def render_scene(rng: np.random.Generator, H: int, W: int, looks: int = 1, return_looks: bool = False):
+    """One scene: ``(image (H, W, 3) uint8, label (H, W) uint8)``.
+
+    ``looks`` (1 to 3): each object (the sky and the ground: each image) takes
+    one of its class's first ``looks`` looks, drawn with the shares of
+    :func:`look_shares`; the looks of a class differ in colour, texture and
+    shape (look 0 is the one-look scene, which ``looks=1`` renders exactly as
+    before). ``return_looks`` adds a third array, ``(H, W)`` uint8: the look of
+    every pixel.
+    """
+    cv = _Canvas(rng, H, W, looks)
+    horizon = rng.uniform(0.35, 0.6) * H
+    # back to front, each painted over what is behind it: the draws' order fixes the scene of a seed
+    for paint in (_paint_sky, _paint_ground, _paint_buildings, _paint_trees, _paint_fence, _paint_cars,
+                  _paint_signs):
+        paint(cv, horizon)
+    _paint_balls(cv)
     # global brightness, contrast and sensor noise
+    img = cv.img
     img = img * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20) + rng.normal(0, 4, img.shape).astype(np.float32)
-    out = np.clip(img, 0, 255).astype(np.uint8), lbl
-    return (*out, lk) if return_looks else out
+    out = np.clip(img, 0, 255).astype(np.uint8), cv.lbl
+    return (*out, cv.lk) if return_looks else out
 
 
 # ----------------------------------------------------------------------------- building blocks

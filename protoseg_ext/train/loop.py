@@ -76,9 +76,18 @@ RECIPES = {
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``protoseg-train``, in four option groups."""
     p = argparse.ArgumentParser(prog="protoseg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arg = p.add_argument_group("data").add_argument
+    _data_options(p.add_argument_group("data").add_argument)
+    _model_options(p.add_argument_group("model").add_argument)
+    _optimisation_options(p.add_argument_group("optimisation").add_argument)
+    _run_options(p.add_argument_group("run").add_argument)
+    return p
+
+
+def _data_options(arg) -> None:
+    """The data options: the dataset, its crops and augmentation, the synthetic scenes, the loaders."""
     arg("--dataset", choices=["synthetic", "cityscapes", "ade20k"], default="synthetic", help="default: synthetic")
     arg("--data-root", metavar="DIR", help="dataset directory (cityscapes, ade20k)")
     arg("--crop", type=int, nargs=2, metavar=("H", "W"),
@@ -97,7 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--workers", type=int, default=1,
         help="data loading processes per rank, 0: none; capped so that the ranks of a machine use no more "
              "than its cores (default: 1)")  # fmt: skip
-    arg = p.add_argument_group("model").add_argument
+
+
+def _model_options(arg) -> None:
+    """The model options: the backbone, the head's size, the prototypes' update and the kernels."""
     arg("--backbone", default="compact", metavar="NAME",
         help="compact (a small HRNet-style network, default) or a timm model with features_only, e.g. hrnet_w48 "
              "(needs pip install 'protoseg_ext[timm]')")  # fmt: skip
@@ -119,7 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with several processes: average the updated prototypes (official, default) or sum the statistics")  # fmt: skip
     arg("--backend", choices=["auto", "cpu", "cuda", "triton", "reference"], default="auto",
         help="prototype kernels (default: auto, the fastest for the device; PROTOSEG_BACKEND overrides it)")  # fmt: skip
-    arg = p.add_argument_group("optimisation").add_argument
+
+
+def _optimisation_options(arg) -> None:
+    """The optimisation options: steps, batch, SGD, the loss weights, BatchNorm sync, seed."""
     arg("--iters", type=int, default=400, help="default: 400")
     arg("--batch-size", type=int, default=2, help="images per process and step (default: 2)")
     arg("--lr", type=float, default=0.01, help="default: 0.01")
@@ -134,7 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--no-sync-bn", dest="sync_bn", action="store_false",
         help="keep BatchNorm per process under DDP on GPUs (default: synchronised, as the official runs)")  # fmt: skip
     arg("--seed", type=int, default=0, help="weights, prototypes, data order, augmentation (default: 0)")
-    arg = p.add_argument_group("run").add_argument
+
+
+def _run_options(arg) -> None:
+    """The run options: recipe, output, resume and stop, evaluation and logging, device."""
     arg("--recipe", choices=sorted(RECIPES),
         help="defaults of a published setting (flags given explicitly override them); cityscapes-hrnet48: "
              "the paper's Cityscapes run, batch 8 shared by all processes")  # fmt: skip
@@ -152,6 +170,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     arg("--device", help="cpu or cuda (default: cuda when available)")
     arg("--threads", type=int, help="CPU threads per process (default: torch's; 1 is faster on a busy machine)")
     arg("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The training options from ``argv`` (default: the command line), a recipe's values as defaults, checked."""
+    p = _parser()
     args = p.parse_args(argv)
     if args.recipe:  # the recipe's values become defaults; parse again so explicit flags win
         preset = dict(RECIPES[args.recipe])
@@ -473,8 +496,8 @@ def train_batches(train_set, args, rank: int, world: int, start: int):
     return iter(loader)
 
 
-def train(args) -> dict:
-    """Train (or resume) as ``args`` say; returns the last evaluation's metrics."""
+def _setup_process(args):
+    """``(device, rank, world, backend name)``: threads, device, process group, capped workers, kernels."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -492,9 +515,11 @@ def train(args) -> dict:
         backend = resolve_backend(args.backend, device).name
     except (RuntimeError, ValueError) as e:
         fail(str(e))
-    out = Path(args.out)
+    return device, rank, world, backend
 
-    # every check that can fail on the user's input runs before anything is written to OUT
+
+def _datasets(args):
+    """``(train_set, val_set)``, their labels read and checked (unless ``--no-label-check``)."""
     data_kw = dict(root=args.data_root, synthetic_size=args.synthetic_size, synthetic_count=args.synthetic_count,
                    seed=args.seed, synthetic_looks=args.synthetic_looks)  # fmt: skip
     train_set, val_set = build_dataset(args.dataset, "train", **data_kw), build_dataset(args.dataset, "val", **data_kw)
@@ -504,8 +529,13 @@ def train(args) -> dict:
         for ds in (train_set, val_set):
             if hasattr(ds, "check_labels"):
                 ds.check_labels(threads=max(args.workers, 1))
+    return train_set, val_set
+
+
+def _model(args, num_classes: int, device, rank: int, world: int):
+    """``(net, opt, sched)``: the network (BatchNorm synchronised as asked), its optimizer and schedule."""
     try:
-        net, opt, sched = build_model(args, train_set.num_classes, device)
+        net, opt, sched = build_model(args, num_classes, device)
     except BackboneError as e:
         fail(str(e))
     if rank == 0 and net.pretrained_head:
@@ -514,6 +544,35 @@ def train(args) -> dict:
               + (f"; not loaded (another layout or backbone): {len(skipped)} keys ({', '.join(skipped[:3])}"
                  f"{', ...' if len(skipped) > 3 else ''})" if skipped else ""), flush=True)
     net = sync_batchnorm(net, args.sync_bn, world, device)
+    return net, opt, sched
+
+
+def _evaluate_and_record(net, val_set, args, device, rank: int, world: int, out: Path, it: int, bar, log) -> dict:
+    """Evaluate; on rank 0 print the IoU table, write metrics.json, log the row and save the pictures."""
+    metrics = evaluate(net, val_set, args, device, rank, world, out)
+    if rank == 0:
+        say(bar, iou_table(metrics, it))
+        atomic_save({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"], "iters": it,
+                     "pixel_accuracy": metrics["pixel_accuracy"],
+                     "prototype_cosine": metrics["prototype_cosine"],
+                     "prototype_cosine_per_class": metrics["prototype_cosine_per_class"],
+                     "prototype_usage": metrics["prototype_usage"]},
+                    out / "metrics.json")  # fmt: skip
+        log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"],
+                  protos_in_use=metrics["prototype_usage"]["mean_in_use"])
+        if args.num_pictures > 0:
+            save_pictures(net, val_set, out / "pictures", it, device, args.num_pictures)
+    return metrics
+
+
+def train(args) -> dict:
+    """Train (or resume) as ``args`` say; returns the last evaluation's metrics."""
+    device, rank, world, backend = _setup_process(args)
+    out = Path(args.out)
+
+    # every check that can fail on the user's input runs before anything is written to OUT
+    train_set, val_set = _datasets(args)
+    net, opt, sched = _model(args, train_set.num_classes, device, rank, world)
     start, resumed_from = 0, None
     if args.resume:
         start, resumed_from = resume(out, args, net, opt, sched, device)
@@ -553,19 +612,7 @@ def train(args) -> dict:
             meter.reset()
         evaluating = it % args.eval_every == 0 or it == args.iters
         if evaluating:
-            metrics = evaluate(net, val_set, args, device, rank, world, out)
-            if rank == 0:
-                say(bar, iou_table(metrics, it))
-                atomic_save({"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"], "iters": it,
-                             "pixel_accuracy": metrics["pixel_accuracy"],
-                             "prototype_cosine": metrics["prototype_cosine"],
-                             "prototype_cosine_per_class": metrics["prototype_cosine_per_class"],
-                             "prototype_usage": metrics["prototype_usage"]},
-                            out / "metrics.json")  # fmt: skip
-                log.write(iter=it, miou=metrics["miou"], proto_cos=metrics["prototype_cosine"],
-                          protos_in_use=metrics["prototype_usage"]["mean_in_use"])
-                if args.num_pictures > 0:
-                    save_pictures(net, val_set, out / "pictures", it, device, args.num_pictures)
+            metrics = _evaluate_and_record(net, val_set, args, device, rank, world, out, it, bar, log)
         if rank == 0 and (evaluating or it == stop):
             save_checkpoint(out, it, args, net, opt, sched)
             log.plot(out / "curves.png")
