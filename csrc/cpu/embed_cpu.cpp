@@ -129,11 +129,12 @@ constexpr int64_t kB = kTransposeBlock;  // rows and pixels of a block of plane_
 template <typename T>
 struct TileSums {
   std::vector<int32_t> slot, used;  // per pixel: its slot, or -1 (adds nothing); the slots present
+  std::vector<uint8_t> present;     // per slot: a pixel of the tile has it
   std::vector<T> mu, a;             // per pixel
   std::vector<T> run;               // (num_slots, 16): one block of rows' running sums per slot
   std::vector<T> block, padded;     // 16 x 16: a transposed block; a block read past the tile's edge
   TileSums(int64_t n, int64_t num_slots)
-      : slot(n), mu(n), a(n), run(num_slots * kB), block(kB * kB), padded(kB * kB) {}
+      : slot(n), present(num_slots), mu(n), a(n), run(num_slots * kB), block(kB * kB), padded(kB * kB) {}
 };
 
 // The plane path of embed_prototype_sums for tile t, added into the block's
@@ -156,7 +157,7 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
   const T* x = v.data_ptr<T>();
   const int64_t ld = v.stride(0), n = src.rows(t), D = src.D;
   plane::stats(x, ld, n, D, fold, st);
-  std::vector<uint8_t> present(num_slots, 0);
+  std::fill(g.present.begin(), g.present.end(), 0);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t s = slot[j];
     g.slot[j] = -1;
@@ -166,14 +167,14 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
       g.a[j] = fold.ln ? st.r[j] * st.inv[j] : st.inv[j];
       csum[s] += double(st.inv[j]);
       cnt[s] += 1.0;
-      present[s] = 1;
+      g.present[s] = 1;
     } else if (s >= 0) {
       late.push_back(src.row0(t) + j);
     }
   }
   g.used.clear();
   for (int64_t s = 0; s < num_slots; ++s)
-    if (present[s]) g.used.push_back(int32_t(s));
+    if (g.present[s]) g.used.push_back(int32_t(s));
   for (int64_t d0 = 0; d0 < D; d0 += kB) {
     const int64_t nd = std::min(kB, D - d0);
     for (const int32_t s : g.used) std::fill(g.run.begin() + s * kB, g.run.begin() + (s + 1) * kB, T(0));
