@@ -184,6 +184,21 @@ inline bool check_embed_layer_norm(const at::Tensor& rows, const c10::optional<a
   return true;
 }
 
+// The stats of embed_similarity given to its backward or embed_prototype_sums:
+// None, (0,) (the same: none kept) or (3, N) contiguous in the accumulation
+// dtype of rows, on rows' device; true when given.
+inline bool check_embed_stats(const at::Tensor& rows, const c10::optional<at::Tensor>& stats) {
+  if (!stats.has_value() || !stats->defined() || (stats->dim() == 1 && stats->numel() == 0)) return false;
+  const int64_t N = rows.dim() == 3 ? rows.size(0) * rows.size(2) : rows.size(0);
+  TORCH_CHECK_VALUE(stats->dim() == 2 && stats->size(0) == 3 && stats->size(1) == N,
+                    "stats must be embed_similarity's (3, N) = (3, ", N, "), got shape ", stats->sizes());
+  TORCH_CHECK_VALUE(stats->scalar_type() == acc_type(rows.scalar_type()), "stats must be ",
+                    acc_type(rows.scalar_type()), " (the accumulation dtype of feats), got ", stats->scalar_type());
+  TORCH_CHECK_VALUE(stats->is_contiguous(), "stats must be contiguous");
+  check_same_device(rows, *stats, "feats", "stats");
+  return true;
+}
+
 // The gradient of embed_similarity's feats, from g laid out as embed_rows(feats) lies.
 inline at::Tensor embed_grad_as_feats(const at::Tensor& g, const at::Tensor& rows, const at::Tensor& feats) {
   if (feats.dim() != 4) return g;

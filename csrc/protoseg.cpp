@@ -131,21 +131,31 @@ TORCH_LIBRARY(protoseg_ext, m) {
   // returns d loss / d feats (feats' shape) and d ln_weight, d ln_bias ((0,)
   // without the LayerNorm). Fused on CPU, CUDA and Triton; the reference
   // backend composes the same maths from `similarity` (protoseg_ext.backends).
+  //   stats (3, N) each pixel's statistics, in the accumulation dtype, one
+  //         row per statistic (pixels contiguous): the LayerNorm's mean, its
+  //         1 / sqrt(biased variance + ln_eps), and 1 / max(||y||, 1e-12) of
+  //         the LayerNorm's output y (without the LayerNorm: 0, 1 and
+  //         1 / max(||x||, 1e-12)); NaN in all three for a pixel whose
+  //         statistics are not finite (a NaN or inf entry, or sums that
+  //         overflow the accumulation dtype); (0,) when nothing is computed.
+  // The backward and embed_prototype_sums take the forward's stats (of the
+  // same feats and LayerNorm) and skip their own statistics pass over the
+  // map; given None they compute them.
   m.def(
       "embed_similarity(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, "
       "Tensor labels, int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, "
-      "int cache_bytes=0) -> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs)");
+      "int cache_bytes=0) -> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs, Tensor stats)");
   m.def(
       "embed_similarity_backward(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, "
       "Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, Tensor argk, Tensor lse, "
-      "int ignore_index, float temperature, Tensor? probs=None) -> (Tensor grad_feats, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "int ignore_index, float temperature, Tensor? probs=None, Tensor? stats=None) -> (Tensor grad_feats, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // prototype_sums of the embedding embed_similarity scores (the LayerNorm'd,
   // L2-normalised pixels of feats (N, D) or (B, D, H, W)), read as that op
   // reads it: sums (num_slots, D) and counts (num_slots,) in float32 (float64
-  // for float64 feats).
+  // for float64 feats); stats: embed_similarity's, or None.
   m.def("embed_prototype_sums(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor slot, "
-        "int num_slots) -> (Tensor sums, Tensor counts)");
+        "int num_slots, Tensor? stats=None) -> (Tensor sums, Tensor counts)");
   // Sinkhorn-Knopp of every class at once, segmented by labels; own (N, K) as
   // from `similarity`. Returns Q (N, K) (rows sum to 1; zero rows for ignored
   // or non-finite pixels).

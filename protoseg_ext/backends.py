@@ -38,6 +38,18 @@ class SimilarityOut(NamedTuple):
     own: torch.Tensor  # (N, K) S[n, labels[n]*K + k], zero rows where labels[n] == ignore_index
 
 
+class EmbedSimilarityOut(NamedTuple):
+    """Outputs of :meth:`Backend.embed_similarity`: :class:`SimilarityOut`'s, and the pixels' statistics."""
+
+    seg: torch.Tensor
+    argk: torch.Tensor
+    lse: torch.Tensor
+    own: torch.Tensor
+    # (3, N) accumulation dtype: each pixel's LayerNorm mean, 1 / std and 1 / ||y|| (NaN where not
+    # finite), for :meth:`Backend.embed_prototype_sums` of the same map; (0,) when nothing is computed
+    stats: torch.Tensor
+
+
 class Backend:
     """The contract every backend fulfils: the same ops, signatures and meaning.
 
@@ -95,12 +107,14 @@ class Backend:
         raise NotImplementedError
 
     def embed_similarity(self, feats, feat_norm: FeatNorm, protos, labels=None, *, ignore_index=-1, temperature=1.0,
-                         seg=True, lse=False, own=False, cache_bytes=0) -> SimilarityOut:
+                         seg=True, lse=False, own=False, cache_bytes=0) -> EmbedSimilarityOut:
         """:meth:`similarity` of the head's embedding, from what the backbone gives: ``feats``
         (N, D) or the map (B, D, H, W) (pixel n = b*H*W + h*W + w), ``feat_norm`` None or the
         LayerNorm over D as ``(weight, bias, eps)``, then the L2 normalisation. Differentiable
         w.r.t. ``feats`` and the LayerNorm's weight and bias. The compiled backends fuse it
-        into their kernels; the reference backend composes it from :meth:`similarity`."""
+        into their kernels; the reference backend composes it from :meth:`similarity`. Also
+        returns each pixel's statistics (``stats``), which :meth:`embed_prototype_sums` and the
+        backward reuse instead of reading the map once more."""
         raise NotImplementedError
 
     def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps) -> torch.Tensor:
@@ -111,9 +125,10 @@ class Backend:
         """``sums (num_slots, D)``, ``counts (num_slots,)`` of the finite rows with ``slot >= 0``."""
         raise NotImplementedError
 
-    def embed_prototype_sums(self, feats, feat_norm: FeatNorm, slot, num_slots):
+    def embed_prototype_sums(self, feats, feat_norm: FeatNorm, slot, num_slots, stats=None):
         """:meth:`prototype_sums` of the L2-normalised embedding of :meth:`embed_similarity`'s input,
-        read as that op reads it (no (N, D) copy)."""
+        read as that op reads it (no (N, D) copy). ``stats``: that op's ``stats`` for the same
+        ``feats`` and ``feat_norm`` (saves a pass over the map), or None."""
         raise NotImplementedError
 
     def prototype_ema(self, protos, sums, counts, gamma) -> torch.Tensor:

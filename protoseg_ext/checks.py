@@ -193,6 +193,24 @@ def feat_norm(rows, ln_weight, ln_bias, ln_eps) -> bool:
     return ln
 
 
+def embed_stats(rows, stats) -> bool:
+    """``embed_similarity``'s ``stats`` given to its backward or ``embed_prototype_sums``: None, ``(0,)``
+    (the same: none kept) or ``(3, N)`` contiguous in the accumulation dtype of ``rows`` (the (N, D)
+    stand-in), on its device. Returns whether stats are given."""
+    if stats is None or (stats.dim() == 1 and stats.numel() == 0):
+        return False
+    N = rows.shape[0]
+    if not isinstance(stats, Tensor) or stats.dim() != 2 or tuple(stats.shape) != (3, N):
+        raise ValueError(f"stats must be embed_similarity's (3, N) = (3, {N}), got {shape_of(stats)}")
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    if stats.dtype != acc:
+        raise ValueError(f"stats must be {acc} (the accumulation dtype of feats), got {stats.dtype}")
+    if not stats.is_contiguous():
+        raise ValueError("stats must be contiguous")
+    same_device(rows, stats, "feats", "stats")
+    return True
+
+
 def sinkhorn_args(own, labels_, num_classes: int, ignore_index_: int, iters, eps) -> None:
     dim(own, 2, "own", "(N, K)")
     floating(own, "own")

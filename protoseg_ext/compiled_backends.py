@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from . import ops
-from .backends import Backend, SimilarityOut
+from .backends import Backend, EmbedSimilarityOut, SimilarityOut
 from .reference_backend import composed_mask_norm
 
 __all__ = ["OpsBackend", "CpuBackend", "CudaBackend", "TritonBackend"]
@@ -61,12 +61,12 @@ class OpsBackend(Backend):
         out = self._ops.embed_similarity(feats, w, b, float(eps), protos, _labels_or_empty(labels, feats),
                                          int(ignore_index), float(temperature), bool(seg), bool(lse), bool(own),
                                          int(cache_bytes))
-        return SimilarityOut(*out[:4])
+        return EmbedSimilarityOut(*out[:4], out[5])
 
-    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots):
+    def embed_prototype_sums(self, feats, feat_norm, slot, num_slots, stats=None):
         # the map read as embed_similarity reads it, tile by tile: never an (N, D) copy
         w, b, eps = feat_norm if feat_norm is not None else (None, None, 1e-5)
-        sums, counts = self._ops.embed_prototype_sums(feats, w, b, float(eps), slot, int(num_slots))
+        sums, counts = self._ops.embed_prototype_sums(feats, w, b, float(eps), slot, int(num_slots), stats)
         return sums, counts
 
     def mask_norm(self, seg, weight, bias, eps, batch):

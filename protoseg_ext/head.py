@@ -200,7 +200,8 @@ class ProtoSegHead(nn.Module):
                                                    sinkhorn_eps=self.sinkhorn_eps)
             if self.training and self.update_prototype:
                 feat_ln_d = None if feat_ln is None else (feat_ln[0].detach(), feat_ln[1].detach(), feat_ln[2])
-                sums, counts = be.embed_prototype_sums(x.detach(), feat_ln_d, slot, self.num_classes * self.num_prototype)
+                sums, counts = be.embed_prototype_sums(x.detach(), feat_ln_d, slot, self.num_classes * self.num_prototype,
+                                                       sim.stats)
                 self._apply_update(protos, sums, counts, be.prototype_ema)
         ppc, ppd = functional.losses_from_scores(sim.lse, sim.own, target, self.num_prototype, ign, self.temperature)
         return ProtoSegOutput(seg, ppc, ppd, target)

@@ -195,40 +195,42 @@ def _register_embed(ns: str, keeps_probs: bool) -> None:
              compute_own, cache_bytes=0):
         N = feats.shape[0] if feats.dim() == 2 else feats.shape[0] * feats.shape[2] * feats.shape[3]
         rows = feats.new_empty((N, feats.shape[1]))
-        return _fake_similarity(rows, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                                cache_bytes, keeps_probs=keeps_probs)
+        out = _fake_similarity(rows, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
+                               cache_bytes, keeps_probs=keeps_probs)
+        any_out = compute_seg or compute_lse or compute_own
+        return out + (feats.new_empty((3, N) if any_out else (0,), dtype=_acc_dtype(feats.dtype)),)
 
     @torch.library.register_fake(f"{ns}::embed_similarity_backward")
     def fake_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk, lse,
-                      ignore_index, temperature, probs=None):
+                      ignore_index, temperature, probs=None, stats=None):
         gw = torch.empty_like(ln_weight) if ln_weight is not None else feats.new_empty((0,))
         gb = torch.empty_like(ln_bias) if ln_bias is not None else feats.new_empty((0,))
         return torch.empty_like(feats), gw, gb
 
     @torch.library.register_fake(f"{ns}::embed_prototype_sums")
-    def fake_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots):
+    def fake_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, stats=None):
         return _sums_fake(feats, num_slots)
 
     backward_op = lib.embed_similarity_backward.default
 
     def setup_context(ctx, inputs, output):
         feats, ln_weight, ln_bias, ln_eps, protos, labels, ignore_index, temperature, seg, lse_on, own_on, _ = inputs
-        _, argk, lse, _, probs = output
-        ctx.save_for_backward(feats, ln_weight, ln_bias, protos, labels, argk, lse, probs)
-        ctx.mark_non_differentiable(argk, probs)
+        _, argk, lse, _, probs, stats = output
+        ctx.save_for_backward(feats, ln_weight, ln_bias, protos, labels, argk, lse, probs, stats)
+        ctx.mark_non_differentiable(argk, probs, stats)
         ctx.args = (ln_eps, ignore_index, temperature)
         ctx.computed = (seg, lse_on, own_on)
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own, grad_probs):
-        feats, ln_weight, ln_bias, protos, labels, argk, lse, probs = ctx.saved_tensors
+    def backward(ctx, grad_seg, grad_argk, grad_lse, grad_own, grad_probs, grad_stats):
+        feats, ln_weight, ln_bias, protos, labels, argk, lse, probs, stats = ctx.saved_tensors
         grads = [g if on else None for g, on in zip((grad_seg, grad_lse, grad_own), ctx.computed)]
         need = ctx.needs_input_grad
         if not any(g is not None for g in grads) or not (need[0] or need[1] or need[2]):
             return (None,) * 12
         ln_eps, ignore_index, temperature = ctx.args
         gf, gw, gb = backward_op(*grads, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk, lse, ignore_index,
-                                 temperature, probs)
+                                 temperature, probs, stats)
         return (gf if need[0] else None, gw if need[1] and ln_weight is not None else None,
                 gb if need[2] and ln_bias is not None else None) + (None,) * 9
 

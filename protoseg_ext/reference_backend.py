@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import checks, reference
-from .backends import Backend, FeatNorm, SimilarityOut
+from .backends import Backend, EmbedSimilarityOut, FeatNorm, SimilarityOut
 
-__all__ = ["ReferenceBackend", "embed", "pixel_chunks", "composed_mask_norm"]
+__all__ = ["ReferenceBackend", "embed", "embed_stats", "pixel_chunks", "composed_mask_norm"]
 
 
 def embed(feats: torch.Tensor, feat_norm: FeatNorm = None) -> torch.Tensor:
@@ -28,6 +28,30 @@ def embed(feats: torch.Tensor, feat_norm: FeatNorm = None) -> torch.Tensor:
         w, b, eps = feat_norm
         x = F.layer_norm(x, (x.shape[1],), w, b, eps)
     return x
+
+
+@torch.no_grad()
+def embed_stats(feats: torch.Tensor, feat_norm: FeatNorm = None) -> torch.Tensor:
+    """``embed_similarity``'s ``stats`` (3, N) in the accumulation dtype: each pixel's LayerNorm mean,
+    1 / sqrt(biased variance + eps) and 1 / max(||y||, 1e-12) of the LayerNorm's output y (without
+    the LayerNorm: 0, 1 and 1 / max(||x||, 1e-12)), computed in float64; NaN in all three for a
+    pixel with a NaN or inf entry, or whose sum of squares overflows the accumulation dtype."""
+    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    x = embed(feats).double()
+    if feat_norm is not None:
+        w, b, eps = feat_norm
+        mean = x.mean(dim=1)
+        rstd = torch.rsqrt(x.var(dim=1, unbiased=False) + eps)
+        y = (x - mean[:, None]) * rstd[:, None] * w.double() + b.double()
+    else:
+        mean, rstd, y = torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0]), x
+    sq = (y * y).sum(dim=1)
+    inv = 1.0 / sq.sqrt().clamp_min(1e-12)
+    big = torch.finfo(acc).max
+    bad = ~torch.isfinite(x).all(dim=1) | ~((x * x).sum(dim=1) <= big) | ~(sq <= big)
+    out = torch.stack((mean, rstd, inv)).to(acc)
+    out[:, bad] = float("nan")
+    return out
 
 
 def pixel_chunks(feats: torch.Tensor, chunk: int):
@@ -90,10 +114,15 @@ class ReferenceBackend(Backend):
             lab = None if labels is None else labels[n0:n1]
             pieces.append(checkpoint(score, x, w, b, lab, use_reentrant=False) if grads else score(x, w, b, lab))
         if len(pieces) == 1:
-            return SimilarityOut(*pieces[0])
-        if not pieces:  # no pixels
-            return SimilarityOut(*score(feats, w, b, labels))
-        return SimilarityOut(*(torch.cat(p) for p in zip(*pieces)))
+            out = SimilarityOut(*pieces[0])
+        elif not pieces:  # no pixels
+            out = SimilarityOut(*score(feats, w, b, labels))
+        else:
+            out = SimilarityOut(*(torch.cat(p) for p in zip(*pieces)))
+        any_out = seg or lse or own
+        acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        stats = embed_stats(feats, feat_norm) if any_out else torch.empty(0, dtype=acc, device=feats.device)
+        return EmbedSimilarityOut(*out, stats)
 
     def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps):
         checks.sinkhorn_args(own, labels, num_classes, ignore_index, iters, eps)
@@ -103,8 +132,10 @@ class ReferenceBackend(Backend):
         checks.prototype_sums_args(feats, slot, num_slots)
         return reference.prototype_sums(feats, slot, num_slots, normalize)
 
-    def embed_prototype_sums(self, feats, feat_norm: FeatNorm, slot, num_slots):
-        """Composed ``embed_chunk`` pixels at a time: no (N, D) copy."""
+    def embed_prototype_sums(self, feats, feat_norm: FeatNorm, slot, num_slots, stats=None):
+        """Composed ``embed_chunk`` pixels at a time: no (N, D) copy. The oracle checks ``stats``
+        and computes the embedding from ``feats`` alone."""
+        checks.embed_stats(checks.embed_feats(feats), stats)
         out = None
         for n0, n1, x in pixel_chunks(feats, self.embed_chunk):
             s, c = self.prototype_sums(embed(x, feat_norm), slot[n0:n1], num_slots, True)

@@ -24,8 +24,8 @@ def _cases(device):
     fmap = (torch.randn(2, 8, 4, 5, device=device) + 0.3).requires_grad_()  # the head's map: 40 pixels
     w = torch.randn(8, device=device, requires_grad=True)
     b = torch.randn(8, device=device, requires_grad=True)
-    _, eargk, else_, _, eprobs = OPS.embed_similarity(fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, -1, 1.0,
-                                                      True, True, True, 1 << 20)
+    _, eargk, else_, _, eprobs, estats = OPS.embed_similarity(fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, -1,
+                                                             1.0, True, True, True, 1 << 20)
     return [
         (OPS.embed_similarity, (fmap, w, b, 1e-5, p, gt, -1, 0.7, True, True, True)),
         (OPS.embed_similarity, (fmap, None, None, 1e-5, p, gt, -1, 1.0, True, True, False, 1 << 20)),
@@ -33,7 +33,10 @@ def _cases(device):
                                          -1, 1.0)),
         (OPS.embed_similarity_backward, (gs, gl, go, fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, eargk, else_,
                                          -1, 1.0, eprobs)),
+        (OPS.embed_similarity_backward, (gs, gl, go, fmap.detach(), w.detach(), b.detach(), 1e-5, p, gt, eargk, else_,
+                                         -1, 1.0, eprobs, estats)),  # the forward's statistics reused
         (OPS.embed_prototype_sums, (fmap.detach(), w.detach(), b.detach(), 1e-5, slot, 6)),
+        (OPS.embed_prototype_sums, (fmap.detach(), w.detach(), b.detach(), 1e-5, slot, 6, estats)),
         (OPS.similarity, (fg, p, gt, -1, 1.0, True, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 0.5, False, True, True)),
         (OPS.similarity, (fg, p, gt, -1, 1.0, True, False, False)),

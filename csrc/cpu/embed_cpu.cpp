@@ -46,15 +46,18 @@ int64_t score_tile(const at::Tensor& rows, const at::Tensor& protos) {
 // The head's embedding fused into the similarity: feats (N, D) or the NCHW
 // map (B, D, H, W) as it lies, the optional LayerNorm over D, the L2
 // normalisation, then `similarity`; nothing of size (N, D) is stored.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cpu(
+// Also each pixel's statistics (stats), for the backward and the prototype sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cpu(
     const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
     double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
     bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
   const at::Tensor rows = embed_rows(feats);
   check_similarity_args(embed_checked_shape(rows), protos, labels, compute_own, temperature);
   const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
-  return similarity_impl(src, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
-                         cache_bytes, true);
+  at::Tensor stats;
+  auto out = similarity_impl(src, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
+                             cache_bytes, true, &stats);
+  return std::tuple_cat(out, std::make_tuple(stats));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
@@ -62,13 +65,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
     const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
     const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& protos, const at::Tensor& labels,
     const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
-    const c10::optional<at::Tensor>& probs) {
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& stats) {
   const bool has_own = grad_own.has_value() && grad_own->defined();
   const at::Tensor rows = embed_rows(feats);
   const at::Tensor shape = embed_checked_shape(rows);
   check_similarity_args(shape, protos, labels, has_own, temperature);
   const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
-  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
+  Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
+  if (check_embed_stats(rows, stats)) src.stats = *stats;
   auto out = similarity_backward_impl(src, grad_seg, grad_lse, grad_own, protos, labels, argk, lse, ignore_index,
                                       temperature, probs, true, cached);
   const at::Tensor g = embed_grad_as_feats(std::get<0>(out), rows, feats);  // (N, D) or (B, D, HW) as feats
@@ -142,11 +146,11 @@ struct TileSums {
 //   z_d = (x_d - mu) a w_d + c b_d  (a = r inv, c = inv; without the
 // LayerNorm a = inv, mu = 0 and no w, b), so
 //   sums[s][d] = w_d sum_{slot = s} (x_d - mu) a + b_d sum_{slot = s} c:
-// the tile's statistics (one pass over the plane), then for each block of 16
-// rows (16 runs of contiguous pixels), each 16 x 16 block transposed in
-// registers and each pixel's 16 values, (x_d - mu) a, added into its slot's
-// running sums (num_slots x 16 floats, in L1), flushed into part once per
-// block of rows. Adds c to csum[s] and 1 to cnt[s] per pixel with a slot and
+// the tile's statistics (embed_similarity's stats when given, else one pass
+// over the plane), then for each block of 16 rows (16 runs of contiguous
+// pixels), each 16 x 16 block transposed in registers and each pixel's 16
+// values, (x_d - mu) a, added into its slot's running sums (num_slots x 16
+// floats, in L1), flushed into part once per block of rows. Adds c to csum[s] and 1 to cnt[s] per pixel with a slot and
 // finite sums; a pixel whose float sums overflowed (entries finite) is left
 // to `late` (summed in float64 afterwards).
 template <typename T>
@@ -155,22 +159,32 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
                      double* cnt, std::vector<int64_t>& late) {
   const at::Tensor v = src.plane_tile(t);
   const T* x = v.data_ptr<T>();
-  const int64_t ld = v.stride(0), n = src.rows(t), D = src.D;
-  plane::stats(x, ld, n, D, fold, st);
+  const int64_t ld = v.stride(0), n = src.rows(t), D = src.D, N = src.N;
+  const T* given = src.stats.defined() ? src.stats.data_ptr<T>() + src.row0(t) : nullptr;  // (3, N) rows
+  if (given == nullptr) plane::stats(x, ld, n, D, fold, st);
   std::fill(g.present.begin(), g.present.end(), 0);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t s = slot[j];
     g.slot[j] = -1;
-    if (s >= 0 && st.finite[j]) {
-      g.slot[j] = int32_t(s);
-      g.mu[j] = fold.ln ? st.k[j] + st.delta[j] : T(0);
-      g.a[j] = fold.ln ? st.r[j] * st.inv[j] : st.inv[j];
-      csum[s] += double(st.inv[j]);
-      cnt[s] += 1.0;
-      g.present[s] = 1;
-    } else if (s >= 0) {
-      late.push_back(src.row0(t) + j);
+    if (s < 0) continue;
+    T mu = T(0), r = T(1), inv = given != nullptr ? given[2 * N + j] : st.inv[j];
+    if (given != nullptr) {
+      mu = given[j];
+      r = given[N + j];
+    } else if (fold.ln) {
+      mu = st.k[j] + st.delta[j];
+      r = st.r[j];
     }
+    if (given != nullptr ? !std::isfinite(inv) : !st.finite[j]) {  // (NaN stats: not finite)
+      late.push_back(src.row0(t) + j);
+      continue;
+    }
+    g.slot[j] = int32_t(s);
+    g.mu[j] = fold.ln ? mu : T(0);
+    g.a[j] = fold.ln ? r * inv : inv;
+    csum[s] += double(inv);
+    cnt[s] += 1.0;
+    g.present[s] = 1;
   }
   g.used.clear();
   for (int64_t s = 0; s < num_slots; ++s)
@@ -302,10 +316,12 @@ struct SumBlocks {
 std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& feats,
                                                             const c10::optional<at::Tensor>& ln_weight,
                                                             const c10::optional<at::Tensor>& ln_bias, double ln_eps,
-                                                            const at::Tensor& slot, int64_t num_slots) {
+                                                            const at::Tensor& slot, int64_t num_slots,
+                                                            const c10::optional<at::Tensor>& stats) {
   at::NoGradGuard no_grad;
   const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
-  const Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
+  Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
+  if (check_embed_stats(rows, stats)) src.stats = *stats;
   if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
   const int64_t N = src.N, D = src.D;
   at::Tensor sums = at::zeros({num_slots, D}, rows.options().dtype(src.acc));

@@ -170,6 +170,64 @@ inline void add_stats_row(const T* xr, int64_t d, int64_t n, const Fold<T>& f, S
   }
 }
 
+// The LayerNorm's statistics of the tile from embed_similarity's stats (gs:
+// the tile's first pixel of its (3, N) rows, row stride N): the shift k is
+// the mean (delta = 0) and r is given, so the sums left (add_given_row) are
+// s3, s4 and s5 about the mean, i.e. Q, M and L themselves.
+template <typename T>
+void start_given(const T* gs, int64_t N, int64_t n, Stats<T>& st) {
+  for (int64_t j = 0; j < n; ++j) {
+    st.k[j] = gs[j];
+    st.delta[j] = T(0);
+    st.r[j] = gs[N + j];
+    st.finite[j] = std::isfinite(gs[2 * N + j]);  // (NaN in all three where not finite)
+  }
+  for (auto* v : {&st.s3, &st.s4, &st.s5}) std::fill(v->begin(), v->begin() + n, T(0));
+}
+
+// start_given, and inv from the stats too, for the scores' epilogue; true
+// when the tile can take the plane path (finish_stats' rule).
+template <typename T>
+bool given_stats(const T* gs, int64_t N, int64_t n, Stats<T>& st) {
+  start_given(gs, N, n, st);
+  bool ok = true;
+  for (int64_t j = 0; j < n; ++j) {
+    st.inv[j] = gs[2 * N + j];
+    ok = ok && st.finite[j] && std::abs(st.k[j]) * st.r[j] <= T(kMaxOffset);  // false for NaN
+  }
+  return ok;
+}
+
+template <typename T>
+inline void add_given_row(const T* xr, int64_t d, int64_t n, const Fold<T>& f, Stats<T>& st) {
+  T* s3 = st.s3.data();
+  T* s4 = st.s4.data();
+  T* s5 = st.s5.data();
+  const T* k = st.k.data();
+  const T w2 = f.w[d] * f.w[d], wb = f.w[d] * f.b[d];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = xr[j] - k[j];
+    s3[j] += v * v * w2;
+    s4[j] += v * w2;
+    s5[j] += v * wb;
+  }
+}
+
+template <typename T>
+void finish_given(int64_t n, const Fold<T>& f, Stats<T>& st) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = st.r[j];
+    st.Q[j] = std::max(st.s3[j], T(0));
+    st.L[j] = st.s5[j];
+    st.M[j] = st.s4[j];
+    const T sq = std::max(r * r * st.Q[j] + T(2) * r * st.L[j] + f.B2, T(0));
+    st.sq[j] = sq;
+    st.inv[j] = inv_norm(sq);
+    st.finite[j] = st.finite[j] && std::isfinite(sq);
+  }
+}
+
 // The statistics of the n pixels of the tile x (D rows of stride ld), in one
 // pass; returns finish_stats'.
 template <typename T>
@@ -228,21 +286,29 @@ bool scores(const T* x, const at::Tensor& xview, int64_t ld, int64_t n, int64_t 
   return true;
 }
 
-// pass 1: t1, t2, t3 per pixel (and, unless have_stats, the statistics'
-// sums, the row still in L1)
+// Where the backward's statistics come from: already in Stats (the forward's
+// recompute), embed_similarity's stats (LayerNorm only: Q, M, L are still
+// summed), or the first pass.
+enum class StatsFrom { kHave, kGiven, kPass };
+
+// pass 1: t1, t2, t3 per pixel (and the statistics' sums the StatsFrom
+// leaves, the row still in L1); gs: embed_similarity's stats of the tile
+// (kGiven, row stride N)
 template <typename T>
 void backward_sums(const T* x, int64_t ld, const T* G, int64_t n, int64_t D, const Fold<T>& f, Stats<T>& st,
-                   bool have_stats) {
+                   StatsFrom from, const T* gs, int64_t N) {
   T* t1 = st.t1.data();
   T* t2 = st.t2.data();
   T* t3 = st.t3.data();
   const T* k = st.k.data();
-  if (!have_stats) start_stats(x, n, f, st);
+  if (from == StatsFrom::kPass) start_stats(x, n, f, st);
+  if (from == StatsFrom::kGiven) start_given(gs, N, n, st);
   for (T* t : {t1, t2, t3}) std::fill(t, t + n, T(0));
   for (int64_t d = 0; d < D; ++d) {
     const T* xr = x + d * ld;
     const T* g = G + d * n;
-    if (!have_stats) add_stats_row(xr, d, n, f, st);
+    if (from == StatsFrom::kPass) add_stats_row(xr, d, n, f, st);
+    if (from == StatsFrom::kGiven) add_given_row(xr, d, n, f, st);
     if (!f.ln) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) t1[j] += xr[j] * g[j];
@@ -257,7 +323,8 @@ void backward_sums(const T* x, int64_t ld, const T* G, int64_t n, int64_t D, con
       t3[j] += bd * g[j];
     }
   }
-  if (!have_stats) finish_stats(n, D, f, st);
+  if (from == StatsFrom::kPass) finish_stats(n, D, f, st);
+  if (from == StatsFrom::kGiven) finish_given(n, f, st);
 }
 
 // pass 2 without the LayerNorm: gx = a g - c x (a = inv, c = inv^2 f_dot_g)
@@ -327,16 +394,16 @@ void layer_norm_backward(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_o
 // d loss / d x of the tile into gx (D rows of stride ld_out), from G = d loss
 // / d z (D, n) contiguous; adds the tile's d w and d b into dw, db (LayerNorm
 // only). Two passes over x and G (backward_sums, then the L2 normalisation's
-// and the LayerNorm's backward). With have_stats the tile's statistics are
-// those of `stats`; otherwise the first pass takes them too. False (nothing
-// written) when a pixel is not finite: the tile then takes the row path.
+// and the LayerNorm's backward); the tile's statistics as `from` says (gs, N:
+// backward_sums'). False (nothing written) when a pixel is not finite: the
+// tile then takes the row path.
 // (Passes over chunks of 64 pixels, so that x and G stay in L2 between them,
 // measured 14-16% slower here: rows of 256 bytes, 720 pages apart, defeat the
 // prefetchers.)
 template <typename T>
 bool backward(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_out, int64_t n, int64_t D, const Fold<T>& f,
-              Stats<T>& st, bool have_stats, T* dw, T* db) {
-  backward_sums(x, ld, G, n, D, f, st, have_stats);
+              Stats<T>& st, StatsFrom from, const T* gs, int64_t N, T* dw, T* db) {
+  backward_sums(x, ld, G, n, D, f, st, from, gs, N);
   for (int64_t j = 0; j < n; ++j)
     if (!st.finite[j]) return false;
   if (f.ln) {

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -143,11 +144,42 @@ void lse_rows(at::Tensor& S, int64_t C, const acc_t* seg, double temperature, ac
   if (probs != nullptr) rows::stream_copy(probs, s, rows * CK);
 }
 
+// embed_similarity's stats of the tile's rows r0.. (st: rows (3, N)): on
+// the plane path from the tile's statistics, else the row path's mean and
+// rstd (already there with the LayerNorm) and 1 / ||y|| of its rows x; NaN
+// for a pixel whose statistics are not finite.
+template <typename acc_t>
+void tile_stats(acc_t* st, int64_t N, int64_t r0, int64_t rows, const plane::Stats<acc_t>* ps, bool ln,
+                const acc_t* x, int64_t D) {
+  acc_t* mean = st + r0;
+  acc_t* rstd = st + N + r0;
+  acc_t* inv = st + 2 * N + r0;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t i = 0; i < rows; ++i) {
+    bool ok;
+    if (ps != nullptr) {
+      mean[i] = ln ? ps->k[i] + ps->delta[i] : acc_t(0);
+      rstd[i] = ln ? ps->r[i] : acc_t(1);
+      inv[i] = ps->inv[i];
+      ok = ps->finite[i];
+    } else {
+      if (!ln) {
+        mean[i] = acc_t(0);
+        rstd[i] = acc_t(1);
+      }
+      const acc_t sq = rows::sumsq<acc_t>(x + i * D, D);
+      inv[i] = inv_norm(sq);
+      ok = std::isfinite(sq) && std::isfinite(mean[i]) && std::isfinite(rstd[i]);
+    }
+    if (!ok) mean[i] = rstd[i] = inv[i] = nan;
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_impl(
     const Source& src, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
-    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize) {
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize, at::Tensor* stats) {
   at::NoGradGuard no_grad;  // autograd is handled in Python; inner ATen calls record nothing
   const at::Tensor& feats = src.feats;
   const int64_t N = src.N, D = src.D, C = protos.size(0), K = protos.size(1), CK = C * K;
@@ -160,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   at::Tensor lse = at::empty(compute_lse ? at::IntArrayRef({N}) : at::IntArrayRef({0}), aopt);
   at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
   at::Tensor probs = cache ? BufferPool::get().empty({N, CK}, aopt) : at::empty({0}, aopt);
-  if (N == 0 || (!compute_seg && !compute_lse && !compute_own)) return {seg, argk, lse, own, probs};
+  const bool any_out = compute_seg || compute_lse || compute_own;
+  if (stats != nullptr) *stats = at::empty(any_out ? at::IntArrayRef({3, N}) : at::IntArrayRef({0}), aopt);
+  if (N == 0 || !any_out) return {seg, argk, lse, own, probs};
   at::Tensor lab = compute_own ? checked_labels(labels, C, ignore_index) : at::Tensor();
   at::Tensor Pt = kmajor_protos(protos, acc).t();  // (D, K*C)
   const int64_t T = src.T, ntiles = src.ntiles;
@@ -182,10 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         // S (rows, K*C), in cache: scaled as the rows of feats already on the plane path
         at::Tensor xt;
         const bool scaled = fold && src.plane_scores<acc_t>(t, *fold, *st, S, ST_buf);
+        acc_t* stp = stats != nullptr ? stats->data_ptr<acc_t>() : nullptr;
         if (!scaled) {
-          xt = src.load<acc_t>(t);
+          xt = stp != nullptr && src.ln() ? src.load<acc_t>(t, nullptr, nullptr, stp + r0, N) : src.load<acc_t>(t);
           at::mm_out(S, xt, Pt);
         }
+        if (stp != nullptr) tile_stats(stp, N, r0, rows, scaled ? st.get() : nullptr, src.ln(),
+                                       scaled ? nullptr : xt.data_ptr<acc_t>(), D);
         acc_t* s = S.data_ptr<acc_t>();
         const acc_t* x = normalize && !scaled ? xt.data_ptr<acc_t>() : nullptr;  // rows to scale S by
         at::Tensor seg_t;  // this tile's seg rows, in acc_t
@@ -295,8 +332,14 @@ struct BackwardPass {
     at::Tensor v = src.plane_tile(t);
     const acc_t* xp = v.data_ptr<acc_t>();
     plane::Stats<acc_t>& st = *sc.st;
-    // recomputing S needs the statistics first; with the cache the backward's first pass takes them
-    if (!cached && !plane::stats(xp, v.stride(0), rows, D, *fold, st)) return false;
+    // embed_similarity's stats when given (LayerNorm only: without it they save nothing), else
+    // recomputing S needs the statistics first and with the cache the backward's first pass takes them
+    const bool given = src.ln() && src.stats.defined();
+    const acc_t* gs = given ? src.stats.data_ptr<acc_t>() + r0 : nullptr;
+    if (!cached && !(given ? plane::given_stats(gs, src.N, rows, st) : plane::stats(xp, v.stride(0), rows, D, *fold,
+                                                                                    st))) {
+      return false;
+    }
     at::Tensor dS = sc.dS.narrow(0, 0, rows);
     if (!cached) {  // S recomputed on the plane path: the forward's S, bit for bit
       plane::raw_scores<acc_t>(v, fold->Pw, sc.ST, dS);
@@ -307,8 +350,10 @@ struct BackwardPass {
     at::Tensor G = sc.out.view(-1).narrow(0, 0, D * rows).view({D, rows});
     at::mm_out(G, P.t(), dS.t());
     at::Tensor gp = grad.select(0, t / src.per_image).narrow(1, (t % src.per_image) * src.T, rows);
+    const auto from = given ? plane::StatsFrom::kGiven : cached ? plane::StatsFrom::kPass : plane::StatsFrom::kHave;
     return plane::backward(xp, v.stride(0), G.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), gp.stride(0), rows, D, *fold,
-                           st, !cached, src.ln() ? dw_parts.data_ptr<acc_t>() + t * D : nullptr,
+                           st, from, gs, src.N,
+                           src.ln() ? dw_parts.data_ptr<acc_t>() + t * D : nullptr,
                            src.ln() ? db_parts.data_ptr<acc_t>() + t * D : nullptr);
   }
 

@@ -31,6 +31,7 @@ inline int64_t tile_rows(int64_t CK, int64_t elem_size) {
 // ever stored, forward or backward.
 struct Source {
   at::Tensor feats, weight, bias;  // weight and bias: acc dtype, contiguous (D,), or undefined
+  at::Tensor stats;                // embed_similarity's stats (3, N) when given, or undefined
   double eps;
   int64_t N, D, HW, T, per_image, ntiles;
   at::ScalarType acc;
@@ -96,8 +97,10 @@ struct Source {
     return own_copy ? x.clone(at::MemoryFormat::Contiguous) : x.contiguous();
   }
 
+  // With ms given (ln() only), also each row's mean at ms[i] and its rstd at ms[ms_ld + i].
   template <typename acc_t>
-  at::Tensor load(int64_t t, at::Tensor* xhat = nullptr, at::Tensor* rstd = nullptr) const {
+  at::Tensor load(int64_t t, at::Tensor* xhat = nullptr, at::Tensor* rstd = nullptr, acc_t* ms = nullptr,
+                  int64_t ms_ld = 0) const {
     if (!ln()) return rows_of<acc_t>(t, false);
     // the LayerNorm writes into its own copy (contiguous() may return a view of the input)
     at::Tensor x = rows_of<acc_t>(t, true);
@@ -118,6 +121,10 @@ struct Source {
       const acc_t mean = rows::sum(xi, D) / acc_t(D);
       const acc_t var = rows::sum_of<acc_t>(D, [xi, mean](int64_t d) { return (xi[d] - mean) * (xi[d] - mean); });
       const acc_t r = acc_t(1) / std::sqrt(var / acc_t(D) + acc_t(eps));
+      if (ms != nullptr) {
+        ms[i] = mean;
+        ms[ms_ld + i] = r;
+      }
       if (xh != nullptr) {
         rs[i] = r;
         acc_t* hi = xh + i * D;
@@ -143,10 +150,12 @@ struct Source {
 };
 
 // The tiled forward of similarity and embed_similarity (similarity_cpu.cpp):
-// seg, argk, lse, own and the softmax cache, as the ops return them.
+// seg, argk, lse, own and the softmax cache, as the ops return them; with
+// stats given (normalize only), embed_similarity's stats (3, N) into *stats.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_impl(
     const Source& src, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
-    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize);
+    bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize,
+    at::Tensor* stats = nullptr);
 
 // The tiled backward (similarity_cpu.cpp): d loss / d feats in the acc dtype
 // and the layout of src.feats, and with the LayerNorm its weight's and bias's
