@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import protoseg_ext.functional as PF
 from protoseg_ext import ProtoSegHead, backends
 from protoseg_ext import reference as R
+from protoseg_ext.reference_backend import embed_stats
 from protoseg_ext.testing import (  # noqa: F401
     as_layout, assert_close_rel, device_backend, embed_reference, make_problem, official_head_step)
 
@@ -283,6 +284,58 @@ def test_embed_prototype_sums(case, layout, layer_norm, HW, monkeypatch):
     rs, rc = R.prototype_sums(embed_reference(x, ln).to(case.device), slot, 12)  # the embedding in float64
     torch.testing.assert_close(sums.double(), rs, atol=1e-4, rtol=1e-5)
     assert torch.equal(counts.double(), rc)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_embed_stats_and_their_reuse(case, layout, layer_norm):
+    """embed_similarity's per-pixel statistics against the reference's (NaN columns for a NaN and
+    an inf pixel; a pixel far from zero mean; several CPU tiles), and the prototype sums and the
+    backward given them: the same as without them, and as the reference."""
+    g = torch.Generator().manual_seed(15)
+    B, D, H, W, C, K = 2, 20, 30, 40, 3, 4  # 1,200 pixels per image
+    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64) * 2 + 0.3
+    x[1, :, 2, 3] = float("nan")
+    x[1, 5, 2, 4] = float("inf")
+    x[0, :, 3, 2] += 500
+    ln = (torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64),
+          1e-5) if layer_norm else None
+    lnf = tuple(t.float().to(case.device) for t in ln[:2]) + (1e-5,) if layer_norm else None
+    xin = as_layout(x.float().to(case.device), layout)
+    p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1).to(case.device)
+    gt = torch.randint(-1, C, (B * H * W,), generator=g).to(case.device)
+    out = case.be.embed_similarity(xin, lnf, p, gt, seg=False, lse=True, own=True)
+    ref = embed_stats(x, ln)  # in float64
+    assert out.stats.shape == (3, B * H * W) and out.stats.dtype == torch.float32
+    bad = torch.isnan(ref[0])
+    assert bad.sum() == 2 and torch.equal(torch.isnan(out.stats).cpu(), bad.expand(3, -1))
+    torch.testing.assert_close(out.stats.cpu().double(), ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert case.be.embed_similarity(xin, lnf, p, seg=False).stats.numel() == 0  # nothing computed
+
+    slot = torch.randint(-1, C * K, (B * H * W,), generator=g).to(case.device)
+    slot[bad.to(case.device)] = 5
+    sums, counts = case.be.embed_prototype_sums(xin, lnf, slot, C * K, out.stats)
+    rs, rc = R.prototype_sums(embed_reference(x, ln).to(case.device), slot, C * K)
+    torch.testing.assert_close(sums.double(), rs, atol=1e-4, rtol=1e-5)
+    assert torch.equal(counts.double(), rc)
+    s0, c0 = case.be.embed_prototype_sums(xin, lnf, slot, C * K)
+    torch.testing.assert_close(sums, s0, atol=1e-5, rtol=1e-5)
+    assert torch.equal(counts, c0)
+    with pytest.raises(ValueError, match="stats"):
+        case.be.embed_prototype_sums(xin, lnf, slot, C * K, out.stats[:, 1:])
+    with pytest.raises(ValueError, match="stats"):
+        case.be.embed_prototype_sums(xin, lnf, slot, C * K, out.stats.double())
+    if case.backend == "reference":  # its backward is autograd's
+        return
+    w, b = lnf[:2] if layer_norm else (None, None)
+    ops = case.be._ops
+    for cache in (0, 1 << 30):  # S recomputed, or the softmax kept
+        _, argk, lse, _, probs, stats = ops.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.7, True, True, True, cache)
+        grads = (torch.randn(B * H * W, C, generator=g).to(case.device), torch.randn(B * H * W, generator=g).to(
+            case.device), torch.randn(B * H * W, K, generator=g).to(case.device))
+        args = (*grads, xin, w, b, 1e-5, p, gt, argk, lse, -1, 0.7, probs)
+        for u, v in zip(ops.embed_similarity_backward(*args, stats), ops.embed_similarity_backward(*args)):
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4, equal_nan=True)
 
 
 # ---------------------------------------------------------------- Sinkhorn
