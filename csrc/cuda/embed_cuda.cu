@@ -27,6 +27,16 @@
 //   d x = r (w dy - m1 - xhat m2),  d w += dy xhat,  d b += dy   (LayerNorm)
 // and a second pass writes d x in place of G; d w and d b are per-block
 // partial sums, added in block order (deterministic).
+//
+// Statistics: embed_stats_kernel writes each pixel's (mu, r, inv) straight
+// into the (3, N) `stats` that embed_similarity returns (the tile's columns,
+// row stride N); the backward and embed_prototype_sums read those when given
+// and launch it into a (3, T) tile buffer otherwise, so the map is read once
+// for them per step, not three times. The scores' direct path (|mu| r >
+// kMaxFoldOffset) and the backward's radial term (inv below 1 / eps) follow
+// from the three values; a NaN column (a non-finite entry, or float sums that
+// overflowed) is recomputed in float64 by the kernel that reads it
+// (load_stats).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
