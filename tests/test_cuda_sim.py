@@ -224,7 +224,7 @@ def _embed_check(sim, x, w, b, p, gt, layout, layer_norm, cached, tol, T=0.7, pa
     xin = as_layout(x, layout)
     kept = xin.clone()
     lw, lb = (w, b) if layer_norm else (None, None)
-    seg, argk, lse, own, probs = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, T, True, True, True,
+    seg, argk, lse, own, probs, _ = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, T, True, True, True,
                                                       (1 << 30) if cached else 0)
     assert probs.numel() == (gt.numel() * p.shape[0] * p.shape[1] if cached else 0)
     leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
@@ -306,7 +306,7 @@ def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype
     N, CK = gt.numel(), 6 * 3
     tol = dict(atol=2e-2, rtol=2e-2) if pdtype != torch.float32 else dict(atol=2e-5, rtol=2e-5)
     xin = as_layout(x, layout)
-    (seg, argk, lse, own, _), fwd = _gemms(sim, lambda: sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.7, True,
+    (seg, argk, lse, own, _, _), fwd = _gemms(sim, lambda: sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.7, True,
                                                                               True, True, 0))
     name = {torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]
     tiles = 2 if layout == "nchw" else 1  # a tile per image of a map, one of the (N, D) rows
@@ -346,7 +346,7 @@ def test_embed_kernels_coalesced(sim, layout, dtype):
     slot = gt.clamp(min=-1) * 3
     sim.cudasim_meter("start")
     try:
-        _, argk, lse, _, _ = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+        _, argk, lse, _, _, _ = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
         gl = torch.randn(lse.shape, dtype=lse.dtype)
         sim.embed_similarity_backward(None, gl, None, xin, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
         sim.embed_prototype_sums(xin, w, b, 1e-5, slot, 15)
@@ -372,7 +372,7 @@ def test_embed_similarity_offsets_overflow_and_nan(sim):
     x = x.float()
     xin = x.clone()
     xin[0, :, 2, 3] = float("nan")
-    seg, argk, lse, own, _ = sim.embed_similarity(xin, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True,
+    seg, argk, lse, own, _, _ = sim.embed_similarity(xin, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True,
                                                   True, True, 0)
     nan_px = 2 * 6 + 3
     assert torch.isnan(seg[nan_px]).all() and torch.isnan(lse[nan_px])
@@ -382,7 +382,7 @@ def test_embed_similarity_offsets_overflow_and_nan(sim):
     ref = R.similarity_outputs(embed_reference(xd, (wd, bd, 1e-5)), p.double(), gt, -1, 1.0, True, True, True)
     for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
         torch.testing.assert_close(u.double()[ok], v[ok], atol=1e-5, rtol=1e-5)
-    _, argk, lse, _, _ = sim.embed_similarity(x, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True, True,
+    _, argk, lse, _, _, _ = sim.embed_similarity(x, w.float(), b.float(), 1e-5, p.float(), gt, -1, 1.0, True, True,
                                               True, 0)  # the backward without the NaN pixel
     g = torch.Generator().manual_seed(1)
     up = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in (ref[0], ref[2], ref[3])]
@@ -407,7 +407,7 @@ def test_embed_similarity_autograd_through_the_registered_backward(sim):
     _register_embed_autograd()
     x, w, b, p, gt = _embed_problem(2, 16, 3, 4, 5, 3, seed=16)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    seg, _, lse, own, _ = sim.embed_similarity(*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 1.0, True, True,
+    seg, _, lse, own, _, _ = sim.embed_similarity(*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 1.0, True, True,
                                                True, 0)
     (lse.sum() - own[:, 0].sum() + seg.square().sum()).backward()
     ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
@@ -430,7 +430,7 @@ def test_embed_similarity_gradcheck(sim):
     x, w, b, p, gt = _embed_problem(2, 6, 2, 3, 3, 2, seed=19, dtype=torch.float64)
 
     def fn(x, w, b):
-        seg, _, lse, own, _ = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 0.7, True, True, True, 0)
+        seg, _, lse, own, _, _ = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 0.7, True, True, True, 0)
         return seg, lse, own
 
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (x, w, b)))
@@ -469,6 +469,205 @@ def test_embed_argument_errors_name_the_argument(sim):
         sim.embed_prototype_sums(x, w, b, 0.0, gt.clamp(min=0), 4)
     with pytest.raises(ValueError, match="feats must be"):
         sim.embed_similarity(x[0], w, b, 1e-5, p, gt, -1, 1.0, True, False, False, 0)
+
+
+
+# --------------------------------------------------------------------------- embed_similarity's stats
+
+
+def _stats_problem(layout, dtype, seed=31):
+    """A small map with a NaN pixel, an inf pixel and a pixel far from zero mean (|mean| / std = 30), as
+    ``layout``, in ``dtype``; the LayerNorm and protos in float32 (float64 for a float64 map)."""
+    x, w, b, p, gt = _embed_problem(2, 37, 5, 7, 4, 3, seed=seed)
+    x[0, :, 1, 2] += 60
+    x[1, :, 2, 3] = float("nan")
+    x[0, :, 4, 5] = float("inf")
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    bad = torch.zeros(gt.numel(), dtype=torch.bool)
+    bad[35 + 2 * 7 + 3] = bad[4 * 7 + 5] = True  # pixel n = b*H*W + h*W + w
+    return as_layout(x.to(dtype), layout), w.to(pdt), b.to(pdt), p.to(pdt), gt, bad
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_embed_similarity_stats(sim, layout, layer_norm, dtype):
+    """The forward's 6th output: each pixel's LayerNorm mean, 1 / std and 1 / ||y|| (without the LayerNorm 0, 1,
+    1 / ||x||), (3, N) contiguous in the accumulation dtype, as reference_backend.embed_stats computes them in
+    float64 from the same (rounded) map; NaN in all three for the NaN and the inf pixel, nowhere else."""
+    from protoseg_ext.reference_backend import embed_stats
+
+    xin, w, b, p, gt, bad = _stats_problem(layout, dtype)
+    lw, lb = (w, b) if layer_norm else (None, None)
+    out = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, 0.7, True, True, True, 0)
+    assert len(out) == 6
+    stats = out[5]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stats.shape == (3, gt.numel()) and stats.dtype == acc and stats.is_contiguous()
+    want = embed_stats(xin, (lw, lb, 1e-5) if layer_norm else None)
+    assert torch.isnan(want[:, bad]).all() and not torch.isnan(want[:, ~bad]).any()  # the reference's rule
+    assert torch.isnan(stats[:, bad]).all() and not torch.isnan(stats[:, ~bad]).any()
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats[:, ~bad], want[:, ~bad], **tol)
+    if not layer_norm:
+        assert torch.equal(stats[0, ~bad], torch.zeros_like(stats[0, ~bad]))
+        assert torch.equal(stats[1, ~bad], torch.ones_like(stats[1, ~bad]))
+    # nothing computed: no stats
+    assert sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, 0.7, False, False, False, 0)[5].shape == (0,)
+
+
+def test_embed_similarity_stats_zero_pixel_and_overflow(sim):
+    """A zero pixel (1 / ||x|| at its cap 1e12, no LayerNorm) and a finite pixel whose float32 sums of squares
+    overflow: NaN stats, as the reference's (its kernels then recompute it in float64: the scores are finite)."""
+    from protoseg_ext.reference_backend import embed_stats
+
+    x, w, b, p, gt = _embed_problem(1, 24, 3, 4, 3, 2, seed=32)
+    x[0, :, 0, 1] = 0
+    x[0, :, 2, 2] *= 1e20
+    x = x.float()
+    for ln in ((w.float(), b.float(), 1e-5), None):
+        out = sim.embed_similarity(x, *(ln[:2] if ln else (None, None)), 1e-5, p.float(), gt, -1, 1.0, True, True,
+                                   True, 0)
+        want = embed_stats(x, ln)
+        assert torch.isnan(want[:, 10]).all() and torch.isnan(out[5][:, 10]).all()
+        assert torch.isfinite(out[0][10]).all() and torch.isfinite(out[2][10])
+        ok = torch.ones(12, dtype=torch.bool)
+        ok[10] = False
+        torch.testing.assert_close(out[5][:, ok], want[:, ok], atol=1e-5, rtol=1e-5)
+        if ln is None:
+            assert out[5][2, 1].item() == pytest.approx(1e12)
+
+
+def _embed_stats_launches(sim, fn):
+    """fn() under the meter: its result and how many times embed_stats_kernel ran."""
+    import json
+
+    sim.cudasim_meter("start")
+    try:
+        out = fn()
+    finally:
+        sim.cudasim_meter("stop")
+    evs = json.loads(sim.cudasim_meter("json"))
+    return out, sum(1 for e in evs if e["type"] == "kernel" and e["name"].startswith("embed_stats_kernel"))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("cached", [True, False])
+def test_embed_backward_with_stats(sim, layout, layer_norm, cached):
+    """embed_similarity_backward given the forward's stats: no statistics pass of its own (no embed_stats_kernel
+    launch), and the same gradients bit for bit as without them (the same statistics), which match the float64
+    reference; a far-from-mean pixel and a finite pixel whose float32 sums overflow (NaN stats, recomputed in
+    float64) included."""
+    x, w, b, p, gt = _embed_problem(2, 37, 5, 7, 4, 3, seed=33)
+    x[0, :, 1, 2] += 60
+    x[1, :, 3, 1] *= 1e20
+    x = x.float()
+    xin = as_layout(x, layout)
+    w, b, p = w.float(), b.float(), p.float()
+    lw, lb = (w, b) if layer_norm else (None, None)
+    T = 0.7
+    seg, argk, lse, own, probs, stats = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, T, True, True, True,
+                                                             (1 << 30) if cached else 0)
+    assert torch.isnan(stats[:, 35 + 3 * 7 + 1]).all()  # the overflow pixel
+    g = torch.Generator().manual_seed(5)
+    ups = [torch.randn(t.shape, generator=g) for t in (seg, lse, own)]
+    args = (*ups, xin, lw, lb, 1e-5, p, gt, argk, lse, -1, T, probs if cached else None)
+    without, n_without = _embed_stats_launches(sim, lambda: sim.embed_similarity_backward(*args))
+    given, n_given = _embed_stats_launches(sim, lambda: sim.embed_similarity_backward(*args, stats))
+    assert n_without == (2 if layout == "nchw" else 1) and n_given == 0  # a tile per image of NCHW planes
+    for u, v in zip(without, given):
+        assert torch.equal(u, v)
+    empty, _ = _embed_stats_launches(sim, lambda: sim.embed_similarity_backward(*args, stats.new_empty(0)))
+    for u, v in zip(without, empty):  # (0,): none given
+        assert torch.equal(u, v)
+    xd, wd, bd = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(embed_reference(xd, (wd, bd, 1e-5) if layer_norm else None), p.double(), gt, -1, T,
+                               True, True, True)
+    want = torch.autograd.grad(sum((r * u.double()).sum() for r, u in zip((ref[0], ref[2], ref[3]), ups)),
+                               (xd, wd, bd) if layer_norm else (xd,))
+    gx = given[0].double()
+    if layout == "rows":  # (N, D) back to (B, D, H, W)
+        gx = gx.reshape(2, 5, 7, 37).permute(0, 3, 1, 2)
+    scale = x.double().abs().amax(1, keepdim=True).clamp(min=1)  # d feats scales like 1 / the pixel's spread
+    torch.testing.assert_close(gx * scale, want[0] * scale, atol=1e-4, rtol=1e-4)
+    if layer_norm:
+        torch.testing.assert_close(given[1].double(), want[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(given[2].double(), want[2], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_embed_backward_with_stats_dtypes(sim, dtype):
+    """The same with a bf16 map (fp32 stats; the split GEMMs) and a float64 one: bit for bit as without stats."""
+    x, w, b, p, gt = _embed_problem(2, 24, 4, 5, 6, 3, seed=34, dtype=dtype)
+    if dtype == torch.bfloat16:
+        w, b, p = w.float(), b.float(), p.float()
+    seg, argk, lse, own, _, stats = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+    assert stats.dtype == _work(dtype)
+    g = torch.Generator().manual_seed(6)
+    ups = [torch.randn(t.shape, generator=g, dtype=_work(dtype)) for t in (seg, lse, own)]
+    args = (*ups, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
+    for u, v in zip(sim.embed_similarity_backward(*args), sim.embed_similarity_backward(*args, stats)):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_embed_prototype_sums_with_stats(sim, sums_mode, layout, layer_norm):
+    """embed_prototype_sums given embed_similarity's stats: no statistics pass (no embed_stats_kernel launch), the
+    same sums and counts as without them (bit for bit in the deterministic mode; the atomic one adds in thread
+    order) and as the float64 reference; NaN and inf pixels never reach them, a pixel far from zero mean and one
+    whose float32 squares overflow (NaN stats: recomputed in float64) do."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 20, 6, 5, generator=g, dtype=torch.float64)
+    x[1, :, 2, 3] = float("nan")
+    x[1, :, 2, 4] = float("inf")
+    x[0, :, 3, 2] += 500
+    x[0, :, 4, 1] *= 1e20
+    ln = (torch.randn(20, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64),
+          1e-5) if layer_norm else None
+    slot = torch.randint(-1, 12, (60,), generator=g)
+    slot[30 + 13] = slot[30 + 14] = slot[17] = slot[21] = 5
+    xin = as_layout(x.float(), layout)
+    lw, lb = (ln[0].float(), ln[1].float()) if layer_norm else (None, None)
+    p = F.normalize(torch.randn(4, 3, 20, generator=g), dim=-1)
+    gt = torch.randint(-1, 4, (60,), generator=g)
+    stats = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, 1.0, False, True, False, 0)[5]
+    (s0, c0), n0 = _embed_stats_launches(sim, lambda: sim.embed_prototype_sums(xin, lw, lb, 1e-5, slot, 12))
+    (s1, c1), n1 = _embed_stats_launches(sim, lambda: sim.embed_prototype_sums(xin, lw, lb, 1e-5, slot, 12, stats))
+    assert n0 > 0 and n1 == 0
+    assert torch.equal(c0, c1)
+    if sums_mode == "deterministic":
+        assert torch.equal(s0, s1)
+    else:
+        torch.testing.assert_close(s1, s0, atol=1e-6, rtol=1e-6)
+    rs, rc = R.prototype_sums(embed_reference(x.float().double(), ln), slot, 12)
+    assert torch.equal(c1.double(), rc)
+    torch.testing.assert_close(s1.double(), rs, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_stats_errors_name_the_argument(sim):
+    """Stats of the wrong shape, dtype or layout are refused by the backward and the prototype sums, naming stats."""
+    x, w, b, p, gt = _embed_problem(1, 8, 2, 3, 2, 2, seed=18, dtype=torch.float32)
+    seg, argk, lse, own, _, stats = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+    slot = gt.clamp(min=0)
+
+    def bwd(st):
+        return sim.embed_similarity_backward(None, torch.ones_like(lse), None, x, w, b, 1e-5, p, gt, argk, lse, -1,
+                                             1.0, None, st)
+
+    def sums(st):
+        return sim.embed_prototype_sums(x, w, b, 1e-5, slot, 4, st)
+
+    for call in (bwd, sums):
+        with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(3, N\) = \(3, 6\)"):
+            call(torch.cat([stats, stats[:, :1]], 1))
+        with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(3, N\)"):
+            call(stats[:2])
+        with pytest.raises(ValueError, match="stats must be Float"):
+            call(stats.double())
+        with pytest.raises(ValueError, match="stats must be contiguous"):
+            call(stats.t().contiguous().t())
 
 
 # --------------------------------------------------------------------------- sinkhorn
@@ -1000,10 +1199,12 @@ RACE_MUTANTS = {
     # a shared index off by one: the middle index of embed_stats_kernel's 3-D array
     14: ("embed_cuda.cu", "v += part[j][h][lane];", "v += part[j][::cudasim::mutant(14) ? h + 1 : h][lane];",
          0, "embed", "out-of-bounds access of `part`"),
-    # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it)
-    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
-         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const acc_t* st = stats + i;  // column c at st[c * rows]\n  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];\n  acc_t* s",
-         0, "embed", "out-of-bounds access of `Sbuf`"),
+    # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it): the row
+    # past the tile reads the next tile's stats, not yet written (poisoned NaN), so it recomputes them from x
+    # past the view of X; with finite stats there it would write past the view of Sbuf
+    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  const scalar_t* xi = x + i * sp;\n  acc_t mu, r, inv;\n",
+         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const scalar_t* xi = x + i * sp;\n  acc_t mu, r, inv;\n",
+         0, "embed", "out-of-bounds"),
     # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum
     15: ("sinkhorn_cuda.cu", "  if (threadIdx.x < K) {", "  if (threadIdx.x < K + (::cudasim::mutant(15) ? 1 : 0)) {",
          0, "sinkhorn", "data race on global memory `part_max`"),
@@ -1056,7 +1257,7 @@ _RACE_MUTANT_SCRIPT = textwrap.dedent(
         return torch.allclose(ops.prototype_ema(p, s, c, 0.9), R.prototype_ema(p, s, c, 0.9), atol=1e-6, rtol=1e-5)
     def embed():
         x, w, b, p, gt = embed_problem(2, 20, 5, 7, 4, 3, seed=3)
-        seg, argk, lse, own, _ = ops.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+        seg, argk, lse, own, _, _ = ops.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
         g = torch.Generator().manual_seed(4)
         ups = [torch.randn(t.shape, generator=g) for t in (seg, lse, own)]
         gx, gw, gb = ops.embed_similarity_backward(*ups, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)

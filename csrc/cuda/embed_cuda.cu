@@ -27,6 +27,16 @@
 //   d x = r (w dy - m1 - xhat m2),  d w += dy xhat,  d b += dy   (LayerNorm)
 // and a second pass writes d x in place of G; d w and d b are per-block
 // partial sums, added in block order (deterministic).
+//
+// Statistics: embed_stats_kernel writes each pixel's (mu, r, inv) straight
+// into the (3, N) `stats` that embed_similarity returns (the tile's columns,
+// row stride N); the backward and embed_prototype_sums read those when given
+// and launch it into a (3, T) tile buffer otherwise, so the map is read once
+// for them per step, not three times. The scores' direct path (|mu| r >
+// kMaxFoldOffset) and the backward's radial term (inv below 1 / eps) follow
+// from the three values; a NaN column (a non-finite entry, or float sums that
+// overflowed) is recomputed in float64 by the kernel that reads it
+// (load_stats).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -55,10 +65,8 @@ using cuda::kWarp;
 constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
 constexpr int kEmbedGroups = kEmbedThreads / kWarp;
 constexpr double kMaxFoldOffset = 16.0;                 // as plane_embed.h's kMaxOffset
-constexpr int kStatCols = 4;  // stats: mu, r, inv, flags, each a column of the tile's pixels (stride rows)
-constexpr int kFlagDirect = 1;                          // the row is recomputed from z (offset or overflow)
-constexpr int kFlagRadial = 2;                          // ||y|| > eps: the L2 backward has its radial term
-constexpr int kStatSums = 9;                            // per-thread sums of embed_stats_kernel
+constexpr int kStatRows = 3;  // embed_similarity's stats: rows mu, r, inv, the pixels along each row
+constexpr int kStatSums = 9;  // per-thread sums of embed_stats_kernel
 template <typename acc_t>
 constexpr int kEmbedStatsBlocks = sizeof(acc_t) == 8 ? 1 : 2;  // its minimum blocks per SM
 
@@ -128,14 +136,21 @@ __device__ __forceinline__ T clamp_nonneg(T v) {
   return v > T(0) ? v : T(0);
 }
 
-// Statistics of one pixel in double, two passes over its D entries (stride
-// sd): for a finite pixel whose float sums overflowed.
+// Statistics (mu, r, inv) of one pixel in double, two passes over its D
+// entries (stride sd): for a pixel whose stats are NaN (see load_stats).
+// NaN in all three if an entry is not finite (stops at the first) or the
+// double sums overflow.
 template <typename scalar_t, typename acc_t>
 __device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, const acc_t* w, const acc_t* b, double eps,
-                                  acc_t* out, int64_t so) {
+                                  acc_t& mu_out, acc_t& r_out, acc_t& inv_out) {
+  mu_out = r_out = inv_out = acc_t(NAN);
   double mu = 0, r = 1;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = double(static_cast<acc_t>(x[d * sd]));
+    if (!is_finite(v)) return;
+    mu += v;
+  }
   if (w != nullptr) {
-    for (int64_t d = 0; d < D; ++d) mu += double(static_cast<acc_t>(x[d * sd]));
     mu /= double(D);
     double var = 0;
     for (int64_t d = 0; d < D; ++d) {
@@ -143,6 +158,8 @@ __device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, cons
       var += t * t;
     }
     r = 1.0 / sqrt(var / double(D) + eps);
+  } else {
+    mu = 0;
   }
   double sq = 0;
   for (int64_t d = 0; d < D; ++d) {
@@ -150,12 +167,43 @@ __device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, cons
     const double y = w != nullptr ? (v - mu) * r * double(w[d]) + double(b[d]) : v;
     sq += y * y;
   }
-  out[0] = acc_t(mu);
-  out[so] = acc_t(r);
-  out[2 * so] = acc_t(inv_norm(sq));
-  int flags = sqrt(sq) > kNormEps ? kFlagRadial : 0;
-  if (w != nullptr && (mu < 0 ? -mu : mu) * r > kMaxFoldOffset) flags |= kFlagDirect;
-  out[3 * so] = acc_t(flags);
+  if (!is_finite(sq) || !is_finite(mu) || !is_finite(r)) return;
+  mu_out = acc_t(mu);
+  r_out = acc_t(r);
+  inv_out = acc_t(inv_norm(sq));
+}
+
+// The statistics of pixel i as the kernels below use them, from stats st
+// (mu, r, inv at st[0], st[ld], st[2 ld]: embed_similarity's stats, or a
+// tile's of embed_stats_kernel): a NaN column (a NaN or inf entry, or float
+// sums that overflowed; inv NaN) is recomputed by embed_stats_exact from the
+// pixel's entries xi (stride sd): finite for a finite pixel whose float sums
+// overflowed, NaN again for a non-finite one (after its first bad entry).
+// Rare: every other pixel takes three loads.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_stats(const acc_t* st, int64_t ld, const scalar_t* xi, int64_t sd, int64_t D,
+                                           const acc_t* w, const acc_t* b, double eps, acc_t& mu, acc_t& r,
+                                           acc_t& inv) {
+  mu = st[0];
+  r = st[ld];
+  inv = st[2 * ld];
+  if (!is_finite(inv)) embed_stats_exact(xi, sd, D, w, b, eps, mu, r, inv);
+}
+
+// The row of a pixel goes to embed_scores_kernel's direct path (z . p from z,
+// not the folded GEMM's row): LayerNorm and |mu| r > kMaxFoldOffset (false
+// for NaN statistics).
+template <typename acc_t>
+__device__ __forceinline__ bool fold_direct(bool ln, acc_t mu, acc_t r) {
+  return ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset);
+}
+
+// ||y|| > eps, so that the L2 normalisation's backward has its radial term:
+// inv below its cap 1 / eps (inv_norm; a norm within rounding of eps, whose
+// 1 / ||y|| rounds to the cap, counts as eps; false for NaN).
+template <typename acc_t>
+__device__ __forceinline__ bool norm_radial(acc_t inv) {
+  return inv < acc_t(1) / acc_t(kNormEps);
 }
 
 // Warp 0 of embed_stats_kernel: the shift of the sums of the lane's pixel
@@ -176,20 +224,14 @@ __device__ __forceinline__ acc_t pixel_shift(Tile t, const scalar_t* x, const sc
   return ln ? first : acc_t(0);
 }
 
-// Warp 0 of embed_stats_kernel, one lane per pixel: its statistics out[c *
-// rows], c = 0..3, from tot, its sums over the 8 groups (s1 .. s5, W2, WB,
-// B2 of the shifted entries, and the count of non-finite entries), and the
-// shift k; the exact fallback reads the pixel's entries xi (stride sd).
-template <typename scalar_t, typename acc_t, typename Totals>
-__device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, const scalar_t* xi, int64_t sd, int64_t D,
-                                            const acc_t* w, const acc_t* b, double eps, acc_t* out, int64_t rows) {
-  const bool ln = w != nullptr;
-  if (tot[8] > acc_t(0)) {  // a NaN or inf entry
-    const acc_t nan = acc_t(NAN);
-    out[0] = out[rows] = out[2 * rows] = nan;
-    out[3 * rows] = acc_t(0);
-    return;
-  }
+// Warp 0 of embed_stats_kernel, one lane per pixel: its statistics out[0],
+// out[ld], out[2 ld] (mu, r, inv) from tot, its sums over the 8 groups (s1 ..
+// s5, W2, WB, B2 of the shifted entries, and the count of non-finite
+// entries), and the shift k; NaN in all three for a non-finite entry or
+// sums that overflowed (load_stats recomputes those that are finite).
+template <typename acc_t, typename Totals>
+__device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, int64_t D, bool ln, double eps, acc_t* out,
+                                            int64_t ld) {
   acc_t mu = 0, r = 1, sq = tot[1];
   if (ln) {
     const acc_t Dt = acc_t(D);
@@ -201,28 +243,29 @@ __device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, const sc
     sq = clamp_nonneg(r * r * Q + acc_t(2) * r * L + tot[7]);
     mu = k + dl;
   }
-  if (!is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) {  // finite entries, overflowed sums
-    embed_stats_exact(xi, sd, D, w, b, eps, out, rows);
-    return;
-  }
+  acc_t inv = inv_norm(sq);
+  if (tot[8] > acc_t(0) || !is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) mu = r = inv = acc_t(NAN);
   out[0] = mu;
-  out[rows] = r;
-  out[2 * rows] = inv_norm(sq);
-  int flags = fsqrt(sq) > acc_t(kNormEps) ? kFlagRadial : 0;
-  if (ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset)) flags |= kFlagDirect;
-  out[3 * rows] = acc_t(flags);
+  out[ld] = r;
+  out[2 * ld] = inv;
 }
 
-// stats[c * rows + i], c = 0..3: (mu, r, inv, flags) of pixel i of a tile (w == nullptr: no
-// LayerNorm, mu = 0, r = 1, inv = 1 / max(||x||, eps)); a pixel with a NaN or
-// inf entry gets NaN statistics (its scores and gradient are NaN, as the
-// reference's). Sums are shifted by the pixel's first entry (LayerNorm), so
-// that the variance does not cancel; W2, WB, B2 (sums of w^2, w b, b^2) are
-// summed alongside, so the kernel needs no other input.
+// stats[c * ld + i], c = 0..2: (mu, r, inv) of pixel i of a tile (w ==
+// nullptr: no LayerNorm, mu = 0, r = 1, inv = 1 / max(||x||, eps)), as
+// embed_similarity returns them: stats is the tile's first column of the
+// op's (3, N) stats (row stride ld = N) or of a (3, T) tile buffer. A pixel
+// with a NaN or inf entry, or whose float sums overflowed, gets NaN in all
+// three (the kernels that read stats recompute the latter, load_stats; a
+// non-finite pixel's scores and gradient are NaN, as the reference's).
+// Sums are shifted by the pixel's first entry (LayerNorm), so that the
+// variance does not cancel; W2, WB, B2 (sums of w^2, w b, b^2) are summed
+// alongside, so the kernel needs no other input.
 // Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i of the
-// block, warp g = the channel chunks staged through xs (see kStageW). Bounds:
-// i < rows and d < D checked at every access of x; each lane reads only
-// tile entries its warp wrote (its own pixel, j < D - d0). Sync: __syncwarp
+// block, warp g = the channel chunks staged through xs (see kStageW); warp 0
+// writes the stats, lanes on consecutive pixels along each row. Bounds:
+// i < rows and d < D checked at every access of x, i < rows at every write
+// of stats; each lane reads only tile entries its warp wrote (its own
+// pixel, j < D - d0). Sync: __syncwarp
 // between a chunk's stores to xs and the loads of other lanes, and between
 // those loads and the next chunk's stores; per-thread sums go to shared memory, one barrier,
 // then warp 0 adds the 8 groups of its pixel in group order (deterministic);
@@ -233,7 +276,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
     embed_stats_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
                        const acc_t* __restrict__ w, const acc_t* __restrict__ b, double eps,
-                       acc_t* __restrict__ stats) {
+                       acc_t* __restrict__ stats, int64_t ld) {
   constexpr int W = kStageW<acc_t>;
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
   __shared__ acc_t part[kStatSums][kEmbedGroups][kWarp];
@@ -291,13 +334,14 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
     for (int h = 0; h < kEmbedGroups; ++h) v += part[j][h][lane];
     tot[j] = v;
   }
-  pixel_stats(tot, k, xi, sd, D, w, b, eps, stats + i, rows);  // column c of the stats at stats[c * rows + i]
+  pixel_stats(tot, k, D, ln, eps, stats + i, ld);  // row c of the stats at stats[c * ld + i]
 }
 
 // The tile of S from the folded GEMM's (rows, C*K) output, in place (row
 // stride ld; split: the GEMM's output is (rows, 2 C*K), the hi and lo halves
 // of EmbedOperands, added here): S = inv (r (S - mu rho_j) + beta_j)
-// (rho == nullptr: no LayerNorm, S = inv S); a row flagged kFlagDirect is
+// (rho == nullptr: no LayerNorm, S = inv S), with the stats (mu, r, inv) of
+// pixel i at stats[c * sld + i] (load_stats); a row with fold_direct is
 // recomputed as z . p_j from the tile of x and the unfolded prototypes P (C*K, D).
 // Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
 // Bounds: i < rows (warp-uniform return), j < C*K (CK + j < ld when split), d < D. Sync: each warp
@@ -307,23 +351,23 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
     acc_t* __restrict__ S, int64_t ld, bool split, int64_t rows, int64_t CK, const acc_t* __restrict__ stats,
-    const acc_t* __restrict__ rho,
-    const acc_t* __restrict__ beta, const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t D,
-    const acc_t* __restrict__ P, const acc_t* __restrict__ w, const acc_t* __restrict__ b) {
+    int64_t sld, const acc_t* __restrict__ rho, const acc_t* __restrict__ beta, const scalar_t* __restrict__ x,
+    int64_t sp, int64_t sd, int64_t D, const acc_t* __restrict__ P, const acc_t* __restrict__ w,
+    const acc_t* __restrict__ b, double eps) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x & (kWarp - 1);
   if (i >= rows) return;
-  const acc_t* st = stats + i;  // column c at st[c * rows]
-  const acc_t mu = st[0], r = st[rows], inv = st[2 * rows];
+  const scalar_t* xi = x + i * sp;
+  acc_t mu, r, inv;
+  load_stats(stats + i, sld, xi, sd, D, w, b, eps, mu, r, inv);  // the same in every lane of the warp
   acc_t* s = S + i * ld;
-  if (!(int(st[3 * rows]) & kFlagDirect)) {
+  if (!fold_direct(w != nullptr, mu, r)) {
     for (int64_t j = lane; j < CK; j += kWarp) {
       const acc_t v = split ? s[j] + s[CK + j] : s[j];
       s[j] = rho != nullptr ? inv * (r * (v - mu * rho[j]) + beta[j]) : v * inv;
     }
     return;
   }
-  const scalar_t* xi = x + i * sp;
   for (int64_t j = 0; j < CK; ++j) {
     acc_t a = 0;
     for (int64_t d = lane; d < D; d += kWarp) {
@@ -354,9 +398,9 @@ __global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kEmbedThreads, 2)
     embed_rows_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
-                      const acc_t* __restrict__ stats, const acc_t* __restrict__ w, const acc_t* __restrict__ b,
-                      acc_t* __restrict__ z, const int64_t* __restrict__ slot, int64_t num_slots,
-                      unsigned long long* __restrict__ counts) {
+                      const acc_t* __restrict__ stats, int64_t sld, const acc_t* __restrict__ w,
+                      const acc_t* __restrict__ b, double eps, acc_t* __restrict__ z,
+                      const int64_t* __restrict__ slot, int64_t num_slots, unsigned long long* __restrict__ counts) {
   constexpr int W = kStageW<acc_t>;
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
   __shared__ acc_t wb[2][kEmbedGroups][W];  // the chunk's w and b
@@ -364,12 +408,7 @@ __global__ void __launch_bounds__(kEmbedThreads, 2)
   const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
   const bool valid = i < rows, xpf = sp == 1;
   acc_t mu = 0, r = 1, inv = 0;
-  if (valid) {
-    const acc_t* st = stats + i;  // column c at st[c * rows]: lanes on consecutive pixels
-    mu = st[0];
-    r = st[rows];
-    inv = st[2 * rows];
-  }
+  if (valid) load_stats(stats + i, sld, x + i * sp, sd, D, w, b, eps, mu, r, inv);  // lanes on consecutive pixels
   int my_slot = -1;  // slot of this lane's pixel, -1: it takes no part (with slot)
   if (slot != nullptr && valid) {
     const int64_t sl = slot[i];
@@ -503,8 +542,8 @@ __device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
     const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D, const acc_t* __restrict__ stats,
-    const acc_t* __restrict__ w, const acc_t* __restrict__ b, const acc_t* G, int64_t gp, int64_t gd, scalar_t* out,
-    int64_t op, int64_t od, acc_t* __restrict__ part_w, acc_t* __restrict__ part_b) {
+    int64_t sld, const acc_t* __restrict__ w, const acc_t* __restrict__ b, double eps, const acc_t* G, int64_t gp,
+    int64_t gd, scalar_t* out, int64_t op, int64_t od, acc_t* __restrict__ part_w, acc_t* __restrict__ part_b) {
   constexpr int kSums = 5;
   constexpr int W = kStageW<acc_t>;
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
@@ -515,14 +554,8 @@ __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
   const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
   const bool valid = i < rows, ln = w != nullptr;
   acc_t mu = 0, r = 1, inv = 0;
-  bool radial = false;
-  if (valid) {
-    const acc_t* st = stats + i;  // column c at st[c * rows]: lanes on consecutive pixels
-    mu = st[0];
-    r = st[rows];
-    inv = st[2 * rows];
-    radial = (int(st[3 * rows]) & kFlagRadial) != 0;
-  }
+  if (valid) load_stats(stats + i, sld, x + i * sp, sd, D, w, b, eps, mu, r, inv);  // lanes on consecutive pixels
+  const bool radial = norm_radial(inv);
   // pass 1: the pixel's sums over its channels, per group
   acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;  // z.G, w.G, (w xhat).G, w.z, (w xhat).z
   for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
@@ -634,30 +667,43 @@ const acc_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
+// A tile's statistics: its first pixel's column of a (3, M) contiguous
+// tensor (rows mu, r, inv; row stride M), either embed_similarity's stats
+// (3, N) at the tile's first pixel n0 or a (3, T) buffer of tiles at 0.
+struct TileStats {
+  at::Tensor t;
+  int64_t col = 0;
+  template <typename acc_t>
+  acc_t* ptr() const {
+    return t.data_ptr<acc_t>() + col;
+  }
+  int64_t ld() const { return t.size(1); }
+};
+
 // Host launchers of the kernels above, each for one tile X (count, D) of the
 // pixels (PixelTile::of: any (pixel, channel) strides), one dtype dispatch each.
 
-// stats of the tile X (count, D): column c (mu, r, inv, flags) at stats[c * count ...], in a buffer of at
-// least kStatCols * count entries.
-void embed_tile_stats(const at::Tensor& X, const EmbedOperands& e, at::Tensor& stats, cudaStream_t stream) {
+// The stats (mu, r, inv) of the tile X (count, D) into st's columns.
+void embed_tile_stats(const at::Tensor& X, const EmbedOperands& e, const TileStats& st, cudaStream_t stream) {
   const int64_t n = X.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_stats_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
         X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), ptr_or_null<acc_t>(e.w),
-        ptr_or_null<acc_t>(e.b), e.eps, stats.data_ptr<acc_t>());
+        ptr_or_null<acc_t>(e.b), e.eps, st.ptr<acc_t>(), st.ld());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// The scores of the tile X's embedding, and its stats, into Sbuf (count,
-// ld) rows of the tile buffer (ld = 2 C*K when e.Pw16 is defined: the split
-// GEMM's output fills the whole row, else C*K); returns S_tile, the (count,
-// C*K) view of the scores (row stride ld).
+// The scores of the tile X's embedding into Sbuf (count, ld) rows of the
+// tile buffer (ld = 2 C*K when e.Pw16 is defined: the split GEMM's output
+// fills the whole row, else C*K), and its stats into st first unless
+// have_stats (st holds them already); returns S_tile, the (count, C*K) view
+// of the scores (row stride ld).
 at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tensor& X, const EmbedOperands& e,
-                             at::Tensor& stats, cudaStream_t stream) {
+                             const TileStats& st, bool have_stats, cudaStream_t stream) {
   const int64_t n = X.size(0), D = X.size(1);
-  embed_tile_stats(X, e, stats, stream);
+  if (!have_stats) embed_tile_stats(X, e, st, stream);
   at::Tensor S_tile = Sbuf.narrow(1, 0, CK);
   bool split = false;
   if (e.Pw16.defined()) {  // tensor cores, (n, 2 C*K): X hi^T | X lo^T
@@ -669,9 +715,9 @@ at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_scores_kernel<scalar_t, acc_t><<<ceil_div(n, kRowsPerBlock), kRowThreads, 0, stream>>>(
-        Sbuf.data_ptr<acc_t>(), Sbuf.stride(0), split, n, CK, stats.data_ptr<acc_t>(), ptr_or_null<acc_t>(e.rho),
+        Sbuf.data_ptr<acc_t>(), Sbuf.stride(0), split, n, CK, st.ptr<acc_t>(), st.ld(), ptr_or_null<acc_t>(e.rho),
         ptr_or_null<acc_t>(e.beta), X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), D, e.P.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b));
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return S_tile;
@@ -680,15 +726,15 @@ at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tenso
 // The embedding of the tile X (embed_rows_kernel): into z (count, D), or,
 // with slot_tile (count,) int64 given, added into the rows slot of z =
 // sums (num_slots, D) and counted in counts (num_slots,) int64.
-void embed_tile_rows(const at::Tensor& X, const EmbedOperands& e, const at::Tensor& stats, at::Tensor& z,
+void embed_tile_rows(const at::Tensor& X, const EmbedOperands& e, const TileStats& st, at::Tensor& z,
                      const at::Tensor& slot_tile, int64_t num_slots, at::Tensor& counts, cudaStream_t stream) {
   const int64_t n = X.size(0);
   const bool fused = slot_tile.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_prototype_sums_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_rows_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
-        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), stats.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), z.data_ptr<acc_t>(),
+        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), st.ptr<acc_t>(), st.ld(),
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps, z.data_ptr<acc_t>(),
         fused ? slot_tile.data_ptr<int64_t>() : nullptr, fused ? num_slots : 0,
         fused ? reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()) : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -698,7 +744,7 @@ void embed_tile_rows(const at::Tensor& X, const EmbedOperands& e, const at::Tens
 // d feats of the tile X into grad_tile from G_tile = d loss / d z
 // (embed_backward_kernel; G_tile may be grad_tile), and with the LayerNorm
 // the per-block partial d w, d b into the first rows of part_w, part_b.
-void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const at::Tensor& stats,
+void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const TileStats& st,
                          const at::Tensor& G_tile, at::Tensor& grad_tile, at::Tensor& part_w, at::Tensor& part_b,
                          cudaStream_t stream) {
   const int64_t n = X.size(0);
@@ -706,8 +752,8 @@ void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_backward_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
-        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), stats.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), G_tile.data_ptr<acc_t>(), G_tile.stride(0),
+        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), st.ptr<acc_t>(), st.ld(),
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps, G_tile.data_ptr<acc_t>(), G_tile.stride(0),
         G_tile.stride(1), grad_tile.data_ptr<scalar_t>(), grad_tile.stride(0), grad_tile.stride(1),
         ln ? part_w.data_ptr<acc_t>() : nullptr, ln ? part_b.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -716,18 +762,19 @@ void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const at::
 
 // The backward's buffers for tiles of T pixels, reused in stream order (the
 // op keeps them until it returns): dS (rows of 2 C*K for the recomputed S
-// of the split GEMM), A (dS's bf16 parts, SplitProtos), the stats, G (when
-// the gradient's dtype is not the working one) and the per-block partial
-// d w, d b (with the LayerNorm).
+// of the split GEMM), A (dS's bf16 parts, SplitProtos), the tile's stats
+// (unless embed_similarity's are given: `given`, (3, N)), G (when the
+// gradient's dtype is not the working one) and the per-block partial d w,
+// d b (with the LayerNorm).
 struct EmbedGradBuffers {
   int64_t T;
   bool recompute, direct;  // S recomputed (no softmax cache); G written straight into the gradient
   cuda::SplitProtos sp;
-  at::Tensor dS, A, stats, G, part_w, part_b;
+  at::Tensor dS, A, stats, given, G, part_w, part_b;
 
   EmbedGradBuffers(const EmbedOperands& e, int64_t N, at::ScalarType protos_dtype, bool recompute_,
-                   const at::Tensor& grad)
-      : recompute(recompute_) {
+                   const at::Tensor& grad, const at::Tensor& given_stats)
+      : recompute(recompute_), given(given_stats) {
     const int64_t D = e.P.size(1), CK = e.P.size(0);
     const auto acc = e.P.scalar_type();
     auto aopt = grad.options().dtype(acc);
@@ -736,7 +783,7 @@ struct EmbedGradBuffers {
     sp = cuda::split_protos(e.P, grad.scalar_type(), protos_dtype);
     dS = at::empty({T, recompute && e.Pw16.defined() ? 2 * CK : CK}, aopt);
     A = sp.B.defined() ? at::empty({T, sp.terms * CK}, grad.options().dtype(at::kBFloat16)) : at::Tensor();
-    stats = at::empty({kStatCols, T}, aopt);
+    if (!given.defined()) stats = at::empty({kStatRows, T}, aopt);
     G = direct ? at::Tensor() : at::empty({T, D}, aopt);
     const int64_t max_blocks = ceil_div(T, kWarp);
     part_w = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
@@ -744,8 +791,9 @@ struct EmbedGradBuffers {
   }
 };
 
-// The backward's tiles: per tile, dS as in similarity_backward (S recomputed
-// through the folded GEMM when buf.recompute), G = dS P into the gradient's
+// The backward's tiles: per tile, the stats unless given, dS as in
+// similarity_backward (S recomputed through the folded GEMM when
+// buf.recompute), G = dS P into the gradient's
 // own tile (or buf.G), then embed_backward_kernel in place; the tiles'
 // partial d w, d b added into dw, db in block order.
 void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const cuda::GradInputs& gin,
@@ -757,13 +805,15 @@ void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const 
     at::Tensor dS_tile = buf.dS.narrow(0, 0, t.count).narrow(1, 0, CK);
     at::Tensor grad_tile = t.of(grad);
     at::Tensor G_tile = buf.direct ? grad_tile : buf.G.narrow(0, 0, t.count);
+    const bool given = buf.given.defined();
+    const TileStats st = given ? TileStats{buf.given, t.n0} : TileStats{buf.stats, 0};
     if (buf.recompute) {
-      embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, buf.stats, stream);  // S, the stats
-    } else {
-      embed_tile_stats(X, e, buf.stats, stream);
+      embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, st, given, stream);  // S (and the stats)
+    } else if (!given) {
+      embed_tile_stats(X, e, st, stream);
     }
     cuda::dS_times_protos(G_tile, dS_tile, buf.A, buf.sp, e.P, gin, at::Tensor(), t.n0, stream);  // d loss / d z
-    embed_tile_backward(X, e, buf.stats, G_tile, grad_tile, buf.part_w, buf.part_b, stream);
+    embed_tile_backward(X, e, st, G_tile, grad_tile, buf.part_w, buf.part_b, stream);
     if (e.w.defined()) {  // the tile's partials, in block order
       const int64_t blocks = ceil_div(t.count, kWarp);
       dw.add_(buf.part_w.narrow(0, 0, blocks).sum(0));
@@ -791,41 +841,46 @@ std::tuple<at::Tensor, at::Tensor> prototype_sums_cuda(const at::Tensor& feats, 
 
 namespace {
 
-// embed_prototype_sums' atomic path, fused: per image, the statistics, then
-// each pixel's embedding added straight into the sums (embed_rows_kernel
-// with slot): two launches per image, no z buffer, nothing zeroed but the
-// outputs.
+// embed_prototype_sums' atomic path, fused: per image, the statistics
+// (unless embed_similarity's, given (3, N), are defined), then each pixel's
+// embedding added straight into the sums (embed_rows_kernel with slot): two
+// launches per image (one with given stats), no z buffer, nothing zeroed but
+// the outputs.
 void embed_prototype_sums_atomic(const at::Tensor& rows, const EmbedOperands& e, const at::Tensor& slot,
-                                 int64_t num_slots, at::Tensor& sums, at::Tensor& counts, cudaStream_t stream) {
+                                 int64_t num_slots, const at::Tensor& given, at::Tensor& sums, at::Tensor& counts,
+                                 cudaStream_t stream) {
   const int64_t T = rows.dim() == 3 ? rows.size(2) : rows.size(0);  // one tile per image
-  at::Tensor stats = at::empty({kStatCols, T}, sums.options());
+  at::Tensor stats = given.defined() ? at::Tensor() : at::empty({kStatRows, T}, sums.options());
   at::Tensor sl = slot.to(at::kLong).contiguous();
   at::Tensor icounts = at::zeros({num_slots}, sums.options().dtype(at::kLong));
   for (const PixelTile& t : pixel_tiles(rows, T)) {
     const at::Tensor X = t.of(rows);
     const at::Tensor sl_tile = sl.narrow(0, t.n0, t.count);
-    embed_tile_stats(X, e, stats, stream);
-    embed_tile_rows(X, e, stats, sums, sl_tile, num_slots, icounts, stream);
+    const TileStats st = given.defined() ? TileStats{given, t.n0} : TileStats{stats, 0};
+    if (!given.defined()) embed_tile_stats(X, e, st, stream);
+    embed_tile_rows(X, e, st, sums, sl_tile, num_slots, icounts, stream);
   }
   counts.copy_(icounts);
 }
 
-// embed_prototype_sums' deterministic path: per tile, the statistics, the
-// tile's embedding z (count, D) in a reused buffer, and prototype_sums_cuda's
-// sorted segments on it, tiles added in order.
+// embed_prototype_sums' deterministic path: per tile, the statistics (unless
+// given, as above), the tile's embedding z (count, D) in a reused buffer,
+// and prototype_sums_cuda's sorted segments on it, tiles added in order.
 void embed_prototype_sums_sorted(const at::Tensor& rows, int64_t N, const EmbedOperands& e, const at::Tensor& slot,
-                                 int64_t num_slots, at::Tensor& sums, at::Tensor& counts, cudaStream_t stream) {
+                                 int64_t num_slots, const at::Tensor& given, at::Tensor& sums, at::Tensor& counts,
+                                 cudaStream_t stream) {
   const int64_t D = sums.size(1);
   const int64_t T = std::min<int64_t>(
       N, std::max<int64_t>(128, cuda::kTileBytes / std::max<int64_t>(1, D * int64_t(sums.element_size()))));
   at::Tensor Z = at::empty({T, D}, sums.options());
-  at::Tensor stats = at::empty({kStatCols, T}, sums.options());
+  at::Tensor stats = given.defined() ? at::Tensor() : at::empty({kStatRows, T}, sums.options());
   at::Tensor no_slot;
   for (const PixelTile& t : pixel_tiles(rows, T)) {
     const at::Tensor X = t.of(rows);
     at::Tensor Z_tile = Z.narrow(0, 0, t.count);
-    embed_tile_stats(X, e, stats, stream);
-    embed_tile_rows(X, e, stats, Z_tile, at::Tensor(), 0, no_slot, stream);
+    const TileStats st = given.defined() ? TileStats{given, t.n0} : TileStats{stats, 0};
+    if (!given.defined()) embed_tile_stats(X, e, st, stream);
+    embed_tile_rows(X, e, st, Z_tile, at::Tensor(), 0, no_slot, stream);
     auto part = prototype_sums_cuda(Z_tile, slot.narrow(0, t.n0, t.count), num_slots, false);
     sums.add_(std::get<0>(part));
     counts.add_(std::get<1>(part));
@@ -835,9 +890,10 @@ void embed_prototype_sums_sorted(const at::Tensor& rows, int64_t N, const EmbedO
 }  // namespace
 
 // `similarity` of the head's embedding (see the file comment): per tile, the
-// statistics, one GEMM on the raw tile, the per-row affine map, then the
+// statistics (straight into the returned stats (3, N), at the tile's
+// columns), one GEMM on the raw tile, the per-row affine map, then the
 // epilogue of `similarity`.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_similarity_cuda(
     const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
     double ln_eps, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
     bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes) {
@@ -851,28 +907,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_sim
   const auto acc = acc_type(feats.scalar_type());
   auto aopt = feats.options().dtype(acc);
   cuda::SimilarityOutputs out(feats.options(), N, C, K, compute_seg, compute_lse, compute_own, cache_bytes);
-  if (N == 0 || !out.any()) return out.tuple();
+  at::Tensor stats = out.any() ? at::empty({kStatRows, N}, aopt) : at::empty({0}, aopt);
+  if (N == 0 || !out.any()) return std::tuple_cat(out.tuple(), std::make_tuple(stats));
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor lab = compute_own ? labels.to(at::kLong).contiguous() : at::Tensor();
   const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
   const int64_t T = cuda::tile_rows(N, CK, at::elementSize(acc));
   const int64_t ld = e.Pw16.defined() ? 2 * CK : CK;
   at::Tensor S = at::empty({T, ld}, aopt);  // one tile buffer, reused in stream order
-  at::Tensor stats = at::empty({kStatCols, T}, aopt);
   for (const PixelTile& t : pixel_tiles(rows, T)) {
-    const at::Tensor S_tile = embed_tile_scores(S.narrow(0, 0, t.count), CK, t.of(rows), e, stats, stream);
+    const at::Tensor S_tile =
+        embed_tile_scores(S.narrow(0, 0, t.count), CK, t.of(rows), e, TileStats{stats, t.n0}, false, stream);
     cuda::similarity_epilogue(S_tile, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream);
   }
-  return out.tuple();
+  return std::tuple_cat(out.tuple(), std::make_tuple(stats));
 }
 
-// d feats, d ln_weight, d ln_bias of embed_similarity (embed_backward_tiles).
+// d feats, d ln_weight, d ln_bias of embed_similarity (embed_backward_tiles);
+// with embed_similarity's stats given (stats_opt), no pass of its own for
+// them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
     const c10::optional<at::Tensor>& grad_seg, const c10::optional<at::Tensor>& grad_lse,
     const c10::optional<at::Tensor>& grad_own, const at::Tensor& feats, const c10::optional<at::Tensor>& ln_weight,
     const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& protos, const at::Tensor& labels,
     const at::Tensor& argk, const at::Tensor& lse, int64_t ignore_index, double temperature,
-    const c10::optional<at::Tensor>& probs_opt) {
+    const c10::optional<at::Tensor>& probs_opt, const c10::optional<at::Tensor>& stats_opt) {
   at::NoGradGuard no_grad;  // the GEMMs write into buffers
   const bool has_seg = grad_seg.has_value() && grad_seg->defined();
   const bool has_lse = grad_lse.has_value() && grad_lse->defined();
@@ -882,6 +941,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
   check_similarity_args(shape, protos, labels, has_own, temperature);
   const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
   const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  const at::Tensor given = check_embed_stats(rows, stats_opt) ? *stats_opt : at::Tensor();
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = shape.size(0), D = shape.size(1), C = protos.size(0), K = protos.size(1);
   const auto acc = acc_type(feats.scalar_type());
@@ -896,22 +956,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
   const cuda::GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc,
                              ignore_index, temperature);
   const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
-  EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, grad);
+  EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, grad, given);
   embed_backward_tiles(rows, e, gin, buf, grad, dw, db, c10::cuda::getCurrentCUDAStream());
   return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
 }
 
 // prototype_sums of the head's embedding, never a copy of the whole map:
 // the atomic path by default, the sorted one under
-// torch.use_deterministic_algorithms (see the two functions above).
+// torch.use_deterministic_algorithms (see the two functions above); with
+// embed_similarity's stats given (stats_opt), no pass of its own for them.
 std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cuda(const at::Tensor& feats,
                                                              const c10::optional<at::Tensor>& ln_weight,
                                                              const c10::optional<at::Tensor>& ln_bias, double ln_eps,
-                                                             const at::Tensor& slot, int64_t num_slots) {
+                                                             const at::Tensor& slot, int64_t num_slots,
+                                                             const c10::optional<at::Tensor>& stats_opt) {
   at::NoGradGuard no_grad;
   const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
   const at::Tensor shape = embed_checked_shape(rows);
   const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
+  const at::Tensor given = check_embed_stats(rows, stats_opt) ? *stats_opt : at::Tensor();
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = shape.size(0), D = shape.size(1);
   auto aopt = feats.options().dtype(acc_type(feats.scalar_type()));
@@ -921,9 +984,9 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cuda(const at::Tensor& f
   auto stream = c10::cuda::getCurrentCUDAStream();
   const EmbedOperands e = embed_operands(rows, at::Tensor(), ln, ln_weight, ln_bias, ln_eps);
   if (at::globalContext().deterministicAlgorithms()) {
-    embed_prototype_sums_sorted(rows, N, e, slot, num_slots, sums, counts, stream);
+    embed_prototype_sums_sorted(rows, N, e, slot, num_slots, given, sums, counts, stream);
   } else {
-    embed_prototype_sums_atomic(rows, e, slot, num_slots, sums, counts, stream);
+    embed_prototype_sums_atomic(rows, e, slot, num_slots, given, sums, counts, stream);
   }
   return {sums, counts};
 }
