@@ -95,10 +95,11 @@ def embed_stats_kernel(
     # second time from L2: 32 px x 720 channels are 90 KB in fp32), 12 B a
     # pixel written.
     X_stride_d = tl.cast(X_stride_d, tl.int64)
-    rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
+    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
                                                  LAYER_NORM, False, BLOCK_N, BLOCK_D)
-    _store_pixel_stats(STAT_ptr, N, rows, row_ok, mu, r, inv, norm)
+    # pixel n = n0 + loc, n0 = B0*HW + HW0 the chunk's first
+    _store_pixel_stats(STAT_ptr + (tl.cast(B0, tl.int64) * HW + HW0), N, loc, row_ok, mu, r, inv, norm)
 
 
 @triton.jit
@@ -212,6 +213,8 @@ def embed_ds_kernel(
                           HAS_OWN, True)
         tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
         t1, t2, t3 = _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM)
+    if GIVEN_STATS:  # ||y|| > 1e-12 from inv (not kept live through the class loop)
+        norm = tl.where(inv < 1.0 / tl.full((), 1e-12, ACC_DTYPE), 1.0, 0.0).to(ACC_DTYPE)
     _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D, ACC_DTYPE)
 
 
