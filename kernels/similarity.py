@@ -79,11 +79,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
+from .common import INTERPRET, INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
 from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile,
                      _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile, _store_pixel_stats, _tile_columns,
                      _upstream_rows)
 from .tiles import own_tiles, similarity_tiles
+
+
+# the interpreter's arg-max raises on an all-NaN slice (numpy's nanargmax): there, _store_class_max sets
+# NaN scores aside before it (a GPU's arg-max takes any slice; the compiled kernels do not pay for this)
+_INTERPRETED = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -102,8 +107,11 @@ def _store_class_max(s, SEG_ptr, ARGK_ptr, rows, row_ok, cc, kk, C, K, BLOCK_N: 
     # (NaN when a score of the class is NaN, as torch.max)
     s3 = tl.reshape(s, (BLOCK_N, BLOCK_C, BLOCK_K))
     s3 = tl.where((kk < K)[None, None, :], s3, float("-inf"))
-    best = tl.max(s3, axis=2)  # (BLOCK_N, BLOCK_C): nearest prototype of each class
-    best_k = tl.argmax(s3, axis=2)  # first k on ties
+    s3m = s3
+    if _INTERPRETED:  # NaN scores set aside (a NaN class's seg is NaN below, its argk any of its k)
+        s3m = tl.where(s3 != s3, float("-inf"), s3)
+    best = tl.max(s3m, axis=2)  # (BLOCK_N, BLOCK_C): nearest prototype of each class
+    best_k = tl.argmax(s3m, axis=2)  # first k on ties
     has_nan = tl.max(tl.where(s3 != s3, 1, 0), axis=2) > 0
     best = tl.where(has_nan, float("nan"), best)
     out_ok = row_ok[:, None] & (cc < C)[None, :]
