@@ -123,6 +123,32 @@ def _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, co
     return acc
 
 
+@triton.jit
+def _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr, BIAS_ptr,
+                    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    # _s_tile in EMBED mode with the LayerNorm, and from the same LayerNorm'd
+    # feats tiles the LayerNorm backward's sums over D (s_yw = sum_d y_d w_d,
+    # s_ywx = sum_d y_d w_d xhat_d, as _layer_norm_sums): (acc, s_yw, s_ywx).
+    # The embedded backward given the forward's stats takes them here, in its
+    # first class block, instead of a pass of their own over the rows.
+    acc = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
+    s_yw = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    s_ywx = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
+        y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
+        w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+        xh = tl.where(m, (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None], 0.0)
+        yw = y * w[None, :]
+        s_yw += tl.sum(yw, axis=1)
+        s_ywx += tl.sum(yw * xh, axis=1)
+        p = tl.load(P_ptr + prow[None, :].to(tl.int64) * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        acc = _dot(y, p, acc, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
+    return acc, s_yw, s_ywx
+
+
 # ----------------------------------------------------------------- the backward's dS
 
 
@@ -346,9 +372,10 @@ def _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIA
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # _pixel_stats' (mu, r, inv, norm, s_yw, s_ywx) of the pixels `rows`.
     # GIVEN: mu, r, inv from embed_similarity's stats (3, N) instead of the
-    # statistics pass (the backward's s_yw, s_ywx, LayerNorm only, still take
-    # one pass over the rows; norm is then a stand-in, 1 where ||y|| > 1e-12,
-    # i.e. where inv < 1 / 1e-12, else 0: all the backward asks of it). A
+    # statistics pass (BACKWARD with the LayerNorm: s_yw, s_ywx still take one
+    # pass over the rows, which embed_ds_kernel avoids: _s_tile_ln_sums; norm
+    # is then a stand-in, 1 where ||y|| > 1e-12, i.e. where inv < 1 / 1e-12,
+    # else 0: all the backward asks of it). A
     # block with a NaN column (a pixel whose statistics were not finite)
     # computes its statistics as without stats, so that the results are the
     # same either way.

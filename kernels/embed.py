@@ -19,10 +19,12 @@ pixel range of one image):
   where not finite; the own-only forward: ``embed_stats_kernel`` writes
   them, the gathered kernel reads them). The backward and the sums given
   those stats read them instead of their own statistics pass
-  (``device._block_stats``; the LayerNorm backward's two sums over D still
-  take one pass, down from two; a block with a NaN column computes its
-  statistics as without stats, so both give the same results); without
-  stats each computes its block's as the forward does;
+  (``device._block_stats``; the two sums over D that the LayerNorm backward
+  needs besides them are taken from the first class block's LayerNorm'd
+  tiles, ``device._s_tile_ln_sums``; a block with a NaN column computes its
+  statistics as without stats, so both give the same results): the map is
+  then read by the GEMMs alone; without stats each kernel computes its
+  block's as the forward does;
 * forward: ``similarity_fwd_kernel`` in EMBED mode (kernels/similarity.py; own
   alone: ``own_class_scores_kernel`` in EMBED mode, gathered by label): each
   feats tile is LayerNorm'd in registers before the dot, each S tile scaled by
@@ -56,7 +58,7 @@ from . import similarity as _sim
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
 from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile,
                      _feats_chunk, _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile,
-                     _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
+                     _s_tile_ln_sums, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
@@ -144,6 +146,24 @@ def _block_bases(B0, HW0, HWC, HW, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _ds_class_block(ys, cls, col_ok, prow, tile_ok, inv, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1, t2, t3,
+                    GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
+                    GOWN_ptr, GOWN_stride_n, GOWN_stride_k, DS_ptr, PW_ptr, PB_ptr, ACC_DTYPE: tl.constexpr,
+                    LAYER_NORM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_LSE: tl.constexpr, HAS_OWN: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    # one class block of embed_ds_kernel from its S tile ys (y . protos_j):
+    # dS written, the L2 and LayerNorm backward's sums t1, t2, t3 updated
+    ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
+    if HAS_LSE:
+        ds = _ds_softmax(ys * inv[:, None], lse, g_lse, t, tile_ok)
+    ds = _ds_gathered(ds, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
+                      GOWN_ptr, GOWN_stride_n, GOWN_stride_k, n0, i, cls, j_k, lab, tile_ok, ACC_DTYPE, HAS_SEG,
+                      HAS_OWN, True)
+    tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
+    return _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM)
+
+
+@triton.jit
 def embed_ds_kernel(
     GSEG_ptr, GSEG_stride_n, GSEG_stride_c,  # d loss / d seg (N, C), contiguous (if HAS_SEG)
     GLSE_ptr, GLSE_stride,  # d loss / d lse (N,) (if HAS_LSE)
@@ -174,8 +194,8 @@ def embed_ds_kernel(
 ):
     # The backward's first half, per BLOCK_N pixels: their statistics
     # (_pixel_stats: feats' rows then sit in L2 for the GEMM; GIVEN_STATS: the
-    # forward's, and with the LayerNorm one pass for the two sums its
-    # backward needs, _block_stats), then, one class
+    # forward's, _block_stats, with the two sums the LayerNorm backward needs
+    # taken from the first class block's tiles, _s_tile_ln_sums), then, one class
     # block at a time, the S tile of the embedding z = y inv recomputed once
     # (full D), turned into
     #   dS[n, j] = softmax_j(S[n] / t) * grad_lse[n] / t            (PPC)
@@ -189,8 +209,10 @@ def embed_ds_kernel(
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
     n0, l0, i = _block_bases(B0, HW0, HWC, HW, BLOCK_N)
+    # (given stats: no pass for the LayerNorm backward's two sums, which the first class block takes)
     mu, r, inv, norm, s_yw, s_ywx = _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr,
-                                                 D, eps, ACC_DTYPE, LAYER_NORM, True, GIVEN_STATS, BLOCK_N, BLOCK_D)
+                                                 D, eps, ACC_DTYPE, LAYER_NORM, not GIVEN_STATS, GIVEN_STATS, BLOCK_N,
+                                                 BLOCK_D)
     CK = C * K
     j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
@@ -201,18 +223,25 @@ def embed_ds_kernel(
     t3 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . b): sum_d g_d w_d xhat_d = t1 - t3
     for c0 in range(0, C, BLOCK_C):
         cls, col_ok, prow = _class_columns(c0, j_cls, j_k, C, K, False)  # prow < C*K: 32-bit
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
-                     BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
-                     BLOCK_D)  # y . protos_j, recomputed; S = ys inv
-        ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
-        if HAS_LSE:
-            ds = _ds_softmax(ys * inv[:, None], lse, g_lse, t, tile_ok)
-        ds = _ds_gathered(ds, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
-                          GOWN_ptr, GOWN_stride_n, GOWN_stride_k, n0, i, cls, j_k, lab, tile_ok, ACC_DTYPE, HAS_SEG,
-                          HAS_OWN, True)
-        tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
-        t1, t2, t3 = _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM)
+        if GIVEN_STATS and LAYER_NORM:  # the first class block also sums s_yw, s_ywx over its LayerNorm'd tiles
+            if c0 == 0:
+                ys, s_yw, s_ywx = _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
+                                                  W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST,
+                                                  BLOCK_N, BLOCK_J, BLOCK_D)
+            else:
+                ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
+                             W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM,
+                             BLOCK_N, BLOCK_J, BLOCK_D)
+            tile_ok = row_ok[:, None] & col_ok[None, :]  # (after the tile: fewer registers live through it here)
+        else:
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
+                         BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
+                         BLOCK_D)  # y . protos_j, recomputed; S = ys inv
+        t1, t2, t3 = _ds_class_block(ys, cls, col_ok, prow, tile_ok, inv, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1,
+                                     t2, t3, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n,
+                                     ARGK_stride_c, GOWN_ptr, GOWN_stride_n, GOWN_stride_k, DS_ptr, PW_ptr, PB_ptr,
+                                     ACC_DTYPE, LAYER_NORM, HAS_SEG, HAS_LSE, HAS_OWN, BLOCK_N, BLOCK_J)
     if GIVEN_STATS:  # ||y|| > 1e-12 from inv (not kept live through the class loop)
         norm = tl.where(inv < 1.0 / tl.full((), 1e-12, ACC_DTYPE), 1.0, 0.0).to(ACC_DTYPE)
     _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D, ACC_DTYPE)
