@@ -13,11 +13,18 @@ Per chunk of pixels (``CHUNK_PIXELS``, 65,536 by default: whole images, or a
 pixel range of one image):
 
 * statistics ``(mu, r, inv)`` of each pixel in the accumulation dtype
-  (float32; float64 for float64 feats): each kernel that needs them computes
-  its pixel block's (``device._pixel_stats``) before its main loop, which
-  then finds the block's rows in L2: the map leaves HBM once per kernel, with
-  no statistics launch; only the own-only forward reads them from
-  ``embed_stats_kernel``'s ``(chunk, 3)`` buffer;
+  (float32; float64 for float64 feats): the forward computes its pixel
+  block's (``device._pixel_stats``) before its main loop, which then finds
+  the block's rows in L2, and writes them to the op's ``stats`` (3, N) (NaN
+  where not finite; the own-only forward: ``embed_stats_kernel`` writes
+  them, the gathered kernel reads them). The backward and the sums given
+  those stats read them instead of their own statistics pass
+  (``device._block_stats``; the two sums over D that the LayerNorm backward
+  needs besides them are taken from the first class block's LayerNorm'd
+  tiles, ``device._s_tile_ln_sums``; a block with a NaN column computes its
+  statistics as without stats, so both give the same results): the map is
+  then read by the GEMMs alone; without stats each kernel computes its
+  block's as the forward does;
 * forward: ``similarity_fwd_kernel`` in EMBED mode (kernels/similarity.py; own
   alone: ``own_class_scores_kernel`` in EMBED mode, gathered by label): each
   feats tile is LayerNorm'd in registers before the dot, each S tile scaled by
@@ -35,7 +42,7 @@ pixel range of one image):
   writes d feats straight into the gradient in feats' own layout and dtype,
   with per-block partials ``(blocks, D)`` of d ln_weight and d ln_bias summed
   by ``torch.sum`` (deterministic, no atomics);
-* sums: ``embed_rows_kernel`` (its own statistics) writes the chunk's z into a ``(chunk, D)`` buffer
+* sums: ``embed_rows_kernel`` (its own statistics, or the given ones) writes the chunk's z into a ``(chunk, D)`` buffer
   and ``prototype_update.prototype_sums`` sums it (non-finite pixels give
   non-finite z, which the sums skip); chunk results are added in order.
 """
@@ -49,9 +56,9 @@ import triton.language as tl
 from . import prototype_update as _update
 from . import similarity as _sim
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
-from .device import (_class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile, _feats_chunk,
-                     _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile, _store_stats,
-                     _tile_columns, _upstream_rows)
+from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile,
+                     _feats_chunk, _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile,
+                     _s_tile_ln_sums, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
@@ -70,10 +77,12 @@ def embed_stats_kernel(
     X_stride_d,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    STAT_ptr,  # out (pixels of the chunk, 3) acc dtype: mu, r = 1/sqrt(var + eps), inv = 1/max(||y||, 1e-12)
+    STAT_ptr,  # out (3, N) acc dtype, the op's stats: mu, r = 1/sqrt(var + eps), inv = 1/max(||y||, 1e-12)
     B0,  # first image of the chunk
     HW0,  # first pixel of the chunk in each image
     HWC,  # pixels of the chunk in each image
+    HW,  # pixels per image: pixel n = b*HW + hw
+    N,  # pixels of feats: the row length of stats
     D,
     eps: tl.float64,
     ACC_DTYPE: tl.constexpr,
@@ -81,7 +90,8 @@ def embed_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # The statistics of BLOCK_N pixels (_pixel_stats) for the own-only forward.
+    # The statistics of BLOCK_N pixels (_pixel_stats) for the own-only forward
+    # and the op's stats (NaN where not finite: _store_pixel_stats).
     # GPU (kernels/tiles.py EMBED_GPU_TILES): CUDA-core FMAs; shared memory
     # only for the row reductions. Memory-bound: feats is read twice (the
     # second time from L2: 32 px x 720 channels are 90 KB in fp32), 12 B a
@@ -89,8 +99,9 @@ def embed_stats_kernel(
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
-                                                 LAYER_NORM, True, BLOCK_N, BLOCK_D)
-    _store_stats(STAT_ptr, loc, row_ok, mu, r, inv, 3)
+                                                 LAYER_NORM, False, BLOCK_N, BLOCK_D)
+    # pixel n = n0 + loc, n0 = B0*HW + HW0 the chunk's first
+    _store_pixel_stats(STAT_ptr + (tl.cast(B0, tl.int64) * HW + HW0), N, loc, row_ok, mu, r, inv, norm)
 
 
 @triton.jit
@@ -135,6 +146,24 @@ def _block_bases(B0, HW0, HWC, HW, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _ds_class_block(ys, cls, col_ok, prow, tile_ok, inv, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1, t2, t3,
+                    GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
+                    GOWN_ptr, GOWN_stride_n, GOWN_stride_k, DS_ptr, PW_ptr, PB_ptr, ACC_DTYPE: tl.constexpr,
+                    LAYER_NORM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_LSE: tl.constexpr, HAS_OWN: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    # one class block of embed_ds_kernel from its S tile ys (y . protos_j):
+    # dS written, the L2 and LayerNorm backward's sums t1, t2, t3 updated
+    ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
+    if HAS_LSE:
+        ds = _ds_softmax(ys * inv[:, None], lse, g_lse, t, tile_ok)
+    ds = _ds_gathered(ds, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
+                      GOWN_ptr, GOWN_stride_n, GOWN_stride_k, n0, i, cls, j_k, lab, tile_ok, ACC_DTYPE, HAS_SEG,
+                      HAS_OWN, True)
+    tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
+    return _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM)
+
+
+@triton.jit
 def embed_ds_kernel(
     GSEG_ptr, GSEG_stride_n, GSEG_stride_c,  # d loss / d seg (N, C), contiguous (if HAS_SEG)
     GLSE_ptr, GLSE_stride,  # d loss / d lse (N,) (if HAS_LSE)
@@ -149,19 +178,24 @@ def embed_ds_kernel(
     W_ptr, BIAS_ptr,  # LayerNorm weight, bias (D,) (if LAYER_NORM)
     DS_ptr,  # out (pixels of the chunk, C*K) acc dtype: dS = d loss / d S of the embedding
     SC_ptr,  # out (pixels of the chunk, 6) acc dtype: mu, r, inv, a1, m1, m2 (embed_dx_kernel's scalars)
+    STAT_ptr,  # (3, N) acc dtype: the forward's stats (if GIVEN_STATS)
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HWC,  # pixels of the chunk in each image
     HW,  # pixels per image: pixel n = b*HW + hw
+    N,  # pixels of feats: the row length of stats
     D, C, K,
     temperature: tl.float64,
     eps: tl.float64,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     LAYER_NORM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_LSE: tl.constexpr, HAS_OWN: tl.constexpr,
+    GIVEN_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # The backward's first half, per BLOCK_N pixels: their statistics
-    # (_pixel_stats: feats' rows then sit in L2 for the GEMM), then, one class
+    # (_pixel_stats: feats' rows then sit in L2 for the GEMM; GIVEN_STATS: the
+    # forward's, _block_stats, with the two sums the LayerNorm backward needs
+    # taken from the first class block's tiles, _s_tile_ln_sums), then, one class
     # block at a time, the S tile of the embedding z = y inv recomputed once
     # (full D), turned into
     #   dS[n, j] = softmax_j(S[n] / t) * grad_lse[n] / t            (PPC)
@@ -175,8 +209,10 @@ def embed_ds_kernel(
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
     n0, l0, i = _block_bases(B0, HW0, HWC, HW, BLOCK_N)
-    mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
-                                                 LAYER_NORM, True, BLOCK_N, BLOCK_D)
+    # (given stats: no pass for the LayerNorm backward's two sums, which the first class block takes)
+    mu, r, inv, norm, s_yw, s_ywx = _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr,
+                                                 D, eps, ACC_DTYPE, LAYER_NORM, not GIVEN_STATS, GIVEN_STATS, BLOCK_N,
+                                                 BLOCK_D)
     CK = C * K
     j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
@@ -187,18 +223,27 @@ def embed_ds_kernel(
     t3 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . b): sum_d g_d w_d xhat_d = t1 - t3
     for c0 in range(0, C, BLOCK_C):
         cls, col_ok, prow = _class_columns(c0, j_cls, j_k, C, K, False)  # prow < C*K: 32-bit
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
-                     BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
-                     BLOCK_D)  # y . protos_j, recomputed; S = ys inv
-        ds = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
-        if HAS_LSE:
-            ds = _ds_softmax(ys * inv[:, None], lse, g_lse, t, tile_ok)
-        ds = _ds_gathered(ds, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n, ARGK_stride_c,
-                          GOWN_ptr, GOWN_stride_n, GOWN_stride_k, n0, i, cls, j_k, lab, tile_ok, ACC_DTYPE, HAS_SEG,
-                          HAS_OWN, True)
-        tl.store(DS_ptr + l0 * CK + (i[:, None] * CK + prow[None, :]), ds, mask=tile_ok)
-        t1, t2, t3 = _ln_backward_sums(t1, t2, t3, ds, ys, tile_ok, PW_ptr, PB_ptr, prow, col_ok, LAYER_NORM)
+        if GIVEN_STATS and LAYER_NORM:  # the first class block also sums s_yw, s_ywx over its LayerNorm'd tiles
+            if c0 == 0:
+                ys, s_yw, s_ywx = _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
+                                                  W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST,
+                                                  BLOCK_N, BLOCK_J, BLOCK_D)
+            else:
+                ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
+                             W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM,
+                             BLOCK_N, BLOCK_J, BLOCK_D)
+            tile_ok = row_ok[:, None] & col_ok[None, :]  # (after the tile: fewer registers live through it here)
+        else:
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
+                         BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
+                         BLOCK_D)  # y . protos_j, recomputed; S = ys inv
+        t1, t2, t3 = _ds_class_block(ys, cls, col_ok, prow, tile_ok, inv, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1,
+                                     t2, t3, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n,
+                                     ARGK_stride_c, GOWN_ptr, GOWN_stride_n, GOWN_stride_k, DS_ptr, PW_ptr, PB_ptr,
+                                     ACC_DTYPE, LAYER_NORM, HAS_SEG, HAS_LSE, HAS_OWN, BLOCK_N, BLOCK_J)
+    if GIVEN_STATS:  # ||y|| > 1e-12 from inv (not kept live through the class loop)
+        norm = tl.where(inv < 1.0 / tl.full((), 1e-12, ACC_DTYPE), 1.0, 0.0).to(ACC_DTYPE)
     _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D, ACC_DTYPE)
 
 
@@ -312,23 +357,30 @@ def embed_rows_kernel(
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
     Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv
+    STAT_ptr,  # (3, N) acc dtype: embed_similarity's stats (if GIVEN_STATS)
     B0,
     HW0,
     HWC,
+    HW,  # pixels per image: pixel n = b*HW + hw
+    N,  # pixels of feats: the row length of stats
     D,
     eps: tl.float64,
     ACC_DTYPE: tl.constexpr,
     LAYER_NORM: tl.constexpr,
+    GIVEN_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # The chunk's embedding rows for the prototype sums. A non-finite pixel
     # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
-    # prototype_sums skips. GPU: the stats kernel's tile, one read of feats.
+    # prototype_sums skips. GPU: the stats kernel's tile. GIVEN_STATS: the
+    # statistics read from embed_similarity's stats (_block_stats), so the
+    # rows are read once instead of three times (twice without the LayerNorm).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
-    hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
-    mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
-                                                  ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
+    rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
+    mu, r, inv, _norm, _syw, _sywx = _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr,
+                                                  BIAS_ptr, D, eps, ACC_DTYPE, LAYER_NORM, False, GIVEN_STATS,
+                                                  BLOCK_N, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
         y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE).to(ACC_DTYPE)
@@ -411,9 +463,10 @@ def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
 
 
 class _Embedding:
-    """What every launch of one call shares: feats' pixel view, the LayerNorm's tensors, the stats buffer."""
+    """What every launch of one call shares: feats' pixel view, the LayerNorm's tensors, the stats
+    (``(3, N)``: the forward's output, or what its backward and the sums were given, else a dummy)."""
 
-    def __init__(self, feats, ln_weight, ln_bias, ln_eps, tiles, chunk):
+    def __init__(self, feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats=None):
         self.x, (self.B, self.HW, self.sb, self.shw, self.sd) = _readable(feats)
         self.D = feats.shape[1]
         self.N = self.B * self.HW
@@ -432,13 +485,8 @@ class _Embedding:
             self.nb_max, self.hwc_max = min(MAX_IMAGES, self.B, max(1, self.chunk // max(1, self.HW))), self.HW
         self.rows = self.nb_max * self.hwc_max
         self.cfg = _embed_cfg(self.D, self.hwc_max, self.acc, tiles)  # one tile for every chunk
-        self._stats = None  # (rows, 3): the own-only forward's statistics (embed_stats_kernel)
-
-    @property
-    def stats(self):
-        if self._stats is None:
-            self._stats = torch.empty((max(1, self.rows), 3), dtype=self.acc, device=self.dev)
-        return self._stats
+        self.given = stats is not None
+        self.stats = stats if self.given else dummy(self.acc, self.dev)
 
     def chunks(self):
         return pixel_chunks(self.B, self.HW, self.chunk)
@@ -450,46 +498,53 @@ class _Embedding:
     def compute_stats(self, b0, nb, hw0, hwc):
         cfg = self.cfg
         embed_stats_kernel[self.grid(hwc, nb, cfg["BLOCK_N"])](
-            self.x, self.sb, self.shw, self.sd, self.w, self.b, self.stats, b0, hw0, hwc, self.D, self.eps,
+            self.x, self.sb, self.shw, self.sd, self.w, self.b, self.stats, b0, hw0, hwc, self.HW, self.N, self.D,
+            self.eps,
             ACC_DTYPE=TL_DTYPE[self.acc], LAYER_NORM=self.ln, **cfg,
         )
 
 
 def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg,
                              compute_lse, compute_own, tiles=None, chunk=None):
-    """Launch the embedded forward; arguments already checked. Returns ``(seg, argk, lse, own)``.
+    """Launch the embedded forward; arguments already checked. Returns ``(seg, argk, lse, own, stats)``,
+    stats ``(3, N)`` in the accumulation dtype (each pixel's mu, r, inv; NaN where not finite), written by
+    the programs that compute them anyway; ``(0,)`` when nothing is computed.
 
     ``tiles`` overrides the similarity kernel's tiles (``BLOCK_N``, ``BLOCK_C``,
     ``BLOCK_D``) and, as ``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D``, the stats
     kernel's; ``chunk`` the pixels per chunk (default :data:`CHUNK_PIXELS`).
     """
-    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
+    any_out = compute_seg or compute_lse or compute_own
+    rows_n = feats.shape[0] if feats.dim() == 2 else feats.shape[0] * feats.shape[2] * feats.shape[3]
+    stats = feats.new_empty((3, rows_n) if any_out else (0,), dtype=acc_dtype(feats.dtype))
+    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     C, K = protos.shape[0], protos.shape[1]
-    outputs = _sim.forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own)
-    if N == 0:
+    outputs = _sim.forward_outputs(feats, N, C, K, compute_seg, compute_lse, compute_own) + (stats,)
+    if N == 0 or not any_out:
         return outputs
     P = protos.reshape(C * K, D).contiguous()
     if compute_own and not (compute_seg or compute_lse):
-        # own only: the K columns of each pixel's class, gathered by label, with the statistics of embed_stats_kernel
+        # own only: the K columns of each pixel's class, gathered by label, with the statistics embed_stats_kernel
+        # wrote into stats
         ocfg = _sim.own_config(e.hwc_max, D, acc, embed=True, tiles=tiles)
         for b0, nb, hw0, hwc in e.chunks():
             e.compute_stats(b0, nb, hw0, hwc)
             _sim.own_class_scores_kernel[e.grid(hwc, nb, ocfg["BLOCK_N"])](
                 e.x, e.shw, e.sd, P, labels, labels.stride(0), outputs[3], hwc, D, C, K,
-                e.sb, e.w, e.b, e.stats, b0, hw0, e.HW,
+                e.sb, e.w, e.b, e.stats, b0, hw0, e.HW, N, e.eps,
                 ACC_DTYPE=TL_DTYPE[acc], EMBED=True, LAYER_NORM=e.ln, BLOCK_K=pow2(K), **ocfg,
             )
         return outputs
     lab = labels if compute_own else dummy(torch.int64, dev)
     cfg = _sim_cfg("fwd", feats, protos, N, C, K, D, e.ln, tiles)
-    outs = _sim.forward_kernel_outputs(outputs, feats.dtype, dev, compute_seg, compute_lse, compute_own)
+    outs = _sim.forward_kernel_outputs(outputs[:4], feats.dtype, dev, compute_seg, compute_lse, compute_own)
     consts = _sim.forward_constexprs(feats.dtype, protos.dtype, compute_seg, compute_lse, compute_own, embed=True,
                                      layer_norm=e.ln)
-    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
+    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics and writes them to stats
         _sim.similarity_fwd_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
             e.x, e.shw, e.sd, P, lab, lab.stride(0), *outs,
-            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW, **consts, **cfg,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW, e.stats, N, **consts, **cfg,
         )
     return outputs
 
@@ -508,14 +563,15 @@ def _backward_outputs(feats, e: _Embedding):
 
 
 def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk,
-                              lse, temperature, tiles=None, chunk=None):
-    """Launch the embedded backward; arguments already checked (a None gradient is skipped).
+                              lse, temperature, tiles=None, chunk=None, stats=None):
+    """Launch the embedded backward; arguments already checked (a None gradient is skipped). ``stats``:
+    the forward's ``(3, N)``, read instead of each pixel block's statistics pass, or None.
 
     Returns ``(d feats, d ln_weight, d ln_bias)``: d feats in feats' shape,
     layout (``torch.empty_like``) and dtype; the LayerNorm's gradients in its
     parameters' dtype, ``(0,)`` of feats' dtype without it.
     """
-    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
+    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     C, K = protos.shape[0], protos.shape[1]
     dx, dx_strides, gw, gb = _backward_outputs(feats, e)
@@ -542,9 +598,9 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
     dots = dot_config(feats.dtype, protos.dtype)
     for b0, nb, hw0, hwc in e.chunks():
         embed_ds_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
-            *upstream, e.x, e.sb, e.shw, e.sd, P, pw, pb, *saved, e.w, e.b, ds, sc, b0, hw0, hwc, e.HW, D, C, K,
-            float(temperature), e.eps, ACC_DTYPE=TL_DTYPE[acc], **s_dots(feats.dtype, protos.dtype), LAYER_NORM=e.ln,
-            **flags, **cfg,
+            *upstream, e.x, e.sb, e.shw, e.sd, P, pw, pb, *saved, e.w, e.b, ds, sc, e.stats, b0, hw0, hwc, e.HW, N,
+            D, C, K, float(temperature), e.eps, ACC_DTYPE=TL_DTYPE[acc], **s_dots(feats.dtype, protos.dtype),
+            LAYER_NORM=e.ln, **flags, GIVEN_STATS=e.given, **cfg,
         )
         n_blocks = triton.cdiv(hwc, xcfg["BLOCK_N"])
         embed_dx_kernel[(n_blocks * triton.cdiv(D, xcfg["BLOCK_DO"]), nb)](
@@ -562,14 +618,15 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
 
 
 def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, deterministic=True, tiles=None,
-                         chunk=None):
+                         chunk=None, stats=None):
     """Per-prototype sums ``(num_slots, D)`` and counts of the embedding of the finite pixels with ``slot >= 0``.
 
     Arguments already checked. Chunk by chunk: z into a ``(chunk, D)`` buffer,
     then ``prototype_sums`` (deterministic or atomic, see
-    kernels/prototype_update.py); the chunks' results are added in order.
+    kernels/prototype_update.py); the chunks' results are added in order. ``stats``: embed_similarity's
+    ``(3, N)`` of the same feats and LayerNorm, read instead of the statistics pass, or None.
     """
-    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk)
+    e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     S = int(num_slots)
     sums = torch.zeros((S, D), dtype=acc, device=dev)
@@ -583,8 +640,8 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
     cfg = e.cfg
     for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
         embed_rows_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
-            e.x, e.sb, e.shw, e.sd, e.w, e.b, z, b0, hw0, hwc, D, e.eps, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln,
-            **cfg,
+            e.x, e.sb, e.shw, e.sd, e.w, e.b, z, e.stats, b0, hw0, hwc, e.HW, N, D, e.eps, ACC_DTYPE=TL_DTYPE[acc],
+            LAYER_NORM=e.ln, GIVEN_STATS=e.given, **cfg,
         )
         n0 = b0 * e.HW + hw0
         rows = nb * hwc

@@ -22,9 +22,9 @@ feats tile is normalised in registers before the dot, ``y = (x - mu) r w + b``
 pixel's ``inv = 1 / max(||y||, 1e-12)`` (the L2 normalisation) before its
 epilogue; the forward computes its pixel block's ``mu, r, inv`` itself
 (``_pixel_stats``, a pass over the block's rows that leaves them in L2 for
-the GEMM), the gathered own-class kernel reads them from
-``embed_stats_kernel``. The plain calls compile with EMBED = False and pay
-nothing for it. The backward here takes rows (N, D); the embedded backward
+the GEMM) and writes them to the op's stats (3, N); the gathered own-class
+kernel reads them there (``embed_stats_kernel`` wrote them). The plain calls
+compile with EMBED = False and pay nothing for it. The backward here takes rows (N, D); the embedded backward
 has its own kernels (kernels/embed.py: ``embed_ds_kernel``,
 ``embed_dx_kernel``).
 
@@ -79,10 +79,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
-from .device import (_class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile, _load_stats,
-                     _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile, _tile_columns, _upstream_rows)
+from .common import INTERPRET, INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
+from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile,
+                     _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile, _store_pixel_stats, _tile_columns,
+                     _upstream_rows)
 from .tiles import own_tiles, similarity_tiles
+
+
+# the interpreter's arg-max raises on an all-NaN slice (numpy's nanargmax): there, _store_class_max sets
+# NaN scores aside before it (a GPU's arg-max takes any slice; the compiled kernels do not pay for this)
+_INTERPRETED = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -101,8 +107,11 @@ def _store_class_max(s, SEG_ptr, ARGK_ptr, rows, row_ok, cc, kk, C, K, BLOCK_N: 
     # (NaN when a score of the class is NaN, as torch.max)
     s3 = tl.reshape(s, (BLOCK_N, BLOCK_C, BLOCK_K))
     s3 = tl.where((kk < K)[None, None, :], s3, float("-inf"))
-    best = tl.max(s3, axis=2)  # (BLOCK_N, BLOCK_C): nearest prototype of each class
-    best_k = tl.argmax(s3, axis=2)  # first k on ties
+    s3m = s3
+    if _INTERPRETED:  # NaN scores set aside (a NaN class's seg is NaN below, its argk any of its k)
+        s3m = tl.where(s3 != s3, float("-inf"), s3)
+    best = tl.max(s3m, axis=2)  # (BLOCK_N, BLOCK_C): nearest prototype of each class
+    best_k = tl.argmax(s3m, axis=2)  # first k on ties
     has_nan = tl.max(tl.where(s3 != s3, 1, 0), axis=2) > 0
     best = tl.where(has_nan, float("nan"), best)
     out_ok = row_ok[:, None] & (cc < C)[None, :]
@@ -124,15 +133,17 @@ def _store_own_scores(s, OWN_ptr, rows, row_ok, lab, c0, cc, kk, C, K, BLOCK_N: 
 
 @triton.jit
 def _forward_rows(pid, X_ptr, X_stride_b, X_stride_hw, X_stride_d, W_ptr, BIAS_ptr, D, eps, B0, HW0, HWC, HW,
-                  ACC_DTYPE: tl.constexpr, EMBED: tl.constexpr, LAYER_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  STAT_ptr, N, ACC_DTYPE: tl.constexpr, EMBED: tl.constexpr, LAYER_NORM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # (rows, row_ok, x_row, mu, r, inv) of program pid's pixels. EMBED: the chunk's pixel block and its statistics,
-    # computed here (no statistics launch; feats' rows then sit in L2 for the GEMM). Plain: rows of (N, D) in int64
-    # (rows * X_stride_hw cannot overflow), the plain kernel's addressing with no extra registers; the rest unused
+    # computed here (no statistics launch; feats' rows then sit in L2 for the GEMM) and written to the op's stats
+    # (3, N) (12 or 24 B a pixel). Plain: rows of (N, D) in int64 (rows * X_stride_hw cannot overflow), the plain
+    # kernel's addressing with no extra registers; the rest unused
     if EMBED:
         rows, row_ok, loc, x_row = _pixel_rows(pid, B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
-        mu, r, inv, _norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
-                                                      ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
+        mu, r, inv, norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
+                                                     ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
+        _store_pixel_stats(STAT_ptr, N, rows, row_ok, mu, r, inv, norm)
     else:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < HWC
@@ -160,6 +171,8 @@ def similarity_fwd_kernel(
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HW,  # pixels per image: pixel n = b*HW + hw
+    STAT_ptr,  # out (3, N) acc dtype: each pixel's mu, r, inv (the op's stats; NaN where not finite)
+    N_STATS,  # pixels of feats: the row length of stats
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     EMBED: tl.constexpr, LAYER_NORM: tl.constexpr,
     COMPUTE_SEG: tl.constexpr, COMPUTE_LSE: tl.constexpr, COMPUTE_OWN: tl.constexpr,
@@ -177,7 +190,8 @@ def similarity_fwd_kernel(
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, x_row, mu, r, inv = _forward_rows(tl.program_id(0).to(tl.int64), X_ptr, X_stride_b, X_stride_hw,
                                                     X_stride_d, W_ptr, BIAS_ptr, D, eps, B0, HW0, HWC, HW,
-                                                    ACC_DTYPE, EMBED, LAYER_NORM, BLOCK_N, BLOCK_D)
+                                                    STAT_ptr, N_STATS, ACC_DTYPE, EMBED, LAYER_NORM, BLOCK_N,
+                                                    BLOCK_D)
     j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     kk = tl.arange(0, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
@@ -220,10 +234,12 @@ def own_class_scores_kernel(
     X_stride_b,
     W_ptr,
     BIAS_ptr,
-    STAT_ptr,  # (pixels of the chunk, 3) acc dtype: mu, r, inv (embed_stats_kernel)
+    STAT_ptr,  # (3, N_STATS) acc dtype: each pixel's mu, r, inv (embed_stats_kernel: the op's stats)
     B0,
     HW0,
     HW,
+    N_STATS,  # pixels of feats: the row length of stats
+    eps: tl.float64,  # LayerNorm eps
     ACC_DTYPE: tl.constexpr,
     EMBED: tl.constexpr,
     LAYER_NORM: tl.constexpr,
@@ -243,7 +259,10 @@ def own_class_scores_kernel(
     pid = tl.program_id(0).to(tl.int64)
     if EMBED:
         rows, row_ok, loc, x_row = _pixel_rows(pid, B0, HW0, N, HW, X_stride_b, X_stride_n, BLOCK_N)
-        mu, r, inv = _load_stats(STAT_ptr, loc, row_ok, 3)
+        # the statistics embed_stats_kernel wrote (a block with a non-finite pixel computes them again)
+        mu, r, inv, _norm, _syw, _sywx = _block_stats(STAT_ptr, N_STATS, rows, X_ptr, x_row, row_ok, X_stride_d,
+                                                      W_ptr, BIAS_ptr, D, eps, ACC_DTYPE, LAYER_NORM, False, True,
+                                                      BLOCK_N, BLOCK_D)
     else:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -422,7 +441,7 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
         cfg = own_config(N, D, acc, embed=False, tiles=tiles)
         own_class_scores_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0), outputs[3], N, D, C, K,
-            0, outputs[3], outputs[3], outputs[3], 0, 0, N,
+            0, outputs[3], outputs[3], outputs[3], 0, 0, N, N, 0.0,
             ACC_DTYPE=TL_DTYPE[acc], EMBED=False, LAYER_NORM=False, BLOCK_K=pow2(K), **cfg,
         )
         return outputs
@@ -433,7 +452,7 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
     similarity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), 1)](
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
         *forward_kernel_outputs(outputs, feats.dtype, dev, compute_seg, compute_lse, compute_own),
-        N, D, C, K, float(temperature), 0, none, none, 0.0, 0, 0, N,
+        N, D, C, K, float(temperature), 0, none, none, 0.0, 0, 0, N, none, N,
         **forward_constexprs(feats.dtype, protos.dtype, compute_seg, compute_lse, compute_own), **cfg,
     )
     return outputs

@@ -23,7 +23,11 @@ registers (:mod:`protoseg_ext.kernels.embed`), ``EMBED_CHUNK`` pixels at a
 time: nothing of size (N, D) is allocated besides the returned gradient, which
 has feats' shape, layout and dtype (d ln_weight / d ln_bias in the
 parameters' dtype, ``(0,)`` without the LayerNorm). ``cache_bytes`` is
-accepted and ignored as for ``similarity``.
+accepted and ignored as for ``similarity``. ``embed_similarity`` also returns
+each pixel's statistics ``stats (3, N)`` (written by the programs that compute
+them, no extra pass); ``embed_similarity_backward`` and
+``embed_prototype_sums`` given them (checked by :func:`checks.embed_stats`)
+skip their statistics pass over the map.
 
 The ops run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was
 set before triton was imported (the tests use this). Argument errors raise
@@ -230,7 +234,7 @@ def prototype_ema(protos: Tensor, sums: Tensor, counts: Tensor, gamma: float) ->
     mutates_args=(),
     schema="(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, "
     "int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, int cache_bytes=0) "
-    "-> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs)",
+    "-> (Tensor seg, Tensor argk, Tensor lse, Tensor own, Tensor probs, Tensor stats)",
 )
 def embed_similarity(
     feats: Tensor,
@@ -245,16 +249,18 @@ def embed_similarity(
     compute_lse: bool,
     compute_own: bool,
     cache_bytes: int = 0,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``similarity`` of the head's embedding of ``feats`` (N, D) or (B, D, H, W), read as it lies:
-    LayerNorm over D (with ``ln_weight``/``ln_bias``) and L2 normalisation fused into the kernel's tiles."""
+    LayerNorm over D (with ``ln_weight``/``ln_bias``) and L2 normalisation fused into the kernel's tiles.
+    Also ``stats (3, N)``: each pixel's statistics, written by the programs that compute them."""
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
     with _launching(feats, protos, labels, ignore_index, compute_own):
-        out = _embed.embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature,
-                                              compute_seg, compute_lse, compute_own, chunk=EMBED_CHUNK)
-        return (*out, _no_probs(feats))
+        seg, argk, lse, own, stats = _embed.embed_similarity_forward(
+            feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg, compute_lse, compute_own,
+            chunk=EMBED_CHUNK)
+        return seg, argk, lse, own, _no_probs(feats), stats
 
 
 @torch.library.custom_op(
@@ -262,7 +268,8 @@ def embed_similarity(
     mutates_args=(),
     schema="(Tensor? grad_seg, Tensor? grad_lse, Tensor? grad_own, Tensor feats, Tensor? ln_weight, "
     "Tensor? ln_bias, float ln_eps, Tensor protos, Tensor labels, Tensor argk, Tensor lse, int ignore_index, "
-    "float temperature, Tensor? probs=None) -> (Tensor grad_feats, Tensor grad_weight, Tensor grad_bias)",
+    "float temperature, Tensor? probs=None, Tensor? stats=None) -> (Tensor grad_feats, Tensor grad_weight, "
+    "Tensor grad_bias)",
 )
 def embed_similarity_backward(
     grad_seg: Optional[Tensor],
@@ -279,39 +286,47 @@ def embed_similarity_backward(
     ignore_index: int,
     temperature: float,
     probs: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(d feats (feats' shape and layout), d ln_weight, d ln_bias)`` ((0,) without the LayerNorm);
-    S recomputed tile by tile (``probs`` unused)."""
+    S recomputed tile by tile (``probs`` unused); ``stats``: the forward's, read instead of the
+    statistics pass (None: computed)."""
     has_own = grad_own is not None
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, rows, protos, argk, lse)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
+    given = checks.embed_stats(rows, stats)
     with _launching(feats, protos, labels, ignore_index, has_own):
         g_lse, lse = _flat_lse(grad_lse, lse)
         return _embed.embed_similarity_backward(grad_seg, g_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos,
-                                                labels, argk, lse, temperature, chunk=EMBED_CHUNK)
+                                                labels, argk, lse, temperature, chunk=EMBED_CHUNK,
+                                                stats=stats if given else None)
 
 
 @torch.library.custom_op(
     f"{NAMESPACE}::embed_prototype_sums",
     mutates_args=(),
-    schema="(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor slot, int num_slots) "
-    "-> (Tensor sums, Tensor counts)",
+    schema="(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor slot, int num_slots, "
+    "Tensor? stats=None) -> (Tensor sums, Tensor counts)",
 )
 def embed_prototype_sums(
-    feats: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float, slot: Tensor, num_slots: int
+    feats: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], ln_eps: float, slot: Tensor, num_slots: int,
+    stats: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``prototype_sums`` of the embedding ``embed_similarity`` scores (LayerNorm'd, L2-normalised pixels),
-    chunk by chunk; deterministic when ``torch.are_deterministic_algorithms_enabled()``."""
+    chunk by chunk; deterministic when ``torch.are_deterministic_algorithms_enabled()``. ``stats``:
+    ``embed_similarity``'s for the same feats and LayerNorm, read instead of the statistics pass."""
     rows = checks.embed_feats(feats)
     checks.floating(feats, "feats")
     checks.prototype_sums_args(rows, slot, num_slots)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
+    given = checks.embed_stats(rows, stats)
     with _on_device(feats, "feats"):
         deterministic = torch.are_deterministic_algorithms_enabled()
         return _embed.embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots,
-                                           deterministic=deterministic, chunk=EMBED_CHUNK)
+                                           deterministic=deterministic, chunk=EMBED_CHUNK,
+                                           stats=stats if given else None)
 
 
 ops.register(NAMESPACE, keeps_probs=False)  # probs is always (0,)

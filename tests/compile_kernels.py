@@ -27,7 +27,7 @@ kernel fails to compile or uses local memory (a spill or a stack frame).
 Usage: python tests/compile_kernels.py [--full] 90 80
 (default: every kernel and constexpr path in every dtype at the Cityscapes
 size, the similarity kernels at ADE20K's C too, an odd tiny size for fp16 and
-fp64, the embedding's kernels and the EMBED variants (kernels/embed.py): 89
+fp64, the embedding's kernels and the EMBED variants (kernels/embed.py): 94
 specialisations per arch; ``--full``: every op in every dtype at the
 three sizes and half features with float32 prototypes, about 200 per arch,
 several minutes for both archs on 2 cores with a cold cache. CI runs ``--full``.)
@@ -140,8 +140,10 @@ SIMILARITY_OPS = ("fwd", "fwd_seg", "bwd", "bwd_seg")
 # similarity kernels and the embedding's own kernels. "efwd" / "ebwd" /
 # "esums": LayerNorm + L2 from an NCHW map (B, D, H, W); "efwd_own": the same,
 # own only (the gathered own-class kernel); "efwd_seg": L2 only, seg only, from a channels-last map; "ebwd_seg":
-# L2 only, seg only, from rows.
-EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums")
+# L2 only, seg only, from rows; "ebwd_stats", "ebwd_seg_stats", "esums_stats": "ebwd", "ebwd_seg" and "esums"
+# given the forward's stats (3, N) (GIVEN_STATS).
+EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums", "ebwd_stats", "ebwd_seg_stats",
+             "esums_stats")
 
 # The default set: every kernel and every constexpr path (forward outputs,
 # backward gradients, Sinkhorn phases, deterministic and atomic sums, the
@@ -150,11 +152,11 @@ EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums")
 # (another class padding) in the GEMM dtype classes.
 QUICK = [
     (CITYSCAPES, torch.bfloat16, ALL_OPS + EMBED_OPS),
-    (CITYSCAPES, torch.float16, SIMILARITY_OPS + ("efwd", "ebwd")),
+    (CITYSCAPES, torch.float16, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats")),
     (CITYSCAPES, torch.float32, ALL_OPS + EMBED_OPS),
     (CITYSCAPES, torch.float64, ALL_OPS + EMBED_OPS),
-    (ADE20K, torch.bfloat16, SIMILARITY_OPS + ("efwd", "ebwd")),
-    (ADE20K, torch.float32, SIMILARITY_OPS + ("efwd", "ebwd")),
+    (ADE20K, torch.bfloat16, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats")),
+    (ADE20K, torch.float32, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats")),
     (TINY, torch.float16, ("fwd_seg", "bwd_seg")),
     (TINY, torch.float64, ("fwd", "bwd", "sinkhorn", "sums", "ema", "efwd", "ebwd")),
 ]
@@ -198,6 +200,7 @@ def _record_all(table):
             fmap = torch.empty(B, D, H, W, dtype=dt, **meta)
             fmap_cl = torch.empty(B, D, H, W, dtype=dt, memory_format=torch.channels_last, **meta)
             lnw, lnb = torch.empty(D, dtype=dt, **meta), torch.empty(D, dtype=dt, **meta)
+            stats = torch.empty(3, N, dtype=acc, **meta)  # embed_similarity's
             calls = {
                 "fwd": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, True, True),
                 "fwd_seg": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, False, False),
@@ -218,6 +221,11 @@ def _record_all(table):
                                                                     argk, lse, 1.0),
                 "esums": lambda: [embed.embed_prototype_sums(fmap, lnw, lnb, 1e-5, lab, C * K, deterministic=det)
                                   for det in (True, False)],
+                "ebwd_stats": lambda: embed.embed_similarity_backward(gseg, lse, own, fmap, lnw, lnb, 1e-5, p, lab,
+                                                                      argk, lse, 1.0, stats=stats),
+                "ebwd_seg_stats": lambda: embed.embed_similarity_backward(gseg, None, None, f, None, None, 1e-5, p,
+                                                                          lab, argk, lse, 1.0, stats=stats),
+                "esums_stats": lambda: embed.embed_prototype_sums(fmap, lnw, lnb, 1e-5, lab, C * K, stats=stats),
                 "ema": lambda: prototype_update.prototype_ema(
                     p, torch.empty(C * K, D, dtype=acc, **meta), torch.empty(C * K, dtype=acc, **meta), 0.999),
             }

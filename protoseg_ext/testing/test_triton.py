@@ -340,7 +340,7 @@ _BIG_CHANNEL_OFFSETS = textwrap.dedent(
     tol = dict(atol=5e-3, rtol=0)
 
     # the fused embedding: forward, backward, prototype sums
-    seg, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p.half(), gt, -1, 1.0, True, True, True)
+    seg, argk, lse, own, _, _ = T.embed_similarity(x, w, b, 1e-5, p.half(), gt, -1, 1.0, True, True, True)
     xr = dense.clone().requires_grad_()
     z = embed_reference(xr, (w, b, 1e-5))
     S = R.similarity(z, p.half().float())
@@ -646,7 +646,7 @@ def test_embed_kernels_small_tiles_and_chunks(layout, layer_norm, chunk):
             return KE.embed_similarity_backward(gs, gl, go, xin_, w_, b_, 1e-5, p_, gt_, argk, lse, 0.7, tiles=tiles,
                                                 chunk=chunk)
 
-        return (*out, backward)
+        return (*out[:4], backward)
 
     embed_check(x, w, b, p, gt, layer_norm, layout, tol=EMBED_TOL,
                 grad_tol=EMBED_GRAD_TOL, call=call)
@@ -709,7 +709,7 @@ def test_embed_reads_the_map_as_it_lies(layout, monkeypatch):
     monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 13)
     monkeypatch.setattr(torch, "empty", spy(real_empty))
     monkeypatch.setattr(torch, "zeros", spy(real_zeros))
-    seg, argk, lse, own, _ = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    seg, argk, lse, own, _, _ = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
     T.embed_similarity_backward(torch.ones_like(seg), torch.ones_like(lse), None, xin, w, b, 1e-5, p, gt, argk, lse,
                                 -1, 1.0)
     T.embed_prototype_sums(xin, w, b, 1e-5, gt, 3)
@@ -719,7 +719,7 @@ def test_embed_reads_the_map_as_it_lies(layout, monkeypatch):
 
 def _embed_op_call(temperature=0.7):
     def call(xin, w_, b_, p_, gt_):
-        seg, argk, lse, own, _ = T.embed_similarity(xin, w_, b_, 1e-5, p_, gt_, -1, temperature, True, True, True)
+        seg, argk, lse, own, _, _ = T.embed_similarity(xin, w_, b_, 1e-5, p_, gt_, -1, temperature, True, True, True)
 
         def backward(gs, gl, go, xin_, argk_, lse_):
             return T.embed_similarity_backward(gs, gl, go, xin_, w_, b_, 1e-5, p_, gt_, argk_, lse_, -1, temperature)
@@ -737,7 +737,7 @@ def test_embed_half_feats(dtype, layout, monkeypatch):
     monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 50)  # several chunks through the op
     x, w, b, p, gt = embed_problem(2, 24, 6, 7, 4, 3, seed=2, offset=3.0, dtype=dtype)
     xin = as_layout(x, layout)
-    seg, argk, lse, own, _ = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    seg, argk, lse, own, _, _ = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
     assert seg.dtype == dtype and lse.dtype == torch.float32
     xr, wr, br = [t.double().requires_grad_() for t in (x, w, b)]
     ref = R.similarity_outputs(embed_reference(xr, (wr, br, 1e-5)), p.double(), gt, -1, 1.0, True, True, True)
@@ -772,14 +772,14 @@ def test_embed_all_ignored_and_nan_pixels(monkeypatch):
     monkeypatch.setattr(protoseg_ext.triton_ops, "EMBED_CHUNK", 30)
     x, w, b, p, gt = embed_problem(2, 12, 5, 6, 3, 2, seed=6, dtype=torch.float32)
     ignored = torch.full_like(gt, -1)
-    seg, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p, ignored, -1, 1.0, False, False, True)
+    seg, argk, lse, own, _, _ = T.embed_similarity(x, w, b, 1e-5, p, ignored, -1, 1.0, False, False, True)
     assert own.shape == (60, 2) and not own.any()
     dx, dw, db = T.embed_similarity_backward(None, None, torch.randn_like(own), x, w, b, 1e-5, p, ignored, argk, lse,
                                              -1, 1.0)
     assert not dx.any() and not dw.any() and not db.any()
     n_bad = 30 + 2 * 6 + 3
     x[1, :, 2, 3] = float("nan")
-    _, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, False, True, True)
+    _, argk, lse, own, _, _ = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, False, True, True)
     xr, wr, br = [t.double().requires_grad_() for t in (x, w, b)]
     ref = R.similarity_outputs(embed_reference(xr, (wr, br, 1e-5)), p.double(), gt, -1, 1.0, False, True, True)
     torch.testing.assert_close(lse.double(), ref[2], **EMBED_TOL, equal_nan=True)
@@ -825,6 +825,193 @@ def test_embed_prototype_sums_chunks_are_reproducible(layout, layer_norm):
         assert torch.equal(a[1].double(), rc)
 
 
+# ---------------------------------------------------------------- the forward's statistics, reused
+
+
+def _bad_pixels(x, overflow):
+    """Non-finite pixels in the map ``x`` (B, D, H, W), in place: a NaN, a +inf and a -inf entry, and
+    (``overflow``, float32) a finite pixel whose sums of squares overflow float32. Returns their rows n."""
+    B, D, H, W = x.shape
+    bad = [(0, 1, 2), (1, 0, 0), (B - 1, H - 1, W - 1)]
+    x[0, 3, 1, 2] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    x[B - 1, D - 1, H - 1, W - 1] = float("-inf")
+    if overflow:  # +-1e20 alternating: finite entries, squares past float32's range (with or without the mean)
+        x[1, :, 2, 3] = torch.tensor([1e20, -1e20], dtype=x.dtype).repeat(D // 2 + 1)[:D]
+        bad.append((1, 2, 3))
+    return sorted(b * H * W + h * W + w for b, h, w in bad)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_embed_forward_stats_match_reference(layout, layer_norm, dtype):
+    """embed_similarity's stats (3, N): each pixel's mean, 1 / std and 1 / ||y|| as
+    reference_backend.embed_stats has them (NaN columns for the NaN, inf and overflowing pixels),
+    written by the fused forward (any of seg, lse, own) and by the own-only forward's statistics
+    kernel, over several pixel blocks and chunks; (0,) when nothing is computed."""
+    from protoseg_ext.reference_backend import embed_stats
+
+    x, w, b, p, gt = embed_problem(3, 40, 5, 13, 6, 3, seed=11, offset=20.0, dtype=dtype)
+    bad = _bad_pixels(x, overflow=dtype == torch.float32)
+    xin = as_layout(x, layout)
+    ln = (w, b) if layer_norm else (None, None)
+    want = embed_stats(x, (w, b, 1e-5) if layer_norm else None)
+    assert want.shape == (3, x.shape[0] * x.shape[2] * x.shape[3]) and want.dtype == torch.float32
+    assert torch.isnan(want[:, bad]).all() and torch.isfinite(want.sum(0)).sum() == want.shape[1] - len(bad)
+    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    for flags in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        stats = KE.embed_similarity_forward(xin, *ln, 1e-5, p, gt, 1.0, *flags, tiles=tiles, chunk=40)[4]
+        assert stats.dtype == torch.float32 and stats.is_contiguous(), flags
+        torch.testing.assert_close(stats, want, atol=1e-5, rtol=1e-5, equal_nan=True, msg=str(flags))
+        assert torch.isnan(stats[:, bad]).all()
+    out = T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 1.0, True, True, True)
+    torch.testing.assert_close(out[5], want, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 1.0, False, False, False)[5].shape == (0,)
+
+
+def test_embed_forward_stats_float64():
+    """float64 feats: stats in float64, to float64 rounding."""
+    from protoseg_ext.reference_backend import embed_stats
+
+    x, w, b, p, gt = embed_problem(2, 20, 4, 9, 5, 4, seed=4, offset=5.0)
+    for ln in ((w, b), (None, None)):
+        stats = T.embed_similarity(x, *ln, 1e-5, p, gt, -1, 1.0, True, True, True)[5]
+        assert stats.dtype == torch.float64
+        torch.testing.assert_close(stats, embed_stats(x, (w, b, 1e-5) if ln[0] is not None else None),
+                                   atol=1e-12, rtol=1e-12)
+
+
+def _with_determinism(det, fn):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(det)
+    try:
+        return fn()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+def test_embed_backward_given_stats_equals_without(layout, layer_norm):
+    """The backward given the forward's stats (no statistics pass; with the LayerNorm one pass for its
+    two sums) gives what it gives without them, to rounding, and the float64 reference's gradient:
+    several pixel blocks and chunks, far from zero mean. A block holding a NaN pixel (NaN stats)
+    computes its statistics as without stats: the same NaN gradient for that pixel (and d weight,
+    d bias), the same finite one for the other pixels of the block."""
+    B, D, H, W, C, K = 3, 40, 5, 13, 9, 3
+    x, w, b, p, gt = embed_problem(B, D, H, W, C, K, seed=1, offset=30.0, dtype=torch.float32)
+    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16, BLOCK_DO=16, BLOCK_J=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    seen = {}
+
+    def call(xin, w_, b_, p_, gt_):
+        seg, argk, lse, own, stats = KE.embed_similarity_forward(xin, w_, b_, 1e-5, p_, gt_, 0.7, True, True, True,
+                                                                 tiles=tiles, chunk=40)
+        assert stats.shape == (3, B * H * W)
+
+        def backward(gs, gl, go, xin_, argk_, lse_):
+            args = (gs, gl, go, xin_, w_, b_, 1e-5, p_, gt_, argk_, lse_, 0.7)
+            given = KE.embed_similarity_backward(*args, tiles=tiles, chunk=40, stats=stats)
+            seen["without"] = KE.embed_similarity_backward(*args, tiles=tiles, chunk=40)
+            seen["given"] = given
+            return given
+
+        return seg, argk, lse, own, backward
+
+    embed_check(x, w, b, p, gt, layer_norm, layout, tol=EMBED_TOL, grad_tol=EMBED_GRAD_TOL, call=call)
+    for u, v in zip(seen["given"], seen["without"]):
+        torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+    # the stats are what the kernels use: other (finite) stats give another gradient
+    xin = as_layout(x, layout)
+    ln = (w, b) if layer_norm else (None, None)
+    seg, argk, lse, own, stats = KE.embed_similarity_forward(xin, *ln, 1e-5, p, gt, 0.7, True, True, True)
+    wrong = stats.clone()
+    wrong[2] *= 1.5
+    args = (torch.ones_like(seg), torch.ones_like(lse), None, xin, *ln, 1e-5, p, gt, argk, lse, 0.7)
+    assert not torch.allclose(KE.embed_similarity_backward(*args, stats=wrong)[0],
+                              KE.embed_similarity_backward(*args, stats=stats)[0], atol=1e-3, rtol=1e-3)
+    # a NaN pixel: the op given the forward's stats against the op without them
+    x[1, 5, 2, 3] = float("nan")
+    xin = as_layout(x, layout)
+    ln = (w, b) if layer_norm else (None, None)
+    seg, argk, lse, own, _, stats = T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 1.0, False, True, True)
+    assert torch.isnan(stats[:, H * W + 2 * W + 3]).all()
+    g = torch.Generator().manual_seed(3)
+    gl, go = torch.randn(lse.shape, generator=g), torch.randn(own.shape, generator=g)
+    args = (None, gl, go, xin, *ln, 1e-5, p, gt, argk, lse, -1, 1.0)
+    given, without = T.embed_similarity_backward(*args, None, stats), T.embed_similarity_backward(*args)
+    for u, v in zip(given, without):
+        torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5, equal_nan=True)
+    dx = given[0] if layout != "rows" else given[0].reshape(B, H, W, D).permute(0, 3, 1, 2)
+    assert torch.isnan(dx[1, :, 2, 3]).all() and torch.isfinite(dx[0]).all() and torch.isfinite(dx[2]).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_embed_prototype_sums_given_stats_equal_without(layout, layer_norm, deterministic):
+    """embed_prototype_sums given the forward's stats (the rows read once) equals itself without them
+    (to rounding; bitwise run to run when deterministic) and the float64 reference, with NaN, inf and
+    overflowing pixels in the map (NaN stats: their blocks compute the statistics as without stats),
+    over several chunks and pixel blocks."""
+    x, w, b, p, gt = embed_problem(2, 20, 6, 11, 3, 2, seed=7, offset=40.0, dtype=torch.float32)
+    bad = _bad_pixels(x, overflow=True)
+    slot = torch.where(gt >= 0, gt * 2 + 1, gt)
+    slot[bad] = 2
+    xin = as_layout(x, layout)
+    ln = (w, b) if layer_norm else (None, None)
+    stats = T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 1.0, False, True, False)[5]
+    assert torch.isnan(stats[:, bad]).all()
+    small = dict(EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    good = torch.ones_like(slot, dtype=torch.bool)
+    good[bad] = False
+    rs, rc = _sums_reference(embed_reference(x.double(), (w.double(), b.double(), 1e-5) if layer_norm else None),
+                             torch.where(good, slot, -1), 6)
+    for chunk in (17, None):
+        a = KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, deterministic=deterministic, tiles=small, chunk=chunk,
+                                    stats=stats)
+        c = KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, deterministic=deterministic, tiles=small, chunk=chunk)
+        torch.testing.assert_close(a[0], c[0], atol=1e-6, rtol=1e-5)
+        assert torch.equal(a[1], c[1])
+        if deterministic:
+            again = KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, deterministic=True, tiles=small, chunk=chunk,
+                                            stats=stats)
+            assert torch.equal(a[0], again[0]) and torch.equal(a[1], again[1])
+        finite = torch.ones(6, dtype=torch.bool)
+        finite[2] = False  # the slot of the bad pixels: the overflowing one's z is the kernels' own rounding
+        torch.testing.assert_close(a[0][finite].double(), rs[finite], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(a[0]).all()
+    wrong = stats.clone()
+    wrong[2] *= 1.5  # the stats are what the kernels use: other (finite) stats give other sums
+    assert not torch.allclose(KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, tiles=small, chunk=17, stats=wrong)[0],
+                              KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, tiles=small, chunk=17, stats=stats)[0])
+    sums, counts = _with_determinism(deterministic, lambda: T.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, stats))
+    s0, c0 = _with_determinism(deterministic, lambda: T.embed_prototype_sums(xin, *ln, 1e-5, slot, 6))
+    torch.testing.assert_close(sums, s0, atol=1e-6, rtol=1e-5)
+    assert torch.equal(counts, c0)
+
+
+def test_embed_stats_errors_name_the_argument():
+    """Stats that are not the forward's (3, N) contiguous accumulation-dtype tensor raise a ValueError
+    naming ``stats``; None and (0,) mean "none given"."""
+    x, w, b, p, gt = embed_problem(1, 8, 2, 3, 3, 2, dtype=torch.float32)
+    seg, argk, lse, own, _, stats = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    slot = gt.clamp(min=0)
+    bwd = (torch.ones_like(seg), None, None, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
+    for bad, match in ((stats[:, :-1], r"stats must be embed_similarity's \(3, N\) = \(3, 6\), got shape"),
+                       (stats[:2], r"stats must be embed_similarity's \(3, N\) = \(3, 6\)"),
+                       (stats.double(), "stats must be torch.float32"),
+                       (stats.half(), "stats must be torch.float32"),
+                       (stats.t().contiguous().t(), "stats must be contiguous")):
+        with pytest.raises(ValueError, match=match):
+            T.embed_similarity_backward(*bwd, bad)
+        with pytest.raises(ValueError, match=match):
+            T.embed_prototype_sums(x, w, b, 1e-5, slot, 3, bad)
+    for none in (None, stats.new_empty((0,))):
+        torch.testing.assert_close(T.embed_prototype_sums(x, w, b, 1e-5, slot, 3, none),
+                                   T.embed_prototype_sums(x, w, b, 1e-5, slot, 3, stats), atol=1e-6, rtol=1e-5)
+
+
 def test_embed_argument_errors_name_the_argument():
     x, w, b, p, gt = embed_problem(1, 8, 2, 3, 3, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"feats must be \(N, D\) or \(B, D, H, W\), got shape"):
@@ -845,7 +1032,7 @@ def test_embed_argument_errors_name_the_argument():
 
 def _embed_opcheck_cases():
     x, w, b, p, gt = embed_problem(2, 8, 3, 4, 3, 2, dtype=torch.float32)
-    seg, argk, lse, own, _ = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
+    seg, argk, lse, own, _, stats = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     return {
         "embed_similarity": (*leaves[:1], leaves[1], leaves[2], 1e-5, p, gt, -1, 0.7, True, True, True),
@@ -853,14 +1040,19 @@ def _embed_opcheck_cases():
         "embed_similarity_backward": (torch.randn_like(seg), torch.randn_like(lse), torch.randn_like(own),
                                       x.contiguous(memory_format=torch.channels_last), w, b, 1e-5, p, gt, argk, lse,
                                       -1, 1.0),
+        "embed_similarity_backward_stats": (torch.randn_like(seg), torch.randn_like(lse), torch.randn_like(own), x, w,
+                                            b, 1e-5, p, gt, argk, lse, -1, 1.0, None, stats),
         "embed_prototype_sums": (x, w, b, 1e-5, torch.where(gt >= 0, gt * 2, gt), 6),
+        "embed_prototype_sums_stats": (x, w, b, 1e-5, torch.where(gt >= 0, gt * 2, gt), 6, stats),
     }
 
 
 @pytest.mark.parametrize("op", ["embed_similarity", "embed_similarity_cache", "embed_similarity_backward",
-                                "embed_prototype_sums"])
+                                "embed_similarity_backward_stats", "embed_prototype_sums",
+                                "embed_prototype_sums_stats"])
 def test_embed_opcheck(op):
-    torch.library.opcheck(getattr(T, op.replace("_cache", "")).default, _embed_opcheck_cases()[op])
+    name = op.replace("_cache", "").replace("_stats", "")
+    torch.library.opcheck(getattr(T, name).default, _embed_opcheck_cases()[op])
 
 
 def test_embed_torch_compile_fullgraph():
