@@ -156,30 +156,31 @@ def _similarity_backward(op: str, p: _Problem) -> dict:
 
 def _embed_similarity(op: str, p: _Problem) -> dict:
     """embed_similarity(_backward): the similarity op with the LayerNorm over D and the L2 norm fused in."""
-    N, D, a, feats, gemm = p.N, p.D, p.a, p.feats, p.gemm
+    N, D, CK, a, feats, gemm = p.N, p.D, p.CK, p.a, p.feats, p.gemm
     # the raw map in, the LayerNorm's weight and bias (D,) beside it; per map element the
     # statistics (two passes: 3 + 4 FLOPs) and the LayerNorm of each loaded tile (3 FLOPs)
-    stats = N * 3 * a  # (mu, rstd, inv) per pixel, written once and read back
+    stats = N * 3 * a  # (mu, rstd, inv) per pixel: the forward's sixth output, read by the backward
     ln = 2 * D * a
     if op == "embed_similarity":
         res = _similarity_forward("similarity", p)
         elem = 10.0 * N * D
         nbytes = res["bytes"] + ln
-        # as written (kernels/embed.py): the statistics kernel reads the map once more
-        # from HBM (its second pass hits L2) and writes the statistics the forward reads
-        out = _result(gemm, res["flops"] - gemm + elem, nbytes, res["bytes_impl"] + ln + feats + 2 * stats, p.dt)
+        # as written (kernels/embed.py): each program computes its pixels' statistics from the map
+        # tile it then multiplies (that second read hits L2) and writes them once
+        out = _result(gemm, res["flops"] - gemm + elem, nbytes, res["bytes_impl"] + ln + stats, p.dt)
         out["flops_impl"] = res["flops_impl"]
         return out
     res = _similarity_backward("similarity_backward", p)
     # the L2 + LayerNorm backward: two passes over d z and the map, ~20 FLOPs per element
     elem = 10.0 * N * D + 20.0 * N * D
     nbytes = res["bytes"] + 2 * ln  # + d weight, d bias out
-    # as written: the statistics again (map + stats), d z (N, D) in the accumulation dtype
-    # written by the similarity backward and read by the embedding backward (its second
-    # read from L2), the map read once more, the per-program weight and bias partials
-    bytes_impl = res["bytes_impl"] + 2 * ln + feats + 2 * stats + 2 * N * D * a + feats
-    out = _result(2 * gemm, 4.0 * N * p.CK + elem, nbytes, bytes_impl, p.dt)
-    out["flops_impl"] = res["flops_impl"]
+    # as written: embed_ds_kernel reads the map and the forward's statistics, recomputes S once and
+    # writes dS (N, C*K) and six per-pixel scalars in the accumulation dtype; embed_dx_kernel reads
+    # them back with the map (the LayerNorm backward) and writes d map; the per-block weight and
+    # bias partials are small
+    bytes_impl = nbytes + stats + 2 * N * CK * a + 2 * N * 6 * a + feats
+    out = _result(2 * gemm, 4.0 * N * CK + elem, nbytes, bytes_impl, p.dt)
+    out["flops_impl"] = gemm * _padding(p.C, p.K, p.dt, "bwd_ds") + gemm
     return out
 
 

@@ -14,7 +14,8 @@ package (and pytest), not the source tree. It
    tool is on PATH;
 3. times a full training step of each backend (forward, prototype update,
    CE + 0.01 PPC + 0.001 PPD, backward) against the two-GEMM floor
-   (S = X P^T, then S P);
+   (S = X P^T, then S P), with the modelled H100 time of the same step
+   (:mod:`protoseg_ext.modelled`) beside it where one was metered;
 4. prints a pass/fail table per backend, the timing table and one RESULT line.
    Exit status: 0 passed (or nothing to check: no GPU), 1 a failure, 2 no GPU
    with ``--require-gpu``.
@@ -365,6 +366,15 @@ def _add_suite_rows(run: _Run, device: str, fused: List[str], usable: Dict[str, 
                                str(g["skipped"]), "FAIL" if g["failed"] else "PASS"))
 
 
+def _modelled_cell(backend: str, device: str, shape, dtype) -> str:
+    """The modelled H100 step in ms (:mod:`protoseg_ext.modelled`) for the timing table, "-" where none was
+    metered (the CPU, other shapes or dtypes)."""
+    from .modelled import modelled_step
+
+    m = modelled_step(backend, shape, dtype) if device == "cuda" else None
+    return f"{m.step_us / 1e3:.3f}" if m else "-"
+
+
 def _run_benchmarks(run: _Run, device: str, fused: List[str], args: argparse.Namespace) -> None:
     """Time every usable backend (and the reference) at each shape and dtype of the device; one row each."""
     from . import backends
@@ -383,11 +393,12 @@ def _run_benchmarks(run: _Run, device: str, fused: List[str], args: argparse.Nam
             except Exception as e:  # a crash here is a failure of the build, reported, not raised
                 run.failed = True
                 run.notes.append(f"benchmark {b} ({label}) failed: {type(e).__name__}: {e}"[:400])
-                run.bench_rows.append((b, device, label, "error", "error", "-", "-"))
+                run.bench_rows.append((b, device, label, "error", "error", "-", "-",
+                                       _modelled_cell(b, device, shape, dtype)))
                 continue
             peak = f"{r['peak MiB']:.0f}" if "peak MiB" in r else "-"
             run.bench_rows.append((b, device, label, f"{r['step']:.2f}", f"{r['floor']:.2f}",
-                                   f"{r['step'] / r['floor']:.2f}x", peak))
+                                   f"{r['step'] / r['floor']:.2f}x", peak, _modelled_cell(b, device, shape, dtype)))
 
 
 def _check_device(run: _Run, device: str, args: argparse.Namespace) -> None:
@@ -417,9 +428,10 @@ def _report(run: _Run, devices: List[str], gpu: bool, require_gpu: bool) -> int:
     print("\nTests (each fused backend against the eager reference)")
     print(_table(run.suite_rows))
     if run.bench_rows:
-        print("\nTraining step of ProtoSegHead vs. the two-GEMM floor (median ms; peak = extra GPU memory)")
-        print(_table([("backend", "device", "problem", "step ms", "floor ms", "step/floor", "peak MiB")]
-                     + run.bench_rows))
+        print("\nTraining step of ProtoSegHead vs. the two-GEMM floor (median ms; peak = extra GPU memory;"
+              " modelled = tools/gpu_model.py's H100 SXM time for the step, from metered traffic, not a timing)")
+        print(_table([("backend", "device", "problem", "step ms", "floor ms", "step/floor", "peak MiB",
+                       "modelled H100 ms")] + run.bench_rows))
     for n in run.notes:
         print("\n" + n)
     print()

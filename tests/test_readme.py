@@ -40,3 +40,25 @@ def test_readme_python_block_runs(i):
         exec(compile(code, f"{page} block {i}", "exec"), {})
     if expected is not None:
         assert printed.getvalue() == expected, printed.getvalue()
+
+
+def test_the_readme_gpu_table_is_the_packages():
+    """Each row of the README's modelled GPU table is an entry of protoseg_ext.modelled, figure for figure."""
+    from protoseg_ext.modelled import MODELLED_H100
+
+    text = open(README).read()
+    table = text[text.index("| backend | size | dtype | modelled step |"):]
+    table = table[:table.index("\n\n")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    sizes = {"Cityscapes": (65536, 720, 19, 10), "ADE20K size": (65536, 720, 150, 10),
+             "full resolution": (2097152, 720, 19, 10)}
+    found = set()
+    for backend, size, dtype, step, roof, commit, _ in rows:
+        shape = next(v for k, v in sizes.items() if size.startswith(k))
+        key = (backend.strip("`"), *shape, {"bf16": "bfloat16", "fp32": "float32"}[dtype])
+        m = MODELLED_H100[key]
+        assert (float(step.replace(",", "").replace(" us", "")), float(roof.replace(",", "").replace(" us", ""))) == (
+            m.step_us, m.roofline_us), key
+        assert commit == m.commit, key
+        found.add(key)
+    assert found == set(MODELLED_H100)

@@ -38,3 +38,36 @@ def test_no_gpu_is_reported_not_failed(tmp_path):
     res = _selftest(tmp_path, "--no-bench")
     assert res.returncode == 0 and "RESULT: SKIPPED" in res.stdout, res.stdout[-3000:]
     assert _selftest(tmp_path, "--no-bench", "--require-gpu").returncode == 2
+
+
+def test_timing_table_prints_the_modelled_step_beside_the_measured_one(monkeypatch, capsys):
+    """A GPU row carries the metered H100 step of its backend, shape and dtype; "-" where none was metered."""
+    import argparse
+
+    import torch
+
+    from protoseg_ext import backends, selftest
+    from protoseg_ext.modelled import MODELLED_H100, modelled_step
+
+    class _Usable:
+        def not_supported_reasons(self, device):
+            return []
+
+    monkeypatch.setattr(backends, "get_backend", lambda name: _Usable())
+    monkeypatch.setattr(selftest, "bench_backend", lambda b, device, shape, dtype, reps: {"step": 2.0, "floor": 1.0})
+    args = argparse.Namespace(shape="65536,720,19,10;4096,64,5,4", cpu_shape="4096,720,19,10", dtypes="bfloat16",
+                              reps=1)
+    run = selftest._Run(checked=True)
+    selftest._run_benchmarks(run, "cuda", ["cuda", "triton"], args)
+    rows = {(r[0], r[2]): r for r in run.bench_rows}
+    for b in ("cuda", "triton"):
+        m = modelled_step(b, (65536, 720, 19, 10), torch.bfloat16)
+        assert m is MODELLED_H100[(b, 65536, 720, 19, 10, "bfloat16")]
+        assert rows[(b, "N=65536 D=720 C=19 K=10 bfloat16")][-1] == f"{m.step_us / 1e3:.3f}"
+        assert rows[(b, "N=4096 D=64 C=5 K=4 bfloat16")][-1] == "-"  # not metered
+    assert rows[("reference", "N=65536 D=720 C=19 K=10 bfloat16")][-1] == "-"
+    selftest._run_benchmarks(run, "cpu", ["cpu"], args)
+    assert run.bench_rows[-1][0] == "reference" and run.bench_rows[-2][0] == "cpu" and run.bench_rows[-2][-1] == "-"
+    assert selftest._report(run, ["cuda"], True, False) == 0
+    out = capsys.readouterr().out
+    assert "modelled H100 ms" in out and "not a timing" in out
