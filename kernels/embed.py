@@ -42,9 +42,10 @@ pixel range of one image):
   writes d feats straight into the gradient in feats' own layout and dtype,
   with per-block partials ``(blocks, D)`` of d ln_weight and d ln_bias summed
   by ``torch.sum`` (deterministic, no atomics);
-* sums: ``embed_rows_kernel`` (its own statistics, or the given ones) writes the chunk's z into a ``(chunk, D)`` buffer
-  and ``prototype_update.prototype_sums`` sums it (non-finite pixels give
-  non-finite z, which the sums skip); chunk results are added in order.
+* sums: ``embed_rows_kernel`` (its own statistics, or the given ones) writes the z of the chunk's pixels
+  that have a slot into a ``(chunk, D)`` buffer, and each pixel's sort key (its slot, or ``num_slots``
+  where it has none or its z is not finite), and ``prototype_update.prototype_sums`` sums the rows by
+  key, without a pass of its own over the buffer to find them; chunk results are added in order.
 """
 
 from __future__ import annotations
@@ -356,8 +357,12 @@ def embed_rows_kernel(
     X_stride_d,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv
+    Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv of the rows with a slot
     STAT_ptr,  # (3, N) acc dtype: embed_similarity's stats (if GIVEN_STATS)
+    SLOT_ptr,  # (N,) integer: each pixel's prototype slot, < 0 for none
+    SLOT_stride,
+    KEY_ptr,  # out (pixels of the chunk,) int64: the slot, or num_slots where the pixel takes no part
+    num_slots,
     B0,
     HW0,
     HWC,
@@ -371,20 +376,32 @@ def embed_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # The chunk's embedding rows for the prototype sums. A non-finite pixel
-    # gives a non-finite z (NaN mean, or inf * 0 without the LayerNorm), which
-    # prototype_sums skips. GPU: the stats kernel's tile. GIVEN_STATS: the
-    # statistics read from embed_similarity's stats (_block_stats), so the
-    # rows are read once instead of three times (twice without the LayerNorm).
+    # The chunk's embedding rows for the prototype sums, and their sort keys
+    # (prototype_sums' prototype_slot_key_kernel, without a pass over z): a
+    # pixel takes part when its slot is in [0, num_slots) and its z row is
+    # finite (a non-finite pixel gives a non-finite z: NaN mean, or inf * 0
+    # without the LayerNorm; the test is the key kernel's, on the same z in
+    # the accumulation dtype). Rows without a slot are computed but not
+    # stored: prototype_sums reads only the rows its keys sort into a slot.
+    # GPU: the stats kernel's tile. GIVEN_STATS: the statistics read from
+    # embed_similarity's stats (_block_stats), so the rows are read once
+    # instead of three times (twice without the LayerNorm).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, _norm, _syw, _sywx = _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr,
                                                   BIAS_ptr, D, eps, ACC_DTYPE, LAYER_NORM, False, GIVEN_STATS,
                                                   BLOCK_N, BLOCK_D)
+    slot = tl.load(SLOT_ptr + rows * SLOT_stride, mask=row_ok, other=-1).to(tl.int64)
+    has_slot = row_ok & (slot >= 0) & (slot < num_slots)
+    finite = has_slot
     for d0 in range(0, D, BLOCK_D):
         x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
         y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE).to(ACC_DTYPE)
-        tl.store(Z_ptr + loc[:, None] * D + d[None, :], y * inv[:, None], mask=m)
+        z = y * inv[:, None]
+        ok = (tl.abs(z) < float("inf")) | ~d_ok[None, :]  # False for NaN and +-inf
+        finite = finite & (tl.min(ok.to(tl.int32), axis=1) > 0)
+        tl.store(Z_ptr + loc[:, None] * D + d[None, :], z, mask=has_slot[:, None] & d_ok[None, :])
+    tl.store(KEY_ptr + loc, tl.where(finite, slot, num_slots), mask=row_ok)
 
 
 # ----------------------------------------------------------------- launchers
@@ -621,8 +638,8 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
                          chunk=None, stats=None):
     """Per-prototype sums ``(num_slots, D)`` and counts of the embedding of the finite pixels with ``slot >= 0``.
 
-    Arguments already checked. Chunk by chunk: z into a ``(chunk, D)`` buffer,
-    then ``prototype_sums`` (deterministic or atomic, see
+    Arguments already checked. Chunk by chunk: z (of the pixels with a slot) into a ``(chunk, D)`` buffer
+    and each pixel's sort key, then ``prototype_sums`` given those keys (deterministic or atomic, see
     kernels/prototype_update.py); the chunks' results are added in order. ``stats``: embed_similarity's
     ``(3, N)`` of the same feats and LayerNorm, read instead of the statistics pass, or None.
     """
@@ -637,15 +654,16 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
             counts += torch.bincount(ok, minlength=S).to(acc)
         return sums, counts
     z = torch.empty((e.rows, D), dtype=acc, device=dev)
+    key = torch.empty((e.rows,), dtype=torch.int64, device=dev)
     cfg = e.cfg
-    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics
+    for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics, z and sort keys
         embed_rows_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
-            e.x, e.sb, e.shw, e.sd, e.w, e.b, z, e.stats, b0, hw0, hwc, e.HW, N, D, e.eps, ACC_DTYPE=TL_DTYPE[acc],
-            LAYER_NORM=e.ln, GIVEN_STATS=e.given, **cfg,
+            e.x, e.sb, e.shw, e.sd, e.w, e.b, z, e.stats, slot, slot.stride(0), key, S, b0, hw0, hwc, e.HW, N, D,
+            e.eps, ACC_DTYPE=TL_DTYPE[acc], LAYER_NORM=e.ln, GIVEN_STATS=e.given, **cfg,
         )
         n0 = b0 * e.HW + hw0
         rows = nb * hwc
-        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=deterministic)
+        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=deterministic, key=key[:rows])
         sums += s
         counts += c
     return sums, counts

@@ -212,14 +212,18 @@ def prototype_ema_kernel(
 # ----------------------------------------------------------------- launchers
 
 
-def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block_n=None, block_d=None):
+def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block_n=None, block_d=None, key=None):
     """Launch the per-prototype sums; arguments already checked.
 
     Returns ``sums (num_slots, D)`` and ``counts (num_slots,)`` in the
     accumulation dtype. ``deterministic=False`` uses float atomics.
     ``split`` (programs per slot in the deterministic path) defaults to one per
     8192 rows of N (capped at 64); it depends on the shape only.
-    ``block_n`` / ``block_d`` override the tile (tests).
+    ``block_n`` / ``block_d`` override the tile (tests). ``key``: each row's
+    slot where it takes part (in range, finite row), else ``num_slots``,
+    computed by the caller (``embed_rows_kernel``): no pass over feats to find
+    them, and only the rows that take part are read (the others may hold
+    anything).
     """
     N, D = feats.shape
     S = int(num_slots)
@@ -232,16 +236,19 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     if not deterministic:
         sums = torch.zeros((S, D), dtype=acc, device=dev)
         counts = torch.zeros((S,), dtype=acc, device=dev)
+        if key is not None:  # rows with key num_slots are not read at all
+            slot = key
         prototype_sums_atomic_kernel[(triton.cdiv(N, BLOCK_N),)](
             feats, feats.stride(0), feats.stride(1), slot, slot.stride(0), sums, counts, N, D, S,
             ACC_DTYPE=TL_DTYPE[acc], BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
         )
         return sums, counts
-    key = torch.empty((N,), dtype=torch.int64, device=dev)
-    prototype_slot_key_kernel[(triton.cdiv(N, BLOCK_N),)](
-        feats, feats.stride(0), feats.stride(1), slot, slot.stride(0), key, N, D, S,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
-    )
+    if key is None:
+        key = torch.empty((N,), dtype=torch.int64, device=dev)
+        prototype_slot_key_kernel[(triton.cdiv(N, BLOCK_N),)](
+            feats, feats.stride(0), feats.stride(1), slot, slot.stride(0), key, N, D, S,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4,
+        )
     perm, offsets = sorted_segments(key, S)
     counts = (offsets[1:] - offsets[:-1]).to(acc)
     if split is None:
