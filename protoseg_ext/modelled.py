@@ -24,16 +24,23 @@ class Modelled(NamedTuple):
     commit: str
 
 
-# (backend, N, D, C, K, dtype name) -> Modelled. The meter's maps are (2, D, 128, 256)
-# at N = 65,536, (1, 720, 1024, 2048) at full resolution.
+# (backend, N, D, C, K, dtype name) -> Modelled. The meter's maps are (2, D, 128, 256) at N = 65,536,
+# (1, 720, 1024, 2048) and (2, 256, 1024, 2048) at full resolution.
+_CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
+_FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", 65536, 720, 19, 10, "bfloat16"): Modelled(508.0, 120.0, "2e7f78d"),
-    ("cuda", 65536, 720, 19, 10, "float32"): Modelled(1127.0, 835.0, "3603d15"),
-    ("cuda", 65536, 720, 150, 10, "bfloat16"): Modelled(2239.0, 432.0, "3603d15"),
-    ("cuda", 2097152, 720, 19, 10, "bfloat16"): Modelled(18200.0, 3800.0, "3603d15"),
-    ("triton", 65536, 720, 19, 10, "bfloat16"): Modelled(661.0, 120.0, "2e7f78d"),
-    ("triton", 65536, 720, 19, 10, "float32"): Modelled(1413.0, 835.0, "3603d15"),
-    ("triton", 65536, 720, 150, 10, "bfloat16"): Modelled(4089.0, 432.0, "3603d15"),
+    ("cuda", *_CS, "bfloat16"): Modelled(508.0, 120.0, "a0520dc"),
+    ("cuda", *_CS, "float32"): Modelled(1032.0, 567.0, "a0520dc"),
+    ("cuda", *_ADE, "bfloat16"): Modelled(2190.0, 374.0, "a0520dc"),
+    ("cuda", *_ADE, "float32"): Modelled(5884.0, 4270.0, "a0520dc"),
+    ("cuda", *_FULL, "bfloat16"): Modelled(16640.0, 3806.0, "a0520dc"),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(126294.0, 9876.0, "a0520dc"),
+    ("triton", *_CS, "bfloat16"): Modelled(624.0, 120.0, "a0520dc"),
+    ("triton", *_CS, "float32"): Modelled(1240.0, 264.0, "a0520dc"),
+    ("triton", *_ADE, "bfloat16"): Modelled(3985.0, 374.0, "a0520dc"),
+    ("triton", *_ADE, "float32"): Modelled(8128.0, 1736.0, "a0520dc"),
+    ("triton", *_FULL, "bfloat16"): Modelled(20681.0, 3806.0, "a0520dc"),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(104332.0, 9876.0, "a0520dc"),
 }
 
 

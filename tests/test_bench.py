@@ -185,3 +185,25 @@ def test_rounds_are_combined_as_documented():
     assert r["x_floor"] == 10.0 / 8.0 and r["x_floor_inproc"] == 10.0 / 9.0 and r["x_floor_strict"] == 10.0 / 8.0
     assert r["vs_official"] == 3.0
     assert combine_rounds([{"status": "OOM"}]) == {"status": "OOM"}
+
+
+def test_gpu_model_step_roofline_is_the_faster_strategy():
+    """tools/gpu_model.py's step roofline: the three-GEMM step (S recomputed) or the two-GEMM one keeping
+    softmax(S), whichever is faster: memory-bound in bf16 at Cityscapes size (the compulsory bytes), bound by
+    two fp32 GEMMs at ADE20K size in fp32 (below the three-GEMM figure)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_model", os.path.join(ROOT, "tools", "gpu_model.py"))
+    gm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gm)
+    B, D, H, W, C = gm.SIZES["cityscapes"]
+    cb, cf, us = gm.step_roofline(B, D, H, W, C, "bf16")
+    assert us == pytest.approx(cb / gm.HBM_BYTES_PER_S * 1e6)
+    B, D, H, W, C = gm.SIZES["ade20k"]
+    cb, cf, us = gm.step_roofline(B, D, H, W, C, "fp32")
+    gemm = 2.0 * B * H * W * D * C * gm.K
+    assert cf > 3 * gemm
+    assert us == pytest.approx((cf - gemm) / gm.PEAKS["fp32 cuda cores"] * 1e6)
+    assert us < cf / gm.PEAKS["fp32 cuda cores"] * 1e6
+    # Triton's fp32 GEMMs are tf32x3 tensor-core products: a faster unit, a lower roofline
+    assert gm.step_roofline(B, D, H, W, C, "fp32", "triton")[2] < us

@@ -46,6 +46,13 @@ touches, less the assumed L2 hits (the table lists them). Constants:
   (off by default, so fp32 GEMMs count at the CUDA-core rate).
   L2 bandwidth 5.5 TB/s: an assumption (NVIDIA does not publish it; third-
   party microbenchmarks of the H100 report about 5.5 to 7 TB/s).
+The step's roofline (step_roofline): its compulsory bytes and flops
+(protoseg_ext.kernels.roofline: the backward recomputes S, three GEMMs), or
+one GEMM fewer with softmax(S) kept from the forward (N x C*K float32
+written and read back), whichever is faster; each the larger of bytes / HBM
+bandwidth and flops / the peak of the unit the backend's GEMMs run on
+(16-bit tensor cores for bf16 maps; for fp32 maps the fp32 CUDA cores in
+cuda, tf32x3 tensor-core products in triton).
 Not metered: ATen ops of the step other than the GEMMs (dtype conversions,
 the mask_norm LayerNorm over C, the CE loss, sorts, fills), so the modelled
 step is a lower bound for what the step's own kernels cost.
@@ -223,6 +230,29 @@ def model(rows):
     return rows
 
 
+def step_roofline(B, D, H, W, C, dtype, backend="cuda"):
+    """``(compulsory bytes, compulsory flops, roofline us)`` of ``backend``'s step in ``dtype`` ("bf16" or
+    "fp32").
+
+    The compulsory figures are the ops' own (:func:`compulsory`: the backward recomputes S, three GEMMs
+    of 2 N D CK). A step may instead keep softmax(S) from the forward (what the backends do within
+    ``PROTOSEG_CACHE_MB``): one GEMM fewer, N x C*K float32 written and read back more. The roofline is
+    the faster of the two, each the larger of its bytes / HBM bandwidth and its flops / the peak of the
+    unit the backend's GEMMs run on in that dtype (16-bit tensor cores; for fp32 maps the fp32 CUDA cores
+    in ``cuda``, TF32 being off by default, and tf32x3 tensor-core products in ``triton``).
+    """
+    dt = "bfloat16" if dtype == "bf16" else "float32"
+    cb, cf = compulsory(B, D, H, W, C, dt)
+    N, CK = B * H * W, C * K
+    if dtype == "bf16":
+        peak = PEAKS["tensor cores (16-bit)"]
+    else:
+        peak = PEAKS["tensor cores (tf32x3)"] if backend == "triton" else PEAKS["fp32 cuda cores"]
+    recompute = max(cb / HBM_BYTES_PER_S, cf / peak)
+    cached = max((cb + 2 * N * CK * 4) / HBM_BYTES_PER_S, (cf - 2.0 * N * D * CK) / peak)
+    return cb, cf, min(recompute, cached) * 1e6
+
+
 def compulsory(B, D, H, W, C, dtype_name):
     """The step's compulsory bytes and flops: the ops' own figures (protoseg_ext.kernels.roofline)."""
     try:
@@ -285,12 +315,11 @@ def run(backend: str, size: str, dtype: str):
         Ns.append(B * h * w)
     N = B * H * W
     rows = model(extrapolate(runs, Ns, N))
-    cb, cf = compulsory(B, D, H, W, C, "bfloat16" if dtype == "bf16" else "float32")
+    cb, cf, roofline_us = step_roofline(B, D, H, W, C, dtype, backend)
     flops = sum(r["flops"] for r in rows)
-    peak = PEAKS["tensor cores (16-bit)"] if dtype == "bf16" else PEAKS["fp32 cuda cores"]
     step = dict(compulsory_bytes=cb, unique_bytes=sum(r["unique_bytes"] for r in rows), flops=flops,
                 modelled_us=sum(r["modelled_us"] for r in rows),
-                roofline_us=max(cb / HBM_BYTES_PER_S, cf / peak) * 1e6, launches=sum(r["launches"] for r in rows))
+                roofline_us=roofline_us, launches=sum(r["launches"] for r in rows))
     return rows, step, dict(N=N, B=B, D=D, H=H, W=W, C=C, K=K, Ns=Ns, compulsory_flops=cf, backend=backend)
 
 
@@ -329,7 +358,8 @@ def as_table(rows, step, info, size, dtype) -> str:
         f"step: modelled {step['modelled_us']:.1f} us (sum of the kernels; ATen ops other than the GEMMs not "
         f"metered), {step['unique_bytes'] / mb:.1f} MB unique, {step['flops'] / 1e9:.1f} GFLOP",
         f"roofline of the step: {step['roofline_us']:.1f} us ({step['compulsory_bytes'] / mb:.1f} MB compulsory, "
-        f"{info['compulsory_flops'] / 1e9:.1f} GFLOP; protoseg_ext.kernels.roofline)",
+        f"{info['compulsory_flops'] / 1e9:.1f} GFLOP with S recomputed in the backward, or one GEMM fewer "
+        "and softmax(S) kept: the faster; protoseg_ext.kernels.roofline)",
     ]
     return "\n".join(lines)
 
