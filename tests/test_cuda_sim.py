@@ -436,11 +436,11 @@ def test_embed_similarity_gradcheck(sim):
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (x, w, b)))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-@pytest.mark.parametrize("layer_norm", [True, False])
-def test_embed_prototype_sums(sim, sums_mode, layout, layer_norm):
-    """Sums of the embedding per slot; NaN and inf pixels never reach them, a pixel far from zero mean and
-    one whose float32 squares overflow do (the reference: the embedding in float64)."""
+def _sums_problem(layout, layer_norm):
+    """The embedded sums' problem: a (2, 20, 6, 5) float64 map with a NaN and an inf pixel, one far from zero
+    mean and one whose float32 squares overflow, 12 slots (pixels of slot 5 among the bad ones). Returns
+    ``(generator, x, ln (float64, or None), slot, the float32 map in layout, its weight, its bias)``; the
+    generator goes on for the caller's draws."""
     g = torch.Generator().manual_seed(17)
     x = torch.randn(2, 20, 6, 5, generator=g, dtype=torch.float64)
     x[1, :, 2, 3] = float("nan")
@@ -453,6 +453,15 @@ def test_embed_prototype_sums(sim, sums_mode, layout, layer_norm):
     slot[30 + 13] = slot[30 + 14] = slot[17] = slot[21] = 5
     xin = as_layout(x.float(), layout)
     lw, lb = (ln[0].float(), ln[1].float()) if layer_norm else (None, None)
+    return g, x, ln, slot, xin, lw, lb
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_embed_prototype_sums(sim, sums_mode, layout, layer_norm):
+    """Sums of the embedding per slot; NaN and inf pixels never reach them, a pixel far from zero mean and
+    one whose float32 squares overflow do (the reference: the embedding in float64)."""
+    _, x, ln, slot, xin, lw, lb = _sums_problem(layout, layer_norm)
     sums, counts = sim.embed_prototype_sums(xin, lw, lb, 1e-5, slot, 12)
     rs, rc = R.prototype_sums(embed_reference(x.float().double(), ln), slot, 12)
     assert sums.dtype == torch.float32 and torch.equal(counts.double(), rc)
@@ -618,18 +627,7 @@ def test_embed_prototype_sums_with_stats(sim, sums_mode, layout, layer_norm):
     same sums and counts as without them (bit for bit in the deterministic mode; the atomic one adds in thread
     order) and as the float64 reference; NaN and inf pixels never reach them, a pixel far from zero mean and one
     whose float32 squares overflow (NaN stats: recomputed in float64) do."""
-    g = torch.Generator().manual_seed(17)
-    x = torch.randn(2, 20, 6, 5, generator=g, dtype=torch.float64)
-    x[1, :, 2, 3] = float("nan")
-    x[1, :, 2, 4] = float("inf")
-    x[0, :, 3, 2] += 500
-    x[0, :, 4, 1] *= 1e20
-    ln = (torch.randn(20, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64),
-          1e-5) if layer_norm else None
-    slot = torch.randint(-1, 12, (60,), generator=g)
-    slot[30 + 13] = slot[30 + 14] = slot[17] = slot[21] = 5
-    xin = as_layout(x.float(), layout)
-    lw, lb = (ln[0].float(), ln[1].float()) if layer_norm else (None, None)
+    g, x, ln, slot, xin, lw, lb = _sums_problem(layout, layer_norm)
     p = F.normalize(torch.randn(4, 3, 20, generator=g), dim=-1)
     gt = torch.randint(-1, 4, (60,), generator=g)
     stats = sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, 1.0, False, True, False, 0)[5]

@@ -144,13 +144,17 @@ void start_stats(const T* x, int64_t n, const Fold<T>& f, Stats<T>& st) {
   for (auto* v : {&st.s1, &st.s3, &st.s4, &st.s5}) std::fill(v->begin(), v->begin() + n, T(0));
 }
 
-// Adds row d of the tile (n pixels, xr) into the sums of the statistics.
-template <typename T>
+// Adds row d of the tile (n pixels, xr) into the sums of the statistics:
+// s1..s5 (s2 alone without the LayerNorm), or with kGivenMean
+// (add_given_row, LayerNorm only) s3..s5 alone, the shift k being the mean.
+template <typename T, bool kGivenMean = false>
 inline void add_stats_row(const T* xr, int64_t d, int64_t n, const Fold<T>& f, Stats<T>& st) {
   T* s2 = st.s2.data();
   if (!f.ln) {
+    if constexpr (!kGivenMean) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) s2[j] += xr[j] * xr[j];
+      for (int64_t j = 0; j < n; ++j) s2[j] += xr[j] * xr[j];
+    }
     return;
   }
   T* s1 = st.s1.data();
@@ -162,8 +166,10 @@ inline void add_stats_row(const T* xr, int64_t d, int64_t n, const Fold<T>& f, S
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T v = xr[j] - k[j];
-    s1[j] += v;
-    s2[j] += v * v;
+    if constexpr (!kGivenMean) {
+      s1[j] += v;
+      s2[j] += v * v;
+    }
     s3[j] += v * v * w2;
     s4[j] += v * w2;
     s5[j] += v * wb;
@@ -200,18 +206,7 @@ bool given_stats(const T* gs, int64_t N, int64_t n, Stats<T>& st) {
 
 template <typename T>
 inline void add_given_row(const T* xr, int64_t d, int64_t n, const Fold<T>& f, Stats<T>& st) {
-  T* s3 = st.s3.data();
-  T* s4 = st.s4.data();
-  T* s5 = st.s5.data();
-  const T* k = st.k.data();
-  const T w2 = f.w[d] * f.w[d], wb = f.w[d] * f.b[d];
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = xr[j] - k[j];
-    s3[j] += v * v * w2;
-    s4[j] += v * w2;
-    s5[j] += v * wb;
-  }
+  add_stats_row<T, true>(xr, d, n, f, st);
 }
 
 template <typename T>
