@@ -362,6 +362,32 @@ def test_embed_kernels_coalesced(sim, layout, dtype):
     assert seen == {"embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel"}, seen
 
 
+@pytest.mark.parametrize("C, K", [(19, 10), (150, 10), (3, 256)])
+def test_similarity_epilogue_coalesced(sim, C, K):
+    """The forward epilogue reads the S tile in whole sectors (staged per class group through shared memory):
+    within 1.25x of the ideal sectors of the bytes it requests at C*K = 190, 1,500 and 768 (a lane per class
+    reading its K scores was 2.9x at C = 19, K = 10; rows shorter than a sector, C*K < 8, cannot be), with the
+    values of the reference."""
+    import json
+
+    x, w, b, p, gt = _embed_problem(1, 32, 8, 16, C, K, seed=25)
+    sim.cudasim_meter("start")
+    try:
+        seg, argk, lse, own, _, _ = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 0.5, True, True, True, 1 << 30)
+    finally:
+        sim.cudasim_meter("stop")
+    evs = [e for e in json.loads(sim.cudasim_meter("json"))
+           if e["type"] == "kernel" and e["name"].startswith("similarity_epilogue_kernel")]
+    assert evs
+    for e in evs:
+        assert e["sectors"] <= 1.25 * e["ideal_sectors"], (e["sectors"], e["ideal_sectors"])
+    ref = R.similarity_outputs(embed_reference(x.double(), (w.double(), b.double(), 1e-5)), p.double(), gt, -1, 0.5,
+                               True, True, True)
+    torch.testing.assert_close(seg.double(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own.double(), ref[3], atol=1e-5, rtol=1e-5)
+
+
 def test_embed_similarity_offsets_overflow_and_nan(sim):
     """Pixels far from zero mean (|mean| / std = 30: recomputed from z, not through the folded GEMM), a
     finite pixel whose float32 sums of squares overflow (its statistics in float64), and a NaN pixel (NaN

@@ -127,6 +127,7 @@ SplitProtos split_protos(const at::Tensor& P_acc, at::ScalarType map_dtype, at::
 namespace {
 
 using cuda::ceil_div;
+using cuda::kEpilogueStage;
 using cuda::kRowsPerBlock;
 using cuda::kRowThreads;
 using cuda::kWarp;
@@ -275,14 +276,22 @@ __global__ void __launch_bounds__(kRowThreads, 4)
 // probs is given, the softmax row of S / temperature (second, coalesced pass
 // over the row, which is in L1/L2 by then). With row_scale given (normalize),
 // row i of S is first scaled by row_scale[i].
-// Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8);
-// lane l takes classes c = l, l + 32, ..., reads their K contiguous scores
-// once for both the max and the log-sum-exp; the 32 lane states merge by an
-// xor butterfly (fixed order, deterministic).
+// Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8).
+// The row goes through the warp's slice of shared memory a group of G =
+// min(32, kEpilogueStage / K) classes at a time: the warp copies the group's
+// G*K scores there with consecutive lanes on consecutive columns (whole
+// sectors; a lane per class reading its K scores from global memory would
+// put the lanes K*4 bytes apart: 2.9x the ideal sectors at K = 10), pushes
+// them into its lanes' log-sum-exp states (lane l: columns l, l + 32, ...),
+// then lane c < G takes the max over its class's K scores there; the 32 lane
+// states merge by an xor butterfly (fixed order, deterministic).
 // Bounds: i < rows checked (warp-uniform return); columns c*K + k and j are
-// < C*K; output rows n = row0 + i < N because the host passes rows <= N - row0;
-// labels asserted before indexing. Sync: each warp owns row i of the tile and
-// row n of every output; shuffles only, all lanes present.
+// < C*K, staged entries < G*K <= kEpilogueStage (K <= 256 < kEpilogueStage);
+// output rows n = row0 + i < N because the host passes rows <= N - row0;
+// labels asserted before indexing. Sync: each warp owns row i of the tile,
+// its slice of the stage and row n of every output; __syncwarp between
+// staging a group and reading it, and between reading it and staging the
+// next; shuffles with all lanes present.
 // Hot kernel: must not spill.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
@@ -296,20 +305,27 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
   const int64_t n = row0 + i, CK = C * K;
   const acc_t* s = S + i * ld;
   const acc_t r = row_scale != nullptr ? row_scale[i] : acc_t(1);  // x * 1 == x exactly
+  __shared__ acc_t stage[kRowsPerBlock][kEpilogueStage];
+  acc_t* sh = stage[threadIdx.x / kWarp];
   if (compute_seg || compute_lse) {
     LseState<acc_t> st = lse_init<acc_t>();
-    for (int64_t c = lane; c < C; c += kWarp) {
-      acc_t best = -INFINITY;
-      int64_t arg = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t v = s[c * K + k] * r;
-        max_push(best, arg, v, k);
+    const int64_t G = kEpilogueStage / K < kWarp ? kEpilogueStage / K : kWarp;  // classes per group, >= 2
+    for (int64_t c0 = 0; c0 < C; c0 += G) {
+      const int64_t nc = C - c0 < G ? C - c0 : G, cols = nc * K;
+      for (int64_t j = lane; j < cols; j += kWarp) {
+        const acc_t v = s[c0 * K + j] * r;
+        sh[j] = v;
         if (compute_lse) lse_push(st, v / temperature);
       }
-      if (compute_seg) {
-        seg[n * C + c] = static_cast<scalar_t>(best);
-        argk[n * C + c] = static_cast<uint8_t>(arg);  // K <= 256
+      __syncwarp();
+      if (compute_seg && lane < nc) {
+        acc_t best = -INFINITY;
+        int64_t arg = 0;
+        for (int64_t k = 0; k < K; ++k) max_push(best, arg, sh[lane * K + k], k);
+        seg[n * C + c0 + lane] = static_cast<scalar_t>(best);
+        argk[n * C + c0 + lane] = static_cast<uint8_t>(arg);  // K <= 256
       }
+      __syncwarp();  // the group is read before the next one overwrites it
     }
     if (compute_lse) {
       st = cuda::warp_lse_merge(st);  // every lane holds the same merged state
