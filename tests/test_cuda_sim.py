@@ -13,6 +13,7 @@ run between barriers; several tests run all three.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -278,14 +279,19 @@ def test_embed_similarity_dtypes(sim, dtype):
     _embed_check(sim, x, w, b, p, gt, "nchw", True, False, tol)
 
 
-def _gemms(sim, fn):
-    """fn() under the meter: its result and the GEMM records (name, a, b, out, m, n, k)."""
+def _meter_events(sim, fn):
+    """fn() under the emulator's traffic meter: its result and the meter's records (kernels and GEMMs)."""
     sim.cudasim_meter("start")
     try:
         out = fn()
     finally:
         sim.cudasim_meter("stop")
-    evs = __import__("json").loads(sim.cudasim_meter("json"))
+    return out, json.loads(sim.cudasim_meter("json"))
+
+
+def _gemms(sim, fn):
+    """fn() under the meter: its result and the GEMM records (name, a, b, out, m, n, k)."""
+    out, evs = _meter_events(sim, fn)
     return out, [(e["name"], e["a"], e["b"], e["out"], e["m"], e["n"], e["k"]) for e in evs if e["type"] == "gemm"]
 
 
@@ -338,21 +344,19 @@ def test_embed_kernels_coalesced(sim, layout, dtype):
     """The per-pixel kernels over the map (statistics, the prototype sums' fused embedding, the backward) read
     and write whole sectors in every layout: within 1.25x of the ideal sectors of the bytes they request, as
     the meter counts them (a lane per pixel along a unit channel stride would be about 8x in bf16)."""
-    import json
-
     x, w, b, p, gt = _embed_problem(2, 64, 8, 16, 5, 3, seed=24)
     x, w, b, p = x.to(dtype), w.to(dtype), b.to(dtype), p.to(dtype)
     xin = as_layout(x, layout)
     slot = gt.clamp(min=-1) * 3
-    sim.cudasim_meter("start")
-    try:
+
+    def step():
         _, argk, lse, _, _, _ = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
         gl = torch.randn(lse.shape, dtype=lse.dtype)
         sim.embed_similarity_backward(None, gl, None, xin, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
         sim.embed_prototype_sums(xin, w, b, 1e-5, slot, 15)
-    finally:
-        sim.cudasim_meter("stop")
-    evs = [e for e in json.loads(sim.cudasim_meter("json")) if e["type"] == "kernel"]
+
+    _, evs = _meter_events(sim, step)
+    evs = [e for e in evs if e["type"] == "kernel"]
     seen = set()
     for e in evs:
         name = e["name"].split("<")[0]
@@ -368,16 +372,10 @@ def test_similarity_epilogue_coalesced(sim, C, K):
     within 1.25x of the ideal sectors of the bytes it requests at C*K = 190, 1,500 and 768 (a lane per class
     reading its K scores was 2.9x at C = 19, K = 10; rows shorter than a sector, C*K < 8, cannot be), with the
     values of the reference."""
-    import json
-
     x, w, b, p, gt = _embed_problem(1, 32, 8, 16, C, K, seed=25)
-    sim.cudasim_meter("start")
-    try:
-        seg, argk, lse, own, _, _ = sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 0.5, True, True, True, 1 << 30)
-    finally:
-        sim.cudasim_meter("stop")
-    evs = [e for e in json.loads(sim.cudasim_meter("json"))
-           if e["type"] == "kernel" and e["name"].startswith("similarity_epilogue_kernel")]
+    (seg, argk, lse, own, _, _), evs = _meter_events(
+        sim, lambda: sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 0.5, True, True, True, 1 << 30))
+    evs = [e for e in evs if e["type"] == "kernel" and e["name"].startswith("similarity_epilogue_kernel")]
     assert evs
     for e in evs:
         assert e["sectors"] <= 1.25 * e["ideal_sectors"], (e["sectors"], e["ideal_sectors"])
@@ -575,14 +573,7 @@ def test_embed_similarity_stats_zero_pixel_and_overflow(sim):
 
 def _embed_stats_launches(sim, fn):
     """fn() under the meter: its result and how many times embed_stats_kernel ran."""
-    import json
-
-    sim.cudasim_meter("start")
-    try:
-        out = fn()
-    finally:
-        sim.cudasim_meter("stop")
-    evs = json.loads(sim.cudasim_meter("json"))
+    out, evs = _meter_events(sim, fn)
     return out, sum(1 for e in evs if e["type"] == "kernel" and e["name"].startswith("embed_stats_kernel"))
 
 
@@ -997,12 +988,7 @@ def test_rewrite_poisons_every_fresh_buffer():
 
 
 def _metered(sim, case, x):
-    sim.cudasim_meter("start")
-    try:
-        y = _selftest(sim, case, x)
-    finally:
-        sim.cudasim_meter("stop")
-    return y, __import__("json").loads(sim.cudasim_meter("json"))
+    return _meter_events(sim, lambda: _selftest(sim, case, x))
 
 
 def test_meter_coalesced_copy(sim, order):
@@ -1061,14 +1047,10 @@ def test_meter_gemm_flops(sim, case):
 def test_meter_l2_hits(sim):
     """The second of two copies of one buffer reads sectors the first touched: assumed L2 hits."""
     x = torch.randn(256)
-    sim.cudasim_meter("start")
-    try:
-        y1 = _selftest(sim, "shifted_copy", x)  # held, so that the second y cannot reuse its memory
-        y2 = _selftest(sim, "shifted_copy", x)
-    finally:
-        sim.cudasim_meter("stop")
+    # y1 held, so that the second y cannot reuse its memory
+    (y1, y2), (a, b) = _meter_events(sim, lambda: (_selftest(sim, "shifted_copy", x),
+                                                   _selftest(sim, "shifted_copy", x)))
     assert y1.data_ptr() != y2.data_ptr()
-    a, b = __import__("json").loads(sim.cudasim_meter("json"))
     assert a["l2_hit_bytes"] == 0 and b["l2_hit_bytes"] == 1024  # x again; y is a fresh buffer
 
 
@@ -1076,14 +1058,9 @@ def test_similarity_runs_the_16bit_gemm(sim):
     """bfloat16 feats and prototypes: similarity_tile_gemm's tensor-core branch (mm.dtype_out) runs, and the
     scores match the reference from the same rounded inputs."""
     f, p, gt, _ = make_problem(N=300, D=40, C=6, K=4, dtype=torch.bfloat16, seed=21)
-    sim.cudasim_meter("start")
-    try:
-        seg, argk, lse, own, _ = sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0, False)
-    finally:
-        sim.cudasim_meter("stop")
-    gemms = [e for e in __import__("json").loads(sim.cudasim_meter("json")) if e["type"] == "gemm"]
-    assert [(g["name"], g["a"], g["b"], g["out"], g["m"], g["n"], g["k"]) for g in gemms] == [
-        ("mm.dtype_out", "BFloat16", "BFloat16", "Float", 300, 24, 40)]
+    (seg, argk, lse, own, _), gemms = _gemms(sim, lambda: sim.similarity(f, p, gt, -1, 1.0, True, True, True, 0,
+                                                                          False))
+    assert gemms == [("mm.dtype_out", "BFloat16", "BFloat16", "Float", 300, 24, 40)]
     _, _, ref_lse, ref_own = _ref(f, p, gt)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(own.double(), ref_own, atol=1e-5, rtol=1e-5)
@@ -1306,8 +1283,6 @@ _RACE_MUTANT_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def race_mutant_results(tmp_path_factory):
-    import json
-
     script = tmp_path_factory.mktemp("mutants") / "race_mutants.py"
     script.write_text(_RACE_MUTANT_SCRIPT)
     spec = {str(k): v for k, v in RACE_MUTANTS.items()}
