@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
       const int64_t nc = C - c0 < G ? C - c0 : G, cols = nc * K;
       for (int64_t j = lane; j < cols; j += kWarp) {
         const acc_t v = s[c0 * K + j] * r;
-        sh[j] = v;
+        if (compute_seg) sh[j] = v;  // the per-class max below reads it
         if (compute_lse) lse_push(st, v / temperature);
       }
       __syncwarp();
