@@ -202,7 +202,7 @@ def embed_stats(rows, stats) -> bool:
     N = rows.shape[0]
     if not isinstance(stats, Tensor) or stats.dim() != 2 or tuple(stats.shape) != (3, N):
         raise ValueError(f"stats must be embed_similarity's (3, N) = (3, {N}), got {shape_of(stats)}")
-    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(rows.dtype)
     if stats.dtype != acc:
         raise ValueError(f"stats must be {acc} (the accumulation dtype of feats), got {stats.dtype}")
     if not stats.is_contiguous():

@@ -36,7 +36,7 @@ def embed_stats(feats: torch.Tensor, feat_norm: FeatNorm = None) -> torch.Tensor
     1 / sqrt(biased variance + eps) and 1 / max(||y||, 1e-12) of the LayerNorm's output y (without
     the LayerNorm: 0, 1 and 1 / max(||x||, 1e-12)), computed in float64; NaN in all three for a
     pixel with a NaN or inf entry, or whose sum of squares overflows the accumulation dtype."""
-    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    acc = checks.acc_dtype(feats.dtype)
     x = embed(feats).double()
     if feat_norm is not None:
         w, b, eps = feat_norm
@@ -120,8 +120,8 @@ class ReferenceBackend(Backend):
         else:
             out = SimilarityOut(*(torch.cat(p) for p in zip(*pieces)))
         any_out = seg or lse or own
-        acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
-        stats = embed_stats(feats, feat_norm) if any_out else torch.empty(0, dtype=acc, device=feats.device)
+        stats = (embed_stats(feats, feat_norm) if any_out
+                 else torch.empty(0, dtype=checks.acc_dtype(feats.dtype), device=feats.device))
         return EmbedSimilarityOut(*out, stats)
 
     def sinkhorn(self, own, labels, num_classes, ignore_index, iters, eps):
