@@ -138,11 +138,7 @@ def _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu
     for d0 in range(0, D, BLOCK_D):
         x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
         y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
-        w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-        xh = tl.where(m, (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None], 0.0)
-        yw = y * w[None, :]
-        s_yw += tl.sum(yw, axis=1)
-        s_ywx += tl.sum(yw * xh, axis=1)
+        s_yw, s_ywx = _add_ln_sums(s_yw, s_ywx, x, y, m, mu, r, W_ptr, d, d_ok, ACC_DTYPE)
         p = tl.load(P_ptr + prow[None, :].to(tl.int64) * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None],
                     other=0.0)
         acc = _dot(y, p, acc, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
@@ -285,6 +281,16 @@ def _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
+def _add_ln_sums(s_yw, s_ywx, x, y, m, mu, r, W_ptr, d, d_ok, ACC_DTYPE: tl.constexpr):
+    # (s_yw, s_ywx) plus the feats chunk x's terms of sum_d y_d w_d and sum_d y_d w_d xhat_d (y: its
+    # LayerNorm'd tile, m: its mask), the LayerNorm backward's sums over D
+    w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
+    xh = tl.where(m, (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None], 0.0)
+    yw = y * w[None, :]
+    return s_yw + tl.sum(yw, axis=1), s_ywx + tl.sum(yw * xh, axis=1)
+
+
+@triton.jit
 def _layer_norm_sums(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, mu, r, ACC_DTYPE: tl.constexpr,
                      BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # (sq, s_yw, s_ywx) of the LayerNorm'd pixels y = (x - mu) r w + b, one
@@ -298,11 +304,7 @@ def _layer_norm_sums(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, mu, r
         y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
         sq += tl.sum(y * y, axis=1)
         if BACKWARD:
-            w = tl.load(W_ptr + d, mask=d_ok, other=0.0).to(ACC_DTYPE)
-            xh = tl.where(m, (x.to(ACC_DTYPE) - mu[:, None]) * r[:, None], 0.0)
-            yw = y * w[None, :]
-            s_yw += tl.sum(yw, axis=1)
-            s_ywx += tl.sum(yw * xh, axis=1)
+            s_yw, s_ywx = _add_ln_sums(s_yw, s_ywx, x, y, m, mu, r, W_ptr, d, d_ok, ACC_DTYPE)
     return sq, s_yw, s_ywx
 
 
