@@ -58,8 +58,8 @@ from . import prototype_update as _update
 from . import similarity as _sim
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
 from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile,
-                     _feats_chunk, _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice, _s_tile,
-                     _s_tile_ln_sums, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
+                     _feats_chunk, _finite, _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice,
+                     _s_tile, _s_tile_ln_sums, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
 __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
@@ -398,7 +398,7 @@ def embed_rows_kernel(
         x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
         y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, LAYER_NORM, ACC_DTYPE).to(ACC_DTYPE)
         z = y * inv[:, None]
-        ok = (tl.abs(z) < float("inf")) | ~d_ok[None, :]  # False for NaN and +-inf
+        ok = _finite(z) | ~d_ok[None, :]
         finite = finite & (tl.min(ok.to(tl.int32), axis=1) > 0)
         tl.store(Z_ptr + loc[:, None] * D + d[None, :], z, mask=has_slot[:, None] & d_ok[None, :])
     tl.store(KEY_ptr + loc, tl.where(finite, slot, num_slots), mask=row_ok)
