@@ -695,15 +695,23 @@ void embed_tile_stats(const at::Tensor& X, const EmbedOperands& e, const TileSta
   });
 }
 
+// The stats of the tile X of the pixels n0..: embed_similarity's, given
+// (3, N), at the tile's columns, else computed into the (3, T) buffer.
+TileStats tile_stats(const at::Tensor& X, const EmbedOperands& e, const at::Tensor& given, const at::Tensor& buf,
+                     int64_t n0, cudaStream_t stream) {
+  if (given.defined()) return TileStats{given, n0};
+  const TileStats st{buf, 0};
+  embed_tile_stats(X, e, st, stream);
+  return st;
+}
+
 // The scores of the tile X's embedding into Sbuf (count, ld) rows of the
 // tile buffer (ld = 2 C*K when e.Pw16 is defined: the split GEMM's output
-// fills the whole row, else C*K), and its stats into st first unless
-// have_stats (st holds them already); returns S_tile, the (count, C*K) view
-// of the scores (row stride ld).
+// fills the whole row, else C*K), from its stats st; returns S_tile, the
+// (count, C*K) view of the scores (row stride ld).
 at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tensor& X, const EmbedOperands& e,
-                             const TileStats& st, bool have_stats, cudaStream_t stream) {
+                             const TileStats& st, cudaStream_t stream) {
   const int64_t n = X.size(0), D = X.size(1);
-  if (!have_stats) embed_tile_stats(X, e, st, stream);
   at::Tensor S_tile = Sbuf.narrow(1, 0, CK);
   bool split = false;
   if (e.Pw16.defined()) {  // tensor cores, (n, 2 C*K): X hi^T | X lo^T
@@ -805,13 +813,8 @@ void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const 
     at::Tensor dS_tile = buf.dS.narrow(0, 0, t.count).narrow(1, 0, CK);
     at::Tensor grad_tile = t.of(grad);
     at::Tensor G_tile = buf.direct ? grad_tile : buf.G.narrow(0, 0, t.count);
-    const bool given = buf.given.defined();
-    const TileStats st = given ? TileStats{buf.given, t.n0} : TileStats{buf.stats, 0};
-    if (buf.recompute) {
-      embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, st, given, stream);  // S (and the stats)
-    } else if (!given) {
-      embed_tile_stats(X, e, st, stream);
-    }
+    const TileStats st = tile_stats(X, e, buf.given, buf.stats, t.n0, stream);
+    if (buf.recompute) embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, st, stream);  // S
     cuda::dS_times_protos(G_tile, dS_tile, buf.A, buf.sp, e.P, gin, at::Tensor(), t.n0, stream);  // d loss / d z
     embed_tile_backward(X, e, st, G_tile, grad_tile, buf.part_w, buf.part_b, stream);
     if (e.w.defined()) {  // the tile's partials, in block order
@@ -856,8 +859,7 @@ void embed_prototype_sums_atomic(const at::Tensor& rows, const EmbedOperands& e,
   for (const PixelTile& t : pixel_tiles(rows, T)) {
     const at::Tensor X = t.of(rows);
     const at::Tensor sl_tile = sl.narrow(0, t.n0, t.count);
-    const TileStats st = given.defined() ? TileStats{given, t.n0} : TileStats{stats, 0};
-    if (!given.defined()) embed_tile_stats(X, e, st, stream);
+    const TileStats st = tile_stats(X, e, given, stats, t.n0, stream);
     embed_tile_rows(X, e, st, sums, sl_tile, num_slots, icounts, stream);
   }
   counts.copy_(icounts);
@@ -878,8 +880,7 @@ void embed_prototype_sums_sorted(const at::Tensor& rows, int64_t N, const EmbedO
   for (const PixelTile& t : pixel_tiles(rows, T)) {
     const at::Tensor X = t.of(rows);
     at::Tensor Z_tile = Z.narrow(0, 0, t.count);
-    const TileStats st = given.defined() ? TileStats{given, t.n0} : TileStats{stats, 0};
-    if (!given.defined()) embed_tile_stats(X, e, st, stream);
+    const TileStats st = tile_stats(X, e, given, stats, t.n0, stream);
     embed_tile_rows(X, e, st, Z_tile, at::Tensor(), 0, no_slot, stream);
     auto part = prototype_sums_cuda(Z_tile, slot.narrow(0, t.n0, t.count), num_slots, false);
     sums.add_(std::get<0>(part));
@@ -916,8 +917,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t ld = e.Pw16.defined() ? 2 * CK : CK;
   at::Tensor S = at::empty({T, ld}, aopt);  // one tile buffer, reused in stream order
   for (const PixelTile& t : pixel_tiles(rows, T)) {
-    const at::Tensor S_tile =
-        embed_tile_scores(S.narrow(0, 0, t.count), CK, t.of(rows), e, TileStats{stats, t.n0}, false, stream);
+    const at::Tensor X = t.of(rows);
+    const TileStats st{stats, t.n0};  // the returned stats, at the tile's columns
+    embed_tile_stats(X, e, st, stream);
+    const at::Tensor S_tile = embed_tile_scores(S.narrow(0, 0, t.count), CK, X, e, st, stream);
     cuda::similarity_epilogue(S_tile, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream);
   }
   return std::tuple_cat(out.tuple(), std::make_tuple(stats));
