@@ -160,28 +160,24 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
   const at::Tensor v = src.plane_tile(t);
   const T* x = v.data_ptr<T>();
   const int64_t ld = v.stride(0), n = src.rows(t), D = src.D, N = src.N;
-  const T* given = src.stats.defined() ? src.stats.data_ptr<T>() + src.row0(t) : nullptr;  // (3, N) rows
-  if (given == nullptr) plane::stats(x, ld, n, D, fold, st);
+  if (src.stats.defined()) {  // embed_similarity's (3, N) rows; NaN ones: not finite
+    (void)plane::given_stats(src.stats.data_ptr<T>() + src.row0(t), N, n, st);
+  } else {
+    plane::stats(x, ld, n, D, fold, st);
+  }
   std::fill(g.present.begin(), g.present.end(), 0);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t s = slot[j];
     g.slot[j] = -1;
     if (s < 0) continue;
-    T mu = T(0), r = T(1), inv = given != nullptr ? given[2 * N + j] : st.inv[j];
-    if (given != nullptr) {
-      mu = given[j];
-      r = given[N + j];
-    } else if (fold.ln) {
-      mu = st.k[j] + st.delta[j];
-      r = st.r[j];
-    }
-    if (given != nullptr ? !std::isfinite(inv) : !st.finite[j]) {  // (NaN stats: not finite)
+    if (!st.finite[j]) {
       late.push_back(src.row0(t) + j);
       continue;
     }
+    const T inv = st.inv[j];
     g.slot[j] = int32_t(s);
-    g.mu[j] = fold.ln ? mu : T(0);
-    g.a[j] = fold.ln ? r * inv : inv;
+    g.mu[j] = fold.ln ? st.k[j] + st.delta[j] : T(0);
+    g.a[j] = fold.ln ? st.r[j] * inv : inv;
     csum[s] += double(inv);
     cnt[s] += 1.0;
     g.present[s] = 1;

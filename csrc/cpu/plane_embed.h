@@ -191,7 +191,7 @@ void start_given(const T* gs, int64_t N, int64_t n, Stats<T>& st) {
   for (auto* v : {&st.s3, &st.s4, &st.s5}) std::fill(v->begin(), v->begin() + n, T(0));
 }
 
-// start_given, and inv from the stats too, for the scores' epilogue; true
+// start_given, and inv from the stats too, for the scores' epilogue and the prototype sums; true
 // when the tile can take the plane path (finish_stats' rule).
 template <typename T>
 bool given_stats(const T* gs, int64_t N, int64_t n, Stats<T>& st) {
