@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, checks, functional, reference
-from .head import ProtoSegHead
+from .head import ProtoSegHead, _all_reduce
 
 __all__ = ["distributed_sinkhorn", "momentum_update", "prototype_learning", "l2_normalize", "accelerate", "restore",
            "proto_head_forward", "FusedProtoLogits"]
@@ -89,7 +89,7 @@ def prototype_learning(self, _c, out_seg, gt_seg, masks):
     self.prototypes = nn.Parameter(new, requires_grad=False)
     if dist.is_available() and dist.is_initialized():
         protos = self.prototypes.data.clone()
-        dist.all_reduce(protos.div_(dist.get_world_size()))
+        _all_reduce(protos.div_(dist.get_world_size()))
         self.prototypes = nn.Parameter(protos, requires_grad=False)
     return proto_logits, proto_target
 

@@ -71,6 +71,25 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# The works of the last collective of _all_reduce, dropped at the next one (or at interpreter exit).
+_last_works: list = []
+
+
+def _all_reduce(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place, and keep the finished works until the next call.
+
+    Kept, a work's tensors are freed on this thread. Otherwise gloo's worker thread frees them when
+    it drops the work, and freeing a tensor made in Python takes the GIL: if the interpreter is
+    exiting by then (a script that ends just after a step while its process group is still alive,
+    as with torch 2.14, where the first activation checkpoint leaves references to the default group
+    behind ``destroy_process_group``), the thread cannot take it and the process aborts with
+    "terminate called without an active exception"."""
+    works = [dist.all_reduce(t, async_op=True) for t in tensors]
+    for w in works:
+        w.wait()
+    _last_works[:] = works
+
+
 class ProtoSegHead(nn.Module):
     """Nearest-prototype segmentation head of ProtoSeg (official mode).
 
@@ -280,12 +299,11 @@ class ProtoSegHead(nn.Module):
         distributed = _dist_on() and self.sync != "none"
         if distributed and self.sync == "exact":
             sums, counts = sums.clone(), counts.clone()
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
+            _all_reduce(sums, counts)
         new = ema(protos, sums, counts, self.gamma)
         if distributed and self.sync == "official":
             new = new.clone()
-            dist.all_reduce(new.div_(dist.get_world_size()))
+            _all_reduce(new.div_(dist.get_world_size()))
         self.prototypes.copy_(new.to(self.prototypes.dtype))
 
     def _labels_at(self, gt: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:

@@ -166,3 +166,42 @@ def test_exact_sync_equals_one_process_on_the_union_of_pixels(tmp_path, backend)
                        backend), nprocs=2, join=True, start_method="spawn")  # fmt: skip
     official = torch.load(tmp_path / "official" / "rank0.pt")
     assert not torch.allclose(official, expect, atol=1e-4)
+
+
+# ---------------------------------------------------------------- collectives and interpreter exit
+
+
+def _kept_worker(rank, world, init_file, out_dir):
+    import threading
+    import time
+    import weakref
+
+    from protoseg_ext.head import _all_reduce
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        freed_on = []
+        t = torch.full((64,), float(rank + 1))
+        weakref.finalize(t, lambda: freed_on.append(threading.get_ident()))
+        _all_reduce(t)
+        reduced = t.clone()
+        del t
+        time.sleep(0.2)  # time enough for gloo's worker thread to drop its work
+        alive_after_return = not freed_on
+        _all_reduce(torch.zeros(1))  # the next collective releases the previous one's works
+        torch.save({"sum": reduced, "alive": alive_after_return, "freed_on_main": freed_on == [threading.get_ident()]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collective_tensors_are_freed_on_the_calling_thread(tmp_path):
+    """A tensor made in Python and freed on gloo's worker thread takes the GIL there; during interpreter
+    exit that aborts the process. _all_reduce keeps the works so that the caller's thread frees them."""
+    mp.start_processes(_kept_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")  # fmt: skip
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(got["sum"], torch.full((64,), 3.0))
+        assert got["alive"], "the work's tensor was freed before the next collective (by gloo's thread)"
+        assert got["freed_on_main"], "the work's tensor was not freed on the thread that ran the collective"

@@ -41,6 +41,7 @@ from .data import (
 )
 from ..backends import resolve as resolve_backend
 from ..functional import PPC_WEIGHT, PPD_WEIGHT
+from ..head import _all_reduce
 from .model import BackboneError, ProtoSegNet, prototype_cosine, prototype_usage
 
 # settings a resumed run must share with its checkpoint (they define the schedule)
@@ -378,8 +379,7 @@ def evaluate(net, val_set, args, device, rank, world, out: Path):
             saved += 1
     net.train(was_training)
     if world > 1:
-        dist.all_reduce(confusion)
-        dist.all_reduce(usage)
+        _all_reduce(confusion, usage)
     metrics = iou_metrics(confusion.view(C, C).cpu(), val_set.class_names)
     cos = prototype_cosine(net.head.prototypes).cpu()
     gt_present = confusion.view(C, C).sum(1).cpu() > 0
