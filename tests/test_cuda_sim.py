@@ -419,6 +419,40 @@ def test_embed_similarity_offsets_overflow_and_nan(sim):
     torch.testing.assert_close(gb.double(), want[2], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("C, K", [(60, 10), (25, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_similarity_epilogue_maps_long_rows(sim, C, K, dtype):
+    """The forward epilogue applies the folded GEMM's per-row affine map as it stages a row: rows longer
+    than one staged group (C*K > 512; groups of 32 and of 12 classes, 480 columns, not a multiple of the
+    warp) written back mapped for the softmax rows and own, and for bf16 the two halves of the split GEMM
+    added; with far-from-mean, overflowing and NaN pixels among them (scores from embed_scores_kernel,
+    left alone by the epilogue). seg, lse, own and the cached softmax rows against the reference."""
+    x, w, b, p, gt = _embed_problem(2, 24, 4, 6, C, K, seed=16, dtype=torch.float64)
+    x[1, :, :2] += 60  # |mean| / std = 30: recomputed from z
+    x[0, :, 1, 2] *= 1e20  # float32 squares overflow: NaN stats, recomputed in float64
+    xin = x.to(dtype)
+    xin[0, :, 2, 3] = float("nan")
+    T = 0.7
+    seg, argk, lse, own, probs, stats = sim.embed_similarity(xin, w.float(), b.float(), 1e-5, p.float(), gt, -1, T,
+                                                             True, True, True, 1 << 30)
+    nan_px = 2 * 6 + 3
+    assert torch.isnan(stats[:, 1 * 6 + 2]).all()  # the overflow pixel's stats are NaN (recomputed by the kernels)
+    assert torch.isnan(lse[nan_px]) and torch.isnan(probs.view(-1, C * K)[nan_px]).all()
+    ok = torch.ones(seg.shape[0], dtype=torch.bool)
+    ok[nan_px] = False
+    xd = xin.double()
+    xd[0, :, 2, 3] = 0
+    z = embed_reference(xd, (w.double(), b.double(), 1e-5))
+    ref = R.similarity_outputs(z, p.double(), gt, -1, T, True, True, True)
+    S = R.similarity(z, p.double())
+    tol = dict(atol=1e-5, rtol=1e-5)  # the map's rounding is the reference's too: fp32 scores either way
+    seg_tol = tol if dtype == torch.float32 else dict(atol=8e-3, rtol=8e-3)  # seg is rounded to bf16
+    torch.testing.assert_close(seg.double()[ok], ref[0][ok], **seg_tol)
+    for u, v in zip((lse, own), (ref[2], ref[3])):
+        torch.testing.assert_close(u.double()[ok], v[ok], **tol)
+    torch.testing.assert_close(probs.view(-1, C * K).double()[ok], torch.softmax(S / T, 1)[ok], **tol)
+
+
 def test_embed_similarity_tiles(sim):
     """Images of more than one tile (16 MiB of S: 2,688 pixels at C*K = 1,500), the last tile partial. The
     gradient of seg is left out: with 1,500 prototypes in D = 8, near ties make its arg-max a coin toss."""
@@ -1203,8 +1237,8 @@ RACE_MUTANTS = {
     # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it): the row
     # past the tile reads the next tile's stats, not yet written (poisoned NaN), so it recomputes them from x
     # past the view of X; with finite stats there it would write past the view of Sbuf
-    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  const scalar_t* xi = x + i * sp;\n  acc_t mu, r, inv;\n",
-         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  const scalar_t* xi = x + i * sp;\n  acc_t mu, r, inv;\n",
+    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  if (fixed_only && ",
+         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  if (fixed_only && ",
          0, "embed", "out-of-bounds"),
     # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum
     15: ("sinkhorn_cuda.cu", "  if (threadIdx.x < K) {", "  if (threadIdx.x < K + (::cudasim::mutant(15) ? 1 : 0)) {",

@@ -12,8 +12,10 @@
 // (r = 1 / sqrt(var + eps)), z = y inv (inv = 1 / max(||y||, eps)) and p a
 // prototype, z . p = inv (r (x . (w * p) - mu rho) + beta) where
 // rho = sum_d w_d p_d and beta = sum_d b_d p_d. So one GEMM on the raw tile
-// against the prototypes times w gives S, after a per-row affine map
-// (embed_scores_kernel), and no normalised copy of the tile is ever written.
+// against the prototypes times w gives S, after a per-row affine map that
+// the forward's epilogue applies as it reads the GEMM's output (the
+// backward's recomputed S: embed_scores_kernel), and no normalised copy of
+// the tile is ever written.
 // That GEMM's rounding grows with |mu| while z . p does not: a pixel with
 // |mu| r > kMaxFoldOffset has its row recomputed from z instead.
 //
@@ -64,7 +66,7 @@ using cuda::kWarp;
 
 constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
 constexpr int kEmbedGroups = kEmbedThreads / kWarp;
-constexpr double kMaxFoldOffset = 16.0;                 // as plane_embed.h's kMaxOffset
+using cuda::fold_direct;
 constexpr int kStatRows = 3;  // embed_similarity's stats: rows mu, r, inv, the pixels along each row
 constexpr int kStatSums = 9;  // per-thread sums of embed_stats_kernel
 template <typename acc_t>
@@ -188,14 +190,6 @@ __device__ __forceinline__ void load_stats(const acc_t* st, int64_t ld, const sc
   r = st[ld];
   inv = st[2 * ld];
   if (!is_finite(inv)) embed_stats_exact(xi, sd, D, w, b, eps, mu, r, inv);
-}
-
-// The row of a pixel goes to embed_scores_kernel's direct path (z . p from z,
-// not the folded GEMM's row): LayerNorm and |mu| r > kMaxFoldOffset (false
-// for NaN statistics).
-template <typename acc_t>
-__device__ __forceinline__ bool fold_direct(bool ln, acc_t mu, acc_t r) {
-  return ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset);
 }
 
 // ||y|| > eps, so that the L2 normalisation's backward has its radial term:
@@ -343,6 +337,9 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
 // (rho == nullptr: no LayerNorm, S = inv S), with the stats (mu, r, inv) of
 // pixel i at stats[c * sld + i] (load_stats); a row with fold_direct is
 // recomputed as z . p_j from the tile of x and the unfolded prototypes P (C*K, D).
+// fixed_only: only the rows with scores_fixed_row (the forward, whose
+// epilogue maps the others as it reads them: cuda::ScoreAffine); the other
+// rows are left as the GEMM wrote them, read for their stats alone.
 // Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
 // Bounds: i < rows (warp-uniform return), j < C*K (CK + j < ld when split), d < D. Sync: each warp
 // owns its row; lane 0 writes the recomputed entries after the warp sum
@@ -353,10 +350,11 @@ __global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
     acc_t* __restrict__ S, int64_t ld, bool split, int64_t rows, int64_t CK, const acc_t* __restrict__ stats,
     int64_t sld, const acc_t* __restrict__ rho, const acc_t* __restrict__ beta, const scalar_t* __restrict__ x,
     int64_t sp, int64_t sd, int64_t D, const acc_t* __restrict__ P, const acc_t* __restrict__ w,
-    const acc_t* __restrict__ b, double eps) {
+    const acc_t* __restrict__ b, double eps, bool fixed_only) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x & (kWarp - 1);
   if (i >= rows) return;
+  if (fixed_only && !cuda::scores_fixed_row(w != nullptr, stats[i], stats[sld + i], stats[2 * sld + i])) return;
   const scalar_t* xi = x + i * sp;
   acc_t mu, r, inv;
   load_stats(stats + i, sld, xi, sd, D, w, b, eps, mu, r, inv);  // the same in every lane of the warp
@@ -705,12 +703,14 @@ TileStats tile_stats(const at::Tensor& X, const EmbedOperands& e, const at::Tens
   return st;
 }
 
-// The scores of the tile X's embedding into Sbuf (count, ld) rows of the
-// tile buffer (ld = 2 C*K when e.Pw16 is defined: the split GEMM's output
-// fills the whole row, else C*K), from its stats st; returns S_tile, the
-// (count, C*K) view of the scores (row stride ld).
+// The folded GEMM of the tile X into Sbuf (count, ld) rows of the tile
+// buffer (ld = 2 C*K when e.Pw16 is defined: the split GEMM's output fills
+// the whole row, else C*K), then embed_scores_kernel with the tile's stats
+// st: all its rows (the scores, returned as the (count, C*K) view of row
+// stride ld), or with affine given only the fixed rows, and *affine says how
+// the epilogue maps the others (cuda::ScoreAffine).
 at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tensor& X, const EmbedOperands& e,
-                             const TileStats& st, cudaStream_t stream) {
+                             const TileStats& st, cudaStream_t stream, cuda::ScoreAffine* affine = nullptr) {
   const int64_t n = X.size(0), D = X.size(1);
   at::Tensor S_tile = Sbuf.narrow(1, 0, CK);
   bool split = false;
@@ -720,12 +720,13 @@ at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tenso
   }
   if (!split)
     at::mm_out(S_tile, X.scalar_type() == S_tile.scalar_type() ? X : X.to(S_tile.scalar_type()), e.Pw.t());
+  if (affine != nullptr) *affine = cuda::ScoreAffine{st.t, e.rho, e.beta, st.col, split ? CK : 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_scores_kernel<scalar_t, acc_t><<<ceil_div(n, kRowsPerBlock), kRowThreads, 0, stream>>>(
         Sbuf.data_ptr<acc_t>(), Sbuf.stride(0), split, n, CK, st.ptr<acc_t>(), st.ld(), ptr_or_null<acc_t>(e.rho),
         ptr_or_null<acc_t>(e.beta), X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), D, e.P.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps);
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps, affine != nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return S_tile;
@@ -920,8 +921,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor X = t.of(rows);
     const TileStats st{stats, t.n0};  // the returned stats, at the tile's columns
     embed_tile_stats(X, e, st, stream);
-    const at::Tensor S_tile = embed_tile_scores(S.narrow(0, 0, t.count), CK, X, e, st, stream);
-    cuda::similarity_epilogue(S_tile, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream);
+    const at::Tensor S_rows = S.narrow(0, 0, t.count);  // whole rows: the epilogue adds the split GEMM's halves
+    cuda::ScoreAffine affine;
+    embed_tile_scores(S_rows, CK, X, e, st, stream, &affine);
+    cuda::similarity_epilogue(S_rows, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream, &affine);
   }
   return std::tuple_cat(out.tuple(), std::make_tuple(stats));
 }

@@ -24,6 +24,24 @@ constexpr int kEpilogueStage = 512;                // scores a warp of the forwa
 constexpr int64_t kTileBytes = int64_t(16) << 20;  // bytes of S per tile
 constexpr int64_t kMaxTileRows = 32768;            // <= 65535: rows are gridDim.y of the backward epilogue
 
+constexpr double kMaxFoldOffset = 16.0;            // as plane_embed.h's kMaxOffset
+
+// The head's embedding (embed_cuda.cu): a pixel whose scores do not come
+// from the folded GEMM's row through the per-row affine map, but from z
+// itself: LayerNorm and |mu| r > kMaxFoldOffset (false for NaN statistics).
+template <typename acc_t>
+__device__ __forceinline__ bool fold_direct(bool ln, acc_t mu, acc_t r) {
+  return ln && (mu < 0 ? -mu : mu) * r > acc_t(kMaxFoldOffset);
+}
+
+// A row that embed_scores_kernel finishes itself before the epilogue, from
+// the stats (mu, r, inv) as stored: fold_direct, or NaN stats (recomputed in
+// float64 there). The epilogue applies the affine map to every other row.
+template <typename acc_t>
+__device__ __forceinline__ bool scores_fixed_row(bool ln, acc_t mu, acc_t r, acc_t inv) {
+  return !is_finite(inv) || fold_direct(ln, mu, r);
+}
+
 // Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
 inline int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
   int64_t rows = kTileBytes / std::max<int64_t>(1, CK * elem_size);
@@ -65,12 +83,25 @@ struct SimilarityOutputs {
   }
 };
 
+// The head's embedding: the per-row affine map from the folded GEMM's
+// output to the scores, S = inv (r (G - mu rho_j) + beta_j) (rho, beta
+// undefined without the LayerNorm: S = inv G), with G the tile's row, plus
+// the entry `half` columns on when the split GEMM wrote two halves (half =
+// C*K; 0 otherwise), and pixel i's (mu, r, inv) at stats[c * ld + col + i].
+// Rows with scores_fixed_row already hold their scores.
+struct ScoreAffine {
+  at::Tensor stats, rho, beta;
+  int64_t col = 0, half = 0;
+};
+
 // The forward epilogue of the tile S_tile (rows, C*K; any row stride) of
 // pixels row0 ...: their rows of out (row i of S scaled by row_scale[i] when
-// row_scale is defined); labels (N,) int64 when out computes own.
+// row_scale is defined, or mapped by affine when that is given: then S_tile
+// is the whole rows, (rows, 2 C*K) when affine->half is C*K); labels (N,)
+// int64 when out computes own.
 void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, int64_t row0, int64_t C, int64_t K,
                          double temperature, const at::Tensor& labels, int64_t ignore_index, SimilarityOutputs& out,
-                         cudaStream_t stream);
+                         cudaStream_t stream, const ScoreAffine* affine = nullptr);
 
 // The backward's per-pixel inputs, in the working dtype and contiguous
 // (undefined where that gradient is absent), and the epilogue that forms dS.

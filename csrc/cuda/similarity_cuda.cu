@@ -273,9 +273,14 @@ __global__ void __launch_bounds__(kRowThreads, 4)
 // Forward epilogue of one tile of S (rows, C*K; row stride ld >= C*K), rows row0 .. row0 + rows - 1:
 // seg/argk (max over K per class), lse (online log-sum-exp of S / temperature
 // over all C*K columns), own (the K scores of the pixel's class) and, when
-// probs is given, the softmax row of S / temperature (second, coalesced pass
-// over the row, which is in L1/L2 by then). With row_scale given (normalize),
-// row i of S is first scaled by row_scale[i].
+// probs is given, the softmax row of S / temperature (a second pass over the
+// row). With row_scale given (normalize), row i of S is first scaled by
+// row_scale[i]. With stats given (the head's embedding, cuda::ScoreAffine),
+// the tile holds the folded GEMM's output G (two halves, `half` columns
+// apart, when split) and the scores are S = inv (r (G - mu rho_j) + beta_j)
+// (rho == nullptr: S = inv G), with pixel i's (mu, r, inv) at stats[c * sld
+// + i]; rows with scores_fixed_row hold their scores already
+// (embed_scores_kernel).
 // Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8).
 // The row goes through the warp's slice of shared memory a group of G =
 // min(32, kEpilogueStage / K) classes at a time: the warp copies the group's
@@ -284,63 +289,116 @@ __global__ void __launch_bounds__(kRowThreads, 4)
 // put the lanes K*4 bytes apart: 2.9x the ideal sectors at K = 10), pushes
 // them into its lanes' log-sum-exp states (lane l: columns l, l + 32, ...),
 // then lane c < G takes the max over its class's K scores there; the 32 lane
-// states merge by an xor butterfly (fixed order, deterministic).
-// Bounds: i < rows checked (warp-uniform return); columns c*K + k and j are
+// states merge by an xor butterfly (fixed order, deterministic). With the
+// LayerNorm's map, the block first copies the group's rho and beta to
+// shared memory (one load per block, not one per row). A row of one group
+// (C <= G) stays in the stage for probs and own; a longer mapped row that
+// probs or own reads again is written back mapped, in place, as it is staged.
+// Bounds: i < rows checked (warp-uniform: the warps past the tile's rows
+// stay for the block's barriers and touch no row); columns c*K + k and j are
 // < C*K, staged entries < G*K <= kEpilogueStage (K <= 256 < kEpilogueStage);
 // output rows n = row0 + i < N because the host passes rows <= N - row0;
 // labels asserted before indexing. Sync: each warp owns row i of the tile,
 // its slice of the stage and row n of every output; __syncwarp between
 // staging a group and reading it, and between reading it and staging the
-// next; shuffles with all lanes present.
+// next; rho and beta of a group between two __syncthreads that every thread
+// reaches (the group loop is uniform over the block); shuffles with all
+// lanes present.
 // Hot kernel: must not spill.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
-    const acc_t* __restrict__ S, int64_t ld, const acc_t* __restrict__ row_scale, int64_t rows, int64_t row0, int64_t C,
-    int64_t K, acc_t temperature, const int64_t* __restrict__ labels, int64_t ignore_index, bool compute_seg,
-    bool compute_lse, bool compute_own, scalar_t* __restrict__ seg, uint8_t* __restrict__ argk,
+    acc_t* __restrict__ S, int64_t ld, const acc_t* __restrict__ row_scale, const acc_t* __restrict__ stats,
+    int64_t sld, const acc_t* __restrict__ rho, const acc_t* __restrict__ beta, int64_t half, int64_t rows,
+    int64_t row0, int64_t C, int64_t K, acc_t temperature, const int64_t* __restrict__ labels, int64_t ignore_index,
+    bool compute_seg, bool compute_lse, bool compute_own, scalar_t* __restrict__ seg, uint8_t* __restrict__ argk,
     acc_t* __restrict__ lse, acc_t* __restrict__ own, acc_t* __restrict__ probs) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x & (kWarp - 1);
-  if (i >= rows) return;
+  const bool valid = i < rows;  // warp-uniform
   const int64_t n = row0 + i, CK = C * K;
-  const acc_t* s = S + i * ld;
-  const acc_t r = row_scale != nullptr ? row_scale[i] : acc_t(1);  // x * 1 == x exactly
+  acc_t* s = S + (valid ? i : 0) * ld;
+  acc_t r = row_scale != nullptr && valid ? row_scale[i] : acc_t(1);  // x * 1 == x exactly
+  acc_t mu = 0, inv = 0;
+  bool mapped = false;  // the embedding's affine map applies to this row
+  if (stats != nullptr && valid) {
+    mu = stats[i];
+    r = stats[sld + i];
+    inv = stats[2 * sld + i];
+    mapped = !cuda::scores_fixed_row(rho != nullptr, mu, r, inv);
+    if (!mapped) r = acc_t(1);  // the fixed row holds its scores
+  }
   __shared__ acc_t stage[kRowsPerBlock][kEpilogueStage];
+  __shared__ acc_t rb[2][kEpilogueStage];  // the group's rho and beta
   acc_t* sh = stage[threadIdx.x / kWarp];
-  if (compute_seg || compute_lse) {
+  const int G = kEpilogueStage / K < kWarp ? int(kEpilogueStage / K) : kWarp;  // classes per group, >= 2
+  const bool staged = compute_seg || compute_lse, whole = staged && C <= G;
+  if (staged) {
+    const bool ln_map = stats != nullptr && rho != nullptr;  // block-uniform
+    const bool keep = mapped && !whole && (probs != nullptr || compute_own);
     LseState<acc_t> st = lse_init<acc_t>();
-    const int64_t G = kEpilogueStage / K < kWarp ? kEpilogueStage / K : kWarp;  // classes per group, >= 2
-    for (int64_t c0 = 0; c0 < C; c0 += G) {
-      const int64_t nc = C - c0 < G ? C - c0 : G, cols = nc * K;
-      for (int64_t j = lane; j < cols; j += kWarp) {
-        const acc_t v = s[c0 * K + j] * r;
-        if (compute_seg) sh[j] = v;  // the per-class max below reads it
+    for (int c0 = 0; c0 < C; c0 += G) {
+      const int nc = C - c0 < G ? int(C) - c0 : G, cols = nc * int(K);
+      if (ln_map) {
+        __syncthreads();  // the previous group's rho, beta are read
+        for (int j = threadIdx.x; j < cols; j += kRowThreads) {
+          rb[0][j] = rho[c0 * K + j];
+          rb[1][j] = beta[c0 * K + j];
+        }
+        __syncthreads();
+      }
+      for (int j = lane; valid && j < cols; j += kWarp) {
+        acc_t* e = s + c0 * K + j;
+        acc_t v;
+        if (mapped) {
+          const acc_t g = half != 0 ? e[0] + e[half] : e[0];
+          v = ln_map ? inv * (r * (g - mu * rb[0][j]) + rb[1][j]) : g * inv;
+          if (keep) e[0] = v;  // read again below
+        } else {
+          v = e[0] * r;
+        }
+        sh[j] = v;  // the per-class max below reads it, and probs and own when whole
         if (compute_lse) lse_push(st, v / temperature);
       }
       __syncwarp();
-      if (compute_seg && lane < nc) {
+      if (valid && compute_seg && lane < nc) {
         acc_t best = -INFINITY;
         int64_t arg = 0;
-        for (int64_t k = 0; k < K; ++k) max_push(best, arg, sh[lane * K + k], k);
+        for (int k = 0; k < K; ++k) max_push(best, arg, sh[lane * K + k], int64_t(k));
         seg[n * C + c0 + lane] = static_cast<scalar_t>(best);
         argk[n * C + c0 + lane] = static_cast<uint8_t>(arg);  // K <= 256
       }
-      __syncwarp();  // the group is read before the next one overwrites it
+      __syncwarp();  // the group is read before the next one overwrites it (and written back)
     }
-    if (compute_lse) {
+    // From here the row holds its scores (s[j] * r) unless whole (the stage has them) or it was mapped and
+    // not kept: then neither probs nor own reads it.
+    if (keep) r = acc_t(1);
+    if (valid && compute_lse) {
       st = cuda::warp_lse_merge(st);  // every lane holds the same merged state
       const acc_t l = lse_value(st);
       if (lane == 0) lse[n] = l;
       if (probs != nullptr)
-        for (int64_t j = lane; j < CK; j += kWarp) probs[n * CK + j] = softmax_prob(s[j] * r, l, temperature);
+        for (int j = lane; j < CK; j += kWarp)
+          probs[n * CK + j] = softmax_prob(whole ? sh[j] : s[j] * r, l, temperature);
     }
   }
-  if (compute_own) {
+  if (valid && compute_own) {
     const int64_t c = labels[n];
     CUDA_KERNEL_ASSERT_MSG(label_in_range(c, C) || c == ignore_index,
                            "labels: a label is outside [0, C) and is not ignore_index");
     const bool in = label_in_range(c, C);
-    for (int64_t k = lane; k < K; k += kWarp) own[n * K + k] = in ? s[c * K + k] * r : acc_t(0);
+    for (int k = lane; k < K; k += kWarp) {
+      const int j = int(c * K) + k;
+      acc_t v = 0;
+      if (in && whole) {
+        v = sh[j];
+      } else if (in && (staged || !mapped)) {
+        v = s[j] * r;
+      } else if (in) {  // own alone, mapped: the scores from the GEMM's output here
+        const acc_t g = half != 0 ? s[j] + s[half + j] : s[j];
+        v = rho != nullptr ? inv * (r * (g - mu * rho[j]) + beta[j]) : g * inv;
+      }
+      own[n * K + k] = v;
+    }
   }
 }
 
@@ -465,14 +523,19 @@ SimilarityOutputs::SimilarityOutputs(const at::TensorOptions& fopt, int64_t N, i
 
 void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, int64_t row0, int64_t C, int64_t K,
                          double temperature, const at::Tensor& labels, int64_t ignore_index, SimilarityOutputs& out,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const ScoreAffine* affine) {
   const int64_t rows = S_tile.size(0);
   const bool cache = out.probs.numel() > 0;
+  TORCH_INTERNAL_ASSERT(affine == nullptr || !row_scale.defined(), "similarity_epilogue: row_scale or affine, not both");
+  const ScoreAffine a = affine != nullptr ? *affine : ScoreAffine{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.seg.scalar_type(), "similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    auto opt = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
     similarity_epilogue_kernel<scalar_t, acc_t><<<ceil_div(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
-        S_tile.data_ptr<acc_t>(), S_tile.stride(0), row_scale.defined() ? row_scale.data_ptr<acc_t>() : nullptr,
-        rows, row0, C, K, acc_t(temperature), out.compute_own ? labels.data_ptr<int64_t>() : nullptr, ignore_index,
+        S_tile.data_ptr<acc_t>(), S_tile.stride(0), opt(row_scale),
+        a.stats.defined() ? a.stats.data_ptr<acc_t>() + a.col : nullptr, a.stats.defined() ? a.stats.size(1) : 0,
+        opt(a.rho), opt(a.beta), a.half, rows, row0, C, K, acc_t(temperature),
+        out.compute_own ? labels.data_ptr<int64_t>() : nullptr, ignore_index,
         out.compute_seg, out.compute_lse, out.compute_own, out.compute_seg ? out.seg.data_ptr<scalar_t>() : nullptr,
         out.compute_seg ? out.argk.data_ptr<uint8_t>() : nullptr,
         out.compute_lse ? out.lse.data_ptr<acc_t>() : nullptr, out.compute_own ? out.own.data_ptr<acc_t>() : nullptr,
