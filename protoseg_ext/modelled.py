@@ -29,12 +29,12 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(445.0, 120.0, "5367d07"),
-    ("cuda", *_CS, "float32"): Modelled(971.0, 567.0, "5367d07"),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1690.0, 374.0, "5367d07"),
-    ("cuda", *_ADE, "float32"): Modelled(5392.0, 4270.0, "5367d07"),
-    ("cuda", *_FULL, "bfloat16"): Modelled(14651.0, 3806.0, "5367d07"),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(94277.0, 9876.0, "5367d07"),
+    ("cuda", *_CS, "bfloat16"): Modelled(399.0, 120.0, "a6c8539"),
+    ("cuda", *_CS, "float32"): Modelled(923.0, 567.0, "a6c8539"),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1493.0, 374.0, "a6c8539"),
+    ("cuda", *_ADE, "float32"): Modelled(5187.0, 4270.0, "a6c8539"),
+    ("cuda", *_FULL, "bfloat16"): Modelled(13163.0, 3806.0, "a6c8539"),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(81734.0, 9876.0, "a6c8539"),
     ("triton", *_CS, "bfloat16"): Modelled(624.0, 120.0, "a0520dc"),
     ("triton", *_CS, "float32"): Modelled(1240.0, 264.0, "a0520dc"),
     ("triton", *_ADE, "bfloat16"): Modelled(3985.0, 374.0, "a0520dc"),
