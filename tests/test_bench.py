@@ -207,3 +207,26 @@ def test_gpu_model_step_roofline_is_the_faster_strategy():
     assert us < cf / gm.PEAKS["fp32 cuda cores"] * 1e6
     # Triton's fp32 GEMMs are tf32x3 tensor-core products: a faster unit, a lower roofline
     assert gm.step_roofline(B, D, H, W, C, "fp32", "triton")[2] < us
+
+
+def test_gpu_model_takes_the_ema_at_a_full_update():
+    """tools/gpu_model.py: a kernel of the prototype update's EMA is taken at its metered full update (per
+    launch), whatever the extrapolation from the small maps said; the other kernels are left as they were."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_model", os.path.join(ROOT, "tools", "gpu_model.py"))
+    gm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gm)
+    grown = dict(name="prototype_ema_kernel<float>", unit="memory", scaling="not linear (sectors: proportional)",
+                 launches=1, bytes_loaded=0.0, bytes_stored=5e8, sectors=4e8, ideal_sectors=4e8, unique_bytes=5e8,
+                 flops=0.0, l2_hit_bytes=1e6)
+    other = dict(grown, name="embed_stats_kernel<float>", scaling="linear")
+    kept = dict(other)
+    full = {"prototype_ema_kernel<float>": dict(launches=1, bytes_loaded=2e6, bytes_stored=1e6, sectors=9.4e4,
+                                                ideal_sectors=9.4e4, unique_bytes=1.6e6, flops=0.0)}
+    rows = gm.bound_by_full_update([grown, other], full)
+    assert rows[0]["bytes_loaded"] == 2e6 and rows[0]["sectors"] == 9.4e4 and rows[0]["unique_bytes"] == 1.6e6
+    assert rows[0]["launches"] == 1 and rows[0]["l2_hit_bytes"] == 0.0 and "every prototype" in rows[0]["scaling"]
+    assert rows[1] == kept
+    modelled = gm.model(rows)[0]["modelled_us"]
+    assert modelled == pytest.approx(max(1.6e6 / gm.HBM_BYTES_PER_S, 9.4e4 * 32 / gm.L2_BYTES_PER_S) * 1e6)

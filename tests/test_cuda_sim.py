@@ -1113,6 +1113,11 @@ def test_gpu_model_json():
     assert all(k["sectors"] >= k["ideal_sectors"] > 0 for k in out["kernels"] if k["bytes_loaded"] > 1e5)
     step = out["step"]
     assert step["flops"] >= 2 * CITYSCAPES_GEMM_FLOPS and step["roofline_us"] < step["modelled_us"]
+    # the EMA at a full update (every prototype: read protos and sums, write protos; fp32), not its growth
+    # over the small maps carried to N
+    ema = next(k for k in out["kernels"] if k["name"].startswith("prototype_ema_kernel"))
+    CKD = 19 * 10 * 720 * 4
+    assert 2 * CKD <= ema["unique_bytes"] <= 3.3 * CKD, ema
 
 
 def test_emulator_warp_collectives(sim, order):

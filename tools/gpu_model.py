@@ -27,7 +27,11 @@ in the table: within 25% across the three runs it takes the largest
 measured value, else it grows in proportion to N from the largest run
 (sectors and ideal sectors then both in proportion, so that their ratio is
 the largest run's, as also where two linear fits would leave the measured
-range of that ratio); the JSON carries the same numbers. Launch counts are those of the measured runs: a tile
+range of that ratio); the JSON carries the same numbers. The kernels of the
+prototype update's EMA are the exception: their traffic follows how many
+prototypes a step updates, not N, so they are metered once more with every
+prototype updated, on the step's own arguments, and taken at that (the
+table says "every prototype updated (measured)"). Launch counts are those of the measured runs: a tile
 kernel launches once per tile (16 MiB of S), more often at the real size.
 Assumed L2 hits are not extrapolated: the meter gives, per launch, the bytes
 an earlier launch or GEMM touched and how many bytes were touched in between;
@@ -127,12 +131,15 @@ def _gemm_unit(ev) -> str:
     return "fp32 cuda cores"
 
 
-def measure_step(meter, torch, backend, B, D, H, W, C, dtype):
+def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
     """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind).
 
     meter: a context manager whose value, after the block, is the list of events (cuda_sim's meter or
-    tools/triton_meter.TritonMeter)."""
-    from protoseg_ext import ProtoSegHead
+    tools/triton_meter.TritonMeter). ema_args: a list that receives the arguments of the step's
+    prototype_ema call."""
+    from protoseg_ext import ProtoSegHead, backends
+
+    ema_args = [] if ema_args is None else ema_args
 
     torch.manual_seed(0)
     head = ProtoSegHead(D, C, K, backend=backend, feat_norm=True, gamma=0.999, assign="argmax").train()
@@ -140,12 +147,27 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype):
     gt = torch.randint(0, C, (B, H, W))
     gt[:, 0, :2] = -1  # a few ignored pixels
     head = head.to(dtype) if dtype != torch.float32 else head
-    with meter() as m:
-        out = head(feats, gt)
-        loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
-        loss = loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd
-        loss.backward()
-    events = m.events
+    be = backends.get_backend(backend)
+    ema = be.prototype_ema
+
+    def recording_ema(*args):
+        ema_args.append(args)
+        return ema(*args)
+
+    be.prototype_ema = recording_ema  # the step's (protos, sums, counts, gamma), for measure_full_update
+    try:
+        with meter() as m:
+            out = head(feats, gt)
+            loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
+            loss = loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd
+            loss.backward()
+    finally:
+        del be.prototype_ema
+    return group_events(m.events)
+
+
+def group_events(events):
+    """The meter's events summed per kernel (or GEMM kind): METRICS, the unit and the reuse distances."""
     groups = {}
     for ev in events:
         if ev["type"] == "kernel":
@@ -171,6 +193,40 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype):
         g["unique_bytes"] += ev["unique_bytes"]
         g["flops"] += flops
     return groups
+
+
+def measure_full_update(meter, torch, backend, args):
+    """The meter's events (per kernel) of the prototype update's EMA with every prototype updated, on
+    arguments like ``args`` (the step's ``(protos, sums, counts, gamma)``): the most traffic that op can
+    cause at this (C, K, D), whatever the number of pixels."""
+    from protoseg_ext import backends
+
+    protos, sums, counts, gamma = args
+    g = torch.Generator().manual_seed(1)
+    sums = torch.randn(sums.shape, generator=g).to(sums.dtype)
+    counts = torch.ones_like(counts)
+    with meter() as m:
+        backends.get_backend(backend).prototype_ema(protos.clone(), sums, counts, gamma)
+    return group_events(m.events)
+
+
+def bound_by_full_update(rows, full):
+    """Each count of a kernel the EMA runs taken from ``full`` (measure_full_update), per launch, not
+    extrapolated: its traffic depends on how many prototypes a step updates, not on N, so the small maps'
+    growth (more pixels, more prototypes hit) carried in proportion to N overshoots once every prototype is
+    hit, and a fit across them can also undershoot (a falling line). The full update is the most it can
+    cause, and what a step of tens of thousands of pixels comes close to."""
+    for row in rows:
+        f = full.get(row["name"])
+        if f is None:
+            continue
+        per_launch = row["launches"] / max(1, f["launches"])
+        for m in METRICS:
+            if m != "launches":
+                row[m] = f[m] * per_launch
+        row["l2_hit_bytes"] = 0.0
+        row["scaling"] = "every prototype updated (measured)"
+    return rows
 
 
 def extrapolate(runs, Ns, N):
@@ -309,12 +365,13 @@ def run(backend: str, size: str, dtype: str):
         meter = TritonMeter
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     B, D, H, W, C = SIZES[size]
-    runs, Ns = [], []
+    runs, Ns, ema_args = [], [], []
     for h, w in SMALL_HW:
-        runs.append(measure_step(meter, torch, backend, B, D, h, w, C, dt))
+        runs.append(measure_step(meter, torch, backend, B, D, h, w, C, dt, ema_args))
         Ns.append(B * h * w)
     N = B * H * W
-    rows = model(extrapolate(runs, Ns, N))
+    full = measure_full_update(meter, torch, backend, ema_args[-1])
+    rows = model(bound_by_full_update(extrapolate(runs, Ns, N), full))
     cb, cf, roofline_us = step_roofline(B, D, H, W, C, dtype, backend)
     flops = sum(r["flops"] for r in rows)
     step = dict(compulsory_bytes=cb, unique_bytes=sum(r["unique_bytes"] for r in rows), flops=flops,
