@@ -29,18 +29,18 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(399.0, 120.0, "a6c8539"),
-    ("cuda", *_CS, "float32"): Modelled(923.0, 567.0, "a6c8539"),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1493.0, 374.0, "a6c8539"),
-    ("cuda", *_ADE, "float32"): Modelled(5187.0, 4270.0, "a6c8539"),
-    ("cuda", *_FULL, "bfloat16"): Modelled(13163.0, 3806.0, "a6c8539"),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(81734.0, 9876.0, "a6c8539"),
-    ("triton", *_CS, "bfloat16"): Modelled(624.0, 120.0, "a0520dc"),
-    ("triton", *_CS, "float32"): Modelled(1240.0, 264.0, "a0520dc"),
-    ("triton", *_ADE, "bfloat16"): Modelled(3985.0, 374.0, "a0520dc"),
-    ("triton", *_ADE, "float32"): Modelled(8128.0, 1736.0, "a0520dc"),
-    ("triton", *_FULL, "bfloat16"): Modelled(20681.0, 3806.0, "a0520dc"),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(104332.0, 9876.0, "a0520dc"),
+    ("cuda", *_CS, "bfloat16"): Modelled(397.0, 120.0, "19b1a29"),
+    ("cuda", *_CS, "float32"): Modelled(921.0, 567.0, "19b1a29"),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1494.0, 374.0, "19b1a29"),
+    ("cuda", *_ADE, "float32"): Modelled(5188.0, 4270.0, "19b1a29"),
+    ("cuda", *_FULL, "bfloat16"): Modelled(12906.0, 3806.0, "19b1a29"),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(72185.0, 9876.0, "19b1a29"),
+    ("triton", *_CS, "bfloat16"): Modelled(622.0, 120.0, "19b1a29"),
+    ("triton", *_CS, "float32"): Modelled(1238.0, 264.0, "19b1a29"),
+    ("triton", *_ADE, "bfloat16"): Modelled(3985.0, 374.0, "19b1a29"),
+    ("triton", *_ADE, "float32"): Modelled(8128.0, 1736.0, "19b1a29"),
+    ("triton", *_FULL, "bfloat16"): Modelled(20424.0, 3806.0, "19b1a29"),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98119.0, 9876.0, "19b1a29"),
 }
 
 
