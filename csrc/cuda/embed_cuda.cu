@@ -360,10 +360,8 @@ __global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
   load_stats(stats + i, sld, xi, sd, D, w, b, eps, mu, r, inv);  // the same in every lane of the warp
   acc_t* s = S + i * ld;
   if (!fold_direct(w != nullptr, mu, r)) {
-    for (int64_t j = lane; j < CK; j += kWarp) {
-      const acc_t v = split ? s[j] + s[CK + j] : s[j];
-      s[j] = rho != nullptr ? inv * (r * (v - mu * rho[j]) + beta[j]) : v * inv;
-    }
+    for (int64_t j = lane; j < CK; j += kWarp)
+      s[j] = cuda::folded_score(s + j, split ? CK : 0, mu, r, inv, rho, beta, j);
     return;
   }
   for (int64_t j = 0; j < CK; ++j) {

@@ -42,6 +42,17 @@ __device__ __forceinline__ bool scores_fixed_row(bool ln, acc_t mu, acc_t r, acc
   return !is_finite(inv) || fold_direct(ln, mu, r);
 }
 
+// The score of the folded GEMM's entry e of column j (plus e[half], the
+// split GEMM's second half, when half != 0) through the pixel's affine map:
+// inv (r (G - mu rho_j) + beta_j); without the LayerNorm (rho == nullptr)
+// inv G. (E, R, B: the pointers, as global or shared memory, const or not.)
+template <typename acc_t, typename E, typename R, typename B>
+__device__ __forceinline__ acc_t folded_score(E e, int64_t half, acc_t mu, acc_t r, acc_t inv, R rho, B beta,
+                                              int64_t j) {
+  const acc_t g = half != 0 ? e[0] + e[half] : e[0];
+  return rho != nullptr ? inv * (r * (g - mu * rho[j]) + beta[j]) : g * inv;
+}
+
 // Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
 inline int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
   int64_t rows = kTileBytes / std::max<int64_t>(1, CK * elem_size);

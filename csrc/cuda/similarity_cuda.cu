@@ -350,8 +350,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
         acc_t* e = s + c0 * K + j;
         acc_t v;
         if (mapped) {
-          const acc_t g = half != 0 ? e[0] + e[half] : e[0];
-          v = ln_map ? inv * (r * (g - mu * rb[0][j]) + rb[1][j]) : g * inv;
+          v = cuda::folded_score(e, half, mu, r, inv, ln_map ? rb[0] : nullptr, rb[1], j);
           if (keep) e[0] = v;  // read again below
         } else {
           v = e[0] * r;
@@ -394,8 +393,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
       } else if (in && (staged || !mapped)) {
         v = s[j] * r;
       } else if (in) {  // own alone, mapped: the scores from the GEMM's output here
-        const acc_t g = half != 0 ? s[j] + s[half + j] : s[j];
-        v = rho != nullptr ? inv * (r * (g - mu * rho[j]) + beta[j]) : g * inv;
+        v = cuda::folded_score(s + j, half, mu, r, inv, rho, beta, j);
       }
       own[n * K + k] = v;
     }
@@ -526,7 +524,8 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
                          cudaStream_t stream, const ScoreAffine* affine) {
   const int64_t rows = S_tile.size(0);
   const bool cache = out.probs.numel() > 0;
-  TORCH_INTERNAL_ASSERT(affine == nullptr || !row_scale.defined(), "similarity_epilogue: row_scale or affine, not both");
+  TORCH_INTERNAL_ASSERT(affine == nullptr || !row_scale.defined(),
+                        "similarity_epilogue: row_scale or affine, not both");
   const ScoreAffine a = affine != nullptr ? *affine : ScoreAffine{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.seg.scalar_type(), "similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
