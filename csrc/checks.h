@@ -185,13 +185,17 @@ inline bool check_embed_layer_norm(const at::Tensor& rows, const c10::optional<a
 }
 
 // The stats of embed_similarity given to its backward or embed_prototype_sums:
-// None, (0,) (the same: none kept) or (3, N) contiguous in the accumulation
-// dtype of rows, on rows' device; true when given.
-inline bool check_embed_stats(const at::Tensor& rows, const c10::optional<at::Tensor>& stats) {
+// None, (0,) (the same: none kept), or (rows_kept, N) contiguous in the
+// accumulation dtype of rows, on rows' device; true when given. rows_kept: 3
+// (mean, 1 / std, 1 / ||y||) on CUDA; the CPU forward keeps 6 (similarity_cpu.h,
+// kStatsRows) and its ops also take the first 3 alone (rows_kept > 3).
+inline bool check_embed_stats(const at::Tensor& rows, const c10::optional<at::Tensor>& stats, int64_t rows_kept = 3) {
   if (!stats.has_value() || !stats->defined() || (stats->dim() == 1 && stats->numel() == 0)) return false;
   const int64_t N = rows.dim() == 3 ? rows.size(0) * rows.size(2) : rows.size(0);
-  TORCH_CHECK_VALUE(stats->dim() == 2 && stats->size(0) == 3 && stats->size(1) == N,
-                    "stats must be embed_similarity's (3, N) = (3, ", N, "), got shape ", stats->sizes());
+  const bool rows_ok = stats->dim() == 2 && (stats->size(0) == 3 || stats->size(0) == rows_kept);
+  TORCH_CHECK_VALUE(rows_ok && stats->size(1) == N, "stats must be embed_similarity's (", rows_kept, ", N) = (",
+                    rows_kept, ", ", N, ")", rows_kept > 3 ? " or its first 3 rows" : "", ", got shape ",
+                    stats->sizes());
   TORCH_CHECK_VALUE(stats->scalar_type() == acc_type(rows.scalar_type()), "stats must be ",
                     acc_type(rows.scalar_type()), " (the accumulation dtype of feats), got ", stats->scalar_type());
   TORCH_CHECK_VALUE(stats->is_contiguous(), "stats must be contiguous");

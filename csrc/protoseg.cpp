@@ -138,9 +138,16 @@ TORCH_LIBRARY(protoseg_ext, m) {
   //         1 / max(||x||, 1e-12)); NaN in all three for a pixel whose
   //         statistics are not finite (a NaN or inf entry, or sums that
   //         overflow the accumulation dtype); (0,) when nothing is computed.
+  //         The CPU forward keeps 3 more rows (6, N), for its backward: with
+  //         the LayerNorm, sum_d w_d y_d and sum_d w_d xhat_d y_d (xhat the
+  //         normalised pixel before the affine), and with the softmax cache
+  //         sum_k softmax(S / tau)_k S_k; +inf where it has not got them
+  //         (a pixel of a tile off its plane path, ||y|| <= 1e-12, no cache).
   // The backward and embed_prototype_sums take the forward's stats (of the
   // same feats and LayerNorm) and skip their own statistics pass over the
-  // map; given None they compute them.
+  // map; given None they compute them. The CPU backward given the 6 rows and
+  // the softmax cache takes every per-pixel sum it needs from them, the
+  // cache and dS, and reads the map once.
   m.def(
       "embed_similarity(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, "
       "Tensor labels, int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, "

@@ -46,7 +46,8 @@ class EmbedSimilarityOut(NamedTuple):
     lse: torch.Tensor
     own: torch.Tensor
     # (3, N) accumulation dtype: each pixel's LayerNorm mean, 1 / std and 1 / ||y|| (NaN where not
-    # finite), for :meth:`Backend.embed_prototype_sums` of the same map; (0,) when nothing is computed
+    # finite), for :meth:`Backend.embed_prototype_sums` of the same map; (0,) when nothing is computed.
+    # The cpu backend's is (6, N): 3 more rows its backward reads (csrc/protoseg.cpp)
     stats: torch.Tensor
 
 

@@ -182,6 +182,11 @@ def _register_similarity(ns: str, keeps_probs: bool) -> None:
     torch.library.register_autograd(f"{ns}::similarity", backward, setup_context=setup_context)
 
 
+# Rows of embed_similarity's stats on the C++ CPU backend (csrc/cpu/similarity_cpu.h, kStatsRows):
+# the 3 every backend keeps, then 3 its backward reads instead of a pass over the map.
+CPU_STATS_ROWS = 6
+
+
 def _register_embed(ns: str, keeps_probs: bool) -> None:
     """``embed_similarity`` (the head's embedding fused into ``similarity``) and its autograd
     through ``embed_similarity_backward``; ``embed_prototype_sums``.
@@ -198,7 +203,8 @@ def _register_embed(ns: str, keeps_probs: bool) -> None:
         out = _fake_similarity(rows, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
                                cache_bytes, keeps_probs=keeps_probs)
         any_out = compute_seg or compute_lse or compute_own
-        return out + (feats.new_empty((3, N) if any_out else (0,), dtype=_acc_dtype(feats.dtype)),)
+        rows = CPU_STATS_ROWS if ns == "protoseg_ext" and feats.device.type == "cpu" else 3
+        return out + (feats.new_empty((rows, N) if any_out else (0,), dtype=_acc_dtype(feats.dtype)),)
 
     @torch.library.register_fake(f"{ns}::embed_similarity_backward")
     def fake_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk, lse,

@@ -250,3 +250,82 @@ def test_embed_backward_non_finite_pixels_inside_plane_tiles(cache):
     assert not torch.isfinite(gxa[:, ~finite]).all()
     for u, v in zip(ga[1:], gb[1:]):
         assert not torch.isfinite(v).all() and not torch.isfinite(u).all()
+
+
+def _embed_sums64(x, w, b, eps, p, T):
+    """Rows 3-5 of the CPU embed_similarity's stats in float64: sum w y, sum w xhat y, sum_k softmax(S / T)_k S_k."""
+    D = x.shape[1]
+    rows = x.double().permute(0, 2, 3, 1).reshape(-1, D)
+    xhat = (rows - rows.mean(1, keepdim=True)) / (rows.var(1, unbiased=False, keepdim=True) + eps).sqrt()
+    y = xhat * w.double() + b.double()
+    S = F.normalize(y, dim=1) @ p.double().reshape(-1, D).t()
+    return (w.double() * y).sum(1), (w.double() * xhat * y).sum(1), (torch.softmax(S / T, 1) * S).sum(1)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 0.01])
+def test_embed_backward_takes_the_forwards_sums_and_reads_the_map_once(temperature):
+    """With the softmax cache and the LayerNorm, the CPU forward keeps 3 more rows of stats (sum w y,
+    sum w xhat y, sum p S) and its backward takes every per-pixel sum from them, the cache and dS
+    (plane_embed.h, backward_given). Checked: the rows against float64; a tile with a pixel far from
+    zero mean (the forward's row path) has rows 3 and 4 +inf there; gradients of feats, weight and
+    bias against LayerNorm + F.normalize + the reference in float64 (tau = 0.1: the shifted exp,
+    tau = 1: the direct one, tau = 0.01: cached entries that vanish, whose tiles read the map for
+    their sums), ignored labels included; the backward reads row 5 (changing it changes the
+    gradient, except at tau = 0.01, where no tile reads it), and given only stats[:3] it reads the
+    map for those sums and agrees."""
+    from protoseg_ext.testing import embed_reference
+
+    B, D, H, W, C, K = 2, 24, 8, 160, 4, 3  # C*K = 12: tiles of 1,024 pixels, 2 per image
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(B, D, H, W, generator=g) * 2 + 0.5
+    x0[1, :, 0, 3] = 60 + torch.randn(D, generator=g)  # |mean| / std beyond the fold's guard (16)
+    w0, b0 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
+    N = B * H * W
+    gt = torch.randint(-1, C, (N,), generator=g)
+    seg, argk, lse, own, probs, stats = OPS.embed_similarity(x0, w0, b0, 1e-5, p, gt, -1, temperature, True, True,
+                                                             True, 1 << 30)
+    assert stats.shape == (6, N) and probs.shape == (N, C * K)
+    if temperature == 0.01:  # some cached entries the backward would read back (the arg-max k of each class) vanish
+        assert (probs.view(N, K, C).gather(1, argk.long().unsqueeze(1)) < 1e-30).any()
+    wy, wxy, ps = _embed_sums64(x0, w0, b0, 1e-5, p, temperature)
+    far = 1 * H * W + 3  # the far pixel; its tile (the first of image 1) took the row path
+    on_plane = torch.ones(N, dtype=torch.bool)
+    on_plane[H * W:H * W + 1024] = False
+    assert torch.isinf(stats[3:5, ~on_plane]).all()
+    torch.testing.assert_close(stats[3, on_plane].double(), wy[on_plane], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats[4, on_plane].double(), wxy[on_plane], rtol=1e-4, atol=1e-4)
+    keep = torch.arange(N) != far
+    torch.testing.assert_close(stats[5, keep].double(), ps[keep], rtol=1e-5, atol=1e-5)
+
+    be = backends.resolve("cpu", "cpu")
+    xa, wa, ba = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    out = be.embed_similarity(xa, (wa, ba, 1e-5), p, gt, temperature=temperature, seg=True, lse=True, own=True,
+                              cache_bytes=1 << 30)
+    xb, wb, bb = [t.double().requires_grad_() for t in (x0, w0, b0)]
+    ref = R.similarity_outputs(embed_reference(xb, (wb, bb, 1e-5)), p.double(), gt, -1, temperature, True, True,
+                               True)
+    wts = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in (ref[0], ref[2], ref[3])]
+    la = sum((o.double() * u).sum() for o, u in zip((out.seg, out.lse, out.own), wts))
+    lb = sum((o * u).sum() for o, u in zip((ref[0], ref[2], ref[3]), wts))
+    ga = torch.autograd.grad(la, [xa, wa, ba])
+    gb = torch.autograd.grad(lb, [xb, wb, bb])
+    for u, v in zip(ga, gb):
+        scale = v.abs().max().item()
+        torch.testing.assert_close(u.double(), v, atol=2e-4 * scale, rtol=2e-4)
+
+    gs, gl, go = [u.float() for u in wts]
+    args = (gs, gl, go, x0, w0, b0, 1e-5, p, gt, argk, lse, -1, temperature, probs)
+    given = OPS.embed_similarity_backward(*args, stats)
+    first3 = OPS.embed_similarity_backward(*args, stats[:3].contiguous())
+    for u, v in zip(given, first3):
+        torch.testing.assert_close(u, v, atol=1e-4 * v.abs().max().item(), rtol=1e-4)
+    moved = stats.clone()
+    moved[5] += 0.1
+    moved_gx = OPS.embed_similarity_backward(*args, moved)[0]
+    if temperature == 0.01:  # every tile has a vanishing entry: none reads row 5
+        assert torch.equal(moved_gx, given[0])
+    else:  # read: the gradient follows it
+        assert (moved_gx - given[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(6, N\) = \(6, 2560\) or its first 3"):
+        OPS.embed_similarity_backward(*args, stats[:4])

@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cpu(
   check_similarity_args(shape, protos, labels, has_own, temperature);
   const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs);
   Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, score_tile(rows, protos));
-  if (check_embed_stats(rows, stats)) src.stats = *stats;
+  if (check_embed_stats(rows, stats, kStatsRows)) src.stats = *stats;
   auto out = similarity_backward_impl(src, grad_seg, grad_lse, grad_own, protos, labels, argk, lse, ignore_index,
                                       temperature, probs, true, cached);
   const at::Tensor g = embed_grad_as_feats(std::get<0>(out), rows, feats);  // (N, D) or (B, D, HW) as feats
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cpu(const at::Tensor& fe
   at::NoGradGuard no_grad;
   const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
   Source src = embed_source(rows, ln_weight, ln_bias, ln_eps, kSumTile);
-  if (check_embed_stats(rows, stats)) src.stats = *stats;
+  if (check_embed_stats(rows, stats, kStatsRows)) src.stats = *stats;
   if (!src.planes() && !src.ln()) return prototype_sums_cpu(rows, slot, num_slots, true);  // the rows as they are
   const int64_t N = src.N, D = src.D;
   at::Tensor sums = at::zeros({num_slots, D}, rows.options().dtype(src.acc));

@@ -343,9 +343,39 @@ void normalize_backward(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_ou
   }
 }
 
-// pass 2 with the LayerNorm: the per-pixel coefficients mu, a, c, m1, m2 (in
-// the scratch of the sums s1..s5), then gx, and the tile's d w, d b added
-// into dw, db
+// pass 2 with the LayerNorm, given the per-pixel coefficients mu, a, c, m1,
+// m2 (in the scratch of the sums s1..s5) and r: gx, and the tile's d w, d b
+// added into dw, db
+template <typename T>
+void layer_norm_backward_apply(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_out, int64_t n, int64_t D,
+                               const Fold<T>& f, Stats<T>& st, T* dw, T* db) {
+  const T* mu = st.s1.data();
+  const T* a = st.s2.data();
+  const T* c = st.s3.data();
+  const T* m1 = st.s4.data();
+  const T* m2 = st.s5.data();
+  const T* r = st.r.data();
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xr = x + d * ld;
+    const T* g = G + d * n;
+    T* o = gx + d * ld_out;
+    const T wd = f.w[d], bd = f.b[d];
+    T sw = 0, sb = 0;
+#pragma omp simd reduction(+ : sw, sb)
+    for (int64_t j = 0; j < n; ++j) {
+      const T xh = (xr[j] - mu[j]) * r[j];
+      const T gy = a[j] * g[j] - c[j] * (xh * wd + bd);
+      o[j] = r[j] * (wd * gy - m1[j] - xh * m2[j]);
+      sw += gy * xh;
+      sb += gy;
+    }
+    dw[d] += sw;
+    db[d] += sb;
+  }
+}
+
+// pass 2 with the LayerNorm: the per-pixel coefficients from the sums of
+// pass 1, then layer_norm_backward_apply
 template <typename T>
 void layer_norm_backward(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_out, int64_t n, int64_t D,
                          const Fold<T>& f, Stats<T>& st, T* dw, T* db) {
@@ -366,24 +396,52 @@ void layer_norm_backward(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_o
     m1[j] = (inv * st.t2[j] - cj * (r * st.M[j] + f.WB)) / Dt;
     m2[j] = (inv * wgx - cj * (r * r * st.Q[j] + r * st.L[j])) / Dt;
   }
-  const T* r = st.r.data();
-  for (int64_t d = 0; d < D; ++d) {
-    const T* xr = x + d * ld;
-    const T* g = G + d * n;
-    T* o = gx + d * ld_out;
-    const T wd = f.w[d], bd = f.b[d];
-    T sw = 0, sb = 0;
-#pragma omp simd reduction(+ : sw, sb)
-    for (int64_t j = 0; j < n; ++j) {
-      const T xh = (xr[j] - mu[j]) * r[j];
-      const T gy = a[j] * g[j] - c[j] * (xh * wd + bd);
-      o[j] = r[j] * (wd * gy - m1[j] - xh * m2[j]);
-      sw += gy * xh;
-      sb += gy;
-    }
-    dw[d] += sw;
-    db[d] += sb;
+  layer_norm_backward_apply(x, ld, G, gx, ld_out, n, D, f, st, dw, db);
+}
+
+// True when the tile's n pixels have every one of embed_similarity's
+// kStatsRows rows (gs: the tile's first pixel, row stride N) finite: the
+// tile can take backward_given.
+template <typename T>
+bool given_all(const T* gs, int64_t N, int64_t n, int64_t rows) {
+  bool ok = true;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) ok = ok && std::isfinite(gs[i * N + j]);
+  return ok;
+}
+
+// The backward of a tile with the LayerNorm from sums that need no pass over
+// the map: embed_similarity's stats (gs: mean, r, inv, wy = sum w y =
+// r M + sum w b, wxy = sum w xhat y = r^2 Q + r L; row stride N; all finite,
+// so ||y|| > eps) and, per pixel in st.t1, st.t2, st.t3, the sums over the
+// scores of the row dS (k-major) of
+//   sdot = dS . S = z . g  (= f_dot_g),  t2 = dS . rho = sum w g,  t3 = dS . beta = sum b g
+// (G = dS P, rho = P w, beta = P b; dS . S from the softmax cache and the
+// stats' sum p S: BackwardPass::score_sums). Then y . g = sdot / inv and
+// sum w g xhat = y . g - t3, so
+//   c = inv^2 sdot,  m1 = (inv t2 - c wy) / D,  m2 = (sdot - inv t3 - c wxy) / D
+// and pass 2 alone reads x and G: one read of the map instead of two.
+template <typename T>
+void backward_given(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_out, int64_t n, int64_t D,
+                    const Fold<T>& f, Stats<T>& st, const T* gs, int64_t N, T* dw, T* db) {
+  T* mu = st.s1.data();
+  T* a = st.s2.data();
+  T* c = st.s3.data();
+  T* m1 = st.s4.data();
+  T* m2 = st.s5.data();
+  const T Dt = T(D);
+  for (int64_t j = 0; j < n; ++j) {
+    const T inv = gs[2 * N + j], wy = gs[3 * N + j], wxy = gs[4 * N + j];
+    const T sdot = st.t1[j];
+    const T cj = inv * inv * sdot;
+    mu[j] = gs[j];
+    st.r[j] = gs[N + j];
+    a[j] = inv;
+    c[j] = cj;
+    m1[j] = (inv * st.t2[j] - cj * wy) / Dt;
+    m2[j] = (sdot - inv * st.t3[j] - cj * wxy) / Dt;
   }
+  layer_norm_backward_apply(x, ld, G, gx, ld_out, n, D, f, st, dw, db);
 }
 
 // d loss / d x of the tile into gx (D rows of stride ld_out), from G = d loss

@@ -39,6 +39,11 @@ namespace {
 // above its smallest normal number.
 constexpr double kDirectExp = 60.0;
 
+// Smallest cached softmax entry whose score the backward reads back as
+// tau (log p + lse) (BackwardPass::score_sums): far above float32's smallest
+// normal number (1.2e-38), where log p keeps float32's relative precision.
+constexpr double kMinCachedP = 1e-30;
+
 // Labels as int64, checked: each in [0, C) or equal to ignore_index.
 at::Tensor checked_labels(const at::Tensor& labels, int64_t C, int64_t ignore_index) {
   at::Tensor lab = labels.to(at::kLong).contiguous();
@@ -112,9 +117,14 @@ void own_rows(const acc_t* s, int64_t rows, int64_t C, int64_t K, const int64_t*
 // every row max of the tile is in [-kDirectExp, kDirectExp] (always, for unit
 // rows and prototypes), exp(S) can neither overflow nor vanish: e = exp(S)
 // directly, one pass fewer. With `probs`, the softmax rows e / sum(e) go there
-// with streaming stores: written once, read only by the backward.
+// with streaming stores: written once, read only by the backward. With `ps`
+// (embed_similarity's row 5, kStatsRows), also sum_k softmax(S / tau)_k S_k of
+// each row: e is then taken out of place into e_buf (the tile's shape), so
+// that the shifted scores u = S / tau - shift stay in S for sum e u, in the
+// pass that sums e.
 template <typename acc_t>
-void lse_rows(at::Tensor& S, int64_t C, const acc_t* seg, double temperature, acc_t* lse, acc_t* probs) {
+void lse_rows(at::Tensor& S, int64_t C, const acc_t* seg, double temperature, acc_t* lse, acc_t* probs,
+              acc_t* ps = nullptr, at::Tensor* e_buf = nullptr) {
   const int64_t rows = S.size(0), CK = S.size(1);
   acc_t* s = S.data_ptr<acc_t>();
   const acc_t tau = static_cast<acc_t>(temperature);
@@ -134,34 +144,56 @@ void lse_rows(at::Tensor& S, int64_t C, const acc_t* seg, double temperature, ac
       }
     }
   }
-  S.exp_();
+  acc_t* e = s;
+  if (ps != nullptr) {
+    at::Tensor E = e_buf->view(-1).narrow(0, 0, rows * CK).view({rows, CK});
+    at::exp_out(E, S);
+    e = E.data_ptr<acc_t>();
+  } else {
+    S.exp_();
+  }
   for (int64_t i = 0; i < rows; ++i) {
-    acc_t* ei = s + i * CK;
+    acc_t* ei = e + i * CK;
     const acc_t z = rows::sum(ei, CK);
+    if (ps != nullptr) {  // sum p u = sum p S / tau - shift
+      const acc_t* ui = s + i * CK;
+      const acc_t eu = rows::sum_of<acc_t>(CK, [ei, ui](int64_t c) { return ei[c] * ui[c]; });
+      ps[i] = tau * (eu / z + (direct ? acc_t(0) : lse[i]));
+    }
     lse[i] = (direct ? acc_t(0) : lse[i]) + std::log(z);
     if (probs != nullptr) rows::scale(ei, acc_t(1) / z, CK);
   }
-  if (probs != nullptr) rows::stream_copy(probs, s, rows * CK);
+  if (probs != nullptr) rows::stream_copy(probs, e, rows * CK);
 }
 
-// embed_similarity's stats of the tile's rows r0.. (st: rows (3, N)): on
-// the plane path from the tile's statistics, else the row path's mean and
-// rstd (already there with the LayerNorm) and 1 / ||y|| of its rows x; NaN
-// for a pixel whose statistics are not finite.
+// embed_similarity's stats of the tile's rows r0.. (st: rows (kStatsRows,
+// N)), all but row 5 (lse_rows'): on the plane path from the tile's
+// statistics (fold: its LayerNorm), else the row path's mean and rstd
+// (already there with the LayerNorm) and 1 / ||y|| of its rows x, rows 3 and
+// 4 +inf (not kept); NaN in rows 0-4 for a pixel whose statistics are not
+// finite.
 template <typename acc_t>
-void tile_stats(acc_t* st, int64_t N, int64_t r0, int64_t rows, const plane::Stats<acc_t>* ps, bool ln,
-                const acc_t* x, int64_t D) {
+void tile_stats(acc_t* st, int64_t N, int64_t r0, int64_t rows, const plane::Stats<acc_t>* ps,
+                const plane::Fold<acc_t>* fold, bool ln, const acc_t* x, int64_t D) {
   acc_t* mean = st + r0;
   acc_t* rstd = st + N + r0;
   acc_t* inv = st + 2 * N + r0;
+  acc_t* wy = st + 3 * N + r0;
+  acc_t* wxy = st + 4 * N + r0;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t i = 0; i < rows; ++i) {
     bool ok;
+    wy[i] = wxy[i] = std::numeric_limits<acc_t>::infinity();
     if (ps != nullptr) {
+      const acc_t r = ps->r[i];
       mean[i] = ln ? ps->k[i] + ps->delta[i] : acc_t(0);
-      rstd[i] = ln ? ps->r[i] : acc_t(1);
+      rstd[i] = ln ? r : acc_t(1);
       inv[i] = ps->inv[i];
       ok = ps->finite[i];
+      if (ln && ok && std::sqrt(ps->sq[i]) > acc_t(kNormEps)) {
+        wy[i] = r * ps->M[i] + fold->WB;
+        wxy[i] = r * r * ps->Q[i] + r * ps->L[i];
+      }
     } else {
       if (!ln) {
         mean[i] = acc_t(0);
@@ -171,7 +203,7 @@ void tile_stats(acc_t* st, int64_t N, int64_t r0, int64_t rows, const plane::Sta
       inv[i] = inv_norm(sq);
       ok = std::isfinite(sq) && std::isfinite(mean[i]) && std::isfinite(rstd[i]);
     }
-    if (!ok) mean[i] = rstd[i] = inv[i] = nan;
+    if (!ok) mean[i] = rstd[i] = inv[i] = wy[i] = wxy[i] = nan;
   }
 }
 
@@ -193,7 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   at::Tensor own = compute_own ? at::zeros({N, K}, aopt) : at::empty({0}, aopt);
   at::Tensor probs = cache ? BufferPool::get().empty({N, CK}, aopt) : at::empty({0}, aopt);
   const bool any_out = compute_seg || compute_lse || compute_own;
-  if (stats != nullptr) *stats = at::empty(any_out ? at::IntArrayRef({3, N}) : at::IntArrayRef({0}), aopt);
+  if (stats != nullptr) *stats = at::empty(any_out ? at::IntArrayRef({kStatsRows, N}) : at::IntArrayRef({0}), aopt);
+  // row 5 (sum p S) with the softmax cache and the plane path's LayerNorm, where the backward reads it
+  // (else +inf: not kept)
+  const bool keep_ps = stats != nullptr && cache && src.plane_path(normalize) && src.ln();
+  if (stats != nullptr && any_out && !keep_ps) stats->select(0, 5).fill_(std::numeric_limits<double>::infinity());
   if (N == 0 || !any_out) return {seg, argk, lse, own, probs};
   at::Tensor lab = compute_own ? checked_labels(labels, C, ignore_index) : at::Tensor();
   at::Tensor Pt = kmajor_protos(protos, acc).t();  // (D, K*C)
@@ -210,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
       at::Tensor ST_buf = fold ? at::empty({CK, T}, aopt) : at::Tensor();  // the plane path's GEMM output
       std::vector<int32_t> abuf(compute_seg ? C : 0);     // one row's arg-max k per class
       std::unique_ptr<plane::Stats<acc_t>> st(fold ? new plane::Stats<acc_t>(T) : nullptr);
+      at::Tensor e_buf = keep_ps ? at::empty({T, CK}, aopt) : at::Tensor();  // lse_rows' exp, out of place
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = src.row0(t), rows = src.rows(t);
         at::Tensor S = S_buf.narrow(0, 0, rows);
@@ -221,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
           xt = stp != nullptr && src.ln() ? src.load<acc_t>(t, nullptr, nullptr, stp + r0, N) : src.load<acc_t>(t);
           at::mm_out(S, xt, Pt);
         }
-        if (stp != nullptr) tile_stats(stp, N, r0, rows, scaled ? st.get() : nullptr, src.ln(),
+        if (stp != nullptr) tile_stats(stp, N, r0, rows, scaled ? st.get() : nullptr, fold.get(), src.ln(),
                                        scaled ? nullptr : xt.data_ptr<acc_t>(), D);
         acc_t* s = S.data_ptr<acc_t>();
         const acc_t* x = normalize && !scaled ? xt.data_ptr<acc_t>() : nullptr;  // rows to scale S by
@@ -236,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
         if (compute_own) own_rows(s, rows, C, K, lab.data_ptr<int64_t>() + r0, own.data_ptr<acc_t>() + r0 * K);
         if (compute_lse)
           lse_rows(S, C, sv, temperature, lse.data_ptr<acc_t>() + r0,
-                   cache ? probs.data_ptr<acc_t>() + r0 * CK : nullptr);
+                   cache ? probs.data_ptr<acc_t>() + r0 * CK : nullptr, keep_ps ? stp + 5 * N + r0 : nullptr,
+                   &e_buf);
         if (compute_seg && feats.scalar_type() != acc) seg.narrow(0, r0, rows).copy_(seg_t);
       }
       rows::stream_fence();
@@ -256,6 +294,7 @@ struct BackwardPass {
   bool has_seg, has_lse, has_own, cached, normalize, tiled;
   double temperature;
   at::Tensor probs, gseg, ak, glse, lse, gown, lab;
+  bool given_sums = false;  // plane tiles may take plane::backward_given
   at::Tensor P;     // (CK, D): k-major as dS on the dense path, rows of protos on the sparse one
   at::Tensor grad;  // (the layout of feats, acc dtype)
   at::Tensor dw_parts, db_parts;  // (ntiles, D) with the LayerNorm
@@ -264,6 +303,7 @@ struct BackwardPass {
   // A task's scratch, reused across its tiles.
   struct Scratch {
     at::Tensor dS, out, ST;  // (T, CK), (T, D), (CK, T) when S is recomputed on the plane path
+    at::Tensor lp;           // (T, C + K): score_sums' log p
     std::unique_ptr<plane::Stats<acc_t>> st;
   };
   Scratch scratch() const {
@@ -273,6 +313,7 @@ struct BackwardPass {
     if (has_lse || tiled) sc.out = at::empty({T, D}, P.options());
     if (fold && !cached) sc.ST = at::empty({CK, T}, P.options());
     if (fold) sc.st.reset(new plane::Stats<acc_t>(T));
+    if (given_sums) sc.lp = at::empty({T, C + K}, P.options());
     return sc;
   }
 
@@ -323,6 +364,77 @@ struct BackwardPass {
     }
   }
 
+  // The per-pixel sums of plane::backward_given from the tile's dS (rows,
+  // CK; k-major as rho and beta) into st.t1 (dS . S), st.t2 (dS . rho),
+  // st.t3 (dS . beta). dS . S = grad_lse / tau times sum p S (stats row 5,
+  // ps), plus the scores at the entries complete_dS adds, grad_seg at the
+  // arg-max k of each class and grad_own at the label's K, each read back
+  // from the cache as S = tau (log p + lse): their p gathered into lp (rows,
+  // C + K) and taken the log of at once. False (nothing written) when one of
+  // those p is below kMinCachedP (a vanishing or underflowed softmax entry,
+  // whose log would not give S back; from temperatures below about 0.03):
+  // the tile then reads the map for its sums.
+  bool score_sums(const acc_t* dS, int64_t r0, int64_t rows, plane::Stats<acc_t>& st, at::Tensor& lp_buf) const {
+    const int64_t J = C + K;
+    at::Tensor lp = lp_buf.narrow(0, 0, rows);
+    acc_t* l = lp.data_ptr<acc_t>();
+    const acc_t* pr = probs.data_ptr<acc_t>() + r0 * CK;
+    const int64_t* lb = has_own ? lab.data_ptr<int64_t>() + r0 : nullptr;
+    const acc_t p_min = acc_t(kMinCachedP);
+    bool ok = true;
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t* p = pr + i * CK;
+      acc_t* li = l + i * J;
+      if (has_seg) {
+        const uint8_t* a = ak.data_ptr<uint8_t>() + (r0 + i) * C;
+        for (int64_t c = 0; c < C; ++c) li[c] = p[a[c] * C + c];
+      } else {
+        std::fill(li, li + C, acc_t(1));
+      }
+      const bool own_row = has_own && label_in_range(lb[i], C);
+      for (int64_t k = 0; k < K; ++k) li[C + k] = own_row ? p[k * C + lb[i]] : acc_t(1);
+      for (int64_t j = has_seg ? 0 : C; j < J; ++j) ok = ok && li[j] >= p_min;  // false for NaN
+    }
+    if (!ok) return false;
+    lp.log_();
+    const acc_t* rho = fold->rho.data();
+    const acc_t* beta = fold->beta.data();
+    const acc_t* ps = src.stats.data_ptr<acc_t>() + 5 * src.N + r0;
+    const acc_t* gli = glse.data_ptr<acc_t>() + r0;
+    const acc_t* ls = lse.data_ptr<acc_t>() + r0;
+    const acc_t tau = acc_t(temperature);
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t* d = dS + i * CK;
+      acc_t t2 = 0, t3 = 0;
+#pragma omp simd reduction(+ : t2, t3)
+      for (int64_t c = 0; c < CK; ++c) {
+        t2 += d[c] * rho[c];
+        t3 += d[c] * beta[c];
+      }
+      // sum_j g_j S_j over the sparse entries = tau (sum_j g_j log p_j + lse sum_j g_j)
+      const acc_t* li = l + i * J;
+      acc_t gl = 0, gsum = 0;
+      if (has_seg) {
+        const acc_t* gs = gseg.data_ptr<acc_t>() + (r0 + i) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          gl += gs[c] * li[c];
+          gsum += gs[c];
+        }
+      }
+      if (has_own && label_in_range(lb[i], C)) {
+        const acc_t* go = gown.data_ptr<acc_t>() + (r0 + i) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          gl += go[k] * li[C + k];
+          gsum += go[k];
+        }
+      }
+      st.t1[i] = gli[i] * ps[i] + tau * (gl + ls[i] * gsum);
+      st.t2[i] = t2;
+      st.t3[i] = t3;
+    }
+    return true;
+  }
+
   // Tile t on the plane path: dS, G = d loss / d z as a (D, rows) tile (one
   // GEMM into the out buffer), then d loss / d x straight into the
   // gradient's plane. False (nothing written) when the tile must take the row
@@ -350,11 +462,17 @@ struct BackwardPass {
     at::Tensor G = sc.out.view(-1).narrow(0, 0, D * rows).view({D, rows});
     at::mm_out(G, P.t(), dS.t());
     at::Tensor gp = grad.select(0, t / src.per_image).narrow(1, (t % src.per_image) * src.T, rows);
+    acc_t* dw = src.ln() ? dw_parts.data_ptr<acc_t>() + t * D : nullptr;
+    acc_t* db = src.ln() ? db_parts.data_ptr<acc_t>() + t * D : nullptr;
+    if (given_sums && plane::given_all(gs, src.N, rows, kStatsRows) &&
+        score_sums(dS.data_ptr<acc_t>(), r0, rows, st, sc.lp)) {  // one pass over the map
+      plane::backward_given(xp, v.stride(0), G.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), gp.stride(0), rows, D,
+                            *fold, st, gs, src.N, dw, db);
+      return true;
+    }
     const auto from = given ? plane::StatsFrom::kGiven : cached ? plane::StatsFrom::kPass : plane::StatsFrom::kHave;
     return plane::backward(xp, v.stride(0), G.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), gp.stride(0), rows, D, *fold,
-                           st, from, gs, src.N,
-                           src.ln() ? dw_parts.data_ptr<acc_t>() + t * D : nullptr,
-                           src.ln() ? db_parts.data_ptr<acc_t>() + t * D : nullptr);
+                           st, from, gs, src.N, dw, db);
   }
 
   // Tile t on the row path: its rows loaded (and LayerNorm'd), d loss / d f
@@ -481,6 +599,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
     bp.db_parts = db_parts;
     if (has_lse && src.plane_path(normalize))
       bp.fold = std::make_unique<plane::Fold<acc_t>>(bp.P, src.weight, src.bias, src.eps);
+    // plane::backward_given: the cache, the LayerNorm and the stats' 6 rows
+    bp.given_sums = bp.fold && cached && src.ln() && src.stats.defined() && src.stats.size(0) == kStatsRows;
     at::parallel_for(0, src.ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       auto sc = bp.scratch();

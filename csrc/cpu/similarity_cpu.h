@@ -16,6 +16,14 @@
 namespace protoseg {
 namespace PROTOSEG_CPU_CAPABILITY {  // one copy per instruction-set variant (cpu_isa.h)
 
+// Rows of embed_similarity's stats on this backend (pixels contiguous):
+// 0-2 the mean, 1 / std and 1 / ||y|| every backend keeps; then what the
+// backward would otherwise read the map for (plane_embed.h, backward_given):
+// 3: wy = sum w y, 4: wxy = sum w xhat y (LayerNorm, plane path, ||y|| > eps),
+// 5: ps = sum_k softmax(S / tau)_k S_k (softmax cache). +inf where not kept;
+// where kept, NaN (as rows 0-2) for a pixel that is not finite.
+constexpr int64_t kStatsRows = 6;
+
 // Rows per tile: about 1 MiB of S per tile, between 16 and 1024 rows.
 inline int64_t tile_rows(int64_t CK, int64_t elem_size) {
   int64_t rows = (int64_t(1) << 20) / std::max<int64_t>(1, CK * elem_size);
@@ -31,7 +39,7 @@ inline int64_t tile_rows(int64_t CK, int64_t elem_size) {
 // ever stored, forward or backward.
 struct Source {
   at::Tensor feats, weight, bias;  // weight and bias: acc dtype, contiguous (D,), or undefined
-  at::Tensor stats;                // embed_similarity's stats (3, N) when given, or undefined
+  at::Tensor stats;                // embed_similarity's stats (3 or kStatsRows, N) when given, or undefined
   double eps;
   int64_t N, D, HW, T, per_image, ntiles;
   at::ScalarType acc;
@@ -151,7 +159,7 @@ struct Source {
 
 // The tiled forward of similarity and embed_similarity (similarity_cpu.cpp):
 // seg, argk, lse, own and the softmax cache, as the ops return them; with
-// stats given (normalize only), embed_similarity's stats (3, N) into *stats.
+// stats given (normalize only), embed_similarity's stats (kStatsRows, N) into *stats.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_impl(
     const Source& src, const at::Tensor& protos, const at::Tensor& labels, int64_t ignore_index, double temperature,
     bool compute_seg, bool compute_lse, bool compute_own, int64_t cache_bytes, bool normalize,
