@@ -160,7 +160,7 @@ void plane_tile_sums(const Source& src, int64_t t, const plane::Fold<T>& fold, p
   const at::Tensor v = src.plane_tile(t);
   const T* x = v.data_ptr<T>();
   const int64_t ld = v.stride(0), n = src.rows(t), D = src.D, N = src.N;
-  if (src.stats.defined()) {  // embed_similarity's (3, N) rows; NaN ones: not finite
+  if (src.stats.defined()) {  // embed_similarity's first 3 rows; NaN: not finite
     (void)plane::given_stats(src.stats.data_ptr<T>() + src.row0(t), N, n, st);
   } else {
     plane::stats(x, ld, n, D, fold, st);

@@ -177,7 +177,7 @@ inline void add_stats_row(const T* xr, int64_t d, int64_t n, const Fold<T>& f, S
 }
 
 // The LayerNorm's statistics of the tile from embed_similarity's stats (gs:
-// the tile's first pixel of its (3, N) rows, row stride N): the shift k is
+// the tile's first pixel of its first 3 rows, row stride N): the shift k is
 // the mean (delta = 0) and r is given, so the sums left (add_given_row) are
 // s3, s4 and s5 about the mean, i.e. Q, M and L themselves.
 template <typename T>
