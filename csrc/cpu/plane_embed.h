@@ -374,27 +374,30 @@ void layer_norm_backward_apply(const T* x, int64_t ld, const T* G, T* gx, int64_
   }
 }
 
+// Pixel j's coefficients of layer_norm_backward_apply, into the scratch of
+// the sums s1..s5: its mean, a = inv, c = inv^2 f_dot_g, and m1, m2 (sums over
+// D, divided by D here).
+template <typename T>
+inline void set_coefficients(Stats<T>& st, int64_t j, T mu, T inv, T c, T m1_sum, T m2_sum, T D) {
+  st.s1[j] = mu;
+  st.s2[j] = inv;
+  st.s3[j] = c;
+  st.s4[j] = m1_sum / D;
+  st.s5[j] = m2_sum / D;
+}
+
 // pass 2 with the LayerNorm: the per-pixel coefficients from the sums of
 // pass 1, then layer_norm_backward_apply
 template <typename T>
 void layer_norm_backward(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_out, int64_t n, int64_t D,
                          const Fold<T>& f, Stats<T>& st, T* dw, T* db) {
-  T* mu = st.s1.data();
-  T* a = st.s2.data();
-  T* c = st.s3.data();
-  T* m1 = st.s4.data();
-  T* m2 = st.s5.data();
-  const T Dt = T(D);
   for (int64_t j = 0; j < n; ++j) {
     const T r = st.r[j], inv = st.inv[j], dl = st.delta[j];
     const T wgx = r * (st.t1[j] - dl * st.t2[j]);  // sum w g xhat
     const T fdg = std::sqrt(st.sq[j]) <= T(kNormEps) ? T(0) : (wgx + st.t3[j]) * inv;
     const T cj = inv * inv * fdg;
-    mu[j] = st.k[j] + dl;
-    a[j] = inv;
-    c[j] = cj;
-    m1[j] = (inv * st.t2[j] - cj * (r * st.M[j] + f.WB)) / Dt;
-    m2[j] = (inv * wgx - cj * (r * r * st.Q[j] + r * st.L[j])) / Dt;
+    set_coefficients(st, j, st.k[j] + dl, inv, cj, inv * st.t2[j] - cj * (r * st.M[j] + f.WB),
+                     inv * wgx - cj * (r * r * st.Q[j] + r * st.L[j]), T(D));
   }
   layer_norm_backward_apply(x, ld, G, gx, ld_out, n, D, f, st, dw, db);
 }
@@ -424,22 +427,12 @@ bool given_all(const T* gs, int64_t N, int64_t n, int64_t rows) {
 template <typename T>
 void backward_given(const T* x, int64_t ld, const T* G, T* gx, int64_t ld_out, int64_t n, int64_t D,
                     const Fold<T>& f, Stats<T>& st, const T* gs, int64_t N, T* dw, T* db) {
-  T* mu = st.s1.data();
-  T* a = st.s2.data();
-  T* c = st.s3.data();
-  T* m1 = st.s4.data();
-  T* m2 = st.s5.data();
-  const T Dt = T(D);
   for (int64_t j = 0; j < n; ++j) {
     const T inv = gs[2 * N + j], wy = gs[3 * N + j], wxy = gs[4 * N + j];
     const T sdot = st.t1[j];
     const T cj = inv * inv * sdot;
-    mu[j] = gs[j];
     st.r[j] = gs[N + j];
-    a[j] = inv;
-    c[j] = cj;
-    m1[j] = (inv * st.t2[j] - cj * wy) / Dt;
-    m2[j] = (sdot - inv * st.t3[j] - cj * wxy) / Dt;
+    set_coefficients(st, j, gs[j], inv, cj, inv * st.t2[j] - cj * wy, sdot - inv * st.t3[j] - cj * wxy, T(D));
   }
   layer_norm_backward_apply(x, ld, G, gx, ld_out, n, D, f, st, dw, db);
 }
