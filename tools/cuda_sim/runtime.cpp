@@ -970,6 +970,15 @@ void register_extent(const void* data, size_t bytes, const char* name) {
   const uintptr_t lo = reinterpret_cast<uintptr_t>(data), hi = lo + bytes;
   Registry& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mu);
+  auto same = reg.by_lo.find(lo);
+  if (same == reg.by_lo.end() || same->second.hi != hi) {
+    // a new storage where freed ones were: the views of those freed tensors
+    // (pointers taken inside them, possibly at an offset) go too, or a
+    // pointer into this storage that equals one of theirs would carry their
+    // extent (a false out-of-bounds report)
+    for (auto v = reg.views.begin(); v != reg.views.end();)
+      v = v->first >= lo && v->first < hi ? reg.views.erase(v) : std::next(v);
+  }
   auto it = reg.by_lo.lower_bound(lo);
   if (it != reg.by_lo.begin() && std::prev(it)->second.hi > lo) --it;
   while (it != reg.by_lo.end() && it->first < hi) it = reg.by_lo.erase(it);  // freed storages it overlaps

@@ -101,7 +101,8 @@ void note_atomic(const void* p, size_t size, const void* pc, const char* type);
 
 // The extent that a pointer taken from `t.data_ptr()` carries into a kernel:
 // the bytes of that view (from its lowest to its highest element), not its
-// whole storage; keyed by the pointer's value (the latest view wins).
+// whole storage; keyed by the pointer's value (the latest view wins; a storage
+// registered anew drops the views of the freed ones whose bytes it takes).
 void register_view(const void* data, uintptr_t lo, uintptr_t hi, const char* name);
 
 inline const at::Tensor& track(const at::Tensor& t, const char* name) {
