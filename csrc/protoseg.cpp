@@ -39,7 +39,7 @@ PyObject* py_cpu_isa_supported(PyObject*, PyObject*) {
 // cpu_buffer_pool_stats() -> dict: what the CPU kernels' buffer pool holds
 // (csrc/cpu/buffer_pool.h): idle and live bytes, its cap, how many requests it
 // served from an idle buffer and how many with a fresh one, how many idle
-// buffers it released.
+// buffers it released, and the bytes of live buffers released early.
 PyObject* py_cpu_buffer_pool_stats(PyObject*, PyObject*) {
   const protoseg::BufferPoolStats s = protoseg::BufferPool::get().stats();
   PyObject* d = PyDict_New();
@@ -47,7 +47,8 @@ PyObject* py_cpu_buffer_pool_stats(PyObject*, PyObject*) {
   const std::pair<const char*, size_t> items[] = {
       {"idle_bytes", s.idle_bytes}, {"idle_buffers", s.idle_buffers}, {"live_bytes", s.live_bytes},
       {"cap_bytes", s.cap_bytes},   {"reused", s.reused},             {"allocated", s.allocated},
-      {"released", s.released},     {"peak_idle_bytes", s.peak_idle_bytes}};
+      {"released", s.released},     {"peak_idle_bytes", s.peak_idle_bytes},
+      {"released_early_bytes", s.released_early_bytes}};
   for (const auto& kv : items) {
     PyObject* v = PyLong_FromSize_t(kv.second);
     if (v == nullptr || PyDict_SetItemString(d, kv.first, v) != 0) {
@@ -108,6 +109,10 @@ TORCH_LIBRARY(protoseg_ext, m) {
   //                  column order is the backend's own (the CPU kernel keeps
   //                  k-major columns), read only by that backend's backward; a
   //                  backend may always return (0,) and recompute instead.
+  //                  The CPU backward hands the cache's pages back to the OS
+  //                  as it reads them where its buffer pool would not keep the
+  //                  cache (larger than PROTOSEG_POOL_MB): its contents are
+  //                  then gone (a second backward recomputes S).
   // lse, own and probs are float32 (float64 for float64 feats); seg has feats' dtype.
   // normalize=True: feats are raw embeddings, L2-normalised row by row inside
   // the kernel (F.normalize semantics), so the normalised (N, D) copy and its

@@ -97,7 +97,10 @@ def cpu_buffer_pool_stats() -> dict:
     ``PROTOSEG_POOL_MB``, default 1024 MiB); ``live_bytes``: buffers of 16 MiB
     and more handed out and still alive; ``reused`` / ``allocated``: requests
     served from an idle buffer / with a fresh allocation; ``released``: idle
-    buffers handed back to the OS; ``peak_idle_bytes``. Raises when the compiled
+    buffers handed back to the OS; ``peak_idle_bytes``; ``released_early_bytes``:
+    pages of live buffers handed back before they were freed (the softmax cache,
+    released by the backward as it reads it where it is larger than the cap:
+    the pool would not keep it anyway). Raises when the compiled
     library is not loaded. (Documented as ``protoseg_ext.backends.cpu_buffer_pool_stats``.)
     """
     return dict(_loaded().cpu_buffer_pool_stats())

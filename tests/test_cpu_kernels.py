@@ -215,6 +215,78 @@ def test_buffer_pool_keeps_only_what_the_next_step_reuses(pool_mb):
     assert peak <= max(kept, kept_same, p12 if p12 <= cap else 0, p8)
 
 
+_EARLY_RELEASE_SCRIPT = r"""
+import json
+import torch, torch.nn.functional as F
+from protoseg_ext import backends
+from protoseg_ext import reference as R
+from protoseg_ext.testing import embed_reference
+
+OPS = torch.ops.protoseg_ext
+stats = backends.cpu_buffer_pool_stats
+B, D, H, W, C, K = 2, 24, 64, 192, 19, 10  # N = 24,576: a (N, 190) float32 cache of 17.8 MiB, from the pool
+g = torch.Generator().manual_seed(8)
+x0 = torch.randn(B, D, H, W, generator=g) * 2 + 0.5
+w0, b0 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+p = F.normalize(torch.randn(C, K, D, generator=g), dim=-1)
+N = B * H * W
+gt = torch.randint(-1, C, (N,), generator=g)
+xa, wa, ba = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+seg, argk, lse, own, probs, st = OPS.embed_similarity(xa, wa, ba, 1e-5, p, gt, -1, 0.1, True, True, True, 1 << 30)
+assert probs.shape == (N, C * K)
+cache = probs.numel() * probs.element_size()
+wts = [torch.randn(t.shape, generator=g) for t in (seg, lse, own)]
+loss = sum((o * u).sum() for o, u in zip((seg, lse, own), wts))
+before = stats()["released_early_bytes"]
+first = torch.autograd.grad(loss, [xa, wa, ba], retain_graph=True)
+released = stats()["released_early_bytes"] - before
+second = torch.autograd.grad(loss, [xa, wa, ba])  # through the same graph: the cache as the first left it
+seg, argk, lse, own, probs, st = OPS.embed_similarity(xa, wa, ba, 1e-5, p, gt, -1, 0.1, True, True, True, 0)
+uncached = torch.autograd.grad(sum((o * u).sum() for o, u in zip((seg, lse, own), wts)), [xa, wa, ba])
+xb, wb, bb = [t.double().requires_grad_() for t in (x0, w0, b0)]
+ref = R.similarity_outputs(embed_reference(xb, (wb, bb, 1e-5)), p.double(), gt, -1, 0.1, True, True, True)
+refg = torch.autograd.grad(sum((o * u.double()).sum() for o, u in zip((ref[0], ref[2], ref[3]), wts)), [xb, wb, bb])
+err = lambda a, b: max(((u.double() - v.double()).abs().max() / v.double().abs().max()).item() for u, v in zip(a, b))
+print("EARLY " + json.dumps({"cap": stats()["cap_bytes"], "cache": cache,
+                             "released": released, "first_ref": err(first, refg), "second_ref": err(second, refg),
+                             "first_uncached": err(first, uncached), "second_first": err(second, first)}))
+"""
+
+
+@pytest.mark.skipif("cpu" not in backends.available_backends(), reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("pool_mb", [None, 8])
+def test_backward_releases_a_cache_the_pool_would_not_keep(pool_mb):
+    """A softmax cache larger than PROTOSEG_POOL_MB (freed at once when its tensors go) is handed back
+    to the OS by the backward as it reads it, in whole huge pages; one the pool keeps for the next step
+    (the default cap, at this size) is not. Either way the gradients of feats, weight and bias match
+    LayerNorm + F.normalize + the reference in float64 and the backward without a cache, and a second
+    backward through the same graph (retain_graph=True) finds the released cache gone, recomputes S
+    and gives the same gradients (reading the released pages would give zeros there)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("PROTOSEG_POOL_MB", None)
+    if pool_mb is not None:
+        env["PROTOSEG_POOL_MB"] = str(pool_mb)
+    r = subprocess.run([sys.executable, "-c", _EARLY_RELEASE_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("EARLY "))[6:])
+    MiB = 1 << 20
+    assert s["cache"] == 24576 * 190 * 4 and s["cache"] >= 16 * MiB  # a pool buffer
+    if pool_mb is None:
+        assert s["released"] == 0  # kept for the next step: its pages stay
+    else:
+        # whole 2 MiB pages, all but those a task's range shares with its neighbours' (at most 2 per task)
+        assert s["released"] % (2 * MiB) == 0 and s["cache"] - 8 * MiB <= s["released"] <= s["cache"], s
+    for k in ("first_ref", "second_ref"):
+        assert s[k] < 2e-4, s
+    assert s["first_uncached"] < 1e-5 and s["second_first"] < 1e-5, s
+
+
 @pytest.mark.parametrize("cache", [0, 1 << 30])
 def test_embed_backward_non_finite_pixels_inside_plane_tiles(cache):
     """A NaN or inf pixel inside a plane tile (pixel 700 of the first 1,024-pixel tile, pixel

@@ -31,13 +31,23 @@
 //   go first).
 //
 // A buffer is only idle once every tensor viewing it is gone, so nothing is
-// shared. stats() and release() are exposed as protoseg_ext._C.cpu_buffer_pool_stats
+// shared.
+//
+// A live buffer that will go back to the OS when freed (larger than the cap)
+// may be released early, page by page, by the one reader that needs it no
+// more (begin_release, release_pages): the similarity backward does so with
+// the softmax cache as it reads the cache's tiles, so that the cache's pages
+// go while the feature gradient's are written (at full resolution the cache
+// is 1.5 GiB and the gradient 5.6 GiB: the step's peak no longer holds both).
+// released() then says that the buffer's contents are gone (a second backward
+// through the same graph recomputes what it would have read). stats() and release() are exposed as protoseg_ext._C.cpu_buffer_pool_stats
 // and cpu_buffer_pool_release (protoseg_ext.backends.cpu_buffer_pool_stats).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -59,6 +69,7 @@ struct BufferPoolStats {
   size_t allocated = 0;      // requests served with a fresh allocation
   size_t released = 0;       // idle buffers handed back to the OS (stale sizes, cap, release())
   size_t peak_idle_bytes = 0;
+  size_t released_early_bytes = 0;  // pages of live buffers handed back by release_pages
 };
 
 class BufferPool {
@@ -79,6 +90,10 @@ class BufferPool {
       p = allocate(bytes);
       if (p == nullptr) return at::empty(sizes, options);  // let the ATen allocator report the failure
     }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      live_.push_back({p, bytes});
+    }
     return at::from_blob(p, sizes, [bytes](void* q) { BufferPool::get().give_back(q, bytes); }, options);
   }
 
@@ -88,7 +103,51 @@ class BufferPool {
     s.idle_bytes = idle_bytes_;
     s.idle_buffers = idle_.size();
     s.cap_bytes = cap_;
+    s.released_early_bytes = released_early_bytes_.load();
     return s;
+  }
+
+  // True when p is the start of a live buffer of `bytes` bytes that goes back
+  // to the OS when freed (larger than the cap) and was not released before:
+  // it is marked released from now until it is freed, and its one reader may
+  // hand its pages back with release_pages as it is done with them.
+  bool begin_release(const void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (bytes <= cap_) return false;  // kept idle when freed: its pages serve the next step
+    for (Live& l : live_) {
+      if (l.ptr == p) {
+        if (l.bytes != bytes || l.released) return false;
+        l.released = true;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // Whether the live buffer starting at p had pages released (its contents are gone).
+  bool released(const void* p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Live& l : live_)
+      if (l.ptr == p) return l.released;
+    return false;
+  }
+
+  // Hands back to the OS the whole huge pages (kAlign, the buffers' alignment)
+  // inside bytes [begin, end) of the buffer at base, which begin_release
+  // marked. Returns the offset up to which the range is released (begin
+  // rounded up when nothing is), to call again with the next range: the
+  // pages a range shares with its neighbours go with the range that
+  // completes them, if that is the same caller's.
+  size_t release_pages(void* base, size_t begin, size_t end) {
+    const size_t from = round_up(begin), to = end / kAlign * kAlign;
+    if (to <= from) return from;
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    if (madvise(static_cast<char*>(base) + from, to - from, MADV_DONTNEED) != 0) return from;  // kept, still valid
+    released_early_bytes_ += to - from;
+#else
+    (void)base;
+#endif
+    return to;
   }
 
   // Hands every idle buffer back to the OS; returns the bytes released.
@@ -194,6 +253,12 @@ class BufferPool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.live_bytes -= bytes;
+      for (size_t i = 0; i < live_.size(); ++i) {
+        if (live_[i].ptr == p) {
+          live_.erase(live_.begin() + i);
+          break;
+        }
+      }
       if (bytes > cap_) {
         drop.push_back(p);
       } else {
@@ -215,8 +280,15 @@ class BufferPool {
     void* ptr;
     size_t bytes;
   };
+  struct Live {
+    void* ptr;
+    size_t bytes;
+    bool released = false;  // pages handed back by release_pages: its contents are gone
+  };
   std::mutex mu_;
   std::vector<Idle> idle_;
+  std::vector<Live> live_;  // handed out, not yet freed (a handful: a step's large buffers)
+  std::atomic<size_t> released_early_bytes_{0};
   std::vector<size_t> history_;  // byte sizes of the latest pooled requests, oldest first
   size_t idle_bytes_ = 0;
   size_t cap_ = 0;
