@@ -105,13 +105,19 @@ _THREADS_SCRIPT = textwrap.dedent(
 
 
 def test_same_bits_with_one_and_two_threads(tmp_path):
+    """The kernels' reductions run in a fixed order whatever the thread count, so one and two threads
+    give the same bits. The GEMMs inside them are MKL's, called one per tile from each thread: on an
+    Intel CPU with AVX-512, MKL's AVX-512 sgemm rounds some entries of a tile (its last, partial row
+    block) differently when the process has one thread or two (seen on a Xeon: 1 ulp in seg and own, 1
+    ulp in the row log-sum-exp of one pixel in 4,800), so the comparison pins MKL's code path with its
+    conditional numerical reproducibility switch (MKL_CBWR=COMPATIBLE; ignored where torch has no MKL)."""
     here = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "run.py"
     script.write_text(_THREADS_SCRIPT)
     outs = []
     for n in (1, 2):
         out = tmp_path / f"out{n}.pt"
-        env = dict(os.environ, OMP_NUM_THREADS=str(n))
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_CBWR="COMPATIBLE")
         subprocess.run([sys.executable, str(script), str(n), here, str(out)], check=True, env=env)
         outs.append(torch.load(out))
     for k in outs[0]:
