@@ -35,12 +35,14 @@
 //
 // A live buffer that will go back to the OS when freed (larger than the cap)
 // may be released early, page by page, by the one reader that needs it no
-// more (begin_release, release_pages): the similarity backward does so with
+// more (claim_reading, release_pages): the similarity backward does so with
 // the softmax cache as it reads the cache's tiles, so that the cache's pages
 // go while the feature gradient's are written (at full resolution the cache
 // is 1.5 GiB and the gradient 5.6 GiB: the step's peak no longer holds both).
-// released() then says that the buffer's contents are gone (a second backward
-// through the same graph recomputes what it would have read). stats() and release() are exposed as protoseg_ext._C.cpu_buffer_pool_stats
+// A later reader of that buffer is told its contents are gone (a second
+// backward through the same graph recomputes what it would have read).
+//
+// stats() and release() are exposed as protoseg_ext._C.cpu_buffer_pool_stats
 // and cpu_buffer_pool_release (protoseg_ext.backends.cpu_buffer_pool_stats).
 #pragma once
 #include <ATen/ATen.h>
@@ -107,34 +109,27 @@ class BufferPool {
     return s;
   }
 
-  // True when p is the start of a live buffer of `bytes` bytes that goes back
-  // to the OS when freed (larger than the cap) and was not released before:
-  // it is marked released from now until it is freed, and its one reader may
-  // hand its pages back with release_pages as it is done with them.
-  bool begin_release(const void* p, size_t bytes) {
+  // How a reader may read the buffer starting at p, of `bytes` bytes, one
+  // decision under the lock (so two readers never both think they hold it):
+  enum class Reading {
+    kKept,     // read it as it is: not a live pool buffer, or one the pool keeps when freed
+    kRelease,  // the first reader of a buffer that goes back to the OS when freed: it may
+               // hand the pages back with release_pages as it is done with them
+    kGone,     // an earlier reader released its pages: its contents are gone
+  };
+  Reading claim_reading(const void* p, size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (bytes <= cap_) return false;  // kept idle when freed: its pages serve the next step
-    for (Live& l : live_) {
-      if (l.ptr == p) {
-        if (l.bytes != bytes || l.released) return false;
-        l.released = true;
-        return true;
-      }
-    }
-    return false;
-  }
-
-  // Whether the live buffer starting at p had pages released (its contents are gone).
-  bool released(const void* p) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const Live& l : live_)
-      if (l.ptr == p) return l.released;
-    return false;
+    Live* l = find_live_locked(p);
+    if (l == nullptr || l->bytes != bytes) return Reading::kKept;
+    if (l->released) return Reading::kGone;
+    if (bytes <= cap_) return Reading::kKept;  // kept idle when freed: its pages serve the next step
+    l->released = true;
+    return Reading::kRelease;
   }
 
   // Hands back to the OS the whole huge pages (kAlign, the buffers' alignment)
-  // inside bytes [begin, end) of the buffer at base, which begin_release
-  // marked. Returns the offset up to which the range is released (begin
+  // inside bytes [begin, end) of the buffer at base, which claim_reading
+  // gave as kRelease. Returns the offset up to which the range is released (begin
   // rounded up when nothing is), to call again with the next range: the
   // pages a range shares with its neighbours go with the range that
   // completes them, if that is the same caller's.
@@ -253,12 +248,7 @@ class BufferPool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.live_bytes -= bytes;
-      for (size_t i = 0; i < live_.size(); ++i) {
-        if (live_[i].ptr == p) {
-          live_.erase(live_.begin() + i);
-          break;
-        }
-      }
+      if (Live* l = find_live_locked(p)) live_.erase(live_.begin() + (l - live_.data()));
       if (bytes > cap_) {
         drop.push_back(p);
       } else {
@@ -283,8 +273,13 @@ class BufferPool {
   struct Live {
     void* ptr;
     size_t bytes;
-    bool released = false;  // pages handed back by release_pages: its contents are gone
+    bool released = false;  // claimed as kRelease: its pages go back as they are read
   };
+  Live* find_live_locked(const void* p) {
+    for (Live& l : live_)
+      if (l.ptr == p) return &l;
+    return nullptr;
+  }
   std::mutex mu_;
   std::vector<Idle> idle_;
   std::vector<Live> live_;  // handed out, not yet freed (a handful: a step's large buffers)

@@ -556,9 +556,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
   const bool has_lse = grad_lse.has_value() && grad_lse->defined();
   const bool has_own = grad_own.has_value() && grad_own->defined();
   at::NoGradGuard no_grad;
-  // A cache whose pages an earlier backward released (BufferPool::release_pages; a second backward
-  // through the same graph, retain_graph=True) is gone: S is recomputed as without it.
-  if (cached && BufferPool::get().released(probs_opt->data_ptr())) cached = false;
   const at::Tensor& feats = src.feats;
   const int64_t N = src.N, D = src.D, C = protos.size(0), K = protos.size(1), CK = C * K;
   const auto acc = src.acc;
@@ -579,6 +576,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
     if (tiled) grad.zero_();
     return finish();
   }
+  // The cache's pages go back to the OS as its tiles are read, where the pool would not keep it
+  // when freed (larger than PROTOSEG_POOL_MB, e.g. 1.5 GiB at full resolution): the gradient's
+  // pages are faulted in as the cache's go, instead of on top of them. A cache an earlier backward
+  // released (a second backward through the same graph, retain_graph=True) is gone: S is
+  // recomputed as without it.
+  BufferPool& pool = BufferPool::get();
+  const auto reading = cached && probs_opt->is_contiguous()
+                           ? pool.claim_reading(probs_opt->data_ptr(), probs_opt->nbytes())
+                           : BufferPool::Reading::kKept;
+  if (reading == BufferPool::Reading::kGone) cached = false;
+  const bool release = reading == BufferPool::Reading::kRelease;
   AT_DISPATCH_FLOATING_TYPES(acc, "similarity_backward_cpu", [&] {
     using acc_t = scalar_t;
     BackwardPass<acc_t> bp{src, C, K, CK, D, has_seg, has_lse, has_own, cached, normalize, tiled, temperature};
@@ -604,12 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_backward_impl(
       bp.fold = std::make_unique<plane::Fold<acc_t>>(bp.P, src.weight, src.bias, src.eps);
     // plane::backward_given: the cache, the LayerNorm and the stats' 6 rows
     bp.given_sums = bp.fold && cached && src.ln() && src.stats.defined() && src.stats.size(0) == kStatsRows;
-    // The cache's pages go back to the OS as its tiles are read, where the pool would not keep it
-    // when freed (larger than PROTOSEG_POOL_MB, e.g. 1.5 GiB at full resolution): the gradient's
-    // pages are faulted in as the cache's go, instead of on top of them.
-    BufferPool& pool = BufferPool::get();
     const size_t row_bytes = static_cast<size_t>(CK) * sizeof(acc_t);
-    const bool release = cached && pool.begin_release(bp.probs.data_ptr(), static_cast<size_t>(N) * row_bytes);
     at::parallel_for(0, src.ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::NoGradGuard no_grad_worker;  // grad mode is per thread: OpenMP workers start with it on
       auto sc = bp.scratch();
