@@ -78,6 +78,7 @@ SIM_CASES = [  # N, D, C, K
     (300, 16, 5, 4),
     (200, 40, 19, 10),  # D not a multiple of 32
     (70, 33, 150, 3),  # C = 150: lanes take several classes
+    (20, 16, 150, 10),  # C*K = 1,500: the epilogue holds rows whole, 47 KiB + 4 KiB (the opt-in); float64: in groups
     (65, 24, 7, 1),  # K = 1
 ]
 
@@ -419,14 +420,16 @@ def test_embed_similarity_offsets_overflow_and_nan(sim):
     torch.testing.assert_close(gb.double(), want[2], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("C, K", [(60, 10), (25, 40)])
+@pytest.mark.parametrize("C, K", [(60, 10), (150, 10), (70, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_embed_similarity_epilogue_maps_long_rows(sim, C, K, dtype):
-    """The forward epilogue applies the folded GEMM's per-row affine map as it stages a row: rows longer
-    than one staged group (C*K > 512; groups of 32 and of 12 classes, 480 columns, not a multiple of the
-    warp) written back mapped for the softmax rows and own, and for bf16 the two halves of the split GEMM
-    added; with far-from-mean, overflowing and NaN pixels among them (scores from embed_scores_kernel,
-    left alone by the epilogue). seg, lse, own and the cached softmax rows against the reference."""
+    """The forward epilogue applies the folded GEMM's per-row affine map as it stages a row, in groups of
+    classes: rows longer than one group (32 classes at K = 10; 12 at K = 40, 480 columns, not a multiple of
+    the warp) held whole in the stage (C*K = 600: 19 KiB per block; 1,500: 47 KiB, above 48 KiB with the
+    static rho and beta, so with the opt-in) or, too long for it (C*K = 2,800), written back mapped for the
+    softmax rows and own; for bf16 the two halves of the split GEMM added; with far-from-mean, overflowing
+    and NaN pixels among them (scores from embed_scores_kernel, left alone by the epilogue). seg, lse, own
+    and the cached softmax rows against the reference."""
     x, w, b, p, gt = _embed_problem(2, 24, 4, 6, C, K, seed=16, dtype=torch.float64)
     x[1, :, :2] += 60  # |mean| / std = 30: recomputed from z
     x[0, :, 1, 2] *= 1e20  # float32 squares overflow: NaN stats, recomputed in float64
@@ -926,6 +929,16 @@ def test_emulator_runs_a_correct_kernel(sim, order):
         ("launch_bounds", torch.randn(256), r"block_sum_kernel.*256 threads per block, above __launch_bounds__\(128\)"),
         ("empty_grid", torch.randn(256), r"block_sum_kernel.*invalid configuration argument: grid \(0, 1, 1\)"),
         ("dynamic_shared_oob", torch.zeros(1), r"dynamic_shared_kernel.*out-of-bounds access of `extern __shared__ array`"),
+        ("big_dynamic_shared_no_optin", torch.zeros(1),
+         r"big_dynamic_shared_kernel<1>.*invalid configuration argument.*dynamic shared 65536 bytes \(above 48 KiB: "
+         r"cudaFuncSetAttribute"),
+        ("big_dynamic_shared_beside_static", torch.zeros(1),
+         r"big_dynamic_shared_kernel<2>.*shared memory above the 48 KiB per block \(static 4096 \+ dynamic 46080 "
+         r"bytes, without the opt-in"),
+        ("big_dynamic_shared_above_device", torch.zeros(1),
+         r"big_dynamic_shared_kernel<3>.*shared memory above the 227 KiB per block \(static 4096 \+ dynamic 232448 "
+         r"bytes, with the opt-in\)"),
+        ("optin_above_device", torch.zeros(1), r"CUDA error from cudaFuncSetAttribute"),
         ("device_assert", torch.tensor([0, 1, -2, 3], dtype=torch.int32), r"assert_kernel.*thread \(2, 0, 0\).*device-side assert.*x: an entry is negative"),
     ],
 )
@@ -999,6 +1012,17 @@ def test_emulator_shared_memory_starts_poisoned(sim, order):
     assert _stale(y[:32]).all() and torch.equal(y[32:], torch.arange(32.0))
     y = _selftest(sim, "dynamic_shared", torch.zeros(1))
     assert torch.equal(y, torch.arange(63, -1, -1.0) * 10)
+
+
+def test_emulator_dynamic_shared_memory_above_48_kib_with_the_opt_in(sim):
+    """64 KiB of dynamic shared memory beside a 4 KiB static array, after cudaFuncSetAttribute(kernel,
+    cudaFuncAttributeMaxDynamicSharedMemorySize, 64 KiB), as on a GPU; without it, or above the device's 227
+    KiB, the launch fails (test_emulator_stops_a_faulty_kernel_and_names_it)."""
+    y = _selftest(sim, "big_dynamic_shared", torch.zeros(1))
+    n, b = 16384, 64
+    i = torch.arange(n, dtype=torch.float64)
+    want = torch.arange(b - 1, -1, -1.0, dtype=torch.float64) + (n - 1 - i).view(-1, b).sum(0)
+    assert torch.equal(y.double(), want)
 
 
 def test_emulator_fresh_memory_is_poisoned(sim):

@@ -28,6 +28,32 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Shared memory per block. Without the opt-in a kernel's static and dynamic
+// shared memory share 48 KiB; above that, up to the device's
+// cudaDevAttrMaxSharedMemoryPerBlockOptin (227 KiB on an H100, 163 KiB on an
+// A100), only after cudaFuncSetAttribute(kernel,
+// cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
+constexpr size_t kDefaultSmemBytes = size_t(48) << 10;
+
+// Whether a launch of a kernel with `static_bytes` of static shared memory
+// may take `dynamic_bytes` of dynamic shared memory on the current device.
+inline bool smem_fits(size_t static_bytes, size_t dynamic_bytes) {
+  if (static_bytes + dynamic_bytes <= kDefaultSmemBytes) return true;
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_bytes + dynamic_bytes <= size_t(optin);
+}
+
+// Before a launch of `kernel` (static_bytes of static shared memory) with
+// dynamic_bytes of dynamic shared memory that smem_fits allows: the opt-in,
+// when the two exceed 48 KiB (per device and kernel; a cheap call).
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t static_bytes, size_t dynamic_bytes) {
+  if (static_bytes + dynamic_bytes > kDefaultSmemBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic_bytes)));
+}
+
 // Sum over the 32 lanes of a warp; every lane gets the same bits (each
 // butterfly step adds the same two values, and addition commutes).
 template <typename T>

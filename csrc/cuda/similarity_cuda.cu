@@ -281,22 +281,27 @@ __global__ void __launch_bounds__(kRowThreads, 4)
 // (rho == nullptr: S = inv G), with pixel i's (mu, r, inv) at stats[c * sld
 // + i]; rows with scores_fixed_row hold their scores already
 // (embed_scores_kernel).
-// Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8).
-// The row goes through the warp's slice of shared memory a group of G =
-// min(32, kEpilogueStage / K) classes at a time: the warp copies the group's
-// G*K scores there with consecutive lanes on consecutive columns (whole
-// sectors; a lane per class reading its K scores from global memory would
-// put the lanes K*4 bytes apart: 2.9x the ideal sectors at K = 10), pushes
-// them into its lanes' log-sum-exp states (lane l: columns l, l + 32, ...),
-// then lane c < G takes the max over its class's K scores there; the 32 lane
-// states merge by an xor butterfly (fixed order, deterministic). With the
+// Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8),
+// 8 * stage_cols acc_t of dynamic shared memory (epilogue_stage_cols): the
+// warp's stage. The row goes through it a group of G = min(32,
+// kEpilogueStage / K) classes at a time: the warp copies the group's G*K
+// scores there with consecutive lanes on consecutive columns (whole sectors;
+// a lane per class reading its K scores from global memory would put the
+// lanes K*4 bytes apart: 2.9x the ideal sectors at K = 10), pushes them into
+// its lanes' log-sum-exp states (lane l: columns l, l + 32, ...), then lane
+// c < G takes the max over its class's K scores there; the 32 lane states
+// merge by an xor butterfly (fixed order, deterministic). With the
 // LayerNorm's map, the block first copies the group's rho and beta to
-// shared memory (one load per block, not one per row). A row of one group
-// (C <= G) stays in the stage for probs and own; a longer mapped row that
-// probs or own reads again is written back mapped, in place, as it is staged.
+// shared memory (one load per block, not one per row). When the stage holds
+// the whole row (stage_cols == C*K: each group at its own columns), probs
+// and own read the scores from there: the tile is read once and never
+// written. Otherwise (stage_cols == G*K, rows too long for the stage: each
+// group overwrites the last) a mapped row that probs or own reads again is
+// written back mapped, in place, as it is staged.
 // Bounds: i < rows checked (warp-uniform: the warps past the tile's rows
 // stay for the block's barriers and touch no row); columns c*K + k and j are
-// < C*K, staged entries < G*K <= kEpilogueStage (K <= 256 < kEpilogueStage);
+// < C*K; staged entries < G*K <= stage_cols, or < C*K == stage_cols when
+// whole (the host gives stage_cols >= G*K; K <= 256 < kEpilogueStage);
 // output rows n = row0 + i < N because the host passes rows <= N - row0;
 // labels asserted before indexing. Sync: each warp owns row i of the tile,
 // its slice of the stage and row n of every output; __syncwarp between
@@ -311,7 +316,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
     int64_t sld, const acc_t* __restrict__ rho, const acc_t* __restrict__ beta, int64_t half, int64_t rows,
     int64_t row0, int64_t C, int64_t K, acc_t temperature, const int64_t* __restrict__ labels, int64_t ignore_index,
     bool compute_seg, bool compute_lse, bool compute_own, scalar_t* __restrict__ seg, uint8_t* __restrict__ argk,
-    acc_t* __restrict__ lse, acc_t* __restrict__ own, acc_t* __restrict__ probs) {
+    acc_t* __restrict__ lse, acc_t* __restrict__ own, acc_t* __restrict__ probs, int64_t stage_cols) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x & (kWarp - 1);
   const bool valid = i < rows;  // warp-uniform
@@ -327,17 +332,24 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
     mapped = !cuda::scores_fixed_row(rho != nullptr, mu, r, inv);
     if (!mapped) r = acc_t(1);  // the fixed row holds its scores
   }
-  __shared__ acc_t stage[kRowsPerBlock][kEpilogueStage];
-  __shared__ acc_t rb[2][kEpilogueStage];  // the group's rho and beta
-  acc_t* sh = stage[threadIdx.x / kWarp];
+  __shared__ acc_t rb[2][kEpilogueStage];  // the group's rho and beta (epilogue_static_smem)
+  acc_t* sh = nullptr;  // the warp's stage in the block's dynamic shared memory (one extern array per type:
+  if constexpr (std::is_same<acc_t, float>::value) {  // `extern __shared__ acc_t a[]` would give one name two)
+    extern __shared__ float stage_f[];
+    sh = stage_f + (threadIdx.x / kWarp) * stage_cols;
+  } else {
+    extern __shared__ double stage_d[];
+    sh = stage_d + (threadIdx.x / kWarp) * stage_cols;
+  }
   const int G = kEpilogueStage / K < kWarp ? int(kEpilogueStage / K) : kWarp;  // classes per group, >= 2
-  const bool staged = compute_seg || compute_lse, whole = staged && C <= G;
+  const bool staged = compute_seg || compute_lse, whole = staged && stage_cols >= CK;
   if (staged) {
     const bool ln_map = stats != nullptr && rho != nullptr;  // block-uniform
     const bool keep = mapped && !whole && (probs != nullptr || compute_own);
     LseState<acc_t> st = lse_init<acc_t>();
     for (int c0 = 0; c0 < C; c0 += G) {
       const int nc = C - c0 < G ? int(C) - c0 : G, cols = nc * int(K);
+      acc_t* gs = whole ? sh + c0 * K : sh;  // the group's stage
       if (ln_map) {
         __syncthreads();  // the previous group's rho, beta are read
         for (int j = threadIdx.x; j < cols; j += kRowThreads) {
@@ -355,14 +367,14 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
         } else {
           v = e[0] * r;
         }
-        sh[j] = v;  // the per-class max below reads it, and probs and own when whole
+        gs[j] = v;  // the per-class max below reads it, and probs and own when whole
         if (compute_lse) lse_push(st, v / temperature);
       }
       __syncwarp();
       if (valid && compute_seg && lane < nc) {
         acc_t best = -INFINITY;
         int64_t arg = 0;
-        for (int k = 0; k < K; ++k) max_push(best, arg, sh[lane * K + k], int64_t(k));
+        for (int k = 0; k < K; ++k) max_push(best, arg, gs[lane * K + k], int64_t(k));
         seg[n * C + c0 + lane] = static_cast<scalar_t>(best);
         argk[n * C + c0 + lane] = static_cast<uint8_t>(arg);  // K <= 256
       }
@@ -519,6 +531,26 @@ SimilarityOutputs::SimilarityOutputs(const at::TensorOptions& fopt, int64_t N, i
   probs = cache ? at::empty({N, C * K}, aopt) : at::empty({0}, aopt);
 }
 
+namespace {
+
+constexpr size_t kWholeRowStageBytes = size_t(64) << 10;  // the most a block of whole-row stages takes
+
+// Static shared memory of similarity_epilogue_kernel: rb.
+constexpr size_t epilogue_static_smem(size_t acc_bytes) { return 2 * kEpilogueStage * acc_bytes; }
+
+// Entries of each warp's stage in the forward epilogue (similarity_epilogue_kernel): the whole row,
+// C*K, when the block's 8 rows take at most kWholeRowStageBytes (C*K <= 2,048 in fp32: ADE20K's
+// 1,500 and COCO-Stuff's 1,710 at K = 10; 3 blocks of 8 warps per SM on an H100, 2 on an A100) and
+// fit the device's shared memory per block; else one group of classes. 0 when nothing is staged.
+int64_t epilogue_stage_cols(int64_t C, int64_t K, size_t acc_bytes, bool staged) {
+  if (!staged) return 0;
+  const size_t whole = size_t(kRowsPerBlock * C * K) * acc_bytes;
+  if (whole <= kWholeRowStageBytes && smem_fits(epilogue_static_smem(acc_bytes), whole)) return C * K;
+  return std::min<int64_t>(kWarp, kEpilogueStage / K) * K;
+}
+
+}  // namespace
+
 void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, int64_t row0, int64_t C, int64_t K,
                          double temperature, const at::Tensor& labels, int64_t ignore_index, SimilarityOutputs& out,
                          cudaStream_t stream, const ScoreAffine* affine) {
@@ -530,7 +562,10 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.seg.scalar_type(), "similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto opt = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-    similarity_epilogue_kernel<scalar_t, acc_t><<<ceil_div(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+    const int64_t stage_cols = epilogue_stage_cols(C, K, sizeof(acc_t), out.compute_seg || out.compute_lse);
+    const size_t smem = size_t(kRowsPerBlock * stage_cols) * sizeof(acc_t);
+    allow_dynamic_smem(similarity_epilogue_kernel<scalar_t, acc_t>, epilogue_static_smem(sizeof(acc_t)), smem);
+    similarity_epilogue_kernel<scalar_t, acc_t><<<ceil_div(rows, kRowsPerBlock), kRowThreads, smem, stream>>>(
         S_tile.data_ptr<acc_t>(), S_tile.stride(0), opt(row_scale),
         a.stats.defined() ? a.stats.data_ptr<acc_t>() + a.col : nullptr, a.stats.defined() ? a.stats.size(1) : 0,
         opt(a.rho), opt(a.beta), a.half, rows, row0, C, K, acc_t(temperature),
@@ -538,7 +573,7 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
         out.compute_seg, out.compute_lse, out.compute_own, out.compute_seg ? out.seg.data_ptr<scalar_t>() : nullptr,
         out.compute_seg ? out.argk.data_ptr<uint8_t>() : nullptr,
         out.compute_lse ? out.lse.data_ptr<acc_t>() : nullptr, out.compute_own ? out.own.data_ptr<acc_t>() : nullptr,
-        cache ? out.probs.data_ptr<acc_t>() : nullptr);
+        cache ? out.probs.data_ptr<acc_t>() : nullptr, stage_cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -94,6 +94,7 @@ struct Run {
   ucontext_t sched;
   std::string error;  // the first failure of the block
   std::vector<unsigned char> smem;
+  size_t smem_optin = 0;  // cudaFuncAttributeMaxDynamicSharedMemorySize of the kernel, 0 if not set
   size_t static_used = 0;
   std::vector<StaticAlloc> statics;
   // race checker
@@ -883,9 +884,13 @@ void* static_shared(const void* tag, size_t size, size_t align, const char* name
     if (a.tag == tag) return r.smem.data() + a.offset;
   const size_t off = (r.static_used + std::max<size_t>(align, 16) - 1) / std::max<size_t>(align, 16) *
                      std::max<size_t>(align, 16);
-  if (off + size + r.cfg.dynamic_smem > kStaticSmemLimit)
-    fail("shared memory above the 48 KiB per block (static " + std::to_string(off + size) + " + dynamic " +
-         std::to_string(r.cfg.dynamic_smem) + " bytes)");
+  // Without the opt-in, static and dynamic share 48 KiB; with it, the static
+  // part stays within 48 KiB and the two within the device's opt-in limit.
+  const size_t limit = r.smem_optin > 0 ? size_t(kSmemOptinLimit) : kStaticSmemLimit;
+  if (off + size > kStaticSmemLimit || off + size + r.cfg.dynamic_smem > limit)
+    fail("shared memory above the " + std::to_string(limit >> 10) + " KiB per block (static " +
+         std::to_string(off + size) + " + dynamic " + std::to_string(r.cfg.dynamic_smem) + " bytes" +
+         (r.smem_optin > 0 ? ", with the opt-in" : ", without the opt-in of cudaFuncSetAttribute") + ")");
   r.statics.push_back({tag, off, size, name});
   r.static_used = off + size;
   return r.smem.data() + off;
@@ -1046,18 +1051,47 @@ void fail_access(const Extent& e, uintptr_t addr, size_t size, size_t align, boo
   fail(os.str());
 }
 
-void run_grid(const char* kernel, const char* file, int line, const LaunchConfig& cfg,
+namespace {
+
+std::mutex g_optin_mu;
+std::unordered_map<const void*, size_t> g_optin;  // kernel -> its MaxDynamicSharedMemorySize
+
+}  // namespace
+
+int set_max_dynamic_smem(const void* fn, int bytes) {
+  if (bytes < 0 || bytes > kSmemOptinLimit) return 1;  // cudaErrorInvalidValue (static + dynamic: at the launch)
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  g_optin[fn] = size_t(bytes);
+  return 0;
+}
+
+namespace {
+
+size_t max_dynamic_smem(const void* fn) {
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  const auto it = g_optin.find(fn);
+  return it == g_optin.end() ? 0 : it->second;
+}
+
+}  // namespace
+
+void run_grid(const char* kernel, const void* fn, const char* file, int line, const LaunchConfig& cfg,
               const std::function<void()>& body) {
   TORCH_CHECK(g_run == nullptr, "cuda_sim: a kernel launched from device code (", kernel, ")");
   const dim3 g = cfg.grid, b = cfg.block;
   const uint64_t threads = uint64_t(b.x) * b.y * b.z;
+  const size_t optin = max_dynamic_smem(fn);
   const bool ok = g.x >= 1 && g.y >= 1 && g.z >= 1 && g.x <= 0x7fffffffu && g.y <= 65535 && g.z <= 65535 &&
                   b.x >= 1 && b.y >= 1 && b.z >= 1 && b.x <= 1024 && b.y <= 1024 && b.z <= 64 && threads <= 1024 &&
-                  cfg.dynamic_smem <= kStaticSmemLimit;
+                  cfg.dynamic_smem <= std::max(kStaticSmemLimit, optin);
   TORCH_CHECK(ok, "cuda_sim: kernel ", kernel, " (launched at ", file, ":", line,
               "): invalid configuration argument: grid ", dim_str(g), ", block ", dim_str(b), ", dynamic shared ",
-              cfg.dynamic_smem, " bytes");
+              cfg.dynamic_smem, " bytes",
+              cfg.dynamic_smem > kStaticSmemLimit ? " (above 48 KiB: cudaFuncSetAttribute(kernel, "
+                                                    "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first)"
+                                                  : "");
   Run r;
+  r.smem_optin = optin;
   r.kernel = kernel;
   r.file = file;
   r.line = line;

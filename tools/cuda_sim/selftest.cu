@@ -193,6 +193,23 @@ __global__ void broadcast_kernel(const float* __restrict__ x, float* __restrict_
   if (i < n) y[i] = x[0];
 }
 
+// Dynamic shared memory above 48 KiB (n floats) beside a static array, as the
+// opt-in of cudaFuncSetAttribute allows: y[t] = (b - 1 - t) + the sum of the
+// entries n - 1 - i over thread t's slice i = t, t + b, ... (b = blockDim.x).
+// One instance per case: the opt-in belongs to the kernel, for the process.
+template <int Case>
+__global__ void big_dynamic_shared_kernel(float* y, int n) {
+  extern __shared__ float big[];
+  __shared__ float fixed[1024];
+  const int t = threadIdx.x, b = blockDim.x;
+  fixed[t] = float(t);
+  for (int i = t; i < n; i += b) big[i] = float(i);
+  __syncthreads();
+  float s = fixed[b - 1 - t];
+  for (int i = t; i < n; i += b) s += big[n - 1 - i];
+  y[t] = s;
+}
+
 __global__ void assert_kernel(const int* __restrict__ x) {
   CUDA_KERNEL_ASSERT_MSG(x[threadIdx.x] >= 0, "x: an entry is negative");
 }
@@ -273,6 +290,23 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
     const int threads = 64;
     const size_t bytes = (name == "dynamic_shared" ? threads : threads / 2) * sizeof(float);
     dynamic_shared_kernel<<<1, threads, bytes, stream>>>(y.data_ptr<float>());
+  } else if (name == "big_dynamic_shared") {  // 64 KiB with the opt-in
+    const int floats = 16384;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(big_dynamic_shared_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(floats * sizeof(float))));
+    big_dynamic_shared_kernel<0><<<1, 64, floats * sizeof(float), stream>>>(y.data_ptr<float>(), floats);
+  } else if (name == "big_dynamic_shared_no_optin") {  // 64 KiB without it: an invalid launch
+    big_dynamic_shared_kernel<1><<<1, 64, 16384 * sizeof(float), stream>>>(y.data_ptr<float>(), 16384);
+  } else if (name == "big_dynamic_shared_beside_static") {  // 45 KiB + the 4 KiB static array > 48 KiB, no opt-in
+    big_dynamic_shared_kernel<2><<<1, 64, 11520 * sizeof(float), stream>>>(y.data_ptr<float>(), 11520);
+  } else if (name == "big_dynamic_shared_above_device") {  // the device's 227 KiB with the opt-in + 4 KiB static
+    const int floats = 227 * 256;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(big_dynamic_shared_kernel<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(floats * sizeof(float))));
+    big_dynamic_shared_kernel<3><<<1, 64, floats * sizeof(float), stream>>>(y.data_ptr<float>(), floats);
+  } else if (name == "optin_above_device") {  // more than the device has: the call fails
+    C10_CUDA_CHECK(cudaFuncSetAttribute(big_dynamic_shared_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        228 << 10));
   } else if (name == "shared_race") {
     shared_race_kernel<<<1, 64, 0, stream>>>(y.data_ptr<float>());
   } else if (name == "warp_exchange" || name == "warp_exchange_across") {

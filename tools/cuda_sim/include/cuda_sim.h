@@ -256,9 +256,16 @@ struct LaunchConfig {
 };
 
 // Runs body() once per thread of every block of the grid; throws a c10::Error
-// (Python RuntimeError) naming the kernel if the launch fails.
-void run_grid(const char* kernel, const char* file, int line, const LaunchConfig& cfg,
+// (Python RuntimeError) naming the kernel if the launch fails. `fn` is the
+// kernel's address, for the limit cudaFuncSetAttribute gave it.
+void run_grid(const char* kernel, const void* fn, const char* file, int line, const LaunchConfig& cfg,
               const std::function<void()>& body);
+
+// The opt-in above 48 KiB of shared memory per block: the most dynamic
+// shared memory a launch of `fn` may take (cudaFuncSetAttribute below).
+// Fails with cudaErrorInvalidValue above the device's opt-in limit; a launch
+// then fails if its static and dynamic shared memory together exceed it.
+int set_max_dynamic_smem(const void* fn, int bytes);
 
 template <class... P, class... A>
 void launch(const char* kernel, const char* file, int line, const LaunchConfig& cfg, void (*fn)(P...), A&&... args) {
@@ -266,7 +273,7 @@ void launch(const char* kernel, const char* file, int line, const LaunchConfig& 
   // the arguments as the kernel's parameter types, once per launch (raw
   // pointers become bounds-checked pointers here)
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-  run_grid(kernel, file, line, cfg, [&] { std::apply(fn, params); });
+  run_grid(kernel, reinterpret_cast<const void*>(fn), file, line, cfg, [&] { std::apply(fn, params); });
 }
 
 // Fresh memory in the host code of every file the emulator compiles (build.py
@@ -470,3 +477,29 @@ template <class T> gptr<T> shared_array(const void* tag, int64_t n, const char* 
 }
 template <class T> gptr<T> shared_dynamic() { return gptr<T>(static_cast<T*>(dynamic_shared(nullptr))); }
 }  // namespace cudasim
+
+// ---- the CUDA runtime calls of the host code ------------------------------------
+// The device is an sm_90 GPU (an H100): 227 KiB of shared memory per block
+// with the opt-in, as CUDA's cudaDevAttrMaxSharedMemoryPerBlockOptin gives it.
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+namespace cudasim {
+constexpr int kSmemOptinLimit = 227 << 10;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  *value = cudasim::kSmemOptinLimit;
+  return cudaSuccess;
+}
+template <class... P>
+cudaError_t cudaFuncSetAttribute(void (*fn)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return cudasim::set_max_dynamic_smem(reinterpret_cast<const void*>(fn), value);
+}
