@@ -20,7 +20,7 @@ namespace cuda {
 
 constexpr int kRowThreads = 256;                   // warp-per-row kernels: 8 rows per block
 constexpr int kRowsPerBlock = kRowThreads / kWarp;
-constexpr int kEpilogueStage = 512;                // scores a warp of the forward epilogue stages (K <= 256)
+constexpr int kEpilogueStage = 512;                // scores of a class group of the forward epilogue, at most (K <= 256)
 constexpr int64_t kTileBytes = int64_t(16) << 20;  // bytes of S per tile
 constexpr int64_t kMaxTileRows = 32768;            // <= 65535: rows are gridDim.y of the backward epilogue
 
