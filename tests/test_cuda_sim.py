@@ -299,18 +299,20 @@ def _gemms(sim, fn):
 @pytest.mark.parametrize("layout", ["nchw", "rows"])
 @pytest.mark.parametrize("dtype, pdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                            (torch.float16, torch.float16)])
-def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype):
+@pytest.mark.parametrize("D", [40, 12])
+def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype, D):
     """16-bit maps: the folded forward GEMM and the backward's dS @ P run as 16-bit GEMMs with fp32 output
     (mm.dtype_out; tensor cores on a GPU), never as an fp32 GEMM on the map (only the (C*K, D) x (D,) mv of
-    the prototypes' bias term is fp32): forward X [hi; lo]^T (N = 2 C*K),
-    backward [hi | lo (| hi)] @ [P; P (; Plo)] (K = 2 C*K for bf16 prototypes, 3 C*K otherwise). The split
-    keeps fp32-level accuracy: with fp32 LayerNorm and prototypes, lse, own, d weight and d bias (all fp32)
-    match the reference from the same rounded map to the float32 tolerance, where one rounding of P * w or
-    of dS to bfloat16 is off by about 1e-3."""
-    x, w, b, p, gt = _embed_problem(2, 40, 4, 5, 6, 3, seed=23)
+    the prototypes' bias term is fp32): forward X [hi; lo]^T (N = 2 C*K) where C*K <= D, [X | X] [hi | lo]^T
+    (K = 2 D) where C*K > D (D = 12 against C*K = 18), backward [hi | lo (| hi)] @ [P; P (; Plo)] (K = 2 C*K
+    for bf16 prototypes, 3 C*K otherwise). The split keeps fp32-level accuracy: with fp32 LayerNorm and
+    prototypes, lse, own, d weight and d bias (all fp32) match the reference from the same rounded map to the
+    float32 tolerance, where one rounding of P * w or of dS to bfloat16 is off by about 1e-3."""
+    x, w, b, p, gt = _embed_problem(2, D, 4, 5, 6, 3, seed=23)
     x = x.to(dtype)
     w, b, p = w.to(pdtype), b.to(pdtype), p.to(pdtype)
     N, CK = gt.numel(), 6 * 3
+    fwd_gemm = (2 * CK, D) if CK <= D else (CK, 2 * D)  # (N, K) of the folded GEMM
     tol = dict(atol=2e-2, rtol=2e-2) if pdtype != torch.float32 else dict(atol=2e-5, rtol=2e-5)
     xin = as_layout(x, layout)
     (seg, argk, lse, own, _, _), fwd = _gemms(sim, lambda: sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.7, True,
@@ -318,7 +320,7 @@ def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype
     name = {torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]
     tiles = 2 if layout == "nchw" else 1  # a tile per image of a map, one of the (N, D) rows
     n = N // tiles
-    assert [g for g in fwd if g[0] != "mv"] == [("mm.dtype_out", name, name, "Float", n, 2 * CK, 40)] * tiles, fwd
+    assert [g for g in fwd if g[0] != "mv"] == [("mm.dtype_out", name, name, "Float", n, *fwd_gemm)] * tiles, fwd
     leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
     ref = R.similarity_outputs(embed_reference(leaves[0], (leaves[1], leaves[2], 1e-5)), p.double(), gt, -1, 0.7,
                                True, True, True)
@@ -330,8 +332,8 @@ def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype
     (gx, gw, gb), bwd = _gemms(sim, lambda: sim.embed_similarity_backward(
         *[u.float() for u in ups], xin, w, b, 1e-5, p, gt, argk, lse, -1, 0.7, None))
     terms = 2 if pdtype == torch.bfloat16 else 3
-    assert [g for g in bwd if g[0] != "mv"] == [("mm.dtype_out", name, name, "Float", n, 2 * CK, 40),  # S again
-                                                ("mm.dtype_out", "BFloat16", "BFloat16", "Float", n, 40, terms * CK)
+    assert [g for g in bwd if g[0] != "mv"] == [("mm.dtype_out", name, name, "Float", n, *fwd_gemm),  # S again
+                                                ("mm.dtype_out", "BFloat16", "BFloat16", "Float", n, D, terms * CK)
                                                 ] * tiles, bwd
     want = torch.autograd.grad(sum((r * u).sum() for r, u in zip((ref[0], ref[2], ref[3]), ups)), leaves)
     torch.testing.assert_close(gx.double(), as_layout(want[0], layout), atol=2e-2, rtol=2e-2)  # stored in 16 bits
@@ -341,30 +343,35 @@ def test_embed_similarity_16bit_gemms_on_tensor_cores(sim, layout, dtype, pdtype
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_embed_kernels_coalesced(sim, layout, dtype):
-    """The per-pixel kernels over the map (statistics, the prototype sums' fused embedding, the backward) read
-    and write whole sectors in every layout: within 1.25x of the ideal sectors of the bytes they request, as
-    the meter counts them (a lane per pixel along a unit channel stride would be about 8x in bf16)."""
-    x, w, b, p, gt = _embed_problem(2, 64, 8, 16, 5, 3, seed=24)
+@pytest.mark.parametrize("C", [5, 30])
+def test_embed_kernels_coalesced(sim, layout, dtype, C):
+    """The per-pixel kernels over the map (statistics, the prototype sums' fused embedding, the backward, and
+    in bf16 with C*K > D the copy [X | X] of the split GEMM along K) read and write whole sectors in every
+    layout: within 1.25x of the ideal sectors of the bytes they request, as the meter counts them (a lane per
+    pixel along a unit channel stride would be about 8x in bf16)."""
+    x, w, b, p, gt = _embed_problem(2, 64, 8, 16, C, 3, seed=24)
     x, w, b, p = x.to(dtype), w.to(dtype), b.to(dtype), p.to(dtype)
     xin = as_layout(x, layout)
     slot = gt.clamp(min=-1) * 3
+    kernels = {"embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel"}
+    if dtype == torch.bfloat16 and C * 3 > 64:
+        kernels.add("embed_kcat_kernel")
 
     def step():
         _, argk, lse, _, _, _ = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
         gl = torch.randn(lse.shape, dtype=lse.dtype)
         sim.embed_similarity_backward(None, gl, None, xin, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
-        sim.embed_prototype_sums(xin, w, b, 1e-5, slot, 15)
+        sim.embed_prototype_sums(xin, w, b, 1e-5, slot, C * 3)
 
     _, evs = _meter_events(sim, step)
     evs = [e for e in evs if e["type"] == "kernel"]
     seen = set()
     for e in evs:
         name = e["name"].split("<")[0]
-        if name in ("embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel"):
+        if name in ("embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel", "embed_kcat_kernel"):
             seen.add(name)
             assert e["sectors"] <= 1.25 * e["ideal_sectors"], (name, e["sectors"], e["ideal_sectors"])
-    assert seen == {"embed_stats_kernel", "embed_rows_kernel", "embed_backward_kernel"}, seen
+    assert seen == kernels, seen
 
 
 @pytest.mark.parametrize("C, K", [(19, 10), (150, 10), (3, 256)])

@@ -624,10 +624,20 @@ std::vector<PixelTile> pixel_tiles(const at::Tensor& rows, int64_t T) {
 // of hi + lo, so that the fold's mu rho cancels what the GEMM computed.
 // fp16 has a narrow range: an fp16 map takes the split only when every
 // |Pw| < 2^15 (else Pw16 stays undefined and the tile goes to fp32).
+// With C*K > D the parts go side by side along K instead (kcat): Pw16 =
+// [hi | lo] (C*K, 2 D) against the tile doubled along its channels, [X | X]
+// (embed_kcat_kernel), so that the GEMM adds the two products itself and
+// writes (rows, C*K), not (rows, 2 C*K). Per pixel that writes and reads
+// 8 D bytes more of the 16-bit tile and 8 C*K bytes less of the fp32
+// output (written by the GEMM, read by the epilogue): ADE20K's C*K = 1,500
+// against D = 720 or 256 gains, Cityscapes' 190 against 720 would lose.
 struct EmbedOperands {
   at::Tensor w, b, P, Pw, rho, beta;
-  at::Tensor Pw16;  // (2 C*K, D) in the map's 16-bit dtype, or undefined
+  at::Tensor Pw16;  // (2 C*K, D), or with kcat (C*K, 2 D), in the map's 16-bit dtype; or undefined
+  bool kcat = false;
   double eps = 0;
+  // Columns of the folded GEMM's output: the two halves of the split, or C*K.
+  int64_t gemm_cols() const { return Pw16.defined() && !kcat ? 2 * P.size(0) : P.size(0); }
 };
 
 EmbedOperands embed_operands(const at::Tensor& rows, const at::Tensor& protos, bool ln,
@@ -647,7 +657,8 @@ EmbedOperands embed_operands(const at::Tensor& rows, const at::Tensor& protos, b
     if (cuda::is_16bit(st) && cuda::lowp_gemm_available() &&
         (st == at::kBFloat16 || e.Pw.abs().max().item<double>() < 32768.0)) {  // fp16: one check per call
       const at::Tensor hi = e.Pw.to(st), lo = (e.Pw - hi.to(acc)).to(st);
-      e.Pw16 = at::cat({hi, lo}).contiguous();
+      e.kcat = e.P.size(0) > e.P.size(1);
+      e.Pw16 = at::cat({hi, lo}, e.kcat ? 1 : 0).contiguous();
       e.Pw = (hi.to(acc) + lo.to(acc)).contiguous();
     }
     if (ln) {
@@ -701,8 +712,43 @@ TileStats tile_stats(const at::Tensor& X, const EmbedOperands& e, const at::Tens
   return st;
 }
 
+// The tile X doubled along its channels, [X | X] (count, 2 D) in X's dtype,
+// for the split GEMM along K (EmbedOperands::kcat), laid out with X's unit
+// stride: out[p * op + d * od] = out[p * op + (d + D) * od] = x[p * sp + d * sd].
+// Launch: kRowThreads threads, grid ceil(count * D / kRowThreads); thread e
+// reads entry e of x once and writes its two copies, consecutive e along the
+// pixels when op == 1 (and sp == 1: NCHW planes), else along the channels.
+// Bounds: e < count * D, so p < count and d < D. Sync: each thread writes
+// its own two entries, reads x only.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowThreads, 4)
+    embed_kcat_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t count, int64_t D,
+                      scalar_t* __restrict__ out, int64_t op, int64_t od) {
+  const int64_t e = int64_t(blockIdx.x) * kRowThreads + threadIdx.x;
+  if (e >= count * D) return;
+  const bool pixel_fast = op == 1;
+  const int64_t p = pixel_fast ? e % count : e / D, d = pixel_fast ? e / count : e % D;
+  const scalar_t v = x[p * sp + d * sd];
+  out[p * op + d * od] = v;
+  out[p * op + (d + D) * od] = v;
+}
+
+// [X | X] of the tile X (count, D) for the kcat GEMM, along X's unit stride.
+at::Tensor embed_kcat(const at::Tensor& X, cudaStream_t stream) {
+  const int64_t n = X.size(0), D = X.size(1);
+  const bool pixel_fast = X.stride(0) == 1;
+  at::Tensor out = pixel_fast ? at::empty({2 * D, n}, X.options()).t() : at::empty({n, 2 * D}, X.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_kcat_cuda", [&] {
+    embed_kcat_kernel<scalar_t><<<ceil_div(n * D, kRowThreads), kRowThreads, 0, stream>>>(
+        X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, D, out.data_ptr<scalar_t>(), out.stride(0),
+        out.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 // The folded GEMM of the tile X into Sbuf (count, ld) rows of the tile
-// buffer (ld = 2 C*K when e.Pw16 is defined: the split GEMM's output fills
+// buffer (ld = e.gemm_cols(): 2 C*K when the split GEMM's output halves fill
 // the whole row, else C*K), then embed_scores_kernel with the tile's stats
 // st: all its rows (the scores, returned as the (count, C*K) view of row
 // stride ld), or with affine given only the fixed rows, and *affine says how
@@ -711,12 +757,14 @@ at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tenso
                              const TileStats& st, cudaStream_t stream, cuda::ScoreAffine* affine = nullptr) {
   const int64_t n = X.size(0), D = X.size(1);
   at::Tensor S_tile = Sbuf.narrow(1, 0, CK);
-  bool split = false;
-  if (e.Pw16.defined()) {  // tensor cores, (n, 2 C*K): X hi^T | X lo^T
+  bool split = false, tc = false;  // the output's two halves to add; the GEMM ran on tensor cores
+  if (e.Pw16.defined() && e.kcat) {  // tensor cores, (n, C*K): [X | X] [hi | lo]^T
+    tc = cuda::lowp_mm_out(S_tile, embed_kcat(X, stream), e.Pw16.t());
+  } else if (e.Pw16.defined()) {  // tensor cores, (n, 2 C*K): X hi^T | X lo^T
     at::Tensor S2 = Sbuf.narrow(1, 0, 2 * CK);
-    split = cuda::lowp_mm_out(S2, X, e.Pw16.t());
+    split = tc = cuda::lowp_mm_out(S2, X, e.Pw16.t());
   }
-  if (!split)
+  if (!tc)
     at::mm_out(S_tile, X.scalar_type() == S_tile.scalar_type() ? X : X.to(S_tile.scalar_type()), e.Pw.t());
   if (affine != nullptr) *affine = cuda::ScoreAffine{st.t, e.rho, e.beta, st.col, split ? CK : 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_cuda", [&] {
@@ -768,8 +816,8 @@ void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const Tile
 }
 
 // The backward's buffers for tiles of T pixels, reused in stream order (the
-// op keeps them until it returns): dS (rows of 2 C*K for the recomputed S
-// of the split GEMM), A (dS's bf16 parts, SplitProtos), the tile's stats
+// op keeps them until it returns): dS (rows of EmbedOperands::gemm_cols()
+// for the recomputed S), A (dS's bf16 parts, SplitProtos), the tile's stats
 // (unless embed_similarity's are given: `given`, (3, N)), G (when the
 // gradient's dtype is not the working one) and the per-block partial d w,
 // d b (with the LayerNorm).
@@ -788,7 +836,7 @@ struct EmbedGradBuffers {
     direct = grad.scalar_type() == acc;
     T = cuda::tile_rows(N, CK, at::elementSize(acc));
     sp = cuda::split_protos(e.P, grad.scalar_type(), protos_dtype);
-    dS = at::empty({T, recompute && e.Pw16.defined() ? 2 * CK : CK}, aopt);
+    dS = at::empty({T, recompute ? e.gemm_cols() : CK}, aopt);
     A = sp.B.defined() ? at::empty({T, sp.terms * CK}, grad.options().dtype(at::kBFloat16)) : at::Tensor();
     if (!given.defined()) stats = at::empty({kStatRows, T}, aopt);
     G = direct ? at::Tensor() : at::empty({T, D}, aopt);
@@ -913,13 +961,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor lab = compute_own ? labels.to(at::kLong).contiguous() : at::Tensor();
   const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
   const int64_t T = cuda::tile_rows(N, CK, at::elementSize(acc));
-  const int64_t ld = e.Pw16.defined() ? 2 * CK : CK;
-  at::Tensor S = at::empty({T, ld}, aopt);  // one tile buffer, reused in stream order
+  at::Tensor S = at::empty({T, e.gemm_cols()}, aopt);  // one tile buffer, reused in stream order
   for (const PixelTile& t : pixel_tiles(rows, T)) {
     const at::Tensor X = t.of(rows);
     const TileStats st{stats, t.n0};  // the returned stats, at the tile's columns
     embed_tile_stats(X, e, st, stream);
-    const at::Tensor S_rows = S.narrow(0, 0, t.count);  // whole rows: the epilogue adds the split GEMM's halves
+    const at::Tensor S_rows = S.narrow(0, 0, t.count);  // whole rows: the epilogue adds the split output's halves
     cuda::ScoreAffine affine;
     embed_tile_scores(S_rows, CK, X, e, st, stream, &affine);
     cuda::similarity_epilogue(S_rows, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream, &affine);
