@@ -158,9 +158,10 @@ class BufferPool {
     return bytes;
   }
 
+  static constexpr size_t kAlign = size_t(2) << 20;  // the buffers' alignment: a huge page
+
  private:
   static constexpr size_t kMinBytes = size_t(16) << 20;  // smaller buffers are cheap to fault in
-  static constexpr size_t kAlign = size_t(2) << 20;      // a huge page
   static constexpr size_t kHistory = 64;                 // pooled requests remembered, the newest last
 
   BufferPool() {
