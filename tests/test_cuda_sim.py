@@ -945,6 +945,9 @@ def test_emulator_runs_a_correct_kernel(sim, order):
         ("big_dynamic_shared_above_device", torch.zeros(1),
          r"big_dynamic_shared_kernel<3>.*shared memory above the 227 KiB per block \(static 4096 \+ dynamic 232448 "
          r"bytes, with the opt-in\)"),
+        ("big_dynamic_shared_above_optin", torch.zeros(1),
+         r"big_dynamic_shared_kernel<5>.*invalid configuration argument.*dynamic shared 81920 bytes \(above the "
+         r"kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, 65536 bytes\)"),
         ("optin_above_device", torch.zeros(1), r"CUDA error from cudaFuncSetAttribute"),
         ("device_assert", torch.tensor([0, 1, -2, 3], dtype=torch.int32), r"assert_kernel.*thread \(2, 0, 0\).*device-side assert.*x: an entry is negative"),
     ],

@@ -1056,6 +1056,13 @@ namespace {
 std::mutex g_optin_mu;
 std::unordered_map<const void*, size_t> g_optin;  // kernel -> its MaxDynamicSharedMemorySize
 
+// The opt-in of the kernel at fn, 0 if none was set.
+size_t max_dynamic_smem(const void* fn) {
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  const auto it = g_optin.find(fn);
+  return it == g_optin.end() ? 0 : it->second;
+}
+
 }  // namespace
 
 int set_max_dynamic_smem(const void* fn, int bytes) {
@@ -1065,16 +1072,6 @@ int set_max_dynamic_smem(const void* fn, int bytes) {
   return 0;
 }
 
-namespace {
-
-size_t max_dynamic_smem(const void* fn) {
-  std::lock_guard<std::mutex> lock(g_optin_mu);
-  const auto it = g_optin.find(fn);
-  return it == g_optin.end() ? 0 : it->second;
-}
-
-}  // namespace
-
 void run_grid(const char* kernel, const void* fn, const char* file, int line, const LaunchConfig& cfg,
               const std::function<void()>& body) {
   TORCH_CHECK(g_run == nullptr, "cuda_sim: a kernel launched from device code (", kernel, ")");
@@ -1083,13 +1080,16 @@ void run_grid(const char* kernel, const void* fn, const char* file, int line, co
   const size_t optin = max_dynamic_smem(fn);
   const bool ok = g.x >= 1 && g.y >= 1 && g.z >= 1 && g.x <= 0x7fffffffu && g.y <= 65535 && g.z <= 65535 &&
                   b.x >= 1 && b.y >= 1 && b.z >= 1 && b.x <= 1024 && b.y <= 1024 && b.z <= 64 && threads <= 1024 &&
-                  cfg.dynamic_smem <= std::max(kStaticSmemLimit, optin);
+                  cfg.dynamic_smem <= (optin > 0 ? optin : kStaticSmemLimit);
   TORCH_CHECK(ok, "cuda_sim: kernel ", kernel, " (launched at ", file, ":", line,
               "): invalid configuration argument: grid ", dim_str(g), ", block ", dim_str(b), ", dynamic shared ",
               cfg.dynamic_smem, " bytes",
-              cfg.dynamic_smem > kStaticSmemLimit ? " (above 48 KiB: cudaFuncSetAttribute(kernel, "
-                                                    "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first)"
-                                                  : "");
+              optin > 0 ? " (above the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, " +
+                              std::to_string(optin) + " bytes)"
+              : cfg.dynamic_smem > kStaticSmemLimit ? std::string(" (above 48 KiB: cudaFuncSetAttribute(kernel, "
+                                                                  "cudaFuncAttributeMaxDynamicSharedMemorySize, "
+                                                                  "bytes) first)")
+                                                    : std::string());
   Run r;
   r.smem_optin = optin;
   r.kernel = kernel;

@@ -304,6 +304,10 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(big_dynamic_shared_kernel<3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(floats * sizeof(float))));
     big_dynamic_shared_kernel<3><<<1, 64, floats * sizeof(float), stream>>>(y.data_ptr<float>(), floats);
+  } else if (name == "big_dynamic_shared_above_optin") {  // 80 KiB after an opt-in of 64 KiB
+    C10_CUDA_CHECK(cudaFuncSetAttribute(big_dynamic_shared_kernel<5>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        64 << 10));
+    big_dynamic_shared_kernel<5><<<1, 64, 80 << 10, stream>>>(y.data_ptr<float>(), 20480);
   } else if (name == "optin_above_device") {  // more than the device has: the call fails
     C10_CUDA_CHECK(cudaFuncSetAttribute(big_dynamic_shared_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         228 << 10));
