@@ -21,6 +21,11 @@ namespace cuda {
 constexpr int kRowThreads = 256;                   // warp-per-row kernels: 8 rows per block
 constexpr int kRowsPerBlock = kRowThreads / kWarp;
 constexpr int kEpilogueStage = 512;                // scores of a class group of the forward epilogue, at most (K <= 256)
+// Classes per group of the forward epilogue (similarity_epilogue_kernel; its
+// launcher sizes the warps' stages from the same count): min(32, kEpilogueStage / K), >= 2.
+__host__ __device__ __forceinline__ int epilogue_group(int64_t K) {
+  return kEpilogueStage / K < kWarp ? int(kEpilogueStage / K) : kWarp;
+}
 constexpr int64_t kTileBytes = int64_t(16) << 20;  // bytes of S per tile
 constexpr int64_t kMaxTileRows = 32768;            // <= 65535: rows are gridDim.y of the backward epilogue
 

@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
     extern __shared__ double stage_d[];
     sh = stage_d + (threadIdx.x / kWarp) * stage_cols;
   }
-  const int G = kEpilogueStage / K < kWarp ? int(kEpilogueStage / K) : kWarp;  // classes per group, >= 2
+  const int G = cuda::epilogue_group(K);  // classes per group
   const bool staged = compute_seg || compute_lse, whole = staged && stage_cols >= CK;
   if (staged) {
     const bool ln_map = stats != nullptr && rho != nullptr;  // block-uniform
@@ -546,7 +546,7 @@ int64_t epilogue_stage_cols(int64_t C, int64_t K, size_t acc_bytes, bool staged)
   if (!staged) return 0;
   const size_t whole = size_t(kRowsPerBlock * C * K) * acc_bytes;
   if (whole <= kWholeRowStageBytes && smem_fits(epilogue_static_smem(acc_bytes), whole)) return C * K;
-  return std::min<int64_t>(kWarp, kEpilogueStage / K) * K;
+  return epilogue_group(K) * K;
 }
 
 }  // namespace
