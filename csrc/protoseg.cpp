@@ -148,11 +148,16 @@ TORCH_LIBRARY(protoseg_ext, m) {
   //         normalised pixel before the affine), and with the softmax cache
   //         sum_k softmax(S / tau)_k S_k; +inf where it has not got them
   //         (a pixel of a tile off its plane path, ||y|| <= 1e-12, no cache).
+  //         The CUDA forward keeps 2 more rows (5, N): with the LayerNorm,
+  //         w . z and (w xhat) . z (0 without it; NaN with the first three).
   // The backward and embed_prototype_sums take the forward's stats (of the
   // same feats and LayerNorm) and skip their own statistics pass over the
   // map; given None they compute them. The CPU backward given the 6 rows and
   // the softmax cache takes every per-pixel sum it needs from them, the
-  // cache and dS, and reads the map once.
+  // cache and dS, and reads the map once; the CUDA backward (given the 5
+  // rows, or computing them) takes them from those rows and from dS and S
+  // (or the softmax cache) wherever the loss has the lse term, and reads the
+  // map once.
   m.def(
       "embed_similarity(Tensor feats, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, Tensor protos, "
       "Tensor labels, int ignore_index, float temperature, bool compute_seg, bool compute_lse, bool compute_own, "

@@ -272,7 +272,8 @@ def _store_embed_dx(g, X_ptr, x_row, X_stride_d, SC_ptr, loc, row_ok, W_ptr, BIA
     # embed_ds_kernel's scalars: dy = inv (g - z a1), dx = r (dy w - m1 - xhat m2)
     # (LayerNorm; else dx = dy), xhat = (x - mu) r and z = (xhat w + b) inv from
     # feats' slice; dx stored in feats' layout and dtype, and (LayerNorm) the
-    # block's column sums of d w = dy xhat and d b = dy into its row blk of the partials
+    # block's column sums of d w = dy xhat and d b = dy added into its row blk of
+    # the partials (one program per entry and launch; the chunks add in order)
     mu, r, inv = _load_stats(SC_ptr, loc, row_ok, 6)
     a1 = tl.load(SC_ptr + loc * 6 + 3, mask=row_ok, other=0.0)
     m = row_ok[:, None] & dout_ok[None, :]
@@ -289,8 +290,10 @@ def _store_embed_dx(g, X_ptr, x_row, X_stride_d, SC_ptr, loc, row_ok, W_ptr, BIA
     dy = tl.where(m, inv[:, None] * (g - y * inv[:, None] * a1[:, None]), 0.0)
     if LAYER_NORM:
         dx = r[:, None] * (dy * w[None, :] - m1[:, None] - xh * m2[:, None])
-        tl.store(DW_ptr + blk * D + dout, tl.sum(dy * xh, axis=0), mask=dout_ok)
-        tl.store(DB_ptr + blk * D + dout, tl.sum(dy, axis=0), mask=dout_ok)
+        pw = tl.load(DW_ptr + blk * D + dout, mask=dout_ok, other=0.0)
+        pb = tl.load(DB_ptr + blk * D + dout, mask=dout_ok, other=0.0)
+        tl.store(DW_ptr + blk * D + dout, pw + tl.sum(dy * xh, axis=0), mask=dout_ok)
+        tl.store(DB_ptr + blk * D + dout, pb + tl.sum(dy, axis=0), mask=dout_ok)
     else:
         dx = dy
     tl.store(DX_ptr + dx_row[:, None] + dout[None, :] * DX_stride_d, dx.to(DX_ptr.dtype.element_ty), mask=m)
@@ -311,8 +314,8 @@ def embed_dx_kernel(
     DX_stride_b,
     DX_stride_hw,
     DX_stride_d,
-    DW_ptr,  # out (pixel blocks, D) acc dtype: this pixel block's part of d ln_weight (if LAYER_NORM)
-    DB_ptr,  # out (pixel blocks, D) acc dtype: this pixel block's part of d ln_bias (if LAYER_NORM)
+    DW_ptr,  # in/out (pixel blocks, D) acc dtype: this pixel block's part of d ln_weight added (if LAYER_NORM)
+    DB_ptr,  # in/out (pixel blocks, D) acc dtype: this pixel block's part of d ln_bias added (if LAYER_NORM)
     B0,
     HW0,
     HWC,
@@ -332,8 +335,9 @@ def embed_dx_kernel(
     # x D slices, the slices of one block adjacent: they share its dS rows in
     # L2): g = dS @ protos[:, slice] (_ds_protos_slice), then the epilogue
     # chains g through the L2 normalisation and the LayerNorm and writes dx
-    # and the block's partials of d w and d b (_store_embed_dx; summed over the
-    # blocks by torch.sum: deterministic). The product multiplies dS as TF32
+    # and the block's partials of d w and d b (_store_embed_dx: added into its
+    # row, over the chunks in order; summed over the blocks by torch.sum once,
+    # after the last chunk: deterministic, and no launch per chunk). The product multiplies dS as TF32
     # (fp32 range) for half inputs, tf32x3 for float32, FMAs for float64.
     X_stride_d, DX_stride_d = tl.cast(X_stride_d, tl.int64), tl.cast(DX_stride_d, tl.int64)
     pid_n, pid_d = _row_block_and_slice(D, BLOCK_DO)
@@ -611,7 +615,8 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
     ds = torch.empty((e.rows, CK), dtype=acc, device=dev)  # dS of one chunk
     sc = torch.empty((e.rows, 6), dtype=acc, device=dev)  # its per-pixel scalars
     most = e.nb_max * triton.cdiv(e.hwc_max, xcfg["BLOCK_N"])  # pixel blocks of a chunk, at most
-    parts = torch.empty((2, most if e.ln else 1, D), dtype=acc, device=dev)
+    # the pixel blocks' partials of d w, d b: each chunk's block i adds into row i (zeroed once)
+    parts = torch.zeros((2, most, D) if e.ln else (2, 1, 1), dtype=acc, device=dev)
     dots = dot_config(feats.dtype, protos.dtype)
     for b0, nb, hw0, hwc in e.chunks():
         embed_ds_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
@@ -625,11 +630,9 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
             ACC_DTYPE=TL_DTYPE[acc], DS_DTYPE=dots["DS_DTYPE"], DS_PRECISION=dots["DS_PRECISION"],
             DOT_UPCAST=dots["DOT_UPCAST"], LAYER_NORM=e.ln, FMA_SECOND_GEMM=acc == torch.float64, **xcfg,
         )
-        if e.ln:  # the pixel blocks' partials, in a fixed order
-            used = parts[:, : n_blocks * nb]
-            gw += used[0].sum(dim=0)
-            gb += used[1].sum(dim=0)
-    if e.ln:
+    if e.ln:  # over the pixel blocks, in a fixed order
+        torch.sum(parts[0], dim=0, out=gw)
+        torch.sum(parts[1], dim=0, out=gb)
         return dx, gw.to(ln_weight.dtype), gb.to(ln_bias.dtype)
     return dx, gw, gb
 
@@ -640,7 +643,8 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
 
     Arguments already checked. Chunk by chunk: z (of the pixels with a slot) into a ``(chunk, D)`` buffer
     and each pixel's sort key, then ``prototype_sums`` given those keys (deterministic or atomic, see
-    kernels/prototype_update.py); the chunks' results are added in order. ``stats``: embed_similarity's
+    kernels/prototype_update.py); the chunks' results are added in order (the atomic path adds them
+    straight into the returned sums: nothing zeroed per chunk). ``stats``: embed_similarity's
     ``(3, N)`` of the same feats and LayerNorm, read instead of the statistics pass, or None.
     """
     e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats)
@@ -663,7 +667,11 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
         )
         n0 = b0 * e.HW + hw0
         rows = nb * hwc
-        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=deterministic, key=key[:rows])
+        if not deterministic:
+            _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=False, key=key[:rows],
+                                   out=(sums, counts))
+            continue
+        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=True, key=key[:rows])
         sums += s
         counts += c
     return sums, counts

@@ -212,7 +212,8 @@ def prototype_ema_kernel(
 # ----------------------------------------------------------------- launchers
 
 
-def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block_n=None, block_d=None, key=None):
+def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block_n=None, block_d=None, key=None,
+                   out=None):
     """Launch the per-prototype sums; arguments already checked.
 
     Returns ``sums (num_slots, D)`` and ``counts (num_slots,)`` in the
@@ -223,19 +224,28 @@ def prototype_sums(feats, slot, num_slots, deterministic=True, split=None, block
     slot where it takes part (in range, finite row), else ``num_slots``,
     computed by the caller (``embed_rows_kernel``): no pass over feats to find
     them, and only the rows that take part are read (the others may hold
-    anything).
+    anything). ``out``: ``(sums, counts)`` of that shape and dtype (contiguous)
+    that the atomic path (``deterministic=False`` only) adds into and returns,
+    instead of zeroing buffers of its own: a caller summing chunks zeroes once.
     """
     N, D = feats.shape
     S = int(num_slots)
     dev = feats.device
     acc = acc_dtype(feats.dtype)
+    if out is not None and deterministic:
+        raise ValueError("prototype_sums: out is for the atomic path (deterministic=False)")
     if N == 0 or S == 0:
+        if out is not None:
+            return out
         return torch.zeros((S, D), dtype=acc, device=dev), torch.zeros((S,), dtype=acc, device=dev)
     BLOCK_N = block_n or (pow2(N, 16, 256) if INTERPRET_TILES else 32)
     BLOCK_D = block_d or (pow2(D, 16, 256) if INTERPRET_TILES else 128)
     if not deterministic:
-        sums = torch.zeros((S, D), dtype=acc, device=dev)
-        counts = torch.zeros((S,), dtype=acc, device=dev)
+        if out is not None:
+            sums, counts = out
+        else:
+            sums = torch.zeros((S, D), dtype=acc, device=dev)
+            counts = torch.zeros((S,), dtype=acc, device=dev)
         if key is not None:  # rows with key num_slots are not read at all
             slot = key
         prototype_sums_atomic_kernel[(triton.cdiv(N, BLOCK_N),)](

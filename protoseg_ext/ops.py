@@ -188,6 +188,16 @@ def _register_similarity(ns: str, keeps_probs: bool) -> None:
 # Rows of embed_similarity's stats on the C++ CPU backend (csrc/cpu/similarity_cpu.h, kStatsRows):
 # the 3 every backend keeps, then 3 its backward reads instead of a pass over the map.
 CPU_STATS_ROWS = 6
+# ... and on the CUDA backend (csrc/cuda/embed_cuda.cu, kStatRows; the emulator's ops too): the 3, then
+# w . z and (w xhat) . z, which its backward reads instead of summing them over the map.
+CUDA_STATS_ROWS = 5
+
+
+def _stats_rows(ns: str, device) -> int:
+    """Rows of embed_similarity's stats from the ops of namespace ``ns`` on ``device``."""
+    if ns == "protoseg_cudasim" or (ns == "protoseg_ext" and device.type == "cuda"):
+        return CUDA_STATS_ROWS
+    return CPU_STATS_ROWS if ns == "protoseg_ext" and device.type == "cpu" else 3
 
 
 def _register_embed(ns: str, keeps_probs: bool) -> None:
@@ -206,7 +216,7 @@ def _register_embed(ns: str, keeps_probs: bool) -> None:
         out = _fake_similarity(rows, protos, labels, ignore_index, temperature, compute_seg, compute_lse, compute_own,
                                cache_bytes, keeps_probs=keeps_probs)
         any_out = compute_seg or compute_lse or compute_own
-        rows = CPU_STATS_ROWS if ns == "protoseg_ext" and feats.device.type == "cpu" else 3
+        rows = _stats_rows(ns, feats.device)
         return out + (feats.new_empty((rows, N) if any_out else (0,), dtype=_acc_dtype(feats.dtype)),)
 
     @torch.library.register_fake(f"{ns}::embed_similarity_backward")

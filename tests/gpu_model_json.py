@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL_KEYS = {"name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops",
                "unit", "modelled_us"}
-STEP_KEYS = {"compulsory_bytes", "unique_bytes", "flops", "modelled_us", "roofline_us", "launches"}
+STEP_KEYS = {"compulsory_bytes", "unique_bytes", "flops", "modelled_us", "roofline_us", "launches", "launch_counts"}
+LAUNCH_KEYS = {"kernels", "gemms", "aten", "total", "units", "per_unit", "fixed", "linear"}
 CITYSCAPES_GEMM_FLOPS = 2 * 65536 * 720 * 190  # one GEMM of the cityscapes size: 2 N D CK
 
 
@@ -31,4 +32,14 @@ def run_gpu_model_json(backend: str, size: str = "cityscapes", dtype: str = "fp3
     step = out["step"]
     assert set(step) == STEP_KEYS
     assert abs(step["modelled_us"] - sum(k["modelled_us"] for k in out["kernels"])) < 1e-6 * step["modelled_us"]
+    lc = step["launch_counts"]
+    assert set(lc) == LAUNCH_KEYS and lc["linear"] and lc["total"] == step["launches"]
+    assert lc["total"] == lc["kernels"] + lc["gemms"] + lc["aten"]
+    for key in ("kernels", "gemms", "aten", "total"):  # fixed + per tile (chunk) x the size's tiles
+        assert abs(lc[key] - (lc["fixed"][key] + lc["per_unit"][key] * lc["units"])) <= 0.5, (key, lc)
     return out
+
+
+def per_unit_launches(out) -> dict:
+    """The launches per tile (cuda) or chunk (triton) of a run_gpu_model_json result."""
+    return out["step"]["launch_counts"]["per_unit"]

@@ -565,13 +565,26 @@ def _stats_problem(layout, dtype, seed=31):
     return as_layout(x.to(dtype), layout), w.to(pdt), b.to(pdt), p.to(pdt), gt, bad
 
 
+def _stats_sums_reference(xin, w, b, eps=1e-5):
+    """Rows 3 and 4 of the CUDA stats in float64: w . z and (w xhat) . z of each pixel (z = y / ||y||, y the
+    LayerNorm of its entries x, xhat = (x - mean) / sqrt(var + eps)), from xin as the ops read it."""
+    x = (xin.double().permute(0, 2, 3, 1).reshape(-1, xin.shape[1]) if xin.dim() == 4 else xin.double())
+    mu = x.mean(1, keepdim=True)
+    xhat = (x - mu) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + eps)
+    y = xhat * w.double() + b.double()
+    z = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.stack([(w.double() * z).sum(1), (w.double() * xhat * z).sum(1)])
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 @pytest.mark.parametrize("layer_norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_embed_similarity_stats(sim, layout, layer_norm, dtype):
     """The forward's 6th output: each pixel's LayerNorm mean, 1 / std and 1 / ||y|| (without the LayerNorm 0, 1,
-    1 / ||x||), (3, N) contiguous in the accumulation dtype, as reference_backend.embed_stats computes them in
-    float64 from the same (rounded) map; NaN in all three for the NaN and the inf pixel, nowhere else."""
+    1 / ||x||), as reference_backend.embed_stats computes them in float64 from the same (rounded) map, then
+    w . z and (w xhat) . z (0 without the LayerNorm), which the backward reads instead of a pass over the
+    map: (5, N) contiguous in the accumulation dtype; NaN in all five for the NaN and the inf pixel, nowhere
+    else."""
     from protoseg_ext.reference_backend import embed_stats
 
     xin, w, b, p, gt, bad = _stats_problem(layout, dtype)
@@ -580,15 +593,19 @@ def test_embed_similarity_stats(sim, layout, layer_norm, dtype):
     assert len(out) == 6
     stats = out[5]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert stats.shape == (3, gt.numel()) and stats.dtype == acc and stats.is_contiguous()
+    assert stats.shape == (5, gt.numel()) and stats.dtype == acc and stats.is_contiguous()
     want = embed_stats(xin, (lw, lb, 1e-5) if layer_norm else None)
     assert torch.isnan(want[:, bad]).all() and not torch.isnan(want[:, ~bad]).any()  # the reference's rule
     assert torch.isnan(stats[:, bad]).all() and not torch.isnan(stats[:, ~bad]).any()
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(stats[:, ~bad], want[:, ~bad], **tol)
-    if not layer_norm:
+    torch.testing.assert_close(stats[:3, ~bad], want[:, ~bad], **tol)
+    if layer_norm:
+        sums = _stats_sums_reference(xin, w, b)
+        torch.testing.assert_close(stats[3:, ~bad].double(), sums[:, ~bad], **tol)
+    else:
         assert torch.equal(stats[0, ~bad], torch.zeros_like(stats[0, ~bad]))
         assert torch.equal(stats[1, ~bad], torch.ones_like(stats[1, ~bad]))
+        assert torch.equal(stats[3:, ~bad], torch.zeros_like(stats[3:, ~bad]))
     # nothing computed: no stats
     assert sim.embed_similarity(xin, lw, lb, 1e-5, p, gt, -1, 0.7, False, False, False, 0)[5].shape == (0,)
 
@@ -610,9 +627,54 @@ def test_embed_similarity_stats_zero_pixel_and_overflow(sim):
         assert torch.isfinite(out[0][10]).all() and torch.isfinite(out[2][10])
         ok = torch.ones(12, dtype=torch.bool)
         ok[10] = False
-        torch.testing.assert_close(out[5][:, ok], want[:, ok], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[5][:3, ok], want[:, ok], atol=1e-5, rtol=1e-5)
+        if ln is not None:
+            torch.testing.assert_close(out[5][3:, ok].double(), _stats_sums_reference(x, *ln[:2])[:, ok],
+                                       atol=1e-5, rtol=1e-5)
         if ln is None:
             assert out[5][2, 1].item() == pytest.approx(1e12)
+
+
+def _backward_map_reads(sim, x, w, b, p, gt, T, cached, stats_rows=5, layout="nchw"):
+    """embed_similarity (its stats given to the backward, their first stats_rows rows) and its backward
+    under the meter, upstream gradients of seg, lse and own: the gradients, checked against the float64
+    reference, and how many bytes embed_backward_kernel loaded over those of the map and of G = dS P."""
+    xin = as_layout(x, layout)
+    seg, argk, lse, own, probs, stats = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, T, True, True, True,
+                                                          (1 << 30) if cached else 0)
+    g = torch.Generator().manual_seed(5)
+    ups = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (seg, lse, own)]
+    (gx, gw, gb), evs = _meter_events(sim, lambda: sim.embed_similarity_backward(
+        *[u.float() for u in ups], xin, w, b, 1e-5, p, gt, argk, lse, -1, T, probs if cached else None,
+        stats[:stats_rows].contiguous()))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = R.similarity_outputs(embed_reference(leaves[0], (leaves[1], leaves[2], 1e-5)), p.double(), gt, -1, T,
+                               True, True, True)
+    want = torch.autograd.grad(sum((r * u).sum() for r, u in zip((ref[0], ref[2], ref[3]), ups)), leaves)
+    tol = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx.double(), as_layout(want[0], layout), **tol)
+    torch.testing.assert_close(gw.double(), want[1], **tol)
+    torch.testing.assert_close(gb.double(), want[2], **tol)
+    loaded = sum(e["bytes_loaded"] for e in evs if e["type"] == "kernel" and e["name"].startswith("embed_backward"))
+    return loaded / (2 * x.numel() * 4)  # the map and G, float32: one read of each
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_embed_backward_one_pass_from_the_epilogue_sums(sim, cached):
+    """embed_backward_kernel reads the map and G once: the grad epilogue sums z . G = dS . S, w . G = dS . P w
+    and b . G = dS . P b per pixel, and the forward's stats carry w . z and (w xhat) . z (rows 3 and 4), so
+    its first pass over x and G is skipped; stats of 3 rows alone, or a temperature at which the softmax
+    cache underflows at an arg-max entry (its score then unknown), take that pass again for the blocks
+    concerned. The gradients match the float64 reference every way."""
+    x, w, b, p, gt = _embed_problem(2, 40, 4, 9, 6, 3, seed=41)
+    # the ratio counts the per-pixel loads besides (each warp's stats, at D = 40 a third of a map read)
+    one = _backward_map_reads(sim, x, w, b, p, gt, 0.7, cached)
+    two = _backward_map_reads(sim, x, w, b, p, gt, 0.7, cached, stats_rows=3)
+    assert one < 1.5 and two > one + 0.9, (one, two)
+    if cached:  # exp(S / 0.01 - lse) underflows for the far classes: their arg-max entries fall back
+        cold = _backward_map_reads(sim, x, w, b, p, gt, 0.01, cached)
+        assert one + 0.3 < cold, (one, cold)
+    assert _backward_map_reads(sim, x, w, b, p, gt, 0.7, cached, layout="channels_last") < 1.5
 
 
 def _embed_stats_launches(sim, fn):
@@ -719,9 +781,9 @@ def test_embed_stats_errors_name_the_argument(sim):
         return sim.embed_prototype_sums(x, w, b, 1e-5, slot, 4, st)
 
     for call in (bwd, sums):
-        with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(3, N\) = \(3, 6\)"):
+        with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(5, N\) = \(5, 6\) or its first 3"):
             call(torch.cat([stats, stats[:, :1]], 1))
-        with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(3, N\)"):
+        with pytest.raises(ValueError, match=r"stats must be embed_similarity's \(5, N\)"):
             call(stats[:2])
         with pytest.raises(ValueError, match="stats must be Float"):
             call(stats.double())
@@ -1138,7 +1200,7 @@ def test_gpu_model_json():
     """tools/gpu_model.py --json: one object, kernels and step, in the issue's schema; the step's modelled time
     is the sum of its kernels', no kernel beats its ideal sectors, and the GEMMs' flops are 2 N D CK twice
     (forward scores, backward d z) at least."""
-    from gpu_model_json import CITYSCAPES_GEMM_FLOPS, run_gpu_model_json
+    from gpu_model_json import CITYSCAPES_GEMM_FLOPS, per_unit_launches, run_gpu_model_json
 
     out = run_gpu_model_json("cuda")
     names = [k["name"] for k in out["kernels"]]
@@ -1152,6 +1214,12 @@ def test_gpu_model_json():
     ema = next(k for k in out["kernels"] if k["name"].startswith("prototype_ema_kernel"))
     CKD = 19 * 10 * 720 * 4
     assert 2 * CKD <= ema["unique_bytes"] <= 3.3 * CKD, ema
+    # per tile: the stats, the scores kernel and the epilogue forward, the grad epilogue and
+    # embed_backward_kernel backward, a GEMM each way (C*K < D: no [X | X] copy), and no other ATen op
+    # (the LayerNorm's partial gradients are summed once per call, not per tile)
+    per = per_unit_launches(out)
+    assert (per["kernels"], per["gemms"], per["aten"]) == (5, 2, 0), per
+    assert out["step"]["launch_counts"]["units"] == 4  # 2 images of 32,768 pixels, 22,016 rows a tile
 
 
 def test_emulator_warp_collectives(sim, order):
@@ -1259,10 +1327,24 @@ RACE_MUTANTS = {
         "  red[threadIdx.x] = sum;\n  if (!::cudasim::mutant(8)) " + _SYNC, 1, "sinkhorn", "data race on shared"),
     9: ("embed_cuda.cu", "  part[8][g][lane] = bad;\n  " + _SYNC,
         "  part[8][g][lane] = bad;\n  if (!::cudasim::mutant(9)) " + _SYNC, 0, "embed", "data race on shared"),
-    10: ("embed_cuda.cu", "  red[4][g][lane] = a4;\n  " + _SYNC,
-         "  red[4][g][lane] = a4;\n  if (!::cudasim::mutant(10)) " + _SYNC, 0, "embed", "data race on shared"),
-    11: ("embed_cuda.cu", "      tot[j][lane] = v;\n    }\n  }\n  " + _SYNC,
-         "      tot[j][lane] = v;\n    }\n  }\n  if (!::cudasim::mutant(11)) " + _SYNC, 0, "embed", "data race on shared"),
+    # embed_backward_kernel's first pass (stats of 3 rows: no sums to take instead of it)
+    10: ("embed_cuda.cu", "    red[4][g][lane] = a4;\n    " + _SYNC,
+         "    red[4][g][lane] = a4;\n    if (!::cudasim::mutant(10)) " + _SYNC, 0, "embed_two_pass",
+         "data race on shared"),
+    11: ("embed_cuda.cu", "        tot[j][lane] = v;\n      }\n    }\n    " + _SYNC,
+         "        tot[j][lane] = v;\n      }\n    }\n    if (!::cudasim::mutant(11)) " + _SYNC, 0, "embed_two_pass",
+         "data race on shared"),
+    # ... and the sums it takes instead: warp 0 publishes them and its vote; the grad epilogue's row sums
+    # (over the warps of a row: C*K = 36, two warps)
+    17: ("embed_cuda.cu", "      if (lane == 0) given_ok = all ? 1 : 0;\n    }\n    " + _SYNC,
+         "      if (lane == 0) given_ok = all ? 1 : 0;\n    }\n    if (!::cudasim::mutant(17)) " + _SYNC, 0, "embed",
+         "data race on shared"),
+    18: ("similarity_cuda.cu", "  if (!sums) return;  // kernel-uniform\n  " + _SYNC,
+         "  if (!sums) return;  // kernel-uniform\n  if (!::cudasim::mutant(18)) " + _SYNC, 0, "embed_wide",
+         "data race on shared"),
+    19: ("similarity_cuda.cu", "      row_lab[threadIdx.x] = lab;\n    }\n  }\n  " + _SYNC,
+         "      row_lab[threadIdx.x] = lab;\n    }\n  }\n  if (!::cudasim::mutant(19)) " + _SYNC, 0, "embed",
+         "data race on shared"),
     # the prototype sums' atomics made plain read-modify-writes
     12: ("prototype_update_cuda.cu", "atomicAdd(dst + d, static_cast<acc_t>(f[d]));",
          "if (::cudasim::mutant(12)) dst[d] += static_cast<acc_t>(f[d]); else atomicAdd(dst + d, static_cast<acc_t>(f[d]));",
@@ -1329,15 +1411,16 @@ _RACE_MUTANT_SCRIPT = textwrap.dedent(
         p = torch.nn.functional.normalize(torch.randn(3, 2, 200, generator=g), dim=-1)
         s, c = torch.randn(6, 200, generator=g), torch.tensor([1.0, 0, 2, 1, 0, 3])
         return torch.allclose(ops.prototype_ema(p, s, c, 0.9), R.prototype_ema(p, s, c, 0.9), atol=1e-6, rtol=1e-5)
-    def embed():
-        x, w, b, p, gt = embed_problem(2, 20, 5, 7, 4, 3, seed=3)
-        seg, argk, lse, own, _, _ = ops.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
+    def embed(stats_rows=None, C=4):
+        x, w, b, p, gt = embed_problem(2, 20, 5, 7, C, 3, seed=3)
+        seg, argk, lse, own, _, st = ops.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 0)
         g = torch.Generator().manual_seed(4)
         ups = [torch.randn(t.shape, generator=g) for t in (seg, lse, own)]
-        gx, gw, gb = ops.embed_similarity_backward(*ups, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None)
+        given = st[:stats_rows].contiguous() if stats_rows else None
+        gx, gw, gb = ops.embed_similarity_backward(*ups, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0, None, given)
         return bool(torch.isfinite(gx).all() and torch.isfinite(seg).all())
     checks = dict(sinkhorn=sinkhorn, sums_det=lambda: sums(True), sums_atomic=lambda: sums(False), ema=ema,
-                  embed=embed)
+                  embed=embed, embed_two_pass=lambda: embed(3), embed_wide=lambda: embed(C=12))
     out = {}
     for mid in [0] + sorted(mutants):
         os.environ["PROTOSEG_SIM_MUTANT"] = str(mid)

@@ -97,9 +97,14 @@ def test_dot_flops(dtype, ieee, unit):
 def test_gpu_model_triton_json():
     """tools/gpu_model.py --backend triton --json: the issue's schema; the similarity kernels' tl.dot flops
     cover at least the two GEMMs of the step (2 N D CK each, forward and backward)."""
-    from gpu_model_json import CITYSCAPES_GEMM_FLOPS, run_gpu_model_json
+    from gpu_model_json import CITYSCAPES_GEMM_FLOPS, per_unit_launches, run_gpu_model_json
 
     out = run_gpu_model_json("triton", TRITON_INTERPRET="1")
     dot = [k for k in out["kernels"] if k["flops"] > 0]
     assert dot and all(k["unit"] != "memory" for k in dot)
     assert sum(k["flops"] for k in dot) >= 2 * CITYSCAPES_GEMM_FLOPS
+    # per chunk: the forward, the rows of the prototype sums and their atomic sums, the backward's dS and
+    # d feats kernels, and no ATen op (the sums and the LayerNorm's partials add up across the chunks)
+    per = per_unit_launches(out)
+    assert (per["kernels"], per["gemms"], per["aten"]) == (5, 0, 0), per
+    assert out["step"]["launch_counts"]["units"] == 1  # two images of 32,768 pixels: one chunk

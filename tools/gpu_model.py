@@ -31,8 +31,15 @@ range of that ratio); the JSON carries the same numbers. The kernels of the
 prototype update's EMA are the exception: their traffic follows how many
 prototypes a step updates, not N, so they are metered once more with every
 prototype updated, on the step's own arguments, and taken at that (the
-table says "every prototype updated (measured)"). Launch counts are those of the measured runs: a tile
-kernel launches once per tile (16 MiB of S), more often at the real size.
+table says "every prototype updated (measured)"). The table's launch counts are those of the measured
+runs; the step's launches at the real size are counted apart (step_launches): the three small maps
+run again, each in several tiles of 64 pixels (cuda: PROTOSEG_SIM_TILE_ROWS, which the emulator's
+build of csrc/cuda/similarity_common.cuh's tile_rows reads; triton: kernels/embed.py's CHUNK_PIXELS)
+under torch.profiler, where every emulated kernel and host GEMM is one scope and every other ATen op
+the step runs outside them counts once (views, metadata and allocation excepted; an op that launches
+several kernels on a GPU still counts once, so the count is a lower bound there); each count is
+fitted as a + b tiles on two runs, checked on the third, and taken at the size's own tiles (16 MiB
+of S each on cuda, csrc/cuda/similarity_common.cuh) or chunks (65,536 pixels on triton).
 Assumed L2 hits are not extrapolated: the meter gives, per launch, the bytes
 an earlier launch or GEMM touched and how many bytes were touched in between;
 those distances are scaled by N / (the largest measured N) and a byte counts
@@ -131,15 +138,9 @@ def _gemm_unit(ev) -> str:
     return "fp32 cuda cores"
 
 
-def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
-    """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind).
-
-    meter: a context manager whose value, after the block, is the list of events (cuda_sim's meter or
-    tools/triton_meter.TritonMeter). ema_args: a list that receives the arguments of the step's
-    prototype_ema call."""
-    from protoseg_ext import ProtoSegHead, backends
-
-    ema_args = [] if ema_args is None else ema_args
+def _step_inputs(torch, backend, B, D, H, W, C, dtype):
+    """The head, map and labels of the metered step (seeded)."""
+    from protoseg_ext import ProtoSegHead
 
     torch.manual_seed(0)
     head = ProtoSegHead(D, C, K, backend=backend, feat_norm=True, gamma=0.999, assign="argmax").train()
@@ -147,6 +148,27 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
     gt = torch.randint(0, C, (B, H, W))
     gt[:, 0, :2] = -1  # a few ignored pixels
     head = head.to(dtype) if dtype != torch.float32 else head
+    return head, feats, gt
+
+
+def _run_step(torch, head, feats, gt):
+    """One training step as users run it: forward with prototype learning, CE + 0.01 PPC + 0.001 PPD, backward."""
+    out = head(feats, gt)
+    loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
+    loss = loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd
+    loss.backward()
+
+
+def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
+    """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind).
+
+    meter: a context manager whose value, after the block, is the list of events (cuda_sim's meter or
+    tools/triton_meter.TritonMeter). ema_args: a list that receives the arguments of the step's
+    prototype_ema call."""
+    from protoseg_ext import backends
+
+    ema_args = [] if ema_args is None else ema_args
+    head, feats, gt = _step_inputs(torch, backend, B, D, H, W, C, dtype)
     be = backends.get_backend(backend)
     ema = be.prototype_ema
 
@@ -157,13 +179,123 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
     be.prototype_ema = recording_ema  # the step's (protos, sums, counts, gamma), for measure_full_update
     try:
         with meter() as m:
-            out = head(feats, gt)
-            loss = torch.nn.functional.cross_entropy(out.seg.float(), gt, ignore_index=-1)
-            loss = loss + 0.01 * out.loss_ppc + 0.001 * out.loss_ppd
-            loss.backward()
+            _run_step(torch, head, feats, gt)
     finally:
         del be.prototype_ema
     return group_events(m.events)
+
+
+# ---------------------------------------------------------------------------- launches
+
+# A launch on a GPU seen by the profiler: a kernel of the emulator or the interpreter, or a GEMM of
+# the emulated host code (cuda_sim.h, triton_meter.py); ATen ops inside these scopes are how the CPU
+# runs them and are not counted again.
+LAUNCH_SCOPES = {"cudasim::launch": "kernels", "cudasim::gemm": "gemms", "triton::launch": "kernels"}
+# ATen ops that launch nothing on a GPU: views, metadata, allocation (an ATen op that is not a leaf
+# of the profile's tree launches through its leaves)
+NO_LAUNCH = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_reshape_alias",
+    "aten::as_strided", "aten::narrow", "aten::slice", "aten::select", "aten::t", "aten::transpose",
+    "aten::permute", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::detach",
+    "aten::detach_", "aten::alias", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh",
+    "aten::result_type", "aten::_unsafe_view", "aten::view_as", "aten::unbind", "aten::split",
+    "aten::chunk", "aten::diagonal", "aten::unfold", "aten::movedim", "aten::numpy_T", "aten::reshape",
+    "aten::contiguous", "aten::to", "aten::_to_copy", "aten::resize_", "aten::set_", "aten::is_nonzero",
+    "aten::size", "aten::stride", "aten::is_same_size", "aten::_has_compatible_shallow_copy_type",
+    "aten::requires_grad_", "aten::empty_permuted", "aten::new_empty", "aten::new_empty_strided",
+    "aten::flatten", "aten::unflatten", "aten::sym_size", "aten::sym_stride", "aten::dim", "aten::as_strided_",
+    "aten::scalar_tensor",
+}
+
+
+def count_launches(events) -> dict:
+    """GPU launches in a profile's events (torch.profiler, CPU): each LAUNCH_SCOPES scope once, and each
+    outermost ATen op outside them (no ATen op or scope above it) that does any work: itself, or one of
+    the ops under it, a leaf not in NO_LAUNCH (a fill, copy, reduction or elementwise op). One such op
+    is one launch: a lower bound where a composite op (``cross_entropy``) runs several kernels on a GPU."""
+    n = {"kernels": 0, "gemms": 0, "aten": 0}
+
+    def works(e):
+        if not e.cpu_children:
+            return e.name not in NO_LAUNCH
+        return any(works(c) for c in e.cpu_children if c.name not in LAUNCH_SCOPES)
+
+    for e in events:
+        if e.name in LAUNCH_SCOPES:
+            n[LAUNCH_SCOPES[e.name]] += 1
+            continue
+        if not e.name.startswith("aten::"):
+            continue
+        p = e.cpu_parent
+        while p is not None and p.name not in LAUNCH_SCOPES and not p.name.startswith("aten::"):
+            p = p.cpu_parent
+        if p is None and works(e):
+            n["aten"] += 1
+    n["total"] = n["kernels"] + n["gemms"] + n["aten"]
+    return n
+
+
+def cuda_tile_rows(N: int, CK: int, elem: int = 4) -> int:
+    """Rows per tile of the CUDA code's tile loops (csrc/cuda/similarity_common.cuh, tile_rows)."""
+    rows = (16 << 20) // max(1, CK * elem)
+    rows = min(32768, max(128, rows // 128 * 128))
+    return min(rows, N)
+
+
+def units_at(backend: str, B: int, HW: int, CK: int, override: int = 0) -> int:
+    """The tiles (cuda: per image, of tile_rows rows, or ``override``) or chunks (triton:
+    kernels/embed.py, pixel_chunks of CHUNK_PIXELS, or ``override``) of a step on a B x HW map."""
+    if backend == "cuda":
+        T = min(override, B * HW) if override else cuda_tile_rows(B * HW, CK)
+        return B * -(-HW // T)
+    try:
+        from protoseg_ext.kernels.embed import CHUNK_PIXELS, pixel_chunks
+    except ImportError:
+        from kernels.embed import CHUNK_PIXELS, pixel_chunks
+    return sum(1 for _ in pixel_chunks(B, HW, override or CHUNK_PIXELS))
+
+
+def step_launches(meter, torch, backend, B, D, H, W, C, dtype):
+    """GPU launches of the step at (B, D, H, W, C), from the profiled small maps: each run in
+    ``units_at(..., override=64)`` tiles or chunks (PROTOSEG_SIM_TILE_ROWS, or kernels/embed.py's
+    CHUNK_PIXELS, set to 64 for the runs), every count fitted as a + b * units on two runs and checked on
+    the third, then taken at the size's own units. Returns ``{"kernels", "gemms", "aten", "total",
+    "units", "per_unit", "fixed", "linear"}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    R = 64
+    if backend == "cuda":
+        saved = os.environ.get("PROTOSEG_SIM_TILE_ROWS")
+        os.environ["PROTOSEG_SIM_TILE_ROWS"] = str(R)
+    else:
+        emb = sys.modules["protoseg_ext.kernels"].embed
+        saved, emb.CHUNK_PIXELS = emb.CHUNK_PIXELS, R
+    counts, units = [], []
+    try:
+        for h, w in SMALL_HW:
+            head, feats, gt = _step_inputs(torch, backend, B, D, h, w, C, dtype)
+            with profile(activities=[ProfilerActivity.CPU]) as prof, meter():
+                _run_step(torch, head, feats, gt)
+            counts.append(count_launches(prof.events()))
+            units.append(units_at(backend, B, h * w, C * K, R))
+    finally:
+        if backend == "cuda":
+            if saved is None:
+                os.environ.pop("PROTOSEG_SIM_TILE_ROWS", None)
+            else:
+                os.environ["PROTOSEG_SIM_TILE_ROWS"] = saved
+        else:
+            emb.CHUNK_PIXELS = saved
+    real = units_at(backend, B, H * W, C * K)
+    out = dict(units=real, linear=True, per_unit={}, fixed={})
+    for key in ("kernels", "gemms", "aten", "total"):
+        v = [c[key] for c in counts]
+        b = (v[1] - v[0]) / (units[1] - units[0])
+        a = v[0] - b * units[0]
+        out["linear"] &= abs(a + b * units[2] - v[2]) < 0.5
+        out[key] = int(round(a + b * real))
+        out["per_unit"][key], out["fixed"][key] = b, a
+    return out
 
 
 def group_events(events):
@@ -374,9 +506,10 @@ def run(backend: str, size: str, dtype: str):
     rows = model(bound_by_full_update(extrapolate(runs, Ns, N), full))
     cb, cf, roofline_us = step_roofline(B, D, H, W, C, dtype, backend)
     flops = sum(r["flops"] for r in rows)
+    launches = step_launches(meter, torch, backend, B, D, H, W, C, dt)
     step = dict(compulsory_bytes=cb, unique_bytes=sum(r["unique_bytes"] for r in rows), flops=flops,
                 modelled_us=sum(r["modelled_us"] for r in rows),
-                roofline_us=roofline_us, launches=sum(r["launches"] for r in rows))
+                roofline_us=roofline_us, launches=launches["total"], launch_counts=launches)
     return rows, step, dict(N=N, B=B, D=D, H=H, W=W, C=C, K=K, Ns=Ns, compulsory_flops=cf, backend=backend)
 
 
@@ -418,6 +551,13 @@ def as_table(rows, step, info, size, dtype) -> str:
         f"{info['compulsory_flops'] / 1e9:.1f} GFLOP with S recomputed in the backward, or one GEMM fewer "
         "and softmax(S) kept: the faster; protoseg_ext.kernels.roofline)",
     ]
+    lc = step["launch_counts"]
+    unit = "tiles" if info["backend"] == "cuda" else "chunks"
+    lines.append(
+        f"launches at this size: {lc['total']:,} ({lc['kernels']:,} kernels, {lc['gemms']:,} GEMMs, {lc['aten']:,} "
+        f"other ATen ops) in {lc['units']:,} {unit}: {lc['fixed']['total']:.0f} + {lc['per_unit']['total']:.0f} per "
+        f"{unit[:-1]} (counted in profiles of the small maps run in several {unit}"
+        f"{'' if lc['linear'] else '; NOT linear in the ' + unit + ', extrapolated anyway'})")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ strides, not the compiler's layout choices.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 L2_BYTES = 50 << 20
 
@@ -90,7 +91,10 @@ class TritonMeter:
             bound.update(kwargs)
             meter._gpu_dots(bound)
             try:
-                return orig(ex, *args, **kwargs)
+                # one launch on a GPU, whatever ATen ops the interpreter runs for it (a profiler's count:
+                # tools/gpu_model.py, step_launches)
+                with torch.profiler.record_function("triton::launch"):
+                    return orig(ex, *args, **kwargs)
             finally:
                 meter._end()
 

@@ -28,13 +28,19 @@
 //   m2 = mean_d w dy xhat = inv (sum w G xhat - fg sum w z xhat) / D,
 //   d x = r (w dy - m1 - xhat m2),  d w += dy xhat,  d b += dy   (LayerNorm)
 // and a second pass writes d x in place of G; d w and d b are per-block
-// partial sums, added in block order (deterministic).
+// partial sums, each block's added over the tiles, then summed over the
+// blocks once (deterministic). The first pass is skipped where its five sums
+// are known without it: z . G = dS . S (S_j = z . p_j), w . G = dS . (P w)
+// and b . G = dS . (P b), which the grad epilogue sums as it forms dS
+// (cuda::RowSums), give (w xhat) . G = z . G / inv - b . G; w . z and
+// (w xhat) . z are rows 3 and 4 of the stats. Then x and G are read once.
 //
-// Statistics: embed_stats_kernel writes each pixel's (mu, r, inv) straight
-// into the (3, N) `stats` that embed_similarity returns (the tile's columns,
-// row stride N); the backward and embed_prototype_sums read those when given
-// and launch it into a (3, T) tile buffer otherwise, so the map is read once
-// for them per step, not three times. The scores' direct path (|mu| r >
+// Statistics: embed_stats_kernel writes each pixel's (mu, r, inv, w . z,
+// (w xhat) . z) straight into the (5, N) `stats` that embed_similarity
+// returns (the tile's columns, row stride N); the backward and
+// embed_prototype_sums read those when given (the first 3 rows alone are
+// taken too) and launch it into a (5, T) tile buffer otherwise, so the map is
+// read once for them per step, not three times. The scores' direct path (|mu| r >
 // kMaxFoldOffset) and the backward's radial term (inv below 1 / eps) follow
 // from the three values; a NaN column (a non-finite entry, or float sums that
 // overflowed) is recomputed in float64 by the kernel that reads it
@@ -67,7 +73,11 @@ using cuda::kWarp;
 constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
 constexpr int kEmbedGroups = kEmbedThreads / kWarp;
 using cuda::fold_direct;
-constexpr int kStatRows = 3;  // embed_similarity's stats: rows mu, r, inv, the pixels along each row
+// embed_similarity's stats: rows mu, r, inv, then (LayerNorm; 0 without it)
+// w . z and (w xhat) . z, the pixels along each row. The backward reads the
+// last two instead of summing them over the map (see embed_backward_kernel);
+// stats of 3 rows alone are taken too (the first three).
+constexpr int kStatRows = 5;
 constexpr int kStatSums = 9;  // per-thread sums of embed_stats_kernel
 template <typename acc_t>
 constexpr int kEmbedStatsBlocks = sizeof(acc_t) == 8 ? 1 : 2;  // its minimum blocks per SM
@@ -222,11 +232,14 @@ __device__ __forceinline__ acc_t pixel_shift(Tile t, const scalar_t* x, const sc
 // out[ld], out[2 ld] (mu, r, inv) from tot, its sums over the 8 groups (s1 ..
 // s5, W2, WB, B2 of the shifted entries, and the count of non-finite
 // entries), and the shift k; NaN in all three for a non-finite entry or
-// sums that overflowed (load_stats recomputes those that are finite).
+// sums that overflowed (load_stats recomputes those that are finite). Then
+// out[3 ld], out[4 ld]: w . z = inv (r sum w^2 (t - dl) + sum w b) and
+// (w xhat) . z = inv (r^2 Q + r L) with the LayerNorm (Q, L as for ||y||^2
+// below), 0 without it, NaN with the others.
 template <typename acc_t, typename Totals>
 __device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, int64_t D, bool ln, double eps, acc_t* out,
                                             int64_t ld) {
-  acc_t mu = 0, r = 1, sq = tot[1];
+  acc_t mu = 0, r = 1, sq = tot[1], wzs = 0, wxzs = 0;  // wzs, wxzs: ||y|| (w . z), ||y|| ((w xhat) . z)
   if (ln) {
     const acc_t Dt = acc_t(D);
     const acc_t dl = tot[0] / Dt;
@@ -236,20 +249,27 @@ __device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, int64_t 
     const acc_t L = tot[4] - dl * tot[6];
     sq = clamp_nonneg(r * r * Q + acc_t(2) * r * L + tot[7]);
     mu = k + dl;
+    wzs = r * (tot[3] - dl * tot[5]) + tot[6];
+    wxzs = r * (r * Q + L);
   }
-  acc_t inv = inv_norm(sq);
-  if (tot[8] > acc_t(0) || !is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) mu = r = inv = acc_t(NAN);
+  acc_t inv = inv_norm(sq), wz = inv * wzs, wxz = inv * wxzs;
+  if (tot[8] > acc_t(0) || !is_finite(tot[0]) || !is_finite(tot[1]) || !is_finite(sq)) {
+    mu = r = inv = wz = wxz = acc_t(NAN);
+  }
   out[0] = mu;
   out[ld] = r;
   out[2 * ld] = inv;
+  out[3 * ld] = wz;
+  out[4 * ld] = wxz;
 }
 
-// stats[c * ld + i], c = 0..2: (mu, r, inv) of pixel i of a tile (w ==
-// nullptr: no LayerNorm, mu = 0, r = 1, inv = 1 / max(||x||, eps)), as
+// stats[c * ld + i], c = 0..4: (mu, r, inv, w . z, (w xhat) . z) of pixel
+// i of a tile (w == nullptr: no LayerNorm, mu = 0, r = 1, inv = 1 /
+// max(||x||, eps), the last two 0), as
 // embed_similarity returns them: stats is the tile's first column of the
-// op's (3, N) stats (row stride ld = N) or of a (3, T) tile buffer. A pixel
+// op's (5, N) stats (row stride ld = N) or of a (5, T) tile buffer. A pixel
 // with a NaN or inf entry, or whose float sums overflowed, gets NaN in all
-// three (the kernels that read stats recompute the latter, load_stats; a
+// five (the kernels that read stats recompute the latter, load_stats; a
 // non-finite pixel's scores and gradient are NaN, as the reference's).
 // Sums are shifted by the pixel's first entry (LayerNorm), so that the
 // variance does not cancel; W2, WB, B2 (sums of w^2, w b, b^2) are summed
@@ -488,9 +508,9 @@ __device__ __forceinline__ void grad_chunk_sums(Tile xs_g, Tile gs_g, int nj, in
 
 // Pass 2 of embed_backward_kernel on one staged chunk (channels d0 ...): d x
 // of the lane's pixel in place of G's entries in gs_g, and (part_w given)
-// the warp's partial d w, d b of each channel into row blockIdx.x of part_w,
-// part_b. Every lane runs the same j loop (the warp sums; a lane past the
-// tile adds 0).
+// the warp's partial d w, d b of each channel added into row blockIdx.x of
+// part_w, part_b. Every lane runs the same j loop (the warp sums; a lane past
+// the tile adds 0).
 template <int W, typename acc_t, typename Tile>
 __device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, int64_t D, int lane, bool valid,
                                               bool ln, acc_t mu, acc_t r, acc_t inv, acc_t fg, acc_t m1, acc_t m2,
@@ -509,9 +529,9 @@ __device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, 
     }
     if (part_w != nullptr) {
       const acc_t pw = cuda::warp_sum(dy * xh), pb = cuda::warp_sum(dy);
-      if (lane == 0) {
-        part_w[int64_t(blockIdx.x) * D + d] = pw;
-        part_b[int64_t(blockIdx.x) * D + d] = pb;
+      if (lane == 0) {  // the block's row: summed over the tiles in stream order
+        part_w[int64_t(blockIdx.x) * D + d] += pw;
+        part_b[int64_t(blockIdx.x) * D + d] += pb;
       }
     }
   }
@@ -520,9 +540,17 @@ __device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, 
 // d feats of a tile from G = d loss / d z (rows, D; strides gp, gd), written
 // to out (strides op, od; out may be G itself: a chunk of G is read into the
 // tile before the same warp writes that chunk of out, and no other warp
-// touches those channels), and (w != nullptr) the block's partial sums of
-// d w and d b into row blockIdx.x of part_w, part_b (gridDim.x, D). See the
-// file comment for the maths.
+// touches those channels). The pixel's sums over D (z.G, w.G, (w xhat).G,
+// w.z, (w xhat).z) come from pass 1 over x and G, or, where zs is given (the
+// grad epilogue's cuda::RowSums of the tile: zparts blocks per row, row
+// length zld) and the stats have their rows 3 and 4 (stat_sums, or no
+// LayerNorm) and every pixel of the block has them all finite, from those:
+// z.G, w.G and b.G summed over the parts in order, (w xhat).G = z.G / inv -
+// b.G, and the stats' rows. Then the map and G are read once, by pass 2.
+// With the LayerNorm (w != nullptr), the block's partial sums of d w and d b
+// are added into row blockIdx.x of part_w, part_b (at least gridDim.x rows of
+// D; the caller zeroes them once and sums them once, after its last tile: no
+// launch per tile). See the file comment for the maths.
 // Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i, warp g
 // = the channel chunks staged through xs and gs (kStageW): x, G and out each
 // accessed along its own unit stride. Bounds: pixel < rows and d < D checked
@@ -533,48 +561,86 @@ __device__ __forceinline__ void grad_chunk_dx(Tile xs_g, Tile gs_g, int64_t d0, 
 // and publishes the pixel's totals (second barrier: every pass-1 read of G
 // precedes every write of out); in pass 2 every lane runs the same j loop
 // (bounds depend on the warp only), so the warp sums of the partials have
-// all 32 lanes (out-of-range pixels add 0); lane 0 writes its warp's partials.
+// all 32 lanes (out-of-range pixels add 0); lane 0 adds its warp's partials
+// (each (block, channel) entry has one writer per launch). With zs, warp 0
+// reads the given sums first, votes (__all_sync over its 32 pixels, the
+// block's) and publishes the sums and the vote (one barrier): the block
+// then skips pass 1 as a whole or runs it as a whole.
 // Hot kernel: must not spill.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kEmbedThreads, 2) embed_backward_kernel(
     const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D, const acc_t* __restrict__ stats,
     int64_t sld, const acc_t* __restrict__ w, const acc_t* __restrict__ b, double eps, const acc_t* G, int64_t gp,
-    int64_t gd, scalar_t* out, int64_t op, int64_t od, acc_t* __restrict__ part_w, acc_t* __restrict__ part_b) {
+    int64_t gd, scalar_t* out, int64_t op, int64_t od, acc_t* __restrict__ part_w, acc_t* __restrict__ part_b,
+    const acc_t* __restrict__ zs, int64_t zparts, int64_t zld, bool stat_sums) {
   constexpr int kSums = 5;
   constexpr int W = kStageW<acc_t>;
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
   __shared__ acc_t gs[kEmbedGroups][kWarp][W + 1];
   __shared__ acc_t red[kSums][kEmbedGroups][kWarp];
   __shared__ acc_t tot[kSums][kWarp];
+  __shared__ int given_ok;
   const int lane = threadIdx.x & (kWarp - 1), g = threadIdx.x / kWarp;
   const int64_t p0 = int64_t(blockIdx.x) * kWarp, i = p0 + lane;
   const bool valid = i < rows, ln = w != nullptr;
   acc_t mu = 0, r = 1, inv = 0;
   if (valid) load_stats(stats + i, sld, x + i * sp, sd, D, w, b, eps, mu, r, inv);  // lanes on consecutive pixels
   const bool radial = norm_radial(inv);
-  // pass 1: the pixel's sums over its channels, per group
-  acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;  // z.G, w.G, (w xhat).G, w.z, (w xhat).z
-  for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
-    stage_grad_chunk<W>(xs[g], gs[g], x, sp, sd, G, gp, gd, w, b, p0, rows, d0, D, lane);
-    __syncwarp();
-    if (valid) grad_chunk_sums<W>(xs[g], gs[g], chunk_width<W>(D, d0), lane, ln, mu, r, inv, a0, a1, a2, a3, a4);
-    __syncwarp();  // the tiles are read before the next chunk overwrites them
-  }
-  red[0][g][lane] = a0;
-  red[1][g][lane] = a1;
-  red[2][g][lane] = a2;
-  red[3][g][lane] = a3;
-  red[4][g][lane] = a4;
-  __syncthreads();
-  if (g == 0) {
-#pragma unroll
-    for (int j = 0; j < kSums; ++j) {
-      acc_t v = 0;
-      for (int h = 0; h < kEmbedGroups; ++h) v += red[j][h][lane];
-      tot[j][lane] = v;
+  bool given = false;
+  if (zs != nullptr && (stat_sums || !ln)) {  // kernel-uniform
+    if (g == 0) {
+      acc_t t0 = 0, t1 = 0, t2 = 0, wz = 0, wxz = 0;
+      if (valid) {
+        for (int64_t q = 0; q < zparts; ++q) {  // the epilogue's blocks of the row, in order
+          t0 += zs[q * zld + i];
+          t1 += zs[(zparts + q) * zld + i];
+          t2 += zs[(2 * zparts + q) * zld + i];
+        }
+        if (ln) {
+          wz = stats[3 * sld + i];
+          wxz = stats[4 * sld + i];
+          t2 = t0 / inv - t2;  // (w xhat) . G = (y . G) - b . G, y = z / inv
+        }
+      }
+      const bool ok = is_finite(t0) && is_finite(t1) && is_finite(t2) && is_finite(wz) && is_finite(wxz);
+      const bool all = __all_sync(cuda::kFullMask, ok);
+      if (all) {
+        tot[0][lane] = t0;
+        tot[1][lane] = t1;
+        tot[2][lane] = t2;
+        tot[3][lane] = wz;
+        tot[4][lane] = wxz;
+      }
+      if (lane == 0) given_ok = all ? 1 : 0;
     }
+    __syncthreads();
+    given = given_ok != 0;
   }
-  __syncthreads();
+  if (!given) {  // block-uniform
+    // pass 1: the pixel's sums over its channels, per group
+    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;  // z.G, w.G, (w xhat).G, w.z, (w xhat).z
+    for (int64_t d0 = int64_t(g) * W; d0 < D; d0 += int64_t(kEmbedGroups) * W) {  // warp-uniform
+      stage_grad_chunk<W>(xs[g], gs[g], x, sp, sd, G, gp, gd, w, b, p0, rows, d0, D, lane);
+      __syncwarp();
+      if (valid) grad_chunk_sums<W>(xs[g], gs[g], chunk_width<W>(D, d0), lane, ln, mu, r, inv, a0, a1, a2, a3, a4);
+      __syncwarp();  // the tiles are read before the next chunk overwrites them
+    }
+    red[0][g][lane] = a0;
+    red[1][g][lane] = a1;
+    red[2][g][lane] = a2;
+    red[3][g][lane] = a3;
+    red[4][g][lane] = a4;
+    __syncthreads();
+    if (g == 0) {
+#pragma unroll
+      for (int j = 0; j < kSums; ++j) {
+        acc_t v = 0;
+        for (int h = 0; h < kEmbedGroups; ++h) v += red[j][h][lane];
+        tot[j][lane] = v;
+      }
+    }
+    __syncthreads();
+  }
   // pass 2: d x of each chunk, in place of G's entries in the tile, then out
   const acc_t fg = radial ? tot[0][lane] : acc_t(0);
   const acc_t m1 = inv * (tot[1][lane] - fg * tot[3][lane]) / acc_t(D);
@@ -674,9 +740,10 @@ const acc_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-// A tile's statistics: its first pixel's column of a (3, M) contiguous
-// tensor (rows mu, r, inv; row stride M), either embed_similarity's stats
-// (3, N) at the tile's first pixel n0 or a (3, T) buffer of tiles at 0.
+// A tile's statistics: its first pixel's column of a (kStatRows, M) (or
+// given: (3, M)) contiguous tensor (rows mu, r, inv, w . z, (w xhat) . z;
+// row stride M), either embed_similarity's stats (kStatRows or 3, N) at the
+// tile's first pixel n0 or a (kStatRows, T) buffer of tiles at 0.
 struct TileStats {
   at::Tensor t;
   int64_t col = 0;
@@ -685,6 +752,7 @@ struct TileStats {
     return t.data_ptr<acc_t>() + col;
   }
   int64_t ld() const { return t.size(1); }
+  bool sums() const { return t.size(0) >= kStatRows; }  // rows 3 and 4 there
 };
 
 // Host launchers of the kernels above, each for one tile X (count, D) of the
@@ -798,10 +866,11 @@ void embed_tile_rows(const at::Tensor& X, const EmbedOperands& e, const TileStat
 
 // d feats of the tile X into grad_tile from G_tile = d loss / d z
 // (embed_backward_kernel; G_tile may be grad_tile), and with the LayerNorm
-// the per-block partial d w, d b into the first rows of part_w, part_b.
+// the per-block partial d w, d b added into the first rows of part_w, part_b;
+// zs: the grad epilogue's cuda::RowSums of the tile, or undefined.
 void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const TileStats& st,
                          const at::Tensor& G_tile, at::Tensor& grad_tile, at::Tensor& part_w, at::Tensor& part_b,
-                         cudaStream_t stream) {
+                         const at::Tensor& zs, cudaStream_t stream) {
   const int64_t n = X.size(0);
   const bool ln = e.w.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_backward_cuda", [&] {
@@ -810,7 +879,9 @@ void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const Tile
         X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), st.ptr<acc_t>(), st.ld(),
         ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps, G_tile.data_ptr<acc_t>(), G_tile.stride(0),
         G_tile.stride(1), grad_tile.data_ptr<scalar_t>(), grad_tile.stride(0), grad_tile.stride(1),
-        ln ? part_w.data_ptr<acc_t>() : nullptr, ln ? part_b.data_ptr<acc_t>() : nullptr);
+        ln ? part_w.data_ptr<acc_t>() : nullptr, ln ? part_b.data_ptr<acc_t>() : nullptr,
+        zs.defined() ? zs.data_ptr<acc_t>() : nullptr, zs.defined() ? zs.size(0) / 3 : 0,
+        zs.defined() ? zs.size(1) : 0, st.sums());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -820,14 +891,19 @@ void embed_tile_backward(const at::Tensor& X, const EmbedOperands& e, const Tile
 // for the recomputed S), A (dS's bf16 parts, SplitProtos), the tile's stats
 // (unless embed_similarity's are given: `given`, (3, N)), G (when the
 // gradient's dtype is not the working one) and the per-block partial d w,
-// d b (with the LayerNorm).
+// d b (with the LayerNorm; parts (2, blocks of a tile, D), zeroed here once:
+// each tile's block b adds into row b of parts[0] and parts[1]), and the
+// grad epilogue's sums (cuda::RowSums: sums.out (3 parts, T); with the
+// LayerNorm pw = P w and pb = P b) where the loss has the lse term and the
+// stats have their sums rows (own, or given with them).
 struct EmbedGradBuffers {
   int64_t T;
   bool recompute, direct;  // S recomputed (no softmax cache); G written straight into the gradient
   cuda::SplitProtos sp;
-  at::Tensor dS, A, stats, given, G, part_w, part_b;
+  at::Tensor dS, A, stats, given, G, parts, part_w, part_b;
+  cuda::RowSums sums;
 
-  EmbedGradBuffers(const EmbedOperands& e, int64_t N, at::ScalarType protos_dtype, bool recompute_,
+  EmbedGradBuffers(const EmbedOperands& e, int64_t N, at::ScalarType protos_dtype, bool recompute_, bool has_lse,
                    const at::Tensor& grad, const at::Tensor& given_stats)
       : recompute(recompute_), given(given_stats) {
     const int64_t D = e.P.size(1), CK = e.P.size(0);
@@ -841,16 +917,28 @@ struct EmbedGradBuffers {
     if (!given.defined()) stats = at::empty({kStatRows, T}, aopt);
     G = direct ? at::Tensor() : at::empty({T, D}, aopt);
     const int64_t max_blocks = ceil_div(T, kWarp);
-    part_w = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
-    part_b = e.w.defined() ? at::empty({max_blocks, D}, aopt) : at::Tensor();
+    if (e.w.defined()) {
+      parts = at::zeros({2, max_blocks, D}, aopt);
+      part_w = parts[0];
+      part_b = parts[1];
+    }
+    if (has_lse && (!given.defined() || given.size(0) >= kStatRows)) {
+      sums.out = at::empty({3 * cuda::grad_epilogue_parts(CK), T}, aopt);
+      if (e.w.defined()) {
+        sums.pw = at::mv(e.P, e.w);
+        sums.pb = e.beta;
+      }
+    }
   }
 };
 
 // The backward's tiles: per tile, the stats unless given, dS as in
 // similarity_backward (S recomputed through the folded GEMM when
 // buf.recompute), G = dS P into the gradient's
-// own tile (or buf.G), then embed_backward_kernel in place; the tiles'
-// partial d w, d b added into dw, db in block order.
+// own tile (or buf.G), then embed_backward_kernel in place, which adds each
+// block's partial d w, d b into buf.parts; after the last tile, dw and db
+// = those partials summed over the blocks (a reduction each, not one per
+// tile: per tile the loop launches the GEMMs and 3 to 5 kernels, nothing else).
 void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const cuda::GradInputs& gin,
                           EmbedGradBuffers& buf, at::Tensor& grad, at::Tensor& dw, at::Tensor& db,
                           cudaStream_t stream) {
@@ -862,13 +950,15 @@ void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const 
     at::Tensor G_tile = buf.direct ? grad_tile : buf.G.narrow(0, 0, t.count);
     const TileStats st = tile_stats(X, e, buf.given, buf.stats, t.n0, stream);
     if (buf.recompute) embed_tile_scores(buf.dS.narrow(0, 0, t.count), CK, X, e, st, stream);  // S
-    cuda::dS_times_protos(G_tile, dS_tile, buf.A, buf.sp, e.P, gin, at::Tensor(), t.n0, stream);  // d loss / d z
-    embed_tile_backward(X, e, st, G_tile, grad_tile, buf.part_w, buf.part_b, stream);
-    if (e.w.defined()) {  // the tile's partials, in block order
-      const int64_t blocks = ceil_div(t.count, kWarp);
-      dw.add_(buf.part_w.narrow(0, 0, blocks).sum(0));
-      db.add_(buf.part_b.narrow(0, 0, blocks).sum(0));
-    }
+    const bool sums = buf.sums.out.defined();
+    cuda::dS_times_protos(G_tile, dS_tile, buf.A, buf.sp, e.P, gin, at::Tensor(), t.n0, stream,
+                          sums ? &buf.sums : nullptr);  // d loss / d z
+    embed_tile_backward(X, e, st, G_tile, grad_tile, buf.part_w, buf.part_b, sums ? buf.sums.out : at::Tensor(),
+                        stream);
+  }
+  if (e.w.defined()) {  // over the blocks, in a fixed order: deterministic
+    at::sum_out(dw, buf.part_w, 0);
+    at::sum_out(db, buf.part_b, 0);
   }
 }
 
@@ -992,22 +1082,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
   check_similarity_args(shape, protos, labels, has_own, temperature);
   const bool cached = check_similarity_backward_args(shape, protos, grad_seg, grad_lse, grad_own, argk, lse, probs_opt);
   const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
-  const at::Tensor given = check_embed_stats(rows, stats_opt) ? *stats_opt : at::Tensor();
+  const at::Tensor given = check_embed_stats(rows, stats_opt, kStatRows) ? *stats_opt : at::Tensor();
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = shape.size(0), D = shape.size(1), C = protos.size(0), K = protos.size(1);
   const auto acc = acc_type(feats.scalar_type());
   auto aopt = feats.options().dtype(acc);
   at::Tensor grad = at::empty(rows.sizes(), feats.options());  // laid out as the rows
-  at::Tensor dw = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
-  at::Tensor db = ln ? at::zeros({D}, aopt) : at::empty({0}, feats.options());
-  if (N == 0 || (!has_seg && !has_lse && !has_own)) {
+  const bool none = N == 0 || (!has_seg && !has_lse && !has_own);
+  // d ln_weight, d ln_bias: written by a reduction each after the tiles
+  at::Tensor dw = ln ? (none ? at::zeros({D}, aopt) : at::empty({D}, aopt)) : at::empty({0}, feats.options());
+  at::Tensor db = ln ? (none ? at::zeros({D}, aopt) : at::empty({D}, aopt)) : at::empty({0}, feats.options());
+  if (none) {
     grad.zero_();
     return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
   }
   const cuda::GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc,
                              ignore_index, temperature);
   const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
-  EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, grad, given);
+  EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, has_lse, grad, given);
   embed_backward_tiles(rows, e, gin, buf, grad, dw, db, c10::cuda::getCurrentCUDAStream());
   return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
 }
@@ -1025,7 +1117,7 @@ std::tuple<at::Tensor, at::Tensor> embed_prototype_sums_cuda(const at::Tensor& f
   const at::Tensor rows = check_embed_prototype_sums_args(feats, slot, num_slots);
   const at::Tensor shape = embed_checked_shape(rows);
   const bool ln = check_embed_layer_norm(rows, ln_weight, ln_bias, ln_eps);
-  const at::Tensor given = check_embed_stats(rows, stats_opt) ? *stats_opt : at::Tensor();
+  const at::Tensor given = check_embed_stats(rows, stats_opt, kStatRows) ? *stats_opt : at::Tensor();
   c10::cuda::CUDAGuard guard(feats.device());
   const int64_t N = shape.size(0), D = shape.size(1);
   auto aopt = feats.options().dtype(acc_type(feats.scalar_type()));

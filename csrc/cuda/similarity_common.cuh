@@ -27,7 +27,7 @@ __host__ __device__ __forceinline__ int epilogue_group(int64_t K) {
   return kEpilogueStage / K < kWarp ? int(kEpilogueStage / K) : kWarp;
 }
 constexpr int64_t kTileBytes = int64_t(16) << 20;  // bytes of S per tile
-constexpr int64_t kMaxTileRows = 32768;            // <= 65535: rows are gridDim.y of the backward epilogue
+constexpr int64_t kMaxTileRows = 32768;            // <= 65535 kGradRows: the backward epilogue's gridDim.y
 
 constexpr double kMaxFoldOffset = 16.0;            // as plane_embed.h's kMaxOffset
 
@@ -59,7 +59,11 @@ __device__ __forceinline__ acc_t folded_score(E e, int64_t half, acc_t mu, acc_t
 }
 
 // Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
+// (tools/gpu_model.py's tiles_at mirrors this.)
 inline int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
+#ifdef CUDASIM  // the emulator's tile count for a launch count (tools/cuda_sim: tile_rows_override)
+  if (const int64_t rows = cudasim::tile_rows_override(); rows > 0) return std::min<int64_t>(rows, N);
+#endif
   int64_t rows = kTileBytes / std::max<int64_t>(1, CK * elem_size);
   rows = std::min<int64_t>(kMaxTileRows, std::max<int64_t>(128, rows / 128 * 128));
   return std::min<int64_t>(rows, N);
@@ -119,6 +123,35 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
                          double temperature, const at::Tensor& labels, int64_t ignore_index, SimilarityOutputs& out,
                          cudaStream_t stream, const ScoreAffine* affine = nullptr);
 
+// Blocks of the backward epilogue per row (similarity_grad_epilogue_kernel):
+// its threads per block, min(256, C*K rounded up to 32), and their count.
+constexpr int kGradThreads = 256;
+constexpr int kGradRows = 8;  // rows per block (the LayerNorm's P w, P b loaded once for them)
+inline int grad_epilogue_threads(int64_t CK) {
+  return int(std::min<int64_t>(kGradThreads, (CK + kWarp - 1) / kWarp * kWarp));
+}
+inline int64_t grad_epilogue_parts(int64_t CK) {
+  const int64_t t = grad_epilogue_threads(CK);
+  return (CK + t - 1) / t;
+}
+
+// Per-pixel sums the head's embedding backward (embed_cuda.cu) takes from
+// the backward epilogue instead of a pass over the map: for pixel i of the
+// tile and block q of its row (of grad_epilogue_parts(C*K)), out[(k * parts
+// + q) * out.size(1) + i] = the sum over that block's entries j of dS_j S_j
+// (k = 0: z . G, G = dS P, as S_j = z . p_j), dS_j pw_j (k = 1: w . G, pw =
+// P w) and dS_j pb_j (k = 2: b . G, pb = P b); pw and pb undefined without
+// the LayerNorm (rows 1, 2 then 0). With the softmax cache, S_j is taken
+// from it, tau (log p_j + lse); an entry whose p_j < kMinCachedProb carries
+// no softmax term worth counting, and if it carries a seg or own term (whose
+// score is then unknown) the row's k = 0 sum is NaN: the kernel that reads
+// the sums then takes its own pass over the map. Written only where the
+// loss has the lse term (else the tile holds no S and there is no cache).
+struct RowSums {
+  at::Tensor out, pw, pb;
+};
+constexpr double kMinCachedProb = 1e-30;
+
 // The backward's per-pixel inputs, in the working dtype and contiguous
 // (undefined where that gradient is absent), and the epilogue that forms dS.
 struct GradInputs {
@@ -134,20 +167,22 @@ struct GradInputs {
 
   // dS_tile (rows, C*K; any row stride) <- d loss / d S of pixels row0 ...
   // (similarity_grad_epilogue_kernel); with split (rows, terms * C*K) bf16
-  // given, its bf16 parts go there instead (SplitProtos).
+  // given, its bf16 parts go there instead (SplitProtos); with sums given
+  // (has_lse only), the row sums of RowSums.
   template <typename acc_t>
   void launch(at::Tensor& dS_tile, const acc_t* row_scale, int64_t row0, cudaStream_t stream,
-              at::Tensor* split = nullptr, int terms = 0) const;
+              at::Tensor* split = nullptr, int terms = 0, const RowSums* sums = nullptr) const;
 };
 
 // G_tile (rows, D) = dS @ P for the tile of pixels row0 ...: the grad
 // epilogue forms dS, and the GEMM runs on tensor cores from its bf16 parts
 // when sp has them (then A holds the parts; dS_tile is only read, for the
 // recomputed S), else in the working dtype on dS_tile itself. row_scale as
-// for similarity_epilogue (the recomputed S's rows), or undefined.
+// for similarity_epilogue (the recomputed S's rows), or undefined. sums: the
+// epilogue's RowSums too (GradInputs::launch), or null.
 void dS_times_protos(at::Tensor& G_tile, at::Tensor& dS_tile, at::Tensor& A, const SplitProtos& sp,
                      const at::Tensor& P_acc, const GradInputs& gin, const at::Tensor& row_scale, int64_t row0,
-                     cudaStream_t stream);
+                     cudaStream_t stream, const RowSums* sums = nullptr);
 
 }  // namespace cuda
 }  // namespace protoseg

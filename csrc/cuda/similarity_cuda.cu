@@ -132,7 +132,7 @@ using cuda::kRowsPerBlock;
 using cuda::kRowThreads;
 using cuda::kWarp;
 
-constexpr int kGradThreads = 256;  // backward epilogue: at most this many threads per block
+using cuda::kGradThreads;  // backward epilogue: at most this many threads per block
 
 // The prototypes as GEMM operands: (C*K, D) in the working dtype, plus the
 // 16-bit copy when the tensor-core path applies (see the file comment).
@@ -418,60 +418,123 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
 // dS as it was. The softmax term comes from the cached softmax
 // rows `probs` (N, C*K) when given, else from S, which the tile then holds
 // (recomputed by the GEMM; its row i scaled by row_scale[i] when given);
-// without has_lse the tile holds nothing yet.
-// Launch: grid (ceil(C*K / threads), rows), threads = min(kGradThreads, C*K
-// rounded up to 32); one thread per entry j of row i = blockIdx.y (rows <=
-// 32768 < 65536). Bounds: j < C*K checked; c = j / K < C, k < K; n = row0 +
-// i < N (host passes rows <= N - row0), so probs[n*CK + j] is in bounds;
-// labels asserted before use; split[i * split_terms * CK + j + t * CK], t <
-// split_terms, is within row i. Sync: each thread reads and writes only its own entry;
-// per-row inputs are read-only.
+// without has_lse the tile holds nothing yet. With zsums given (has_lse
+// only), also the block's share of the row sums of cuda::RowSums, at
+// zsums[(t * gridDim.x + blockIdx.x) * zld + i], t = 0..2 (pw, pb: P w and
+// P b, or null without the LayerNorm: rows 1, 2 get 0).
+// Launch: grid (ceil(C*K / threads), ceil(rows / kGradRows)), threads =
+// min(kGradThreads, C*K rounded up to 32); thread j of a block takes entry j
+// of its kGradRows rows i = blockIdx.y * kGradRows + r < rows (pw[j], pb[j]
+// loaded once for them). Bounds: j < C*K checked before every access of an
+// entry (threads past it add 0 to the sums); i < rows (block-uniform); c =
+// j / K < C, k < K; n = row0 + i < N (host passes rows <= N - row0), so
+// probs[n*CK + j] is in bounds; labels asserted before use; split[i *
+// split_terms * CK + j + t * CK], t < split_terms, is within row i; zsums'
+// rows hold gridDim.x parts of zld >= rows. Sync: threads t < kGradRows
+// stage row t's lse, grad_lse and label in shared memory (one load per row
+// and block, not one per warp), one barrier; each thread then reads and
+// writes only its own entries; the sums go through shared memory (warp
+// sums per row, one barrier after the rows, thread t < 3 kGradRows adds
+// the warps of one row and sum in order: deterministic), every thread
+// reaching both barriers (no early return before them).
 // Hot kernel: must not spill.
 template <typename acc_t>
 __global__ void __launch_bounds__(kGradThreads, 4) similarity_grad_epilogue_kernel(
     acc_t* __restrict__ dS, int64_t ld, at::BFloat16* __restrict__ split, int split_terms,
-    const acc_t* __restrict__ row_scale, int64_t row0, int64_t C, int64_t K,
+    const acc_t* __restrict__ row_scale, int64_t row0, int64_t rows, int64_t C, int64_t K,
     acc_t temperature, bool has_lse, const acc_t* __restrict__ probs, const acc_t* __restrict__ lse,
     const acc_t* __restrict__ grad_lse, bool has_seg, const uint8_t* __restrict__ argk,
     const acc_t* __restrict__ grad_seg, bool has_own, const int64_t* __restrict__ labels, int64_t ignore_index,
-    const acc_t* __restrict__ grad_own) {
+    const acc_t* __restrict__ grad_own, acc_t* __restrict__ zsums, int64_t zld, const acc_t* __restrict__ pw,
+    const acc_t* __restrict__ pb) {
+  __shared__ acc_t red[cuda::kGradRows][3][kGradThreads / kWarp];
+  __shared__ acc_t row_lse[cuda::kGradRows];
+  __shared__ acc_t row_glse[cuda::kGradRows];
+  __shared__ int64_t row_lab[cuda::kGradRows];
   const int64_t CK = C * K;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= CK) return;
-  const int64_t i = blockIdx.y, n = row0 + i;
   const int64_t c = j / K, k = j - c * K;
-  acc_t* e = dS + i * ld + j;
-  acc_t soft = acc_t(0);
-  if (has_lse && probs != nullptr) {
-    soft = softmax_grad(probs[n * CK + j], temperature, grad_lse[n]);
-  } else if (has_lse) {
-    const acc_t s = row_scale != nullptr ? *e * row_scale[i] : *e;
-    soft = lse_grad(s, lse[n], temperature, grad_lse[n]);
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const bool in = j < CK, sums = zsums != nullptr;
+  const acc_t pwj = sums && in && pw != nullptr ? pw[j] : acc_t(0);
+  const acc_t pbj = sums && in && pw != nullptr ? pb[j] : acc_t(0);
+  const int64_t i0 = int64_t(blockIdx.y) * cuda::kGradRows;
+  if (threadIdx.x < cuda::kGradRows && i0 + threadIdx.x < rows) {  // the rows' scalars, once per block
+    const int64_t n = row0 + i0 + threadIdx.x;
+    row_lse[threadIdx.x] = has_lse ? lse[n] : acc_t(0);
+    row_glse[threadIdx.x] = has_lse ? grad_lse[n] : acc_t(0);
+    if (has_own) {
+      const int64_t lab = labels[n];
+      CUDA_KERNEL_ASSERT_MSG(label_in_range(lab, C) || lab == ignore_index,
+                             "labels: a label is outside [0, C) and is not ignore_index");
+      row_lab[threadIdx.x] = lab;
+    }
   }
-  const bool is_arg = has_seg && int64_t(argk[n * C + c]) == k;
-  const acc_t gs = is_arg ? grad_seg[n * C + c] : acc_t(0);
-  bool is_own = false;
-  if (has_own) {
-    const int64_t lab = labels[n];
-    CUDA_KERNEL_ASSERT_MSG(label_in_range(lab, C) || lab == ignore_index,
-                           "labels: a label is outside [0, C) and is not ignore_index");
-    is_own = lab == c;
+  __syncthreads();
+  for (int r = 0; r < cuda::kGradRows && i0 + r < rows; ++r) {  // block-uniform
+    const int64_t i = i0 + r, n = row0 + i;
+    acc_t t0 = 0, t1 = 0, t2 = 0;  // this entry's dS_j S_j, dS_j pw_j, dS_j pb_j (zsums)
+    if (in) {
+      acc_t* e = dS + i * ld + j;
+      acc_t soft = acc_t(0), s = acc_t(0);  // s: S_j, where zsums needs it
+      bool s_known = true;
+      if (has_lse && probs != nullptr) {
+        const acc_t p = probs[n * CK + j];
+        soft = softmax_grad(p, temperature, row_glse[r]);
+        if (sums) {
+          s_known = p >= acc_t(cuda::kMinCachedProb);
+          s = s_known ? temperature * (flog(p) + row_lse[r]) : acc_t(0);
+        }
+      } else if (has_lse) {
+        s = row_scale != nullptr ? *e * row_scale[i] : *e;
+        soft = lse_grad(s, row_lse[r], temperature, row_glse[r]);
+      }
+      const bool is_arg = has_seg && int64_t(argk[n * C + c]) == k;
+      const acc_t gs = is_arg ? grad_seg[n * C + c] : acc_t(0);
+      const bool is_own = has_own && row_lab[r] == c;
+      const acc_t go = is_own ? grad_own[n * K + k] : acc_t(0);
+      const acc_t v = similarity_grad_entry(soft, is_arg, gs, is_own, go);
+      if (sums) {
+        // an underflowed cached entry: its softmax term is below 1e-30 of grad_lse / tau and dropped; a seg
+        // or own term there needs the score, which the cache no longer has
+        t0 = s_known ? v * s : (gs != acc_t(0) || go != acc_t(0) ? acc_t(NAN) : acc_t(0));
+        t1 = v * pwj;
+        t2 = v * pbj;
+      }
+      if (split == nullptr) {
+        *e = v;
+      } else {
+        // bf16 parts for the tensor-core GEMM (SplitProtos): row i of split is
+        // [hi | lo] or [hi | lo | hi], each C*K wide
+        const float fv = static_cast<float>(v);
+        const at::BFloat16 hi(fv);
+        const at::BFloat16 lo(fv - static_cast<float>(hi));
+        at::BFloat16* a = split + i * split_terms * CK + j;
+        a[0] = hi;
+        a[CK] = lo;
+        if (split_terms == 3) a[2 * CK] = hi;
+      }
+    }
+    if (sums) {  // kernel-uniform
+      t0 = cuda::warp_sum(t0);
+      t1 = cuda::warp_sum(t1);
+      t2 = cuda::warp_sum(t2);
+      if (lane == 0) {
+        red[r][0][warp] = t0;
+        red[r][1][warp] = t1;
+        red[r][2][warp] = t2;
+      }
+    }
   }
-  const acc_t go = is_own ? grad_own[n * K + k] : acc_t(0);
-  const acc_t v = similarity_grad_entry(soft, is_arg, gs, is_own, go);
-  if (split == nullptr) {
-    *e = v;
-    return;
+  if (!sums) return;  // kernel-uniform
+  __syncthreads();
+  const int r = int(threadIdx.x) / 3, t = int(threadIdx.x) - 3 * r;
+  if (r < cuda::kGradRows && i0 + r < rows) {
+    const int warps = int(blockDim.x / kWarp);
+    acc_t v = 0;
+    for (int w = 0; w < warps; ++w) v += red[r][t][w];
+    zsums[(int64_t(t) * gridDim.x + blockIdx.x) * zld + i0 + r] = v;
   }
-  // bf16 parts for the tensor-core GEMM (SplitProtos): row i of split is
-  // [hi | lo] or [hi | lo | hi], each C*K wide
-  const float fv = static_cast<float>(v);
-  const at::BFloat16 hi(fv);
-  const at::BFloat16 lo(fv - static_cast<float>(hi));
-  at::BFloat16* a = split + i * split_terms * CK + j;
-  a[0] = hi;
-  a[CK] = lo;
-  if (split_terms == 3) a[2 * CK] = hi;
 }
 
 // Host launchers of the per-row kernels above (one dtype dispatch each).
@@ -607,34 +670,44 @@ GradInputs::GradInputs(const c10::optional<at::Tensor>& grad_seg, const c10::opt
 
 template <typename acc_t>
 void GradInputs::launch(at::Tensor& dS_tile, const acc_t* row_scale, int64_t row0, cudaStream_t stream,
-                        at::Tensor* split, int terms) const {
+                        at::Tensor* split, int terms, const RowSums* sums) const {
   const int64_t CK = C * K;
-  const int threads = int(std::min<int64_t>(kGradThreads, ceil_div(CK, kWarp) * kWarp));
-  const dim3 grid(static_cast<unsigned>(ceil_div(CK, threads)), static_cast<unsigned>(dS_tile.size(0)));
+  const int threads = grad_epilogue_threads(CK);
+  const int64_t rows = dS_tile.size(0);
+  const dim3 grid(static_cast<unsigned>(grad_epilogue_parts(CK)),
+                  static_cast<unsigned>(ceil_div(rows, int64_t(kGradRows))));
+  const bool with_sums = sums != nullptr && has_lse;
+  const at::Tensor zout = with_sums ? sums->out : at::Tensor();
+  const at::Tensor pw = with_sums ? sums->pw : at::Tensor(), pb = with_sums ? sums->pb : at::Tensor();
+  if (with_sums)
+    TORCH_CHECK(zout.size(0) == 3 * int64_t(grid.x) && zout.size(1) >= rows,
+                "grad epilogue: RowSums of the wrong shape");
   similarity_grad_epilogue_kernel<acc_t><<<grid, threads, 0, stream>>>(
       dS_tile.data_ptr<acc_t>(), dS_tile.stride(0), split != nullptr ? split->data_ptr<at::BFloat16>() : nullptr,
-      terms, row_scale, row0, C, K, acc_t(temperature), has_lse,
+      terms, row_scale, row0, rows, C, K, acc_t(temperature), has_lse,
       cached ? pr.data_ptr<acc_t>() : nullptr, has_lse ? l.data_ptr<acc_t>() : nullptr,
       has_lse ? glse.data_ptr<acc_t>() : nullptr, has_seg, has_seg ? ak.data_ptr<uint8_t>() : nullptr,
       has_seg ? gseg.data_ptr<acc_t>() : nullptr, has_own, has_own ? lab.data_ptr<int64_t>() : nullptr,
-      ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr);
+      ignore_index, has_own ? gown.data_ptr<acc_t>() : nullptr, with_sums ? zout.data_ptr<acc_t>() : nullptr,
+      with_sums ? zout.size(1) : 0, pw.defined() ? pw.data_ptr<acc_t>() : nullptr,
+      pb.defined() ? pb.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void dS_times_protos(at::Tensor& G_tile, at::Tensor& dS_tile, at::Tensor& A, const SplitProtos& sp,
                      const at::Tensor& P_acc, const GradInputs& gin, const at::Tensor& row_scale, int64_t row0,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, const RowSums* sums) {
   AT_DISPATCH_FLOATING_TYPES(dS_tile.scalar_type(), "similarity_backward_cuda", [&] {
     using acc_t = scalar_t;
     const acc_t* rs = row_scale.defined() ? row_scale.data_ptr<acc_t>() : nullptr;
     if (!sp.B.defined()) {
-      gin.launch<acc_t>(dS_tile, rs, row0, stream);
+      gin.launch<acc_t>(dS_tile, rs, row0, stream, nullptr, 0, sums);
       at::mm_out(G_tile, dS_tile, P_acc);
       return;
     }
     const int64_t CK = P_acc.size(0);
     at::Tensor A_tile = A.narrow(0, 0, dS_tile.size(0));
-    gin.launch<acc_t>(dS_tile, rs, row0, stream, &A_tile, sp.terms);
+    gin.launch<acc_t>(dS_tile, rs, row0, stream, &A_tile, sp.terms, sums);
     if (lowp_mm_out(G_tile, A_tile, sp.B)) return;
     // no 16-bit GEMM here: dS = hi + lo back in the working dtype
     at::mm_out(G_tile,

@@ -826,6 +826,10 @@ def test_embed_prototype_sums_chunks_are_reproducible(layout, layer_norm):
         assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])  # bitwise, run to run
         torch.testing.assert_close(a[0].double(), rs, atol=1e-5, rtol=1e-5)
         assert torch.equal(a[1].double(), rc)
+        # the atomic path: every chunk adds straight into the returned sums and counts
+        s_at, c_at = KE.embed_prototype_sums(xin, *ln, 1e-5, slot, 6, deterministic=False, tiles=small, chunk=chunk)
+        torch.testing.assert_close(s_at.double(), rs, atol=1e-5, rtol=1e-5)
+        assert torch.equal(c_at.double(), rc)
 
 
 # ---------------------------------------------------------------- the forward's statistics, reused

@@ -1072,6 +1072,16 @@ int set_max_dynamic_smem(const void* fn, int bytes) {
   return 0;
 }
 
+int64_t tile_rows_override() {  // read at each call: a process may set it between steps
+  const char* v = std::getenv("PROTOSEG_SIM_TILE_ROWS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long rows = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && rows > 0, "cuda_sim: PROTOSEG_SIM_TILE_ROWS must be a positive integer, got '",
+              v, "'");
+  return int64_t(rows);
+}
+
 void run_grid(const char* kernel, const void* fn, const char* file, int line, const LaunchConfig& cfg,
               const std::function<void()>& body) {
   TORCH_CHECK(g_run == nullptr, "cuda_sim: a kernel launched from device code (", kernel, ")");

@@ -30,6 +30,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -267,12 +268,19 @@ void run_grid(const char* kernel, const void* fn, const char* file, int line, co
 // then fails if its static and dynamic shared memory together exceed it.
 int set_max_dynamic_smem(const void* fn, int bytes);
 
+// Rows per tile of the CUDA code's tile loops (similarity_common.cuh,
+// tile_rows) when PROTOSEG_SIM_TILE_ROWS sets them (> 0), else 0: the tool
+// that counts a step's launches (tools/gpu_model.py) runs a small map in
+// several tiles to tell the launches per tile from the rest.
+int64_t tile_rows_override();
+
 template <class... P, class... A>
 void launch(const char* kernel, const char* file, int line, const LaunchConfig& cfg, void (*fn)(P...), A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
   // the arguments as the kernel's parameter types, once per launch (raw
   // pointers become bounds-checked pointers here)
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  RECORD_FUNCTION("cudasim::launch", std::vector<c10::IValue>());  // one device launch, for a profiler's count
   run_grid(kernel, reinterpret_cast<const void*>(fn), file, line, cfg, [&] { std::apply(fn, params); });
 }
 
@@ -312,8 +320,13 @@ inline at::Tensor new_empty(const at::Tensor& t, at::IntArrayRef size, const at:
 // records each one's shape, dtypes, flops and operand bytes.
 void record_gemm(const char* op, int64_t m, int64_t n, int64_t k, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor& out);
+// Each GEMM below runs inside a "cudasim::gemm" profiler scope: one launch on
+// a GPU, whatever ATen ops the CPU runs for it (the upcast copies of
+// mm.dtype_out among them).
+#define CUDASIM_GEMM_SCOPE() RECORD_FUNCTION("cudasim::gemm", std::vector<c10::IValue>())
 inline const at::Tensor& mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   record_gemm("mm", a.size(0), b.size(1), a.size(1), a, b, out);
+  CUDASIM_GEMM_SCOPE();
   at::Tensor o = out;
   at::mm_out(o, a, b);
   return out;
@@ -331,16 +344,19 @@ inline const at::Tensor& mm_out(const at::Tensor& out, const at::Tensor& a, cons
               "cuda_sim: mm_out with out_dtype: only float32 output is emulated, got ", out_dtype, " into ",
               out.scalar_type());
   record_gemm("mm.dtype_out", a.size(0), b.size(1), a.size(1), a, b, out);
+  CUDASIM_GEMM_SCOPE();
   at::Tensor o = out;
   at::mm_out(o, a.to(at::kFloat), b.to(at::kFloat));
   return out;
 }
 inline at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  CUDASIM_GEMM_SCOPE();
   at::Tensor out = at::mm(a, b);
   record_gemm("mm", a.size(0), b.size(1), a.size(1), a, b, out);
   return out;
 }
 inline at::Tensor mv(const at::Tensor& a, const at::Tensor& x) {
+  CUDASIM_GEMM_SCOPE();
   at::Tensor out = at::mv(a, x);
   record_gemm("mv", a.size(0), 1, a.size(1), a, x, out);
   return out;
