@@ -17,11 +17,14 @@ from typing import NamedTuple, Optional, Tuple
 
 
 class Modelled(NamedTuple):
-    """One metered step: the modelled time and the step's roofline (us), and the commit it was metered at."""
+    """One metered step: the modelled time and the step's roofline (us), the commit it was metered at, and
+    the GPU launches the step makes at that size (kernels, GEMMs and other ATen ops, as the meter counts
+    them: a lower bound where an ATen op runs several kernels)."""
 
     step_us: float
     roofline_us: float
     commit: str
+    launches: int
 
 
 # (backend, N, D, C, K, dtype name) -> Modelled. The meter's maps are (2, D, 128, 256) at N = 65,536,
@@ -29,18 +32,18 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(397.0, 120.0, "19b1a29"),
-    ("cuda", *_CS, "float32"): Modelled(921.0, 567.0, "19b1a29"),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1325.0, 374.0, "e0a6ccd"),
-    ("cuda", *_ADE, "float32"): Modelled(5026.0, 4270.0, "f819a7d"),
-    ("cuda", *_FULL, "bfloat16"): Modelled(12906.0, 3806.0, "19b1a29"),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(52013.0, 9876.0, "e0a6ccd"),
-    ("triton", *_CS, "bfloat16"): Modelled(622.0, 120.0, "19b1a29"),
-    ("triton", *_CS, "float32"): Modelled(1238.0, 264.0, "19b1a29"),
-    ("triton", *_ADE, "bfloat16"): Modelled(3985.0, 374.0, "19b1a29"),
-    ("triton", *_ADE, "float32"): Modelled(8128.0, 1736.0, "19b1a29"),
-    ("triton", *_FULL, "bfloat16"): Modelled(20424.0, 3806.0, "19b1a29"),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98119.0, 9876.0, "19b1a29"),
+    ("cuda", *_CS, "bfloat16"): Modelled(343.0, 120.0, "c327baf", 148),
+    ("cuda", *_CS, "float32"): Modelled(851.0, 567.0, "c327baf", 118),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1269.0, 374.0, "c327baf", 328),
+    ("cuda", *_ADE, "float32"): Modelled(4958.0, 4270.0, "c327baf", 272),
+    ("cuda", *_FULL, "bfloat16"): Modelled(11177.0, 3806.0, "c327baf", 790),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(50510.0, 9876.0, "c327baf", 12616),
+    ("triton", *_CS, "bfloat16"): Modelled(623.0, 120.0, "c327baf", 122),
+    ("triton", *_CS, "float32"): Modelled(1239.0, 264.0, "c327baf", 113),
+    ("triton", *_ADE, "bfloat16"): Modelled(3987.0, 374.0, "c327baf", 122),
+    ("triton", *_ADE, "float32"): Modelled(8129.0, 1736.0, "c327baf", 113),
+    ("triton", *_FULL, "bfloat16"): Modelled(20458.0, 3806.0, "c327baf", 276),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98143.0, 9876.0, "c327baf", 437),
 }
 
 

@@ -43,7 +43,8 @@ def test_readme_python_block_runs(i):
 
 
 def test_the_readme_gpu_table_is_the_packages():
-    """Each row of the README's modelled GPU table is an entry of protoseg_ext.modelled, figure for figure."""
+    """Each row of the README's modelled GPU table is an entry of protoseg_ext.modelled, figure for figure
+    (time, roofline, launches, commit)."""
     from protoseg_ext.modelled import MODELLED_H100
 
     text = open(README).read()
@@ -53,12 +54,12 @@ def test_the_readme_gpu_table_is_the_packages():
     sizes = {"Cityscapes": (65536, 720, 19, 10), "ADE20K size": (65536, 720, 150, 10),
              "full resolution": (2097152, 720, 19, 10), "full-resolution ADE20K": (4194304, 256, 150, 10)}
     found = set()
-    for backend, size, dtype, step, roof, commit, _ in rows:
+    for backend, size, dtype, step, roof, launches, commit, _ in rows:
         shape = next(v for k, v in sizes.items() if size.startswith(k))
         key = (backend.strip("`"), *shape, {"bf16": "bfloat16", "fp32": "float32"}[dtype])
         m = MODELLED_H100[key]
         assert (float(step.replace(",", "").replace(" us", "")), float(roof.replace(",", "").replace(" us", ""))) == (
             m.step_us, m.roofline_us), key
-        assert commit == m.commit, key
+        assert commit == m.commit and int(launches.replace(",", "")) == m.launches, key
         found.add(key)
     assert found == set(MODELLED_H100)
