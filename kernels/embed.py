@@ -337,8 +337,9 @@ def embed_dx_kernel(
     # chains g through the L2 normalisation and the LayerNorm and writes dx
     # and the block's partials of d w and d b (_store_embed_dx: added into its
     # row, over the chunks in order; summed over the blocks by torch.sum once,
-    # after the last chunk: deterministic, and no launch per chunk). The product multiplies dS as TF32
-    # (fp32 range) for half inputs, tf32x3 for float32, FMAs for float64.
+    # after the last chunk: deterministic, and no launch per chunk). The
+    # product multiplies dS as TF32 (fp32 range) for half inputs, tf32x3 for
+    # float32, FMAs for float64.
     X_stride_d, DX_stride_d = tl.cast(X_stride_d, tl.int64), tl.cast(DX_stride_d, tl.int64)
     pid_n, pid_d = _row_block_and_slice(D, BLOCK_DO)
     hw, row_ok, loc, x_row = _pixel_block(pid_n, B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
@@ -667,11 +668,10 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
         )
         n0 = b0 * e.HW + hw0
         rows = nb * hwc
-        if not deterministic:
-            _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=False, key=key[:rows],
-                                   out=(sums, counts))
-            continue
-        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=True, key=key[:rows])
-        sums += s
-        counts += c
+        # the atomic path adds into sums and counts itself; the sorted one returns the chunk's, added here
+        s, c = _update.prototype_sums(z[:rows], slot[n0:n0 + rows], S, deterministic=deterministic, key=key[:rows],
+                                      out=None if deterministic else (sums, counts))
+        if deterministic:
+            sums += s
+            counts += c
     return sums, counts

@@ -191,8 +191,8 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
 # the emulated host code (cuda_sim.h, triton_meter.py); ATen ops inside these scopes are how the CPU
 # runs them and are not counted again.
 LAUNCH_SCOPES = {"cudasim::launch": "kernels", "cudasim::gemm": "gemms", "triton::launch": "kernels"}
-# ATen ops that launch nothing on a GPU: views, metadata, allocation (an ATen op that is not a leaf
-# of the profile's tree launches through its leaves)
+# ATen ops that launch nothing on a GPU: views, metadata, allocation (count_launches counts an
+# outermost ATen op when it, or one of the leaves under it, is not one of these)
 NO_LAUNCH = {
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_reshape_alias",
     "aten::as_strided", "aten::narrow", "aten::slice", "aten::select", "aten::t", "aten::transpose",

@@ -59,7 +59,7 @@ __device__ __forceinline__ acc_t folded_score(E e, int64_t half, acc_t mu, acc_t
 }
 
 // Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
-// (tools/gpu_model.py's tiles_at mirrors this.)
+// (tools/gpu_model.py's cuda_tile_rows mirrors this.)
 inline int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
 #ifdef CUDASIM  // the emulator's tile count for a launch count (tools/cuda_sim: tile_rows_override)
   if (const int64_t rows = cudasim::tile_rows_override(); rows > 0) return std::min<int64_t>(rows, N);

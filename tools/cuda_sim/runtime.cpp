@@ -1077,8 +1077,8 @@ int64_t tile_rows_override() {  // read at each call: a process may set it betwe
   if (v == nullptr || *v == '\0') return 0;
   char* end = nullptr;
   const long long rows = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != nullptr && *end == '\0' && rows > 0, "cuda_sim: PROTOSEG_SIM_TILE_ROWS must be a positive integer, got '",
-              v, "'");
+  TORCH_CHECK(end != nullptr && *end == '\0' && rows > 0,
+              "cuda_sim: PROTOSEG_SIM_TILE_ROWS must be a positive integer, got '", v, "'");
   return int64_t(rows);
 }
 
