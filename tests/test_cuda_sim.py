@@ -374,6 +374,36 @@ def test_embed_kernels_coalesced(sim, layout, dtype, C):
     assert seen == kernels, seen
 
 
+@pytest.mark.parametrize("dtype, C", [(torch.bfloat16, 4), (torch.bfloat16, 40), (torch.float32, 40)])
+def test_embed_similarity_forward_launches_per_tile(sim, monkeypatch, dtype, C):
+    """The forward launches two kernels and one GEMM per tile: the statistics (which, for the bf16 GEMM
+    along K, C*K = 120 > D = 32, also write its [X | X]) and the epilogue (which finishes the rows that the
+    affine map cannot give: a far-from-mean pixel and a NaN one here); no copy kernel, no scores kernel.
+    4 tiles of 64 pixels; lse and own against the reference."""
+    monkeypatch.setenv("PROTOSEG_SIM_TILE_ROWS", "64")
+    x, w, b, p, gt = _embed_problem(2, 32, 8, 16, C, 3, seed=26, dtype=torch.float64)
+    x[1, :, 3, :2] += 60  # |mean| / std = 30: scores from z (fixed_scores_row)
+    xin = x.to(dtype)
+    xin[0, :, 5, 7] = float("nan")
+    (seg, argk, lse, own, _, _), evs = _meter_events(
+        sim, lambda: sim.embed_similarity(xin, w.float(), b.float(), 1e-5, p.float(), gt, -1, 0.5, True, True,
+                                          True, 0))
+    names = [e["name"].split("<")[0] for e in evs]
+    gemm = "mm.dtype_out" if dtype == torch.bfloat16 else "mm"
+    assert names == ["mv"] + ["embed_stats_kernel", gemm, "similarity_epilogue_kernel"] * 4, names  # mv: P w
+    k = 64 if C == 40 and dtype == torch.bfloat16 else 32  # along K: [X | X] [hi | lo]^T
+    assert [e["k"] for e in evs if e["name"] == gemm] == [k] * 4
+    xd = xin.double()
+    xd[0, :, 5, 7] = 0
+    _, _, r_lse, r_own = R.similarity_outputs(embed_reference(xd, (w, b, 1e-5)), p, gt, -1, 0.5, True, True, True)
+    nan_px = 5 * 16 + 7
+    ok = torch.ones(lse.shape[0], dtype=torch.bool)
+    ok[nan_px] = False
+    assert torch.isnan(lse[nan_px])
+    torch.testing.assert_close(lse.double()[ok], r_lse[ok], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own.double()[ok], r_own[ok], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("C, K", [(19, 10), (150, 10), (3, 256)])
 def test_similarity_epilogue_coalesced(sim, C, K):
     """The forward epilogue reads the S tile in whole sectors (staged per class group through shared memory):
@@ -435,7 +465,7 @@ def test_embed_similarity_epilogue_maps_long_rows(sim, C, K, dtype):
     the warp) held whole in the stage (C*K = 600: 19 KiB per block; 1,500: 47 KiB, above 48 KiB with the
     static rho and beta, so with the opt-in) or, too long for it (C*K = 2,800), written back mapped for the
     softmax rows and own; for bf16 the two halves of the split GEMM added; with far-from-mean, overflowing
-    and NaN pixels among them (scores from embed_scores_kernel, left alone by the epilogue). seg, lse, own
+    and NaN pixels among them (scores recomputed by the epilogue from the pixels: fixed_scores_row). seg, lse, own
     and the cached softmax rows against the reference."""
     x, w, b, p, gt = _embed_problem(2, 24, 4, 6, C, K, seed=16, dtype=torch.float64)
     x[1, :, :2] += 60  # |mean| / std = 30: recomputed from z
@@ -1214,12 +1244,60 @@ def test_gpu_model_json():
     ema = next(k for k in out["kernels"] if k["name"].startswith("prototype_ema_kernel"))
     CKD = 19 * 10 * 720 * 4
     assert 2 * CKD <= ema["unique_bytes"] <= 3.3 * CKD, ema
-    # per tile: the stats, the scores kernel and the epilogue forward, the grad epilogue and
-    # embed_backward_kernel backward, a GEMM each way (C*K < D: no [X | X] copy), and no other ATen op
-    # (the LayerNorm's partial gradients are summed once per call, not per tile)
+    # per tile: the stats and the epilogue (which finishes the rows the affine map cannot give) forward,
+    # the grad epilogue and embed_backward_kernel backward, a GEMM each way (C*K < D: no [X | X] copy),
+    # and no other ATen op (the LayerNorm's partial gradients are summed once per call, not per tile)
     per = per_unit_launches(out)
-    assert (per["kernels"], per["gemms"], per["aten"]) == (5, 2, 0), per
+    assert (per["kernels"], per["gemms"], per["aten"]) == (4, 2, 0), per
     assert out["step"]["launch_counts"]["units"] == 4  # 2 images of 32,768 pixels, 22,016 rows a tile
+
+
+@pytest.mark.parametrize("B, H, W, C, K", [(1, 10, 30, 70, 240), (1, 200, 170, 1, 2), (2, 4, 50, 20, 10)])
+def test_gpu_model_tile_rows_are_the_codes(sim, monkeypatch, B, H, W, C, K):
+    """tools/gpu_model.py's cuda_tile_rows, behind the meter's launch counts at the real sizes, against the
+    tiles the CUDA code runs (csrc/cuda/similarity_common.cuh's tile_rows): one forward epilogue per tile,
+    counted by the emulator's meter. C*K = 16,800: 128-row tiles (the floor), 300 pixels in 3; C*K = 2:
+    32,768-row tiles (the cap), 34,000 pixels in 2; C*K = 200: 20,864 rows, one tile per image of 200."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import gpu_model
+
+    monkeypatch.delenv("PROTOSEG_SIM_TILE_ROWS", raising=False)
+    x, w, b, p, gt = _embed_problem(B, 2, H, W, C, K, seed=21)
+    _, evs = _meter_events(sim, lambda: sim.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, False, True, False, 0))
+    tiles = sum(1 for e in evs if e["name"].startswith("similarity_epilogue_kernel"))
+    assert tiles == gpu_model.units_at("cuda", B, H * W, C * K) == {16800: 3, 2: 2, 200: 2}[C * K]
+
+
+def test_gpu_model_count_launches():
+    """tools/gpu_model.py's count_launches on a hand-built profile: a scope once (not the ATen op under it),
+    an outermost ATen op that copies, fills or computes once, a view or a same-dtype `to` (a leaf in
+    NO_LAUNCH, or a dispatcher record such as `detach` under aten::detach) and an autograd node that runs
+    nothing never."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import gpu_model
+
+    class Ev:
+        def __init__(self, name, *children):
+            self.name, self.cpu_children, self.cpu_parent = name, list(children), None
+            for c in children:
+                c.cpu_parent = self
+
+        def all(self):
+            return [self] + [e for c in self.cpu_children for e in c.all()]
+
+    roots = [
+        Ev("aten::detach", Ev("detach")),
+        Ev("aten::to"),
+        Ev("aten::reshape", Ev("aten::view")),
+        Ev("aten::to", Ev("aten::_to_copy", Ev("aten::empty_strided"), Ev("aten::copy_"))),
+        Ev("aten::zeros", Ev("aten::empty"), Ev("aten::zero_")),
+        Ev("cudasim::launch"),
+        Ev("cudasim::gemm", Ev("aten::mm")),
+        Ev("MulBackward0", Ev("aten::mul")),
+        Ev("AddBackward0"),
+    ]
+    events = [e for r in roots for e in r.all()]
+    assert gpu_model.count_launches(events) == {"kernels": 1, "gemms": 1, "aten": 3, "total": 5}
 
 
 def test_emulator_warp_collectives(sim, order):
@@ -1358,8 +1436,8 @@ RACE_MUTANTS = {
     # a row bound off by one (a tile's view is shorter than its buffer: bounds per view catch it): the row
     # past the tile reads the next tile's stats, not yet written (poisoned NaN), so it recomputes them from x
     # past the view of X; with finite stats there it would write past the view of Sbuf
-    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  if (fixed_only && ",
-         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  if (fixed_only && ",
+    16: ("embed_cuda.cu", "  if (i >= rows) return;\n  cuda::fixed_scores_row(",
+         "  if (i >= rows + (::cudasim::mutant(16) ? 1 : 0)) return;\n  cuda::fixed_scores_row(",
          0, "embed", "out-of-bounds"),
     # a bound off by one: thread K of sinkhorn_gather_max_kernel writes the next part's first column maximum
     15: ("sinkhorn_cuda.cu", "  if (threadIdx.x < K) {", "  if (threadIdx.x < K + (::cudasim::mutant(15) ? 1 : 0)) {",

@@ -211,13 +211,14 @@ NO_LAUNCH = {
 def count_launches(events) -> dict:
     """GPU launches in a profile's events (torch.profiler, CPU): each LAUNCH_SCOPES scope once, and each
     outermost ATen op outside them (no ATen op or scope above it) that does any work: itself, or one of
-    the ops under it, a leaf not in NO_LAUNCH (a fill, copy, reduction or elementwise op). One such op
-    is one launch: a lower bound where a composite op (``cross_entropy``) runs several kernels on a GPU."""
+    the ops under it, an ATen leaf not in NO_LAUNCH (a fill, copy, reduction or elementwise op; a leaf
+    that is no ATen op, such as the ``detach`` record under ``aten::detach``, computes nothing). One such
+    op is one launch: a lower bound where a composite op (``cross_entropy``) runs several kernels on a GPU."""
     n = {"kernels": 0, "gemms": 0, "aten": 0}
 
     def works(e):
-        if not e.cpu_children:
-            return e.name not in NO_LAUNCH
+        if not e.cpu_children:  # an ATen leaf that computes (not a dispatcher record such as a view's `detach`)
+            return e.name.startswith("aten::") and e.name not in NO_LAUNCH
         return any(works(c) for c in e.cpu_children if c.name not in LAUNCH_SCOPES)
 
     for e in events:

@@ -73,6 +73,7 @@ using cuda::kWarp;
 constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
 constexpr int kEmbedGroups = kEmbedThreads / kWarp;
 using cuda::fold_direct;
+using cuda::load_stats;
 // embed_similarity's stats: rows mu, r, inv, then (LayerNorm; 0 without it)
 // w . z and (w xhat) . z, the pixels along each row. The backward reads the
 // last two instead of summing them over the map (see embed_backward_kernel);
@@ -148,60 +149,6 @@ __device__ __forceinline__ T clamp_nonneg(T v) {
   return v > T(0) ? v : T(0);
 }
 
-// Statistics (mu, r, inv) of one pixel in double, two passes over its D
-// entries (stride sd): for a pixel whose stats are NaN (see load_stats).
-// NaN in all three if an entry is not finite (stops at the first) or the
-// double sums overflow.
-template <typename scalar_t, typename acc_t>
-__device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, const acc_t* w, const acc_t* b, double eps,
-                                  acc_t& mu_out, acc_t& r_out, acc_t& inv_out) {
-  mu_out = r_out = inv_out = acc_t(NAN);
-  double mu = 0, r = 1;
-  for (int64_t d = 0; d < D; ++d) {
-    const double v = double(static_cast<acc_t>(x[d * sd]));
-    if (!is_finite(v)) return;
-    mu += v;
-  }
-  if (w != nullptr) {
-    mu /= double(D);
-    double var = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const double t = double(static_cast<acc_t>(x[d * sd])) - mu;
-      var += t * t;
-    }
-    r = 1.0 / sqrt(var / double(D) + eps);
-  } else {
-    mu = 0;
-  }
-  double sq = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double v = double(static_cast<acc_t>(x[d * sd]));
-    const double y = w != nullptr ? (v - mu) * r * double(w[d]) + double(b[d]) : v;
-    sq += y * y;
-  }
-  if (!is_finite(sq) || !is_finite(mu) || !is_finite(r)) return;
-  mu_out = acc_t(mu);
-  r_out = acc_t(r);
-  inv_out = acc_t(inv_norm(sq));
-}
-
-// The statistics of pixel i as the kernels below use them, from stats st
-// (mu, r, inv at st[0], st[ld], st[2 ld]: embed_similarity's stats, or a
-// tile's of embed_stats_kernel): a NaN column (a NaN or inf entry, or float
-// sums that overflowed; inv NaN) is recomputed by embed_stats_exact from the
-// pixel's entries xi (stride sd): finite for a finite pixel whose float sums
-// overflowed, NaN again for a non-finite one (after its first bad entry).
-// Rare: every other pixel takes three loads.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_stats(const acc_t* st, int64_t ld, const scalar_t* xi, int64_t sd, int64_t D,
-                                           const acc_t* w, const acc_t* b, double eps, acc_t& mu, acc_t& r,
-                                           acc_t& inv) {
-  mu = st[0];
-  r = st[ld];
-  inv = st[2 * ld];
-  if (!is_finite(inv)) embed_stats_exact(xi, sd, D, w, b, eps, mu, r, inv);
-}
-
 // ||y|| > eps, so that the L2 normalisation's backward has its radial term:
 // inv below its cap 1 / eps (inv_norm; a norm within rounding of eps, whose
 // 1 / ||y|| rounds to the cap, counts as eps; false for NaN).
@@ -274,12 +221,17 @@ __device__ __forceinline__ void pixel_stats(const Totals& tot, acc_t k, int64_t 
 // Sums are shifted by the pixel's first entry (LayerNorm), so that the
 // variance does not cancel; W2, WB, B2 (sums of w^2, w b, b^2) are summed
 // alongside, so the kernel needs no other input.
+// With kc given (the forward of the split GEMM along K: EmbedOperands::kcat),
+// it also writes the tile doubled along its channels, [X | X] (rows, 2 D),
+// in x's dtype, pixel p's channel d at kc[p * kp + d * kd] and kc[p * kp +
+// (d + D) * kd], from each staged chunk, along kc's unit stride
+// (unstage_chunk): no launch and no read of the map of its own.
 // Launch: kEmbedThreads threads, grid ceil(rows / 32); lane = pixel i of the
 // block, warp g = the channel chunks staged through xs (see kStageW); warp 0
 // writes the stats, lanes on consecutive pixels along each row. Bounds:
-// i < rows and d < D checked at every access of x, i < rows at every write
-// of stats; each lane reads only tile entries its warp wrote (its own
-// pixel, j < D - d0). Sync: __syncwarp
+// i < rows and d < D checked at every access of x and kc, i < rows at every
+// write of stats; each lane reads only tile entries its warp wrote (its own
+// pixel, j < D - d0; for kc, the warp's chunk). Sync: __syncwarp
 // between a chunk's stores to xs and the loads of other lanes, and between
 // those loads and the next chunk's stores; per-thread sums go to shared memory, one barrier,
 // then warp 0 adds the 8 groups of its pixel in group order (deterministic);
@@ -290,7 +242,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
     embed_stats_kernel(const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t rows, int64_t D,
                        const acc_t* __restrict__ w, const acc_t* __restrict__ b, double eps,
-                       acc_t* __restrict__ stats, int64_t ld) {
+                       acc_t* __restrict__ stats, int64_t ld, scalar_t* __restrict__ kc, int64_t kp,
+                       int64_t kd) {
   constexpr int W = kStageW<acc_t>;
   __shared__ acc_t xs[kEmbedGroups][kWarp][W + 1];
   __shared__ acc_t part[kStatSums][kEmbedGroups][kWarp];
@@ -311,6 +264,10 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
       wb[1][g][lane] = b[d0 + lane];
     }
     __syncwarp();
+    if (kc != nullptr) {  // [X | X]: the chunk's two copies, exact (x's values in acc_t)
+      unstage_chunk<W>(xs[g], kc, kp, kd, kp == 1, p0, rows, d0, D, lane);
+      unstage_chunk<W>(xs[g], kc + D * kd, kp, kd, kp == 1, p0, rows, d0, D, lane);
+    }
     const int nj = chunk_width<W>(D, d0);
     for (int j = 0; valid && j < nj; ++j) {
       const acc_t v = xs[g][lane][j];
@@ -351,15 +308,15 @@ __global__ void __launch_bounds__(kEmbedThreads, kEmbedStatsBlocks<acc_t>)
   pixel_stats(tot, k, D, ln, eps, stats + i, ld);  // row c of the stats at stats[c * ld + i]
 }
 
-// The tile of S from the folded GEMM's (rows, C*K) output, in place (row
-// stride ld; split: the GEMM's output is (rows, 2 C*K), the hi and lo halves
-// of EmbedOperands, added here): S = inv (r (S - mu rho_j) + beta_j)
-// (rho == nullptr: no LayerNorm, S = inv S), with the stats (mu, r, inv) of
-// pixel i at stats[c * sld + i] (load_stats); a row with fold_direct is
-// recomputed as z . p_j from the tile of x and the unfolded prototypes P (C*K, D).
-// fixed_only: only the rows with scores_fixed_row (the forward, whose
-// epilogue maps the others as it reads them: cuda::ScoreAffine); the other
-// rows are left as the GEMM wrote them, read for their stats alone.
+// The backward's tile of S (recomputed: no softmax cache) from the folded
+// GEMM's (rows, C*K) output, in place (row stride ld; split: the GEMM's
+// output is (rows, 2 C*K), the hi and lo halves of EmbedOperands, added
+// here): S = inv (r (S - mu rho_j) + beta_j) (rho == nullptr: no LayerNorm,
+// S = inv S), with the stats (mu, r, inv) of pixel i at stats[c * sld + i]
+// (load_stats); a row with fold_direct is recomputed as z . p_j from the
+// tile of x and the unfolded prototypes P (C*K, D): cuda::fixed_scores_row.
+// (The forward's epilogue applies the map as it reads the GEMM's output and
+// runs fixed_scores_row itself on the rows the map cannot give.)
 // Launch: kRowThreads threads, one warp per row, grid ceil(rows / 8).
 // Bounds: i < rows (warp-uniform return), j < C*K (CK + j < ld when split), d < D. Sync: each warp
 // owns its row; lane 0 writes the recomputed entries after the warp sum
@@ -370,29 +327,12 @@ __global__ void __launch_bounds__(kRowThreads, 4) embed_scores_kernel(
     acc_t* __restrict__ S, int64_t ld, bool split, int64_t rows, int64_t CK, const acc_t* __restrict__ stats,
     int64_t sld, const acc_t* __restrict__ rho, const acc_t* __restrict__ beta, const scalar_t* __restrict__ x,
     int64_t sp, int64_t sd, int64_t D, const acc_t* __restrict__ P, const acc_t* __restrict__ w,
-    const acc_t* __restrict__ b, double eps, bool fixed_only) {
+    const acc_t* __restrict__ b, double eps) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x & (kWarp - 1);
   if (i >= rows) return;
-  if (fixed_only && !cuda::scores_fixed_row(w != nullptr, stats[i], stats[sld + i], stats[2 * sld + i])) return;
-  const scalar_t* xi = x + i * sp;
-  acc_t mu, r, inv;
-  load_stats(stats + i, sld, xi, sd, D, w, b, eps, mu, r, inv);  // the same in every lane of the warp
-  acc_t* s = S + i * ld;
-  if (!fold_direct(w != nullptr, mu, r)) {
-    for (int64_t j = lane; j < CK; j += kWarp)
-      s[j] = cuda::folded_score(s + j, split ? CK : 0, mu, r, inv, rho, beta, j);
-    return;
-  }
-  for (int64_t j = 0; j < CK; ++j) {
-    acc_t a = 0;
-    for (int64_t d = lane; d < D; d += kWarp) {
-      const acc_t y = (static_cast<acc_t>(xi[d * sd]) - mu) * r * w[d] + b[d];
-      a += y * P[j * D + d];
-    }
-    a = cuda::warp_sum(a);
-    if (lane == 0) s[j] = a * inv;
-  }
+  cuda::fixed_scores_row(S + i * ld, split ? CK : 0, CK, stats + i, sld, rho, beta, x + i * sp, sd, D, P, w, b, eps,
+                         lane);
 }
 
 // z (rows, D) contiguous: the embedding of the tile's pixels (NaN rows for
@@ -692,7 +632,8 @@ std::vector<PixelTile> pixel_tiles(const at::Tensor& rows, int64_t T) {
 // |Pw| < 2^15 (else Pw16 stays undefined and the tile goes to fp32).
 // With C*K > D the parts go side by side along K instead (kcat): Pw16 =
 // [hi | lo] (C*K, 2 D) against the tile doubled along its channels, [X | X]
-// (embed_kcat_kernel), so that the GEMM adds the two products itself and
+// (written by embed_stats_kernel as it stages the tile in the forward, by
+// embed_kcat_kernel in the backward), so that the GEMM adds the two products itself and
 // writes (rows, C*K), not (rows, 2 C*K). Per pixel that writes and reads
 // 8 D bytes more of the 16-bit tile and 8 C*K bytes less of the fp32
 // output (written by the GEMM, read by the epilogue): ADE20K's C*K = 1,500
@@ -758,14 +699,18 @@ struct TileStats {
 // Host launchers of the kernels above, each for one tile X (count, D) of the
 // pixels (PixelTile::of: any (pixel, channel) strides), one dtype dispatch each.
 
-// The stats (mu, r, inv) of the tile X (count, D) into st's columns.
-void embed_tile_stats(const at::Tensor& X, const EmbedOperands& e, const TileStats& st, cudaStream_t stream) {
+// The stats (mu, r, inv) of the tile X (count, D) into st's columns; with
+// kc (count, 2 D) given, [X | X] into it as well.
+void embed_tile_stats(const at::Tensor& X, const EmbedOperands& e, const TileStats& st, cudaStream_t stream,
+                      const at::Tensor& kc = at::Tensor()) {
   const int64_t n = X.size(0);
+  const bool k2 = kc.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_stats_kernel<scalar_t, acc_t><<<ceil_div(n, kWarp), kEmbedThreads, 0, stream>>>(
         X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, X.size(1), ptr_or_null<acc_t>(e.w),
-        ptr_or_null<acc_t>(e.b), e.eps, st.ptr<acc_t>(), st.ld());
+        ptr_or_null<acc_t>(e.b), e.eps, st.ptr<acc_t>(), st.ld(), k2 ? kc.data_ptr<scalar_t>() : nullptr,
+        k2 ? kc.stride(0) : 0, k2 ? kc.stride(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -781,8 +726,10 @@ TileStats tile_stats(const at::Tensor& X, const EmbedOperands& e, const at::Tens
 }
 
 // The tile X doubled along its channels, [X | X] (count, 2 D) in X's dtype,
-// for the split GEMM along K (EmbedOperands::kcat), laid out with X's unit
-// stride: out[p * op + d * od] = out[p * op + (d + D) * od] = x[p * sp + d * sd].
+// for the split GEMM along K where S is recomputed (the backward without the
+// softmax cache; the forward's comes from embed_stats_kernel), laid out with
+// X's unit stride: out[p * op + d * od] = out[p * op + (d + D) * od] =
+// x[p * sp + d * sd].
 // Launch: kRowThreads threads, grid ceil(count * D / kRowThreads); thread e
 // reads entry e of x once and writes its two copies, consecutive e along the
 // pixels when op == 1 (and sp == 1: NCHW planes), else along the channels.
@@ -801,11 +748,18 @@ __global__ void __launch_bounds__(kRowThreads, 4)
   out[p * op + (d + D) * od] = v;
 }
 
-// [X | X] of the tile X (count, D) for the kcat GEMM, along X's unit stride.
+// A buffer for [X | X] of tiles like X, up to T rows: (T, 2 D) in X's
+// dtype, with X's unit stride (pixels when X is part of NCHW planes).
+at::Tensor embed_kcat_buffer(const at::Tensor& X, int64_t T) {
+  const int64_t D = X.size(1);
+  return X.stride(0) == 1 ? at::empty({2 * D, T}, X.options()).t() : at::empty({T, 2 * D}, X.options());
+}
+
+// [X | X] of the tile X (count, D) for the kcat GEMM, along X's unit stride
+// (the backward's recomputed S; the forward's comes from embed_stats_kernel).
 at::Tensor embed_kcat(const at::Tensor& X, cudaStream_t stream) {
   const int64_t n = X.size(0), D = X.size(1);
-  const bool pixel_fast = X.stride(0) == 1;
-  at::Tensor out = pixel_fast ? at::empty({2 * D, n}, X.options()).t() : at::empty({n, 2 * D}, X.options());
+  at::Tensor out = embed_kcat_buffer(X, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_kcat_cuda", [&] {
     embed_kcat_kernel<scalar_t><<<ceil_div(n * D, kRowThreads), kRowThreads, 0, stream>>>(
         X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), n, D, out.data_ptr<scalar_t>(), out.stride(0),
@@ -817,30 +771,36 @@ at::Tensor embed_kcat(const at::Tensor& X, cudaStream_t stream) {
 
 // The folded GEMM of the tile X into Sbuf (count, ld) rows of the tile
 // buffer (ld = e.gemm_cols(): 2 C*K when the split GEMM's output halves fill
-// the whole row, else C*K), then embed_scores_kernel with the tile's stats
-// st: all its rows (the scores, returned as the (count, C*K) view of row
-// stride ld), or with affine given only the fixed rows, and *affine says how
-// the epilogue maps the others (cuda::ScoreAffine).
+// the whole row, else C*K), then, without affine (the backward), embed_scores_kernel with the
+// tile's stats st on all its rows (the scores, returned as the (count, C*K)
+// view of row stride ld); with affine (the forward) no kernel: *affine says
+// how the epilogue maps the rows and finishes the fixed ones
+// (cuda::ScoreAffine). kc: [X | X] when the caller has it (embed_tile_stats),
+// for the GEMM along K.
 at::Tensor embed_tile_scores(const at::Tensor& Sbuf, int64_t CK, const at::Tensor& X, const EmbedOperands& e,
-                             const TileStats& st, cudaStream_t stream, cuda::ScoreAffine* affine = nullptr) {
+                             const TileStats& st, cudaStream_t stream, cuda::ScoreAffine* affine = nullptr,
+                             const at::Tensor& kc = at::Tensor()) {
   const int64_t n = X.size(0), D = X.size(1);
   at::Tensor S_tile = Sbuf.narrow(1, 0, CK);
   bool split = false, tc = false;  // the output's two halves to add; the GEMM ran on tensor cores
   if (e.Pw16.defined() && e.kcat) {  // tensor cores, (n, C*K): [X | X] [hi | lo]^T
-    tc = cuda::lowp_mm_out(S_tile, embed_kcat(X, stream), e.Pw16.t());
+    tc = cuda::lowp_mm_out(S_tile, kc.defined() ? kc : embed_kcat(X, stream), e.Pw16.t());
   } else if (e.Pw16.defined()) {  // tensor cores, (n, 2 C*K): X hi^T | X lo^T
     at::Tensor S2 = Sbuf.narrow(1, 0, 2 * CK);
     split = tc = cuda::lowp_mm_out(S2, X, e.Pw16.t());
   }
   if (!tc)
     at::mm_out(S_tile, X.scalar_type() == S_tile.scalar_type() ? X : X.to(S_tile.scalar_type()), e.Pw.t());
-  if (affine != nullptr) *affine = cuda::ScoreAffine{st.t, e.rho, e.beta, st.col, split ? CK : 0};
+  if (affine != nullptr) {  // the epilogue's launch does the rest
+    *affine = cuda::ScoreAffine{st.t, e.rho, e.beta, st.col, split ? CK : 0, X, e.P, e.w, e.b, e.eps};
+    return S_tile;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "embed_similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     embed_scores_kernel<scalar_t, acc_t><<<ceil_div(n, kRowsPerBlock), kRowThreads, 0, stream>>>(
         Sbuf.data_ptr<acc_t>(), Sbuf.stride(0), split, n, CK, st.ptr<acc_t>(), st.ld(), ptr_or_null<acc_t>(e.rho),
         ptr_or_null<acc_t>(e.beta), X.data_ptr<scalar_t>(), X.stride(0), X.stride(1), D, e.P.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps, affine != nullptr);
+        ptr_or_null<acc_t>(e.w), ptr_or_null<acc_t>(e.b), e.eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return S_tile;
@@ -1052,13 +1012,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
   const int64_t T = cuda::tile_rows(N, CK, at::elementSize(acc));
   at::Tensor S = at::empty({T, e.gemm_cols()}, aopt);  // one tile buffer, reused in stream order
-  for (const PixelTile& t : pixel_tiles(rows, T)) {
+  const bool kcat = e.Pw16.defined() && e.kcat && cuda::lowp_gemm_available();
+  at::Tensor KC;  // [X | X] for the GEMM along K, written by the stats kernel: a buffer reused in stream order,
+  for (const PixelTile& t : pixel_tiles(rows, T)) {  // of the first tile's rows (the most: min(T, pixels per image))
     const at::Tensor X = t.of(rows);
     const TileStats st{stats, t.n0};  // the returned stats, at the tile's columns
-    embed_tile_stats(X, e, st, stream);
+    if (kcat && !KC.defined()) KC = embed_kcat_buffer(X, t.count);
+    const at::Tensor kc = kcat ? KC.narrow(0, 0, t.count) : at::Tensor();
+    embed_tile_stats(X, e, st, stream, kc);
     const at::Tensor S_rows = S.narrow(0, 0, t.count);  // whole rows: the epilogue adds the split output's halves
     cuda::ScoreAffine affine;
-    embed_tile_scores(S_rows, CK, X, e, st, stream, &affine);
+    embed_tile_scores(S_rows, CK, X, e, st, stream, &affine, kc);
     cuda::similarity_epilogue(S_rows, at::Tensor(), t.n0, C, K, temperature, lab, ignore_index, out, stream, &affine);
   }
   return std::tuple_cat(out.tuple(), std::make_tuple(stats));

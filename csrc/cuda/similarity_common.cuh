@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../protoseg_math.h"
 #include "cuda_common.cuh"
 
 namespace protoseg {
@@ -56,6 +57,91 @@ __device__ __forceinline__ acc_t folded_score(E e, int64_t half, acc_t mu, acc_t
                                               int64_t j) {
   const acc_t g = half != 0 ? e[0] + e[half] : e[0];
   return rho != nullptr ? inv * (r * (g - mu * rho[j]) + beta[j]) : g * inv;
+}
+
+// Statistics (mu, r, inv) of one pixel in double, two passes over its D
+// entries (stride sd): for a pixel whose stats are NaN (see load_stats).
+// NaN in all three if an entry is not finite (stops at the first) or the
+// double sums overflow.
+template <typename scalar_t, typename acc_t>
+__device__ void embed_stats_exact(const scalar_t* x, int64_t sd, int64_t D, const acc_t* w, const acc_t* b, double eps,
+                                  acc_t& mu_out, acc_t& r_out, acc_t& inv_out) {
+  mu_out = r_out = inv_out = acc_t(NAN);
+  double mu = 0, r = 1;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = double(static_cast<acc_t>(x[d * sd]));
+    if (!is_finite(v)) return;
+    mu += v;
+  }
+  if (w != nullptr) {
+    mu /= double(D);
+    double var = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double t = double(static_cast<acc_t>(x[d * sd])) - mu;
+      var += t * t;
+    }
+    r = 1.0 / sqrt(var / double(D) + eps);
+  } else {
+    mu = 0;
+  }
+  double sq = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = double(static_cast<acc_t>(x[d * sd]));
+    const double y = w != nullptr ? (v - mu) * r * double(w[d]) + double(b[d]) : v;
+    sq += y * y;
+  }
+  if (!is_finite(sq) || !is_finite(mu) || !is_finite(r)) return;
+  mu_out = acc_t(mu);
+  r_out = acc_t(r);
+  inv_out = acc_t(inv_norm(sq));
+}
+
+// The statistics of pixel i as the embedding's kernels use them, from stats st
+// (mu, r, inv at st[0], st[ld], st[2 ld]: embed_similarity's stats, or a
+// tile's of embed_stats_kernel): a NaN column (a NaN or inf entry, or float
+// sums that overflowed; inv NaN) is recomputed by embed_stats_exact from the
+// pixel's entries xi (stride sd): finite for a finite pixel whose float sums
+// overflowed, NaN again for a non-finite one (after its first bad entry).
+// Rare: every other pixel takes three loads.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_stats(const acc_t* st, int64_t ld, const scalar_t* xi, int64_t sd, int64_t D,
+                                           const acc_t* w, const acc_t* b, double eps, acc_t& mu, acc_t& r,
+                                           acc_t& inv) {
+  mu = st[0];
+  r = st[ld];
+  inv = st[2 * ld];
+  if (!is_finite(inv)) embed_stats_exact(xi, sd, D, w, b, eps, mu, r, inv);
+}
+
+// A row of a tile of the folded GEMM's output s (entries j < C*K, and j +
+// half with the split GEMM's second half), turned into its scores in place by
+// one warp (every lane present; lane 0 writes the recomputed entries): its
+// stats st (mu, r, inv at st[0], st[sld], st[2 sld]) through load_stats, then
+// the affine map (rho, beta: global memory; rho == nullptr without the
+// LayerNorm), or, with fold_direct, z . p_j from the pixel's entries xi
+// (stride sd), the unfolded prototypes P (C*K, D) and the LayerNorm's w, b.
+// For the rows with scores_fixed_row (and every row where the backward
+// recomputes S); the caller orders the writes before other lanes' reads.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void fixed_scores_row(acc_t* s, int64_t half, int64_t CK, const acc_t* st, int64_t sld,
+                                                 const acc_t* rho, const acc_t* beta, const scalar_t* xi, int64_t sd,
+                                                 int64_t D, const acc_t* P, const acc_t* w, const acc_t* b,
+                                                 double eps, int lane) {
+  acc_t mu, r, inv;
+  load_stats(st, sld, xi, sd, D, w, b, eps, mu, r, inv);  // the same in every lane of the warp
+  if (!fold_direct(w != nullptr, mu, r)) {
+    for (int64_t j = lane; j < CK; j += kWarp) s[j] = folded_score(s + j, half, mu, r, inv, rho, beta, j);
+    return;
+  }
+  for (int64_t j = 0; j < CK; ++j) {
+    acc_t a = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t y = (static_cast<acc_t>(xi[d * sd]) - mu) * r * w[d] + b[d];
+      a += y * P[j * D + d];
+    }
+    a = warp_sum(a);
+    if (lane == 0) s[j] = a * inv;
+  }
 }
 
 // Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
@@ -108,10 +194,14 @@ struct SimilarityOutputs {
 // undefined without the LayerNorm: S = inv G), with G the tile's row, plus
 // the entry `half` columns on when the split GEMM wrote two halves (half =
 // C*K; 0 otherwise), and pixel i's (mu, r, inv) at stats[c * ld + col + i].
-// Rows with scores_fixed_row already hold their scores.
+// Rows with scores_fixed_row get their scores in the epilogue itself
+// (fixed_scores_row) from the tile x (rows, D), the unfolded prototypes P
+// and the LayerNorm's w, b (undefined without it) and eps.
 struct ScoreAffine {
   at::Tensor stats, rho, beta;
   int64_t col = 0, half = 0;
+  at::Tensor x, P, w, b;
+  double eps = 0;
 };
 
 // The forward epilogue of the tile S_tile (rows, C*K; any row stride) of

@@ -279,8 +279,10 @@ __global__ void __launch_bounds__(kRowThreads, 4)
 // the tile holds the folded GEMM's output G (two halves, `half` columns
 // apart, when split) and the scores are S = inv (r (G - mu rho_j) + beta_j)
 // (rho == nullptr: S = inv G), with pixel i's (mu, r, inv) at stats[c * sld
-// + i]; rows with scores_fixed_row hold their scores already
-// (embed_scores_kernel).
+// + i]; a row with scores_fixed_row gets its scores first, in place, from
+// the pixel's entries (cuda::fixed_scores_row: x (rows, D) of strides (sp,
+// sd), the unfolded prototypes P, the LayerNorm's lw, lb, eps), by the warp
+// that owns the row: no launch of its own.
 // Launch: kRowThreads threads, one warp per tile row, grid ceil(rows / 8),
 // 8 * stage_cols acc_t of dynamic shared memory (epilogue_stage_cols): the
 // warp's stage. The row goes through it a group of G = min(32,
@@ -316,7 +318,9 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
     int64_t sld, const acc_t* __restrict__ rho, const acc_t* __restrict__ beta, int64_t half, int64_t rows,
     int64_t row0, int64_t C, int64_t K, acc_t temperature, const int64_t* __restrict__ labels, int64_t ignore_index,
     bool compute_seg, bool compute_lse, bool compute_own, scalar_t* __restrict__ seg, uint8_t* __restrict__ argk,
-    acc_t* __restrict__ lse, acc_t* __restrict__ own, acc_t* __restrict__ probs, int64_t stage_cols) {
+    acc_t* __restrict__ lse, acc_t* __restrict__ own, acc_t* __restrict__ probs, int64_t stage_cols,
+    const scalar_t* __restrict__ x, int64_t sp, int64_t sd, int64_t D, const acc_t* __restrict__ P,
+    const acc_t* __restrict__ lw, const acc_t* __restrict__ lb, double eps) {
   const int64_t i = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x & (kWarp - 1);
   const bool valid = i < rows;  // warp-uniform
@@ -330,7 +334,11 @@ __global__ void __launch_bounds__(kRowThreads, 4) similarity_epilogue_kernel(
     r = stats[sld + i];
     inv = stats[2 * sld + i];
     mapped = !cuda::scores_fixed_row(rho != nullptr, mu, r, inv);
-    if (!mapped) r = acc_t(1);  // the fixed row holds its scores
+    if (!mapped) r = acc_t(1);  // the fixed row holds its scores, from here:
+  }
+  if (!mapped && stats != nullptr && valid) {  // warp-uniform (the row's)
+    cuda::fixed_scores_row(s, half, CK, stats + i, sld, rho, beta, x + i * sp, sd, D, P, lw, lb, eps, lane);
+    __syncwarp();  // lane 0's entries are read by every lane below
   }
   __shared__ acc_t rb[2][kEpilogueStage];  // the group's rho and beta (epilogue_static_smem)
   acc_t* sh = nullptr;  // the warp's stage in the block's dynamic shared memory (one extern array per type:
@@ -625,6 +633,7 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.seg.scalar_type(), "similarity_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto opt = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+    const bool fx = a.x.defined();  // the rows the affine map cannot give (the embedding's), from x
     const int64_t stage_cols = epilogue_stage_cols(C, K, sizeof(acc_t), out.compute_seg || out.compute_lse);
     const size_t smem = size_t(kRowsPerBlock * stage_cols) * sizeof(acc_t);
     allow_dynamic_smem(similarity_epilogue_kernel<scalar_t, acc_t>, epilogue_static_smem(sizeof(acc_t)), smem);
@@ -636,7 +645,8 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
         out.compute_seg, out.compute_lse, out.compute_own, out.compute_seg ? out.seg.data_ptr<scalar_t>() : nullptr,
         out.compute_seg ? out.argk.data_ptr<uint8_t>() : nullptr,
         out.compute_lse ? out.lse.data_ptr<acc_t>() : nullptr, out.compute_own ? out.own.data_ptr<acc_t>() : nullptr,
-        cache ? out.probs.data_ptr<acc_t>() : nullptr, stage_cols);
+        cache ? out.probs.data_ptr<acc_t>() : nullptr, stage_cols, fx ? a.x.data_ptr<scalar_t>() : nullptr,
+        fx ? a.x.stride(0) : 0, fx ? a.x.stride(1) : 0, fx ? a.x.size(1) : 0, opt(a.P), opt(a.w), opt(a.b), a.eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
