@@ -379,7 +379,8 @@ def test_embed_similarity_forward_launches_per_tile(sim, monkeypatch, dtype, C):
     """The forward launches two kernels and one GEMM per tile: the statistics (which, for the bf16 GEMM
     along K, C*K = 120 > D = 32, also write its [X | X]) and the epilogue (which finishes the rows that the
     affine map cannot give: a far-from-mean pixel and a NaN one here); no copy kernel, no scores kernel.
-    4 tiles of 64 pixels; lse and own against the reference."""
+    Before the tiles, one kernel for the operands (embed_operands_kernel: P, P w and its bf16 parts, rho,
+    beta). 4 tiles of 64 pixels; lse and own against the reference."""
     monkeypatch.setenv("PROTOSEG_SIM_TILE_ROWS", "64")
     x, w, b, p, gt = _embed_problem(2, 32, 8, 16, C, 3, seed=26, dtype=torch.float64)
     x[1, :, 3, :2] += 60  # |mean| / std = 30: scores from z (fixed_scores_row)
@@ -390,7 +391,7 @@ def test_embed_similarity_forward_launches_per_tile(sim, monkeypatch, dtype, C):
                                           True, 0))
     names = [e["name"].split("<")[0] for e in evs]
     gemm = "mm.dtype_out" if dtype == torch.bfloat16 else "mm"
-    assert names == ["mv"] + ["embed_stats_kernel", gemm, "similarity_epilogue_kernel"] * 4, names  # mv: P w
+    assert names == ["embed_operands_kernel"] + ["embed_stats_kernel", gemm, "similarity_epilogue_kernel"] * 4, names
     k = 64 if C == 40 and dtype == torch.bfloat16 else 32  # along K: [X | X] [hi | lo]^T
     assert [e["k"] for e in evs if e["name"] == gemm] == [k] * 4
     xd = xin.double()
@@ -402,6 +403,44 @@ def test_embed_similarity_forward_launches_per_tile(sim, monkeypatch, dtype, C):
     assert torch.isnan(lse[nan_px])
     torch.testing.assert_close(lse.double()[ok], r_lse[ok], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(own.double()[ok], r_own[ok], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16])
+def test_embed_ops_launch_little_besides_their_tiles(sim, monkeypatch, pdtype):
+    """Every GPU launch of the embedding's forward and backward on a bf16 map (4 tiles of 64 pixels), as
+    tools/gpu_model.py counts them: the operands in one kernel (embed_operands_kernel: P, P w and its bf16
+    parts, rho, beta; the backward's split P and P w), then per tile the forward's statistics, GEMM and
+    epilogue, the backward's grad epilogue, GEMM and embed_backward_kernel; besides, the forward zero-fills
+    its outputs, and the backward converts seg's gradient to float32, zeroes the partials of d w and d b, sums
+    each, and converts them to bf16 parameters' dtype. (The operands took 10 ATen ops forward with fp32
+    parameters, 13 with bf16 ones, 15 backward, and GEMMs for beta and P w.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import gpu_model
+
+    monkeypatch.setenv("PROTOSEG_SIM_TILE_ROWS", "64")
+    x, w, b, p, gt = _embed_problem(2, 32, 8, 16, 6, 3, seed=27)
+    xin, w, b, p = x.to(torch.bfloat16), w.to(pdtype), b.to(pdtype), p.to(pdtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seg, argk, lse, own, probs, st = sim.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.5, True, True, True,
+                                                              1 << 30)
+    assert gpu_model.count_launches(prof.events()) == {"kernels": 1 + 2 * 4, "gemms": 4, "aten": 1, "total": 14}
+    gs, gl = torch.randn(seg.shape).to(seg.dtype), torch.randn(lse.shape)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gx, gw, gb = sim.embed_similarity_backward(gs, gl, None, xin, w, b, 1e-5, p, gt, argk, lse, -1, 0.5, probs,
+                                                   st)
+    aten = 4 if pdtype == torch.float32 else 6
+    assert gpu_model.count_launches(prof.events()) == {"kernels": 1 + 2 * 4, "gemms": 4, "aten": aten,
+                                                       "total": 13 + aten}
+    xd = xin.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    r_seg, _, r_lse, _ = R.similarity_outputs(embed_reference(xd, (wd, bd, 1e-5)), p.double(), gt, -1, 0.5, True,
+                                              True, False)
+    torch.autograd.backward([r_seg, r_lse], [gs.double(), gl.double()])
+    torch.testing.assert_close(gw.double(), wd.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gb.double(), bd.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gx.double(), xd.grad, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("C, K", [(19, 10), (150, 10), (3, 256)])

@@ -643,16 +643,163 @@ struct EmbedOperands {
   at::Tensor Pw16;  // (2 C*K, D), or with kcat (C*K, 2 D), in the map's 16-bit dtype; or undefined
   bool kcat = false;
   double eps = 0;
+  // The backward's: dS @ P's split operand (cuda::split_protos) and P w (cuda::RowSums::pw), when
+  // embed_operands computed them (for_backward, fused); else undefined.
+  cuda::SplitProtos sp;
+  at::Tensor pw;
   // Columns of the folded GEMM's output: the two halves of the split, or C*K.
   int64_t gemm_cols() const { return Pw16.defined() && !kcat ? 2 * P.size(0) : P.size(0); }
 };
 
+// EmbedOperands in one launch, for prototypes and LayerNorm parameters of
+// one dtype in_t (what the ATen ops of embed_operands compute, one launch
+// each): one warp per prototype row j: P[j] = protos[j] in acc_t, Pw[j] =
+// P[j] * w (without the LayerNorm, w == nullptr, Pw is P: not written unless
+// split); with split (bf16 maps), hi = bf16(P[j] * w), lo = bf16(P[j] * w -
+// hi), Pw[j] = hi + lo, and Pw16 = [hi; lo] (rows j and CK + j) or, kcat,
+// [hi | lo] (columns d and D + d of row j); rho[j] = sum_d Pw[j][d] and
+// beta[j] = sum_d P[j][d] b[d] (LayerNorm; the warp's sums, in a fixed
+// order); block 0 also writes w and b in acc_t (w32, b32). For the backward
+// (B given: cuda::split_protos' operand, terms 2 or 3), with h = bf16(P[j]),
+// B rows j and CK + j = h and, with 3 terms, row 2 CK + j = bf16(P[j] - h);
+// pw[j] = sum_d P[j][d] w[d] where pw is given.
+// Launch: kRowThreads threads, grid ceil(CK / 8). Bounds: j < CK (warp-
+// uniform return), d < D; w32, b32 by block 0's threads, d < D. Sync: each
+// warp owns its rows of P, Pw, Pw16, rho, beta; w32 and b32 are written by
+// block 0 only and read by no thread of this launch; shuffles with all lanes present.
+template <typename in_t, typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kRowThreads, 4) embed_operands_kernel(
+    const in_t* __restrict__ protos, const in_t* __restrict__ w, const in_t* __restrict__ b, int64_t CK, int64_t D,
+    acc_t* __restrict__ P, acc_t* __restrict__ Pw, out_t* __restrict__ Pw16, bool kcat, acc_t* __restrict__ rho,
+    acc_t* __restrict__ beta, acc_t* __restrict__ w32, acc_t* __restrict__ b32, out_t* __restrict__ B, int terms,
+    acc_t* __restrict__ pw_out) {
+  if (blockIdx.x == 0 && w != nullptr)
+    for (int64_t d = threadIdx.x; d < D; d += kRowThreads) {
+      w32[d] = static_cast<acc_t>(w[d]);
+      b32[d] = static_cast<acc_t>(b[d]);
+    }
+  const int64_t j = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x & (kWarp - 1);
+  if (j >= CK) return;
+  acc_t r = 0, be = 0, pws = 0;
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const acc_t p = static_cast<acc_t>(protos[j * D + d]);
+    P[j * D + d] = p;
+    if (B != nullptr) {
+      const out_t h = static_cast<out_t>(p);
+      B[j * D + d] = h;
+      B[(CK + j) * D + d] = h;
+      if (terms == 3) B[(2 * CK + j) * D + d] = static_cast<out_t>(p - static_cast<acc_t>(h));
+    }
+    acc_t pw = w != nullptr ? p * static_cast<acc_t>(w[d]) : p;
+    if (w != nullptr) pws += pw;  // P w, before the split rounds it
+    if (Pw16 != nullptr) {
+      const out_t hi = static_cast<out_t>(pw);
+      const out_t lo = static_cast<out_t>(pw - static_cast<acc_t>(hi));
+      Pw16[kcat ? j * 2 * D + d : j * D + d] = hi;
+      Pw16[kcat ? j * 2 * D + D + d : (CK + j) * D + d] = lo;
+      pw = static_cast<acc_t>(hi) + static_cast<acc_t>(lo);
+    }
+    if (Pw != nullptr) Pw[j * D + d] = pw;
+    if (w != nullptr) {
+      r += pw;
+      be += p * static_cast<acc_t>(b[d]);
+    }
+  }
+  if (w == nullptr) return;  // warp-uniform: no LayerNorm, no rho or beta
+  r = cuda::warp_sum(r);
+  be = cuda::warp_sum(be);
+  pws = cuda::warp_sum(pws);
+  if (lane == 0) {
+    rho[j] = r;
+    beta[j] = be;
+    if (pw_out != nullptr) pw_out[j] = pws;
+  }
+}
+
+// embed_operands_kernel for protos pin (C*K, D) of dtype in_t (and the
+// LayerNorm's win, bin with ln) into e's tensors, allocated by the caller:
+// acc_t = double for double (an fp64 map), else float, with the bf16 parts
+// when split.
+template <typename in_t, typename acc_t, typename out_t>
+void embed_operands_launch_as(EmbedOperands& e, const at::Tensor& pin, const at::Tensor& win, const at::Tensor& bin,
+                              bool ln, bool split, cudaStream_t stream) {
+  const int64_t CK = pin.size(0), D = pin.size(1);
+  embed_operands_kernel<in_t, acc_t, out_t><<<ceil_div(CK, kRowsPerBlock), kRowThreads, 0, stream>>>(
+      pin.data_ptr<in_t>(), ln ? win.data_ptr<in_t>() : nullptr, ln ? bin.data_ptr<in_t>() : nullptr, CK, D,
+      e.P.data_ptr<acc_t>(), ln || split ? e.Pw.data_ptr<acc_t>() : nullptr,
+      split ? e.Pw16.data_ptr<out_t>() : nullptr, e.kcat, ln ? e.rho.data_ptr<acc_t>() : nullptr,
+      ln ? e.beta.data_ptr<acc_t>() : nullptr, ln ? e.w.data_ptr<acc_t>() : nullptr,
+      ln ? e.b.data_ptr<acc_t>() : nullptr, e.sp.B.defined() ? e.sp.B.data_ptr<out_t>() : nullptr, e.sp.terms,
+      e.pw.defined() ? e.pw.data_ptr<acc_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename in_t>
+void embed_operands_launch(EmbedOperands& e, const at::Tensor& pin, const at::Tensor& win, const at::Tensor& bin,
+                           bool ln, bool split, cudaStream_t stream) {
+  if constexpr (std::is_same<in_t, double>::value) {
+    embed_operands_launch_as<double, double, double>(e, pin, win, bin, ln, split, stream);
+  } else if (split) {
+    embed_operands_launch_as<in_t, float, c10::BFloat16>(e, pin, win, bin, ln, split, stream);
+  } else {
+    embed_operands_launch_as<in_t, float, float>(e, pin, win, bin, ln, split, stream);
+  }
+}
+
+// embed_operands in one launch (embed_operands_kernel) where it applies:
+// protos (and the LayerNorm's weight and bias) of one dtype, an fp64 map
+// only with fp64 ones, a 16-bit map only in bf16 with the 16-bit GEMM
+// available (fp16's range check is a host sync: the ATen path). False, with
+// e untouched, elsewhere (and for empty prototypes). for_backward: e.sp and
+// e.pw as well.
+bool embed_operands_fused(EmbedOperands& e, at::ScalarType st, const at::Tensor& protos, bool ln,
+                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                          bool for_backward) {
+  const auto pt = protos.scalar_type(), acc = acc_type(st);
+  if (ln && (weight->scalar_type() != pt || bias->scalar_type() != pt)) return false;
+  if (st == at::kHalf || (st == at::kBFloat16 && !cuda::lowp_gemm_available())) return false;
+  if ((acc == at::kDouble) != (pt == at::kDouble)) return false;
+  const bool split = st == at::kBFloat16;
+  const int64_t D = protos.size(2), CK = protos.size(0) * protos.size(1);
+  if (CK == 0 || D == 0) return false;  // no launch of no blocks
+  const at::Tensor pin = protos.reshape({CK, D}).contiguous();
+  const at::Tensor win = ln ? weight->contiguous() : at::Tensor(), bin = ln ? bias->contiguous() : at::Tensor();
+  auto aopt = protos.options().dtype(acc);
+  e.P = at::empty({CK, D}, aopt);
+  e.Pw = ln || split ? at::empty({CK, D}, aopt) : e.P;
+  if (split) {
+    e.kcat = CK > D;
+    const auto o16 = protos.options().dtype(st);
+    e.Pw16 = e.kcat ? at::empty({CK, 2 * D}, o16) : at::empty({2 * CK, D}, o16);
+  }
+  if (ln) {
+    e.w = at::empty({D}, aopt);
+    e.b = at::empty({D}, aopt);
+    e.rho = at::empty({CK}, aopt);
+    e.beta = at::empty({CK}, aopt);
+    if (for_backward) e.pw = at::empty({CK}, aopt);
+  }
+  if (for_backward && split) {  // as cuda::split_protos(e.P, st, pt)
+    e.sp.terms = pt == at::kBFloat16 ? 2 : 3;
+    e.sp.B = at::empty({e.sp.terms * CK, D}, protos.options().dtype(at::kBFloat16));
+  }
+
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pt, "embed_operands_cuda", [&] {
+    embed_operands_launch<scalar_t>(e, pin, win, bin, ln, split, stream);
+  });
+  return true;
+}
+
 EmbedOperands embed_operands(const at::Tensor& rows, const at::Tensor& protos, bool ln,
                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                             double eps) {
+                             double eps, bool for_backward = false) {
   const auto acc = acc_type(rows.scalar_type());
   EmbedOperands e;
   e.eps = eps;
+  if (protos.defined() && embed_operands_fused(e, rows.scalar_type(), protos, ln, weight, bias, for_backward))
+    return e;
   if (ln) {
     e.w = weight->to(acc).contiguous();
     e.b = bias->to(acc).contiguous();
@@ -871,7 +1018,7 @@ struct EmbedGradBuffers {
     auto aopt = grad.options().dtype(acc);
     direct = grad.scalar_type() == acc;
     T = cuda::tile_rows(N, CK, at::elementSize(acc));
-    sp = cuda::split_protos(e.P, grad.scalar_type(), protos_dtype);
+    sp = e.sp.B.defined() ? e.sp : cuda::split_protos(e.P, grad.scalar_type(), protos_dtype);
     dS = at::empty({T, recompute ? e.gemm_cols() : CK}, aopt);
     A = sp.B.defined() ? at::empty({T, sp.terms * CK}, grad.options().dtype(at::kBFloat16)) : at::Tensor();
     if (!given.defined()) stats = at::empty({kStatRows, T}, aopt);
@@ -885,7 +1032,7 @@ struct EmbedGradBuffers {
     if (has_lse && (!given.defined() || given.size(0) >= kStatRows)) {
       sums.out = at::empty({3 * cuda::grad_epilogue_parts(CK), T}, aopt);
       if (e.w.defined()) {
-        sums.pw = at::mv(e.P, e.w);
+        sums.pw = e.pw.defined() ? e.pw : at::mv(e.P, e.w);
         sums.pb = e.beta;
       }
     }
@@ -1062,7 +1209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_similarity_backward_cuda(
   }
   const cuda::GradInputs gin(grad_seg, grad_lse, grad_own, labels, argk, lse, probs_opt, cached, N, C, K, acc,
                              ignore_index, temperature);
-  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps);
+  const EmbedOperands e = embed_operands(rows, protos, ln, ln_weight, ln_bias, ln_eps, /*for_backward=*/true);
   EmbedGradBuffers buf(e, N, protos.scalar_type(), has_lse && !cached, has_lse, grad, given);
   embed_backward_tiles(rows, e, gin, buf, grad, dw, db, c10::cuda::getCurrentCUDAStream());
   return embed_grads(grad, dw, db, rows, feats, ln_weight, ln_bias);
