@@ -653,7 +653,8 @@ struct EmbedOperands {
 
 // EmbedOperands in one launch, for prototypes and LayerNorm parameters of
 // one dtype in_t (what the ATen ops of embed_operands compute, one launch
-// each): one warp per prototype row j: P[j] = protos[j] in acc_t, Pw[j] =
+// each): one warp per prototype row j: P[j] = protos[j] in acc_t (P ==
+// nullptr: protos are in acc_t already, and are P), Pw[j] =
 // P[j] * w (without the LayerNorm, w == nullptr, Pw is P: not written unless
 // split); with split (bf16 maps), hi = bf16(P[j] * w), lo = bf16(P[j] * w -
 // hi), Pw[j] = hi + lo, and Pw16 = [hi; lo] (rows j and CK + j) or, kcat,
@@ -684,7 +685,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) embed_operands_kernel(
   acc_t r = 0, be = 0, pws = 0;
   for (int64_t d = lane; d < D; d += kWarp) {
     const acc_t p = static_cast<acc_t>(protos[j * D + d]);
-    P[j * D + d] = p;
+    if (P != nullptr) P[j * D + d] = p;
     if (B != nullptr) {
       const out_t h = static_cast<out_t>(p);
       B[j * D + d] = h;
@@ -718,16 +719,18 @@ __global__ void __launch_bounds__(kRowThreads, 4) embed_operands_kernel(
 }
 
 // embed_operands_kernel for protos pin (C*K, D) of dtype in_t (and the
-// LayerNorm's win, bin with ln) into e's tensors, allocated by the caller:
+// LayerNorm's win, bin with ln) into e's tensors, allocated by the caller
+// (e.P is pin itself where that has the working dtype: no copy):
 // acc_t = double for double (an fp64 map), else float, with the bf16 parts
 // when split.
 template <typename in_t, typename acc_t, typename out_t>
 void embed_operands_launch_as(EmbedOperands& e, const at::Tensor& pin, const at::Tensor& win, const at::Tensor& bin,
                               bool ln, bool split, cudaStream_t stream) {
   const int64_t CK = pin.size(0), D = pin.size(1);
+  const bool copy_p = !e.P.is_same(pin);
   embed_operands_kernel<in_t, acc_t, out_t><<<ceil_div(CK, kRowsPerBlock), kRowThreads, 0, stream>>>(
       pin.data_ptr<in_t>(), ln ? win.data_ptr<in_t>() : nullptr, ln ? bin.data_ptr<in_t>() : nullptr, CK, D,
-      e.P.data_ptr<acc_t>(), ln || split ? e.Pw.data_ptr<acc_t>() : nullptr,
+      copy_p ? e.P.data_ptr<acc_t>() : nullptr, ln || split ? e.Pw.data_ptr<acc_t>() : nullptr,
       split ? e.Pw16.data_ptr<out_t>() : nullptr, e.kcat, ln ? e.rho.data_ptr<acc_t>() : nullptr,
       ln ? e.beta.data_ptr<acc_t>() : nullptr, ln ? e.w.data_ptr<acc_t>() : nullptr,
       ln ? e.b.data_ptr<acc_t>() : nullptr, e.sp.B.defined() ? e.sp.B.data_ptr<out_t>() : nullptr, e.sp.terms,
@@ -766,7 +769,7 @@ bool embed_operands_fused(EmbedOperands& e, at::ScalarType st, const at::Tensor&
   const at::Tensor pin = protos.reshape({CK, D}).contiguous();
   const at::Tensor win = ln ? weight->contiguous() : at::Tensor(), bin = ln ? bias->contiguous() : at::Tensor();
   auto aopt = protos.options().dtype(acc);
-  e.P = at::empty({CK, D}, aopt);
+  e.P = pt == acc ? pin : at::empty({CK, D}, aopt);  // fp32 prototypes (or fp64 for an fp64 map) as they are
   e.Pw = ln || split ? at::empty({CK, D}, aopt) : e.P;
   if (split) {
     e.kcat = CK > D;
