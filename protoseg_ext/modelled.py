@@ -32,18 +32,18 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(343.0, 120.0, "c327baf", 148),
-    ("cuda", *_CS, "float32"): Modelled(851.0, 567.0, "c327baf", 118),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1269.0, 374.0, "c327baf", 328),
-    ("cuda", *_ADE, "float32"): Modelled(4958.0, 4270.0, "c327baf", 272),
-    ("cuda", *_FULL, "bfloat16"): Modelled(11177.0, 3806.0, "c327baf", 790),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(50510.0, 9876.0, "c327baf", 12616),
-    ("triton", *_CS, "bfloat16"): Modelled(623.0, 120.0, "c327baf", 122),
-    ("triton", *_CS, "float32"): Modelled(1239.0, 264.0, "c327baf", 113),
-    ("triton", *_ADE, "bfloat16"): Modelled(3987.0, 374.0, "c327baf", 122),
-    ("triton", *_ADE, "float32"): Modelled(8129.0, 1736.0, "c327baf", 113),
-    ("triton", *_FULL, "bfloat16"): Modelled(20458.0, 3806.0, "c327baf", 276),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98143.0, 9876.0, "c327baf", 437),
+    ("cuda", *_CS, "bfloat16"): Modelled(343.0, 120.0, "19fac60", 108),
+    ("cuda", *_CS, "float32"): Modelled(850.0, 567.0, "19fac60", 99),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1274.0, 374.0, "19fac60", 240),
+    ("cuda", *_ADE, "float32"): Modelled(4960.0, 4270.0, "19fac60", 231),
+    ("cuda", *_FULL, "bfloat16"): Modelled(11130.0, 3806.0, "19fac60", 658),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(50436.0, 9876.0, "19fac60", 9456),
+    ("triton", *_CS, "bfloat16"): Modelled(623.0, 120.0, "ebfa1e9", 112),
+    ("triton", *_CS, "float32"): Modelled(1239.0, 264.0, "ebfa1e9", 103),
+    ("triton", *_ADE, "bfloat16"): Modelled(3987.0, 374.0, "ebfa1e9", 112),
+    ("triton", *_ADE, "float32"): Modelled(8129.0, 1736.0, "ebfa1e9", 103),
+    ("triton", *_FULL, "bfloat16"): Modelled(20458.0, 3806.0, "ebfa1e9", 266),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98143.0, 9876.0, "ebfa1e9", 427),
 }
 
 

@@ -622,12 +622,14 @@ std::vector<PixelTile> pixel_tiles(const at::Tensor& rows, int64_t T) {
 // 16-bit maps: the folded GEMM runs on tensor cores, the raw tile against
 // Pw16 = [hi; lo] (2 C*K, D) in the map's dtype, hi = Pw rounded to it and
 // lo = Pw - hi rounded again: one GEMM of N = 2 C*K whose two column halves
-// the scores kernel adds (X hi^T + X lo^T). Pw itself is not rounded to 16
+// the epilogue adds (X hi^T + X lo^T). Pw itself is not rounded to 16
 // bits (2^-9 relative per entry in bf16, magnified up to kMaxFoldOffset
 // times by the fold's cancellation of mu rho): hi + lo carries 16 (bf16) or
 // 22 (fp16) significant bits, and is exact when w and P are bf16 (the
 // product of two 8-bit significands has 16 bits). Pw and rho are then those
 // of hi + lo, so that the fold's mu rho cancels what the GEMM computed.
+// embed_operands_kernel computes all of these in one launch where it
+// applies (embed_operands_fused), else ATen ops do.
 // fp16 has a narrow range: an fp16 map takes the split only when every
 // |Pw| < 2^15 (else Pw16 stays undefined and the tile goes to fp32).
 // With C*K > D the parts go side by side along K instead (kcat): Pw16 =
