@@ -37,6 +37,15 @@ ORDERS = ["forward", "reverse", "random"]
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
+def _gpu_model():
+    """tools/gpu_model.py as a module (its launch counting and tile sizes)."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_model
+
+    return gpu_model
+
+
 def _builder():
     spec = importlib.util.spec_from_file_location("cuda_sim_build", ROOT / "tools" / "cuda_sim" / "build.py")
     mod = importlib.util.module_from_spec(spec)
@@ -416,8 +425,7 @@ def test_embed_ops_launch_little_besides_their_tiles(sim, monkeypatch, pdtype):
     parameters, 13 with bf16 ones, 15 backward, and GEMMs for beta and P w.)"""
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import gpu_model
+    gpu_model = _gpu_model()
 
     monkeypatch.setenv("PROTOSEG_SIM_TILE_ROWS", "64")
     x, w, b, p, gt = _embed_problem(2, 32, 8, 16, 6, 3, seed=27)
@@ -1297,8 +1305,7 @@ def test_gpu_model_tile_rows_are_the_codes(sim, monkeypatch, B, H, W, C, K):
     tiles the CUDA code runs (csrc/cuda/similarity_common.cuh's tile_rows): one forward epilogue per tile,
     counted by the emulator's meter. C*K = 16,800: 128-row tiles (the floor), 300 pixels in 3; C*K = 2:
     32,768-row tiles (the cap), 34,000 pixels in 2; C*K = 200: 20,864 rows, one tile per image of 200."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import gpu_model
+    gpu_model = _gpu_model()
 
     monkeypatch.delenv("PROTOSEG_SIM_TILE_ROWS", raising=False)
     x, w, b, p, gt = _embed_problem(B, 2, H, W, C, K, seed=21)
@@ -1312,8 +1319,7 @@ def test_gpu_model_count_launches():
     an outermost ATen op that copies, fills or computes once, a view or a same-dtype `to` (a leaf in
     NO_LAUNCH, or a dispatcher record such as `detach` under aten::detach) and an autograd node that runs
     nothing never."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import gpu_model
+    gpu_model = _gpu_model()
 
     class Ev:
         def __init__(self, name, *children):

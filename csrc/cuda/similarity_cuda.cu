@@ -305,8 +305,10 @@ __global__ void __launch_bounds__(kRowThreads, 4)
 // < C*K; staged entries < G*K <= stage_cols, or < C*K == stage_cols when
 // whole (the host gives stage_cols >= G*K; K <= 256 < kEpilogueStage);
 // output rows n = row0 + i < N because the host passes rows <= N - row0;
+// a fixed row reads x at row i < rows, channels d < D, and P's rows j < C*K;
 // labels asserted before indexing. Sync: each warp owns row i of the tile,
-// its slice of the stage and row n of every output; __syncwarp between
+// its slice of the stage and row n of every output; __syncwarp after a fixed
+// row's recomputed entries (lane 0's) and before the warp stages it, between
 // staging a group and reading it, and between reading it and staging the
 // next; rho and beta of a group between two __syncthreads that every thread
 // reaches (the group loop is uniform over the block); shuffles with all
@@ -634,6 +636,7 @@ void similarity_epilogue(const at::Tensor& S_tile, const at::Tensor& row_scale, 
     using acc_t = at::opmath_type<scalar_t>;
     auto opt = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
     const bool fx = a.x.defined();  // the rows the affine map cannot give (the embedding's), from x
+    TORCH_INTERNAL_ASSERT(fx || !a.stats.defined(), "similarity_epilogue: the affine map's fixed rows need x");
     const int64_t stage_cols = epilogue_stage_cols(C, K, sizeof(acc_t), out.compute_seg || out.compute_lse);
     const size_t smem = size_t(kRowsPerBlock * stage_cols) * sizeof(acc_t);
     allow_dynamic_smem(similarity_epilogue_kernel<scalar_t, acc_t>, epilogue_static_smem(sizeof(acc_t)), smem);
