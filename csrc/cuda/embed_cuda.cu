@@ -72,7 +72,6 @@ using cuda::kWarp;
 
 constexpr int kEmbedThreads = 256;                     // 32 pixels (lanes) x 8 channel groups (warps)
 constexpr int kEmbedGroups = kEmbedThreads / kWarp;
-using cuda::fold_direct;
 using cuda::load_stats;
 // embed_similarity's stats: rows mu, r, inv, then (LayerNorm; 0 without it)
 // w . z and (w xhat) . z, the pixels along each row. The backward reads the
