@@ -67,6 +67,9 @@ __all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forwa
 
 # pixels per chunk: the size of the statistics, d z and z buffers (tests lower it)
 CHUNK_PIXELS = 1 << 16
+# The traffic meter's view of the chunk loops (tools/triton_meter.py sets it while it meters):
+# ``tile(chunk, pixels)`` at each chunk's start, ``tiles_end()`` after the loop. None: nothing called.
+CHUNK_OBSERVER = None
 MAX_IMAGES = 65535  # images per chunk: CUDA's limit on grid axis 1
 
 
@@ -511,7 +514,18 @@ class _Embedding:
         self.stats = stats if self.given else dummy(self.acc, self.dev)
 
     def chunks(self):
-        return pixel_chunks(self.B, self.HW, self.chunk)
+        observer = CHUNK_OBSERVER
+        if observer is None:
+            return pixel_chunks(self.B, self.HW, self.chunk)
+        return self._observed_chunks(observer)
+
+    def _observed_chunks(self, observer):
+        try:
+            for ch in pixel_chunks(self.B, self.HW, self.chunk):
+                observer.tile(self.chunk, ch[1] * ch[3])
+                yield ch
+        finally:
+            observer.tiles_end()
 
     def grid(self, hwc, nb, block_n):
         """The (pixel block, image) grid of a chunk of ``nb`` images of ``hwc`` pixels."""

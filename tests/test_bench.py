@@ -209,6 +209,33 @@ def test_gpu_model_step_roofline_is_the_faster_strategy():
     assert gm.step_roofline(B, D, H, W, C, "fp32", "triton")[2] < us
 
 
+def test_gpu_model_scales_tile_reuse_with_the_tile():
+    """tools/gpu_model.py's extrapolate: a reuse within a tile (the meter's reuse_tile) scales with the tile's
+    pixels at the real size, the rest with N: 256 KiB apart in a 10-row tile of a 1,000-row loop is 256 MiB
+    apart at the real size when scaled with N (1,000x: no L2 hit) but 25 MiB with the tile (100x: a hit); and
+    tile_at gives the cuda tile (at most an image) and the Triton chunk (whole images where they fit)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_model", os.path.join(ROOT, "tools", "gpu_model.py"))
+    gm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gm)
+    base = {m: 0 for m in gm.METRICS}
+    runs = [{"k": dict(base, name="k", unit="memory", unique_bytes=n * 2**20, reuse={}, reuse_tile={}, launches=1)}
+            for n in (1, 2, 3)]
+    Ns, N = [10, 20, 30], 30_000
+    last = runs[-1]["k"]
+    last["reuse_tile"] = {(1000, 10, 2**18): 2**20}
+    tile = gm.extrapolate(runs, Ns, N, lambda loop_rows, rows: gm.tile_at("cuda", 1, 30_000, loop_rows) / rows)
+    by_n = gm.extrapolate(runs, Ns, N)  # no tile scale: N / Ns[-1] for every reuse
+    grow = N / Ns[-1]  # unique bytes grow as N here
+    assert tile[0]["l2_hit_bytes"] == pytest.approx(2**20 * grow) and by_n[0]["l2_hit_bytes"] == 0
+    last["reuse_tile"], last["reuse"] = {}, {2**18: 2**20}
+    assert gm.extrapolate(runs, Ns, N, lambda *_: 1.0)[0]["l2_hit_bytes"] == 0
+    assert gm.tile_at("cuda", 2, 32_768, 21_888) == 21_888 and gm.tile_at("cuda", 2, 32_768, 0) == 32_768
+    assert gm.tile_at("cuda", 1, 5_000, 21_888) == 5_000
+    assert gm.tile_at("triton", 2, 32_768, 65_536) == 65_536 and gm.tile_at("triton", 1, 2**21, 65_536) == 65_536
+
+
 def test_gpu_model_takes_the_ema_at_a_full_update():
     """tools/gpu_model.py: a kernel of the prototype update's EMA is taken at its metered full update (per
     launch), whatever the extrapolation from the small maps said; the other kernels are left as they were."""

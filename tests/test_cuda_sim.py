@@ -1261,6 +1261,57 @@ def test_meter_l2_hits(sim):
     assert a["l2_hit_bytes"] == 0 and b["l2_hit_bytes"] == 1024  # x again; y is a fresh buffer
 
 
+def test_meter_reuse_distance_counts_the_rest_of_the_producer(sim):
+    """A touch is placed where it falls in its event: copying x twice, x's sector k is read at about the
+    same rank in both copies, so every reuse distance is about one copy's traffic (x and y, 2 KiB), not
+    the few bytes the second copy touched before it (an event-end stamp gave 0 to 2 KiB)."""
+    x = torch.randn(256)
+    (y1, y2), (a, b) = _meter_events(sim, lambda: (_selftest(sim, "shifted_copy", x),
+                                                   _selftest(sim, "shifted_copy", x)))
+    dist = {int(k): v for k, v in b["reuse"].items()}
+    assert sum(dist.values()) == 1024 and b["reuse_tile"] == {} and b["tile"] is None
+    assert all(1900 <= d <= 2200 for d in dist), dist
+
+
+def test_meter_tile_reuse_is_reported_apart(sim):
+    """In a tile loop (meter_tile), a reuse from the same tile or the one before goes to reuse_tile with
+    the tile's (loop rows, rows); from two tiles back, another loop, or outside a loop, to reuse."""
+    x = torch.randn(256)
+    held = []  # every copy's output kept, so that no y reuses an earlier one's memory
+
+    def copies():
+        sim.cudasim_meter("tile:1000:64")
+        held.append(_selftest(sim, "shifted_copy", x))  # 0: x first touched
+        held.append(_selftest(sim, "shifted_copy", x))  # 1: same tile
+        sim.cudasim_meter("tile:1000:64")
+        held.append(_selftest(sim, "shifted_copy", x))  # 2: the tile before
+        sim.cudasim_meter("tiles_end")
+        sim.cudasim_meter("tile:500:32")
+        held.append(_selftest(sim, "shifted_copy", x))  # 3: another loop
+        sim.cudasim_meter("tiles_end")
+        held.append(_selftest(sim, "shifted_copy", x))  # 4: outside loops
+
+    _, ev = _meter_events(sim, copies)
+    assert [e["tile"] for e in ev] == [[1000, 64], [1000, 64], [1000, 64], [500, 32], None]
+    near = [sum(e["reuse_tile"].values()) for e in ev]
+    far = [sum(e["reuse"].values()) for e in ev]
+    assert near == [0, 1024, 1024, 0, 0] and far == [0, 0, 0, 1024, 1024], (near, far)
+    with pytest.raises(ValueError, match="tile:<loop rows>:<rows>"):
+        sim.cudasim_meter("tile:12")
+
+
+def test_meter_gemm_counts_the_bytes_of_a_strided_operand(sim):
+    """A GEMM on the first 8 columns of an (8, 32) plane, transposed (a tile of an NCHW map): its
+    operands touch 8 runs of 32 bytes (8 sectors, the same for the operand and its transpose), not the
+    928-byte span between them; the output 8 x 8 fp32 is 8 sectors more."""
+    x = torch.randn(256)
+    y, ev = _metered(sim, "gemm_strided", x)
+    a = x.view(8, 32)[:, :8].t()
+    torch.testing.assert_close(y, a @ a.T, atol=1e-6, rtol=1e-6)
+    (g,) = ev
+    assert g["unique_bytes"] == 32 * (8 + 8), g["unique_bytes"]
+
+
 def test_similarity_runs_the_16bit_gemm(sim):
     """bfloat16 feats and prototypes: similarity_tile_gemm's tensor-core branch (mm.dtype_out) runs, and the
     scores match the reference from the same rounded inputs."""

@@ -108,3 +108,22 @@ def test_gpu_model_triton_json():
     per = per_unit_launches(out)
     assert (per["kernels"], per["gemms"], per["aten"]) == (5, 0, 0), per
     assert out["step"]["launch_counts"]["units"] == 1  # two images of 32,768 pixels: one chunk
+
+
+def test_chunk_loops_are_tile_loops():
+    """kernels/embed.py's chunk loops mark their chunks for the meter (CHUNK_OBSERVER): a forward on a
+    2 x 4 x 8 x 8 map in chunks of 32 pixels runs its launches in 4 chunks of 32 pixels each (tile
+    [32, 32]); a reuse of the chunk before goes to reuse_tile; after the meter the observer is unset."""
+    from protoseg_ext.kernels import embed as emb
+
+    torch.manual_seed(0)
+    x, p = torch.randn(2, 4, 8, 8), torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1)
+    labels = torch.randint(0, 3, (2 * 8 * 8,))
+    w, b = torch.ones(4), torch.zeros(4)
+    with TritonMeter() as m:
+        emb.embed_similarity_forward(x, w, b, 1e-5, p, labels, 1.0, True, True, True, chunk=32)
+    assert emb.CHUNK_OBSERVER is None
+    tiles = [e["tile"] for e in m.events]
+    assert tiles and all(t == [32, 32] for t in tiles), tiles
+    assert len(m.events) % 4 == 0  # the same launches in each of the 4 chunks
+    assert any(e["reuse_tile"] for e in m.events)  # the chunk's stats, or the prototypes of the chunk before

@@ -41,9 +41,21 @@ several kernels on a GPU still counts once, so the count is a lower bound there)
 fitted as a + b tiles on two runs, checked on the third, and taken at the size's own tiles (16 MiB
 of S each on cuda, csrc/cuda/similarity_common.cuh) or chunks (65,536 pixels on triton).
 Assumed L2 hits are not extrapolated: the meter gives, per launch, the bytes
-an earlier launch or GEMM touched and how many bytes were touched in between;
-those distances are scaled by N / (the largest measured N) and a byte counts
-as an L2 hit at the real size only if its scaled distance is within 50 MB.
+an earlier launch or GEMM touched and how many bytes were touched in between,
+each touch placed where it falls in its event (a launch's sectors in the
+order its blocks first touch them, a GEMM's operands at its start and its
+output after them), so that a distance includes the rest of the producer: a
+kernel that writes a buffer while it streams 100 MB does not leave the
+buffer's first bytes in the L2. Distances are scaled by N / (the largest
+measured N), except a reuse within a tile of a host tile loop or from the
+tile before (cuda: similarity_common.cuh's MeterTiles; triton: the chunk
+loops of kernels/embed.py), whose distance is a tile's traffic and scales
+with the tile: by the tile's pixels at the real size over its rows in the
+measured run. A byte counts as an L2 hit at the real size only if its scaled
+distance is within 50 MB. So that tiles follow tiles as at the real sizes,
+the cuda runs split each image into TRAFFIC_TILES tiles
+(PROTOSEG_SIM_TILE_ROWS); a Triton chunk of 65,536 pixels holds a whole
+measured map.
 
 The model, per kernel: the largest of DRAM bytes / HBM bandwidth, requested
 bytes (sectors x 32) / L2 bandwidth and flops / the peak of the unit that
@@ -96,6 +108,7 @@ SIZES = {  # B, D, H, W, C
 }
 K = 10
 SMALL_HW = ((8, 8), (8, 16), (8, 24))  # the measured maps (H, W) per image
+TRAFFIC_TILES = 4  # cuda: tiles per image of the measured maps' traffic runs (PROTOSEG_SIM_TILE_ROWS)
 METRICS = ("launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops")
 
 
@@ -177,11 +190,18 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
         return ema(*args)
 
     be.prototype_ema = recording_ema  # the step's (protos, sums, counts, gamma), for measure_full_update
+    saved = os.environ.get("PROTOSEG_SIM_TILE_ROWS")
+    if backend == "cuda":  # several tiles per image, as at the real sizes (TRAFFIC_TILES)
+        os.environ["PROTOSEG_SIM_TILE_ROWS"] = str(max(1, H * W // TRAFFIC_TILES))
     try:
         with meter() as m:
             _run_step(torch, head, feats, gt)
     finally:
         del be.prototype_ema
+        if saved is None:
+            os.environ.pop("PROTOSEG_SIM_TILE_ROWS", None)
+        else:
+            os.environ["PROTOSEG_SIM_TILE_ROWS"] = saved
     return group_events(m.events)
 
 
@@ -315,9 +335,15 @@ def group_events(events):
             out_bytes = ev["m"] * ev["n"] * {"Float": 4, "Double": 8}.get(ev["out"], 2)
             loaded, stored = ev["bytes"] - out_bytes, out_bytes
             sectors = ideal = (ev["bytes"] + 31) // 32
-        g = groups.setdefault(name, dict(name=name, unit=unit, reuse={}, **{m: 0 for m in METRICS}))
+        g = groups.setdefault(name, dict(name=name, unit=unit, reuse={}, reuse_tile={},
+                                         **{m: 0 for m in METRICS}))
         for dist, nbytes in ev["reuse"].items():
             g["reuse"][int(dist)] = g["reuse"].get(int(dist), 0) + nbytes
+        if ev.get("tile"):  # reuse within a tile loop's tile or the one before: (loop rows, tile rows, distance)
+            loop_rows, rows = ev["tile"]
+            for dist, nbytes in ev.get("reuse_tile", {}).items():
+                key = (int(loop_rows), int(rows), int(dist))
+                g["reuse_tile"][key] = g["reuse_tile"].get(key, 0) + nbytes
         g["launches"] += 1
         g["bytes_loaded"] += loaded
         g["bytes_stored"] += stored
@@ -362,10 +388,26 @@ def bound_by_full_update(rows, full):
     return rows
 
 
-def extrapolate(runs, Ns, N):
+def tile_at(backend: str, B: int, HW: int, loop_rows: int) -> int:
+    """Pixels per tile, at a B x HW map, of a tile loop of ``loop_rows`` rows per tile (the meter's
+    ``tile``): cuda tiles hold at most one image (``loop_rows`` 0: a tile per image), Triton chunks
+    (kernels/embed.py, pixel_chunks) whole images where they fit."""
+    if backend == "cuda":
+        return min(loop_rows or HW, HW)
+    try:
+        from protoseg_ext.kernels.embed import pixel_chunks
+    except ImportError:
+        from kernels.embed import pixel_chunks
+    return max((nb * hwc for _, nb, _, hwc in pixel_chunks(B, HW, loop_rows)), default=0)
+
+
+def extrapolate(runs, Ns, N, tile_scale=None):
     """Per kernel: each count at N from the runs at Ns (a + b n on the first two, checked on the third), and
     the assumed L2 hits at N: the bytes an earlier event touched while the bytes touched since, scaled by
-    N / Ns[-1], stay within the L2 (from the largest run's reuse distances)."""
+    N / Ns[-1], stay within the L2 (from the largest run's reuse distances). A reuse within a tile loop's
+    tile or the one before (the meter's ``reuse_tile``, by loop rows and tile rows) scales with the tile
+    instead: ``tile_scale(loop_rows, rows)``, the tile's pixels at the real size over ``rows`` (none
+    given: N / Ns[-1] as the rest)."""
     names = []
     for r in runs:
         names += [n for n in r if n not in names]
@@ -401,7 +443,11 @@ def extrapolate(runs, Ns, N):
         scale = N / Ns[-1]
         last = runs[-1].get(name, {})
         grow = row["unique_bytes"] / last["unique_bytes"] if last.get("unique_bytes") else 0.0
-        hits = sum(b for dist, b in last.get("reuse", {}).items() if dist * scale <= L2_BYTES) * grow
+        hits = sum(b for dist, b in last.get("reuse", {}).items() if dist * scale <= L2_BYTES)
+        for (loop_rows, rows, dist), b in last.get("reuse_tile", {}).items():
+            if dist * (tile_scale(loop_rows, rows) if tile_scale else scale) <= L2_BYTES:
+                hits += b
+        hits *= grow
         row["l2_hit_bytes"] = min(hits, row["unique_bytes"])
         out.append(row)
     return out
@@ -504,7 +550,10 @@ def run(backend: str, size: str, dtype: str):
         Ns.append(B * h * w)
     N = B * H * W
     full = measure_full_update(meter, torch, backend, ema_args[-1])
-    rows = model(bound_by_full_update(extrapolate(runs, Ns, N), full))
+    def tile_scale(loop_rows, rows):  # a tile's pixels at the real size over its rows in the measured run
+        return tile_at(backend, B, H * W, loop_rows) / max(1, rows)
+
+    rows = model(bound_by_full_update(extrapolate(runs, Ns, N, tile_scale), full))
     cb, cf, roofline_us = step_roofline(B, D, H, W, C, dtype, backend)
     flops = sum(r["flops"] for r in rows)
     launches = step_launches(meter, torch, backend, B, D, H, W, C, dt)

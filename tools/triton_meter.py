@@ -10,7 +10,10 @@ sectors of each such access (one access = one tl.load or tl.store of one
 program: the interpreter runs a program's block as one operation) against the
 ideal for the distinct bytes it requests, the distinct sectors the launch
 touches, the bytes an earlier launch touched with their reuse distances (as
-cuda_sim's meter), and the flops of tl.dot (2 M N K each) with the unit that
+cuda_sim's meter: each sector placed at its first touch in the launch, programs
+in grid order; the chunk loops of kernels/embed.py are its tile loops, a reuse
+within a chunk or the one before reported apart with the chunk's pixels), and
+the flops of tl.dot (2 M N K each) with the unit that
 runs them on a GPU: the similarity kernels multiply under the interpreter in
 float32 what a GPU multiplies in bf16 / fp16 or TF32 (``DOT_UPCAST``), so
 their unit is the one ``kernels.common.dot_config`` picks for the launch's
@@ -23,6 +26,7 @@ strides, not the compiler's layout choices.
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import torch
 
@@ -41,13 +45,34 @@ def _unit(bits: int, precision) -> str:
     return "tensor cores (tf32x3)" if "tf32x3" in prec else "tensor cores (tf32)"
 
 
+def reuse_bucket(d: int) -> int:
+    """A reuse distance's bucket, named by its upper bound (as cuda_sim's meter): 2^(b/8) rounded up for the
+    least b with d <= 2^(b/8), at most 9% above the distance."""
+    if d <= 1:
+        return 1
+    b = math.ceil(8.0 * math.log2(d) - 1e-9)
+    return max(int(d), math.ceil(2.0 ** (b / 8.0)))
+
+
 class TritonMeter:
     def __init__(self):
         self.events = []
         self._cur = None
-        self._last_touch = {}  # sector -> bytes touched when its last event ended
+        self._last_touch = {}  # sector -> (bytes touched up to its last touch, that touch's chunk epoch or 0)
         self._touched = 0
         self._saved = []
+        self._epoch, self._tile = 0, None  # chunk epochs (as cuda_sim's tile epochs); the running chunk
+        self._observed = None
+
+    # ------------------------------------------------------------------ chunk loops (kernels/embed.py)
+    def tile(self, loop_rows, rows):
+        """A chunk starts: ``loop_rows`` the loop's pixels per chunk, ``rows`` this chunk's pixels."""
+        self._epoch += 1
+        self._tile = (int(loop_rows), int(rows))
+
+    def tiles_end(self):
+        self._epoch += 1
+        self._tile = None
 
     # ------------------------------------------------------------------ patching
     def __enter__(self):
@@ -104,18 +129,26 @@ class TritonMeter:
         wrap(B, "create_atomic_cas", atomic_cas)
         wrap(B, "create_dot", dot)
         wrap(I.GridExecutor, "__call__", launch)
+        try:
+            from protoseg_ext.kernels import embed as emb
+        except ImportError:  # a checkout without the package installed: kernels/ is protoseg_ext.kernels
+            from kernels import embed as emb
+        self._observed, emb.CHUNK_OBSERVER = (emb, emb.CHUNK_OBSERVER), self
         return self
 
     def __exit__(self, *exc):
         for cls, name, orig in reversed(self._saved):
             setattr(cls, name, orig)
         self._saved.clear()
+        if self._observed is not None:
+            emb, prev = self._observed
+            emb.CHUNK_OBSERVER, self._observed = prev, None
         return False
 
     # ------------------------------------------------------------------ recording
     def _begin(self, name):
         self._cur = dict(type="kernel", name=name, bytes_loaded=0, bytes_stored=0, instructions=0, sectors=0,
-                         ideal_sectors=0, flops=0, unit="memory", sector_set=set())
+                         ideal_sectors=0, flops=0, unit="memory", sector_set={})  # in first-touch order
 
     def _access(self, kind, ptrs, mask):
         c = self._cur
@@ -138,7 +171,7 @@ class TritonMeter:
         c["instructions"] += 1
         c["sectors"] += int(sectors.size)
         c["ideal_sectors"] += (int(distinct.size) * elem + 31) // 32
-        c["sector_set"].update(sectors.tolist())
+        c["sector_set"].update(dict.fromkeys(sectors.tolist()))  # a known sector keeps its place
 
     def _gpu_dots(self, bound):
         """The GEMM units a GPU would use for this launch's tl.dot calls, where the interpreter cannot tell.
@@ -184,20 +217,25 @@ class TritonMeter:
         c, self._cur = self._cur, None
         c.pop("gpu_dots", None)
         sectors = c.pop("sector_set")
-        hits, reuse = 0, {}
-        for s in sectors:
+        tag = self._epoch if self._tile else 0
+        hits, reuse, reuse_tile = 0, {}, {}
+        for rank, s in enumerate(sectors):
             t = self._last_touch.get(s)
             if t is None:
                 continue
-            d = self._touched - t
+            d = self._touched + 32 * rank - t[0]
             if d <= L2_BYTES:
                 hits += 1
-            b = 1 << max(0, int(d - 1).bit_length()) if d > 0 else 1
-            reuse[b] = reuse.get(b, 0) + 32
+            b = reuse_bucket(d)
+            near = tag and t[1] and tag - t[1] <= 1
+            into = reuse_tile if near else reuse
+            into[b] = into.get(b, 0) + 32
+        for rank, s in enumerate(sectors):
+            self._last_touch[s] = (self._touched + 32 * (rank + 1), tag)
         self._touched += 32 * len(sectors)
-        for s in sectors:
-            self._last_touch[s] = self._touched
         c["unique_bytes"] = 32 * len(sectors)
         c["l2_hit_bytes"] = 32 * hits
         c["reuse"] = {str(k): v for k, v in sorted(reuse.items())}
+        c["reuse_tile"] = {str(k): v for k, v in sorted(reuse_tile.items())}
+        c["tile"] = list(self._tile) if self._tile else None
         self.events.append(c)

@@ -1054,7 +1054,9 @@ void embed_backward_tiles(const at::Tensor& rows, const EmbedOperands& e, const 
                           EmbedGradBuffers& buf, at::Tensor& grad, at::Tensor& dw, at::Tensor& db,
                           cudaStream_t stream) {
   const int64_t CK = e.P.size(0);
+  cuda::MeterTiles meter_tiles;
   for (const PixelTile& t : pixel_tiles(rows, buf.T)) {
+    meter_tiles.next(cuda::loop_tile_rows(CK, e.P.element_size()), t.count);
     const at::Tensor X = t.of(rows);
     at::Tensor dS_tile = buf.dS.narrow(0, 0, t.count).narrow(1, 0, CK);
     at::Tensor grad_tile = t.of(grad);
@@ -1104,7 +1106,9 @@ void embed_prototype_sums_atomic(const at::Tensor& rows, const EmbedOperands& e,
   at::Tensor stats = given.defined() ? at::Tensor() : at::empty({kStatRows, T}, sums.options());
   at::Tensor sl = slot.to(at::kLong).contiguous();
   at::Tensor icounts = at::zeros({num_slots}, sums.options().dtype(at::kLong));
+  cuda::MeterTiles meter_tiles;
   for (const PixelTile& t : pixel_tiles(rows, T)) {
+    meter_tiles.next(0, t.count);  // a tile per image
     const at::Tensor X = t.of(rows);
     const at::Tensor sl_tile = sl.narrow(0, t.n0, t.count);
     const TileStats st = tile_stats(X, e, given, stats, t.n0, stream);
@@ -1120,12 +1124,15 @@ void embed_prototype_sums_sorted(const at::Tensor& rows, int64_t N, const EmbedO
                                  int64_t num_slots, const at::Tensor& given, at::Tensor& sums, at::Tensor& counts,
                                  cudaStream_t stream) {
   const int64_t D = sums.size(1);
-  const int64_t T = std::min<int64_t>(
-      N, std::max<int64_t>(128, cuda::kTileBytes / std::max<int64_t>(1, D * int64_t(sums.element_size()))));
+  const int64_t loop_rows =
+      std::max<int64_t>(128, cuda::kTileBytes / std::max<int64_t>(1, D * int64_t(sums.element_size())));
+  const int64_t T = std::min<int64_t>(N, loop_rows);
   at::Tensor Z = at::empty({T, D}, sums.options());
   at::Tensor stats = given.defined() ? at::Tensor() : at::empty({kStatRows, T}, sums.options());
   at::Tensor no_slot;
+  cuda::MeterTiles meter_tiles;
   for (const PixelTile& t : pixel_tiles(rows, T)) {
+    meter_tiles.next(loop_rows, t.count);
     const at::Tensor X = t.of(rows);
     at::Tensor Z_tile = Z.narrow(0, 0, t.count);
     const TileStats st = tile_stats(X, e, given, stats, t.n0, stream);
@@ -1165,7 +1172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor S = at::empty({T, e.gemm_cols()}, aopt);  // one tile buffer, reused in stream order
   const bool kcat = e.Pw16.defined() && e.kcat && cuda::lowp_gemm_available();
   at::Tensor KC;  // [X | X] for the GEMM along K, written by the stats kernel: a buffer reused in stream order,
+  cuda::MeterTiles meter_tiles;
   for (const PixelTile& t : pixel_tiles(rows, T)) {  // of the first tile's rows (the most: min(T, pixels per image))
+    meter_tiles.next(cuda::loop_tile_rows(CK, at::elementSize(acc)), t.count);
     const at::Tensor X = t.of(rows);
     const TileStats st{stats, t.n0};  // the returned stats, at the tile's columns
     if (kcat && !KC.defined()) KC = embed_kcat_buffer(X, t.count);

@@ -144,16 +144,36 @@ __device__ __forceinline__ void fixed_scores_row(acc_t* s, int64_t half, int64_t
   }
 }
 
-// Rows per tile: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows], at most N.
+// Rows per tile at any N: ~kTileBytes of S, a multiple of 128, in [128, kMaxTileRows].
+inline int64_t loop_tile_rows(int64_t CK, int64_t elem_size) {
+  const int64_t rows = kTileBytes / std::max<int64_t>(1, CK * elem_size);
+  return std::min<int64_t>(kMaxTileRows, std::max<int64_t>(128, rows / 128 * 128));
+}
+
+// Rows per tile: loop_tile_rows, at most N.
 // (tools/gpu_model.py's cuda_tile_rows mirrors this.)
 inline int64_t tile_rows(int64_t N, int64_t CK, int64_t elem_size) {
 #ifdef CUDASIM  // the emulator's tile count for a launch count (tools/cuda_sim: tile_rows_override)
   if (const int64_t rows = cudasim::tile_rows_override(); rows > 0) return std::min<int64_t>(rows, N);
 #endif
-  int64_t rows = kTileBytes / std::max<int64_t>(1, CK * elem_size);
-  rows = std::min<int64_t>(kMaxTileRows, std::max<int64_t>(128, rows / 128 * 128));
-  return std::min<int64_t>(rows, N);
+  return std::min<int64_t>(loop_tile_rows(CK, elem_size), N);
 }
+
+// The traffic meter's view of a host tile loop (tools/cuda_sim, meter_tile):
+// next(loop_rows, rows) at the start of each tile (loop_rows: the loop's rows
+// per tile at any size, as loop_tile_rows, or 0 for one tile per image), the
+// loop's end when it goes out of scope. Nothing outside the emulator.
+struct MeterTiles {
+#ifdef CUDASIM
+  MeterTiles() = default;
+  MeterTiles(const MeterTiles&) = delete;
+  MeterTiles& operator=(const MeterTiles&) = delete;
+  ~MeterTiles() { cudasim::meter_tiles_end(); }
+  void next(int64_t loop_rows, int64_t rows) { cudasim::meter_tile(loop_rows, rows); }
+#else
+  void next(int64_t, int64_t) {}
+#endif
+};
 
 inline bool is_16bit(at::ScalarType st) { return st == at::kHalf || st == at::kBFloat16; }
 

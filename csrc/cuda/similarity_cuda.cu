@@ -755,8 +755,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarit
   const int64_t T = cuda::tile_rows(N, CK, at::elementSize(acc));
   at::Tensor S = at::empty({T, CK}, aopt);  // one tile buffer, reused in stream order
   at::Tensor scale = normalize ? at::empty({T}, aopt) : at::Tensor();  // 1 / ||x|| of the tile's rows
+  cuda::MeterTiles meter_tiles;
   for (int64_t r0 = 0; r0 < N; r0 += T) {
     const int64_t rows = std::min(T, N - r0);
+    meter_tiles.next(cuda::loop_tile_rows(CK, at::elementSize(acc)), rows);
     at::Tensor S_tile = S.narrow(0, 0, rows);
     similarity_tile_gemm(S_tile, f.narrow(0, r0, rows), P);
     if (normalize) row_inv_norm(f, r0, rows, scale, stream);
@@ -797,8 +799,10 @@ at::Tensor similarity_backward_cuda(const c10::optional<at::Tensor>& grad_seg,
   at::Tensor G = direct ? at::Tensor() : at::empty({T, D}, aopt);
   at::Tensor scale = normalize && recompute ? at::empty({T}, aopt) : at::Tensor();
   at::Tensor A = sp.B.defined() ? at::empty({T, sp.terms * CK}, feats.options().dtype(at::kBFloat16)) : at::Tensor();
+  cuda::MeterTiles meter_tiles;
   for (int64_t r0 = 0; r0 < N; r0 += T) {
     const int64_t rows = std::min(T, N - r0);
+    meter_tiles.next(cuda::loop_tile_rows(CK, at::elementSize(acc)), rows);
     at::Tensor dS_tile = dS.narrow(0, 0, rows);
     if (recompute) similarity_tile_gemm(dS_tile, f.narrow(0, r0, rows), P);  // S again (flash-attention style)
     if (scale.defined()) row_inv_norm(f, r0, rows, scale, stream);

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <unordered_set>
@@ -347,7 +348,16 @@ void apply(Kind kind, uintptr_t addr, size_t size, uint32_t pc, const char* type
 // it requests, the distinct sectors the launch touches, and of those the
 // sectors an earlier launch or GEMM touched while the bytes touched since
 // then stay within the 50 MB L2 (assumed L2 hits). Host GEMMs: shape, dtypes,
-// flops and operand bytes.
+// flops and operand bytes. A sector's touch is placed where it falls in its
+// event: a launch's sectors in the order the emulator first touches them
+// (block by block, as a GPU roughly walks its grid), a GEMM's operands at its
+// start and its output after them; the bytes touched since then are those of
+// every later sector touch, so a reuse distance includes the rest of the
+// event that touched the sector last (a 50 MB producer's first outputs are
+// out of the L2 by its end). Tile loops of the host code (meter_tile) mark
+// their tiles: a reuse whose earlier touch was in the same tile or the one
+// before, of the same loop, is reported apart, with the tile's rows, as the
+// model scales its distance with the tile rather than with the map.
 
 struct LaunchMeter {
   std::string kernel;
@@ -365,11 +375,19 @@ struct Meter {
   bool on = false;
   std::vector<std::string> events;  // JSON objects, in order
   // sector -> the event count when it was last touched, and the bytes touched up to then
-  std::unordered_map<uint64_t, uint64_t> last_touch;  // sector -> cumulative bytes touched before that event ended
+  struct Touch {
+    uint64_t at;    // cumulative bytes touched up to and including this sector's touch
+    uint64_t tile;  // the tile epoch of that touch (meter_tile), 0 outside tile loops
+  };
+  std::unordered_map<uint64_t, Touch> last_touch;  // sector -> its last touch
   uint64_t touched = 0;  // cumulative bytes touched by every event so far
-  // the running launch
+  // tile loops: epoch bumped at each tile and at each loop's end (so two loops' tiles are never adjacent)
+  uint64_t epoch = 0;
+  bool in_tile = false;
+  int64_t tile_nominal = 0, tile_rows = 0;  // the running tile's loop rows at any size (0: an image) and rows
+  // the running launch: its sectors in the order of their first touch
   LaunchMeter cur;
-  std::unordered_set<uint64_t> launch_sectors;
+  std::unordered_map<uint64_t, uint64_t> launch_sectors;  // sector -> its first touch's rank in the launch
   // per block: the lanes' execution count of each code address, and each warp instruction's accesses
   std::unordered_map<uint64_t, uint32_t> lane_count;  // (tid << 32 | pc) -> executions
   struct InstKey {
@@ -390,7 +408,10 @@ void meter_access(Kind kind, uintptr_t addr, size_t size, uint32_t pc, uint32_t 
   Meter& m = g_meter;
   if (kind != Kind::Write) m.cur.bytes_loaded += size;
   if (kind != Kind::Read) m.cur.bytes_stored += size;
-  for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) m.launch_sectors.insert(s);
+  for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) {
+    const uint64_t rank = m.launch_sectors.size();
+    m.launch_sectors.emplace(s, rank);
+  }
   const uint32_t n = m.lane_count[(uint64_t(tid) << 32) | pc]++;
   m.insts[Meter::InstKey{(uint64_t(tid / kWarpSize) << 32) | pc, n}].emplace_back(addr, uint32_t(size));
 }
@@ -422,35 +443,62 @@ void meter_block_end() {
   m.lane_count.clear();
 }
 
-// Sectors an event touched: counted against the L2 history, then recorded in it.
-// Also fills `reuse`: the bytes an earlier event touched, by the bytes touched
-// in between (bucket b: 2^(b-1) < distance <= 2^b), as JSON, for a model at
-// another size (tools/gpu_model.py scales the distances).
-uint64_t meter_touch(const std::unordered_set<uint64_t>& sectors, std::string& reuse) {
-  Meter& m = g_meter;
-  uint64_t hits = 0;
-  std::map<int, uint64_t> by_distance;
-  for (uint64_t s : sectors) {
-    auto it = m.last_touch.find(s);
-    if (it == m.last_touch.end()) continue;
-    const uint64_t d = m.touched - it->second;
-    if (d <= kL2Bytes) ++hits;
-    int b = 0;
-    while ((uint64_t(1) << b) < d && b < 63) ++b;
-    by_distance[b] += 32;
-  }
-  m.touched += 32 * sectors.size();
-  for (uint64_t s : sectors) m.last_touch[s] = m.touched;
+// Sectors an event touched, each at its rank in the event (sector -> rank,
+// 0..size-1): counted against the L2 history, then recorded in it. Also
+// fills `reuse`: the bytes an earlier event touched, by the bytes touched in
+// between (reuse_bucket: at most 9% above the distance), as JSON, for a model at
+// another size (tools/gpu_model.py scales the distances), and `reuse_tile`
+// the same for the earlier touches in this tile or the one before (see the
+// meter's comment above; "{}" outside tile loops).
+// A distance's bucket, named by its upper bound: 2^(b/8) rounded up for the least b with d <= 2^(b/8)
+// (eight buckets an octave: a bound at most 9% above the distance).
+uint64_t reuse_bucket(uint64_t d) {
+  if (d <= 1) return 1;
+  const double b = std::ceil(8.0 * std::log2(double(d)) - 1e-9);
+  return std::max<uint64_t>(d, uint64_t(std::ceil(std::exp2(b / 8.0))));
+}
+
+std::string reuse_json(const std::map<uint64_t, uint64_t>& by_distance) {
   std::ostringstream os;
   os << "{";
   bool first = true;
   for (const auto& kv : by_distance) {
-    os << (first ? "" : ", ") << "\"" << (uint64_t(1) << kv.first) << "\": " << kv.second;
+    os << (first ? "" : ", ") << "\"" << kv.first << "\": " << kv.second;
     first = false;
   }
   os << "}";
-  reuse = os.str();
+  return os.str();
+}
+
+uint64_t meter_touch(const std::unordered_map<uint64_t, uint64_t>& sectors, std::string& reuse,
+                     std::string& reuse_tile) {
+  Meter& m = g_meter;
+  uint64_t hits = 0;
+  std::map<uint64_t, uint64_t> by_distance, by_tile_distance;
+  const uint64_t tag = m.in_tile ? m.epoch : 0;
+  for (const auto& kv : sectors) {
+    const uint64_t at = m.touched + 32 * kv.second;  // the bytes touched before this sector's touch
+    auto it = m.last_touch.find(kv.first);
+    if (it != m.last_touch.end()) {
+      const uint64_t d = at - it->second.at;
+      if (d <= kL2Bytes) ++hits;
+      const uint64_t b = reuse_bucket(d);
+      const bool near = tag != 0 && it->second.tile != 0 && tag - it->second.tile <= 1;
+      (near ? by_tile_distance : by_distance)[b] += 32;
+    }
+  }
+  for (const auto& kv : sectors) m.last_touch[kv.first] = Meter::Touch{m.touched + 32 * (kv.second + 1), tag};
+  m.touched += 32 * sectors.size();
+  reuse = reuse_json(by_distance);
+  reuse_tile = reuse_json(by_tile_distance);
   return hits;
+}
+
+// The running tile's loop rows and rows as JSON ("null" outside tile loops).
+std::string tile_json() {
+  const Meter& m = g_meter;
+  if (!m.in_tile) return "null";
+  return "[" + std::to_string(m.tile_nominal) + ", " + std::to_string(m.tile_rows) + "]";
 }
 
 std::string json_str(const std::string& s) {
@@ -465,8 +513,8 @@ std::string json_str(const std::string& s) {
 void meter_launch_end() {
   Meter& m = g_meter;
   m.cur.unique_sectors = m.launch_sectors.size();
-  std::string reuse;
-  m.cur.l2_hit_sectors = meter_touch(m.launch_sectors, reuse);
+  std::string reuse, reuse_tile;
+  m.cur.l2_hit_sectors = meter_touch(m.launch_sectors, reuse, reuse_tile);
   m.launch_sectors.clear();
   const LaunchMeter& c = m.cur;
   std::ostringstream os;
@@ -475,7 +523,8 @@ void meter_launch_end() {
      << "], \"bytes_loaded\": " << c.bytes_loaded << ", \"bytes_stored\": " << c.bytes_stored
      << ", \"instructions\": " << c.instructions << ", \"sectors\": " << c.sectors << ", \"ideal_sectors\": "
      << c.ideal_sectors << ", \"unique_bytes\": " << 32 * c.unique_sectors << ", \"l2_hit_bytes\": "
-     << 32 * c.l2_hit_sectors << ", \"reuse\": " << reuse << "}";
+     << 32 * c.l2_hit_sectors << ", \"reuse\": " << reuse << ", \"reuse_tile\": " << reuse_tile
+     << ", \"tile\": " << tile_json() << "}";
   m.events.push_back(os.str());
 }
 
@@ -485,6 +534,8 @@ std::string meter_command(const std::string& cmd) {
     m.events.clear();
     m.last_touch.clear();
     m.touched = 0;
+    m.epoch = 0;
+    m.in_tile = false;
     m.on = true;
     return "{}";
   }
@@ -492,12 +543,23 @@ std::string meter_command(const std::string& cmd) {
     m.on = false;
     return "{}";
   }
+  if (cmd.rfind("tile:", 0) == 0) {  // "tile:<loop rows>:<rows>": meter_tile, for tests of the meter
+    const size_t c = cmd.find(':', 5);
+    TORCH_CHECK_VALUE(c != std::string::npos, "cudasim_meter: tile:<loop rows>:<rows>, got '", cmd, "'");
+    meter_tile(std::stoll(cmd.substr(5, c - 5)), std::stoll(cmd.substr(c + 1)));
+    return "{}";
+  }
+  if (cmd == "tiles_end") {
+    meter_tiles_end();
+    return "{}";
+  }
   if (cmd == "json") {
     std::string o = "[";
     for (size_t i = 0; i < m.events.size(); ++i) o += (i ? ",\n" : "") + m.events[i];
     return o + "]";
   }
-  TORCH_CHECK_VALUE(false, "cudasim_meter: cmd must be start, stop or json, got '", cmd, "'");
+  TORCH_CHECK_VALUE(false, "cudasim_meter: cmd must be start, stop, json, tile:<loop rows>:<rows> or tiles_end, got '",
+                    cmd, "'");
 }
 
 TORCH_LIBRARY_FRAGMENT(protoseg_cudasim, lib) {
@@ -1072,6 +1134,22 @@ int set_max_dynamic_smem(const void* fn, int bytes) {
   return 0;
 }
 
+void meter_tile(int64_t loop_rows, int64_t rows) {
+  Meter& m = g_meter;
+  if (!m.on) return;
+  ++m.epoch;
+  m.in_tile = true;
+  m.tile_nominal = loop_rows;
+  m.tile_rows = rows;
+}
+
+void meter_tiles_end() {
+  Meter& m = g_meter;
+  if (!m.on) return;
+  ++m.epoch;
+  m.in_tile = false;
+}
+
 int64_t tile_rows_override() {  // read at each call: a process may set it between steps
   const char* v = std::getenv("PROTOSEG_SIM_TILE_ROWS");
   if (v == nullptr || *v == '\0') return 0;
@@ -1155,25 +1233,39 @@ void run_grid(const char* kernel, const void* fn, const char* file, int line, co
 void record_gemm(const char* op, int64_t m, int64_t n, int64_t k, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor& out) {
   if (!g_meter.on) return;
-  std::unordered_set<uint64_t> sectors;  // the operands' and output's storage bytes (as laid out)
+  std::unordered_map<uint64_t, uint64_t> sectors;  // the operands' and output's storage bytes (as laid out), in order
   uint64_t bytes = 0;
   for (const at::Tensor* t : {&a, &b, &out}) {
     if (!t->defined() || t->numel() == 0) continue;
     bytes += uint64_t(t->numel()) * t->element_size();
-    // the view's span (row-major views of 2-D operands: contiguous rows, possibly transposed)
+    // the bytes of the view, run by run: a 2-D view with a unit stride (rows, or columns of a
+    // transposed or narrowed plane) is its lines' contiguous runs, not the span between them
     const uintptr_t p = reinterpret_cast<uintptr_t>(t->data_ptr());
-    int64_t span = 1;
-    for (int64_t d = 0; d < t->dim(); ++d) span += (t->size(d) - 1) * std::abs(t->stride(d));
-    for (uint64_t s = p >> 5; s <= (p + uint64_t(span) * t->element_size() - 1) >> 5; ++s) sectors.insert(s);
+    const int64_t es = t->element_size();
+    auto add_run = [&](uintptr_t lo, int64_t n) {
+      for (uint64_t s = lo >> 5; s <= (lo + uint64_t(n) * es - 1) >> 5; ++s) {
+        const uint64_t rank = sectors.size();
+        sectors.emplace(s, rank);
+      }
+    };
+    if (t->dim() == 2 && (t->stride(1) == 1 || t->stride(0) == 1)) {
+      const int inner = t->stride(1) == 1 ? 1 : 0, outer = 1 - inner;
+      for (int64_t i = 0; i < t->size(outer); ++i) add_run(p + uintptr_t(i * t->stride(outer) * es), t->size(inner));
+    } else {  // anything else: its span
+      int64_t span = 1;
+      for (int64_t d = 0; d < t->dim(); ++d) span += (t->size(d) - 1) * std::abs(t->stride(d));
+      add_run(p, span);
+    }
   }
-  std::string reuse;
-  const uint64_t hits = meter_touch(sectors, reuse);
+  std::string reuse, reuse_tile;
+  const uint64_t hits = meter_touch(sectors, reuse, reuse_tile);
   std::ostringstream os;
   os << "{\"type\": \"gemm\", \"name\": " << json_str(op) << ", \"m\": " << m << ", \"n\": " << n << ", \"k\": " << k
      << ", \"a\": " << json_str(c10::toString(a.scalar_type())) << ", \"b\": " << json_str(c10::toString(b.scalar_type()))
      << ", \"out\": " << json_str(c10::toString(out.scalar_type())) << ", \"flops\": " << 2 * uint64_t(m) * n * k
      << ", \"bytes\": " << bytes << ", \"unique_bytes\": " << 32 * sectors.size() << ", \"l2_hit_bytes\": "
-     << 32 * hits << ", \"reuse\": " << reuse << "}";
+     << 32 * hits << ", \"reuse\": " << reuse << ", \"reuse_tile\": " << reuse_tile << ", \"tile\": "
+     << tile_json() << "}";
   g_meter.events.push_back(os.str());
 }
 

@@ -241,6 +241,13 @@ at::Tensor run_case(const std::string& name, const at::Tensor& x_in) {
     at::mm_out(out, a, a.t());
     return out;
   }
+  if (name == "gemm_strided") {  // x as an (8, n / 8) plane: its first 8 columns, as (8 pixels, 8 channels), times
+                                 // their transpose (the GEMM operand of a tile of an NCHW map)
+    at::Tensor a = x.view({8, n / 8}).narrow(1, 0, 8).t();
+    at::Tensor out = at::empty({8, 8}, fopt);
+    at::mm_out(out, a, a.t());
+    return out;
+  }
   if (name == "partial_write") {  // a buffer of 128 of which the kernel writes n
     at::Tensor y = at::empty({128}, fopt);
     shifted_copy_kernel<<<(n + 63) / 64, 64, 0, stream>>>(x.data_ptr<float>(), y.data_ptr<float>(), n, 0);

@@ -274,6 +274,13 @@ int set_max_dynamic_smem(const void* fn, int bytes);
 // several tiles to tell the launches per tile from the rest.
 int64_t tile_rows_override();
 
+// The traffic meter's tile loops (runtime.cpp): meter_tile at the start of
+// each tile of a host loop (loop_rows: the loop's rows per tile at any map
+// size, before the cap by the image, 0 for a tile per image; rows: this
+// tile's), meter_tiles_end after the loop. No-ops with the meter off.
+void meter_tile(int64_t loop_rows, int64_t rows);
+void meter_tiles_end();
+
 template <class... P, class... A>
 void launch(const char* kernel, const char* file, int line, const LaunchConfig& cfg, void (*fn)(P...), A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
