@@ -32,18 +32,18 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(343.0, 120.0, "19fac60", 108),
-    ("cuda", *_CS, "float32"): Modelled(850.0, 567.0, "19fac60", 99),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1274.0, 374.0, "19fac60", 240),
-    ("cuda", *_ADE, "float32"): Modelled(4960.0, 4270.0, "19fac60", 231),
-    ("cuda", *_FULL, "bfloat16"): Modelled(11130.0, 3806.0, "19fac60", 658),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(50436.0, 9876.0, "19fac60", 9456),
-    ("triton", *_CS, "bfloat16"): Modelled(623.0, 120.0, "ebfa1e9", 112),
-    ("triton", *_CS, "float32"): Modelled(1239.0, 264.0, "ebfa1e9", 103),
-    ("triton", *_ADE, "bfloat16"): Modelled(3987.0, 374.0, "ebfa1e9", 112),
-    ("triton", *_ADE, "float32"): Modelled(8129.0, 1736.0, "ebfa1e9", 103),
-    ("triton", *_FULL, "bfloat16"): Modelled(20458.0, 3806.0, "ebfa1e9", 266),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98143.0, 9876.0, "ebfa1e9", 427),
+    ("cuda", *_CS, "bfloat16"): Modelled(385.0, 120.0, "6dea19e", 108),
+    ("cuda", *_CS, "float32"): Modelled(857.0, 567.0, "6dea19e", 99),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1282.0, 374.0, "6dea19e", 240),
+    ("cuda", *_ADE, "float32"): Modelled(4968.0, 4270.0, "6dea19e", 231),
+    ("cuda", *_FULL, "bfloat16"): Modelled(12422.0, 3806.0, "6dea19e", 658),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(51902.0, 9876.0, "6dea19e", 9456),
+    ("triton", *_CS, "bfloat16"): Modelled(634.0, 120.0, "6dea19e", 112),
+    ("triton", *_CS, "float32"): Modelled(1259.0, 264.0, "6dea19e", 103),
+    ("triton", *_ADE, "bfloat16"): Modelled(3997.0, 374.0, "6dea19e", 112),
+    ("triton", *_ADE, "float32"): Modelled(8150.0, 1736.0, "6dea19e", 103),
+    ("triton", *_FULL, "bfloat16"): Modelled(20458.0, 3806.0, "6dea19e", 266),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98143.0, 9876.0, "6dea19e", 427),
 }
 
 

@@ -550,6 +550,7 @@ def run(backend: str, size: str, dtype: str):
         Ns.append(B * h * w)
     N = B * H * W
     full = measure_full_update(meter, torch, backend, ema_args[-1])
+
     def tile_scale(loop_rows, rows):  # a tile's pixels at the real size over its rows in the measured run
         return tile_at(backend, B, H * W, loop_rows) / max(1, rows)
 
