@@ -1296,8 +1296,9 @@ def test_meter_tile_reuse_is_reported_apart(sim):
     near = [sum(e["reuse_tile"].values()) for e in ev]
     far = [sum(e["reuse"].values()) for e in ev]
     assert near == [0, 1024, 1024, 0, 0] and far == [0, 0, 0, 1024, 1024], (near, far)
-    with pytest.raises(ValueError, match="tile:<loop rows>:<rows>"):
-        sim.cudasim_meter("tile:12")
+    for bad in ("tile:12", "tile:a:b", "tile:10:0", "tile:10:5x"):
+        with pytest.raises(ValueError, match="tile:<loop rows>:<rows>"):
+            sim.cudasim_meter(bad)
 
 
 def test_meter_gemm_counts_the_bytes_of_a_strided_operand(sim):

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <unordered_set>
@@ -374,7 +375,6 @@ struct GemmMeter {
 struct Meter {
   bool on = false;
   std::vector<std::string> events;  // JSON objects, in order
-  // sector -> the event count when it was last touched, and the bytes touched up to then
   struct Touch {
     uint64_t at;    // cumulative bytes touched up to and including this sector's touch
     uint64_t tile;  // the tile epoch of that touch (meter_tile), 0 outside tile loops
@@ -443,13 +443,6 @@ void meter_block_end() {
   m.lane_count.clear();
 }
 
-// Sectors an event touched, each at its rank in the event (sector -> rank,
-// 0..size-1): counted against the L2 history, then recorded in it. Also
-// fills `reuse`: the bytes an earlier event touched, by the bytes touched in
-// between (reuse_bucket: at most 9% above the distance), as JSON, for a model at
-// another size (tools/gpu_model.py scales the distances), and `reuse_tile`
-// the same for the earlier touches in this tile or the one before (see the
-// meter's comment above; "{}" outside tile loops).
 // A distance's bucket, named by its upper bound: 2^(b/8) rounded up for the least b with d <= 2^(b/8)
 // (eight buckets an octave: a bound at most 9% above the distance).
 uint64_t reuse_bucket(uint64_t d) {
@@ -470,6 +463,13 @@ std::string reuse_json(const std::map<uint64_t, uint64_t>& by_distance) {
   return os.str();
 }
 
+// Sectors an event touched, each at its rank in the event (sector -> rank,
+// 0..size-1): counted against the L2 history, then recorded in it. Also
+// fills `reuse`: the bytes an earlier event touched, by the bytes touched in
+// between (reuse_bucket: at most 9% above the distance), as JSON, for a model
+// at another size (tools/gpu_model.py scales the distances), and `reuse_tile`
+// the same for the earlier touches in this tile or the one before (see the
+// meter's comment above; "{}" outside tile loops).
 uint64_t meter_touch(const std::unordered_map<uint64_t, uint64_t>& sectors, std::string& reuse,
                      std::string& reuse_tile) {
   Meter& m = g_meter;
@@ -544,9 +544,12 @@ std::string meter_command(const std::string& cmd) {
     return "{}";
   }
   if (cmd.rfind("tile:", 0) == 0) {  // "tile:<loop rows>:<rows>": meter_tile, for tests of the meter
-    const size_t c = cmd.find(':', 5);
-    TORCH_CHECK_VALUE(c != std::string::npos, "cudasim_meter: tile:<loop rows>:<rows>, got '", cmd, "'");
-    meter_tile(std::stoll(cmd.substr(5, c - 5)), std::stoll(cmd.substr(c + 1)));
+    long long loop_rows = -1, rows = -1;
+    char tail = 0;
+    TORCH_CHECK_VALUE(std::sscanf(cmd.c_str() + 5, "%lld:%lld%c", &loop_rows, &rows, &tail) == 2 && loop_rows >= 0 &&
+                          rows > 0,
+                      "cudasim_meter: tile:<loop rows>:<rows> (loop rows >= 0, rows > 0), got '", cmd, "'");
+    meter_tile(loop_rows, rows);
     return "{}";
   }
   if (cmd == "tiles_end") {
