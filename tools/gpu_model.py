@@ -84,6 +84,7 @@ step is a lower bound for what the step's own kernels cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -190,18 +191,13 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
         return ema(*args)
 
     be.prototype_ema = recording_ema  # the step's (protos, sums, counts, gamma), for measure_full_update
-    saved = os.environ.get("PROTOSEG_SIM_TILE_ROWS")
-    if backend == "cuda":  # several tiles per image, as at the real sizes (TRAFFIC_TILES)
-        os.environ["PROTOSEG_SIM_TILE_ROWS"] = str(max(1, H * W // TRAFFIC_TILES))
+    # cuda: several tiles per image, as at the real sizes (TRAFFIC_TILES)
+    tile_rows = max(1, H * W // TRAFFIC_TILES) if backend == "cuda" else None
     try:
-        with meter() as m:
+        with _sim_tile_rows(tile_rows), meter() as m:
             _run_step(torch, head, feats, gt)
     finally:
         del be.prototype_ema
-        if saved is None:
-            os.environ.pop("PROTOSEG_SIM_TILE_ROWS", None)
-        else:
-            os.environ["PROTOSEG_SIM_TILE_ROWS"] = saved
     return group_events(m.events)
 
 
@@ -263,17 +259,39 @@ def cuda_tile_rows(N: int, CK: int, elem: int = 4) -> int:
     return min(rows, N)
 
 
+@contextlib.contextmanager
+def _sim_tile_rows(rows):
+    """PROTOSEG_SIM_TILE_ROWS (the emulator's rows per tile) set to ``rows`` within the block, or left
+    alone for ``rows`` None; restored after it."""
+    saved = os.environ.get("PROTOSEG_SIM_TILE_ROWS")
+    if rows is not None:
+        os.environ["PROTOSEG_SIM_TILE_ROWS"] = str(rows)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PROTOSEG_SIM_TILE_ROWS", None)
+        else:
+            os.environ["PROTOSEG_SIM_TILE_ROWS"] = saved
+
+
+def _embed_module():
+    """kernels/embed.py as the package installs it, or from a checkout without the package."""
+    try:
+        from protoseg_ext.kernels import embed
+    except ImportError:
+        from kernels import embed
+    return embed
+
+
 def units_at(backend: str, B: int, HW: int, CK: int, override: int = 0) -> int:
     """The tiles (cuda: per image, of tile_rows rows, or ``override``) or chunks (triton:
     kernels/embed.py, pixel_chunks of CHUNK_PIXELS, or ``override``) of a step on a B x HW map."""
     if backend == "cuda":
         T = min(override, B * HW) if override else cuda_tile_rows(B * HW, CK)
         return B * -(-HW // T)
-    try:
-        from protoseg_ext.kernels.embed import CHUNK_PIXELS, pixel_chunks
-    except ImportError:
-        from kernels.embed import CHUNK_PIXELS, pixel_chunks
-    return sum(1 for _ in pixel_chunks(B, HW, override or CHUNK_PIXELS))
+    emb = _embed_module()
+    return sum(1 for _ in emb.pixel_chunks(B, HW, override or emb.CHUNK_PIXELS))
 
 
 def step_launches(meter, torch, backend, B, D, H, W, C, dtype):
@@ -285,27 +303,20 @@ def step_launches(meter, torch, backend, B, D, H, W, C, dtype):
     from torch.profiler import ProfilerActivity, profile
 
     R = 64
-    if backend == "cuda":
-        saved = os.environ.get("PROTOSEG_SIM_TILE_ROWS")
-        os.environ["PROTOSEG_SIM_TILE_ROWS"] = str(R)
-    else:
+    if backend != "cuda":
         emb = sys.modules["protoseg_ext.kernels"].embed
         saved, emb.CHUNK_PIXELS = emb.CHUNK_PIXELS, R
     counts, units = [], []
     try:
-        for h, w in SMALL_HW:
-            head, feats, gt = _step_inputs(torch, backend, B, D, h, w, C, dtype)
-            with profile(activities=[ProfilerActivity.CPU]) as prof, meter():
-                _run_step(torch, head, feats, gt)
-            counts.append(count_launches(prof.events()))
-            units.append(units_at(backend, B, h * w, C * K, R))
+        with _sim_tile_rows(R if backend == "cuda" else None):
+            for h, w in SMALL_HW:
+                head, feats, gt = _step_inputs(torch, backend, B, D, h, w, C, dtype)
+                with profile(activities=[ProfilerActivity.CPU]) as prof, meter():
+                    _run_step(torch, head, feats, gt)
+                counts.append(count_launches(prof.events()))
+                units.append(units_at(backend, B, h * w, C * K, R))
     finally:
-        if backend == "cuda":
-            if saved is None:
-                os.environ.pop("PROTOSEG_SIM_TILE_ROWS", None)
-            else:
-                os.environ["PROTOSEG_SIM_TILE_ROWS"] = saved
-        else:
+        if backend != "cuda":
             emb.CHUNK_PIXELS = saved
     real = units_at(backend, B, H * W, C * K)
     out = dict(units=real, linear=True, per_unit={}, fixed={})
@@ -394,11 +405,7 @@ def tile_at(backend: str, B: int, HW: int, loop_rows: int) -> int:
     (kernels/embed.py, pixel_chunks) whole images where they fit."""
     if backend == "cuda":
         return min(loop_rows or HW, HW)
-    try:
-        from protoseg_ext.kernels.embed import pixel_chunks
-    except ImportError:
-        from kernels.embed import pixel_chunks
-    return max((nb * hwc for _, nb, _, hwc in pixel_chunks(B, HW, loop_rows)), default=0)
+    return max((nb * hwc for _, nb, _, hwc in _embed_module().pixel_chunks(B, HW, loop_rows)), default=0)
 
 
 def extrapolate(runs, Ns, N, tile_scale=None):
