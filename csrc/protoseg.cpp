@@ -199,4 +199,20 @@ TORCH_LIBRARY(protoseg_ext, m) {
         "-> (Tensor out, Tensor mean, Tensor rstd, Tensor pred)");
   m.def("mask_norm_backward(Tensor grad_out, Tensor seg, Tensor weight, Tensor mean, Tensor rstd) "
         "-> (Tensor grad_seg, Tensor grad_weight, Tensor grad_bias)");
+  // The PPC and PPD losses from `similarity`'s lse (N,) and own (N, K), in
+  // one pass: pixel n takes part when target[n] != ignore_index, with
+  // k = target[n] mod K (floor mod, as torch.remainder) and s = own[n, k];
+  //   ppc = sum_n (lse[n] - s / temperature) / max(count, 1)
+  //   ppd = sum_n (1 - s)^2 / max(count, 1)
+  // count = how many pixels take part (0 losses, and 0 gradients, when
+  // none). own has lse's dtype (float32 or float64); the three 0-dim outputs
+  // too. The sums run in float64 in a fixed order: the same bits on every run
+  // and thread count. The backward (any upstream gradient may be 0) gives
+  // grad_lse (N,) and grad_own (N, K), zero outside the own-class entries of
+  // the pixels that take part; it reads the saved count on the device (no
+  // host synchronisation).
+  m.def("ppc_ppd(Tensor lse, Tensor own, Tensor target, int ignore_index, float temperature) "
+        "-> (Tensor ppc, Tensor ppd, Tensor count)");
+  m.def("ppc_ppd_backward(Tensor grad_ppc, Tensor grad_ppd, Tensor own, Tensor target, Tensor count, "
+        "int ignore_index, float temperature) -> (Tensor grad_lse, Tensor grad_own)");
 }

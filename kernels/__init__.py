@@ -12,6 +12,8 @@ nothing here imports triton until a kernel module is imported.
 * ``sinkhorn``: Sinkhorn-Knopp of every class, segmented by label;
 * ``prototype_update``: per-prototype sums (deterministic sorted reduction or
   atomics) and the momentum update;
+* ``losses``: the PPC and PPD losses from the row log-sum-exp and the
+  own-class scores (a reduction forward, one kernel backward);
 * ``device``: the ``@triton.jit`` device functions the kernels share
   (inlined: the S tile, the dS terms, the embedding's statistics);
   ``common``: what the launchers share (dtype maps, dummies, segments);

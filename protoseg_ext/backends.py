@@ -1,7 +1,7 @@
 """The backend contract and the choice between backends.
 
 Every backend (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``) fulfils
-one contract, :class:`Backend`: the same seven ops with the same signatures and
+one contract, :class:`Backend`: the same eight ops with the same signatures and
 meaning (the schemas of ``csrc/protoseg.cpp``; docs/design.md, "The backend
 contract"), so that nothing above this module asks which backend it runs. The
 implementations live beside it: :mod:`protoseg_ext.compiled_backends` (``cpu``,
@@ -63,7 +63,8 @@ class Backend:
     * :meth:`prototype_sums` - per-prototype feature sums and pixel counts;
     * :meth:`embed_prototype_sums` - :meth:`prototype_sums` of that embedding;
     * :meth:`prototype_ema` - the momentum update of the prototypes;
-    * :meth:`mask_norm` - the head's LayerNorm over C, laid out as an image.
+    * :meth:`mask_norm` - the head's LayerNorm over C, laid out as an image;
+    * :meth:`ppc_ppd` - the PPC and PPD losses from the row log-sum-exp and own-class scores.
 
     The exact semantics are those of the schemas in ``csrc/protoseg.cpp``
     (docs/design.md); :mod:`protoseg_ext.checks` holds the argument rules. A
@@ -138,6 +139,13 @@ class Backend:
 
     def mask_norm(self, seg, weight, bias, eps, batch):
         """``LayerNorm(C)`` of ``seg (N, C)`` as ``(batch, C, N // batch)``, and its arg-max over C ``(N,)``."""
+        raise NotImplementedError
+
+    def ppc_ppd(self, lse, own, target, ignore_index, temperature):
+        """PPC and PPD (0-dim, lse's dtype) from :meth:`similarity`'s ``lse (N,)`` and ``own (N, K)``
+        and the prototype targets ``target (N,)`` (``c*K + k`` of the class ``own`` holds, or
+        ``ignore_index``): :func:`protoseg_ext.reference.losses_from_scores`. Differentiable w.r.t.
+        ``lse`` and ``own``."""
         raise NotImplementedError
 
 

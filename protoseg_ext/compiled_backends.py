@@ -72,6 +72,11 @@ class OpsBackend(Backend):
     def mask_norm(self, seg, weight, bias, eps, batch):
         return composed_mask_norm(seg, weight, bias, eps, batch)
 
+    def ppc_ppd(self, lse, own, target, ignore_index, temperature):
+        # one reduction forward, one elementwise kernel backward (the "losses" family of protoseg_ext.ops)
+        ppc, ppd, _ = self._ops.ppc_ppd(lse, own, target, int(ignore_index), float(temperature))
+        return ppc, ppd
+
 
 def _extension_reasons() -> List[str]:
     return [ops.extension_error()] if ops.load_extension() is None else []

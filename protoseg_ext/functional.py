@@ -149,22 +149,6 @@ def prototype_learning(
     return target, be.prototype_ema(protos, sums, counts, gamma)
 
 
-def losses_from_scores(lse, own, target, K, ignore_index, temperature):
-    """PPC and PPD from the row log-sum-exp ``lse (N,)`` and own-class scores ``own (N, K)``.
-
-    ``target`` lies in the class whose scores ``own`` holds. Means over the
-    non-ignored pixels; 0 (with zero gradient) when there are none.
-    """
-    valid = target != ignore_index
-    k = torch.where(valid, target % K, torch.zeros_like(target))
-    s_t = own.gather(1, k[:, None])[:, 0]  # S[n, target[n]]
-    n_valid = valid.sum().clamp(min=1).to(lse.dtype)
-    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    ppc = torch.where(valid, lse - s_t / temperature, zero).sum() / n_valid
-    ppd = torch.where(valid, (1 - s_t) ** 2, zero).sum() / n_valid
-    return ppc, ppd
-
-
 def proto_losses(
     feats: torch.Tensor,
     protos: torch.Tensor,
@@ -190,4 +174,4 @@ def proto_losses(
     labels = torch.where(target != ignore_index, target.div(K, rounding_mode="floor"), target)
     sim = be.similarity(feats, protos, labels, ignore_index=ignore_index, temperature=temperature, seg=False, lse=True,
                         own=True)
-    return losses_from_scores(sim.lse, sim.own, target, K, ignore_index, temperature)
+    return be.ppc_ppd(sim.lse, sim.own, target, ignore_index, temperature)

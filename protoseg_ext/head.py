@@ -222,7 +222,8 @@ class ProtoSegHead(nn.Module):
                 sums, counts = be.embed_prototype_sums(x.detach(), feat_ln_d, slot, self.num_classes * self.num_prototype,
                                                        sim.stats)
                 self._apply_update(protos, sums, counts, be.prototype_ema)
-        ppc, ppd = functional.losses_from_scores(sim.lse, sim.own, target, self.num_prototype, ign, self.temperature)
+        # one reduction forward, one kernel backward (the "losses" op family)
+        ppc, ppd = be.ppc_ppd(sim.lse, sim.own, target, ign, self.temperature)
         return ProtoSegOutput(seg, ppc, ppd, target)
 
     # the head's keys in a checkpoint of the official HRNet_W48_Proto (its state_dict, bare or under

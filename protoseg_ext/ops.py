@@ -312,6 +312,44 @@ def _register_mask_norm(ns: str, keeps_probs: bool) -> None:
     torch.library.register_autograd(f"{ns}::mask_norm", backward, setup_context=setup_context)
 
 
+def _register_losses(ns: str, keeps_probs: bool) -> None:
+    """``ppc_ppd`` (PPC and PPD from ``lse`` and ``own``) and its autograd through ``ppc_ppd_backward``.
+
+    Gradients flow to ``lse`` and ``own``; ``count`` (the pixels that take
+    part) is saved for the backward, which reads it on the device.
+    """
+
+    @torch.library.register_fake(f"{ns}::ppc_ppd")
+    def fake(lse, own, target, ignore_index, temperature):
+        return lse.new_empty(()), lse.new_empty(()), lse.new_empty(())
+
+    @torch.library.register_fake(f"{ns}::ppc_ppd_backward")
+    def fake_backward(grad_ppc, grad_ppd, own, target, count, ignore_index, temperature):
+        return own.new_empty((own.shape[0],)), own.new_empty(own.shape)
+
+    backward_op = getattr(torch.ops, ns).ppc_ppd_backward.default
+
+    def setup_context(ctx, inputs, output):
+        _, own, target, ignore_index, temperature = inputs
+        count = output[2]
+        ctx.save_for_backward(own, target, count)
+        ctx.ignore_index, ctx.temperature = ignore_index, temperature
+        ctx.mark_non_differentiable(count)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient of count (a launch on a GPU) in each step
+
+    def backward(ctx, grad_ppc, grad_ppd, grad_count):
+        own, target, count = ctx.saved_tensors
+        if grad_ppc is None and grad_ppd is None:
+            return None, None, None, None, None
+        grad_ppc = torch.zeros_like(count) if grad_ppc is None else grad_ppc
+        grad_ppd = torch.zeros_like(count) if grad_ppd is None else grad_ppd
+        grad_lse, grad_own = backward_op(grad_ppc, grad_ppd, own, target, count, ctx.ignore_index, ctx.temperature)
+        need = ctx.needs_input_grad
+        return grad_lse if need[0] else None, grad_own if need[1] else None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::ppc_ppd", backward, setup_context=setup_context)
+
+
 # family -> (its ops, its registration)
 FAMILIES: Dict[str, Tuple[Tuple[str, ...], Callable[[str, bool], None]]] = {
     "similarity": (("similarity", "similarity_backward"), _register_similarity),
@@ -319,6 +357,7 @@ FAMILIES: Dict[str, Tuple[Tuple[str, ...], Callable[[str, bool], None]]] = {
     "sinkhorn": (("sinkhorn",), _register_sinkhorn),
     "prototype_update": (("prototype_sums", "prototype_ema"), _register_prototype_update),
     "mask_norm": (("mask_norm", "mask_norm_backward"), _register_mask_norm),
+    "losses": (("ppc_ppd", "ppc_ppd_backward"), _register_losses),
 }
 
 _registered: Dict[str, Tuple[str, ...]] = {}

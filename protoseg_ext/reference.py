@@ -265,6 +265,24 @@ def proto_losses(
     return ppc, ppd
 
 
+def losses_from_scores(lse: torch.Tensor, own: torch.Tensor, target: torch.Tensor, ignore_index: int = -1,
+                       temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PPC and PPD (as :func:`proto_losses`) from the row log-sum-exp ``lse (N,)`` of ``S / temperature``
+    and the own-class scores ``own (N, K)``; ``target (N,)`` a prototype index ``c*K + k`` of the class
+    whose scores ``own`` holds (``k = target mod K``), or ``ignore_index``. Means over the pixels with
+    ``target != ignore_index``; 0 (with zero gradient) when there are none. The ``ppc_ppd`` op."""
+    K = own.shape[1]
+    valid = target != ignore_index
+    k = torch.where(valid, target.long().remainder(K), torch.zeros_like(target, dtype=torch.long))
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    # S[n, target[n]], 0 for an ignored pixel: its scores (even NaN) never reach a loss or a gradient
+    s_t = torch.where(valid, own.gather(1, k[:, None])[:, 0], zero)
+    n_valid = valid.sum().clamp(min=1).to(lse.dtype)
+    ppc = torch.where(valid, lse - s_t / temperature, zero).sum() / n_valid
+    ppd = torch.where(valid, (1 - s_t) ** 2, zero).sum() / n_valid
+    return ppc, ppd
+
+
 def prototype_ema(protos: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
     """The momentum update (docs/design.md, "Prototype learning", steps 5-6) from per-prototype ``sums (C, K, D)`` and ``counts (C, K)``.
 

@@ -148,3 +148,7 @@ class ReferenceBackend(Backend):
 
     def mask_norm(self, seg, weight, bias, eps, batch):
         return composed_mask_norm(seg, weight, bias, eps, batch)
+
+    def ppc_ppd(self, lse, own, target, ignore_index, temperature):
+        checks.ppc_ppd_args(lse, own, target, temperature)
+        return reference.losses_from_scores(lse, own, target, ignore_index, temperature)

@@ -1,8 +1,9 @@
 """The ``"triton"`` backend: the ops of ``csrc/protoseg.cpp`` as ``torch.ops.protoseg_triton``.
 
 ``similarity``, ``similarity_backward``, ``sinkhorn``, ``prototype_sums``,
-``prototype_ema``, and the head's embedding fused into the similarity:
-``embed_similarity``, ``embed_similarity_backward``, ``embed_prototype_sums``.
+``prototype_ema``, the PPC and PPD losses (``ppc_ppd``, ``ppc_ppd_backward``),
+and the head's embedding fused into the similarity: ``embed_similarity``,
+``embed_similarity_backward``, ``embed_prototype_sums``.
 Each op is a ``torch.library.custom_op`` with the C++ schema: same arguments,
 outputs, dtypes and meaning. Two arguments are accepted and met simply: the
 softmax cache (``cache_bytes``) is never kept, so ``probs`` is always ``(0,)``
@@ -55,13 +56,15 @@ from torch import Tensor
 
 from . import checks, ops
 from .kernels import embed as _embed
+from .kernels import losses as _losses
 from .kernels import prototype_update as _update
 from .kernels import similarity as _similarity
 from .kernels import sinkhorn as _sinkhorn
 from .kernels.common import INTERPRET
 
 __all__ = ["NAMESPACE", "EMBED_CHUNK", "similarity", "similarity_backward", "sinkhorn", "prototype_sums",
-           "prototype_ema", "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"]
+           "prototype_ema", "embed_similarity", "embed_similarity_backward", "embed_prototype_sums", "ppc_ppd",
+           "ppc_ppd_backward"]
 
 NAMESPACE = "protoseg_triton"
 # pixels per chunk of the embed_* ops (their (chunk, D) buffers); None: kernels.embed.CHUNK_PIXELS (65,536).
@@ -224,6 +227,34 @@ def prototype_ema(protos: Tensor, sums: Tensor, counts: Tensor, gamma: float) ->
     checks.prototype_ema_args(protos, sums, counts, gamma)
     with _on_device(protos, "protos"):
         return _update.prototype_ema(protos, sums, counts, gamma)
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::ppc_ppd",
+    mutates_args=(),
+    schema="(Tensor lse, Tensor own, Tensor target, int ignore_index, float temperature) "
+    "-> (Tensor ppc, Tensor ppd, Tensor count)",
+)
+def ppc_ppd(lse: Tensor, own: Tensor, target: Tensor, ignore_index: int, temperature: float
+            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """PPC and PPD from ``lse (N,)`` and ``own (N, K)``, and the count of pixels that take part."""
+    checks.ppc_ppd_args(lse, own, target, temperature)
+    with _on_device(lse, "lse"):
+        return _losses.ppc_ppd(lse, own, target, ignore_index, temperature)
+
+
+@torch.library.custom_op(
+    f"{NAMESPACE}::ppc_ppd_backward",
+    mutates_args=(),
+    schema="(Tensor grad_ppc, Tensor grad_ppd, Tensor own, Tensor target, Tensor count, int ignore_index, "
+    "float temperature) -> (Tensor grad_lse, Tensor grad_own)",
+)
+def ppc_ppd_backward(grad_ppc: Tensor, grad_ppd: Tensor, own: Tensor, target: Tensor, count: Tensor,
+                     ignore_index: int, temperature: float) -> Tuple[Tensor, Tensor]:
+    """``grad_lse (N,)`` and ``grad_own (N, K)`` of ``ppc_ppd``; reads the upstream gradients on the device."""
+    checks.ppc_ppd_backward_args(grad_ppc, grad_ppd, own, target, count, temperature)
+    with _on_device(own, "own"):
+        return _losses.ppc_ppd_backward(grad_ppc, grad_ppd, own, target, count, ignore_index, temperature)
 
 
 # ------------------------------------------------------------------ the head's embedding fused in

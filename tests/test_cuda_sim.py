@@ -998,6 +998,67 @@ def test_prototype_ema(sim, order, dtype, C, K, D):
     torch.testing.assert_close(new, ref, **({} if dtype in (torch.float16, torch.bfloat16) else tol))
 
 
+def _loss_scores(N, K, dtype, ignore_index=-1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    own = (torch.rand(N, K, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    lse = (torch.rand(N, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    target = torch.randint(0, 7 * K, (N,), generator=g)
+    target[torch.rand(N, generator=g) < 0.3] = ignore_index
+    return lse, own, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, K, ignore_index, T", [(3000, 10, -1, 0.1), (300000, 3, 255, 1.0), (7, 1, -1, 0.5),
+                                                   (0, 4, -1, 1.0)])
+def test_ppc_ppd(sim, order, dtype, N, K, ignore_index, T):
+    """ppc_ppd and its backward against reference.losses_from_scores: both losses, both gradients; N = 300,000
+    takes the forward's whole grid (1,024 blocks, each summing several slices) and N = 0 the finishing
+    kernel alone."""
+    lse, own, target = _loss_scores(N, K, dtype, ignore_index, seed=N + K)
+    if N > 5:
+        target[5] = -3  # not ignore_index: takes part, k = -3 mod K
+    ppc, ppd, count = sim.ppc_ppd(lse, own, target, ignore_index, T)
+    a, b = lse.double().requires_grad_(), own.double().requires_grad_()
+    r_ppc, r_ppd = R.losses_from_scores(a, b, target, ignore_index, T)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-6)
+    assert ppc.dtype == dtype and ppc.shape == () and float(count) == float((target != ignore_index).sum())
+    torch.testing.assert_close(torch.stack([ppc, ppd]).double(), torch.stack([r_ppc, r_ppd]).detach(), **tol)
+    g_ppc, g_ppd = torch.tensor(0.7, dtype=dtype), torch.tensor(-3.0, dtype=dtype)
+    g_lse, g_own = sim.ppc_ppd_backward(g_ppc, g_ppd, own, target, count, ignore_index, T)
+    r_lse, r_own = torch.autograd.grad(0.7 * r_ppc - 3.0 * r_ppd, (a, b), allow_unused=True)
+    assert g_lse.dtype == dtype and g_own.shape == (N, K)
+    torch.testing.assert_close(g_lse.double(), torch.zeros_like(a) if r_lse is None else r_lse, **tol)
+    torch.testing.assert_close(g_own.double(), torch.zeros_like(b) if r_own is None else r_own, **tol)
+
+
+def test_ppc_ppd_edge_cases_and_autograd(sim):
+    """No pixel takes part (losses and gradients 0), a NaN score of an ignored pixel (never read), the same
+    bits on every run, and the registered autograd."""
+    _register_embed_autograd()
+    lse, own, target = _loss_scores(2000, 5, torch.float32, seed=4)
+    out = sim.ppc_ppd(lse, own, torch.full_like(target, -1), -1, 1.0)
+    assert [float(t) for t in out] == [0.0, 0.0, 0.0]
+    ign = (target == -1).nonzero()[:, 0]
+    own[ign[0]] = float("nan")
+    lse[ign[1]] = float("inf")
+    first = sim.ppc_ppd(lse, own, target, -1, 0.5)
+    assert torch.isfinite(torch.stack(first)).all()
+    assert torch.equal(torch.stack(first), torch.stack(sim.ppc_ppd(lse, own, target, -1, 0.5)))
+    a, b = lse.clone().requires_grad_(), own.clone().requires_grad_()
+    ppc, ppd, _ = sim.ppc_ppd(a, b, target, -1, 0.5)
+    (ppc + 2 * ppd).backward()
+    ra, rb = lse.double().requires_grad_(), own.double().requires_grad_()
+    r = R.losses_from_scores(ra, rb, target, -1, 0.5)
+    (r[0] + 2 * r[1]).backward()
+    torch.testing.assert_close(a.grad.double(), ra.grad, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(b.grad.double(), rb.grad, atol=1e-7, rtol=1e-6)
+    assert torch.isfinite(b.grad).all()
+    with pytest.raises(ValueError, match="own"):
+        sim.ppc_ppd(lse, own.double(), target, -1, 1.0)
+    with pytest.raises(ValueError, match="grad_ppd"):
+        sim.ppc_ppd_backward(torch.tensor(1.0), torch.ones(2), own, target, torch.tensor(3.0), -1, 1.0)
+
+
 # --------------------------------------------------------------------------- the whole update
 
 

@@ -20,6 +20,7 @@ def _cases(device):
     gs, gl, go = torch.randn(N, 3, device=device), torch.randn(N, device=device), torch.randn(N, 2, device=device)
     _, argk, lse, _, _ = OPS.similarity(f, p, gt, -1, 1.0, True, True, True)
     probs = OPS.similarity(f, p, gt, -1, 1.0, False, True, False, 1 << 20)[4]
+    target = torch.where(gt >= 0, gt * 2 + 1, gt)  # prototype targets c*K + k, K = 2
     assert probs.shape == (N, 6)
     fmap = (torch.randn(2, 8, 4, 5, device=device) + 0.3).requires_grad_()  # the head's map: 40 pixels
     w = torch.randn(8, device=device, requires_grad=True)
@@ -52,6 +53,10 @@ def _cases(device):
         (OPS.prototype_sums, (f, slot, 6)),
         (OPS.prototype_sums, (f * 3, slot, 6, True)),
         (OPS.prototype_ema, (p, sums, counts, 0.9)),
+        (OPS.ppc_ppd, (lse.detach().clone().requires_grad_(), own.clone().requires_grad_(), target, -1, 0.7)),
+        (OPS.ppc_ppd, (lse.double(), own.double().requires_grad_(), gt.int(), 255, 1.0)),  # -1 takes part
+        (OPS.ppc_ppd_backward, (torch.tensor(0.3, device=device), torch.tensor(-2.0, device=device), own, target,
+                                torch.tensor(7.0, device=device), -1, 0.7)),
     ]
 
 
@@ -63,5 +68,6 @@ def test_opcheck_every_op(device):
 
 def test_every_schema_is_registered_with_cpu_kernels():
     for name in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema", "mask_norm",
-                 "mask_norm_backward", "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"):
+                 "mask_norm_backward", "embed_similarity", "embed_similarity_backward", "embed_prototype_sums",
+                 "ppc_ppd", "ppc_ppd_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"protoseg_ext::{name}", "CPU"), name

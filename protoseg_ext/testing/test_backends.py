@@ -596,6 +596,99 @@ def test_losses_gradcheck(case):
     assert torch.autograd.gradcheck(lambda x: PF.proto_losses(x, p, t, temperature=0.5, backend=case.backend), (f,))
 
 
+def _scores(N, K, device, dtype=torch.float32, ignore_index=-1, seed=0, C=4):
+    """lse (N,), own (N, K) and prototype targets (N,) as the head makes them: a share ignored."""
+    g = torch.Generator().manual_seed(seed)
+    own = (torch.rand(N, K, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    lse = (torch.rand(N, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    target = torch.randint(0, C * K, (N,), generator=g)
+    target[torch.rand(N, generator=g) < 0.3] = ignore_index
+    return lse.to(device), own.to(device), target.to(device)
+
+
+def _ppc_ppd_check(case, lse, own, target, ignore_index, temperature, weights=(0.7, 3.0), tol=None):
+    """The backend's ppc_ppd against reference.losses_from_scores: both losses and both gradients."""
+    tol = tol or (F64_TOL if lse.dtype == torch.float64 else case.tol)
+    a = [lse.clone().requires_grad_(), own.clone().requires_grad_()]
+    b = [lse.clone().requires_grad_(), own.clone().requires_grad_()]
+    la = case.be.ppc_ppd(a[0], a[1], target, ignore_index, temperature)
+    lb = R.losses_from_scores(b[0], b[1], target, ignore_index, temperature)
+    assert la[0].shape == () and la[0].dtype == lse.dtype and la[1].dtype == lse.dtype
+    torch.testing.assert_close(torch.stack(la), torch.stack(lb), **tol)
+    ga = torch.autograd.grad(weights[0] * la[0] + weights[1] * la[1], a)
+    gb = torch.autograd.grad(weights[0] * lb[0] + weights[1] * lb[1], b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **tol)
+    return la, ga
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+@pytest.mark.parametrize("ignore_index", [-1, 255, 1 << 40])
+@pytest.mark.parametrize("N, K", [(1000, 10), (33, 1), (5000, 3)])
+def test_ppc_ppd_op_against_reference(case, N, K, ignore_index, temperature):
+    lse, own, target = _scores(N, K, case.device, ignore_index=ignore_index, seed=N + K)
+    for weights in [(1.0, 0.0), (0.0, 1.0), (0.7, 3.0)]:  # each loss's gradient alone and mixed
+        _ppc_ppd_check(case, lse, own, target, ignore_index, temperature, weights)
+
+
+def test_ppc_ppd_op_float64_and_gradcheck(case):
+    lse, own, target = _scores(300, 4, case.device, torch.float64, seed=3)
+    _ppc_ppd_check(case, lse, own, target, -1, 0.3)
+    small = [t[:9].clone() for t in (lse, own, target)]
+    small[2][:3] = torch.tensor([-1, 5, 14])
+    x, y = small[0].requires_grad_(), small[1].requires_grad_()
+    assert torch.autograd.gradcheck(lambda u, v: case.be.ppc_ppd(u, v, small[2], -1, 0.3), (x, y))
+
+
+def test_ppc_ppd_op_edge_cases(case):
+    dev = case.device
+    # no pixel takes part: both losses 0, gradients 0; and N = 0
+    lse, own, target = _scores(50, 3, dev)
+    la, ga = _ppc_ppd_check(case, lse, own, torch.full_like(target, -1), -1, 1.0)
+    assert la[0].item() == 0.0 and la[1].item() == 0.0 and not ga[0].any() and not ga[1].any()
+    e = torch.empty(0, device=dev)
+    la, ga = _ppc_ppd_check(case, e, e.reshape(0, 3), torch.empty(0, dtype=torch.long, device=dev), -1, 1.0)
+    assert la[0].item() == 0.0 and ga[1].shape == (0, 3)
+    # a target below 0 that is not ignore_index takes part with k = target mod K (torch.remainder)
+    _ppc_ppd_check(case, lse, own, torch.where(target < 0, torch.full_like(target, -4), target), 255, 1.0)
+    # a non-finite score of an ignored pixel never reaches the losses or the gradients
+    own2, lse2 = own.clone(), lse.clone()
+    ign = (target == -1).nonzero()[:, 0]
+    own2[ign[0]] = float("nan")
+    lse2[ign[1]] = float("inf")
+    la, ga = _ppc_ppd_check(case, lse2, own2, target, -1, 1.0)
+    assert torch.isfinite(torch.stack(la)).all() and torch.isfinite(ga[0]).all() and torch.isfinite(ga[1]).all()
+    # int32 targets, and a non-contiguous own
+    wide = torch.cat([own, own], dim=1)[:, ::2]
+    assert not wide.is_contiguous()
+    _ppc_ppd_check(case, lse, wide, target.int(), -1, 0.5)
+
+
+def test_ppc_ppd_op_is_bitwise_reproducible(case):
+    lse, own, target = _scores(20000, 10, case.device, seed=9)
+    first = case.be.ppc_ppd(lse, own, target, -1, 0.1)
+    for _ in range(2):
+        again = case.be.ppc_ppd(lse, own, target, -1, 0.1)
+        assert torch.equal(torch.stack(first), torch.stack(again))
+
+
+def test_ppc_ppd_op_argument_errors_name_the_argument(case):
+    lse, own, target = _scores(20, 3, case.device)
+    be = case.be
+    with pytest.raises(ValueError, match="lse"):
+        be.ppc_ppd(lse[:, None], own, target, -1, 1.0)
+    with pytest.raises(ValueError, match="own"):
+        be.ppc_ppd(lse, own[:5], target, -1, 1.0)
+    with pytest.raises(ValueError, match="own"):
+        be.ppc_ppd(lse, own.double(), target, -1, 1.0)
+    with pytest.raises(ValueError, match="target"):
+        be.ppc_ppd(lse, own, target.float(), -1, 1.0)
+    with pytest.raises(ValueError, match="target"):
+        be.ppc_ppd(lse, own, target[:4], -1, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        be.ppc_ppd(lse, own, target, -1, 0.0)
+
+
 # ---------------------------------------------------------------- dtypes, layouts
 
 

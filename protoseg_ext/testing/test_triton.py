@@ -83,7 +83,7 @@ def test_schemas_match_the_compiled_ops():
     if ops.load_extension() is None:
         pytest.skip("protoseg_ext._C did not load")
     for op in ("similarity", "similarity_backward", "sinkhorn", "prototype_sums", "prototype_ema",
-               "embed_similarity", "embed_similarity_backward", "embed_prototype_sums"):
+               "embed_similarity", "embed_similarity_backward", "embed_prototype_sums", "ppc_ppd", "ppc_ppd_backward"):
         a = getattr(torch.ops.protoseg_ext, op).default._schema
         b = getattr(T, op).default._schema
         assert [(x.name, str(x.type), x.default_value) for x in a.arguments] == [
@@ -211,6 +211,7 @@ def _opcheck_cases():
     f, p, gt, _ = problem(40, 8, 3, 2)
     seg, argk, lse, own, _ = T.similarity(f, p, gt, -1, 1.0, True, True, True)
     slot = torch.where(gt >= 0, gt * 2, gt)
+    target = torch.where(gt >= 0, gt * 2 + 1, gt)  # prototype targets c*K + k, K = 2
     sums, counts = T.prototype_sums(f, slot, 6)
     fg = f.clone().requires_grad_()
     return {
@@ -222,11 +223,14 @@ def _opcheck_cases():
         "sinkhorn": (own, gt, 3, -1, 3, 0.05),
         "prototype_sums": (f, slot, 6),
         "prototype_ema": (p, sums, counts, 0.9),
+        "ppc_ppd": (lse.clone().requires_grad_(), own.clone().requires_grad_(), target, -1, 0.7),
+        "ppc_ppd_backward": (torch.tensor(0.3, device=DEVICE), torch.tensor(-2.0, device=DEVICE), own, target,
+                             torch.tensor(9.0, device=DEVICE), -1, 0.7),
     }
 
 
 @pytest.mark.parametrize("op", ["similarity", "similarity_cache", "similarity_backward", "sinkhorn", "prototype_sums",
-                                "prototype_ema"])
+                                "prototype_ema", "ppc_ppd", "ppc_ppd_backward"])
 def test_opcheck(op):
     args = _opcheck_cases()[op]
     torch.library.opcheck(getattr(T, op.replace("_cache", "")).default, args)
