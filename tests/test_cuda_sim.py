@@ -1059,6 +1059,31 @@ def test_ppc_ppd_edge_cases_and_autograd(sim):
         sim.ppc_ppd_backward(torch.tensor(1.0), torch.ones(2), own, target, torch.tensor(3.0), -1, 1.0)
 
 
+def test_ppc_ppd_launches(sim):
+    """Every GPU launch of the losses in a training step, as tools/gpu_model.py counts them: two kernels forward
+    (the block partials and the finishing block) and one backward through the registered autograd, no ATen op
+    (their composition took about 15 ops each way)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu_model = _gpu_model()
+    _register_embed_autograd()
+    lse, own, target = _loss_scores(5000, 10, torch.float32, seed=6)
+    a, b = lse.clone().requires_grad_(), own.clone().requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ppc, ppd, _ = sim.ppc_ppd(a, b, target, -1, 0.1)
+    assert gpu_model.count_launches(prof.events()) == {"kernels": 2, "gemms": 0, "aten": 0, "total": 2}
+    loss = 0.01 * ppc + 0.001 * ppd
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.backward(loss)
+    # one kernel; the seed's ones_like and the two MulBackward0 of the weights are the caller's ops
+    assert gpu_model.count_launches(prof.events()) == {"kernels": 1, "gemms": 0, "aten": 3, "total": 4}
+    a, b = lse.clone().requires_grad_(), own.clone().requires_grad_()  # fresh leaves: no gradient to add to
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        p2, _, _ = sim.ppc_ppd(a, b, target, -1, 0.1)
+        p2.backward()  # PPD unused: the backward fills its gradient with one zero
+    assert gpu_model.count_launches(prof.events()) == {"kernels": 3, "gemms": 0, "aten": 2, "total": 5}  # + ones_like
+
+
 # --------------------------------------------------------------------------- the whole update
 
 
