@@ -32,18 +32,18 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(385.0, 120.0, "6dea19e", 108),
-    ("cuda", *_CS, "float32"): Modelled(857.0, 567.0, "6dea19e", 99),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1282.0, 374.0, "6dea19e", 240),
-    ("cuda", *_ADE, "float32"): Modelled(4968.0, 4270.0, "6dea19e", 231),
-    ("cuda", *_FULL, "bfloat16"): Modelled(12422.0, 3806.0, "6dea19e", 658),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(51902.0, 9876.0, "6dea19e", 9456),
-    ("triton", *_CS, "bfloat16"): Modelled(634.0, 120.0, "6dea19e", 112),
-    ("triton", *_CS, "float32"): Modelled(1259.0, 264.0, "6dea19e", 103),
-    ("triton", *_ADE, "bfloat16"): Modelled(3997.0, 374.0, "6dea19e", 112),
-    ("triton", *_ADE, "float32"): Modelled(8150.0, 1736.0, "6dea19e", 103),
-    ("triton", *_FULL, "bfloat16"): Modelled(20458.0, 3806.0, "6dea19e", 266),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98143.0, 9876.0, "6dea19e", 427),
+    ("cuda", *_CS, "bfloat16"): Modelled(387.0, 120.0, "179214b", 87),
+    ("cuda", *_CS, "float32"): Modelled(859.0, 567.0, "179214b", 78),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1284.0, 374.0, "179214b", 219),
+    ("cuda", *_ADE, "float32"): Modelled(4970.0, 4270.0, "179214b", 210),
+    ("cuda", *_FULL, "bfloat16"): Modelled(12498.0, 3806.0, "179214b", 637),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(52052.0, 9876.0, "179214b", 9435),
+    ("triton", *_CS, "bfloat16"): Modelled(636.0, 120.0, "179214b", 91),
+    ("triton", *_CS, "float32"): Modelled(1261.0, 264.0, "179214b", 82),
+    ("triton", *_ADE, "bfloat16"): Modelled(3999.0, 374.0, "179214b", 91),
+    ("triton", *_ADE, "float32"): Modelled(8152.0, 1736.0, "179214b", 82),
+    ("triton", *_FULL, "bfloat16"): Modelled(20534.0, 3806.0, "179214b", 245),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98294.0, 9876.0, "179214b", 406),
 }
 
 
