@@ -200,7 +200,12 @@ class ProtoSegHead(nn.Module):
         # feat_norm module runs as it is, on the (N, D) rows)
         x, feat_ln = ((feats, self._layer_norm()) if self._fused_feat_norm()
                       else (self.embed(feats, normalize=False), None))
-        protos = F.normalize(self.prototypes, p=2, dim=-1).to(x.dtype)  # official: re-normalised every forward
+        # official: re-normalised every forward; the similarity reads them in the map's dtype (as autocast
+        # casts them in the official code), the momentum update runs on the buffer's float32: a 16-bit
+        # copy would round away most of each step's update (gamma = 0.999 moves an entry by less than
+        # half a bfloat16 ulp)
+        protos_master = F.normalize(self.prototypes, p=2, dim=-1)
+        protos = protos_master.to(x.dtype)
         if gt is None:
             seg = be.embed_similarity(x, feat_ln, protos).seg
             return ProtoSegOutput(self._mask_norm(seg, be, B, H, W)[0], None, None, None)
@@ -221,7 +226,7 @@ class ProtoSegHead(nn.Module):
                 feat_ln_d = None if feat_ln is None else (feat_ln[0].detach(), feat_ln[1].detach(), feat_ln[2])
                 sums, counts = be.embed_prototype_sums(x.detach(), feat_ln_d, slot, self.num_classes * self.num_prototype,
                                                        sim.stats)
-                self._apply_update(protos, sums, counts, be.prototype_ema)
+                self._apply_update(protos_master, sums, counts, be.prototype_ema)
         # one reduction forward, one kernel backward (the "losses" op family)
         ppc, ppd = be.ppc_ppd(sim.lse, sim.own, target, ign, self.temperature)
         return ProtoSegOutput(seg, ppc, ppd, target)

@@ -168,16 +168,19 @@ def official_head_step(head, feats, gt, gumbel_noise=None):
     B, D, H, W = feats.shape
     C = head.num_classes
     x = F.normalize(head.feat_norm(feats.permute(0, 2, 3, 1).reshape(-1, D)), p=2, dim=-1)
-    protos = F.normalize(head.prototypes, p=2, dim=-1).to(x.dtype)
+    master = F.normalize(head.prototypes, p=2, dim=-1)
+    protos = master.to(x.dtype)  # official under autocast: the einsum casts them; the update stays float32
     seg = head.mask_norm(reference.proto_seg_logits(x, protos))
     gt = gt.reshape(-1).long()
     ign = head.target_ignore
     gt = torch.where(gt == head.ignore_index, torch.full_like(gt, ign), gt)
+    update = head.training and head.update_prototype
     with torch.no_grad():
-        target, new = reference.prototype_learning(
+        target, _, sums, counts = reference.prototype_learning(
             x.detach(), protos, gt, seg.detach(), head.gamma, head.assign, gumbel_noise, ign, head.sinkhorn_iters,
-            head.sinkhorn_eps, update=head.training and head.update_prototype,
+            head.sinkhorn_eps, update=update, return_sums=True,
         )
+        new = reference.prototype_ema(master, sums, counts, head.gamma) if update else master
     ppc, ppd = reference.proto_losses(x, protos, target, ign, head.temperature)
     return seg.reshape(B, H, W, C).permute(0, 3, 1, 2), ppc, ppd, target, new
 

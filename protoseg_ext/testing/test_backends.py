@@ -1055,6 +1055,28 @@ def test_tensors_on_another_gpu_than_the_current_one(case):
     torch.testing.assert_close(head.prototypes, new, **case.tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_updates_prototypes_in_float32_for_half_maps(case, dtype):
+    """A 16-bit map: the momentum update runs on the float32 buffer, as the official code's does under autocast
+    (its einsum alone sees 16-bit prototypes). A 16-bit copy of the prototypes in the update would round away
+    most of a gamma = 0.999 step: an entry moves by about 1e-4, a bfloat16 ulp near 0.1 is 5e-4."""
+    torch.manual_seed(0)
+    head = ProtoSegHead(64, 5, num_prototype=3, backend=case.backend, assign="argmax").to(case.device)
+    oracle = ProtoSegHead(64, 5, num_prototype=3, assign="argmax")
+    oracle.load_state_dict(head.state_dict())
+    oracle.to(case.device).train()
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 64, 8, 8, generator=g) + torch.randn(1, 64, 1, 1, generator=g)).to(case.device, dtype)
+    with torch.no_grad():
+        gt = head.eval()(x).seg.argmax(1)  # every pixel predicted right: every one takes part in the update
+        p0 = F.normalize(head.prototypes, p=2, dim=-1)
+        head.train()(x, gt)
+        new = official_head_step(oracle, x, gt)[4]
+    moved, expected = head.prototypes - p0, new - p0
+    assert head.prototypes.dtype == torch.float32 and expected.abs().max() > 2e-5
+    torch.testing.assert_close(moved, expected, atol=2e-6, rtol=2e-2)
+
+
 def test_head_bad_label_raises_before_any_update(case):
     """A label out of range stops the step with a clear error; the prototypes stay as they were."""
     if torch.device(case.device).type == "cuda":
