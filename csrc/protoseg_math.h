@@ -43,6 +43,13 @@ PSE_HD bool label_in_range(int64_t label, int64_t num_classes) {
   return label >= 0 && label < num_classes;
 }
 
+// The own-class column of a PPC/PPD target t = c*K + k: t mod K in [0, K),
+// floor mod as torch.remainder, for any integer t (ppc_ppd).
+PSE_HD int64_t own_column(int64_t t, int64_t K) {
+  const int64_t k = t % K;
+  return k < 0 ? k + K : k;
+}
+
 // ---- nearest prototype of a class (seg head) ----
 // Running max over the K similarities of one class, keeping its index: the
 // first maximum wins and NaN counts as the largest value (torch.max(dim)

@@ -13,17 +13,12 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../protoseg_math.h"
 
 namespace protoseg {
 namespace {
 
 constexpr int64_t kBlockRows = 16384;  // pixels per partial sum
-
-// k = t mod K in [0, K) (floor mod, as torch.remainder), for any integer t
-inline int64_t own_column(int64_t t, int64_t K) {
-  const int64_t k = t % K;
-  return k < 0 ? k + K : k;
-}
 
 template <typename T>
 void ppc_ppd_impl(const T* lse, const T* own, const int64_t* target, int64_t N, int64_t K, int64_t ignore_index,

@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "../checks.h"
+#include "../protoseg_math.h"
 #include "cuda_common.cuh"
 
 namespace protoseg {
@@ -30,12 +31,6 @@ using cuda::kWarp;
 
 constexpr int kLossThreads = 256;
 constexpr int64_t kMaxLossBlocks = 1024;  // partial sums of the forward, at most
-
-// k = t mod K in [0, K) (floor mod, as torch.remainder), for any integer t
-__device__ __forceinline__ int64_t own_column(int64_t t, int64_t K) {
-  const int64_t k = t % K;
-  return k < 0 ? k + K : k;
-}
 
 // Launch: grid = loss_blocks(N) blocks of kLossThreads threads. Block b sums
 // pixels i = b * kLossThreads + threadIdx.x + j * gridDim.x * kLossThreads
