@@ -211,38 +211,38 @@ inline at::Tensor embed_grad_as_feats(const at::Tensor& g, const at::Tensor& row
                          : g.view({feats.size(0), feats.size(2), feats.size(3), feats.size(1)}).permute({0, 3, 1, 2});
 }
 
-// ppc_ppd: lse (N,) float32/float64, own (N, K) of its dtype with K >= 1,
-// target (N,) integer; temperature > 0.
+// ppc_ppd and its backward: own (N, K) float32/float64 with K >= 1 (N = n,
+// lse's, where n >= 0), target (N,) integer on own's device.
+inline void check_own_and_target(const at::Tensor& own, const at::Tensor& target, int64_t n = -1) {
+  check_dim(own, 2, "own", "(N, K)");
+  TORCH_CHECK_VALUE(own.scalar_type() == at::kFloat || own.scalar_type() == at::kDouble,
+                    "own must be float32 or float64, got ", own.scalar_type());
+  TORCH_CHECK_VALUE((n < 0 || own.size(0) == n) && own.size(1) >= 1, "own must be (N, K) with N = ",
+                    n < 0 ? own.size(0) : n, " and K >= 1, got shape ", own.sizes());
+  check_dim(target, 1, "target", "(N,)");
+  check_integer(target, "target");
+  TORCH_CHECK_VALUE(target.size(0) == own.size(0), "target must have N = ", own.size(0), " entries, got ",
+                    target.size(0));
+  check_same_device(own, target, "own", "target");
+}
+
+// ppc_ppd: lse (N,) of own's dtype; temperature > 0.
 inline void check_ppc_ppd_args(const at::Tensor& lse, const at::Tensor& own, const at::Tensor& target,
                                double temperature) {
   check_dim(lse, 1, "lse", "(N,)");
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble,
                     "lse must be float32 or float64, got ", lse.scalar_type());
-  check_dim(own, 2, "own", "(N, K)");
-  TORCH_CHECK_VALUE(own.size(0) == lse.size(0) && own.size(1) >= 1, "own must be (N, K) with N = ", lse.size(0),
-                    " and K >= 1, got shape ", own.sizes());
+  check_own_and_target(own, target, lse.size(0));
   TORCH_CHECK_VALUE(own.scalar_type() == lse.scalar_type(), "own must have lse's dtype ", lse.scalar_type(),
                     ", got ", own.scalar_type());
-  check_dim(target, 1, "target", "(N,)");
-  check_integer(target, "target");
-  TORCH_CHECK_VALUE(target.size(0) == lse.size(0), "target must have N = ", lse.size(0), " entries, got ",
-                    target.size(0));
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
   check_same_device(lse, own, "lse", "own");
-  check_same_device(lse, target, "lse", "target");
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
 }
 
-// ppc_ppd_backward: grad_ppc, grad_ppd and count 0-dim (one element) on own's device.
+// ppc_ppd_backward: grad_ppc, grad_ppd and count hold one value each, on own's device.
 inline void check_ppc_ppd_backward_args(const at::Tensor& grad_ppc, const at::Tensor& grad_ppd, const at::Tensor& own,
                                         const at::Tensor& target, const at::Tensor& count, double temperature) {
-  check_dim(own, 2, "own", "(N, K)");
-  TORCH_CHECK_VALUE(own.scalar_type() == at::kFloat || own.scalar_type() == at::kDouble,
-                    "own must be float32 or float64, got ", own.scalar_type());
-  TORCH_CHECK_VALUE(own.size(1) >= 1, "own must be (N, K) with K >= 1, got shape ", own.sizes());
-  check_dim(target, 1, "target", "(N,)");
-  check_integer(target, "target");
-  TORCH_CHECK_VALUE(target.size(0) == own.size(0), "target must have N = ", own.size(0), " entries, got ",
-                    target.size(0));
+  check_own_and_target(own, target);
   const std::pair<const at::Tensor*, const char*> scalars[] = {{&grad_ppc, "grad_ppc"}, {&grad_ppd, "grad_ppd"},
                                                                {&count, "count"}};
   for (const auto& t : scalars) {
@@ -251,7 +251,6 @@ inline void check_ppc_ppd_backward_args(const at::Tensor& grad_ppc, const at::Te
     check_same_device(own, *t.first, "own", t.second);
   }
   TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
-  check_same_device(own, target, "own", "target");
 }
 
 }  // namespace protoseg

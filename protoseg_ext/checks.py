@@ -246,40 +246,40 @@ def prototype_ema_args(protos, sums, counts, gamma_) -> None:
     same_device(protos, counts, "protos", "counts")
 
 
+def _own_and_target(own, target, n=None) -> None:
+    """``own (N, K)`` float32/float64 with K >= 1 (N = ``n``, lse's, when given), ``target (N,)`` integer
+    on its device."""
+    dim(own, 2, "own", "(N, K)")
+    if own.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"own must be float32 or float64, got {own.dtype}")
+    if (n is not None and own.shape[0] != n) or own.shape[1] < 1:
+        what = "K >= 1" if n is None else f"N = {n} (lse's) and K >= 1"
+        raise ValueError(f"own must be (N, K) with {what}, got shape {tuple(own.shape)}")
+    dim(target, 1, "target", "(N,)")
+    integer(target, "target")
+    if target.shape[0] != own.shape[0]:
+        raise ValueError(f"target must have N = {own.shape[0]} entries, got {target.shape[0]}")
+    same_device(own, target, "own", "target")
+
+
 def ppc_ppd_args(lse, own, target, temperature) -> None:
     """``ppc_ppd``: ``lse (N,)`` float32/float64, ``own (N, K)`` of its dtype, ``target (N,)`` integer."""
     dim(lse, 1, "lse", "(N,)")
     if lse.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lse must be float32 or float64, got {lse.dtype}")
-    dim(own, 2, "own", "(N, K)")
-    if own.shape[0] != lse.shape[0] or own.shape[1] < 1:
-        raise ValueError(f"own must be (N, K) with N = {lse.shape[0]} and K >= 1, got shape {tuple(own.shape)}")
+    _own_and_target(own, target, lse.shape[0])
     if own.dtype != lse.dtype:
         raise ValueError(f"own must have lse's dtype {lse.dtype}, got {own.dtype}")
-    dim(target, 1, "target", "(N,)")
-    integer(target, "target")
-    if target.shape[0] != lse.shape[0]:
-        raise ValueError(f"target must have N = {lse.shape[0]} entries, got {target.shape[0]}")
-    positive(temperature, "temperature")
     same_device(lse, own, "lse", "own")
-    same_device(lse, target, "lse", "target")
+    positive(temperature, "temperature")
 
 
 def ppc_ppd_backward_args(grad_ppc, grad_ppd, own, target, count, temperature) -> None:
     """``ppc_ppd_backward``: the two upstream gradients and the saved count hold one value each."""
-    dim(own, 2, "own", "(N, K)")
-    if own.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"own must be float32 or float64, got {own.dtype}")
-    if own.shape[1] < 1:
-        raise ValueError(f"own must be (N, K) with K >= 1, got shape {tuple(own.shape)}")
-    dim(target, 1, "target", "(N,)")
-    integer(target, "target")
-    if target.shape[0] != own.shape[0]:
-        raise ValueError(f"target must have N = {own.shape[0]} entries, got {target.shape[0]}")
+    _own_and_target(own, target)
     for name, t in (("grad_ppc", grad_ppc), ("grad_ppd", grad_ppd), ("count", count)):
         if not isinstance(t, Tensor) or t.numel() != 1:
             raise ValueError(f"{name} must hold one value, got {shape_of(t)}")
         floating(t, name)
         same_device(own, t, "own", name)
     positive(temperature, "temperature")
-    same_device(own, target, "own", "target")

@@ -273,7 +273,7 @@ def losses_from_scores(lse: torch.Tensor, own: torch.Tensor, target: torch.Tenso
     ``target != ignore_index``; 0 (with zero gradient) when there are none. The ``ppc_ppd`` op."""
     K = own.shape[1]
     valid = target != ignore_index
-    k = torch.where(valid, target.long().remainder(K), torch.zeros_like(target, dtype=torch.long))
+    k = target.long().remainder(K)  # in [0, K) for any target, ignore_index included
     zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
     # S[n, target[n]], 0 for an ignored pixel: its scores (even NaN) never reach a loss or a gradient
     s_t = torch.where(valid, own.gather(1, k[:, None])[:, 0], zero)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from protoseg_ext import reference as R
-from protoseg_ext.testing import as_layout, embed_problem, embed_reference, make_problem
+from protoseg_ext.testing import as_layout, embed_problem, embed_reference, loss_scores, make_problem
 
 pytestmark = [
     pytest.mark.cuda_sim,
@@ -998,15 +998,6 @@ def test_prototype_ema(sim, order, dtype, C, K, D):
     torch.testing.assert_close(new, ref, **({} if dtype in (torch.float16, torch.bfloat16) else tol))
 
 
-def _loss_scores(N, K, dtype, ignore_index=-1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    own = (torch.rand(N, K, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
-    lse = (torch.rand(N, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
-    target = torch.randint(0, 7 * K, (N,), generator=g)
-    target[torch.rand(N, generator=g) < 0.3] = ignore_index
-    return lse, own, target
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N, K, ignore_index, T", [(3000, 10, -1, 0.1), (300000, 3, 255, 1.0), (7, 1, -1, 0.5),
                                                    (0, 4, -1, 1.0)])
@@ -1014,7 +1005,7 @@ def test_ppc_ppd(sim, order, dtype, N, K, ignore_index, T):
     """ppc_ppd and its backward against reference.losses_from_scores: both losses, both gradients; N = 300,000
     takes the forward's whole grid (1,024 blocks, each summing several slices) and N = 0 the finishing
     kernel alone."""
-    lse, own, target = _loss_scores(N, K, dtype, ignore_index, seed=N + K)
+    lse, own, target = loss_scores(N, K, C=7, dtype=dtype, ignore_index=ignore_index, seed=N + K)
     if N > 5:
         target[5] = -3  # not ignore_index: takes part, k = -3 mod K
     ppc, ppd, count = sim.ppc_ppd(lse, own, target, ignore_index, T)
@@ -1035,7 +1026,7 @@ def test_ppc_ppd_edge_cases_and_autograd(sim):
     """No pixel takes part (losses and gradients 0), a NaN score of an ignored pixel (never read), the same
     bits on every run, and the registered autograd."""
     _register_embed_autograd()
-    lse, own, target = _loss_scores(2000, 5, torch.float32, seed=4)
+    lse, own, target = loss_scores(2000, 5, C=7, seed=4)
     out = sim.ppc_ppd(lse, own, torch.full_like(target, -1), -1, 1.0)
     assert [float(t) for t in out] == [0.0, 0.0, 0.0]
     ign = (target == -1).nonzero()[:, 0]
@@ -1067,7 +1058,7 @@ def test_ppc_ppd_launches(sim):
 
     gpu_model = _gpu_model()
     _register_embed_autograd()
-    lse, own, target = _loss_scores(5000, 10, torch.float32, seed=6)
+    lse, own, target = loss_scores(5000, 10, C=7, seed=6)
     a, b = lse.clone().requires_grad_(), own.clone().requires_grad_()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         ppc, ppd, _ = sim.ppc_ppd(a, b, target, -1, 0.1)

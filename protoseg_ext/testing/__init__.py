@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import backends, reference
 
-__all__ = ["make_problem", "make_inputs", "class_weights", "backend_params", "device_backend", "assert_close_rel", "official_head_step", "TOL",
+__all__ = ["make_problem", "make_inputs", "loss_scores", "class_weights", "backend_params", "device_backend", "assert_close_rel", "official_head_step", "TOL",
            "embed_problem", "as_layout", "embed_reference"]
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -145,6 +145,17 @@ def make_inputs(size, labels: str = "uniform", *, device="cpu", seed: int = 0, d
     return feats, protos.to(device=device, dtype=dtype), gt.to(device)
 
 
+def loss_scores(N, K, *, C=4, dtype=torch.float32, ignore_index=-1, seed=0, device="cpu"):
+    """``ppc_ppd``'s inputs as the head makes them: ``lse (N,)`` in [1, 4), own-class scores ``own (N, K)``
+    in [-1, 1), prototype targets ``target (N,)`` in ``[0, C*K)`` with about 30% ``ignore_index``."""
+    g = torch.Generator().manual_seed(seed)
+    own = (torch.rand(N, K, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    lse = (torch.rand(N, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    target = torch.randint(0, C * K, (N,), generator=g)
+    target[torch.rand(N, generator=g) < 0.3] = ignore_index
+    return lse.to(device), own.to(device), target.to(device)
+
+
 def backend_params() -> List[Tuple[str, str]]:
     """Every (device, backend) pair that can run here: each backend on each device it supports."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -178,7 +189,7 @@ def official_head_step(head, feats, gt, gumbel_noise=None):
     with torch.no_grad():
         target, _, sums, counts = reference.prototype_learning(
             x.detach(), protos, gt, seg.detach(), head.gamma, head.assign, gumbel_noise, ign, head.sinkhorn_iters,
-            head.sinkhorn_eps, update=update, return_sums=True,
+            head.sinkhorn_eps, update=False, return_sums=True,  # the update below, on the float32 prototypes
         )
         new = reference.prototype_ema(master, sums, counts, head.gamma) if update else master
     ppc, ppd = reference.proto_losses(x, protos, target, ign, head.temperature)

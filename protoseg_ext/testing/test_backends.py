@@ -15,7 +15,7 @@ from protoseg_ext import ProtoSegHead, backends
 from protoseg_ext import reference as R
 from protoseg_ext.reference_backend import embed_stats
 from protoseg_ext.testing import (  # noqa: F401
-    as_layout, assert_close_rel, device_backend, embed_reference, make_problem, official_head_step)
+    as_layout, assert_close_rel, device_backend, embed_reference, loss_scores, make_problem, official_head_step)
 
 # the interpreter and the CPU kernels agree with float32 eager to rounding; a
 # GPU's tensor-core GEMMs (tf32x3 in Triton) a little less
@@ -596,16 +596,6 @@ def test_losses_gradcheck(case):
     assert torch.autograd.gradcheck(lambda x: PF.proto_losses(x, p, t, temperature=0.5, backend=case.backend), (f,))
 
 
-def _scores(N, K, device, dtype=torch.float32, ignore_index=-1, seed=0, C=4):
-    """lse (N,), own (N, K) and prototype targets (N,) as the head makes them: a share ignored."""
-    g = torch.Generator().manual_seed(seed)
-    own = (torch.rand(N, K, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
-    lse = (torch.rand(N, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
-    target = torch.randint(0, C * K, (N,), generator=g)
-    target[torch.rand(N, generator=g) < 0.3] = ignore_index
-    return lse.to(device), own.to(device), target.to(device)
-
-
 def _ppc_ppd_check(case, lse, own, target, ignore_index, temperature, weights=(0.7, 3.0), tol=None):
     """The backend's ppc_ppd against reference.losses_from_scores: both losses and both gradients."""
     tol = tol or (F64_TOL if lse.dtype == torch.float64 else case.tol)
@@ -626,13 +616,13 @@ def _ppc_ppd_check(case, lse, own, target, ignore_index, temperature, weights=(0
 @pytest.mark.parametrize("ignore_index", [-1, 255, 1 << 40])
 @pytest.mark.parametrize("N, K", [(1000, 10), (33, 1), (5000, 3)])
 def test_ppc_ppd_op_against_reference(case, N, K, ignore_index, temperature):
-    lse, own, target = _scores(N, K, case.device, ignore_index=ignore_index, seed=N + K)
+    lse, own, target = loss_scores(N, K, device=case.device, ignore_index=ignore_index, seed=N + K)
     for weights in [(1.0, 0.0), (0.0, 1.0), (0.7, 3.0)]:  # each loss's gradient alone and mixed
         _ppc_ppd_check(case, lse, own, target, ignore_index, temperature, weights)
 
 
 def test_ppc_ppd_op_float64_and_gradcheck(case):
-    lse, own, target = _scores(300, 4, case.device, torch.float64, seed=3)
+    lse, own, target = loss_scores(300, 4, device=case.device, dtype=torch.float64, seed=3)
     _ppc_ppd_check(case, lse, own, target, -1, 0.3)
     small = [t[:9].clone() for t in (lse, own, target)]
     small[2][:3] = torch.tensor([-1, 5, 14])
@@ -643,7 +633,7 @@ def test_ppc_ppd_op_float64_and_gradcheck(case):
 def test_ppc_ppd_op_edge_cases(case):
     dev = case.device
     # no pixel takes part: both losses 0, gradients 0; and N = 0
-    lse, own, target = _scores(50, 3, dev)
+    lse, own, target = loss_scores(50, 3, device=dev)
     la, ga = _ppc_ppd_check(case, lse, own, torch.full_like(target, -1), -1, 1.0)
     assert la[0].item() == 0.0 and la[1].item() == 0.0 and not ga[0].any() and not ga[1].any()
     e = torch.empty(0, device=dev)
@@ -665,7 +655,7 @@ def test_ppc_ppd_op_edge_cases(case):
 
 
 def test_ppc_ppd_op_is_bitwise_reproducible(case):
-    lse, own, target = _scores(20000, 10, case.device, seed=9)
+    lse, own, target = loss_scores(20000, 10, device=case.device, seed=9)
     first = case.be.ppc_ppd(lse, own, target, -1, 0.1)
     for _ in range(2):
         again = case.be.ppc_ppd(lse, own, target, -1, 0.1)
@@ -673,7 +663,7 @@ def test_ppc_ppd_op_is_bitwise_reproducible(case):
 
 
 def test_ppc_ppd_op_argument_errors_name_the_argument(case):
-    lse, own, target = _scores(20, 3, case.device)
+    lse, own, target = loss_scores(20, 3, device=case.device)
     be = case.be
     with pytest.raises(ValueError, match="lse"):
         be.ppc_ppd(lse[:, None], own, target, -1, 1.0)
