@@ -14,6 +14,7 @@ nothing here imports triton until a kernel module is imported.
   atomics) and the momentum update;
 * ``losses``: the PPC and PPD losses from the row log-sum-exp and the
   own-class scores (a reduction forward, one kernel backward);
+* ``labels``: the ops' label-range check, one kernel clearing a flag;
 * ``device``: the ``@triton.jit`` device functions the kernels share
   (inlined: the S tile, the dS terms, the embedding's statistics);
   ``common``: what the launchers share (dtype maps, dummies, segments);

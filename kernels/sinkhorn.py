@@ -1,8 +1,9 @@
 """Triton kernel of ``sinkhorn``: Sinkhorn-Knopp of every class in one set of launches.
 
 The class problems are segments of the ``(N, K)`` own-class score matrix. The
-rows are sorted by class once (a stable ``torch.sort`` of the label; ignored
-and non-finite rows sort last and take no part), which turns every class into
+rows are sorted by class once (a stable ``torch.sort`` of each row's key, its
+label, or C for ignored and non-finite rows, which sort last and take no part:
+``sinkhorn_keys_kernel``, one launch), which turns every class into
 a contiguous segment ``[offsets[c], offsets[c+1])`` of a sorted work buffer. A
 pass is one launch over a ``(C, SPLIT)`` grid: program ``(c, j)`` owns the
 j-th of SPLIT equal chunks of class c's segment, so a large class is spread
@@ -69,6 +70,35 @@ def _scaled_rows(W_ptr, w_off, m, col, n_c, LAST: tl.constexpr):
         den = row_sum * n_c
     rs = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, den, 1.0), 0.0)
     return v * rs[:, None]
+
+
+@triton.jit
+def sinkhorn_keys_kernel(
+    OWN_ptr,  # own-class scores (N, K), any strides
+    OWN_stride_n,
+    OWN_stride_k,
+    LAB_ptr,  # labels (N,), any integer dtype, stride LAB_stride
+    LAB_stride,
+    KEY_ptr,  # out (N,) int64: the row's class, or C where it takes no part
+    N,
+    K,
+    C,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # key[n] = labels[n] when it is a class (in [0, C)) and own[n]'s K scores
+    # are finite, else C: the sort key of the class segments. One read of the
+    # labels and own, one write of the keys (memory-bound).
+    i = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_ok = i < N
+    kk = tl.arange(0, BLOCK_K)
+    m = i_ok[:, None] & (kk < K)[None, :]
+    s = tl.load(OWN_ptr + i[:, None] * OWN_stride_n + kk[None, :] * OWN_stride_k, mask=m, other=0.0).to(ACC_DTYPE)
+    not_finite = tl.sum((~(tl.abs(s) < float("inf"))).to(tl.int32), axis=1)  # NaN or +-inf entries (padding: 0)
+    lab = tl.load(LAB_ptr + i * LAB_stride, mask=i_ok, other=0).to(tl.int64)
+    take = (not_finite == 0) & (lab >= 0) & (lab < C)
+    tl.store(KEY_ptr + i, tl.where(take, lab, C), mask=i_ok)
 
 
 @triton.jit
@@ -147,6 +177,22 @@ def sinkhorn_pass_kernel(
         tl.store(POUT_ptr + (j * C + c) * BLOCK_K + kk, out)
 
 
+def class_keys(own, labels, num_classes, block_n=None):
+    """``(N,)`` int64, one launch: each row's label where it is a class (in ``[0, num_classes)``) and its K
+    scores in ``own (N, K)`` are finite, else ``num_classes`` (the row takes no part). ``block_n``: rows per
+    program (tests)."""
+    N, K = own.shape
+    key = torch.empty(N, dtype=torch.int64, device=own.device)
+    if N == 0:
+        return key
+    BLOCK_K = pow2(K)
+    rows = block_n or max(1, (1 << 16 if INTERPRET_TILES else 2048) // BLOCK_K)
+    sinkhorn_keys_kernel[(triton.cdiv(N, rows),)](own, own.stride(0), own.stride(1), labels, labels.stride(0), key, N,
+                                                  K, int(num_classes), ACC_DTYPE=TL_DTYPE[acc_dtype(own.dtype)],
+                                                  BLOCK_N=rows, BLOCK_K=BLOCK_K, num_warps=4)
+    return key
+
+
 def sinkhorn(own, labels, num_classes, iters, eps, split=None, block_n=None):
     """Launch Sinkhorn for every class; arguments already checked. Returns ``Q (N, K)``.
 
@@ -161,13 +207,10 @@ def sinkhorn(own, labels, num_classes, iters, eps, split=None, block_n=None):
     Q = torch.zeros((N, K), dtype=acc, device=dev)
     if N == 0 or K == 0:
         return Q
-    lab = labels.long()
-    # a row takes part when its label is a class and its K scores are finite
-    ok = torch.isfinite(own).all(dim=1) & (lab >= 0) & (lab < C)
-    perm, offsets = sorted_segments(torch.where(ok, lab, torch.full_like(lab, C)), C)
+    BLOCK_K = pow2(K)
+    perm, offsets = sorted_segments(class_keys(own, labels, C), C)
     if split is None:
         split = programs_per_segment(N, 4096, 256)
-    BLOCK_K = pow2(K)
     BLOCK_N = block_n or (pow2(N, 16, 1024) if INTERPRET_TILES else max(16, 2048 // BLOCK_K))
     W = torch.empty((N, BLOCK_K), dtype=acc, device=dev)
     partials = torch.empty((3, split, C, BLOCK_K), dtype=acc, device=dev)

@@ -145,11 +145,16 @@ def gumbel_noise(noise, N: int, K: int, device) -> None:
 # ------------------------------------------------------------------ the ops' own checks
 
 
-def similarity_args(feats, protos, labels_, ignore_index_, temperature, need_labels: bool) -> None:
-    """``similarity`` / ``similarity_backward``: labels only when the own-class scores are involved."""
+def similarity_args(feats, protos, labels_, ignore_index_, temperature, need_labels: bool,
+                    label_values: bool = True) -> None:
+    """``similarity`` / ``similarity_backward``: labels only when the own-class scores are involved
+    (``label_values=False``: their shape, dtype and device alone, for a caller that checks their range itself)."""
     feats_protos(feats, protos)
     if need_labels:
-        labels(labels_, "labels", feats, protos.shape[0], ignore_index_)
+        if label_values:
+            labels(labels_, "labels", feats, protos.shape[0], ignore_index_)
+        else:
+            row_index(labels_, "labels", feats)
     positive(temperature, "temperature")
 
 
@@ -211,13 +216,18 @@ def embed_stats(rows, stats) -> bool:
     return True
 
 
-def sinkhorn_args(own, labels_, num_classes: int, ignore_index_: int, iters, eps) -> None:
+def sinkhorn_args(own, labels_, num_classes: int, ignore_index_: int, iters, eps, label_values: bool = True) -> None:
+    """``sinkhorn``'s arguments (``label_values=False``: the labels' range left to the caller, as in
+    :func:`similarity_args`)."""
     dim(own, 2, "own", "(N, K)")
     floating(own, "own")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     sinkhorn_settings(iters, eps)
-    labels(labels_, "labels", own, num_classes, ignore_index_)
+    if label_values:
+        labels(labels_, "labels", own, num_classes, ignore_index_)
+    else:
+        row_index(labels_, "labels", own)
 
 
 def prototype_sums_args(feats, slot, num_slots: int) -> None:

@@ -85,12 +85,15 @@ def assign_slots(be, own, gt, pred, num_classes, *, mode: str = "gumbel", gumbel
     Q = be.sinkhorn(own, gt, num_classes, ignore_index, sinkhorn_iters, sinkhorn_eps)  # (N, K), zero rows = ignored
     best, idx = Q.max(dim=1)
     valid = best > 0  # Sinkhorn rows sum to 1; zero rows are ignored or non-finite pixels
-    base = gt.clamp(min=0) * K
-    target = torch.where(valid, base + idx, torch.full_like(gt, ignore_index))
+    # (each line a launch or two on a GPU: scalar fills, and argmax's target reused as its slot)
+    cls = gt.clamp(min=0)
+    column = idx.add(cls, alpha=K)  # gt * K + k
+    target = torch.where(valid, column, ignore_index)
     if mode != "argmax" and gumbel_noise is None:
         gumbel_noise = reference.sample_gumbel(Q.shape, device=Q.device)
-    hard = idx if mode == "argmax" else draw_slots(Q, gumbel_noise, mode)
-    slot = torch.where(valid & (pred == gt), base + hard, torch.full_like(gt, -1))
+    if mode != "argmax":
+        column = draw_slots(Q, gumbel_noise, mode).add(cls, alpha=K)
+    slot = torch.where(valid & (pred == gt), column, -1)
     return target, slot
 
 

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from . import checks, ops
 from .kernels import embed as _embed
+from .kernels import labels as _labels
 from .kernels import losses as _losses
 from .kernels import prototype_update as _update
 from .kernels import similarity as _similarity
@@ -85,11 +86,19 @@ def _on_device(t: Tensor, name: str):
     return torch.cuda.device(t.device)
 
 
-def _assert_labels_on_gpu(labels: Tensor, hi: int, ignore_index: int, name: str = "labels") -> None:
-    """The label-range check of a GPU call, as a device-side assert (CPU tensors are checked on the host)."""
-    if labels.device.type == "cuda" and labels.numel():
-        ok = ((labels >= 0) & (labels < hi)) | (labels == ignore_index)
-        torch._assert_async(ok.all(), f"{name}: a label is outside [0, {hi}) and is not ignore_index ({ignore_index})")
+def _check_labels(labels: Tensor, hi: int, ignore_index: int, name: str = "labels") -> None:
+    """Every label in ``[0, hi)`` or ``ignore_index``: one kernel clears a flag on a bad one
+    (kernels/labels.py); a GPU call asserts the flag on the device (no host sync), an interpreted
+    call (CPU tensors) reads it and raises the host check's ``ValueError``, naming the first bad entry."""
+    if not labels.numel():
+        return
+    ok = _labels.labels_ok(labels, hi, ignore_index)
+    msg = f"{name}: a label is outside [0, {hi}) and is not ignore_index ({ignore_index})"
+    if labels.device.type == "cuda":
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        checks.label_range(labels, name, hi, ignore_index)  # raises, naming the entry
+        raise ValueError(msg)
 
 
 @contextlib.contextmanager
@@ -98,7 +107,7 @@ def _launching(feats: Tensor, protos: Tensor, labels: Tensor, ignore_index: int,
     check when the kernels read the labels (``reads_labels``: own scores asked for, or their gradient)."""
     with _on_device(feats, "feats"):
         if reads_labels:
-            _assert_labels_on_gpu(labels, protos.shape[0], ignore_index)
+            _check_labels(labels, protos.shape[0], ignore_index)
         yield
 
 
@@ -148,7 +157,7 @@ def similarity(
     normalize: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One pass over S: ``seg (N, C)``, ``argk (N, C)`` uint8, ``lse (N,)``, ``own (N, K)``, ``probs (0,)``."""
-    checks.similarity_args(feats, protos, labels, ignore_index, temperature, compute_own)
+    checks.similarity_args(feats, protos, labels, ignore_index, temperature, compute_own, label_values=False)
     with _launching(feats, protos, labels, ignore_index, compute_own):
         x = F.normalize(feats, p=2, dim=-1) if normalize else feats
         out = _similarity.similarity_forward(x, protos, labels, temperature, compute_seg, compute_lse, compute_own)
@@ -177,7 +186,7 @@ def similarity_backward(
 ) -> Tensor:
     """``d feats (N, D)`` from the gradients of seg, lse and own; S recomputed tile by tile (``probs`` unused)."""
     has_own = grad_own is not None
-    checks.similarity_args(feats, protos, labels, ignore_index, temperature, has_own)
+    checks.similarity_args(feats, protos, labels, ignore_index, temperature, has_own, label_values=False)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, feats, protos, argk, lse)
     with _launching(feats, protos, labels, ignore_index, has_own):
         x = F.normalize(feats, p=2, dim=-1) if normalize else feats
@@ -193,9 +202,9 @@ def similarity_backward(
 )
 def sinkhorn(own: Tensor, labels: Tensor, num_classes: int, ignore_index: int, iters: int, eps: float) -> Tensor:
     """Sinkhorn-Knopp of every class at once, segmented by label: ``Q (N, K)``, zero rows for ignored pixels."""
-    checks.sinkhorn_args(own, labels, num_classes, ignore_index, iters, eps)
+    checks.sinkhorn_args(own, labels, num_classes, ignore_index, iters, eps, label_values=False)
     with _on_device(own, "own"):
-        _assert_labels_on_gpu(labels, num_classes, ignore_index)
+        _check_labels(labels, num_classes, ignore_index)
         return _sinkhorn.sinkhorn(own, labels, num_classes, iters, eps)
 
 
@@ -285,7 +294,7 @@ def embed_similarity(
     LayerNorm over D (with ``ln_weight``/``ln_bias``) and L2 normalisation fused into the kernel's tiles.
     Also ``stats (3, N)``: each pixel's statistics, written by the programs that compute them."""
     rows = checks.embed_feats(feats)
-    checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own)
+    checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own, label_values=False)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
     with _launching(feats, protos, labels, ignore_index, compute_own):
         seg, argk, lse, own, stats = _embed.embed_similarity_forward(
@@ -324,7 +333,7 @@ def embed_similarity_backward(
     statistics pass (None: computed)."""
     has_own = grad_own is not None
     rows = checks.embed_feats(feats)
-    checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own)
+    checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own, label_values=False)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, rows, protos, argk, lse)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
     given = checks.embed_stats(rows, stats)

@@ -55,7 +55,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from protoseg_ext.kernels import embed, losses, prototype_update, similarity, sinkhorn  # noqa: E402
+from protoseg_ext.kernels import embed, labels, losses, prototype_update, similarity, sinkhorn  # noqa: E402
 
 _PTR = {
     torch.float16: "*fp16",
@@ -68,7 +68,7 @@ _PTR = {
 }
 
 RECORDED = []  # (kernel name, variant, JITFunction, args dict, compile options)
-MODULES = (similarity, sinkhorn, prototype_update, embed, losses)
+MODULES = (similarity, sinkhorn, prototype_update, embed, losses, labels)
 
 
 def all_kernels():
@@ -134,7 +134,7 @@ def _signature(fn, bound):
 # (N, D, C, K): Cityscapes HRNet-W48 head; ADE20K-sized C; a tiny problem
 # whose odd N and D leave the loads without any alignment to specialise on
 CITYSCAPES, ADE20K, TINY = (65536, 720, 19, 10), (8192, 256, 150, 10), (1000, 33, 3, 1)
-ALL_OPS = ("fwd", "fwd_seg", "fwd_own", "bwd", "bwd_seg", "sinkhorn", "sums", "ema", "losses")
+ALL_OPS = ("fwd", "fwd_seg", "fwd_own", "bwd", "bwd_seg", "sinkhorn", "sums", "ema", "losses", "labels")
 SIMILARITY_OPS = ("fwd", "fwd_seg", "bwd", "bwd_seg")
 # the head's embedding fused in (kernels/embed.py): the EMBED variants of the
 # similarity kernels and the embedding's own kernels. "efwd" / "ebwd" /
@@ -228,6 +228,7 @@ def _record_all(table):
                 "esums_stats": lambda: embed.embed_prototype_sums(fmap, lnw, lnb, 1e-5, lab, C * K, stats=stats),
                 "losses": lambda: [losses.ppc_ppd(lse, own, lab, -1, 1.0),
                                    losses.ppc_ppd_backward(lse[0], lse[0], own, lab, lse[0], -1, 1.0)],
+                "labels": lambda: labels.labels_ok(lab, C, -1),
                 "ema": lambda: prototype_update.prototype_ema(
                     p, torch.empty(C * K, D, dtype=acc, **meta), torch.empty(C * K, dtype=acc, **meta), 0.999),
             }

@@ -40,6 +40,7 @@ if not INTERPRET and not HAS_GPU:
 
 import protoseg_ext.triton_ops  # noqa: E402,F401  (registers torch.ops.protoseg_triton)
 from protoseg_ext.kernels import embed as KE  # noqa: E402
+from protoseg_ext.kernels import labels as KL  # noqa: E402
 from protoseg_ext.kernels import prototype_update as KU  # noqa: E402
 from protoseg_ext.kernels import tiles as KT  # noqa: E402
 from protoseg_ext.kernels import similarity as KS  # noqa: E402
@@ -155,6 +156,51 @@ def test_sinkhorn_split_classes_and_small_blocks():
     ref = R.sinkhorn(own, gt, 4, -1, 3, 0.05)
     for split, block_n in ((1, 16), (3, 16), (7, 32)):
         torch.testing.assert_close(KSK.sinkhorn(own, gt, 4, 3, 0.05, split=split, block_n=block_n), ref, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_label_check_kernel_flags_a_bad_label_in_any_block(dtype, monkeypatch):
+    """labels_ok (one launch, the ops' label-range check) against the rule it checks, with 64-label blocks:
+    a bad label in any block clears the flag, ignore_index and the view's stride are honoured."""
+    monkeypatch.setattr(KL, "BLOCK_INTERPRET", 64)
+    monkeypatch.setattr(KL, "BLOCK_GPU", 64)
+    gen = torch.Generator().manual_seed(0)
+    lab = torch.randint(0, 5, (1000,), generator=gen).to(dtype).to(DEVICE)
+    assert KL.labels_ok(lab, 5, -1).tolist() == [1]
+    assert KL.labels_ok(lab[:0], 5, -1).tolist() == [1]
+    for i in (0, 63, 64, 999):  # first, block edges, last
+        bad = lab.clone()
+        bad[i] = 5
+        assert KL.labels_ok(bad, 5, -1).tolist() == [0], i
+        assert KL.labels_ok(bad, 5, 5).tolist() == [1], i  # it is ignore_index
+        assert KL.labels_ok(bad, 6, -1).tolist() == [1], i
+        keep = bad[i % 2::2]  # a strided view holds the bad entry; the other one does not
+        other = bad[1 - i % 2::2]
+        assert KL.labels_ok(keep, 5, -1).tolist() == [0] and KL.labels_ok(other, 5, -1).tolist() == [1], i
+    if dtype.is_signed:
+        neg = lab.clone()
+        neg[500] = -3
+        assert KL.labels_ok(neg, 5, -1).tolist() == [0]
+        assert KL.labels_ok(neg, 5, -3).tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=lambda d: str(d).split(".")[-1])
+def test_sinkhorn_class_keys(dtype):
+    """class_keys (one launch): the label where it is a class and the row's scores are finite, else C;
+    NaN, +-inf and out-of-range labels, several programs, own as a transposed view."""
+    gen = torch.Generator().manual_seed(1)
+    N, K, C = 300, 3, 4
+    own = torch.randn(K, N, generator=gen).to(dtype).to(DEVICE).t()  # (N, K), strides (1, N)
+    lab = torch.randint(-1, C + 2, (N,), generator=gen).to(DEVICE)
+    own[5, 1], own[6, 0], own[7, 2] = float("nan"), float("inf"), float("-inf")
+    own[8, 2] = torch.finfo(dtype).max  # finite: takes part
+    lab[5:9] = 2
+    want = torch.where(torch.isfinite(own).all(1) & (lab >= 0) & (lab < C), lab, torch.full_like(lab, C))
+    for block_n in (None, 16, 64):
+        got = KSK.class_keys(own, lab, C, block_n=block_n)
+        assert got.dtype == torch.int64 and torch.equal(got, want), block_n
+    assert want[5:8].tolist() == [C] * 3 and want[8] == 2
 
 
 # ---------------------------------------------------------------- prototype sums and EMA
