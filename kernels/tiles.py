@@ -76,12 +76,16 @@ EMBED_GPU_TILES = {
 
 
 # embed.embed_dx_kernel (g = dS @ protos over the C*K columns, the L2 + LayerNorm backward in its
-# epilogue): (BLOCK_N, BLOCK_J, BLOCK_DO, num_warps, num_stages) by GEMM kind
+# epilogue): (BLOCK_N, BLOCK_J, BLOCK_DO, num_warps, num_stages) by GEMM kind. Half: 128 pixels a
+# program (each reads the prototypes' D slice from L2 once: half as often as 64 pixels; 255 registers
+# on sm_90 at D = 720), 64 where D is not a multiple of 16 (EMBED_DX_ODD_D_ROWS: at D = 33 the
+# 128-pixel tile spills)
 EMBED_DX_GPU_TILES = {
-    "half": (64, 32, 128, 8, 3),
+    "half": (128, 32, 128, 8, 3),
     "fp32": (64, 32, 128, 8, 3),
     "fp64": (16, 16, 32, 8, 2),
 }
+EMBED_DX_ODD_D_ROWS = 64
 
 
 # similarity.own_class_scores_kernel (own-class scores alone, gathered by label; 4 warps, CUDA-core
@@ -112,6 +116,8 @@ def embed_dx_tiles(kind: str, CK: int, D: int, N: int, interpret: bool) -> dict:
                    num_warps=4, num_stages=1)
     else:
         n, j, do, warps, stages = EMBED_DX_GPU_TILES[kind]
+        if D % 16:
+            n = min(n, EMBED_DX_ODD_D_ROWS)
         cfg = dict(BLOCK_N=n, BLOCK_J=j, BLOCK_DO=min(do, pow2(D, 16)), num_warps=warps, num_stages=stages)
 
     def largest(c):
