@@ -32,18 +32,18 @@ class Modelled(NamedTuple):
 _CS, _ADE = (65536, 720, 19, 10), (65536, 720, 150, 10)
 _FULL, _FULL_ADE = (2097152, 720, 19, 10), (4194304, 256, 150, 10)
 MODELLED_H100: dict = {
-    ("cuda", *_CS, "bfloat16"): Modelled(387.0, 120.0, "179214b", 87),
-    ("cuda", *_CS, "float32"): Modelled(859.0, 567.0, "179214b", 78),
-    ("cuda", *_ADE, "bfloat16"): Modelled(1284.0, 374.0, "179214b", 219),
-    ("cuda", *_ADE, "float32"): Modelled(4970.0, 4270.0, "179214b", 210),
-    ("cuda", *_FULL, "bfloat16"): Modelled(12498.0, 3806.0, "179214b", 637),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(52052.0, 9876.0, "179214b", 9435),
-    ("triton", *_CS, "bfloat16"): Modelled(636.0, 120.0, "179214b", 91),
-    ("triton", *_CS, "float32"): Modelled(1261.0, 264.0, "179214b", 82),
-    ("triton", *_ADE, "bfloat16"): Modelled(3999.0, 374.0, "179214b", 91),
-    ("triton", *_ADE, "float32"): Modelled(8152.0, 1736.0, "179214b", 82),
-    ("triton", *_FULL, "bfloat16"): Modelled(20534.0, 3806.0, "179214b", 245),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(98294.0, 9876.0, "179214b", 406),
+    ("cuda", *_CS, "bfloat16"): Modelled(387.0, 120.0, "32e7185", 83),
+    ("cuda", *_CS, "float32"): Modelled(859.0, 567.0, "32e7185", 74),
+    ("cuda", *_ADE, "bfloat16"): Modelled(1284.0, 374.0, "32e7185", 215),
+    ("cuda", *_ADE, "float32"): Modelled(4970.0, 4270.0, "32e7185", 206),
+    ("cuda", *_FULL, "bfloat16"): Modelled(12498.0, 3806.0, "32e7185", 633),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(52052.0, 9876.0, "32e7185", 9431),
+    ("triton", *_CS, "bfloat16"): Modelled(601.0, 120.0, "32e7185", 69),
+    ("triton", *_CS, "float32"): Modelled(1154.0, 264.0, "32e7185", 60),
+    ("triton", *_ADE, "bfloat16"): Modelled(3724.0, 374.0, "32e7185", 69),
+    ("triton", *_ADE, "float32"): Modelled(7307.0, 1736.0, "32e7185", 60),
+    ("triton", *_FULL, "bfloat16"): Modelled(19434.0, 3806.0, "32e7185", 223),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(92113.0, 9876.0, "32e7185", 384),
 }
 
 
