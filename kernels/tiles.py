@@ -42,9 +42,10 @@ EMBED_GPU_TILES = {
     # classes): with the LayerNorm'd tile, its statistics and w, b in
     # registers the 128-column tile runs out of registers (at BLOCK_D 64 or
     # 32). C = 19 pads to 20 classes (1.68x) instead of 24, for 5 passes over
-    # the feats tile instead of 3. 128 pixels a program read each prototype
-    # from L2 half as often as 64 did; at BLOCK_D 64 that spills on sm_80
-    # (255 registers, 4 B), at 32 it fits (255 on sm_80, ~220 on sm_90).
+    # the feats tile instead of 3. A program of 128 pixels reads the
+    # prototypes from L2 half as often per pixel as one of 64; at BLOCK_D 64
+    # it spills on sm_80 (255 registers, 4 B), at 32 it fits (255 registers
+    # on sm_80, about 220 on sm_90).
     ("fwd", "half"): (128, 64, 32, None, 8, 3),
     # half backward: BLOCK_D 32 (GPU_TILES: 64): at 64 the odd tiny size
     # (D = 33, K = 1) spills
@@ -53,8 +54,8 @@ EMBED_GPU_TILES = {
     # 128, BLOCK_D 16, already at the register limit without the LayerNorm):
     # with the LayerNorm'd tile 64 x 128 spills, 32 x 128 reaches the limit
     # (and spills at BLOCK_D 16 at the tiny size), 64 x 64 spills at BLOCK_D
-    # 32 on sm_80 and fits at 16 (246 registers there); 64 pixels a program
-    # read each prototype from L2 half as often as the 32 of before
+    # 32 on sm_80 and fits at 16 (246 registers there); a program of 64
+    # pixels reads the prototypes from L2 half as often per pixel as one of 32
     ("fwd", "fp32"): (64, 64, 16, None, 8, 3),
     # float64: BLOCK_D 16 (GPU_TILES: 32) and a D slice of 16 in the backward:
     # at BLOCK_D 32 the odd tiny size (D = 33, K = 1) spills

@@ -85,7 +85,7 @@ def assign_slots(be, own, gt, pred, num_classes, *, mode: str = "gumbel", gumbel
     Q = be.sinkhorn(own, gt, num_classes, ignore_index, sinkhorn_iters, sinkhorn_eps)  # (N, K), zero rows = ignored
     best, idx = Q.max(dim=1)
     valid = best > 0  # Sinkhorn rows sum to 1; zero rows are ignored or non-finite pixels
-    # (each line a launch or two on a GPU: scalar fills, and argmax's target reused as its slot)
+    # (few launches on a GPU: the fills are Python scalars; in argmax mode the target's column is the slot's)
     cls = gt.clamp(min=0)
     column = idx.add(cls, alpha=K)  # gt * K + k
     target = torch.where(valid, column, ignore_index)
