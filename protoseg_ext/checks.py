@@ -72,10 +72,12 @@ def row_index(x, name: str, rows: Tensor) -> None:
     same_device(rows, x, "feats", name)
 
 
-def labels(x, name: str, rows: Tensor, hi: int, ignore_index: int) -> None:
-    """Labels of the rows of ``rows``: shape, dtype, device and range ``[0, hi)`` or ``ignore_index``."""
+def labels(x, name: str, rows: Tensor, hi: int, ignore_index: int, values: bool = True) -> None:
+    """Labels of the rows of ``rows``: shape, dtype, device and range ``[0, hi)`` or ``ignore_index``
+    (``values=False``: the range left to a caller that checks it itself, as the Triton ops do on the device)."""
     row_index(x, name, rows)
-    label_range(x, name, hi, ignore_index)
+    if values:
+        label_range(x, name, hi, ignore_index)
 
 
 def feats_protos(feats, protos) -> None:
@@ -148,13 +150,10 @@ def gumbel_noise(noise, N: int, K: int, device) -> None:
 def similarity_args(feats, protos, labels_, ignore_index_, temperature, need_labels: bool,
                     label_values: bool = True) -> None:
     """``similarity`` / ``similarity_backward``: labels only when the own-class scores are involved
-    (``label_values=False``: their shape, dtype and device alone, for a caller that checks their range itself)."""
+    (``label_values``: :func:`labels`' ``values``)."""
     feats_protos(feats, protos)
     if need_labels:
-        if label_values:
-            labels(labels_, "labels", feats, protos.shape[0], ignore_index_)
-        else:
-            row_index(labels_, "labels", feats)
+        labels(labels_, "labels", feats, protos.shape[0], ignore_index_, label_values)
     positive(temperature, "temperature")
 
 
@@ -217,17 +216,13 @@ def embed_stats(rows, stats) -> bool:
 
 
 def sinkhorn_args(own, labels_, num_classes: int, ignore_index_: int, iters, eps, label_values: bool = True) -> None:
-    """``sinkhorn``'s arguments (``label_values=False``: the labels' range left to the caller, as in
-    :func:`similarity_args`)."""
+    """``sinkhorn``'s arguments (``label_values``: :func:`labels`' ``values``)."""
     dim(own, 2, "own", "(N, K)")
     floating(own, "own")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     sinkhorn_settings(iters, eps)
-    if label_values:
-        labels(labels_, "labels", own, num_classes, ignore_index_)
-    else:
-        row_index(labels_, "labels", own)
+    labels(labels_, "labels", own, num_classes, ignore_index_, label_values)
 
 
 def prototype_sums_args(feats, slot, num_slots: int) -> None:
