@@ -41,7 +41,11 @@ pixel range of one image):
   over the C*K real columns per (pixel block, D slice) and its epilogue
   writes d feats straight into the gradient in feats' own layout and dtype,
   with per-block partials ``(blocks, D)`` of d ln_weight and d ln_bias summed
-  by ``torch.sum`` (deterministic, no atomics);
+  by ``torch.sum`` (deterministic, no atomics). Given the forward's S
+  (``scores``: the op's cache within ``cache_bytes``, which the forward's
+  kernel writes as it computes each tile, ``KEEP_SCORES``) ``embed_ds_kernel``
+  reads each S tile instead of recomputing it (``GIVEN_SCORES``: no GEMM, the
+  map read once for the LayerNorm backward's two sums over D);
 * sums: ``embed_rows_kernel`` (its own statistics, or the given ones) writes the z of the chunk's pixels
   that have a slot into a ``(chunk, D)`` buffer, and each pixel's sort key (its slot, or ``num_slots``
   where it has none or its z is not finite), and ``prototype_update.prototype_sums`` sums the rows by
@@ -183,6 +187,7 @@ def embed_ds_kernel(
     DS_ptr,  # out (pixels of the chunk, C*K) acc dtype: dS = d loss / d S of the embedding
     SC_ptr,  # out (pixels of the chunk, 6) acc dtype: mu, r, inv, a1, m1, m2 (embed_dx_kernel's scalars)
     STAT_ptr,  # (3, N) acc dtype: the forward's stats (if GIVEN_STATS)
+    SCORES_ptr,  # (N, C*K) acc dtype: the forward's S (if GIVEN_SCORES: its cache)
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HWC,  # pixels of the chunk in each image
@@ -193,7 +198,7 @@ def embed_ds_kernel(
     eps: tl.float64,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     LAYER_NORM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_LSE: tl.constexpr, HAS_OWN: tl.constexpr,
-    GIVEN_STATS: tl.constexpr,
+    GIVEN_STATS: tl.constexpr, GIVEN_SCORES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # The backward's first half, per BLOCK_N pixels: their statistics
@@ -209,14 +214,17 @@ def embed_ds_kernel(
     # for embed_dx_kernel's GEMM g = dS @ protos (g = d loss / d z). The
     # per-pixel scalars of the L2 and LayerNorm backward follow from the S and
     # dS tiles, with no g (_ln_backward_sums, _store_backward_scalars).
+    # GIVEN_SCORES: the S tiles are read from the forward's cache instead (no
+    # GEMM; the map is read once, by the statistics pass for the LayerNorm
+    # backward's two sums, and not at all without the LayerNorm given stats).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
     n0, l0, i = _block_bases(B0, HW0, HWC, HW, BLOCK_N)
-    # (given stats: no pass for the LayerNorm backward's two sums, which the first class block takes)
+    # (given stats and no cache: no pass for the LayerNorm backward's two sums, which the first class block takes)
     mu, r, inv, norm, s_yw, s_ywx = _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr,
-                                                 D, eps, ACC_DTYPE, LAYER_NORM, not GIVEN_STATS, GIVEN_STATS, BLOCK_N,
-                                                 BLOCK_D)
+                                                 D, eps, ACC_DTYPE, LAYER_NORM, GIVEN_SCORES or not GIVEN_STATS,
+                                                 GIVEN_STATS, BLOCK_N, BLOCK_D)
     CK = C * K
     j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
@@ -225,9 +233,16 @@ def embed_ds_kernel(
     t1 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (y . protos_j): a1 = inv t1
     t2 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . w) = sum_d g_d w_d
     t3 = tl.zeros((BLOCK_N,), ACC_DTYPE)  # sum_j dS_j (protos_j . b): sum_d g_d w_d xhat_d = t1 - t3
+    if GIVEN_SCORES:  # the cached tiles are S = ys inv: t1 sums dS_j S_j (divided by inv after the loop)
+        s_scale = tl.full((BLOCK_N,), 1.0, ACC_DTYPE)
+    else:
+        s_scale = inv
     for c0 in range(0, C, BLOCK_C):
         cls, col_ok, prow = _class_columns(c0, j_cls, j_k, C, K, False)  # prow < C*K: 32-bit
-        if GIVEN_STATS and LAYER_NORM:  # the first class block also sums s_yw, s_ywx over its LayerNorm'd tiles
+        if GIVEN_SCORES:
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            ys = tl.load(SCORES_ptr + n0 * CK + (i[:, None] * CK + prow[None, :]), mask=tile_ok, other=0.0)
+        elif GIVEN_STATS and LAYER_NORM:  # the first class block also sums s_yw, s_ywx over its LayerNorm'd tiles
             if c0 == 0:
                 ys, s_yw, s_ywx = _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
                                                   W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST,
@@ -242,10 +257,12 @@ def embed_ds_kernel(
             ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
                          BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
                          BLOCK_D)  # y . protos_j, recomputed; S = ys inv
-        t1, t2, t3 = _ds_class_block(ys, cls, col_ok, prow, tile_ok, inv, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1,
+        t1, t2, t3 = _ds_class_block(ys, cls, col_ok, prow, tile_ok, s_scale, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1,
                                      t2, t3, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n,
                                      ARGK_stride_c, GOWN_ptr, GOWN_stride_n, GOWN_stride_k, DS_ptr, PW_ptr, PB_ptr,
                                      ACC_DTYPE, LAYER_NORM, HAS_SEG, HAS_LSE, HAS_OWN, BLOCK_N, BLOCK_J)
+    if GIVEN_SCORES:
+        t1 = t1 / inv
     if GIVEN_STATS:  # ||y|| > 1e-12 from inv (not kept live through the class loop)
         norm = tl.where(inv < 1.0 / tl.full((), 1e-12, ACC_DTYPE), 1.0, 0.0).to(ACC_DTYPE)
     _store_backward_scalars(SC_ptr, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx, t1, t2, t3, D, ACC_DTYPE)
@@ -483,7 +500,7 @@ def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
     kernels'; the dS kernel takes only the entries it has)."""
     cfg = _sim.tile_config(pass_, feats.dtype, protos.dtype, N, C, K, D, layer_norm=layer_norm)
     over = {k: v for k, v in (tiles or {}).items() if not k.startswith("EMBED_")}
-    cfg.update(over if pass_ == "fwd" else {k: v for k, v in over.items() if k in cfg})
+    cfg.update(over if pass_ in ("fwd", "fwd_keep") else {k: v for k, v in over.items() if k in cfg})
     return cfg
 
 
@@ -541,10 +558,14 @@ class _Embedding:
 
 
 def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg,
-                             compute_lse, compute_own, tiles=None, chunk=None):
+                             compute_lse, compute_own, tiles=None, chunk=None, scores=None):
     """Launch the embedded forward; arguments already checked. Returns ``(seg, argk, lse, own, stats)``,
     stats ``(3, N)`` in the accumulation dtype (each pixel's mu, r, inv; NaN where not finite), written by
     the programs that compute them anyway; ``(0,)`` when nothing is computed.
+
+    ``scores``: a contiguous ``(N, C*K)`` tensor of the accumulation dtype that the similarity kernel fills
+    with S itself (column ``c*K + k``), for :func:`embed_similarity_backward` to read instead of
+    recomputing S; only with ``compute_lse`` (the op's softmax cache); None or ``(0,)``: not kept.
 
     ``tiles`` overrides the similarity kernel's tiles (``BLOCK_N``, ``BLOCK_C``,
     ``BLOCK_D``) and, as ``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D``, the stats
@@ -573,14 +594,19 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
             )
         return outputs
     lab = labels if compute_own else dummy(torch.int64, dev)
-    cfg = _sim_cfg("fwd", feats, protos, N, C, K, D, e.ln, tiles)
+    keep = scores is not None and scores.numel() > 0
+    if keep and not (compute_lse and tuple(scores.shape) == (N, C * K) and scores.dtype == acc
+                     and scores.is_contiguous()):
+        raise ValueError(f"scores must be a contiguous ({N}, {C * K}) {acc} tensor, kept with compute_lse")
+    cfg = _sim_cfg("fwd_keep" if keep else "fwd", feats, protos, N, C, K, D, e.ln, tiles)
     outs = _sim.forward_kernel_outputs(outputs[:4], feats.dtype, dev, compute_seg, compute_lse, compute_own)
     consts = _sim.forward_constexprs(feats.dtype, protos.dtype, compute_seg, compute_lse, compute_own, embed=True,
-                                     layer_norm=e.ln)
+                                     layer_norm=e.ln, keep_scores=keep)
+    kept = scores if keep else dummy(acc, dev)
     for b0, nb, hw0, hwc in e.chunks():  # each program computes its pixels' statistics and writes them to stats
         _sim.similarity_fwd_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
             e.x, e.shw, e.sd, P, lab, lab.stride(0), *outs,
-            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW, e.stats, N, **consts, **cfg,
+            hwc, D, C, K, float(temperature), e.sb, e.w, e.b, e.eps, b0, hw0, e.HW, e.stats, N, kept, **consts, **cfg,
         )
     return outputs
 
@@ -599,9 +625,10 @@ def _backward_outputs(feats, e: _Embedding):
 
 
 def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk,
-                              lse, temperature, tiles=None, chunk=None, stats=None):
+                              lse, temperature, tiles=None, chunk=None, stats=None, scores=None):
     """Launch the embedded backward; arguments already checked (a None gradient is skipped). ``stats``:
-    the forward's ``(3, N)``, read instead of each pixel block's statistics pass, or None.
+    the forward's ``(3, N)``, read instead of each pixel block's statistics pass, or None. ``scores``: the
+    forward's S ``(N, C*K)`` (:func:`embed_similarity_forward`), read instead of recomputing S, or None.
 
     Returns ``(d feats, d ln_weight, d ln_bias)``: d feats in feats' shape,
     layout (``torch.empty_like``) and dtype; the LayerNorm's gradients in its
@@ -616,7 +643,9 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
         return (dx, gw.to(ln_weight.dtype), gb.to(ln_bias.dtype)) if e.ln else (dx, gw, gb)
     P = protos.reshape(C * K, D).contiguous()
     CK = C * K
-    cfg = _sim_cfg("bwd_ds", feats, protos, N, C, K, D, e.ln, tiles)
+    given_scores = scores is not None and scores.numel() > 0
+    kept = scores if given_scores else dummy(acc, dev)
+    cfg = _sim_cfg("bwd_ds_cached" if given_scores else "bwd_ds", feats, protos, N, C, K, D, e.ln, tiles)
     xcfg = embed_dx_tiles(gemm_kind(feats.dtype, protos.dtype), CK, D, e.hwc_max, INTERPRET_TILES)
     xcfg.update({k: v for k, v in (tiles or {}).items() if k in ("BLOCK_N", "BLOCK_J", "BLOCK_DO")})
     # contiguous (N, C) and (N, K) gradients: embed_ds_kernel's 32-bit offsets within a pixel block
@@ -635,9 +664,9 @@ def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln
     dots = dot_config(feats.dtype, protos.dtype)
     for b0, nb, hw0, hwc in e.chunks():
         embed_ds_kernel[e.grid(hwc, nb, cfg["BLOCK_N"])](
-            *upstream, e.x, e.sb, e.shw, e.sd, P, pw, pb, *saved, e.w, e.b, ds, sc, e.stats, b0, hw0, hwc, e.HW, N,
-            D, C, K, float(temperature), e.eps, ACC_DTYPE=TL_DTYPE[acc], **s_dots(feats.dtype, protos.dtype),
-            LAYER_NORM=e.ln, **flags, GIVEN_STATS=e.given, **cfg,
+            *upstream, e.x, e.sb, e.shw, e.sd, P, pw, pb, *saved, e.w, e.b, ds, sc, e.stats, kept, b0, hw0, hwc, e.HW,
+            N, D, C, K, float(temperature), e.eps, ACC_DTYPE=TL_DTYPE[acc], **s_dots(feats.dtype, protos.dtype),
+            LAYER_NORM=e.ln, **flags, GIVEN_STATS=e.given, GIVEN_SCORES=given_scores, **cfg,
         )
         n_blocks = triton.cdiv(hwc, xcfg["BLOCK_N"])
         embed_dx_kernel[(n_blocks * triton.cdiv(D, xcfg["BLOCK_DO"]), nb)](

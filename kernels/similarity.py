@@ -173,10 +173,12 @@ def similarity_fwd_kernel(
     HW,  # pixels per image: pixel n = b*HW + hw
     STAT_ptr,  # out (3, N) acc dtype: each pixel's mu, r, inv (the op's stats; NaN where not finite)
     N_STATS,  # pixels of feats: the row length of stats
+    SCORES_ptr,  # out (N, C*K) acc dtype: S itself, the backward's cache (if KEEP_SCORES; EMBED only)
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     EMBED: tl.constexpr, LAYER_NORM: tl.constexpr,
     COMPUTE_SEG: tl.constexpr, COMPUTE_LSE: tl.constexpr, COMPUTE_OWN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEEP_SCORES: tl.constexpr,
 ):
     # One program: BLOCK_N pixels against all C*K prototypes, BLOCK_C classes
     # at a time. Each (BLOCK_N, BLOCK_C*BLOCK_K) tile of S is a GEMM over D in
@@ -186,6 +188,8 @@ def similarity_fwd_kernel(
     # Fused so that S costs registers only: N*(C + C + 1 + K) values leave the
     # chip instead of N*C*K. EMBED: the S tile is of the embedding (the feats
     # tile LayerNorm'd in registers, the tile scaled by the inverse norms).
+    # KEEP_SCORES: each S tile is also written to SCORES (N*C*K values, within
+    # the op's cache_bytes), so that the backward reads S instead of the map.
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, x_row, mu, r, inv = _forward_rows(tl.program_id(0).to(tl.int64), X_ptr, X_stride_b, X_stride_hw,
@@ -206,6 +210,11 @@ def similarity_fwd_kernel(
                     BLOCK_D)
         if EMBED:
             s = s * inv[:, None]  # the L2 normalisation: S of z = y / max(||y||, 1e-12)
+        if KEEP_SCORES:  # 32-bit offsets within the block (BLOCK_N * C*K < 2**31), from its first pixel's row
+            ii = tl.arange(0, BLOCK_N)
+            jj = (c0 + j_cls) * K + j_k
+            tl.store(SCORES_ptr + tl.min(rows, axis=0) * (C * K) + (ii[:, None] * (C * K) + jj[None, :]), s,
+                     mask=row_ok[:, None] & col_ok[None, :])
         if COMPUTE_LSE:
             m_i, l_i = _online_lse(m_i, l_i, s, col_ok, t)
         cc = c0 + tl.arange(0, BLOCK_C)
@@ -398,10 +407,11 @@ def forward_kernel_outputs(outputs, feats_dtype, device, compute_seg, compute_ls
 
 
 def forward_constexprs(feats_dtype, protos_dtype, compute_seg, compute_lse, compute_own, embed=False,
-                       layer_norm=False) -> dict:
+                       layer_norm=False, keep_scores=False) -> dict:
     """The constexprs of ``similarity_fwd_kernel`` other than its tiles."""
     return dict(ACC_DTYPE=TL_DTYPE[acc_dtype(feats_dtype)], **s_dots(feats_dtype, protos_dtype), EMBED=embed,
-                LAYER_NORM=layer_norm, COMPUTE_SEG=compute_seg, COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own)
+                LAYER_NORM=layer_norm, COMPUTE_SEG=compute_seg, COMPUTE_LSE=compute_lse, COMPUTE_OWN=compute_own,
+                KEEP_SCORES=keep_scores)
 
 
 def gradient_args(grad_seg, grad_lse, grad_own, labels, argk, lse, acc, device, contiguous=False):
@@ -452,7 +462,7 @@ def similarity_forward(feats, protos, labels, temperature, compute_seg, compute_
     similarity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), 1)](
         feats, feats.stride(0), feats.stride(1), P, lab, lab.stride(0),
         *forward_kernel_outputs(outputs, feats.dtype, dev, compute_seg, compute_lse, compute_own),
-        N, D, C, K, float(temperature), 0, none, none, 0.0, 0, 0, N, none, N,
+        N, D, C, K, float(temperature), 0, none, none, 0.0, 0, 0, N, none, N, none,
         **forward_constexprs(feats.dtype, protos.dtype, compute_seg, compute_lse, compute_own), **cfg,
     )
     return outputs

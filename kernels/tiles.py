@@ -57,6 +57,10 @@ EMBED_GPU_TILES = {
     # 32 on sm_80 and fits at 16 (246 registers there); a program of 64
     # pixels reads the prototypes from L2 half as often per pixel as one of 32
     ("fwd", "fp32"): (64, 64, 16, None, 8, 3),
+    # the forward keeping S for the backward (KEEP_SCORES): the tile's store costs registers; 128 x 64
+    # spills on sm_80 (116 B at BLOCK_D 16), 64 x 64 fits (236 registers); fp32 64 x 64 spills 8 B there
+    ("fwd_keep", "half"): (64, 64, 64, None, 8, 3),
+    ("fwd_keep", "fp32"): (64, 32, 16, None, 8, 3),
     # float64: BLOCK_D 16 (GPU_TILES: 32) and a D slice of 16 in the backward:
     # at BLOCK_D 32 the odd tiny size (D = 33, K = 1) spills
     ("fwd", "fp64"): (32, 64, 16, None, 8, 2),
@@ -68,6 +72,12 @@ EMBED_GPU_TILES = {
     ("bwd_ds", "half"): (64, 32, 64, None, 8, 3),
     ("bwd_ds", "fp32"): (64, 32, 16, None, 8, 3),
     ("bwd_ds", "fp64"): (32, 32, 16, None, 8, 2),
+    # embed_ds_kernel given the forward's cached S (GIVEN_SCORES): no GEMM, S read from the cache a class
+    # block at a time (64 columns: 4 classes of K <= 16), BLOCK_D for the LayerNorm sums' pass over the map;
+    # 32 pixels (fp64: 16): at 64 its gathered gradient tiles spill (448 B on sm_90 at 64 x 64)
+    ("bwd_ds_cached", "half"): (32, 64, 64, None, 8, 3),
+    ("bwd_ds_cached", "fp32"): (32, 64, 64, None, 8, 3),
+    ("bwd_ds_cached", "fp64"): (16, 64, 32, None, 8, 2),
     # statistics / embedding rows, by accumulation dtype
     # (fp16, bf16 and fp32 feats accumulate in float32); 32 x 32 rather than
     # 32 x 64, which costs the LN + L2 backward far more registers
@@ -162,14 +172,18 @@ def largest_block(pass_: str, kind: str, cfg: dict) -> int:
 
 def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, interpret: bool,
                      layer_norm: bool = False) -> dict:
-    """Block sizes and launch options of the forward (``"fwd"``) or backward (``"bwd"``) similarity kernel.
+    """Block sizes and launch options of the forward (``"fwd"``; ``"fwd_keep"`` keeping S) or backward
+    (``"bwd"``) similarity kernel.
 
     A tile holds BLOCK_C whole classes of BLOCK_K = next_pow2(K) prototypes
     (BLOCK_C * BLOCK_K >= 16: the tensor cores' smallest dimension).
     ``layer_norm``: the EMBED + LAYER_NORM variant (its GPU tiles from
     :data:`EMBED_GPU_TILES` where given). ``pass_ = "bwd_ds"``: the embedded
-    backward's dS kernel (the forward's tile shape, its own GPU tiles).
+    backward's dS kernel (the forward's tile shape, its own GPU tiles);
+    ``"bwd_ds_cached"``: the same given the forward's cached S (no GEMM).
     """
+    if pass_ == "fwd_keep" and (pass_, kind) not in EMBED_GPU_TILES:  # no tile of its own: the forward's
+        pass_ = "fwd"
     if interpret:
         BLOCK_N, max_j, BLOCK_D, BLOCK_DO, num_warps, num_stages = (
             pow2(N, 16, 256), 1024, pow2(D, 16, 256), pow2(D, 16, 1024), 4, 1)
@@ -186,6 +200,10 @@ def similarity_tiles(pass_: str, kind: str, C: int, K: int, D: int, N: int, inte
         # 64-pixel block in 128 registers (two CTAs per SM) and spills at an
         # odd D; 32 pixels fit, and re-reading so few prototypes costs little
         BLOCK_N = 32
+    if pass_ == "bwd_ds_cached" and kind == "half" and not interpret and BLOCK_C * BLOCK_K <= 16:
+        # a 16-column tile (C*K <= 16): ptxas for sm_80 fits 32 pixels in 64 registers and spills 4 B;
+        # 64 pixels fit (128 registers)
+        BLOCK_N = 64
     cfg = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
                num_warps=num_warps, num_stages=num_stages)
     if pass_ == "bwd":

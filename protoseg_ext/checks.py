@@ -170,6 +170,24 @@ def similarity_backward_args(grad_seg, grad_lse, grad_own, feats, protos, argk, 
         raise ValueError(f"grad_own must be (N, K) = ({N}, {K}), got {shape_of(grad_own)}")
 
 
+def scores_cache(rows, protos, probs) -> bool:
+    """The Triton backward's ``probs``: None, ``(0,)`` (nothing kept) or the forward's cache ``(N, C*K)``,
+    contiguous, in the accumulation dtype of ``rows`` (the (N, D) stand-in), on its device. Returns whether
+    it is given."""
+    if probs is None or (isinstance(probs, Tensor) and probs.dim() == 1 and probs.numel() == 0):
+        return False
+    N, CK = rows.shape[0], protos.shape[0] * protos.shape[1]
+    if not isinstance(probs, Tensor) or tuple(probs.shape) != (N, CK):
+        raise ValueError(f"probs must be (N, C*K) = ({N}, {CK}) or (0,), got {shape_of(probs)}")
+    acc = acc_dtype(rows.dtype)
+    if probs.dtype != acc:
+        raise ValueError(f"probs must be {acc} (the accumulation dtype of feats), got {probs.dtype}")
+    if not probs.is_contiguous():
+        raise ValueError("probs must be contiguous")
+    same_device(rows, probs, "feats", "probs")
+    return True
+
+
 def embed_feats(feats) -> Tensor:
     """``embed_similarity``'s feats, ``(N, D)`` rows or a ``(B, D, H, W)`` map: an ``(N, D)`` stand-in
     (no storage, N = B*H*W) for the shared op checks."""

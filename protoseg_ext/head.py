@@ -114,7 +114,8 @@ class ProtoSegHead(nn.Module):
         sinkhorn_iters, sinkhorn_eps: Sinkhorn settings (official 3, 0.05).
         update_prototype: update the prototypes in training mode (official True).
         cache_mb: memory (MiB) a training step may spend keeping softmax(S)
-            (N x C*K, float32) for the backward instead of recomputing S;
+            (``cpu``, ``cuda``) or S (``triton``), N x C*K float32, for the
+            backward instead of recomputing S;
             None reads ``PROTOSEG_CACHE_MB`` (default 2048), 0 always recomputes.
     """
 

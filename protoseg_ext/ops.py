@@ -26,7 +26,7 @@ imports ``_C`` and calls it for ``protoseg_ext``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -371,13 +371,14 @@ def _defines(ns: str, op: str) -> bool:
     return True
 
 
-def register(ns: str, *, keeps_probs: bool = True) -> Tuple[str, ...]:
+def register(ns: str, *, keeps_probs: Union[bool, Tuple[str, ...]] = True) -> Tuple[str, ...]:
     """Register the fakes and autograd of every op family that namespace ``ns`` defines; returns the
     families registered. Idempotent: a second call for ``ns`` registers nothing again.
 
-    ``keeps_probs=False``: the namespace's ``similarity`` never keeps softmax(S) (its ``probs`` is
-    always ``(0,)``, as Triton's), so the fakes must not promise ``(N, C*K)`` when ``cache_bytes``
-    would fit it. A family whose ops the namespace defines only in part is an error.
+    ``keeps_probs``: whether the namespace's ``similarity`` and ``embed_similarity`` keep their cache
+    ``probs (N, C*K)`` when ``cache_bytes`` fits it (the fakes promise it then), or the families
+    (``"similarity"``, ``"embed"``) that do: Triton's ``embed`` keeps S, its ``similarity`` nothing
+    (``probs`` always ``(0,)``). A family whose ops the namespace defines only in part is an error.
     """
     if ns in _registered:
         return _registered[ns]
@@ -389,7 +390,7 @@ def register(ns: str, *, keeps_probs: bool = True) -> Tuple[str, ...]:
         if not all(present):
             missing = [op for op, p in zip(names, present) if not p]
             raise RuntimeError(f"torch.ops.{ns} defines the {family} family only in part: no {', '.join(missing)}")
-        reg(ns, keeps_probs)
+        reg(ns, keeps_probs if isinstance(keeps_probs, bool) else family in keeps_probs)
         done.append(family)
     _registered[ns] = tuple(done)
     return _registered[ns]

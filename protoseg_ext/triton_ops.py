@@ -6,9 +6,10 @@ and the head's embedding fused into the similarity: ``embed_similarity``,
 ``embed_similarity_backward``, ``embed_prototype_sums``.
 Each op is a ``torch.library.custom_op`` with the C++ schema: same arguments,
 outputs, dtypes and meaning. Two arguments are accepted and met simply: the
-softmax cache (``cache_bytes``) is never kept, so ``probs`` is always ``(0,)``
-and the backward recomputes S tile by tile; ``normalize`` L2-normalises the
-rows before the kernels (and the backward chains the gradient through it). The
+plain ``similarity`` never keeps its softmax cache (``cache_bytes``), so its
+``probs`` is always ``(0,)`` and its backward recomputes S tile by tile;
+``normalize`` L2-normalises the rows before the kernels (and the backward
+chains the gradient through it). The
 kernels live in ``protoseg_ext.kernels``. Fake kernels and the autograd of
 ``similarity`` and ``embed_similarity`` are the shared ones of
 :mod:`protoseg_ext.ops`, so ``torch.compile(fullgraph=True)`` traces through
@@ -23,8 +24,13 @@ stride is copied first), with the optional LayerNorm over D (``ln_weight``,
 registers (:mod:`protoseg_ext.kernels.embed`), ``EMBED_CHUNK`` pixels at a
 time: nothing of size (N, D) is allocated besides the returned gradient, which
 has feats' shape, layout and dtype (d ln_weight / d ln_bias in the
-parameters' dtype, ``(0,)`` without the LayerNorm). ``cache_bytes`` is
-accepted and ignored as for ``similarity``. ``embed_similarity`` also returns
+parameters' dtype, ``(0,)`` without the LayerNorm). Within ``cache_bytes``
+(``compute_lse`` on, N x C*K values of the accumulation dtype fit) the
+forward keeps S itself as ``probs`` (the scores, column ``c*K + k``: this
+backend's cache holds S, not softmax(S / t), which its backward forms from
+``lse``) and ``embed_similarity_backward`` given it reads S instead of
+recomputing it: no GEMM there, and the map is read only for the LayerNorm
+backward's two sums over D. ``embed_similarity`` also returns
 each pixel's statistics ``stats (3, N)`` (written by the programs that compute
 them, no extra pass); ``embed_similarity_backward`` and
 ``embed_prototype_sums`` given them (checked by :func:`checks.embed_stats`)
@@ -292,15 +298,21 @@ def embed_similarity(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``similarity`` of the head's embedding of ``feats`` (N, D) or (B, D, H, W), read as it lies:
     LayerNorm over D (with ``ln_weight``/``ln_bias``) and L2 normalisation fused into the kernel's tiles.
-    Also ``stats (3, N)``: each pixel's statistics, written by the programs that compute them."""
+    Also ``stats (3, N)``: each pixel's statistics, written by the programs that compute them; ``probs``:
+    S itself (N, C*K) where ``compute_lse`` and ``cache_bytes`` allow, else (0,)."""
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own, label_values=False)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
     with _launching(feats, protos, labels, ignore_index, compute_own):
+        N, CK = rows.shape[0], protos.shape[0] * protos.shape[1]
+        if compute_lse and ops.cache_fits(N, CK, feats.dtype, cache_bytes):  # S kept for the backward
+            probs = feats.new_empty((N, CK), dtype=checks.acc_dtype(feats.dtype))
+        else:
+            probs = _no_probs(feats)
         seg, argk, lse, own, stats = _embed.embed_similarity_forward(
             feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg, compute_lse, compute_own,
-            chunk=EMBED_CHUNK)
-        return seg, argk, lse, own, _no_probs(feats), stats
+            chunk=EMBED_CHUNK, scores=probs)
+        return seg, argk, lse, own, probs, stats
 
 
 @torch.library.custom_op(
@@ -329,19 +341,20 @@ def embed_similarity_backward(
     stats: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(d feats (feats' shape and layout), d ln_weight, d ln_bias)`` ((0,) without the LayerNorm);
-    S recomputed tile by tile (``probs`` unused); ``stats``: the forward's, read instead of the
-    statistics pass (None: computed)."""
+    ``probs``: the forward's kept S (N, C*K), read instead of recomputing S tile by tile (None or (0,):
+    recomputed); ``stats``: the forward's, read instead of the statistics pass (None: computed)."""
     has_own = grad_own is not None
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own, label_values=False)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, rows, protos, argk, lse)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
     given = checks.embed_stats(rows, stats)
+    cached = checks.scores_cache(rows, protos, probs)
     with _launching(feats, protos, labels, ignore_index, has_own):
         g_lse, lse = _flat_lse(grad_lse, lse)
         return _embed.embed_similarity_backward(grad_seg, g_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos,
                                                 labels, argk, lse, temperature, chunk=EMBED_CHUNK,
-                                                stats=stats if given else None)
+                                                stats=stats if given else None, scores=probs if cached else None)
 
 
 @torch.library.custom_op(
@@ -369,4 +382,4 @@ def embed_prototype_sums(
                                            stats=stats if given else None)
 
 
-ops.register(NAMESPACE, keeps_probs=False)  # probs is always (0,)
+ops.register(NAMESPACE, keeps_probs=("embed",))  # embed_similarity keeps S; similarity never keeps probs

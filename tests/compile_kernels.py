@@ -141,9 +141,11 @@ SIMILARITY_OPS = ("fwd", "fwd_seg", "bwd", "bwd_seg")
 # "esums": LayerNorm + L2 from an NCHW map (B, D, H, W); "efwd_own": the same,
 # own only (the gathered own-class kernel); "efwd_seg": L2 only, seg only, from a channels-last map; "ebwd_seg":
 # L2 only, seg only, from rows; "ebwd_stats", "ebwd_seg_stats", "esums_stats": "ebwd", "ebwd_seg" and "esums"
-# given the forward's stats (3, N) (GIVEN_STATS).
+# given the forward's stats (3, N) (GIVEN_STATS); "efwd_cache", "ebwd_cache": "efwd" keeping S for the
+# backward (KEEP_SCORES) and "ebwd_stats" given it (GIVEN_SCORES), the head's training step within cache_bytes;
+# "efwd_cache_l2", "ebwd_cache_l2": the same, L2 only, from a channels-last map.
 EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums", "ebwd_stats", "ebwd_seg_stats",
-             "esums_stats")
+             "esums_stats", "efwd_cache", "ebwd_cache", "efwd_cache_l2", "ebwd_cache_l2")
 
 # The default set: every kernel and every constexpr path (forward outputs,
 # backward gradients, Sinkhorn phases, deterministic and atomic sums, the
@@ -152,13 +154,13 @@ EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums", "ebwd_
 # (another class padding) in the GEMM dtype classes.
 QUICK = [
     (CITYSCAPES, torch.bfloat16, ALL_OPS + EMBED_OPS),
-    (CITYSCAPES, torch.float16, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats")),
+    (CITYSCAPES, torch.float16, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats", "efwd_cache", "ebwd_cache")),
     (CITYSCAPES, torch.float32, ALL_OPS + EMBED_OPS),
     (CITYSCAPES, torch.float64, ALL_OPS + EMBED_OPS),
-    (ADE20K, torch.bfloat16, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats")),
-    (ADE20K, torch.float32, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats")),
+    (ADE20K, torch.bfloat16, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats", "efwd_cache", "ebwd_cache")),
+    (ADE20K, torch.float32, SIMILARITY_OPS + ("efwd", "ebwd", "ebwd_stats", "efwd_cache", "ebwd_cache")),
     (TINY, torch.float16, ("fwd_seg", "bwd_seg")),
-    (TINY, torch.float64, ("fwd", "bwd", "sinkhorn", "sums", "ema", "efwd", "ebwd")),
+    (TINY, torch.float64, ("fwd", "bwd", "sinkhorn", "sums", "ema", "efwd", "ebwd", "efwd_cache", "ebwd_cache")),
 ]
 FULL = [(pb, dt, ALL_OPS + EMBED_OPS) for pb in (CITYSCAPES, ADE20K, TINY)
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
@@ -201,6 +203,7 @@ def _record_all(table):
             fmap_cl = torch.empty(B, D, H, W, dtype=dt, memory_format=torch.channels_last, **meta)
             lnw, lnb = torch.empty(D, dtype=dt, **meta), torch.empty(D, dtype=dt, **meta)
             stats = torch.empty(3, N, dtype=acc, **meta)  # embed_similarity's
+            scores = torch.empty(N, C * K, dtype=acc, **meta)  # its cache of S
             calls = {
                 "fwd": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, True, True),
                 "fwd_seg": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, False, False),
@@ -225,6 +228,15 @@ def _record_all(table):
                                                                       argk, lse, 1.0, stats=stats),
                 "ebwd_seg_stats": lambda: embed.embed_similarity_backward(gseg, None, None, f, None, None, 1e-5, p,
                                                                           lab, argk, lse, 1.0, stats=stats),
+                "efwd_cache": lambda: embed.embed_similarity_forward(fmap, lnw, lnb, 1e-5, p, lab, 1.0, True, True,
+                                                                     True, scores=scores),
+                "efwd_cache_l2": lambda: embed.embed_similarity_forward(fmap_cl, None, None, 1e-5, p, lab, 1.0, True,
+                                                                        True, True, scores=scores),
+                "ebwd_cache_l2": lambda: embed.embed_similarity_backward(gseg, lse, own, fmap_cl, None, None, 1e-5, p,
+                                                                         lab, argk, lse, 1.0, stats=stats,
+                                                                         scores=scores),
+                "ebwd_cache": lambda: embed.embed_similarity_backward(gseg, lse, own, fmap, lnw, lnb, 1e-5, p, lab,
+                                                                      argk, lse, 1.0, stats=stats, scores=scores),
                 "esums_stats": lambda: embed.embed_prototype_sums(fmap, lnw, lnb, 1e-5, lab, C * K, stats=stats),
                 "losses": lambda: [losses.ppc_ppd(lse, own, lab, -1, 1.0),
                                    losses.ppc_ppd_backward(lse[0], lse[0], own, lab, lse[0], -1, 1.0)],

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL_KEYS = {"name", "launches", "bytes_loaded", "bytes_stored", "sectors", "ideal_sectors", "unique_bytes", "flops",
                "unit", "modelled_us"}
-STEP_KEYS = {"compulsory_bytes", "unique_bytes", "flops", "modelled_us", "roofline_us", "launches", "launch_counts"}
+STEP_KEYS = {"compulsory_bytes", "unique_bytes", "flops", "modelled_us", "roofline_us", "launches", "launch_counts",
+             "keeps_scores"}
 LAUNCH_KEYS = {"kernels", "gemms", "aten", "total", "units", "per_unit", "fixed", "linear"}
 CITYSCAPES_GEMM_FLOPS = 2 * 65536 * 720 * 190  # one GEMM of the cityscapes size: 2 N D CK
 
@@ -30,7 +31,7 @@ def run_gpu_model_json(backend: str, size: str = "cityscapes", dtype: str = "fp3
     assert set(out) == {"kernels", "step"}
     assert out["kernels"] and all(set(k) == KERNEL_KEYS for k in out["kernels"])
     step = out["step"]
-    assert set(step) == STEP_KEYS
+    assert set(step) == STEP_KEYS and isinstance(step["keeps_scores"], bool)
     assert abs(step["modelled_us"] - sum(k["modelled_us"] for k in out["kernels"])) < 1e-6 * step["modelled_us"]
     lc = step["launch_counts"]
     assert set(lc) == LAUNCH_KEYS and lc["linear"] and lc["total"] == step["launches"]

@@ -108,6 +108,10 @@ def test_gpu_model_triton_json():
     per = per_unit_launches(out)
     assert (per["kernels"], per["gemms"], per["aten"]) == (5, 0, 0), per
     assert out["step"]["launch_counts"]["units"] == 1  # two images of 32,768 pixels: one chunk
+    # S (50 MB) within the default cache budget: kept by the forward, read by the dS kernel (no GEMM there)
+    assert out["step"]["keeps_scores"] is True
+    ds = next(k for k in out["kernels"] if k["name"] == "embed_ds_kernel")
+    assert ds["flops"] == 0 and ds["bytes_loaded"] >= 65536 * 190 * 4, ds
 
 
 def test_chunk_loops_are_tile_loops():
@@ -127,3 +131,19 @@ def test_chunk_loops_are_tile_loops():
     assert tiles and all(t == [32, 32] for t in tiles), tiles
     assert len(m.events) % 4 == 0  # the same launches in each of the 4 chunks
     assert any(e["reuse_tile"] for e in m.events)  # the chunk's stats, or the prototypes of the chunk before
+
+
+def test_gpu_model_keeps_scores_as_the_real_size_would(monkeypatch):
+    """The metered step keeps S (N x C*K float32) exactly where the head would at the size it models:
+    within PROTOSEG_CACHE_MB (2048 MiB unless set), whatever the small measured maps would allow."""
+    from tools import gpu_model as gm
+
+    monkeypatch.delenv("PROTOSEG_CACHE_MB", raising=False)
+    sizes = {name: (B * H * W, C) for name, (B, D, H, W, C) in gm.SIZES.items()}
+    assert gm.keeps_scores(*sizes["cityscapes"], torch.bfloat16)  # 50 MB
+    assert gm.keeps_scores(*sizes["ade20k"], torch.float32)  # 393 MB
+    assert gm.keeps_scores(*sizes["fullres"], torch.bfloat16)  # 1,594 MB
+    assert not gm.keeps_scores(*sizes["fullres-ade20k"], torch.bfloat16)  # 25,166 MB
+    assert not gm.keeps_scores(2048 * 2048, 19, torch.float32)  # 3,188 MB > 2,048 MiB
+    monkeypatch.setenv("PROTOSEG_CACHE_MB", "0")
+    assert not gm.keeps_scores(*sizes["cityscapes"], torch.bfloat16)

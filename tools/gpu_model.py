@@ -152,12 +152,23 @@ def _gemm_unit(ev) -> str:
     return "fp32 cuda cores"
 
 
-def _step_inputs(torch, backend, B, D, H, W, C, dtype):
-    """The head, map and labels of the metered step (seeded)."""
+def keeps_scores(N, C, dtype) -> bool:
+    """Whether the step at N pixels keeps S (N x C*K, float32) for the backward: within the head's default
+    cache budget (``PROTOSEG_CACHE_MB``, :func:`protoseg_ext.backends.default_cache_bytes`). The small
+    measured maps always fit, so the metered step is told the real size's choice."""
+    from protoseg_ext import backends, ops
+
+    return ops.cache_fits(N, C * K, dtype, backends.default_cache_bytes())
+
+
+def _step_inputs(torch, backend, B, D, H, W, C, dtype, keep=True):
+    """The head, map and labels of the metered step (seeded); ``keep``: whether it may keep S (the head's
+    default cache budget), else it recomputes S in the backward (``cache_mb=0``)."""
     from protoseg_ext import ProtoSegHead
 
     torch.manual_seed(0)
-    head = ProtoSegHead(D, C, K, backend=backend, feat_norm=True, gamma=0.999, assign="argmax").train()
+    head = ProtoSegHead(D, C, K, backend=backend, feat_norm=True, gamma=0.999, assign="argmax",
+                        cache_mb=None if keep else 0).train()
     feats = torch.randn(B, D, H, W).to(dtype).requires_grad_()
     gt = torch.randint(0, C, (B, H, W))
     gt[:, 0, :2] = -1  # a few ignored pixels
@@ -173,7 +184,7 @@ def _run_step(torch, head, feats, gt):
     loss.backward()
 
 
-def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
+def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None, keep=True):
     """The meter's events of one training step at (B, D, H, W, C), grouped by kernel (or GEMM kind).
 
     meter: a context manager whose value, after the block, is the list of events (cuda_sim's meter or
@@ -182,7 +193,7 @@ def measure_step(meter, torch, backend, B, D, H, W, C, dtype, ema_args=None):
     from protoseg_ext import backends
 
     ema_args = [] if ema_args is None else ema_args
-    head, feats, gt = _step_inputs(torch, backend, B, D, H, W, C, dtype)
+    head, feats, gt = _step_inputs(torch, backend, B, D, H, W, C, dtype, keep)
     be = backends.get_backend(backend)
     ema = be.prototype_ema
 
@@ -294,7 +305,7 @@ def units_at(backend: str, B: int, HW: int, CK: int, override: int = 0) -> int:
     return sum(1 for _ in emb.pixel_chunks(B, HW, override or emb.CHUNK_PIXELS))
 
 
-def step_launches(meter, torch, backend, B, D, H, W, C, dtype):
+def step_launches(meter, torch, backend, B, D, H, W, C, dtype, keep=True):
     """GPU launches of the step at (B, D, H, W, C), from the profiled small maps: each run in
     ``units_at(..., override=64)`` tiles or chunks (PROTOSEG_SIM_TILE_ROWS, or kernels/embed.py's
     CHUNK_PIXELS, set to 64 for the runs), every count fitted as a + b * units on two runs and checked on
@@ -310,7 +321,7 @@ def step_launches(meter, torch, backend, B, D, H, W, C, dtype):
     try:
         with _sim_tile_rows(R if backend == "cuda" else None):
             for h, w in SMALL_HW:
-                head, feats, gt = _step_inputs(torch, backend, B, D, h, w, C, dtype)
+                head, feats, gt = _step_inputs(torch, backend, B, D, h, w, C, dtype, keep)
                 with profile(activities=[ProfilerActivity.CPU]) as prof, meter():
                     _run_step(torch, head, feats, gt)
                 counts.append(count_launches(prof.events()))
@@ -552,10 +563,11 @@ def run(backend: str, size: str, dtype: str):
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     B, D, H, W, C = SIZES[size]
     runs, Ns, ema_args = [], [], []
-    for h, w in SMALL_HW:
-        runs.append(measure_step(meter, torch, backend, B, D, h, w, C, dt, ema_args))
-        Ns.append(B * h * w)
     N = B * H * W
+    keep = keeps_scores(N, C, dt)
+    for h, w in SMALL_HW:
+        runs.append(measure_step(meter, torch, backend, B, D, h, w, C, dt, ema_args, keep))
+        Ns.append(B * h * w)
     full = measure_full_update(meter, torch, backend, ema_args[-1])
 
     def tile_scale(loop_rows, rows):  # a tile's pixels at the real size over its rows in the measured run
@@ -564,10 +576,10 @@ def run(backend: str, size: str, dtype: str):
     rows = model(bound_by_full_update(extrapolate(runs, Ns, N, tile_scale), full))
     cb, cf, roofline_us = step_roofline(B, D, H, W, C, dtype, backend)
     flops = sum(r["flops"] for r in rows)
-    launches = step_launches(meter, torch, backend, B, D, H, W, C, dt)
+    launches = step_launches(meter, torch, backend, B, D, H, W, C, dt, keep)
     step = dict(compulsory_bytes=cb, unique_bytes=sum(r["unique_bytes"] for r in rows), flops=flops,
                 modelled_us=sum(r["modelled_us"] for r in rows),
-                roofline_us=roofline_us, launches=launches["total"], launch_counts=launches)
+                roofline_us=roofline_us, launches=launches["total"], launch_counts=launches, keeps_scores=keep)
     return rows, step, dict(N=N, B=B, D=D, H=H, W=W, C=C, K=K, Ns=Ns, compulsory_flops=cf, backend=backend)
 
 
@@ -609,6 +621,12 @@ def as_table(rows, step, info, size, dtype) -> str:
         f"{info['compulsory_flops'] / 1e9:.1f} GFLOP with S recomputed in the backward, or one GEMM fewer "
         "and softmax(S) kept: the faster; protoseg_ext.kernels.roofline)",
     ]
+    s_mb = info["N"] * info["C"] * info["K"] * 4 / mb
+    lines.append(f"S (N x C*K float32, {s_mb:,.0f} MB) "
+                 + ("kept from the forward for the backward: within the head's default cache budget"
+                    if step["keeps_scores"] else
+                    "recomputed in the backward: beyond the head's default cache budget")
+                 + " (PROTOSEG_CACHE_MB, 2048 MiB unless set)")
     lc = step["launch_counts"]
     unit = "tiles" if info["backend"] == "cuda" else "chunks"
     lines.append(

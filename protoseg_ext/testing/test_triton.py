@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 import protoseg_ext  # noqa: E402
 import protoseg_ext.functional as PF  # noqa: E402
-from protoseg_ext import backends, ops  # noqa: E402
+from protoseg_ext import backends, checks, ops  # noqa: E402
 from protoseg_ext import reference as R  # noqa: E402
 from protoseg_ext.testing import as_layout, embed_reference, make_problem  # noqa: E402
 from protoseg_ext.testing import embed_problem as _embed_problem  # noqa: E402
@@ -527,6 +527,11 @@ def test_tiles_within_triton_element_limit(interpret, dtype):
                 # tile of a small C*K, which spills on sm_80 at 64: kernels/tiles.py)
                 small_fp32 = kind == "fp32" and cfg["BLOCK_C"] * cfg["BLOCK_K"] <= 16
                 assert cfg["BLOCK_N"] >= (32 if kind == "fp64" or small_fp32 else 64), cfg
+            # the forward keeping S and the dS kernel reading it (the cache within cache_bytes)
+            for pass_ in ("fwd_keep", "bwd_ds_cached"):
+                cfg = KT.similarity_tiles(pass_, kind, C, K, D, N, interpret, layer_norm=ln)
+                assert KT.largest_block(pass_, kind, cfg) <= KT.MAX_NUMEL, (pass_, (N, D, C, K), cfg)
+                assert cfg["BLOCK_C"] * cfg["BLOCK_K"] >= 16 and cfg["BLOCK_K"] >= K, cfg
         x = KT.embed_dx_tiles(kind, C * K, D, N, interpret)
         n, j, do = x["BLOCK_N"], x["BLOCK_J"], x["BLOCK_DO"]
         assert max(n * j, j * do, n * do, n * j * do if kind == "fp64" else 0) <= KT.MAX_NUMEL, x
@@ -680,6 +685,65 @@ def embed_check(x, w, b, p, gt, layer_norm, layout, temperature=0.7, tol=TOL, gr
         assert dw.shape == (0,) and db.shape == (0,)
     for u, v in zip(got, want):
         torch.testing.assert_close(u.double(), v, **(grad_tol or tol))
+
+
+_GPU_TILES_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from protoseg_ext import reference as R
+    from protoseg_ext.testing import as_layout, embed_problem, embed_reference
+    import protoseg_ext.triton_ops
+    from protoseg_ext.kernels import common, tiles as KT
+    from protoseg_ext.kernels import similarity as KS
+    from protoseg_ext.kernels import embed as KE
+    T = torch.ops.protoseg_triton
+    assert common.INTERPRET and not common.INTERPRET_TILES  # the interpreter, with the GPU's tiles
+    cases = 0
+    # 200-pixel images (128-pixel blocks: one partial), C = 6 of K = 10 (two 4-class column blocks), D = 40
+    # (not a multiple of 16: the 64-row d feats tile) and 48
+    for dtype, D, tol in ((torch.float32, 40, dict(atol=1e-4, rtol=1e-4)),
+                          (torch.float16, 48, dict(atol=2e-2, rtol=2e-2))):
+        B, H, W, C, K = 2, 8, 25, 6, 10
+        kind = KT.kind_of(str(dtype).split(".")[-1], str(dtype).split(".")[-1])
+        for pass_ in ("fwd", "fwd_keep", "bwd_ds", "bwd_ds_cached"):
+            n, j, d = KT.EMBED_GPU_TILES[(pass_, kind)][:3]
+            cfg = KS.tile_config(pass_, dtype, dtype, B * H * W, C, K, D, layer_norm=True)
+            assert (cfg["BLOCK_N"], cfg["BLOCK_C"] * cfg["BLOCK_K"], cfg["BLOCK_D"]) == (n, j, d), (pass_, cfg)
+        x, w, b, p, gt = embed_problem(B, D, H, W, C, K, seed=3, offset=4.0, dtype=dtype)
+        xr, wr, br = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        ref = R.similarity_outputs(embed_reference(xr, (wr, br, 1e-5)), p.double(), gt, -1, 0.1, True, True, True)
+        g = torch.Generator().manual_seed(7)
+        gs, gl, go = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in (ref[0], ref[2], ref[3])]
+        want = torch.autograd.grad((ref[0] * gs).sum() + (ref[2] * gl).sum() + (ref[3] * go).sum(), (xr, wr, br))
+        for layout in ("nchw", "channels_last"):
+            xin = as_layout(x, layout)
+            for cache in (0, 1 << 30):
+                seg, argk, lse, own, probs, stats = T.embed_similarity(xin, w, b, 1e-5, p, gt, -1, 0.1, True, True,
+                                                                       True, cache)
+                assert probs.numel() == (B * H * W * C * K if cache else 0)
+                for u, v in zip((seg, lse, own), (ref[0], ref[2], ref[3])):
+                    torch.testing.assert_close(u.double(), v, **tol)
+                got = T.embed_similarity_backward(gs.to(seg.dtype), gl.float(), go.float(), xin, w, b, 1e-5, p, gt,
+                                                  argk, lse, -1, 0.1, probs, stats)
+                for u, v in zip(got, want):
+                    torch.testing.assert_close(u.double(), v, **tol)
+                cases += 1
+    print("ok", cases)
+    """
+)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU every test runs the GPU's tiles")
+def test_embed_kernels_at_the_gpu_tiles():
+    """The embedded forward and backward at the tiles a GPU launches (``PROTOSEG_TRITON_GPU_TILES=1``:
+    kernels/tiles.py's tables, which the other interpreter tests replace by their own), against the
+    float64 reference on values and gradients (map, LayerNorm weight and bias): fp32 and fp16 maps, NCHW
+    and channels-last, S recomputed and kept (``cache_bytes``). A subprocess, as the tile choice is
+    read at import."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PROTOSEG_TRITON_GPU_TILES="1")
+    res = subprocess.run([sys.executable, "-c", _GPU_TILES_SCRIPT], capture_output=True, text=True, timeout=900,
+                         env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok 8", res.stdout[-2000:] + res.stderr[-4000:]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
@@ -1001,6 +1065,94 @@ def test_embed_backward_given_stats_equals_without(layout, layer_norm):
         torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5, equal_nan=True)
     dx = given[0] if layout != "rows" else given[0].reshape(B, H, W, D).permute(0, 3, 1, 2)
     assert torch.isnan(dx[1, :, 2, 3]).all() and torch.isfinite(dx[0]).all() and torch.isfinite(dx[2]).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_embed_backward_given_scores_equals_recomputed(layout, layer_norm, dtype):
+    """The forward keeping S (``scores``: the op's cache) writes S itself, column c*K + k, as the float64
+    reference has it; the backward given it (no GEMM: S read from the cache) gives the reference's
+    gradients and what the backward that recomputes S gives, to rounding, over several pixel blocks and
+    chunks, far from zero mean; other (finite) scores give another gradient, so the cache is what it
+    reads. Through the op: ``probs`` is S within ``cache_bytes`` ((0,) beyond it or without lse), and a
+    NaN pixel gives the same NaN gradient for its pixel and the same finite ones elsewhere either way."""
+    B, D, H, W, C, K = 3, 40, 5, 13, 9, 3
+    x, w, b, p, gt = embed_problem(B, D, H, W, C, K, seed=2, offset=30.0, dtype=dtype)
+    tiles = dict(BLOCK_N=16, BLOCK_C=4, BLOCK_D=16, BLOCK_DO=16, BLOCK_J=16, EMBED_BLOCK_N=16, EMBED_BLOCK_D=16)
+    acc = checks.acc_dtype(dtype)
+    N = B * H * W
+    seen = {}
+
+    def call(xin, w_, b_, p_, gt_):
+        scores = torch.full((N, C * K), float("nan"), dtype=acc, device=DEVICE)
+        seg, argk, lse, own, stats = KE.embed_similarity_forward(xin, w_, b_, 1e-5, p_, gt_, 0.7, True, True, True,
+                                                                 tiles=tiles, chunk=40, scores=scores)
+        seen["scores"] = scores
+
+        def backward(gs, gl, go, xin_, argk_, lse_):
+            args = (gs, gl, go, xin_, w_, b_, 1e-5, p_, gt_, argk_, lse_, 0.7)
+            seen["given"] = KE.embed_similarity_backward(*args, tiles=tiles, chunk=40, stats=stats, scores=scores)
+            seen["recomputed"] = KE.embed_similarity_backward(*args, tiles=tiles, chunk=40, stats=stats)
+            return seen["given"]
+
+        return seg, argk, lse, own, backward
+
+    tol = EMBED_TOL if dtype == torch.float32 else TOL
+    grad_tol = EMBED_GRAD_TOL if dtype == torch.float32 else None
+    embed_check(x, w, b, p, gt, layer_norm, layout, tol=tol, grad_tol=grad_tol, call=call)
+    z = embed_reference(x.double(), (w.double(), b.double(), 1e-5) if layer_norm else None)
+    want = z @ p.double().reshape(C * K, D).t()  # S, column c*K + k
+    torch.testing.assert_close(seen["scores"].double(), want, **tol)
+    for u, v in zip(seen["given"], seen["recomputed"]):
+        torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+    xin = as_layout(x, layout)
+    ln = (w, b) if layer_norm else (None, None)
+    seg, argk, lse, own, stats = KE.embed_similarity_forward(xin, *ln, 1e-5, p, gt, 0.7, True, True, True)
+    scores = seen["scores"]
+    args = (torch.ones_like(seg), torch.ones_like(lse), None, xin, *ln, 1e-5, p, gt, argk, lse, 0.7)
+    assert not torch.allclose(KE.embed_similarity_backward(*args, scores=scores * 0.9)[0],
+                              KE.embed_similarity_backward(*args, scores=scores)[0], atol=0, rtol=1e-3)
+    # through the op: probs is S within cache_bytes, (0,) beyond it or without lse
+    fit = N * C * K * scores.element_size()
+    out = T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 0.7, True, True, True, fit)
+    torch.testing.assert_close(out[4], scores, **tol)  # (other tiles: other rounding)
+    assert T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 0.7, True, True, True, fit - 1)[4].shape == (0,)
+    assert T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 0.7, True, False, True, fit)[4].shape == (0,)
+    # a NaN pixel: the op given the cache against the op without it
+    x[1, 5, 2, 3] = float("nan")
+    xin = as_layout(x, layout)
+    seg, argk, lse, own, probs, stats = T.embed_similarity(xin, *ln, 1e-5, p, gt, -1, 1.0, True, True, True, fit)
+    assert probs.shape == (N, C * K) and torch.isnan(probs[H * W + 2 * W + 3]).all()
+    g = torch.Generator().manual_seed(3)
+    gs, gl, go = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (seg, lse, own))
+    bwd = (gs, gl, go, xin, *ln, 1e-5, p, gt, argk, lse, -1, 1.0)
+    given, without = T.embed_similarity_backward(*bwd, probs, stats), T.embed_similarity_backward(*bwd, None, stats)
+    for u, v in zip(given, without):
+        torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5, equal_nan=True)
+    dx = given[0] if layout != "rows" else given[0].reshape(B, H, W, D).permute(0, 3, 1, 2)
+    assert torch.isnan(dx[1, :, 2, 3]).all() and torch.isfinite(dx[0]).all() and torch.isfinite(dx[2]).all()
+
+
+def test_embed_scores_errors_name_the_argument():
+    """A ``probs`` given to the backward that is not the forward's kept S, (N, C*K) contiguous in the
+    accumulation dtype, raises a ValueError naming ``probs``; None and (0,) mean "recompute S"."""
+    x, w, b, p, gt = embed_problem(1, 8, 2, 3, 3, 2, dtype=torch.float32)
+    seg, argk, lse, own, probs, stats = T.embed_similarity(x, w, b, 1e-5, p, gt, -1, 1.0, True, True, True, 1 << 20)
+    assert probs.shape == (6, 6)
+    bwd = (torch.ones_like(seg), torch.ones_like(lse), None, x, w, b, 1e-5, p, gt, argk, lse, -1, 1.0)
+    for bad, match in ((probs[:-1], r"probs must be \(N, C\*K\) = \(6, 6\) or \(0,\), got shape"),
+                       (probs[:, :4], r"probs must be \(N, C\*K\) = \(6, 6\)"),
+                       (probs.double(), "probs must be torch.float32"),
+                       (probs.t().contiguous().t(), "probs must be contiguous")):
+        with pytest.raises(ValueError, match=match):
+            T.embed_similarity_backward(*bwd, bad, stats)
+    want = T.embed_similarity_backward(*bwd, probs, stats)
+    for none in (None, probs.new_empty((0,))):
+        for u, v in zip(T.embed_similarity_backward(*bwd, none, stats), want):
+            torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="scores must be a contiguous"):
+        KE.embed_similarity_forward(x, w, b, 1e-5, p, gt, 1.0, True, False, True, scores=probs)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
