@@ -19,7 +19,7 @@ are named after the step they take:
   :func:`_pixel_block` / :func:`_pixel_rows` (a block's pixels in a chunk and
   in feats), :func:`_pixel_stats` (LayerNorm and L2 statistics;
   :func:`_layer_norm_sums` its second pass), :func:`_store_pixel_stats` (the
-  op's stats (3, N)), :func:`_block_stats` (a block's statistics, from given
+  op's stats (5, N)), :func:`_block_stats` (a block's statistics, from given
   stats or computed), :func:`_embed_tile` (the LayerNorm of a feats tile),
   :func:`_store_stats` / :func:`_load_stats` (the per-pixel rows of a chunk
   buffer);
@@ -121,31 +121,6 @@ def _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, co
                     other=0.0)
         acc = _dot(x, p, acc, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
     return acc
-
-
-@triton.jit
-def _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr, BIAS_ptr,
-                    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    # _s_tile in EMBED mode with the LayerNorm, and from the same LayerNorm'd
-    # feats tiles the LayerNorm backward's sums over D (s_yw = sum_d y_d w_d,
-    # s_ywx = sum_d y_d w_d xhat_d, as _layer_norm_sums): (acc, s_yw, s_ywx).
-    # The embedded backward given the forward's stats takes them here, in its
-    # first class block, instead of a pass of their own over the rows.
-    acc = tl.zeros((BLOCK_N, BLOCK_J), ACC_DTYPE)
-    s_yw = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    s_ywx = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    for d0 in range(0, D, BLOCK_D):
-        x, d, d_ok, m = _feats_chunk(X_ptr, x_row, X_stride_d, row_ok, d0, D, BLOCK_D)
-        y = _embed_tile(x, mu, r, W_ptr, BIAS_ptr, d, d_ok, row_ok, True, ACC_DTYPE)
-        s_yw, s_ywx = _add_ln_sums(s_yw, s_ywx, x, y, m, mu, r, W_ptr, d, d_ok, ACC_DTYPE)
-        p = tl.load(P_ptr + prow[None, :].to(tl.int64) * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None],
-                    other=0.0)
-        acc = _dot(y, p, acc, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, ACC_DTYPE)
-    return acc, s_yw, s_ywx
-
-
-# ----------------------------------------------------------------- the backward's dS
 
 
 @triton.jit
@@ -356,16 +331,20 @@ def _finite(v):
 
 
 @triton.jit
-def _store_pixel_stats(STAT_ptr, N, rows, row_ok, mu, r, inv, norm):
-    # embed_similarity's stats (3, N) of the pixels `rows` (int64): rows mu,
-    # r, inv, each N long; NaN in all three for a pixel whose statistics are
-    # not finite (a NaN or inf entry makes mu or norm so; sums of squares that
-    # overflow make norm inf, or the variance inf and so r = 0)
+def _store_pixel_stats(STAT_ptr, N, rows, row_ok, mu, r, inv, norm, s_yw, s_ywx):
+    # embed_similarity's stats (5, N) of the pixels `rows` (int64): rows mu,
+    # r, inv, then the LayerNorm backward's sums over D, s_yw = sum_d y_d w_d
+    # and s_ywx = sum_d y_d w_d xhat_d (0 without the LayerNorm), each N long;
+    # NaN in all five for a pixel whose statistics are not finite (a NaN or
+    # inf entry makes mu or norm so; sums of squares that overflow make norm
+    # inf, or the variance inf and so r = 0)
     N = tl.cast(N, tl.int64)
     ok = _finite(mu) & _finite(r) & (r > 0) & _finite(norm)
     tl.store(STAT_ptr + rows, tl.where(ok, mu, float("nan")), mask=row_ok)
     tl.store(STAT_ptr + N + rows, tl.where(ok, r, float("nan")), mask=row_ok)
     tl.store(STAT_ptr + 2 * N + rows, tl.where(ok, inv, float("nan")), mask=row_ok)
+    tl.store(STAT_ptr + 3 * N + rows, tl.where(ok, s_yw, float("nan")), mask=row_ok)
+    tl.store(STAT_ptr + 4 * N + rows, tl.where(ok, s_ywx, float("nan")), mask=row_ok)
 
 
 @triton.jit
@@ -373,10 +352,9 @@ def _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIA
                  ACC_DTYPE: tl.constexpr, LAYER_NORM: tl.constexpr, BACKWARD: tl.constexpr, GIVEN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # _pixel_stats' (mu, r, inv, norm, s_yw, s_ywx) of the pixels `rows`.
-    # GIVEN: mu, r, inv from embed_similarity's stats (3, N) instead of the
-    # statistics pass (BACKWARD with the LayerNorm: s_yw, s_ywx still take one
-    # pass over the rows, which embed_ds_kernel avoids: _s_tile_ln_sums; norm
-    # is then a stand-in, 1 where ||y|| > 1e-12, i.e. where inv < 1 / 1e-12,
+    # GIVEN: from embed_similarity's stats (5, N) instead of the statistics
+    # pass (s_yw, s_ywx only for BACKWARD with the LayerNorm, else 0; norm is
+    # then a stand-in, 1 where ||y|| > 1e-12, i.e. where inv < 1 / 1e-12,
     # else 0: all the backward asks of it). A
     # block with a NaN column (a pixel whose statistics were not finite)
     # computes its statistics as without stats, so that the results are the
@@ -395,8 +373,8 @@ def _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIA
             s_yw = tl.zeros((BLOCK_N,), ACC_DTYPE)
             s_ywx = tl.zeros((BLOCK_N,), ACC_DTYPE)
             if BACKWARD and LAYER_NORM:
-                _sq, s_yw, s_ywx = _layer_norm_sums(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, mu, r,
-                                                    ACC_DTYPE, True, BLOCK_N, BLOCK_D)
+                s_yw = tl.load(STAT_ptr + 3 * N + rows, mask=row_ok, other=0.0)
+                s_ywx = tl.load(STAT_ptr + 4 * N + rows, mask=row_ok, other=0.0)
     else:
         mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
                                                      ACC_DTYPE, LAYER_NORM, BACKWARD, BLOCK_N, BLOCK_D)

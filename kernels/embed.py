@@ -13,18 +13,18 @@ Per chunk of pixels (``CHUNK_PIXELS``, 65,536 by default: whole images, or a
 pixel range of one image):
 
 * statistics ``(mu, r, inv)`` of each pixel in the accumulation dtype
-  (float32; float64 for float64 feats): the forward computes its pixel
-  block's (``device._pixel_stats``) before its main loop, which then finds
-  the block's rows in L2, and writes them to the op's ``stats`` (3, N) (NaN
-  where not finite; the own-only forward: ``embed_stats_kernel`` writes
-  them, the gathered kernel reads them). The backward and the sums given
-  those stats read them instead of their own statistics pass
-  (``device._block_stats``; the two sums over D that the LayerNorm backward
-  needs besides them are taken from the first class block's LayerNorm'd
-  tiles, ``device._s_tile_ln_sums``; a block with a NaN column computes its
-  statistics as without stats, so both give the same results): the map is
-  then read by the GEMMs alone; without stats each kernel computes its
-  block's as the forward does;
+  (float32; float64 for float64 feats), and the two sums over D that the
+  LayerNorm backward needs besides them (``s_yw = sum_d y_d w_d``,
+  ``s_ywx = sum_d y_d w_d xhat_d``; 0 without the LayerNorm): the forward
+  computes its pixel block's (``device._pixel_stats``) before its main loop,
+  which then finds the block's rows in L2, and writes them to the op's
+  ``stats`` (5, N) (NaN where not finite; the own-only forward:
+  ``embed_stats_kernel`` writes them, the gathered kernel reads them). The
+  backward and the sums given those stats read them instead of their own
+  statistics pass (``device._block_stats``; a block with a NaN column
+  computes its statistics as without stats, so both give the same
+  results): the map is then read by the GEMMs alone; without stats each
+  kernel computes its block's as the forward does;
 * forward: ``similarity_fwd_kernel`` in EMBED mode (kernels/similarity.py; own
   alone: ``own_class_scores_kernel`` in EMBED mode, gathered by label): each
   feats tile is LayerNorm'd in registers before the dot, each S tile scaled by
@@ -63,14 +63,16 @@ from . import similarity as _sim
 from .common import INTERPRET_TILES, TL_DTYPE, acc_dtype, dot_config, dummy, gemm_kind, pow2, s_dots
 from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _ds_times_protos, _embed_tile,
                      _feats_chunk, _finite, _load_stats, _pixel_block, _pixel_rows, _pixel_stats, _row_block_and_slice,
-                     _s_tile, _s_tile_ln_sums, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
+                     _s_tile, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
-__all__ = ["CHUNK_PIXELS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
+__all__ = ["CHUNK_PIXELS", "STATS_ROWS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
            "embed_prototype_sums"]
 
 # pixels per chunk: the size of the statistics, d z and z buffers (tests lower it)
 CHUNK_PIXELS = 1 << 16
+# rows of embed_similarity's stats: mu, r, inv, and the LayerNorm backward's s_yw, s_ywx
+STATS_ROWS = 5
 # The traffic meter's view of the chunk loops (tools/triton_meter.py sets it while it meters):
 # ``tile(chunk, pixels)`` at each chunk's start, ``tiles_end()`` after the loop. None: nothing called.
 CHUNK_OBSERVER = None
@@ -85,7 +87,8 @@ def embed_stats_kernel(
     X_stride_d,
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
-    STAT_ptr,  # out (3, N) acc dtype, the op's stats: mu, r = 1/sqrt(var + eps), inv = 1/max(||y||, 1e-12)
+    STAT_ptr,  # out (5, N) acc dtype, the op's stats: mu, r = 1/sqrt(var + eps), inv = 1/max(||y||, 1e-12),
+    # s_yw = sum_d y_d w_d, s_ywx = sum_d y_d w_d xhat_d
     B0,  # first image of the chunk
     HW0,  # first pixel of the chunk in each image
     HWC,  # pixels of the chunk in each image
@@ -107,9 +110,9 @@ def embed_stats_kernel(
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     hw, row_ok, loc, x_row = _pixel_block(tl.program_id(0), B0, HW0, HWC, X_stride_b, X_stride_hw, BLOCK_N)
     mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps, ACC_DTYPE,
-                                                 LAYER_NORM, False, BLOCK_N, BLOCK_D)
+                                                 LAYER_NORM, True, BLOCK_N, BLOCK_D)
     # pixel n = n0 + loc, n0 = B0*HW + HW0 the chunk's first
-    _store_pixel_stats(STAT_ptr + (tl.cast(B0, tl.int64) * HW + HW0), N, loc, row_ok, mu, r, inv, norm)
+    _store_pixel_stats(STAT_ptr + (tl.cast(B0, tl.int64) * HW + HW0), N, loc, row_ok, mu, r, inv, norm, s_yw, s_ywx)
 
 
 @triton.jit
@@ -186,7 +189,7 @@ def embed_ds_kernel(
     W_ptr, BIAS_ptr,  # LayerNorm weight, bias (D,) (if LAYER_NORM)
     DS_ptr,  # out (pixels of the chunk, C*K) acc dtype: dS = d loss / d S of the embedding
     SC_ptr,  # out (pixels of the chunk, 6) acc dtype: mu, r, inv, a1, m1, m2 (embed_dx_kernel's scalars)
-    STAT_ptr,  # (3, N) acc dtype: the forward's stats (if GIVEN_STATS)
+    STAT_ptr,  # (5, N) acc dtype: the forward's stats (if GIVEN_STATS)
     SCORES_ptr,  # (N, C*K) acc dtype: the forward's S (if GIVEN_SCORES: its cache)
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
@@ -203,8 +206,8 @@ def embed_ds_kernel(
 ):
     # The backward's first half, per BLOCK_N pixels: their statistics
     # (_pixel_stats: feats' rows then sit in L2 for the GEMM; GIVEN_STATS: the
-    # forward's, _block_stats, with the two sums the LayerNorm backward needs
-    # taken from the first class block's tiles, _s_tile_ln_sums), then, one class
+    # forward's, _block_stats, the two sums the LayerNorm backward needs among
+    # them), then, one class
     # block at a time, the S tile of the embedding z = y inv recomputed once
     # (full D), turned into
     #   dS[n, j] = softmax_j(S[n] / t) * grad_lse[n] / t            (PPC)
@@ -215,16 +218,14 @@ def embed_ds_kernel(
     # per-pixel scalars of the L2 and LayerNorm backward follow from the S and
     # dS tiles, with no g (_ln_backward_sums, _store_backward_scalars).
     # GIVEN_SCORES: the S tiles are read from the forward's cache instead (no
-    # GEMM; the map is read once, by the statistics pass for the LayerNorm
-    # backward's two sums, and not at all without the LayerNorm given stats).
+    # GEMM; given the forward's stats too, the map is not read at all).
     X_stride_d = tl.cast(X_stride_d, tl.int64)
     BLOCK_J: tl.constexpr = BLOCK_C * BLOCK_K
     rows, row_ok, loc, x_row = _pixel_rows(tl.program_id(0), B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
     n0, l0, i = _block_bases(B0, HW0, HWC, HW, BLOCK_N)
-    # (given stats and no cache: no pass for the LayerNorm backward's two sums, which the first class block takes)
+    # (given stats: the LayerNorm backward's two sums over D are among them)
     mu, r, inv, norm, s_yw, s_ywx = _block_stats(STAT_ptr, N, rows, X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr,
-                                                 D, eps, ACC_DTYPE, LAYER_NORM, GIVEN_SCORES or not GIVEN_STATS,
-                                                 GIVEN_STATS, BLOCK_N, BLOCK_D)
+                                                 D, eps, ACC_DTYPE, LAYER_NORM, True, GIVEN_STATS, BLOCK_N, BLOCK_D)
     CK = C * K
     j_cls, j_k = _tile_columns(BLOCK_C, BLOCK_K)
     t = tl.full((), temperature, ACC_DTYPE)
@@ -242,16 +243,6 @@ def embed_ds_kernel(
         if GIVEN_SCORES:
             tile_ok = row_ok[:, None] & col_ok[None, :]
             ys = tl.load(SCORES_ptr + n0 * CK + (i[:, None] * CK + prow[None, :]), mask=tile_ok, other=0.0)
-        elif GIVEN_STATS and LAYER_NORM:  # the first class block also sums s_yw, s_ywx over its LayerNorm'd tiles
-            if c0 == 0:
-                ys, s_yw, s_ywx = _s_tile_ln_sums(X_ptr, x_row, row_ok, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
-                                                  W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST,
-                                                  BLOCK_N, BLOCK_J, BLOCK_D)
-            else:
-                ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r,
-                             W_ptr, BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM,
-                             BLOCK_N, BLOCK_J, BLOCK_D)
-            tile_ok = row_ok[:, None] & col_ok[None, :]  # (after the tile: fewer registers live through it here)
         else:
             tile_ok = row_ok[:, None] & col_ok[None, :]
             ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
@@ -383,7 +374,7 @@ def embed_rows_kernel(
     W_ptr,  # LayerNorm weight (D,) (if LAYER_NORM)
     BIAS_ptr,  # LayerNorm bias (D,) (if LAYER_NORM)
     Z_ptr,  # out (pixels of the chunk, D) acc dtype: the embedding z = y inv of the rows with a slot
-    STAT_ptr,  # (3, N) acc dtype: embed_similarity's stats (if GIVEN_STATS)
+    STAT_ptr,  # (5, N) acc dtype: embed_similarity's stats (if GIVEN_STATS)
     SLOT_ptr,  # (N,) integer: each pixel's prototype slot, < 0 for none
     SLOT_stride,
     KEY_ptr,  # out (pixels of the chunk,) int64: the slot, or num_slots where the pixel takes no part
@@ -506,7 +497,7 @@ def _sim_cfg(pass_, feats, protos, N, C, K, D, layer_norm, tiles) -> dict:
 
 class _Embedding:
     """What every launch of one call shares: feats' pixel view, the LayerNorm's tensors, the stats
-    (``(3, N)``: the forward's output, or what its backward and the sums were given, else a dummy)."""
+    (``(5, N)``: the forward's output, or what its backward and the sums were given, else a dummy)."""
 
     def __init__(self, feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats=None):
         self.x, (self.B, self.HW, self.sb, self.shw, self.sd) = _readable(feats)
@@ -560,7 +551,7 @@ class _Embedding:
 def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg,
                              compute_lse, compute_own, tiles=None, chunk=None, scores=None):
     """Launch the embedded forward; arguments already checked. Returns ``(seg, argk, lse, own, stats)``,
-    stats ``(3, N)`` in the accumulation dtype (each pixel's mu, r, inv; NaN where not finite), written by
+    stats ``(5, N)`` in the accumulation dtype (each pixel's mu, r, inv, s_yw, s_ywx; NaN where not finite), written by
     the programs that compute them anyway; ``(0,)`` when nothing is computed.
 
     ``scores``: a contiguous ``(N, C*K)`` tensor of the accumulation dtype that the similarity kernel fills
@@ -573,7 +564,7 @@ def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, 
     """
     any_out = compute_seg or compute_lse or compute_own
     rows_n = feats.shape[0] if feats.dim() == 2 else feats.shape[0] * feats.shape[2] * feats.shape[3]
-    stats = feats.new_empty((3, rows_n) if any_out else (0,), dtype=acc_dtype(feats.dtype))
+    stats = feats.new_empty((STATS_ROWS, rows_n) if any_out else (0,), dtype=acc_dtype(feats.dtype))
     e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev
     C, K = protos.shape[0], protos.shape[1]
@@ -627,7 +618,7 @@ def _backward_outputs(feats, e: _Embedding):
 def embed_similarity_backward(grad_seg, grad_lse, grad_own, feats, ln_weight, ln_bias, ln_eps, protos, labels, argk,
                               lse, temperature, tiles=None, chunk=None, stats=None, scores=None):
     """Launch the embedded backward; arguments already checked (a None gradient is skipped). ``stats``:
-    the forward's ``(3, N)``, read instead of each pixel block's statistics pass, or None. ``scores``: the
+    the forward's ``(5, N)``, read instead of each pixel block's statistics pass, or None. ``scores``: the
     forward's S ``(N, C*K)`` (:func:`embed_similarity_forward`), read instead of recomputing S, or None.
 
     Returns ``(d feats, d ln_weight, d ln_bias)``: d feats in feats' shape,
@@ -689,7 +680,7 @@ def embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots, det
     and each pixel's sort key, then ``prototype_sums`` given those keys (deterministic or atomic, see
     kernels/prototype_update.py); the chunks' results are added in order (the atomic path adds them
     straight into the returned sums: nothing zeroed per chunk). ``stats``: embed_similarity's
-    ``(3, N)`` of the same feats and LayerNorm, read instead of the statistics pass, or None.
+    ``(5, N)`` of the same feats and LayerNorm, read instead of the statistics pass, or None.
     """
     e = _Embedding(feats, ln_weight, ln_bias, ln_eps, tiles, chunk, stats)
     N, D, acc, dev = e.N, e.D, e.acc, e.dev

@@ -22,7 +22,7 @@ feats tile is normalised in registers before the dot, ``y = (x - mu) r w + b``
 pixel's ``inv = 1 / max(||y||, 1e-12)`` (the L2 normalisation) before its
 epilogue; the forward computes its pixel block's ``mu, r, inv`` itself
 (``_pixel_stats``, a pass over the block's rows that leaves them in L2 for
-the GEMM) and writes them to the op's stats (3, N); the gathered own-class
+the GEMM) and writes them to the op's stats (5, N); the gathered own-class
 kernel reads them there (``embed_stats_kernel`` wrote them). The plain calls
 compile with EMBED = False and pay nothing for it. The backward here takes rows (N, D); the embedded backward
 has its own kernels (kernels/embed.py: ``embed_ds_kernel``,
@@ -137,13 +137,13 @@ def _forward_rows(pid, X_ptr, X_stride_b, X_stride_hw, X_stride_d, W_ptr, BIAS_p
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # (rows, row_ok, x_row, mu, r, inv) of program pid's pixels. EMBED: the chunk's pixel block and its statistics,
     # computed here (no statistics launch; feats' rows then sit in L2 for the GEMM) and written to the op's stats
-    # (3, N) (12 or 24 B a pixel). Plain: rows of (N, D) in int64 (rows * X_stride_hw cannot overflow), the plain
+    # (5, N) (20 or 40 B a pixel: with the LayerNorm backward's two sums over D). Plain: rows of (N, D) in int64 (rows * X_stride_hw cannot overflow), the plain
     # kernel's addressing with no extra registers; the rest unused
     if EMBED:
         rows, row_ok, loc, x_row = _pixel_rows(pid, B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)
-        mu, r, inv, norm, _syw, _sywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
-                                                     ACC_DTYPE, LAYER_NORM, False, BLOCK_N, BLOCK_D)
-        _store_pixel_stats(STAT_ptr, N, rows, row_ok, mu, r, inv, norm)
+        mu, r, inv, norm, s_yw, s_ywx = _pixel_stats(X_ptr, x_row, row_ok, X_stride_d, W_ptr, BIAS_ptr, D, eps,
+                                                     ACC_DTYPE, LAYER_NORM, True, BLOCK_N, BLOCK_D)
+        _store_pixel_stats(STAT_ptr, N, rows, row_ok, mu, r, inv, norm, s_yw, s_ywx)
     else:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < HWC
@@ -171,7 +171,7 @@ def similarity_fwd_kernel(
     B0,  # first image of the chunk (grid axis 1: its images)
     HW0,  # first pixel of the chunk in each image
     HW,  # pixels per image: pixel n = b*HW + hw
-    STAT_ptr,  # out (3, N) acc dtype: each pixel's mu, r, inv (the op's stats; NaN where not finite)
+    STAT_ptr,  # out (5, N) acc dtype: each pixel's mu, r, inv, s_yw, s_ywx (the op's stats; NaN where not finite)
     N_STATS,  # pixels of feats: the row length of stats
     SCORES_ptr,  # out (N, C*K) acc dtype: S itself, the backward's cache (if KEEP_SCORES; EMBED only)
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -243,7 +243,7 @@ def own_class_scores_kernel(
     X_stride_b,
     W_ptr,
     BIAS_ptr,
-    STAT_ptr,  # (3, N_STATS) acc dtype: each pixel's mu, r, inv (embed_stats_kernel: the op's stats)
+    STAT_ptr,  # (5, N_STATS) acc dtype: each pixel's stats (embed_stats_kernel: the op's stats)
     B0,
     HW0,
     HW,

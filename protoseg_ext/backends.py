@@ -47,7 +47,8 @@ class EmbedSimilarityOut(NamedTuple):
     own: torch.Tensor
     # (3, N) accumulation dtype: each pixel's LayerNorm mean, 1 / std and 1 / ||y|| (NaN where not
     # finite), for :meth:`Backend.embed_prototype_sums` of the same map; (0,) when nothing is computed.
-    # The cpu backend's is (6, N), the cuda backend's (5, N): rows its backward reads (csrc/protoseg.cpp)
+    # The cpu backend's is (6, N), the cuda and triton backends' (5, N): rows their backward reads
+    # (csrc/protoseg.cpp, kernels/embed.py)
     stats: torch.Tensor
 
 

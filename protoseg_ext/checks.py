@@ -215,15 +215,16 @@ def feat_norm(rows, ln_weight, ln_bias, ln_eps) -> bool:
     return ln
 
 
-def embed_stats(rows, stats) -> bool:
+def embed_stats(rows, stats, height: int = 3) -> bool:
     """``embed_similarity``'s ``stats`` given to its backward or ``embed_prototype_sums``: None, ``(0,)``
-    (the same: none kept) or ``(3, N)`` contiguous in the accumulation dtype of ``rows`` (the (N, D)
-    stand-in), on its device. Returns whether stats are given."""
+    (the same: none kept) or ``(height, N)`` (the backend's rows: 3 for the reference, 5 for Triton)
+    contiguous in the accumulation dtype of ``rows`` (the (N, D) stand-in), on its device. Returns whether
+    stats are given."""
     if stats is None or (stats.dim() == 1 and stats.numel() == 0):
         return False
     N = rows.shape[0]
-    if not isinstance(stats, Tensor) or stats.dim() != 2 or tuple(stats.shape) != (3, N):
-        raise ValueError(f"stats must be embed_similarity's (3, N) = (3, {N}), got {shape_of(stats)}")
+    if not isinstance(stats, Tensor) or stats.dim() != 2 or tuple(stats.shape) != (height, N):
+        raise ValueError(f"stats must be embed_similarity's ({height}, N) = ({height}, {N}), got {shape_of(stats)}")
     acc = acc_dtype(rows.dtype)
     if stats.dtype != acc:
         raise ValueError(f"stats must be {acc} (the accumulation dtype of feats), got {stats.dtype}")

@@ -193,10 +193,17 @@ CPU_STATS_ROWS = 6
 CUDA_STATS_ROWS = 5
 
 
+# ... and on the Triton backend (kernels/embed.py, STATS_ROWS): the 3, then sum_d y_d w_d and
+# sum_d y_d w_d xhat_d of the LayerNorm'd pixel y, which its backward reads instead of a pass over the map.
+TRITON_STATS_ROWS = 5
+
+
 def _stats_rows(ns: str, device) -> int:
     """Rows of embed_similarity's stats from the ops of namespace ``ns`` on ``device``."""
     if ns == "protoseg_cudasim" or (ns == "protoseg_ext" and device.type == "cuda"):
         return CUDA_STATS_ROWS
+    if ns == "protoseg_triton":
+        return TRITON_STATS_ROWS
     return CPU_STATS_ROWS if ns == "protoseg_ext" and device.type == "cpu" else 3
 
 

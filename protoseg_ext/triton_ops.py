@@ -31,7 +31,7 @@ backend's cache holds S, not softmax(S / t), which its backward forms from
 ``lse``) and ``embed_similarity_backward`` given it reads S instead of
 recomputing it: no GEMM there, and the map is read only for the LayerNorm
 backward's two sums over D. ``embed_similarity`` also returns
-each pixel's statistics ``stats (3, N)`` (written by the programs that compute
+each pixel's statistics ``stats (5, N)`` (written by the programs that compute
 them, no extra pass); ``embed_similarity_backward`` and
 ``embed_prototype_sums`` given them (checked by :func:`checks.embed_stats`)
 skip their statistics pass over the map.
@@ -298,7 +298,7 @@ def embed_similarity(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``similarity`` of the head's embedding of ``feats`` (N, D) or (B, D, H, W), read as it lies:
     LayerNorm over D (with ``ln_weight``/``ln_bias``) and L2 normalisation fused into the kernel's tiles.
-    Also ``stats (3, N)``: each pixel's statistics, written by the programs that compute them; ``probs``:
+    Also ``stats (5, N)``: each pixel's statistics, written by the programs that compute them; ``probs``:
     S itself (N, C*K) where ``compute_lse`` and ``cache_bytes`` allow, else (0,)."""
     rows = checks.embed_feats(feats)
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, compute_own, label_values=False)
@@ -348,7 +348,7 @@ def embed_similarity_backward(
     checks.similarity_args(rows, protos, labels, ignore_index, temperature, has_own, label_values=False)
     checks.similarity_backward_args(grad_seg, grad_lse, grad_own, rows, protos, argk, lse)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
-    given = checks.embed_stats(rows, stats)
+    given = checks.embed_stats(rows, stats, _embed.STATS_ROWS)
     cached = checks.scores_cache(rows, protos, probs)
     with _launching(feats, protos, labels, ignore_index, has_own):
         g_lse, lse = _flat_lse(grad_lse, lse)
@@ -374,7 +374,7 @@ def embed_prototype_sums(
     checks.floating(feats, "feats")
     checks.prototype_sums_args(rows, slot, num_slots)
     checks.feat_norm(rows, ln_weight, ln_bias, ln_eps)
-    given = checks.embed_stats(rows, stats)
+    given = checks.embed_stats(rows, stats, _embed.STATS_ROWS)
     with _on_device(feats, "feats"):
         deterministic = torch.are_deterministic_algorithms_enabled()
         return _embed.embed_prototype_sums(feats, ln_weight, ln_bias, ln_eps, slot, num_slots,

@@ -141,7 +141,7 @@ SIMILARITY_OPS = ("fwd", "fwd_seg", "bwd", "bwd_seg")
 # "esums": LayerNorm + L2 from an NCHW map (B, D, H, W); "efwd_own": the same,
 # own only (the gathered own-class kernel); "efwd_seg": L2 only, seg only, from a channels-last map; "ebwd_seg":
 # L2 only, seg only, from rows; "ebwd_stats", "ebwd_seg_stats", "esums_stats": "ebwd", "ebwd_seg" and "esums"
-# given the forward's stats (3, N) (GIVEN_STATS); "efwd_cache", "ebwd_cache": "efwd" keeping S for the
+# given the forward's stats (5, N) (GIVEN_STATS); "efwd_cache", "ebwd_cache": "efwd" keeping S for the
 # backward (KEEP_SCORES) and "ebwd_stats" given it (GIVEN_SCORES), the head's training step within cache_bytes;
 # "efwd_cache_l2", "ebwd_cache_l2": the same, L2 only, from a channels-last map.
 EMBED_OPS = ("efwd", "efwd_seg", "efwd_own", "ebwd", "ebwd_seg", "esums", "ebwd_stats", "ebwd_seg_stats",
@@ -202,7 +202,7 @@ def _record_all(table):
             fmap = torch.empty(B, D, H, W, dtype=dt, **meta)
             fmap_cl = torch.empty(B, D, H, W, dtype=dt, memory_format=torch.channels_last, **meta)
             lnw, lnb = torch.empty(D, dtype=dt, **meta), torch.empty(D, dtype=dt, **meta)
-            stats = torch.empty(3, N, dtype=acc, **meta)  # embed_similarity's
+            stats = torch.empty(5, N, dtype=acc, **meta)  # embed_similarity's
             scores = torch.empty(N, C * K, dtype=acc, **meta)  # its cache of S
             calls = {
                 "fwd": lambda: similarity.similarity_forward(f, p, lab, 1.0, True, True, True),
