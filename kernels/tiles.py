@@ -59,8 +59,9 @@ EMBED_GPU_TILES = {
     ("fwd", "fp32"): (64, 64, 16, None, 8, 3),
     # the forward keeping S for the backward (KEEP_SCORES): the tile's store costs registers; 128 x 64
     # spills on sm_80 (116 B at BLOCK_D 16), 64 x 64 fits (236 registers); fp32 64 x 64 spills 8 B there
+    # at BLOCK_D 16 and fits at 8 (224 registers; 64 x 32 at 16 would read the map twice as often)
     ("fwd_keep", "half"): (64, 64, 64, None, 8, 3),
-    ("fwd_keep", "fp32"): (64, 32, 16, None, 8, 3),
+    ("fwd_keep", "fp32"): (64, 64, 8, None, 8, 3),
     # float64: BLOCK_D 16 (GPU_TILES: 32) and a D slice of 16 in the backward:
     # at BLOCK_D 32 the odd tiny size (D = 33, K = 1) spills
     ("fwd", "fp64"): (32, 64, 16, None, 8, 2),

@@ -179,13 +179,19 @@ def scores_cache(rows, protos, probs) -> bool:
     N, CK = rows.shape[0], protos.shape[0] * protos.shape[1]
     if not isinstance(probs, Tensor) or tuple(probs.shape) != (N, CK):
         raise ValueError(f"probs must be (N, C*K) = ({N}, {CK}) or (0,), got {shape_of(probs)}")
-    acc = acc_dtype(rows.dtype)
-    if probs.dtype != acc:
-        raise ValueError(f"probs must be {acc} (the accumulation dtype of feats), got {probs.dtype}")
-    if not probs.is_contiguous():
-        raise ValueError("probs must be contiguous")
-    same_device(rows, probs, "feats", "probs")
+    _kept_for_backward(rows, probs, "probs")
     return True
+
+
+def _kept_for_backward(rows, t: Tensor, name: str) -> None:
+    """A tensor the forward kept for its backward (of the right shape): the accumulation dtype of ``rows``
+    (the (N, D) stand-in), contiguous, on its device."""
+    acc = acc_dtype(rows.dtype)
+    if t.dtype != acc:
+        raise ValueError(f"{name} must be {acc} (the accumulation dtype of feats), got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    same_device(rows, t, "feats", name)
 
 
 def embed_feats(feats) -> Tensor:
@@ -225,12 +231,7 @@ def embed_stats(rows, stats, height: int = 3) -> bool:
     N = rows.shape[0]
     if not isinstance(stats, Tensor) or stats.dim() != 2 or tuple(stats.shape) != (height, N):
         raise ValueError(f"stats must be embed_similarity's ({height}, N) = ({height}, {N}), got {shape_of(stats)}")
-    acc = acc_dtype(rows.dtype)
-    if stats.dtype != acc:
-        raise ValueError(f"stats must be {acc} (the accumulation dtype of feats), got {stats.dtype}")
-    if not stats.is_contiguous():
-        raise ValueError("stats must be contiguous")
-    same_device(rows, stats, "feats", "stats")
+    _kept_for_backward(rows, stats, "stats")
     return True
 
 

@@ -165,8 +165,8 @@ QUICK = [
 FULL = [(pb, dt, ALL_OPS + EMBED_OPS) for pb in (CITYSCAPES, ADE20K, TINY)
         for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
 # mixed input dtypes (half features against float32 prototypes) take the float32 GEMM path
-FULL += [(CITYSCAPES, (torch.bfloat16, torch.float32), SIMILARITY_OPS + ("efwd", "ebwd")),
-         (TINY, (torch.float16, torch.float32), SIMILARITY_OPS + ("efwd", "ebwd"))]
+FULL += [(CITYSCAPES, (torch.bfloat16, torch.float32), SIMILARITY_OPS + ("efwd", "ebwd", "efwd_cache", "ebwd_cache")),
+         (TINY, (torch.float16, torch.float32), SIMILARITY_OPS + ("efwd", "ebwd", "efwd_cache", "ebwd_cache"))]
 
 
 def _map_shape(N: int):
