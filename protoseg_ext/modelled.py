@@ -37,13 +37,13 @@ MODELLED_H100: dict = {
     ("cuda", *_ADE, "bfloat16"): Modelled(1284.0, 374.0, "32e7185", 215),
     ("cuda", *_ADE, "float32"): Modelled(4970.0, 4270.0, "32e7185", 206),
     ("cuda", *_FULL, "bfloat16"): Modelled(12498.0, 3806.0, "32e7185", 633),
-    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(52052.0, 9876.0, "32e7185", 9431),
-    ("triton", *_CS, "bfloat16"): Modelled(601.0, 120.0, "32e7185", 69),
-    ("triton", *_CS, "float32"): Modelled(1154.0, 264.0, "32e7185", 60),
-    ("triton", *_ADE, "bfloat16"): Modelled(3724.0, 374.0, "32e7185", 69),
-    ("triton", *_ADE, "float32"): Modelled(7307.0, 1736.0, "32e7185", 60),
-    ("triton", *_FULL, "bfloat16"): Modelled(19434.0, 3806.0, "32e7185", 223),
-    ("triton", *_FULL_ADE, "bfloat16"): Modelled(92113.0, 9876.0, "32e7185", 384),
+    ("cuda", *_FULL_ADE, "bfloat16"): Modelled(76940.0, 9876.0, "a609894", 14117),
+    ("triton", *_CS, "bfloat16"): Modelled(412.0, 120.0, "263a66f", 69),
+    ("triton", *_CS, "float32"): Modelled(720.0, 264.0, "e6adcf0", 60),
+    ("triton", *_ADE, "bfloat16"): Modelled(2312.0, 374.0, "263a66f", 69),
+    ("triton", *_ADE, "float32"): Modelled(4030.0, 1736.0, "e6adcf0", 60),
+    ("triton", *_FULL, "bfloat16"): Modelled(13425.0, 3806.0, "263a66f", 223),
+    ("triton", *_FULL_ADE, "bfloat16"): Modelled(92124.0, 9876.0, "263a66f", 384),
 }
 
 
