@@ -44,8 +44,8 @@ pixel range of one image):
   by ``torch.sum`` (deterministic, no atomics). Given the forward's S
   (``scores``: the op's cache within ``cache_bytes``, which the forward's
   kernel writes as it computes each tile, ``KEEP_SCORES``) ``embed_ds_kernel``
-  reads each S tile instead of recomputing it (``GIVEN_SCORES``: no GEMM, the
-  map read once for the LayerNorm backward's two sums over D);
+  reads each S tile instead of recomputing it (``GIVEN_SCORES``: no GEMM;
+  given the stats too, no read of the map);
 * sums: ``embed_rows_kernel`` (its own statistics, or the given ones) writes the z of the chunk's pixels
   that have a slot into a ``(chunk, D)`` buffer, and each pixel's sort key (its slot, or ``num_slots``
   where it has none or its z is not finite), and ``prototype_update.prototype_sums`` sums the rows by
@@ -66,8 +66,8 @@ from .device import (_block_stats, _class_columns, _ds_gathered, _ds_softmax, _d
                      _s_tile, _store_pixel_stats, _store_stats, _tile_columns, _upstream_rows)
 from .tiles import EMBED_GPU_TILES, embed_dx_tiles
 
-__all__ = ["CHUNK_PIXELS", "STATS_ROWS", "pixel_view", "pixel_chunks", "embed_similarity_forward", "embed_similarity_backward",
-           "embed_prototype_sums"]
+__all__ = ["CHUNK_PIXELS", "STATS_ROWS", "pixel_view", "pixel_chunks", "embed_similarity_forward",
+           "embed_similarity_backward", "embed_prototype_sums"]
 
 # pixels per chunk: the size of the statistics, d z and z buffers (tests lower it)
 CHUNK_PIXELS = 1 << 16
@@ -248,8 +248,8 @@ def embed_ds_kernel(
             ys = _s_tile(X_ptr, x_row, rows, row_ok, X_stride_hw, X_stride_d, P_ptr, prow, col_ok, D, mu, r, W_ptr,
                          BIAS_ptr, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, DOT_UPCAST, True, LAYER_NORM, BLOCK_N, BLOCK_J,
                          BLOCK_D)  # y . protos_j, recomputed; S = ys inv
-        t1, t2, t3 = _ds_class_block(ys, cls, col_ok, prow, tile_ok, s_scale, lse, g_lse, t, lab, n0, l0, i, j_k, CK, t1,
-                                     t2, t3, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n,
+        t1, t2, t3 = _ds_class_block(ys, cls, col_ok, prow, tile_ok, s_scale, lse, g_lse, t, lab, n0, l0, i, j_k, CK,
+                                     t1, t2, t3, GSEG_ptr, GSEG_stride_n, GSEG_stride_c, ARGK_ptr, ARGK_stride_n,
                                      ARGK_stride_c, GOWN_ptr, GOWN_stride_n, GOWN_stride_k, DS_ptr, PW_ptr, PB_ptr,
                                      ACC_DTYPE, LAYER_NORM, HAS_SEG, HAS_LSE, HAS_OWN, BLOCK_N, BLOCK_J)
     if GIVEN_SCORES:
@@ -551,12 +551,12 @@ class _Embedding:
 def embed_similarity_forward(feats, ln_weight, ln_bias, ln_eps, protos, labels, temperature, compute_seg,
                              compute_lse, compute_own, tiles=None, chunk=None, scores=None):
     """Launch the embedded forward; arguments already checked. Returns ``(seg, argk, lse, own, stats)``,
-    stats ``(5, N)`` in the accumulation dtype (each pixel's mu, r, inv, s_yw, s_ywx; NaN where not finite), written by
-    the programs that compute them anyway; ``(0,)`` when nothing is computed.
+    stats ``(5, N)`` in the accumulation dtype (each pixel's mu, r, inv, s_yw, s_ywx; NaN where not finite),
+    written by the programs that compute them anyway; ``(0,)`` when nothing is computed.
 
     ``scores``: a contiguous ``(N, C*K)`` tensor of the accumulation dtype that the similarity kernel fills
     with S itself (column ``c*K + k``), for :func:`embed_similarity_backward` to read instead of
-    recomputing S; only with ``compute_lse`` (the op's softmax cache); None or ``(0,)``: not kept.
+    recomputing S; only with ``compute_lse`` (the op's ``probs``); None or ``(0,)``: not kept.
 
     ``tiles`` overrides the similarity kernel's tiles (``BLOCK_N``, ``BLOCK_C``,
     ``BLOCK_D``) and, as ``EMBED_BLOCK_N`` / ``EMBED_BLOCK_D``, the stats

@@ -137,7 +137,8 @@ def _forward_rows(pid, X_ptr, X_stride_b, X_stride_hw, X_stride_d, W_ptr, BIAS_p
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # (rows, row_ok, x_row, mu, r, inv) of program pid's pixels. EMBED: the chunk's pixel block and its statistics,
     # computed here (no statistics launch; feats' rows then sit in L2 for the GEMM) and written to the op's stats
-    # (5, N) (20 or 40 B a pixel: with the LayerNorm backward's two sums over D). Plain: rows of (N, D) in int64 (rows * X_stride_hw cannot overflow), the plain
+    # (5, N) (20 or 40 B a pixel: with the LayerNorm backward's two sums over D).
+    # Plain: rows of (N, D) in int64 (rows * X_stride_hw cannot overflow), the plain
     # kernel's addressing with no extra registers; the rest unused
     if EMBED:
         rows, row_ok, loc, x_row = _pixel_rows(pid, B0, HW0, HWC, HW, X_stride_b, X_stride_hw, BLOCK_N)

@@ -74,8 +74,9 @@ EMBED_GPU_TILES = {
     ("bwd_ds", "fp32"): (64, 32, 16, None, 8, 3),
     ("bwd_ds", "fp64"): (32, 32, 16, None, 8, 2),
     # embed_ds_kernel given the forward's cached S (GIVEN_SCORES): no GEMM, S read from the cache a class
-    # block at a time (64 columns: 4 classes of K <= 16), BLOCK_D for the LayerNorm sums' pass over the map;
-    # 32 pixels (fp64: 16): at 64 its gathered gradient tiles spill (448 B on sm_90 at 64 x 64)
+    # block at a time (64 columns: 4 classes of K <= 16), BLOCK_D for the statistics pass that a block
+    # without given stats, or with a non-finite pixel, takes over the map; 32 pixels (fp64: 16): at 64
+    # its gathered gradient tiles spill (448 B on sm_90 at 64 x 64)
     ("bwd_ds_cached", "half"): (32, 64, 64, None, 8, 3),
     ("bwd_ds_cached", "fp32"): (32, 64, 64, None, 8, 3),
     ("bwd_ds_cached", "fp64"): (16, 64, 32, None, 8, 2),

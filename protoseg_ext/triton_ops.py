@@ -29,8 +29,8 @@ parameters' dtype, ``(0,)`` without the LayerNorm). Within ``cache_bytes``
 forward keeps S itself as ``probs`` (the scores, column ``c*K + k``: this
 backend's cache holds S, not softmax(S / t), which its backward forms from
 ``lse``) and ``embed_similarity_backward`` given it reads S instead of
-recomputing it: no GEMM there, and the map is read only for the LayerNorm
-backward's two sums over D. ``embed_similarity`` also returns
+recomputing it: no GEMM there, and given the forward's ``stats`` too, no
+read of the map. ``embed_similarity`` also returns
 each pixel's statistics ``stats (5, N)`` (written by the programs that compute
 them, no extra pass); ``embed_similarity_backward`` and
 ``embed_prototype_sums`` given them (checked by :func:`checks.embed_stats`)

@@ -69,6 +69,9 @@ touches, less the assumed L2 hits (the table lists them). Constants:
   (off by default, so fp32 GEMMs count at the CUDA-core rate).
   L2 bandwidth 5.5 TB/s: an assumption (NVIDIA does not publish it; third-
   party microbenchmarks of the H100 report about 5.5 to 7 TB/s).
+The step keeps S (triton) or softmax(S) (cuda) from the forward exactly where the head would at the
+size it models (keeps_scores: N x C*K float32 within PROTOSEG_CACHE_MB, 2048 MiB unless set; the
+small maps always fit, so they are told the real size's choice), and recomputes it otherwise.
 The step's roofline (step_roofline): its compulsory bytes and flops
 (protoseg_ext.kernels.roofline: the backward recomputes S, three GEMMs), or
 one GEMM fewer with softmax(S) kept from the forward (N x C*K float32
@@ -621,12 +624,14 @@ def as_table(rows, step, info, size, dtype) -> str:
         f"{info['compulsory_flops'] / 1e9:.1f} GFLOP with S recomputed in the backward, or one GEMM fewer "
         "and softmax(S) kept: the faster; protoseg_ext.kernels.roofline)",
     ]
+    from protoseg_ext.backends import default_cache_bytes
+
     s_mb = info["N"] * info["C"] * info["K"] * 4 / mb
     lines.append(f"S (N x C*K float32, {s_mb:,.0f} MB) "
                  + ("kept from the forward for the backward: within the head's default cache budget"
                     if step["keeps_scores"] else
                     "recomputed in the backward: beyond the head's default cache budget")
-                 + " (PROTOSEG_CACHE_MB, 2048 MiB unless set)")
+                 + f" (PROTOSEG_CACHE_MB: {default_cache_bytes() / (1 << 20):,.0f} MiB)")
     lc = step["launch_counts"]
     unit = "tiles" if info["backend"] == "cuda" else "chunks"
     lines.append(
